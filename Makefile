@@ -1,0 +1,42 @@
+# dimoo: `make` builds lib/libdimoo.so and bin/dimoo; `make test` runs the C++
+# tests (CTest) and the Go tests; `make bench` runs the benchmarks.
+BUILD     ?= build
+CMAKE_ARGS ?=
+GO        ?= go
+JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: all lib cli test test-cpp test-go bench fuzz clean testdata
+
+all: lib cli
+
+$(BUILD)/build.ninja:
+	cmake -S . -B $(BUILD) -G Ninja $(CMAKE_ARGS)
+
+lib: $(BUILD)/build.ninja
+	cmake --build $(BUILD) -j $(JOBS)
+
+cli: lib
+	$(GO) build -o bin/dimoo ./cmd/dimoo
+
+test: all test-cpp test-go
+
+test-cpp: lib
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+test-go: lib
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+
+bench: all
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./bench/
+
+# Runs the safetensors header fuzzer for a while (the seed corpus runs in `make test`).
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParseSafetensorsHeader -fuzztime 60s ./dimoo
+
+# Regenerates the golden test data with PyTorch (see scripts/requirements.txt).
+testdata:
+	bash scripts/gen_testdata.sh
+
+clean:
+	rm -rf $(BUILD) lib bin
