@@ -4,13 +4,24 @@ BUILD     ?= build
 CMAKE_ARGS ?=
 GO        ?= go
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+# CUDA backend: AUTO (when a CUDA compiler is found), ON or OFF. A toolkit
+# installed from wheels by scripts/install-cuda-wheels.sh into .cuda/ is used
+# when no CUDACXX is set.
+DIMOO_CUDA ?= AUTO
+WHEEL_CUDA := $(CURDIR)/.cuda/py/nvidia/cu13
+ifeq ($(origin CUDACXX),undefined)
+  ifneq ($(wildcard $(WHEEL_CUDA)/bin/nvcc),)
+    export CUDACXX := $(WHEEL_CUDA)/bin/nvcc
+    CMAKE_ARGS += -DCUDAToolkit_ROOT=$(WHEEL_CUDA)
+  endif
+endif
 
 .PHONY: all lib cli test test-cpp test-go bench fuzz clean testdata
 
 all: lib cli
 
 $(BUILD)/build.ninja:
-	cmake -S . -B $(BUILD) -G Ninja $(CMAKE_ARGS)
+	cmake -S . -B $(BUILD) -G Ninja -DDIMOO_CUDA=$(DIMOO_CUDA) $(CMAKE_ARGS)
 
 lib: $(BUILD)/build.ninja
 	cmake --build $(BUILD) -j $(JOBS)

@@ -1,0 +1,257 @@
+// Command dimoo is the command-line front end of the dimoo engine.
+//
+//	dimoo info   --model DIR
+//	dimoo logits --model DIR --tokens 5,17,3 [--positions 0,2] [--vocab-range 126356:134548] --out FILE.npy
+//	dimoo version
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+
+	"github.com/dimoo-dev/dimoo/dimoo"
+)
+
+const usage = `dimoo - native inference engine for Lumina-DiMOO
+
+Usage:
+  dimoo info    --model DIR             config, parameter count, dtypes, memory estimate
+  dimoo logits  --model DIR --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
+  dimoo version                         library version and backends
+
+Common flags: --lib PATH (libdimoo to load), --device cpu|cuda, --threads N.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "dimoo:", err)
+		if errors.Is(err, errUsage) {
+			fmt.Fprint(os.Stderr, usage)
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return fmt.Errorf("%w: no command", errUsage)
+	}
+	switch args[0] {
+	case "info":
+		return cmdInfo(ctx, args[1:], stdout)
+	case "logits":
+		return cmdLogits(ctx, args[1:], stdout)
+	case "version":
+		return cmdVersion(args[1:], stdout)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	return fmt.Errorf("%w: unknown command %q", errUsage, args[0])
+}
+
+// common holds the flags every engine command takes.
+type common struct {
+	lib     string
+	device  string
+	threads int
+}
+
+func (c *common) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.lib, "lib", "", "path of libdimoo (default: $DIMOO_LIBRARY, next to the executable, or lib/)")
+	fs.StringVar(&c.device, "device", "cpu", "backend: cpu or cuda")
+	fs.IntVar(&c.threads, "threads", 0, "CPU threads (0: all cores)")
+}
+
+func (c *common) library() (*dimoo.Library, error) {
+	if c.lib != "" {
+		return dimoo.OpenLibrary(dimoo.LibraryOptions{Path: c.lib})
+	}
+	return dimoo.DefaultLibrary()
+}
+
+func (c *common) loadOptions() (dimoo.LoadOptions, error) {
+	lib, err := c.library()
+	if err != nil {
+		return dimoo.LoadOptions{}, err
+	}
+	b, err := dimoo.ParseBackend(c.device)
+	if err != nil {
+		return dimoo.LoadOptions{}, err
+	}
+	return dimoo.LoadOptions{Library: lib, Backend: b, Threads: c.threads}, nil
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	return nil
+}
+
+func cmdVersion(args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("version", flag.ContinueOnError)
+	var c common
+	c.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	lib, err := c.library()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "libdimoo %s\nloaded from %s (%s)\n", lib.Version(), lib.Path, lib.Source)
+	fmt.Fprintf(w, "cuda backend: built=%v devices=%d\n", lib.BackendBuilt(dimoo.BackendCUDA),
+		lib.DeviceCount(dimoo.BackendCUDA))
+	return nil
+}
+
+func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("info", flag.ContinueOnError)
+	var c common
+	c.register(fs)
+	dir := fs.String("model", "", "checkpoint folder (config.json, safetensors)")
+	load := fs.Bool("load", false, "also load the weights into the library and report its memory")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return fmt.Errorf("%w: --model is required", errUsage)
+	}
+	info, err := dimoo.Inspect(*dir)
+	if err != nil {
+		return err
+	}
+	cfg := info.Config
+	fmt.Fprintf(w, "model:      %s\n", *dir)
+	fmt.Fprintf(w, "layers:     %d, d_model %d, heads %d (kv %d, head dim %d), mlp %d\n", cfg.NLayers, cfg.DModel,
+		cfg.NHeads, cfg.NKVHeads, cfg.HeadDim(), cfg.MLPHidden())
+	fmt.Fprintf(w, "vocab:      %d ids, %d embedding rows; max sequence %d\n", cfg.VocabSize, cfg.EmbeddingRows(),
+		cfg.MaxSequenceLength)
+	fmt.Fprintf(w, "rope:       theta %g; rms eps %g; mask id %d, eos id %d\n", cfg.RopeTheta, cfg.RMSNormEps,
+		cfg.MaskTokenID, cfg.EOSTokenID)
+	fmt.Fprintf(w, "parameters: %d (%.2f B)\n", cfg.ParamCount(), float64(cfg.ParamCount())/1e9)
+	fmt.Fprintf(w, "shards:     %d files, %s\n", info.Shards, human(info.StoredBytes))
+	var dts []string
+	for dt, n := range info.DTypes {
+		dts = append(dts, fmt.Sprintf("%s x%d", dt, n))
+	}
+	fmt.Fprintf(w, "dtypes:     %s\n", strings.Join(dts, ", "))
+	if len(info.Extra) > 0 {
+		fmt.Fprintf(w, "unused:     %d tensors not used by the forward (first: %s)\n", len(info.Extra), info.Extra[0])
+	}
+	T := cfg.MaxSequenceLength
+	fmt.Fprintf(w, "memory:     weights %s as stored (bf16: %s); CPU activations for %d tokens: %s\n",
+		human(info.WeightBytes), human(cfg.WeightBytes(dimoo.DTypeBF16)), T, human(cfg.ActivationBytes(T)))
+	if *load {
+		opts, err := c.loadOptions()
+		if err != nil {
+			return err
+		}
+		m, err := dimoo.LoadModel(ctx, *dir, opts)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		desc, _ := m.Runtime().Describe()
+		fmt.Fprintf(w, "loaded:     %s on %s\n", human(m.WeightBytes()), desc)
+	}
+	return nil
+}
+
+func cmdLogits(ctx context.Context, args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("logits", flag.ContinueOnError)
+	var c common
+	c.register(fs)
+	dir := fs.String("model", "", "checkpoint folder")
+	tokens := fs.String("tokens", "", "comma-separated token ids")
+	positions := fs.String("positions", "", "comma-separated positions whose logits to write (default: all)")
+	vrange := fs.String("vocab-range", "", "columns A:B of the output head (default: all)")
+	out := fs.String("out", "", "output .npy file (float32, shape (positions, columns))")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *dir == "" || *tokens == "" || *out == "" {
+		return fmt.Errorf("%w: --model, --tokens and --out are required", errUsage)
+	}
+	toks, err := parseInts(*tokens, "--tokens")
+	if err != nil {
+		return err
+	}
+	var pos []int32
+	if *positions != "" {
+		if pos, err = parseInts(*positions, "--positions"); err != nil {
+			return err
+		}
+	}
+	vb, ve := 0, 0
+	if *vrange != "" {
+		a, b, ok := strings.Cut(*vrange, ":")
+		va, e1 := strconv.Atoi(a)
+		vz, e2 := strconv.Atoi(b)
+		if !ok || e1 != nil || e2 != nil || va < 0 || vz <= va {
+			return fmt.Errorf("%w: --vocab-range %q: want A:B with 0 <= A < B", errUsage, *vrange)
+		}
+		vb, ve = va, vz
+	}
+	opts, err := c.loadOptions()
+	if err != nil {
+		return err
+	}
+	m, err := dimoo.LoadModel(ctx, *dir, opts)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	l, err := m.Logits(ctx, toks, pos, vb, ve)
+	if err != nil {
+		return err
+	}
+	if err := dimoo.WriteNpyFile(*out, l.Data, []int{l.Rows, l.Cols}); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "wrote %s: float32 (%d, %d)\n", *out, l.Rows, l.Cols)
+	return nil
+}
+
+func parseInts(s, flagName string) ([]int32, error) {
+	parts := strings.Split(s, ",")
+	out := make([]int32, 0, len(parts))
+	for _, p := range parts {
+		v, err := strconv.ParseInt(strings.TrimSpace(p), 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %q is not an integer", errUsage, flagName, p)
+		}
+		out = append(out, int32(v))
+	}
+	return out, nil
+}
+
+func human(b int64) string {
+	const unit = 1024
+	if b < unit {
+		return fmt.Sprintf("%d B", b)
+	}
+	div, exp := int64(unit), 0
+	for n := b / unit; n >= unit; n /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(b)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,81 @@
+package dimoo
+
+import (
+	"fmt"
+	"reflect"
+	"strings"
+	"unsafe"
+)
+
+// Go mirrors of the structs in include/dimoo.h. purego has no C compiler to
+// check them, so CheckLayouts compares every size and field offset with what
+// the library reports; a mismatch is an error at load, never silent
+// corruption. Field order and types follow the header exactly; the `c` tag
+// gives the C field name.
+
+// dimoo_model_config
+type cModelConfig struct {
+	DModel            int32   `c:"d_model"`
+	NLayers           int32   `c:"n_layers"`
+	NHeads            int32   `c:"n_heads"`
+	NKVHeads          int32   `c:"n_kv_heads"`
+	MLPHiddenSize     int32   `c:"mlp_hidden_size"`
+	VocabSize         int32   `c:"vocab_size"`
+	EmbeddingSize     int32   `c:"embedding_size"`
+	MaxSequenceLength int32   `c:"max_sequence_length"`
+	RopeTheta         float32 `c:"rope_theta"`
+	RMSNormEps        float32 `c:"rms_norm_eps"`
+}
+
+// dimoo_ctx_params
+type cCtxParams struct {
+	NSeqs     int32 `c:"n_seqs"`
+	MaxTokens int32 `c:"max_tokens"`
+	Flags     int32 `c:"flags"`
+}
+
+// dimoo_forward_args
+type cForwardArgs struct {
+	Seq          int32          `c:"seq"`
+	NTokens      int32          `c:"n_tokens"`
+	Tokens       unsafe.Pointer `c:"tokens"`
+	CacheMode    int32          `c:"cache_mode"`
+	NCompute     int32          `c:"n_compute"`
+	Compute      unsafe.Pointer `c:"compute"`
+	NOut         int32          `c:"n_out"`
+	OutPositions unsafe.Pointer `c:"out_positions"`
+	VocabBegin   int32          `c:"vocab_begin"`
+	VocabEnd     int32          `c:"vocab_end"`
+	Logits       unsafe.Pointer `c:"logits"`
+}
+
+// mirroredStructs maps each C struct name to a zero value of its Go mirror.
+var mirroredStructs = map[string]any{
+	"dimoo_model_config": cModelConfig{},
+	"dimoo_ctx_params":   cCtxParams{},
+	"dimoo_forward_args": cForwardArgs{},
+}
+
+// CheckLayouts compares every mirrored struct's size and field offsets with
+// the library's. It runs at load; tests call it too.
+func (l *Library) CheckLayouts() error {
+	var bad []string
+	for name, v := range mirroredStructs {
+		t := reflect.TypeOf(v)
+		if got, want := int64(t.Size()), l.structSize(name); got != want {
+			bad = append(bad, fmt.Sprintf("%s: Go size %d, C size %d", name, got, want))
+		}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			cname := f.Tag.Get("c")
+			if got, want := int64(f.Offset), l.structOffset(name, cname); got != want {
+				bad = append(bad, fmt.Sprintf("%s.%s: Go offset %d, C offset %d", name, cname, got, want))
+			}
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("%w: %s: struct layouts differ from this Go package: %s", ErrLibrary, l.Path,
+			strings.Join(bad, "; "))
+	}
+	return nil
+}

@@ -1,0 +1,239 @@
+package dimoo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"unsafe"
+)
+
+// CacheMode is the ML-Cache mode of one forward (dimoo_cache_mode).
+type CacheMode int32
+
+// The dimoo_cache_mode values.
+const (
+	// CacheNone: a plain forward over every position.
+	CacheNone CacheMode = 0
+	// CacheStore: a forward over every position that keeps each layer's K/V.
+	CacheStore CacheMode = 1
+	// CacheUse: only Compute positions run; other K/V come from the cache.
+	CacheUse CacheMode = 2
+)
+
+// SessionOptions size a Session's memory.
+type SessionOptions struct {
+	// MaxTokens is the longest sequence the session will run.
+	MaxTokens int
+	// Seqs is the number of sequence slots (2 for cond + uncond); default 1.
+	Seqs int
+	// KVCache allocates per-sequence, per-layer K/V caches for ML-Cache.
+	KVCache bool
+}
+
+// Session is one request's execution state in the library: scratch memory,
+// K/V caches and (on CUDA) a stream. Its methods serialize on a mutex, so a
+// Session may be shared, but concurrent requests should each have their own.
+type Session struct {
+	m    *Model
+	opts SessionOptions
+
+	mu sync.Mutex
+	h  uintptr
+}
+
+// NewSession allocates a session for the model.
+func (m *Model) NewSession(opts SessionOptions) (*Session, error) {
+	if opts.Seqs == 0 {
+		opts.Seqs = 1
+	}
+	if opts.MaxTokens <= 0 {
+		return nil, fmt.Errorf("%w: SessionOptions.MaxTokens must be positive", ErrInvalidArgument)
+	}
+	p := cCtxParams{NSeqs: int32(opts.Seqs), MaxTokens: int32(opts.MaxTokens)}
+	if opts.KVCache {
+		p.Flags = 1 // DIMOO_CTX_KV_CACHE
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.h == 0 {
+		return nil, errClosed
+	}
+	var out uintptr
+	var eb errBuf
+	st := m.rt.lib.ctxCreate(m.h, &p, &out, eb.ptr(), eb.len())
+	if err := statusError(st, "dimoo_ctx_create", eb.String); err != nil {
+		return nil, err
+	}
+	return &Session{m: m, opts: opts, h: out}, nil
+}
+
+// Bytes is the scratch and cache memory the session holds.
+func (s *Session) Bytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.h == 0 {
+		return 0
+	}
+	return s.m.rt.lib.ctxBytes(s.h)
+}
+
+// Close frees the session.
+func (s *Session) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.h != 0 {
+		s.m.rt.lib.ctxFree(s.h)
+		s.h = 0
+	}
+	return nil
+}
+
+// ForwardRequest is one sequence's forward (see dimoo_forward_args).
+type ForwardRequest struct {
+	Seq       int
+	Tokens    []int32
+	CacheMode CacheMode
+	// Compute lists the positions to run under CacheUse (increasing).
+	Compute []int32
+	// Logits: when false, no logits are computed. Positions selects the rows
+	// (nil: every position); [VocabBegin, VocabEnd) the columns (VocabEnd 0:
+	// all of the output head).
+	Logits     bool
+	Positions  []int32
+	VocabBegin int
+	VocabEnd   int
+}
+
+// Logits is a row-major (Rows, Cols) matrix of float32 logits.
+type Logits struct {
+	Rows, Cols int
+	Data       []float32
+}
+
+// Row returns row i.
+func (l *Logits) Row(i int) []float32 { return l.Data[i*l.Cols : (i+1)*l.Cols] }
+
+// Forward runs the requests (distinct Seqs) in one library call. The
+// context cancels between layers. Results are in request order (nil where
+// Logits was false).
+func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logits, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+	}
+	if len(reqs) == 0 {
+		return nil, fmt.Errorf("%w: no forward requests", ErrInvalidArgument)
+	}
+	cfg := s.m.Config
+	args := make([]cForwardArgs, len(reqs))
+	outs := make([]*Logits, len(reqs))
+	var pin runtime.Pinner
+	defer pin.Unpin()
+	ptr := func(v []int32) unsafe.Pointer {
+		if len(v) == 0 {
+			return nil
+		}
+		pin.Pin(&v[0])
+		return unsafe.Pointer(&v[0])
+	}
+	for i, r := range reqs {
+		// Lengths cross as int32: reject what would wrap before converting.
+		if len(r.Tokens) > s.opts.MaxTokens {
+			return nil, fmt.Errorf("%w: %d tokens exceed the session's MaxTokens %d", ErrInvalidArgument,
+				len(r.Tokens), s.opts.MaxTokens)
+		}
+		a := cForwardArgs{
+			Seq:       int32(r.Seq),
+			NTokens:   int32(len(r.Tokens)),
+			Tokens:    ptr(r.Tokens),
+			CacheMode: int32(r.CacheMode),
+			NCompute:  int32(len(r.Compute)),
+			Compute:   ptr(r.Compute),
+		}
+		if r.Logits {
+			rows := len(r.Tokens)
+			if r.Positions != nil {
+				if len(r.Positions) == 0 {
+					return nil, fmt.Errorf("%w: empty Positions (use nil for every position)", ErrInvalidArgument)
+				}
+				rows = len(r.Positions)
+				a.NOut = int32(rows)
+				a.OutPositions = ptr(r.Positions)
+			}
+			end := r.VocabEnd
+			if end == 0 {
+				end = cfg.EmbeddingRows()
+			}
+			cols := end - r.VocabBegin
+			if cols <= 0 || r.VocabBegin < 0 || end > cfg.EmbeddingRows() {
+				return nil, fmt.Errorf("%w: vocab range [%d, %d) is not inside [0, %d)", ErrInvalidArgument,
+					r.VocabBegin, end, cfg.EmbeddingRows())
+			}
+			out := &Logits{Rows: rows, Cols: cols, Data: make([]float32, rows*cols)}
+			outs[i] = out
+			if len(out.Data) > 0 {
+				pin.Pin(&out.Data[0])
+				a.Logits = unsafe.Pointer(&out.Data[0])
+			}
+			a.VocabBegin, a.VocabEnd = int32(r.VocabBegin), int32(r.VocabEnd)
+		}
+		args[i] = a
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.h == 0 {
+		return nil, errClosed
+	}
+	// While the call runs, a cancelled context asks the library to stop
+	// between layers.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	if ctx.Done() != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			select {
+			case <-ctx.Done():
+				s.m.rt.lib.ctxCancel(s.h)
+			case <-stop:
+			}
+		}()
+	}
+	pin.Pin(&args[0])
+	st := s.m.rt.lib.forward(s.h, &args[0], int32(len(args)))
+	close(stop)
+	wg.Wait()
+	err := statusError(st, "dimoo_forward", func() string { return s.m.rt.lib.ctxError(s.h) })
+	if err != nil {
+		if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
+			return nil, fmt.Errorf("%w: %v", err, ctx.Err())
+		}
+		return nil, err
+	}
+	return outs, nil
+}
+
+// Logits runs one plain forward over tokens and returns the logits of the
+// chosen positions (nil: all) and columns [vocabBegin, vocabEnd) (0: all).
+func (m *Model) Logits(ctx context.Context, tokens, positions []int32, vocabBegin, vocabEnd int) (*Logits, error) {
+	if len(tokens) == 0 {
+		return nil, fmt.Errorf("%w: empty token sequence", ErrInvalidArgument)
+	}
+	if len(tokens) > m.Config.MaxSequenceLength {
+		return nil, fmt.Errorf("%w: %d tokens exceed max_sequence_length %d", ErrInvalidArgument, len(tokens),
+			m.Config.MaxSequenceLength)
+	}
+	s, err := m.NewSession(SessionOptions{MaxTokens: len(tokens)})
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	out, err := s.Forward(ctx, ForwardRequest{Tokens: tokens, Logits: true, Positions: positions,
+		VocabBegin: vocabBegin, VocabEnd: vocabEnd})
+	if err != nil {
+		return nil, err
+	}
+	return out[0], nil
+}
