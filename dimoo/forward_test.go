@@ -2,7 +2,6 @@ package dimoo
 
 import (
 	"context"
-	"unsafe"
 	"encoding/json"
 	"errors"
 	"math"
@@ -10,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"

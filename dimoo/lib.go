@@ -198,8 +198,8 @@ func statusError(st int32, op string, msg func() string) error {
 // errBuf is the caller buffer creation functions write their message into.
 type errBuf [512]byte
 
-func (b *errBuf) ptr() *byte { return &b[0] }
-func (b *errBuf) len() uintptr { return uintptr(len(b)) }
+func (b *errBuf) ptr() *byte     { return &b[0] }
+func (b *errBuf) len() uintptr   { return uintptr(len(b)) }
 func (b *errBuf) String() string { return cString(b[:]) }
 
 // cString reads a NUL-terminated string the library wrote into buf.

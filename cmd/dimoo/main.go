@@ -33,7 +33,11 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
-		fmt.Fprintln(os.Stderr, "dimoo:", err)
+		msg := err.Error()
+		if !strings.HasPrefix(msg, "dimoo:") {
+			msg = "dimoo: " + msg
+		}
+		fmt.Fprintln(os.Stderr, msg)
 		if errors.Is(err, errUsage) {
 			fmt.Fprint(os.Stderr, usage)
 			os.Exit(2)
@@ -146,7 +150,7 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 		cfg.MaxSequenceLength)
 	fmt.Fprintf(w, "rope:       theta %g; rms eps %g; mask id %d, eos id %d\n", cfg.RopeTheta, cfg.RMSNormEps,
 		cfg.MaskTokenID, cfg.EOSTokenID)
-	fmt.Fprintf(w, "parameters: %d (%.2f B)\n", cfg.ParamCount(), float64(cfg.ParamCount())/1e9)
+	fmt.Fprintf(w, "parameters: %d (%s)\n", cfg.ParamCount(), count(cfg.ParamCount()))
 	fmt.Fprintf(w, "shards:     %d files, %s\n", info.Shards, human(info.StoredBytes))
 	var dts []string
 	for dt, n := range info.DTypes {
@@ -254,4 +258,15 @@ func human(b int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(b)/float64(div), "KMGTPE"[exp])
+}
+
+// count prints a parameter count as 8.08 B, 2.13 M or 500 K.
+func count(n int64) string {
+	switch {
+	case n >= 1e9:
+		return fmt.Sprintf("%.2f B", float64(n)/1e9)
+	case n >= 1e6:
+		return fmt.Sprintf("%.2f M", float64(n)/1e6)
+	}
+	return fmt.Sprintf("%.1f K", float64(n)/1e3)
 }
