@@ -1,0 +1,290 @@
+package dimoo
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sort"
+)
+
+// ImageSampling holds the knobs of the MaskGIT-style image decoder
+// (reference section 3) and of ML-Cache (section 4).
+type ImageSampling struct {
+	Steps       int     // timesteps (default 64)
+	Temperature float64 // Gumbel temperature; 0 = argmax everywhere
+	Seed        uint64
+
+	UseCache        bool
+	CacheRatio      float64 // share of positions whose logits are reused (0.9)
+	WarmupRatio     float64 // share of steps that are always full (0.3)
+	RefreshInterval int     // full step every this many steps after warm-up (5)
+}
+
+// DefaultImageSampling is the reference's text-to-image setting.
+func DefaultImageSampling() ImageSampling {
+	return ImageSampling{Steps: 64, Temperature: 1.0, CacheRatio: 0.9, WarmupRatio: 0.3, RefreshInterval: 5}
+}
+
+func (o ImageSampling) validate() error {
+	switch {
+	case o.Steps < 1:
+		return fmt.Errorf("%w: steps must be >= 1, got %d", ErrInvalidArgument, o.Steps)
+	case o.Temperature < 0 || math.IsNaN(o.Temperature):
+		return fmt.Errorf("%w: temperature must be >= 0, got %g", ErrInvalidArgument, o.Temperature)
+	case o.UseCache && (o.CacheRatio < 0 || o.CacheRatio >= 1):
+		return fmt.Errorf("%w: cache_ratio must be in [0, 1), got %g", ErrInvalidArgument, o.CacheRatio)
+	case o.UseCache && (o.WarmupRatio < 0 || o.WarmupRatio > 1):
+		return fmt.Errorf("%w: warmup_ratio must be in [0, 1], got %g", ErrInvalidArgument, o.WarmupRatio)
+	case o.UseCache && o.RefreshInterval < 1:
+		return fmt.Errorf("%w: refresh_interval must be >= 1, got %d", ErrInvalidArgument, o.RefreshInterval)
+	}
+	return nil
+}
+
+// refreshSteps marks the steps that run every position (section 4): all of
+// them without the cache; with it, the warm-up and every R-th step after.
+func (o ImageSampling) refreshSteps() []bool {
+	r := make([]bool, o.Steps)
+	warm := int(float64(o.Steps) * o.WarmupRatio)
+	for t := range r {
+		r[t] = !o.UseCache || t <= warm || (t-warm)%o.RefreshInterval == 0
+	}
+	return r
+}
+
+// keepMasked is how many positions stay masked after step t of S when N
+// started masked: floor(N cos(pi/2 (t+1)/S)), at least 1, and 0 after the
+// last step. Computed in float32, as the reference does.
+func keepMasked(n, t, steps int) int {
+	if t >= steps-1 {
+		return 0
+	}
+	r := float32(float64(t+1) / float64(steps))
+	c := float32(math.Cos(float64(r * float32(math.Pi) / 2)))
+	k := int(math.Floor(float64(float32(n) * c)))
+	if k < 1 {
+		k = 1
+	}
+	return k
+}
+
+// quantileF32 is torch.quantile's linear interpolation on float32 data.
+func quantileF32(v []float32, q float64) float32 {
+	s := append([]float32(nil), v...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	rank := float32(q) * float32(len(s)-1)
+	lo := int(rank)
+	hi := lo + 1
+	if hi >= len(s) {
+		hi = len(s) - 1
+	}
+	w := rank - float32(lo)
+	a, b := s[lo], s[hi]
+	if w < 0.5 {
+		return a + w*(b-a)
+	}
+	return b - (b-a)*(1-w)
+}
+
+// TraceCall records one forward the sampler made, for fidelity tests and
+// debugging: the branch, its whole input, and the positions recomputed on a
+// cached step (nil on a full one).
+type TraceCall struct {
+	Branch    int
+	Input     []int32
+	ToCompute []int32
+}
+
+// imageDecode is one masked-image decoding problem: per guidance branch a
+// prefix (the prompt; branch 0 is the conditional one), a shared answer
+// part (BOA, BOI, the grid with MASK where codes are to be decoded,
+// newlines, EOI, EOA), and the guidance weights: the logits decoded are
+// sum_b weights[b] * logits_b.
+type imageDecode struct {
+	prefixes [][]int32
+	answer   []int32
+	weights  []float32
+	special  SpecialTokens
+	codebook int
+}
+
+// imageHooks observe the decoding: trace of every forward, progress after
+// every step.
+type imageHooks struct {
+	trace    func(TraceCall)
+	progress func(step, total int)
+}
+
+// run decodes every masked position of the answer and returns it.
+func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h imageHooks) ([]int32, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
+	nb := len(d.prefixes)
+	if nb == 0 || nb != len(d.weights) || nb > s.opts.Seqs {
+		return nil, fmt.Errorf("%w: %d guidance branches for a session of %d sequences", ErrInvalidArgument, nb, s.opts.Seqs)
+	}
+	if o.UseCache && !s.opts.KVCache {
+		return nil, fmt.Errorf("%w: ML-Cache needs a session with KVCache", ErrInvalidArgument)
+	}
+	answer := append([]int32(nil), d.answer...)
+	mask := d.special.Mask
+	var masked []int // answer-relative positions still masked
+	for i, t := range answer {
+		if t == mask {
+			masked = append(masked, i)
+		}
+	}
+	n0 := len(masked)
+	C, off := d.codebook, int(d.special.ImageOffset)
+	refresh := o.refreshSteps()
+
+	seqs := make([][]int32, nb)
+	logitCache := make([][]float32, nb) // ML-Cache: (T_b, C) image logits per branch
+	toCompute := make([][]int32, nb)
+	for t := 0; t < o.Steps && len(masked) > 0; t++ {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+		}
+		keep := keepMasked(n0, t, o.Steps)
+		reqs := make([]ForwardRequest, nb)
+		for b := range d.prefixes {
+			seqs[b] = append(append(seqs[b][:0], d.prefixes[b]...), answer...)
+			r := ForwardRequest{Seq: b, Tokens: seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C}
+			P := int32(len(d.prefixes[b]))
+			switch {
+			case !o.UseCache:
+				r.Positions = make([]int32, len(masked))
+				for i, p := range masked {
+					r.Positions[i] = P + int32(p)
+				}
+			case refresh[t]:
+				r.CacheMode = CacheStore
+			default:
+				r.CacheMode = CacheUse
+				r.Compute = toCompute[b]
+				r.Positions = toCompute[b]
+			}
+			reqs[b] = r
+			if h.trace != nil {
+				tc := TraceCall{Branch: b, Input: append([]int32(nil), seqs[b]...)}
+				if r.CacheMode == CacheUse {
+					tc.ToCompute = append([]int32(nil), r.Compute...)
+				}
+				h.trace(tc)
+			}
+		}
+		outs, err := s.Forward(ctx, reqs...)
+		if err != nil {
+			return nil, err
+		}
+
+		// Each branch's logits at the masked positions, as rows of C.
+		rows := make([][]float32, nb)
+		for b := range d.prefixes {
+			P := len(d.prefixes[b])
+			if !o.UseCache {
+				rows[b] = outs[b].Data
+				continue
+			}
+			T := len(seqs[b])
+			if reqs[b].CacheMode == CacheStore {
+				logitCache[b] = append(logitCache[b][:0], outs[b].Data...)
+			} else {
+				for i, p := range reqs[b].Compute {
+					copy(logitCache[b][int(p)*C:(int(p)+1)*C], outs[b].Row(i))
+				}
+			}
+			_ = T
+			r := make([]float32, len(masked)*C)
+			for i, p := range masked {
+				copy(r[i*C:(i+1)*C], logitCache[b][(P+p)*C:(P+p+1)*C])
+			}
+			rows[b] = r
+		}
+
+		// Guidance, Gumbel-max sampling and the confidence of each sample.
+		conf := make([]float64, len(masked))
+		guided := make([]float32, C)
+		for i, p := range masked {
+			for c := 0; c < C; c++ {
+				var v float32
+				for b := range rows {
+					v += d.weights[b] * rows[b][i*C+c]
+				}
+				guided[c] = v
+			}
+			pos := len(d.prefixes[0]) + p // position in the conditional sequence
+			best, bestScore := 0, math.Inf(-1)
+			mx := math.Inf(-1)
+			for c, l := range guided {
+				score := float64(l)
+				if o.Temperature > 0 {
+					score = score/o.Temperature + gumbel(o.Seed, t, pos, purposeImageSample, c)
+				}
+				if score > bestScore {
+					best, bestScore = c, score
+				}
+				mx = math.Max(mx, float64(l))
+			}
+			var sum float64
+			for _, l := range guided {
+				sum += math.Exp(float64(l) - mx)
+			}
+			prob := math.Exp(float64(guided[best])-mx) / sum
+			conf[i] = math.Log(math.Max(prob, 1e-20))
+			if o.Temperature > 0 {
+				conf[i] += o.Temperature * gumbel(o.Seed, t, pos, purposeImageRemask, 0)
+			}
+			answer[p] = int32(off + best)
+		}
+
+		// Re-mask the keep lowest-confidence positions (ties: earlier first).
+		if keep >= len(masked) {
+			for _, p := range masked {
+				answer[p] = mask
+			}
+		} else {
+			order := make([]int, len(masked))
+			for i := range order {
+				order[i] = i
+			}
+			sort.SliceStable(order, func(a, b int) bool { return conf[order[a]] < conf[order[b]] })
+			still := make([]int, 0, keep)
+			for _, i := range order[:keep] {
+				answer[masked[i]] = mask
+				still = append(still, masked[i])
+			}
+			sort.Ints(still)
+			masked = still
+		}
+
+		// ML-Cache: choose next step's positions from each branch's max logit.
+		if o.UseCache && t < o.Steps-1 && !refresh[t+1] {
+			for b := range d.prefixes {
+				T := len(seqs[b])
+				mx := make([]float32, T)
+				for p := 0; p < T; p++ {
+					m := float32(math.Inf(-1))
+					for _, v := range logitCache[b][p*C : (p+1)*C] {
+						if v > m {
+							m = v
+						}
+					}
+					mx[p] = m
+				}
+				thr := quantileF32(mx, 1-o.CacheRatio)
+				toCompute[b] = toCompute[b][:0]
+				for p, v := range mx {
+					if v <= thr {
+						toCompute[b] = append(toCompute[b], int32(p))
+					}
+				}
+			}
+		}
+		if h.progress != nil {
+			h.progress(t+1, o.Steps)
+		}
+	}
+	return answer, nil
+}
