@@ -172,7 +172,7 @@ func parseNpy(raw []byte) ([]float64, []int, error) {
 	case "<f8":
 		size = 8
 	default:
-		return nil, nil, fmt.Errorf("%w: npy dtype %q (only '<f4' and '<f8' are read)", ErrUnsupported, descr)
+		return nil, nil, fmt.Errorf("%w: npy dtype '%s' (only '<f4' and '<f8' are read)", ErrUnsupported, descr)
 	}
 	if fortran {
 		return nil, nil, fmt.Errorf("%w: npy array in Fortran order", ErrUnsupported)

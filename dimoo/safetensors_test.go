@@ -281,6 +281,7 @@ func TestSafetensorsMalformed(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			_, _, err := ParseSafetensorsHeader(c.file, int64(len(c.file)))
 			require.Error(t, err)
+			t.Log(err)
 			assert.ErrorIs(t, err, ErrBadCheckpoint)
 			assert.ErrorContains(t, err, c.want)
 
@@ -325,6 +326,16 @@ func TestSafetensorsHeaderParse(t *testing.T) {
 	tensors, _, err = ParseSafetensorsHeader(raw, int64(len(raw)))
 	require.NoError(t, err)
 	assert.Equal(t, DTypeBF16, tensors["t"].DType)
+
+	// Zero-length tensors may sit anywhere, even at the end, and a zero
+	// dimension makes any other dimension harmless.
+	raw = testRawSafetensors(`{"e":{"dtype":"F16","shape":[0],"data_offsets":[4,4]},
+		"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},
+		"z":{"dtype":"F32","shape":[9223372036854775807,9223372036854775807,0],"data_offsets":[4,4]}}`, 4)
+	tensors, _, err = ParseSafetensorsHeader(raw, int64(len(raw)))
+	require.NoError(t, err)
+	assert.Len(t, tensors, 3)
+	assert.Equal(t, int64(0), tensors["z"].NumElements())
 }
 
 func TestSafetensorsOpenErrors(t *testing.T) {

@@ -288,3 +288,28 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 	}
 	return answer, nil
 }
+
+// ImageTokens is an image-decoding problem given as token ids, for callers
+// with their own prompts: one prefix per guidance branch (branch 0 the
+// conditional one), the answer part they share (BOA, BOI, grid with MASK
+// where codes are wanted, EOI, EOA), and the weights that combine the
+// branches' logits.
+type ImageTokens struct {
+	Prefixes [][]int32
+	Weights  []float32
+	Answer   []int32
+	Special  SpecialTokens
+}
+
+// DecodeImage runs the image sampler in this session (Seqs >= branches,
+// KVCache for ML-Cache) and returns the decoded answer. trace and progress
+// may be nil.
+func (s *Session) DecodeImage(ctx context.Context, p ImageTokens, o ImageSampling, trace func(TraceCall),
+	progress func(step, total int)) ([]int32, error) {
+	d := &imageDecode{prefixes: p.Prefixes, answer: p.Answer, weights: p.Weights, special: p.Special,
+		codebook: int(p.Special.Codebook)}
+	if err := p.Special.checkVocab(s.m.Config.EmbeddingRows()); err != nil {
+		return nil, err
+	}
+	return d.run(ctx, s, o, imageHooks{trace: trace, progress: progress})
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 	"unsafe"
 )
 
@@ -39,8 +40,10 @@ type Session struct {
 	m    *Model
 	opts SessionOptions
 
-	mu sync.Mutex
-	h  uintptr
+	mu          sync.Mutex
+	h           uintptr
+	forwardTime time.Duration // wall time spent inside dimoo_forward
+	forwards    int
 }
 
 // NewSession allocates a session for the model.
@@ -77,6 +80,15 @@ func (s *Session) Bytes() int64 {
 		return 0
 	}
 	return s.m.rt.lib.ctxBytes(s.h)
+}
+
+// ForwardStats reports how many library forward calls the session made and
+// the wall time they took, so callers can see what share of a request the
+// network itself is.
+func (s *Session) ForwardStats() (calls int, total time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.forwards, s.forwardTime
 }
 
 // Close frees the session.
@@ -202,7 +214,10 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 		}()
 	}
 	pin.Pin(&args[0])
+	t0 := time.Now()
 	st := s.m.rt.lib.forward(s.h, &args[0], int32(len(args)))
+	s.forwardTime += time.Since(t0)
+	s.forwards++
 	close(stop)
 	wg.Wait()
 	err := statusError(st, "dimoo_forward", func() string { return s.m.rt.lib.ctxError(s.h) })
