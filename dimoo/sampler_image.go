@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"runtime"
 	"sort"
+	"sync"
 )
 
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
@@ -203,41 +205,26 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 			rows[b] = r
 		}
 
-		// Guidance, Gumbel-max sampling and the confidence of each sample.
+		// Guidance, Gumbel-max sampling and the confidence of each sample,
+		// positions split over the cores.
 		conf := make([]float64, len(masked))
-		guided := make([]float32, C)
-		for i, p := range masked {
-			for c := 0; c < C; c++ {
-				var v float32
-				for b := range rows {
-					v += d.weights[b] * rows[b][i*C+c]
+		parallelFor(len(masked), func(lo, hi int) {
+			guided := make([]float32, C)
+			for i := lo; i < hi; i++ {
+				p := masked[i]
+				for c := 0; c < C; c++ {
+					var v float32
+					for b := range rows {
+						v += d.weights[b] * rows[b][i*C+c]
+					}
+					guided[c] = v
 				}
-				guided[c] = v
+				pos := len(d.prefixes[0]) + p // position in the conditional sequence
+				var best int
+				best, conf[i] = sampleRow(guided, o.Temperature, o.Seed, t, pos)
+				answer[p] = int32(off + best)
 			}
-			pos := len(d.prefixes[0]) + p // position in the conditional sequence
-			best, bestScore := 0, math.Inf(-1)
-			mx := math.Inf(-1)
-			for c, l := range guided {
-				score := float64(l)
-				if o.Temperature > 0 {
-					score = score/o.Temperature + gumbel(o.Seed, t, pos, purposeImageSample, c)
-				}
-				if score > bestScore {
-					best, bestScore = c, score
-				}
-				mx = math.Max(mx, float64(l))
-			}
-			var sum float64
-			for _, l := range guided {
-				sum += math.Exp(float64(l) - mx)
-			}
-			prob := math.Exp(float64(guided[best])-mx) / sum
-			conf[i] = math.Log(math.Max(prob, 1e-20))
-			if o.Temperature > 0 {
-				conf[i] += o.Temperature * gumbel(o.Seed, t, pos, purposeImageRemask, 0)
-			}
-			answer[p] = int32(off + best)
-		}
+		})
 
 		// Re-mask the keep lowest-confidence positions (ties: earlier first).
 		if keep >= len(masked) {
@@ -312,4 +299,50 @@ func (s *Session) DecodeImage(ctx context.Context, p ImageTokens, o ImageSamplin
 		return nil, err
 	}
 	return d.run(ctx, s, o, imageHooks{trace: trace, progress: progress})
+}
+
+// sampleRow draws argmax(l/tau + g) over one row of guided logits and
+// returns it with its keep-masked score log p + tau g' (p: the softmax
+// probability of the draw).
+func sampleRow(l []float32, tau float64, seed uint64, step, pos int) (int, float64) {
+	best, bestScore := 0, math.Inf(-1)
+	mx := math.Inf(-1)
+	for c, v := range l {
+		score := float64(v)
+		if tau > 0 {
+			score = score/tau + gumbel(seed, step, pos, purposeImageSample, c)
+		}
+		if score > bestScore {
+			best, bestScore = c, score
+		}
+		mx = math.Max(mx, float64(v))
+	}
+	var sum float64
+	for _, v := range l {
+		sum += math.Exp(float64(v) - mx)
+	}
+	conf := math.Log(math.Max(math.Exp(float64(l[best])-mx)/sum, 1e-20))
+	if tau > 0 {
+		conf += tau * gumbel(seed, step, pos, purposeImageRemask, 0)
+	}
+	return best, conf
+}
+
+// parallelFor splits [0, n) into one contiguous chunk per core.
+func parallelFor(n int, f func(lo, hi int)) {
+	w := min(runtime.GOMAXPROCS(0), n)
+	if w <= 1 {
+		f(0, n)
+		return
+	}
+	var wg sync.WaitGroup
+	for k := 0; k < w; k++ {
+		lo, hi := k*n/w, (k+1)*n/w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f(lo, hi)
+		}()
+	}
+	wg.Wait()
 }
