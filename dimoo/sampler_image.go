@@ -110,10 +110,26 @@ type imageDecode struct {
 	codebook int
 }
 
-// imageHooks observe the decoding: trace of every forward, progress after
-// every step.
+// StepTrace records one sampling step's inputs and decisions, so an
+// independent implementation can replay the step: the masked positions
+// (answer-relative) and their RNG positions, each branch's logits there
+// (rows of codebook floats), the number kept masked, the codes drawn, and
+// the positions re-masked.
+type StepTrace struct {
+	Step     int         `json:"step"`
+	Masked   []int       `json:"masked"`
+	RNGPos   []int       `json:"rng_pos"`
+	Logits   [][]float32 `json:"logits"`
+	Keep     int         `json:"keep"`
+	Sampled  []int32     `json:"sampled"`
+	Remasked []int       `json:"remasked"`
+}
+
+// imageHooks observe the decoding: trace of every forward, of every
+// sampling step, and progress after every step.
 type imageHooks struct {
 	trace    func(TraceCall)
+	step     func(StepTrace)
 	progress func(step, total int)
 }
 
@@ -226,6 +242,14 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 			}
 		})
 
+		var st *StepTrace
+		if h.step != nil {
+			st = &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: rows}
+			for _, p := range masked {
+				st.RNGPos = append(st.RNGPos, len(d.prefixes[0])+p)
+				st.Sampled = append(st.Sampled, answer[p]-int32(off))
+			}
+		}
 		// Re-mask the keep lowest-confidence positions (ties: earlier first).
 		if keep >= len(masked) {
 			for _, p := range masked {
@@ -244,6 +268,10 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 			}
 			sort.Ints(still)
 			masked = still
+		}
+		if st != nil {
+			st.Remasked = append([]int{}, masked...)
+			h.step(*st)
 		}
 
 		// ML-Cache: choose next step's positions from each branch's max logit.

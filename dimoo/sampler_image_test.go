@@ -144,3 +144,30 @@ func TestGumbelIsDeterministicAndStandard(t *testing.T) {
 	assert.InDelta(t, 0.5772, mean, 0.01)
 	assert.InDelta(t, math.Pi*math.Pi/6, sq/n-mean*mean, 0.03)
 }
+
+// ML-Cache that refreshes at every step is the plain sampler: same tokens.
+func TestCacheRefreshingEveryStepEqualsNoCache(t *testing.T) {
+	dir := testdataDir("official-small")
+	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
+	special, err := LoadSpecialTokens(dir)
+	require.NoError(t, err)
+	b, err := os.ReadFile(filepath.Join(dir, "t2i_temperature0.json"))
+	require.NoError(t, err)
+	var runs []goldenT2I
+	require.NoError(t, json.Unmarshal(b, &runs))
+	g := runs[0]
+	s, err := m.NewSession(SessionOptions{MaxTokens: len(g.CondSequence), Seqs: 2, KVCache: true})
+	require.NoError(t, err)
+	defer s.Close()
+	p := ImageTokens{Prefixes: [][]int32{g.CondSequence[:g.CodeStart-2], g.UncondPrompt},
+		Answer: g.CondSequence[g.CodeStart-2:], Weights: []float32{3, -2}, Special: special}
+	for seed := uint64(0); seed < 4; seed++ {
+		o := ImageSampling{Steps: 12, Temperature: 1, Seed: seed}
+		plain, err := s.DecodeImage(context.Background(), p, o, nil, nil)
+		require.NoError(t, err)
+		o.UseCache, o.CacheRatio, o.WarmupRatio, o.RefreshInterval = true, 0.9, 0.3, 1
+		cached, err := s.DecodeImage(context.Background(), p, o, nil, nil)
+		require.NoError(t, err)
+		assert.Equal(t, plain, cached, "seed %d", seed)
+	}
+}

@@ -64,7 +64,24 @@ type textDecode struct {
 
 // run decodes the masked span and returns the whole sequence. Decoding stops
 // after the block in which an end-of-text token appears.
+// TextStepTrace records one text sampling step for replay: the masked
+// positions of the block, each branch's logits there (full rows), the number
+// to unmask, the argmax token of each position, and the positions unmasked.
+type TextStepTrace struct {
+	Step        int         `json:"step"`
+	Positions   []int32     `json:"positions"`
+	Logits      [][]float32 `json:"logits"`
+	Count       int         `json:"count"`
+	Chosen      []int32     `json:"chosen"`
+	Transferred []int32     `json:"transferred"`
+}
+
 func (d *textDecode) run(ctx context.Context, s *Session, o TextSampling, h imageHooks) ([]int32, error) {
+	return d.runTraced(ctx, s, o, h, nil)
+}
+
+func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, h imageHooks,
+	stepHook func(TextStepTrace)) ([]int32, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
@@ -178,6 +195,17 @@ func (d *textDecode) run(ctx context.Context, s *Session, o TextSampling, h imag
 			}
 			for _, j := range order[:k] {
 				x[pos[j]] = x0[j]
+			}
+			if stepHook != nil {
+				st := TextStepTrace{Step: step, Positions: pos, Count: k, Chosen: x0}
+				for _, out := range outs {
+					st.Logits = append(st.Logits, out.Data)
+				}
+				for _, j := range order[:k] {
+					st.Transferred = append(st.Transferred, pos[j])
+				}
+				sort.Slice(st.Transferred, func(a, b int) bool { return st.Transferred[a] < st.Transferred[b] })
+				stepHook(st)
 			}
 			step++
 			if h.progress != nil {
