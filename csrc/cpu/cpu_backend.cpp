@@ -2,6 +2,7 @@
 // weights, OpenMP over the cores, the blocked GEMM of gemm.cpp for every
 // projection. The reference every other backend is tested against.
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +23,17 @@ struct Tensor {
     std::vector<uint8_t> data;
     const void *ptr() const { return data.data(); }
 };
+
+// Linux overcommits: a buffer larger than RAM "succeeds" and the OOM killer
+// ends the process when it is touched. Refuse such sizes up front.
+void check_host_alloc(size_t bytes, const std::string &what) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page <= 0) return;
+    const double ram = double(pages) * double(page);
+    if (double(bytes) > ram)
+        fail(DIMOO_ERR_OUT_OF_MEMORY, what + " needs " + std::to_string(bytes >> 20) + " MiB but this machine has " +
+                                          std::to_string(size_t(ram) >> 20) + " MiB of memory");
+}
 
 void rmsnorm_rows(const float *x, const float *w, float *out, int rows, int cols, float eps) {
 #pragma omp parallel for schedule(static)
@@ -52,6 +64,7 @@ public:
             for (size_t i = 0; i < n; i++) dst[i] = load_as_f32(data, dtype, i);
             return;
         }
+        check_host_alloc(nbytes, shape_.name_of(id));
         t.dtype = dtype;
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
@@ -84,6 +97,11 @@ public:
         const auto &c = m.shape_.cfg;
         const size_t T = size_t(p.max_tokens), d = size_t(c.d_model), kv = size_t(m.shape_.kv_dim),
                      mlp = size_t(c.mlp_hidden_size);
+        {
+            size_t floats = T * (5 * d + 2 * kv + 2 * mlp + m.shape_.head_dim);
+            if (p.flags & DIMOO_CTX_KV_CACHE) floats += 2 * size_t(p.n_seqs) * c.n_layers * T * kv;
+            check_host_alloc(floats * sizeof(float), "a context of " + std::to_string(T) + " tokens");
+        }
         x_.resize(T * d);
         h_.resize(T * d);
         q_.resize(T * d);

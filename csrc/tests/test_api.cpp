@@ -387,3 +387,22 @@ TEST(Kernels, RMSNormCudaMatchesCpu) {
 }
 
 } // namespace
+
+namespace {
+// A context far larger than the machine's memory is an error, not a crash.
+TEST_F(Fixture, HugeContextIsOutOfMemory) {
+    dimoo_model_config c = cfg;
+    c.max_sequence_length = 1 << 30;
+    dimoo_model *big = nullptr;
+    char err[256];
+    ASSERT_EQ(dimoo_model_create(rt, &c, &big, err, sizeof err), DIMOO_OK) << err;
+    // Weights for a model this small are fine; finalize needs them all.
+    std::swap(m, big);
+    load_random(5);
+    dimoo_ctx_params p{64, 1 << 30, DIMOO_CTX_KV_CACHE};
+    EXPECT_EQ(dimoo_ctx_create(m, &p, &ctx, err, sizeof err), DIMOO_ERR_OUT_OF_MEMORY);
+    EXPECT_NE(std::string(err).find("MiB"), std::string::npos) << err;
+    std::swap(m, big);
+    dimoo_model_destroy(big);
+}
+} // namespace

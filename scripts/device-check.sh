@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call, for a machine with an NVIDIA GPU and a CUDA
+# toolkit (nvcc, cuBLAS) but no Go: builds libdimoo with the CUDA backend for
+# Hopper (sm_90a) and sm_80, runs the C++ tests (the CUDA ones run for real
+# there) and the Go test binaries built beforehand on a machine with Go:
+#
+#   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/)
+#   device: scripts/device-check.sh               (carry build/go-tests)
+#
+# and prints a short table last. Exits non-zero if anything failed.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p build/go-tests
+  go test -c -o build/go-tests/dimoo.test ./dimoo
+  go test -c -o build/go-tests/bench.test ./bench
+  echo "built build/go-tests/{dimoo,bench}.test; carry build/go-tests to the device"
+  exit 0
+fi
+
+OUT="${OUT:-/tmp/device-check}"
+mkdir -p "$OUT"
+declare -a rows
+status=0
+step() { # name command...
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  if "$@" >"$OUT/$name.log" 2>&1; then r=ok; else r=FAIL; status=1; fi
+  local dt=$(echo "$(date +%s.%N) - $t0" | bc)
+  rows+=("$(printf '%-22s %-5s %7.1fs  %s' "$name" "$r" "$dt" "$(tail -n 1 "$OUT/$name.log" | cut -c1-70)")")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real"
+step build cmake --build build-device -j "$(nproc)"
+step cpp-tests ./build-device/dimoo_tests --gtest_brief=1
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests --gtest_filter='Kernels.*'
+  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests --gtest_filter='Kernels.*'
+fi
+if [ -x build/go-tests/dimoo.test ]; then
+  export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
+  step go-tests bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
+  step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
+fi
+
+echo
+echo "GPU: $(cat "$OUT/gpu.txt")"
+printf '%-22s %-5s %8s  %s\n' check result time "last line"
+printf '%s\n' "${rows[@]}"
+exit $status
