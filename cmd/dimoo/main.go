@@ -24,6 +24,8 @@ const usage = `dimoo - native inference engine for Lumina-DiMOO
 Usage:
   dimoo info    --model DIR             config, parameter count, dtypes, memory estimate
   dimoo logits  --model DIR --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
+  dimoo tokenize   --tokenizer FILE TEXT        text to token ids (comma-separated)
+  dimoo detokenize --tokenizer FILE 5,17,3      token ids to text [--skip-special]
   dimoo version                         library version and backends
 
 Common flags: --lib PATH (libdimoo to load), --device cpu|cuda, --threads N.
@@ -59,6 +61,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdLogits(ctx, args[1:], stdout)
 	case "version":
 		return cmdVersion(args[1:], stdout)
+	case "tokenize":
+		return cmdTokenize(args[1:], stdout)
+	case "detokenize":
+		return cmdDetokenize(args[1:], stdout)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
