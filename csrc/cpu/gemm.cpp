@@ -1,16 +1,19 @@
 // gemm.cpp - C = A * W^T on the CPU, fp32 accumulate, W in F32/F16/BF16.
 //
-// Packed path (M > kSmallM):
+// Packed path (M > 8, or > 24 when K > 512):
 //   W is consumed in panels of NR output features by up to KC input features,
 //   converted to fp32 and transposed into a contiguous (kb x NR) block, so the
-//   micro-kernel reads NR consecutive weights per k. A is read in place: per k
-//   the kernel broadcasts MR activations and does MR x NR/VL vector FMAs into
-//   register accumulators. Per thread the loops are
+//   micro-kernel reads NR consecutive weights per k. Per k the kernel
+//   broadcasts MR activations and does MR x NR/VL vector FMAs into register
+//   accumulators. Per thread the loops are
 //     k blocks (KC) > m blocks (MC) > its panels > MR row tiles,
-//   so the packed panel stays in L1 and the A block in L2. Threads form a
-//   tm x tn grid over (row tiles, panels) chosen to balance FMAs and packing;
-//   each thread packs only the panels it uses, so no synchronisation is needed.
-// Small-M path (M <= kSmallM, decode-like):
+//   so the packed panel stays in L1 and the A block in L2. When A's rows are
+//   far apart (lda well above the k block) the A block is first copied into a
+//   contiguous buffer (fewer TLB misses, no cache-set aliasing), and the next
+//   panel's W rows are prefetched while the current one is in use. Threads
+//   form a tm x tn grid over (row tiles, panels) chosen to balance FMAs and
+//   packing; each thread packs only its own panels: no synchronisation.
+// Small-M path (decode-like):
 //   no packing; each thread takes a range of W rows and computes dot products
 //   with vector accumulators over k, converting W on the fly. It reads W once,
 //   which is what bounds it.
@@ -25,6 +28,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 
@@ -229,13 +233,32 @@ template <int DT> inline vf wload_part(const void *W, size_t i, int n) {
     return vload(t);
 }
 
+inline void prefetch_l1_write(const void *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 1, 3);
+#else
+    (void)p;
+#endif
+}
+inline void prefetch_l2(const void *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 2);
+#else
+    (void)p;
+#endif
+}
+
 // ---- tuning ------------------------------------------------------------------------------
 
 constexpr int NV = 2;            // vectors per micro-tile row
 constexpr int NR = NV * VL;      // W rows (output features) per packed panel
 constexpr int KC = 256;          // k block: a packed panel is KC * NR floats (L1)
 constexpr int MC = MR * 64;      // m block: A block of MC * KC floats (L2)
-constexpr int kSmallM = 4;       // M <= kSmallM takes the unpacked dot-product path
+constexpr int kApad = 16;        // row padding of the copied A block (floats)
+constexpr int kFarRows = 64;     // rows "far apart": leading dimension > k block + this
+// M up to this takes the unpacked dot-product path: 8, or 24 when K > 512
+// (far-apart W rows make packing dearer). Measured crossovers on AVX-512.
+inline bool use_dot_path(int M, int K) { return M <= 8 || (M <= 24 && K > 512); }
 constexpr int kDotNB = 4;        // W rows per dot tile
 constexpr double kMacsPerThread = 65536.0; // least work worth a thread
 
@@ -246,7 +269,17 @@ constexpr double kMacsPerThread = 65536.0; // least work worth a thread
 template <int DT>
 void pack_panel(const void *W, size_t ldw, int n0, int nrows, int k0, int kb, float *out) {
     for (int jb = 0; jb < NR; jb += VL) {
-        for (int kk = 0; kk < kb; kk += VL) {
+        int kk = 0;
+        if (jb + VL <= nrows) { // whole VL x VL blocks, branch-free so r[] stays in registers
+            const size_t row0 = size_t(n0 + jb) * ldw + size_t(k0);
+            for (; kk + VL <= kb; kk += VL) {
+                vf r[VL];
+                for (int i = 0; i < VL; ++i) r[i] = wload<DT>(W, row0 + size_t(i) * ldw + size_t(kk));
+                transpose(r);
+                for (int t = 0; t < VL; ++t) vstore(out + size_t(kk + t) * NR + jb, r[t]);
+            }
+        }
+        for (; kk < kb; kk += VL) { // ragged edges: rows past nrows are zero, k tail zero-filled
             const int kn = std::min(VL, kb - kk);
             vf r[VL];
             for (int i = 0; i < VL; ++i) {
@@ -273,6 +306,8 @@ void micro(int kb, const float *A, size_t lda, const float *P, float *C, size_t 
         for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
     const float *a[R];
     for (int m = 0; m < R; ++m) a[m] = A + size_t(m) * lda;
+    for (int m = 0; m < R; ++m) // the C tile is needed at the end; start fetching it now
+        for (int j = 0; j < ncols; j += 16) prefetch_l1_write(C + size_t(m) * ldc + size_t(j));
     for (int k = 0; k < kb; ++k) {
         vf b[NV];
         for (int v = 0; v < NV; ++v) b[v] = vload(P + size_t(k) * NR + v * VL);
@@ -338,24 +373,72 @@ Grid choose_grid(int T, int M, int mtiles, int panels) {
 
 inline int split(int n, int parts, int i) { return int((long long)n * i / parts); }
 
+// Prefetches lines [from, to) of the W block rows n0.., columns k0 .. k0+kb,
+// counted row by row, lines_per_row per row (the last one at the row's end).
 template <int DT>
-void packed_thread(int N, int K, const float *A, size_t lda, const void *W, size_t ldw, float *C,
-                   size_t ldc, bool accumulate, int m0, int m1, int p0, int p1, float *buf) {
-    const int nkb = (K + KC - 1) / KC;
-    int kstep = (K + nkb - 1) / nkb;
-    kstep = (kstep + VL - 1) / VL * VL;
-    for (int k0 = 0; k0 < K; k0 += kstep) {
-        const int kb = std::min(kstep, K - k0);
-        const bool addc = accumulate || k0 > 0;
+inline void prefetch_w_lines(const void *W, size_t ldw, int n0, int k0, int kb, int lines_per_row,
+                             int from, int to) {
+    constexpr size_t esz = DT == DIMOO_F32 ? 4 : 2;
+    const char *w = static_cast<const char *>(W);
+    const size_t last = size_t(kb) * esz - 1;
+    for (int i = from; i < to; ++i) {
+        const int r = i / lines_per_row, l = i % lines_per_row;
+        prefetch_l2(w + (size_t(n0 + r) * ldw + size_t(k0)) * esz + std::min(size_t(l) * 64, last));
+    }
+}
+
+struct PackedJob {
+    int M, N, K;
+    const float *A;
+    size_t lda;
+    const void *W;
+    size_t ldw;
+    float *C;
+    size_t ldc;
+    bool accumulate;
+    int kstep;    // k block length, <= KC
+    bool copy_a;  // copy A blocks into a contiguous buffer
+};
+
+// One thread's share: rows [m0, m1), panels [p0, p1). wbuf: KC * NR floats;
+// abuf: MC * (kstep + kApad) floats when copy_a.
+template <int DT>
+void packed_thread(const PackedJob &j, int m0, int m1, int p0, int p1, float *wbuf, float *abuf) {
+    constexpr size_t esz = DT == DIMOO_F32 ? 4 : 2;
+    for (int k0 = 0; k0 < j.K; k0 += j.kstep) {
+        const int kb = std::min(j.kstep, j.K - k0);
+        const bool addc = j.accumulate || k0 > 0;
+        const bool prefetch_w = j.ldw > size_t(kb) + kFarRows;
+        const int lines_per_row = int((size_t(kb) * esz + 63) / 64) + 1;
         for (int mc0 = m0; mc0 < m1; mc0 += MC) {
             const int mc1 = std::min(m1, mc0 + MC);
+            const float *ab = j.A + size_t(mc0) * j.lda + size_t(k0);
+            size_t lab = j.lda;
+            if (j.copy_a) {
+                lab = size_t(kb) + kApad;
+                for (int m = mc0; m < mc1; ++m)
+                    std::memcpy(abuf + size_t(m - mc0) * lab, j.A + size_t(m) * j.lda + size_t(k0),
+                                size_t(kb) * sizeof(float));
+                ab = abuf;
+            }
+            const int calls = (mc1 - mc0 + MR - 1) / MR;
             for (int p = p0; p < p1; ++p) {
                 const int n0 = p * NR;
-                const int ncols = std::min(NR, N - n0);
-                pack_panel<DT>(W, ldw, n0, ncols, k0, kb, buf);
-                for (int m = mc0; m < mc1; m += MR)
-                    micro_rows(std::min(MR, mc1 - m), kb, A + size_t(m) * lda + size_t(k0), lda, buf,
-                               C + size_t(m) * ldc + size_t(n0), ldc, ncols, addc);
+                const int ncols = std::min(NR, j.N - n0);
+                pack_panel<DT>(j.W, j.ldw, n0, ncols, k0, kb, wbuf);
+                // Prefetch the next panel's W rows, spread over this panel's tiles.
+                const int next_rows = prefetch_w && p + 1 < p1 ? std::min(NR, j.N - n0 - NR) : 0;
+                const int lines = next_rows * lines_per_row;
+                int done = 0, call = 0;
+                for (int m = mc0; m < mc1; m += MR) {
+                    if (lines > 0) {
+                        const int upto = int((long long)lines * (++call) / calls);
+                        prefetch_w_lines<DT>(j.W, j.ldw, n0 + NR, k0, kb, lines_per_row, done, upto);
+                        done = upto;
+                    }
+                    micro_rows(std::min(MR, mc1 - m), kb, ab + size_t(m - mc0) * lab, lab, wbuf,
+                               j.C + size_t(m) * j.ldc + size_t(n0), j.ldc, ncols, addc);
+                }
             }
         }
     }
@@ -371,8 +454,15 @@ void gemm_packed(int M, int N, int K, const float *A, size_t lda, const void *W,
     const int mtiles = (M + MR - 1) / MR;
     const int panels = (N + NR - 1) / NR;
     nt = std::min(nt, mtiles * panels);
-    // One packing panel per thread, per call.
-    constexpr size_t slot = size_t(KC) * NR; // floats; a multiple of 64 bytes
+    const int nkb = (K + KC - 1) / KC; // k blocks of equal length, rounded up to VL
+    const int kstep = std::min(KC, ((K + nkb - 1) / nkb + VL - 1) / VL * VL);
+    const PackedJob job{M, N, K, A, lda, W, ldw, C, ldc, accumulate, kstep,
+                        lda > size_t(kstep) + kFarRows};
+    // Per thread: one packed W panel, plus an A block when copying. Sizes are
+    // multiples of 16 floats, so every slot stays 64-byte aligned.
+    const size_t wslot = size_t(KC) * NR;
+    const size_t aslot = job.copy_a ? size_t(std::min(MC, M)) * size_t(kstep + kApad) : 0;
+    const size_t slot = wslot + aslot;
     std::unique_ptr<float, FreeDeleter> bufs(
         static_cast<float *>(std::aligned_alloc(64, slot * sizeof(float) * size_t(nt))));
     if (!bufs) fail(DIMOO_ERR_OUT_OF_MEMORY, "gemm_nt: cannot allocate packing buffers");
@@ -387,9 +477,8 @@ void gemm_packed(int M, int N, int K, const float *A, size_t lda, const void *W,
             const int m0 = split(mtiles, g.tm, im) * MR;
             const int m1 = std::min(M, split(mtiles, g.tm, im + 1) * MR);
             const int p0 = split(panels, g.tn, in), p1 = split(panels, g.tn, in + 1);
-            if (m0 < m1 && p0 < p1)
-                packed_thread<DT>(N, K, A, lda, W, ldw, C, ldc, accumulate, m0, m1, p0, p1,
-                                  base + slot * size_t(tid));
+            float *w = base + slot * size_t(tid);
+            if (m0 < m1 && p0 < p1) packed_thread<DT>(job, m0, m1, p0, p1, w, w + wslot);
         }
     }
 }
@@ -474,7 +563,7 @@ void gemm_dispatch(int M, int N, int K, const float *A, size_t lda, const void *
     const double macs = double(M) * double(N) * double(K);
     const int maxt = std::max(1, omp_get_max_threads());
     const int nt = int(std::max(1.0, std::min(double(maxt), macs / kMacsPerThread)));
-    if (M <= kSmallM) gemm_small<DT>(M, N, K, A, lda, W, ldw, C, ldc, accumulate, nt);
+    if (use_dot_path(M, K)) gemm_small<DT>(M, N, K, A, lda, W, ldw, C, ldc, accumulate, nt);
     else gemm_packed<DT>(M, N, K, A, lda, W, ldw, C, ldc, accumulate, nt);
 }
 

@@ -1,6 +1,7 @@
 // Tests for cpu::gemm_nt against a double-precision naive loop.
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -121,7 +122,8 @@ const std::vector<Shape> kShapes = {
     {1, 1, 1},     {1, 17, 33},   {2, 5, 3},      {3, 100, 50},   {4, 67, 129},
     {5, 1000, 257}, {7, 64, 256},  {8, 32, 16},    {9, 33, 17},    {13, 31, 300},
     {33, 19, 5},   {64, 256, 256}, {17, 1, 77},    {100, 3, 64},   {6, 48, 1},
-    {300, 704, 256}, {65, 130, 513}, {129, 97, 1000}};
+    {300, 704, 256}, {65, 130, 513}, {129, 97, 1000}, {17, 45, 600}, {24, 33, 1000},
+    {25, 70, 700}};
 
 TEST(Gemm, Fp32Shapes) {
     uint32_t seed = 1;
@@ -149,6 +151,24 @@ TEST(Gemm, LeadingDimensionsAndAccumulate) {
                 run_case(s, dt, 16, acc, seed++);
                 run_case(s, dt, 0, acc, seed++);
             }
+}
+
+TEST(Gemm, ThreadCounts) {
+    // Uneven thread grids (split over rows and/or panels), several m blocks
+    // per thread (M > 512), a single panel shared by all threads.
+    const std::vector<Shape> shapes = {{1100, 40, 70}, {600, 20, 300}, {70, 300, 300},
+                                       {9, 1000, 64}, {3, 50, 1000}};
+    const int saved = omp_get_max_threads();
+    uint32_t seed = 400;
+    for (int threads : {1, 3, 5}) {
+        omp_set_num_threads(threads);
+        for (const Shape &s : shapes) {
+            SCOPED_TRACE(::testing::Message() << "threads=" << threads);
+            run_case(s, DIMOO_BF16, 5, seed % 2 == 0, seed);
+            ++seed;
+        }
+    }
+    omp_set_num_threads(saved);
 }
 
 TEST(Gemm, Degenerate) {
