@@ -15,6 +15,7 @@
 
 struct dimoo_runtime {
     int32_t backend = 0;
+    int32_t n_threads = 0; // as created (0: every core); the VQ-VAE reads it
     std::unique_ptr<dimoo::Backend> impl;
     std::string err;
 };
@@ -162,6 +163,18 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_forward_args, vocab_begin),
     DIMOO_FIELD(dimoo_forward_args, vocab_end),
     DIMOO_FIELD(dimoo_forward_args, logits),
+    // VQ-VAE
+    DIMOO_FIELD(dimoo_vq_config, in_channels),
+    DIMOO_FIELD(dimoo_vq_config, out_channels),
+    DIMOO_FIELD(dimoo_vq_config, latent_channels),
+    DIMOO_FIELD(dimoo_vq_config, num_vq_embeddings),
+    DIMOO_FIELD(dimoo_vq_config, vq_embed_dim),
+    DIMOO_FIELD(dimoo_vq_config, norm_num_groups),
+    DIMOO_FIELD(dimoo_vq_config, layers_per_block),
+    DIMOO_FIELD(dimoo_vq_config, n_levels),
+    DIMOO_FIELD(dimoo_vq_config, block_out_channels),
+    DIMOO_FIELD(dimoo_vq_config, mid_block_add_attention),
+    DIMOO_FIELD(dimoo_vq_config, norm_type),
 };
 #undef DIMOO_FIELD
 
@@ -216,6 +229,7 @@ int64_t dimoo_struct_size(const char *name) {
     if (n == "dimoo_model_config") return sizeof(dimoo_model_config);
     if (n == "dimoo_ctx_params") return sizeof(dimoo_ctx_params);
     if (n == "dimoo_forward_args") return sizeof(dimoo_forward_args);
+    if (n == "dimoo_vq_config") return sizeof(dimoo_vq_config);
     return -1;
 }
 
@@ -236,6 +250,7 @@ int32_t dimoo_runtime_create(int32_t backend, int32_t device, int32_t n_threads,
         *out = nullptr;
         auto rt = std::make_unique<dimoo_runtime>();
         rt->backend = backend;
+        rt->n_threads = n_threads;
         if (backend == DIMOO_BACKEND_CPU) {
             DIMOO_CHECK_ARG(device == 0, "the CPU backend has one device, 0");
             DIMOO_CHECK_ARG(n_threads >= 0, "n_threads must be >= 0");
@@ -409,3 +424,10 @@ int32_t dimoo_forward(dimoo_ctx *c, const dimoo_forward_args *args, int32_t n_ar
 }
 
 } // extern "C"
+
+// ---- for the extern "C" files beside this one (vq_api.cpp) -------------------
+
+namespace dimoo {
+int32_t runtime_backend_id(const dimoo_runtime *rt) { return rt->backend; }
+int32_t runtime_threads(const dimoo_runtime *rt) { return rt->n_threads; }
+} // namespace dimoo

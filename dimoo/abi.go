@@ -49,11 +49,27 @@ type cForwardArgs struct {
 	Logits       unsafe.Pointer `c:"logits"`
 }
 
+// dimoo_vq_config
+type cVQConfig struct {
+	InChannels           int32    `c:"in_channels"`
+	OutChannels          int32    `c:"out_channels"`
+	LatentChannels       int32    `c:"latent_channels"`
+	NumVQEmbeddings      int32    `c:"num_vq_embeddings"`
+	VQEmbedDim           int32    `c:"vq_embed_dim"`
+	NormNumGroups        int32    `c:"norm_num_groups"`
+	LayersPerBlock       int32    `c:"layers_per_block"`
+	NLevels              int32    `c:"n_levels"`
+	BlockOutChannels     [8]int32 `c:"block_out_channels"`
+	MidBlockAddAttention int32    `c:"mid_block_add_attention"`
+	NormType             int32    `c:"norm_type"`
+}
+
 // mirroredStructs maps each C struct name to a zero value of its Go mirror.
 var mirroredStructs = map[string]any{
 	"dimoo_model_config": cModelConfig{},
 	"dimoo_ctx_params":   cCtxParams{},
 	"dimoo_forward_args": cForwardArgs{},
+	"dimoo_vq_config":    cVQConfig{},
 }
 
 // CheckLayouts compares every mirrored struct's size and field offsets with

@@ -53,6 +53,19 @@ type Library struct {
 	ctxCancel     func(uintptr)
 	ctxBytes      func(uintptr) int64
 	forward       func(c uintptr, args *cForwardArgs, n int32) int32
+
+	// VQ-VAE (dimoo_vq_*).
+	vqCreate       func(rt uintptr, cfg *cVQConfig, out *uintptr, err *byte, errLen uintptr) int32
+	vqFree         func(uintptr)
+	vqError        func(uintptr) string
+	vqSetW         func(vq uintptr, name string, dtype int32, shape *int64, ndim int32, data unsafe.Pointer, nbytes uint64) int32
+	vqFinalize     func(uintptr) int32
+	vqWBytes       func(uintptr) int64
+	vqCancel       func(uintptr)
+	vqDecode       func(vq uintptr, codes *int32, h, w int32, out *float32) int32
+	vqDecodeLatent func(vq uintptr, latent *float32, h, w int32, out *float32) int32
+	vqEncode       func(vq uintptr, pixels *float32, h, w int32, codes *int32) int32
+	vqEncodeLatent func(vq uintptr, pixels *float32, h, w int32, latent *float32) int32
 }
 
 // LibraryOptions chooses which libdimoo to load.
@@ -169,6 +182,17 @@ func openAt(path string) (lib *Library, err error) {
 	reg(&lib.ctxCancel, "dimoo_ctx_cancel")
 	reg(&lib.ctxBytes, "dimoo_ctx_bytes")
 	reg(&lib.forward, "dimoo_forward")
+	reg(&lib.vqCreate, "dimoo_vq_create")
+	reg(&lib.vqFree, "dimoo_vq_destroy")
+	reg(&lib.vqError, "dimoo_vq_error")
+	reg(&lib.vqSetW, "dimoo_vq_set_weight")
+	reg(&lib.vqFinalize, "dimoo_vq_finalize")
+	reg(&lib.vqWBytes, "dimoo_vq_weight_bytes")
+	reg(&lib.vqCancel, "dimoo_vq_cancel")
+	reg(&lib.vqDecode, "dimoo_vq_decode")
+	reg(&lib.vqDecodeLatent, "dimoo_vq_decode_latent")
+	reg(&lib.vqEncode, "dimoo_vq_encode")
+	reg(&lib.vqEncodeLatent, "dimoo_vq_encode_latent")
 	if err := lib.CheckLayouts(); err != nil {
 		purego.Dlclose(h)
 		return nil, err

@@ -197,6 +197,91 @@ typedef struct dimoo_forward_args {
  * (different lengths allowed). */
 DIMOO_API int32_t dimoo_forward(dimoo_ctx *c, const dimoo_forward_args *args, int32_t n_args);
 
+/* ---- VQ-VAE ------------------------------------------------------------------
+ *
+ * The image tokenizer: diffusers' VQModel (the aMUSEd VQ-GAN DiMOO uses, as
+ * stored under vqvae/) with DownEncoderBlock2D / UpDecoderBlock2D blocks,
+ * GroupNorm (eps 1e-6) and SiLU; the optional mid-block attention is one head
+ * of all channels. The downsampling factor is f = 2^(n_levels - 1).
+ *
+ * It runs on the host CPU in fp32 whatever the runtime's backend: the
+ * runtime's n_threads on a CPU runtime, every core on any other.
+ *
+ * Images cross the ABI as float pixels, channels last (HWC): the value of
+ * channel c at row y, column x of an H x W image is at (y * W + x) * C + c.
+ * The encoder reads in_channels channels with values in [0, 1] (no [-1, 1]
+ * normalisation); the decoder writes the network's raw output, out_channels
+ * channels, unclamped (DiMOO clamps it to [0, 1]). Code grids are row-major
+ * h x w int32. Images may have sides up to 32768 and 2^28 pixels, memory
+ * permitting: activations grow with the pixels (a 512 x 512 decode with
+ * aMUSEd's config peaks near 1 GB besides the weights). config.json's
+ * scaling_factor and force_upcast change nothing here: VQModel.decode does
+ * not scale, and everything is fp32.
+ *
+ * Thread safety: set_weight and finalize must not run concurrently with any
+ * other call on the handle; encode/decode calls on one handle must not run
+ * concurrently with each other (they share the cancel flag, and each call is
+ * multithreaded already); dimoo_vq_cancel may be called from any thread.
+ */
+
+typedef struct dimoo_vq dimoo_vq;
+
+#define DIMOO_VQ_MAX_LEVELS 8
+
+typedef enum dimoo_vq_norm {
+    DIMOO_VQ_NORM_GROUP = 0,  /* norm_type "group" */
+    DIMOO_VQ_NORM_SPATIAL = 1 /* norm_type "spatial": DIMOO_ERR_UNSUPPORTED */
+} dimoo_vq_norm;
+
+/* The VQModel config.json fields that shape the network. */
+typedef struct dimoo_vq_config {
+    int32_t in_channels;       /* image channels the encoder reads (3) */
+    int32_t out_channels;      /* image channels the decoder writes (3) */
+    int32_t latent_channels;
+    int32_t num_vq_embeddings; /* codebook rows; codes must be < this */
+    int32_t vq_embed_dim;      /* codebook row width; 0 means latent_channels */
+    int32_t norm_num_groups;   /* divides every block_out_channels entry */
+    int32_t layers_per_block;  /* resnets per encoder stage (decoder: + 1) */
+    int32_t n_levels;          /* entries of block_out_channels used, 1..8 */
+    int32_t block_out_channels[DIMOO_VQ_MAX_LEVELS];
+    int32_t mid_block_add_attention; /* 0 or 1 */
+    int32_t norm_type;         /* dimoo_vq_norm */
+} dimoo_vq_config;
+
+/* The runtime must outlive the VQ model. */
+DIMOO_API int32_t dimoo_vq_create(dimoo_runtime *rt, const dimoo_vq_config *cfg, dimoo_vq **out,
+                                  char *err, size_t err_len);
+DIMOO_API void dimoo_vq_destroy(dimoo_vq *vq);
+DIMOO_API const char *dimoo_vq_error(const dimoo_vq *vq);
+/* Copy one tensor of diffusion_pytorch_model.safetensors (diffusers name, e.g.
+ * "decoder.up_blocks.0.resnets.1.conv1.weight", shape as stored: convolutions
+ * (out, in, k, k), linears (out, in)). An unknown name, a shape the config
+ * does not imply or a wrong byte count is DIMOO_ERR_BAD_WEIGHTS. */
+DIMOO_API int32_t dimoo_vq_set_weight(dimoo_vq *vq, const char *name, int32_t dtype, const int64_t *shape,
+                                      int32_t ndim, const void *data, uint64_t nbytes);
+/* Check that every tensor is present (BAD_WEIGHTS naming the missing ones). */
+DIMOO_API int32_t dimoo_vq_finalize(dimoo_vq *vq);
+/* Bytes the weights occupy (fp32; once finalized, plus the upsampling convs'
+ * sub-pixel kernels). */
+DIMOO_API int64_t dimoo_vq_weight_bytes(const dimoo_vq *vq);
+/* Ask a running encode/decode to stop between layers (DIMOO_ERR_CANCELLED).
+ * Any thread. The flag is cleared when the next encode/decode starts. */
+DIMOO_API void dimoo_vq_cancel(dimoo_vq *vq);
+
+/* codes: h x w ids, each in [0, num_vq_embeddings). out: (h*f) x (w*f) x
+ * out_channels floats, HWC, the raw decoder output. */
+DIMOO_API int32_t dimoo_vq_decode(dimoo_vq *vq, const int32_t *codes, int32_t h, int32_t w, float *out);
+/* The decoder on a continuous latent: h x w x vq_embed_dim floats (HWC) in
+ * place of codebook rows (diffusers' decode with force_not_quantize). */
+DIMOO_API int32_t dimoo_vq_decode_latent(dimoo_vq *vq, const float *latent, int32_t h, int32_t w, float *out);
+/* pixels: H x W x in_channels floats (HWC) in [0, 1]; H and W multiples of f
+ * (else DIMOO_ERR_INVALID_ARGUMENT). codes: (H/f) x (W/f) ids of the nearest
+ * codebook rows by Euclidean distance (ties: the lowest id). */
+DIMOO_API int32_t dimoo_vq_encode(dimoo_vq *vq, const float *pixels, int32_t H, int32_t W, int32_t *codes);
+/* The encoder up to quant_conv: latent gets (H/f) x (W/f) x vq_embed_dim
+ * floats (HWC), the vectors dimoo_vq_encode quantizes. */
+DIMOO_API int32_t dimoo_vq_encode_latent(dimoo_vq *vq, const float *pixels, int32_t H, int32_t W, float *latent);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,497 @@
+// ops.cpp - the VQ-VAE's building blocks on the CPU, on zero-bordered
+// channels-last activations: convolutions as shifted GEMMs (nearest x2
+// upsampling folded into four 2x2 sub-pixel convolutions; diffusers'
+// asymmetric stride-2 convolution through gathered patches), GroupNorm
+// (+SiLU), and the single-head mid-block attention. fp32, OpenMP.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "cpu/gemm.h"
+#include "vq/vq.h"
+
+namespace dimoo::vq {
+namespace {
+
+using Buf = std::unique_ptr<float[]>;
+
+// Rows of a GEMM's output kept per block, so the nine taps of a 3x3 conv
+// accumulate into a block while it is in cache (this many floats of output).
+constexpr int64_t kBlockFloats = int64_t(1) << 18;
+// Floats of stride-2 patches gathered per GEMM call (16 MB).
+constexpr int64_t kPatchFloats = int64_t(1) << 22;
+
+// Convolutions with fewer channels in or out (the image ones) take the
+// shifted-GEMM path: Winograd's transforms would cost more than they save.
+constexpr int kWinogradMinChannels = 8;
+
+int64_t block_rows(int cout, int64_t total) {
+    return std::min<int64_t>(total, std::max<int64_t>(256, kBlockFloats / std::max(cout, 1)));
+}
+
+// exp(x) for x in [-87, 88] to about 2 ulp, written so that loops over it
+// vectorize: 2^n by exponent bits times a degree-7 Taylor polynomial of
+// exp(r), |r| <= ln2/2. Inputs outside the range are clamped.
+inline float exp_clamped(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f; // round to nearest
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606820309417232e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+    float s;
+    std::memcpy(&s, &bits, 4);
+    return p * s;
+}
+
+inline float silu1(float v) { return v / (1.0f + exp_clamped(-v)); }
+
+// Rows [0, rows) of out: set to (or, accumulating, add) the bias.
+void bias_rows(float *out, int64_t rows, int n, const std::vector<float> &b, bool accumulate) {
+    const float *bp = b.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *o = out + r * n;
+        if (accumulate) {
+#pragma omp simd
+            for (int j = 0; j < n; j++) o[j] += bp[j];
+        } else {
+            std::memcpy(o, bp, sizeof(float) * size_t(n));
+        }
+    }
+}
+
+void gemm(int64_t M, int N, int K, const float *A, int lda, const float *W, int ldw, float *C, int ldc) {
+    cpu::gemm_nt(int(M), N, K, A, lda, W, DIMOO_F32, ldw, C, ldc, true);
+}
+
+// Winograd F(2x2, 3x3): the 3x3 stride-1 conv over 2x2 output tiles, each
+// read as a 4x4 input patch (stride 2). With V = B^T d B per patch and
+// U = G g G^T per (cout, cin) kernel, the 16 elementwise products summed over
+// cin are 16 GEMMs, and Y = A^T M A + bias gives the tile. 16 multiplies per
+// 4 outputs instead of 36. Tiles are processed in chunks so V and M stay a
+// few MB; partial tiles of odd sides read zeros and write only what exists.
+void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bool accumulate) {
+    const int cin = c.cin, cout = c.cout, Wp = W + 2;
+    const int tx = (W + 1) / 2, ty = (H + 1) / 2;
+    const int64_t tiles = int64_t(tx) * ty;
+    // U[xi][o][i], xi = 4 * row + col of the 4x4 transformed kernel.
+    Buf U(new float[size_t(16) * cout * cin]);
+    const size_t oc = size_t(cout) * cin;
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < cout; o++)
+        for (int i = 0; i < cin; i++) {
+            float g[3][3], t[4][3];
+            for (int ky = 0; ky < 3; ky++)
+                for (int kx = 0; kx < 3; kx++) g[ky][kx] = c.w[((size_t(o) * 3 + ky) * 3 + kx) * cin + i];
+            for (int kx = 0; kx < 3; kx++) { // t = G g
+                t[0][kx] = g[0][kx];
+                t[1][kx] = 0.5f * (g[0][kx] + g[1][kx] + g[2][kx]);
+                t[2][kx] = 0.5f * (g[0][kx] - g[1][kx] + g[2][kx]);
+                t[3][kx] = g[2][kx];
+            }
+            const size_t at = size_t(o) * cin + i;
+            for (int r = 0; r < 4; r++) { // U = t G^T
+                U[(r * 4 + 0) * oc + at] = t[r][0];
+                U[(r * 4 + 1) * oc + at] = 0.5f * (t[r][0] + t[r][1] + t[r][2]);
+                U[(r * 4 + 2) * oc + at] = 0.5f * (t[r][0] - t[r][1] + t[r][2]);
+                U[(r * 4 + 3) * oc + at] = t[r][2];
+            }
+        }
+    const int64_t T = std::min<int64_t>(tiles, std::max<int64_t>(64, (int64_t(1) << 19) / (cin + cout)));
+    Buf V(new float[size_t(16) * T * cin]), M(new float[size_t(16) * T * cout]);
+    std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
+    for (int64_t t0 = 0; t0 < tiles; t0 += T) {
+        const int64_t nt = std::min(T, tiles - t0);
+        // V = B^T d B, per tile, vectorised over channels.
+#pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < nt; k++) {
+            const int y0 = int((t0 + k) / tx) * 2, x0 = int((t0 + k) % tx) * 2; // padded coords of the patch
+            const float *d[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int q = 0; q < 4; q++)
+                    d[r][q] = (y0 + r < H + 2 && x0 + q < Wp) ? x + (int64_t(y0 + r) * Wp + x0 + q) * cin
+                                                              : zeros.data();
+            float *v[16];
+            for (int e = 0; e < 16; e++) v[e] = V.get() + (size_t(e) * T + k) * cin;
+#pragma omp simd
+            for (int i = 0; i < cin; i++) {
+                float b[4][4];
+                for (int q = 0; q < 4; q++) { // B^T d, column q
+                    b[0][q] = d[0][q][i] - d[2][q][i];
+                    b[1][q] = d[1][q][i] + d[2][q][i];
+                    b[2][q] = d[2][q][i] - d[1][q][i];
+                    b[3][q] = d[1][q][i] - d[3][q][i];
+                }
+                for (int r = 0; r < 4; r++) { // (B^T d) B, row r
+                    v[r * 4 + 0][i] = b[r][0] - b[r][2];
+                    v[r * 4 + 1][i] = b[r][1] + b[r][2];
+                    v[r * 4 + 2][i] = b[r][2] - b[r][1];
+                    v[r * 4 + 3][i] = b[r][1] - b[r][3];
+                }
+            }
+        }
+        for (int e = 0; e < 16; e++)
+            cpu::gemm_nt(int(nt), cout, cin, V.get() + size_t(e) * T * cin, cin, U.get() + size_t(e) * oc, DIMOO_F32,
+                         cin, M.get() + size_t(e) * T * cout, cout, false);
+        // Y = A^T M A + bias into the output pixels that exist.
+        const float *bias = c.b.data();
+#pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < nt; k++) {
+            const int y0 = int((t0 + k) / tx) * 2, x0 = int((t0 + k) % tx) * 2; // output coords
+            const float *m[16];
+            for (int e = 0; e < 16; e++) m[e] = M.get() + (size_t(e) * T + k) * cout;
+            float *o[2][2];
+            for (int r = 0; r < 2; r++)
+                for (int q = 0; q < 2; q++)
+                    o[r][q] = (y0 + r < H && x0 + q < W) ? out + (int64_t(y0 + r + 1) * Wp + x0 + q + 1) * cout : nullptr;
+            if (o[0][1] && o[1][0] && o[1][1]) {
+#pragma omp simd
+                for (int j = 0; j < cout; j++) {
+                    float s[2][4];
+                    for (int q = 0; q < 4; q++) {
+                        s[0][q] = m[q][j] + m[4 + q][j] + m[8 + q][j];
+                        s[1][q] = m[4 + q][j] - m[8 + q][j] - m[12 + q][j];
+                    }
+                    for (int r = 0; r < 2; r++) {
+                        const float a = s[r][0] + s[r][1] + s[r][2] + bias[j];
+                        const float b = s[r][1] - s[r][2] - s[r][3] + bias[j];
+                        if (accumulate) {
+                            o[r][0][j] += a;
+                            o[r][1][j] += b;
+                        } else {
+                            o[r][0][j] = a;
+                            o[r][1][j] = b;
+                        }
+                    }
+                }
+            } else {
+                for (int j = 0; j < cout; j++) {
+                    float s[2][4];
+                    for (int q = 0; q < 4; q++) {
+                        s[0][q] = m[q][j] + m[4 + q][j] + m[8 + q][j];
+                        s[1][q] = m[4 + q][j] - m[8 + q][j] - m[12 + q][j];
+                    }
+                    for (int r = 0; r < 2; r++) {
+                        const float ab[2] = {s[r][0] + s[r][1] + s[r][2] + bias[j],
+                                             s[r][1] - s[r][2] - s[r][3] + bias[j]};
+                        for (int q = 0; q < 2; q++)
+                            if (o[r][q]) o[r][q][j] = accumulate ? o[r][q][j] + ab[q] : ab[q];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// 3x3 stride 1 (or 1x1): nine (one) accumulating GEMMs per block of rows. The
+// output pixel at padded row q + (W + 3) reads tap (ky, kx) at input row
+// q + ky * (W + 2) + kx; the rows q that land on the border are zeroed after.
+void conv_same(const Conv2d &c, const float *x, int H, int W, float *out, bool accumulate) {
+    const int cin = c.cin, cout = c.cout, Wp = W + 2;
+    if (c.k == 1) {
+        const int64_t M = int64_t(padded_rows(H, W));
+        bias_rows(out, M, cout, c.b, accumulate);
+        gemm(M, cout, cin, x, cin, c.w.data(), cin, out, cout);
+        zero_border(out, H, W, cout);
+        return;
+    }
+    if (cin >= kWinogradMinChannels && cout >= kWinogradMinChannels) {
+        conv_winograd(c, x, H, W, out, accumulate); // writes interior pixels only
+        zero_border(out, H, W, cout);
+        return;
+    }
+    const int64_t M = int64_t(H - 1) * Wp + W; // q in [0, M): first to last pixel
+    float *o = out + int64_t(Wp + 1) * cout;
+    bias_rows(o, M, cout, c.b, accumulate);
+    const int64_t blk = block_rows(cout, M);
+    for (int64_t q0 = 0; q0 < M; q0 += blk) {
+        const int64_t rows = std::min(blk, M - q0);
+        for (int ky = 0; ky < 3; ky++)
+            for (int kx = 0; kx < 3; kx++)
+                gemm(rows, cout, cin, x + (q0 + int64_t(ky) * Wp + kx) * cin, cin,
+                     c.w.data() + size_t(ky * 3 + kx) * cin, 9 * cin, o + q0 * cout, cout);
+    }
+    zero_border(out, H, W, cout);
+}
+
+// Nearest x2 then 3x3: output pixel (2i + py, 2j + px) is a 2x2 conv of the
+// input around (i, j) with the combined weights of prepare_upsample. Each
+// parity's GEMM output goes to a block buffer, then to its pixels.
+void conv_up(const Conv2d &c, const float *x, int H, int W, float *out) {
+    const int cin = c.cin, cout = c.cout, Wp = W + 2, Wo = 2 * W + 2;
+    DIMOO_CHECK_ARG(c.k == 3 && c.up.size() == size_t(16) * cout * cin, "conv2d Up: weights not prepared");
+    const int64_t M = int64_t(H - 1) * Wp + W;
+    const int64_t blk = block_rows(cout, M);
+    Buf tmp(new float[size_t(blk) * cout]);
+    for (int64_t q0 = 0; q0 < M; q0 += blk) {
+        const int64_t rows = std::min(blk, M - q0);
+        for (int py = 0; py < 2; py++)
+            for (int px = 0; px < 2; px++) {
+                bias_rows(tmp.get(), rows, cout, c.b, false);
+                for (int dy = 0; dy < 2; dy++)
+                    for (int dx = 0; dx < 2; dx++) {
+                        const float *w = c.up.data() + size_t((py * 2 + px) * 4 + dy * 2 + dx) * cout * cin;
+                        gemm(rows, cout, cin, x + (q0 + int64_t(py + dy) * Wp + (px + dx)) * cin, cin, w, cin,
+                             tmp.get(), cout);
+                    }
+#pragma omp parallel for schedule(static)
+                for (int64_t r = 0; r < rows; r++) {
+                    const int64_t q = q0 + r;
+                    const int i = int(q / Wp), j = int(q % Wp);
+                    if (j >= W) continue; // a border row of the input grid
+                    std::memcpy(out + (int64_t(2 * i + py + 1) * Wo + (2 * j + px + 1)) * cout,
+                                tmp.get() + r * cout, sizeof(float) * size_t(cout));
+                }
+            }
+    }
+    zero_border(out, 2 * H, 2 * W, cout);
+}
+
+// 3x3 stride 2, padding one row/column at the bottom/right only: output (y, x)
+// reads input (2y + ky, 2x + kx), i.e. padded row (2y + ky + 1, 2x + kx + 1).
+void conv_down(const Conv2d &c, const float *x, int H, int W, float *out) {
+    const int cin = c.cin, cout = c.cout, Wp = W + 2, K = 9 * cin;
+    int Ho = 0, Wo = 0;
+    conv_out_size(ConvMode::Down, H, W, &Ho, &Wo);
+    const int64_t M = int64_t(Ho) * Wo;
+    const int64_t chunk = std::min<int64_t>(M, std::max<int64_t>(64, kPatchFloats / K));
+    Buf col(new float[size_t(chunk) * K]), tmp(new float[size_t(chunk) * cout]);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int64_t rows = std::min(chunk, M - m0);
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int oy = int((m0 + r) / Wo), ox = int((m0 + r) % Wo);
+            float *dst = col.get() + r * K;
+            for (int ky = 0; ky < 3; ky++)
+                for (int kx = 0; kx < 3; kx++, dst += cin)
+                    std::memcpy(dst, x + (int64_t(2 * oy + ky + 1) * Wp + (2 * ox + kx + 1)) * cin,
+                                sizeof(float) * size_t(cin));
+        }
+        bias_rows(tmp.get(), rows, cout, c.b, false);
+        gemm(rows, cout, K, col.get(), K, c.w.data(), K, tmp.get(), cout);
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int oy = int((m0 + r) / Wo), ox = int((m0 + r) % Wo);
+            std::memcpy(out + (int64_t(oy + 1) * (Wo + 2) + ox + 1) * cout, tmp.get() + r * cout,
+                        sizeof(float) * size_t(cout));
+        }
+    }
+    zero_border(out, Ho, Wo, cout);
+}
+
+} // namespace
+
+void zero_border(float *p, int H, int W, int C) {
+    const int64_t Wp = W + 2;
+    const size_t row = sizeof(float) * size_t(Wp) * C;
+    std::memset(p, 0, row);
+    std::memset(p + (int64_t(H) + 1) * Wp * C, 0, row);
+#pragma omp parallel for schedule(static)
+    for (int y = 1; y <= H; y++) {
+        std::memset(p + int64_t(y) * Wp * C, 0, sizeof(float) * size_t(C));
+        std::memset(p + (int64_t(y) * Wp + W + 1) * C, 0, sizeof(float) * size_t(C));
+    }
+}
+
+void pad(const float *x, int H, int W, int C, float *p) {
+    const int64_t Wp = W + 2;
+#pragma omp parallel for schedule(static)
+    for (int y = 0; y < H; y++)
+        std::memcpy(p + (int64_t(y + 1) * Wp + 1) * C, x + int64_t(y) * W * C, sizeof(float) * size_t(W) * C);
+    zero_border(p, H, W, C);
+}
+
+void unpad(const float *p, int H, int W, int C, float *x) {
+    const int64_t Wp = W + 2;
+#pragma omp parallel for schedule(static)
+    for (int y = 0; y < H; y++)
+        std::memcpy(x + int64_t(y) * W * C, p + (int64_t(y + 1) * Wp + 1) * C, sizeof(float) * size_t(W) * C);
+}
+
+void prepare_upsample(Conv2d &c) {
+    DIMOO_CHECK_ARG(c.k == 3, "prepare_upsample: needs a 3x3 conv");
+    const int cin = c.cin, cout = c.cout;
+    // Kernel rows (or columns) that parity p's tap d sums: p=0: {0}, {1,2};
+    // p=1: {0,1}, {2}.
+    auto in_tap = [](int p, int d, int k) { return p == 0 ? (d == 0 ? k == 0 : k >= 1) : (d == 0 ? k <= 1 : k == 2); };
+    c.up.assign(size_t(16) * cout * cin, 0.0f);
+    for (int py = 0; py < 2; py++)
+        for (int px = 0; px < 2; px++)
+            for (int dy = 0; dy < 2; dy++)
+                for (int dx = 0; dx < 2; dx++) {
+                    float *dst = c.up.data() + size_t((py * 2 + px) * 4 + dy * 2 + dx) * cout * cin;
+                    for (int o = 0; o < cout; o++)
+                        for (int i = 0; i < cin; i++) {
+                            double s = 0;
+                            for (int ky = 0; ky < 3; ky++)
+                                for (int kx = 0; kx < 3; kx++)
+                                    if (in_tap(py, dy, ky) && in_tap(px, dx, kx))
+                                        s += c.w[((size_t(o) * 3 + ky) * 3 + kx) * cin + i];
+                            dst[size_t(o) * cin + i] = float(s);
+                        }
+                }
+}
+
+void conv_out_size(ConvMode mode, int H, int W, int *Ho, int *Wo) {
+    switch (mode) {
+    case ConvMode::Same: *Ho = H, *Wo = W; break;
+    case ConvMode::Down: *Ho = (H - 2) / 2 + 1, *Wo = (W - 2) / 2 + 1; break;
+    case ConvMode::Up: *Ho = 2 * H, *Wo = 2 * W; break;
+    }
+}
+
+void conv2d(const Conv2d &c, const float *x, int H, int W, float *out, ConvMode mode, bool accumulate) {
+    if (H <= 0 || W <= 0) return;
+    switch (mode) {
+    case ConvMode::Same: conv_same(c, x, H, W, out, accumulate); return;
+    case ConvMode::Up:
+        DIMOO_CHECK_ARG(!accumulate, "conv2d Up: accumulate is not supported");
+        conv_up(c, x, H, W, out);
+        return;
+    case ConvMode::Down:
+        DIMOO_CHECK_ARG(!accumulate && c.k == 3 && H >= 2 && W >= 2, "conv2d Down: needs a 3x3 conv, H, W >= 2");
+        conv_down(c, x, H, W, out);
+        return;
+    }
+}
+
+void silu_inplace(float *x, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) x[i] = silu1(x[i]);
+}
+
+void group_norm(const GroupNorm &g, const float *x, int H, int W, float *out, bool silu) {
+    const int C = g.c, G = g.groups, cg = C / G;
+    const int64_t n = int64_t(padded_rows(H, W)); // the zero border adds nothing to the sums
+    // Per-channel sums: fp32 over blocks of rows, fp64 across blocks and threads.
+    std::vector<double> s1(static_cast<size_t>(C), 0.0), s2(static_cast<size_t>(C), 0.0);
+    constexpr int64_t kBlock = 32;
+#pragma omp parallel
+    {
+        std::vector<double> t1(static_cast<size_t>(C), 0.0), t2(static_cast<size_t>(C), 0.0);
+        std::vector<float> f1(static_cast<size_t>(C)), f2(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+        for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+            std::fill(f1.begin(), f1.end(), 0.0f);
+            std::fill(f2.begin(), f2.end(), 0.0f);
+            const int64_t b1 = std::min(n, b0 + kBlock);
+            float *a1 = f1.data(), *a2 = f2.data();
+            for (int64_t r = b0; r < b1; r++) {
+                const float *xr = x + r * C;
+#pragma omp simd
+                for (int c = 0; c < C; c++) {
+                    a1[c] += xr[c];
+                    a2[c] += xr[c] * xr[c];
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                t1[size_t(c)] += a1[c];
+                t2[size_t(c)] += a2[c];
+            }
+        }
+#pragma omp critical
+        for (int c = 0; c < C; c++) {
+            s1[size_t(c)] += t1[size_t(c)];
+            s2[size_t(c)] += t2[size_t(c)];
+        }
+    }
+    std::vector<float> scale(static_cast<size_t>(C)), shift(static_cast<size_t>(C));
+    const double count = double(H) * double(W) * cg;
+    for (int gi = 0; gi < G; gi++) {
+        double m = 0, q = 0;
+        for (int c = gi * cg; c < (gi + 1) * cg; c++) m += s1[size_t(c)], q += s2[size_t(c)];
+        m /= count;
+        const double var = std::max(0.0, q / count - m * m);
+        const double rstd = 1.0 / std::sqrt(var + double(g.eps));
+        for (int c = gi * cg; c < (gi + 1) * cg; c++) {
+            scale[size_t(c)] = float(double(g.gamma[size_t(c)]) * rstd);
+            shift[size_t(c)] = float(double(g.beta[size_t(c)]) - m * double(g.gamma[size_t(c)]) * rstd);
+        }
+    }
+    const float *a = scale.data(), *b = shift.data();
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * C;
+        float *o = out + r * C;
+        if (silu) {
+#pragma omp simd
+            for (int c = 0; c < C; c++) o[c] = silu1(xr[c] * a[c] + b[c]);
+        } else {
+#pragma omp simd
+            for (int c = 0; c < C; c++) o[c] = xr[c] * a[c] + b[c];
+        }
+    }
+    zero_border(out, H, W, C);
+}
+
+namespace {
+
+// out (n, l.out) = x (n, l.in) W^T + b.
+void linear(const Linear &l, const float *x, int n, float *out) {
+    bias_rows(out, n, l.out, l.b, false);
+    gemm(n, l.out, l.in, x, l.in, l.w.data(), l.in, out, l.out);
+}
+
+} // namespace
+
+void attention(const Attention &a, const float *x, int n, float *out) {
+    const int C = a.norm.c;
+    const size_t nc = size_t(n) * size_t(C);
+    Buf h(new float[nc]), q(new float[nc]), k(new float[nc]), v(new float[nc]);
+    // GroupNorm over the n pixels as a 1 x n image (its border is scratch).
+    {
+        Buf xp(new float[padded_rows(1, n) * size_t(C)]);
+        pad(x, 1, n, C, xp.get());
+        group_norm(a.norm, xp.get(), 1, n, xp.get(), false);
+        unpad(xp.get(), 1, n, C, h.get());
+    }
+    linear(a.q, h.get(), n, q.get());
+    linear(a.k, h.get(), n, k.get());
+    linear(a.v, h.get(), n, v.get());
+    // v^T (C, n): the GEMM takes its right operand as rows of the output's columns.
+    float *vt = h.get(); // h is no longer needed
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++)
+        for (int i = 0; i < n; i++) vt[size_t(c) * size_t(n) + size_t(i)] = v[size_t(i) * size_t(C) + size_t(c)];
+    // out = x + b_o, the projection accumulates into it below.
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < C; c++) out[size_t(i) * C + c] = x[size_t(i) * C + c] + a.o.b[size_t(c)];
+    const float scale = 1.0f / std::sqrt(float(C));
+    const int block = int(std::max<int64_t>(1, std::min<int64_t>(n, kPatchFloats / std::max(n, 1))));
+    Buf s(new float[size_t(block) * size_t(n)]), o(new float[size_t(block) * size_t(C)]);
+    for (int q0 = 0; q0 < n; q0 += block) {
+        const int rows = std::min(block, n - q0);
+        cpu::gemm_nt(rows, n, C, q.get() + size_t(q0) * C, C, k.get(), DIMOO_F32, C, s.get(), n, false);
+#pragma omp parallel for schedule(static)
+        for (int r = 0; r < rows; r++) {
+            float *sr = s.get() + size_t(r) * size_t(n);
+            float mx = sr[0];
+            for (int j = 1; j < n; j++) mx = std::max(mx, sr[j]);
+            double sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < n; j++) {
+                sr[j] = exp_clamped((sr[j] - mx) * scale);
+                sum += sr[j];
+            }
+            const float inv = float(1.0 / sum);
+#pragma omp simd
+            for (int j = 0; j < n; j++) sr[j] *= inv;
+        }
+        cpu::gemm_nt(rows, C, n, s.get(), n, vt, DIMOO_F32, n, o.get(), C, false);
+        cpu::gemm_nt(rows, C, C, o.get(), C, a.o.w.data(), DIMOO_F32, C, out + size_t(q0) * C, C, true);
+    }
+}
+
+} // namespace dimoo::vq
