@@ -24,6 +24,12 @@ const usage = `dimoo - native inference engine for Lumina-DiMOO
 Usage:
   dimoo info    --model DIR             config, parameter count, dtypes, memory estimate
   dimoo logits  --model DIR --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
+  dimoo generate   --prompt TEXT [--width W --height H --timesteps N --cfg_scale S --use-cache ...]
+  dimoo generate   --prompt TEXT --painting_mode inpainting|outpainting --painting_image IMG
+  dimoo edit       --prompt TEXT --image_path IMG [--edit_type edit|control|subject|style|dense]
+  dimoo understand --prompt QUESTION --image_path IMG [--steps N --gen_length L --block_length B]
+  dimoo vq-encode  --vqvae DIR --image IN.png --out codes.txt
+  dimoo vq-decode  --vqvae DIR --codes codes.txt --out OUT.png
   dimoo tokenize   --tokenizer FILE TEXT        text to token ids (comma-separated)
   dimoo detokenize --tokenizer FILE 5,17,3      token ids to text [--skip-special]
   dimoo version                         library version and backends
@@ -61,6 +67,16 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdLogits(ctx, args[1:], stdout)
 	case "version":
 		return cmdVersion(args[1:], stdout)
+	case "vq-encode":
+		return cmdVQEncode(ctx, args[1:], stdout)
+	case "vq-decode":
+		return cmdVQDecode(ctx, args[1:], stdout)
+	case "generate":
+		return cmdGenerate(ctx, args[1:], stdout)
+	case "edit":
+		return cmdEdit(ctx, args[1:], stdout)
+	case "understand":
+		return cmdUnderstand(ctx, args[1:], stdout)
 	case "tokenize":
 		return cmdTokenize(args[1:], stdout)
 	case "detokenize":

@@ -1,0 +1,305 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"image"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/dimoo-dev/dimoo/dimoo"
+)
+
+// The task commands take the reference implementation's flag names.
+
+// taskFlags are the flags generate, edit and understand share.
+type taskFlags struct {
+	common
+	model       string
+	prompt      string
+	temperature float64
+	seed        uint64
+	outputDir   string
+	quiet       bool
+}
+
+func (t *taskFlags) register(fs *flag.FlagSet) {
+	t.common.register(fs)
+	fs.StringVar(&t.model, "model", "", "model folder (default: $DIMOO_MODEL, else the small model shipped in models/)")
+	fs.StringVar(&t.prompt, "prompt", "", "text prompt, instruction or question")
+	fs.Float64Var(&t.temperature, "temperature", 1.0, "sampling temperature (0: greedy)")
+	fs.Uint64Var(&t.seed, "seed", 0, "random seed")
+	fs.StringVar(&t.outputDir, "output_dir", ".", "folder for the output images")
+	fs.BoolVar(&t.quiet, "quiet", false, "no progress bar")
+}
+
+// modelDir resolves --model, $DIMOO_MODEL, then the shipped small model.
+func (t *taskFlags) modelDir() (string, error) {
+	if t.model != "" {
+		return t.model, nil
+	}
+	if d := os.Getenv("DIMOO_MODEL"); d != "" {
+		return d, nil
+	}
+	if d := dimoo.ShippedModelDir(); d != "" {
+		return d, nil
+	}
+	return "", fmt.Errorf("%w: no --model given, $DIMOO_MODEL unset, and no shipped model found", errUsage)
+}
+
+func (t *taskFlags) open(ctx context.Context) (*dimoo.Pipeline, error) {
+	dir, err := t.modelDir()
+	if err != nil {
+		return nil, err
+	}
+	opts, err := t.loadOptions()
+	if err != nil {
+		return nil, err
+	}
+	return dimoo.OpenPipeline(ctx, dir, dimoo.PipelineOptions{LoadOptions: opts})
+}
+
+// progress draws a bar on a terminal (stderr) and nothing otherwise.
+func (t *taskFlags) progress(label string) func(step, total int) {
+	if t.quiet {
+		return nil
+	}
+	fi, err := os.Stderr.Stat()
+	if err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		return nil
+	}
+	start := time.Now()
+	return func(step, total int) {
+		const width = 30
+		done := step * width / total
+		fmt.Fprintf(os.Stderr, "\r%s [%s%s] %d/%d %.1fs", label, strings.Repeat("#", done),
+			strings.Repeat(".", width-done), step, total, time.Since(start).Seconds())
+		if step == total {
+			fmt.Fprintln(os.Stderr)
+		}
+	}
+}
+
+var unsafeName = regexp.MustCompile(`[^a-zA-Z0-9]+`)
+
+// outputPath names an output file after the prompt and the seed.
+func (t *taskFlags) outputPath(kind string) (string, error) {
+	if err := os.MkdirAll(t.outputDir, 0o755); err != nil {
+		return "", err
+	}
+	name := strings.Trim(unsafeName.ReplaceAllString(strings.ToLower(t.prompt), "_"), "_")
+	if len(name) > 60 {
+		name = name[:60]
+	}
+	if name == "" {
+		name = kind
+	}
+	return filepath.Join(t.outputDir, fmt.Sprintf("%s_%s_seed%d.png", kind, name, t.seed)), nil
+}
+
+// imageFlags are the image sampler's flags.
+type imageFlags struct {
+	timesteps       int
+	cfgScale        float64
+	useCache        bool
+	cacheRatio      float64
+	warmupRatio     float64
+	refreshInterval int
+}
+
+func (f *imageFlags) register(fs *flag.FlagSet, cfgDefault float64) {
+	fs.IntVar(&f.timesteps, "timesteps", 64, "decoding steps")
+	fs.Float64Var(&f.cfgScale, "cfg_scale", cfgDefault, "classifier-free guidance scale (text)")
+	fs.BoolVar(&f.useCache, "use-cache", false, "ML-Cache: reuse confident tokens' K/V and logits")
+	fs.Float64Var(&f.cacheRatio, "cache_ratio", 0.9, "ML-Cache: share of positions reused")
+	fs.Float64Var(&f.warmupRatio, "warmup_ratio", 0.3, "ML-Cache: share of steps always run in full")
+	fs.IntVar(&f.refreshInterval, "refresh_interval", 5, "ML-Cache: full step every this many steps")
+}
+
+func (f *imageFlags) sampling(t *taskFlags) (dimoo.ImageSampling, error) {
+	if f.timesteps < 1 {
+		return dimoo.ImageSampling{}, fmt.Errorf("%w: --timesteps must be >= 1", errUsage)
+	}
+	if f.cfgScale < 0 {
+		return dimoo.ImageSampling{}, fmt.Errorf("%w: --cfg_scale must be >= 0", errUsage)
+	}
+	return dimoo.ImageSampling{Steps: f.timesteps, Temperature: t.temperature, Seed: t.seed, UseCache: f.useCache,
+		CacheRatio: f.cacheRatio, WarmupRatio: f.warmupRatio, RefreshInterval: f.refreshInterval}, nil
+}
+
+// guidance maps the CLI's 0 ("none") to the API's negative value.
+func guidance(s float64) float64 {
+	if s == 0 {
+		return -1
+	}
+	return s
+}
+
+func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
+	var t taskFlags
+	var f imageFlags
+	t.register(fs)
+	f.register(fs, 4.0)
+	width := fs.Int("width", 0, "image width in pixels (default: the model's native size)")
+	height := fs.Int("height", 0, "image height in pixels")
+	mode := fs.String("painting_mode", "", "inpainting or outpainting (with --painting_image)")
+	paintImage := fs.String("painting_image", "", "image to inpaint or outpaint")
+	maskH := fs.Float64("mask_h_ratio", 0.5, "painted rectangle's share of the height")
+	maskW := fs.Float64("mask_w_ratio", 0.5, "painted rectangle's share of the width")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if strings.TrimSpace(t.prompt) == "" {
+		return fmt.Errorf("%w: --prompt is required", errUsage)
+	}
+	o, err := f.sampling(&t)
+	if err != nil {
+		return err
+	}
+	var paint image.Image
+	switch *mode {
+	case "":
+	case "inpainting", "outpainting":
+		if *paintImage == "" {
+			return fmt.Errorf("%w: --painting_mode needs --painting_image", errUsage)
+		}
+		if paint, err = dimoo.LoadImage(*paintImage); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("%w: --painting_mode must be inpainting or outpainting, got %q", errUsage, *mode)
+	}
+	p, err := t.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	var img image.Image
+	if paint != nil {
+		img, err = p.Inpaint(ctx, dimoo.InpaintRequest{Prompt: t.prompt, Image: paint, Outpaint: *mode == "outpainting",
+			MaskH: *maskH, MaskW: *maskW, InputArea: p.NativeArea(), CFGScale: guidance(f.cfgScale), Sampling: o,
+			Progress: t.progress(*mode)})
+	} else {
+		wd, ht := *width, *height
+		if wd == 0 && ht == 0 {
+			wd, ht = p.NativeSize()
+		}
+		img, err = p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: t.prompt, Width: wd, Height: ht,
+			CFGScale: guidance(f.cfgScale), Sampling: o, Progress: t.progress("generate")})
+	}
+	if err != nil {
+		return err
+	}
+	out, err := t.outputPath("generate")
+	if err != nil {
+		return err
+	}
+	if err := dimoo.SavePNG(out, img); err != nil {
+		return err
+	}
+	fmt.Fprintln(w, out)
+	return nil
+}
+
+func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("edit", flag.ContinueOnError)
+	var t taskFlags
+	var f imageFlags
+	t.register(fs)
+	f.register(fs, 2.5)
+	cfgImg := fs.Float64("cfg_img", 4.0, "image guidance scale")
+	imagePath := fs.String("image_path", "", "input image")
+	refPath := fs.String("ref_image_path", "", "style reference image (--edit_type style)")
+	editType := fs.String("edit_type", "edit", "edit, control (canny, hed, depth, openpose), subject, style, dense")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *imagePath == "" {
+		return fmt.Errorf("%w: --image_path is required", errUsage)
+	}
+	o, err := f.sampling(&t)
+	if err != nil {
+		return err
+	}
+	if *cfgImg < 0 {
+		return fmt.Errorf("%w: --cfg_img must be >= 0", errUsage)
+	}
+	in, err := dimoo.LoadImage(*imagePath)
+	if err != nil {
+		return err
+	}
+	var ref image.Image
+	if *refPath != "" {
+		if ref, err = dimoo.LoadImage(*refPath); err != nil {
+			return err
+		}
+	}
+	p, err := t.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	img, err := p.EditImage(ctx, dimoo.EditRequest{Prompt: t.prompt, EditType: *editType, Image: in, RefImage: ref,
+		InputArea: p.NativeArea(), CFGText: guidance(f.cfgScale), CFGImage: guidance(*cfgImg), Sampling: o,
+		Progress: t.progress("edit")})
+	if err != nil {
+		return err
+	}
+	out, err := t.outputPath("edit")
+	if err != nil {
+		return err
+	}
+	if err := dimoo.SavePNG(out, img); err != nil {
+		return err
+	}
+	side := strings.TrimSuffix(out, ".png") + "_side_by_side.png"
+	if err := dimoo.SavePNG(side, dimoo.SideBySide(in, img)); err != nil {
+		return err
+	}
+	fmt.Fprintln(w, out)
+	fmt.Fprintln(w, side)
+	return nil
+}
+
+func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
+	fs := flag.NewFlagSet("understand", flag.ContinueOnError)
+	var t taskFlags
+	t.register(fs)
+	fs.Lookup("temperature").DefValue = "0"
+	t.temperature = 0
+	imagePath := fs.String("image_path", "", "input image")
+	steps := fs.Int("steps", 128, "decoding steps")
+	genLength := fs.Int("gen_length", 128, "answer length in tokens")
+	blockLength := fs.Int("block_length", 32, "block length (gen_length must be a multiple)")
+	cfg := fs.Float64("cfg_scale", 0, "classifier-free guidance scale (0: none)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if strings.TrimSpace(t.prompt) == "" || *imagePath == "" {
+		return fmt.Errorf("%w: --prompt and --image_path are required", errUsage)
+	}
+	o := dimoo.TextSampling{Steps: *steps, GenLength: *genLength, BlockLength: *blockLength,
+		Temperature: t.temperature, CFGScale: *cfg, Seed: t.seed}
+	in, err := dimoo.LoadImage(*imagePath)
+	if err != nil {
+		return err
+	}
+	p, err := t.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	ans, err := p.Understand(ctx, dimoo.UnderstandRequest{Question: t.prompt, Image: in, InputArea: p.NativeArea(),
+		Sampling: o, Progress: t.progress("understand")})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, ans)
+	return nil
+}

@@ -1,0 +1,559 @@
+package dimoo
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"image"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"golang.org/x/sync/semaphore"
+)
+
+// Pipeline is everything the tasks need: the transformer, the text
+// tokenizer, the VQ-VAE and the special ids, loaded from one checkpoint
+// folder (config.json, safetensors, tokenizer.json, vqvae/). It is safe for
+// concurrent use: requests queue (in order of arrival, honouring their
+// contexts) for one of MaxConcurrent slots.
+type Pipeline struct {
+	Model     *Model
+	Tokenizer *Tokenizer
+	VQ        *VQModel
+	Special   SpecialTokens
+
+	defaults Defaults
+	slots    *semaphore.Weighted
+}
+
+// PipelineOptions extend LoadOptions.
+type PipelineOptions struct {
+	LoadOptions
+	// MaxConcurrent requests run at once (default 1: others wait their turn).
+	MaxConcurrent int
+}
+
+// OpenPipeline loads a checkpoint folder with its tokenizer and VQ-VAE.
+func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pipeline, err error) {
+	tokPath := filepath.Join(dir, "tokenizer.json")
+	if _, err := os.Stat(tokPath); err != nil {
+		return nil, checkpointError(dir, "no tokenizer.json: the text tokenizer is required")
+	}
+	vqDir := filepath.Join(dir, "vqvae")
+	if _, err := os.Stat(filepath.Join(vqDir, "config.json")); err != nil {
+		return nil, checkpointError(dir, "no vqvae/config.json: the VQ-VAE is required")
+	}
+	special, err := LoadSpecialTokens(dir)
+	if err != nil {
+		return nil, err
+	}
+	tok, err := LoadTokenizer(tokPath)
+	if err != nil {
+		return nil, err
+	}
+	defaults, err := loadDefaults(dir)
+	if err != nil {
+		return nil, err
+	}
+	p = &Pipeline{Tokenizer: tok, Special: special, defaults: defaults}
+	defer func() {
+		if err != nil {
+			p.Close()
+			p = nil
+		}
+	}()
+	if p.Model, err = LoadModel(ctx, dir, opts.LoadOptions); err != nil {
+		return nil, err
+	}
+	vqOpts := opts.LoadOptions
+	if vqOpts.Library == nil {
+		vqOpts.Library = p.Model.Runtime().Library()
+	}
+	if p.VQ, err = LoadVQModel(ctx, vqDir, vqOpts); err != nil {
+		return nil, err
+	}
+	if err := special.checkVocab(p.Model.Config.VocabSize); err != nil {
+		return nil, err
+	}
+	if p.VQ.Codebook() != int(special.Codebook) {
+		return nil, checkpointError(dir, "the VQ-VAE has %d codes but the model's image vocabulary has %d",
+			p.VQ.Codebook(), special.Codebook)
+	}
+	n := opts.MaxConcurrent
+	if n < 1 {
+		n = 1
+	}
+	p.slots = semaphore.NewWeighted(int64(n))
+	return p, nil
+}
+
+// Close frees the model and the VQ-VAE.
+func (p *Pipeline) Close() error {
+	var errs []error
+	if p.VQ != nil {
+		errs = append(errs, p.VQ.Close())
+	}
+	if p.Model != nil {
+		errs = append(errs, p.Model.Close())
+	}
+	return errors.Join(errs...)
+}
+
+func (p *Pipeline) acquire(ctx context.Context) error {
+	if err := p.slots.Acquire(ctx, 1); err != nil {
+		return fmt.Errorf("%w: %v", ErrCancelled, err)
+	}
+	return nil
+}
+
+// ImageRequest is a text-to-image request; zero fields take the
+// reference's defaults.
+type ImageRequest struct {
+	Prompt        string
+	Width, Height int     // pixels, multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
+	CFGScale      float64 // classifier-free guidance (4.0); negative = none
+	Sampling      ImageSampling
+	Progress      func(step, total int)
+}
+
+func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
+	d := DefaultImageSampling()
+	if s.Steps == 0 {
+		s.Steps = d.Steps
+	}
+	if s.CacheRatio == 0 {
+		s.CacheRatio = d.CacheRatio
+	}
+	if s.WarmupRatio == 0 {
+		s.WarmupRatio = d.WarmupRatio
+	}
+	if s.RefreshInterval == 0 {
+		s.RefreshInterval = d.RefreshInterval
+	}
+	return s
+}
+
+// gridSize checks an output size and returns its code grid.
+func (p *Pipeline) gridSize(w, h int) (gw, gh int, err error) {
+	f := p.VQ.Factor()
+	if w <= 0 || h <= 0 || w%f != 0 || h%f != 0 {
+		return 0, 0, fmt.Errorf("%w: image size %dx%d: both sides must be positive multiples of %d", ErrInvalidArgument,
+			w, h, f)
+	}
+	return w / f, h / f, nil
+}
+
+// checkLength refuses sequences longer than the model allows.
+func (p *Pipeline) checkLength(seqs ...[]int32) (int, error) {
+	n := 0
+	for _, s := range seqs {
+		n = max(n, len(s))
+	}
+	if n > p.Model.Config.MaxSequenceLength {
+		return 0, fmt.Errorf("%w: the request needs %d tokens but the model's max_sequence_length is %d",
+			ErrInvalidArgument, n, p.Model.Config.MaxSequenceLength)
+	}
+	return n, nil
+}
+
+// decodeImage runs the image sampler over branches sharing one answer and
+// decodes the codes to pixels.
+func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
+	gw, gh int, o ImageSampling, progress func(int, int)) (image.Image, error) {
+	seqs := make([][]int32, len(prefixes))
+	for i, pr := range prefixes {
+		seqs[i] = append(append([]int32(nil), pr...), answer...)
+	}
+	T, err := p.checkLength(seqs...)
+	if err != nil {
+		return nil, err
+	}
+	s, err := p.Model.NewSession(SessionOptions{MaxTokens: T, Seqs: len(prefixes), KVCache: o.UseCache})
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	d := &imageDecode{prefixes: prefixes, answer: answer, weights: weights, special: p.Special,
+		codebook: int(p.Special.Codebook)}
+	out, err := d.run(ctx, s, o, imageHooks{progress: progress})
+	if err != nil {
+		return nil, err
+	}
+	return p.VQ.Decode(ctx, p.Special.gridCodes(out, gh, gw), gh, gw)
+}
+
+// guidance turns CFG scales into branch weights: l = (1+s) l_c - s l_u.
+func cfgWeights(s float64) []float32 {
+	if s <= 0 {
+		return []float32{1}
+	}
+	return []float32{float32(1 + s), float32(-s)}
+}
+
+// GenerateImage draws an image for a text prompt.
+func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.Image, error) {
+	if strings.TrimSpace(req.Prompt) == "" {
+		return nil, fmt.Errorf("%w: empty prompt", ErrInvalidArgument)
+	}
+	if req.Width == 0 && req.Height == 0 {
+		req.Width, req.Height = p.NativeSize()
+	}
+	if req.CFGScale == 0 {
+		req.CFGScale = 4.0
+	}
+	gw, gh, err := p.gridSize(req.Width, req.Height)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer p.slots.Release(1)
+	answer := p.Special.answerImage(p.Special.maskedCodes(gw*gh), gh, gw)
+	prefixes := [][]int32{p.Tokenizer.Encode(promptText(SystemTextToImage, req.Prompt))}
+	if req.CFGScale > 0 {
+		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
+	}
+	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
+		req.Progress)
+}
+
+// encodeInput centre-crops and resizes an input image to the aspect bucket
+// of about `area` pixels and returns its code grid (ids, with BOI/EOI and
+// newlines) and the bucket size.
+func (p *Pipeline) encodeInput(ctx context.Context, img image.Image, area int) (grid []int32, w, h int, err error) {
+	if img == nil {
+		return nil, 0, 0, fmt.Errorf("%w: missing input image", ErrInvalidArgument)
+	}
+	b := img.Bounds()
+	mult := max(32, p.VQ.Factor())
+	w, h = AspectBucket(b.Dx(), b.Dy(), area, mult)
+	codes, gw, gh, err := p.VQ.Encode(ctx, CenterCropResize(img, w, h))
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	ids := make([]int32, len(codes))
+	for i, c := range codes {
+		ids[i] = p.Special.ImageOffset + c
+	}
+	return p.Special.imageGrid(ids, gh, gw), w, h, nil
+}
+
+// Edit types of the reference and their system prompts.
+var editSystems = map[string]string{
+	"edit":     SystemEdit,
+	"control":  SystemControl, // canny, hed, depth, openpose: the control image is the input
+	"canny":    SystemControl,
+	"hed":      SystemControl,
+	"depth":    SystemControl,
+	"openpose": SystemControl,
+	"subject":  SystemSubject,
+	"style":    SystemStyle,
+	"dense":    SystemDense,
+}
+
+// EditTypes lists the accepted EditRequest.EditType values.
+func EditTypes() []string {
+	var out []string
+	for k := range editSystems {
+		out = append(out, k)
+	}
+	return out
+}
+
+// EditRequest is an image-to-image request (editing, control, subject,
+// style transfer, dense prediction) with text and image guidance.
+type EditRequest struct {
+	Prompt   string
+	EditType string      // see EditTypes; default "edit"
+	Image    image.Image // the input image
+	RefImage image.Image // style transfer: the style reference
+	// InputArea is the pixel area inputs are resized to (default 512*512);
+	// the output has the input's bucket size.
+	InputArea int
+	CFGText   float64 // default 2.5; negative = none
+	CFGImage  float64 // default 4.0; negative = none
+	Sampling  ImageSampling
+	Progress  func(step, total int)
+}
+
+// EditImage applies an instruction to an image.
+func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image, error) {
+	if req.EditType == "" {
+		req.EditType = "edit"
+	}
+	system, ok := editSystems[req.EditType]
+	if !ok {
+		return nil, fmt.Errorf("%w: unknown edit type %q (want one of %v)", ErrInvalidArgument, req.EditType, EditTypes())
+	}
+	if req.EditType == "style" && req.RefImage == nil {
+		return nil, fmt.Errorf("%w: style transfer needs a reference image", ErrInvalidArgument)
+	}
+	if req.InputArea == 0 {
+		req.InputArea = 512 * 512
+	}
+	if req.CFGText == 0 {
+		req.CFGText = 2.5
+	}
+	if req.CFGImage == 0 {
+		req.CFGImage = 4.0
+	}
+	if err := p.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer p.slots.Release(1)
+	inGrid, w, h, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	if err != nil {
+		return nil, err
+	}
+	images := [][]int32{inGrid}
+	if req.EditType == "style" {
+		refGrid, _, _, err := p.encodeInput(ctx, req.RefImage, req.InputArea)
+		if err != nil {
+			return nil, err
+		}
+		images = [][]int32{refGrid, inGrid}
+	}
+	gw, gh, err := p.gridSize(w, h)
+	if err != nil {
+		return nil, err
+	}
+	answer := p.Special.answerImage(p.Special.maskedCodes(gw*gh), gh, gw)
+	cond := p.Tokenizer.Encode(promptText(system, req.Prompt))
+	// l = l_c + s_t (l_c - l_text_uncond) + s_i (l_c - l_img_uncond)
+	prefixes := [][]int32{withImages(cond, images...)}
+	weights := []float32{1}
+	if req.CFGText > 0 {
+		prefixes = append(prefixes, withImages(p.Tokenizer.Encode(uncondText(system)), images...))
+		weights[0] += float32(req.CFGText)
+		weights = append(weights, float32(-req.CFGText))
+	}
+	if req.CFGImage > 0 {
+		prefixes = append(prefixes, cond)
+		weights[0] += float32(req.CFGImage)
+		weights = append(weights, float32(-req.CFGImage))
+	}
+	return p.decodeImage(ctx, prefixes, weights, answer, gw, gh, p.imageSampling(req.Sampling), req.Progress)
+}
+
+// InpaintRequest regenerates a centred rectangle of an image (inpainting)
+// or everything around it (outpainting).
+type InpaintRequest struct {
+	Prompt    string
+	Image     image.Image
+	Outpaint  bool
+	MaskH     float64 // mask_h_ratio: the rectangle's share of the height (default 0.5)
+	MaskW     float64 // mask_w_ratio (default 0.5)
+	InputArea int     // default 1024*1024
+	CFGScale  float64 // default 4.0; negative = none
+	Sampling  ImageSampling
+	Progress  func(step, total int)
+}
+
+// paintMask maps the centred rectangle (mh x mw of the image) to the code
+// grid by area-averaging the pixel mask: a cell is regenerated when more
+// than half of it is to be painted.
+func paintMask(gw, gh int, mh, mw float64, outpaint bool) []bool {
+	overlap := func(a0, a1, b0, b1 float64) float64 { return math.Max(0, math.Min(a1, b1)-math.Max(a0, b0)) }
+	y0, y1 := (1-mh)/2*float64(gh), (1+mh)/2*float64(gh)
+	x0, x1 := (1-mw)/2*float64(gw), (1+mw)/2*float64(gw)
+	m := make([]bool, gw*gh)
+	for r := 0; r < gh; r++ {
+		for c := 0; c < gw; c++ {
+			inside := overlap(float64(r), float64(r+1), y0, y1) * overlap(float64(c), float64(c+1), x0, x1)
+			if outpaint {
+				inside = 1 - inside
+			}
+			m[r*gw+c] = inside > 0.5
+		}
+	}
+	return m
+}
+
+// Inpaint regenerates part of an image guided by a prompt.
+func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image, error) {
+	if req.MaskH == 0 {
+		req.MaskH = 0.5
+	}
+	if req.MaskW == 0 {
+		req.MaskW = 0.5
+	}
+	if req.MaskH < 0 || req.MaskH > 1 || req.MaskW < 0 || req.MaskW > 1 {
+		return nil, fmt.Errorf("%w: mask ratios must be in [0, 1], got %g x %g", ErrInvalidArgument, req.MaskH, req.MaskW)
+	}
+	if req.InputArea == 0 {
+		req.InputArea = 1024 * 1024
+	}
+	if req.CFGScale == 0 {
+		req.CFGScale = 4.0
+	}
+	if err := p.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer p.slots.Release(1)
+	grid, w, h, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	if err != nil {
+		return nil, err
+	}
+	gw, gh, err := p.gridSize(w, h)
+	if err != nil {
+		return nil, err
+	}
+	// The image's own codes fill the answer, except the painted cells.
+	codes := make([]int32, 0, gw*gh)
+	for _, t := range grid[1 : len(grid)-1] {
+		if t != p.Special.Newline {
+			codes = append(codes, t)
+		}
+	}
+	painted := 0
+	for i, m := range paintMask(gw, gh, req.MaskH, req.MaskW, req.Outpaint) {
+		if m {
+			codes[i] = p.Special.Mask
+			painted++
+		}
+	}
+	if painted == 0 {
+		return nil, fmt.Errorf("%w: the mask covers no code cell of the %dx%d grid", ErrInvalidArgument, gw, gh)
+	}
+	answer := p.Special.answerImage(codes, gh, gw)
+	prefixes := [][]int32{p.Tokenizer.Encode(promptText(SystemTextToImage, req.Prompt))}
+	if req.CFGScale > 0 {
+		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
+	}
+	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
+		req.Progress)
+}
+
+// UnderstandRequest asks a question about an image.
+type UnderstandRequest struct {
+	Question  string
+	Image     image.Image
+	InputArea int // default 1024*1024
+	Sampling  TextSampling
+	Progress  func(step, total int)
+}
+
+// Understand answers a question about an image.
+func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (string, error) {
+	if strings.TrimSpace(req.Question) == "" {
+		return "", fmt.Errorf("%w: empty question", ErrInvalidArgument)
+	}
+	o := req.Sampling
+	d := DefaultTextSampling()
+	if o.Steps == 0 && o.GenLength == 0 && o.BlockLength == 0 {
+		o.Steps, o.GenLength, o.BlockLength = d.Steps, d.GenLength, d.BlockLength
+	}
+	if err := o.validate(); err != nil {
+		return "", err
+	}
+	if req.InputArea == 0 {
+		req.InputArea = 1024 * 1024
+	}
+	if err := p.acquire(ctx); err != nil {
+		return "", err
+	}
+	defer p.slots.Release(1)
+	grid, _, _, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	if err != nil {
+		return "", err
+	}
+	seq := withImages(p.Tokenizer.Encode(promptText(SystemUnderstand, req.Question)), grid)
+	seq = append(seq, p.Special.BOA)
+	start := len(seq)
+	seq = append(seq, p.Special.maskedCodes(o.GenLength)...)
+	seq = append(seq, p.Special.EOA)
+	if _, err := p.checkLength(seq); err != nil {
+		return "", err
+	}
+	seqs := 1
+	if o.CFGScale > 0 {
+		seqs = 2
+	}
+	s, err := p.Model.NewSession(SessionOptions{MaxTokens: len(seq), Seqs: seqs})
+	if err != nil {
+		return "", err
+	}
+	defer s.Close()
+	td := &textDecode{seq: seq, genStart: start, special: p.Special}
+	out, err := td.run(ctx, s, o, imageHooks{progress: req.Progress})
+	if err != nil {
+		return "", err
+	}
+	// The answer ends at the first end-of-text, end-of-answer or mask.
+	ans := out[start : start+o.GenLength]
+	for i, t := range ans {
+		if t == p.Special.EOS || t == p.Special.EOA || t == p.Special.Mask {
+			ans = ans[:i]
+			break
+		}
+	}
+	text, err := p.Tokenizer.Decode(ans, true)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(text), nil
+}
+
+// Defaults a checkpoint folder may set in dimoo.json: the image size its
+// model was trained for and the area input images are resized to. The real
+// model needs none (1024x1024, the reference's areas).
+type Defaults struct {
+	Width     int `json:"width"`
+	Height    int `json:"height"`
+	InputArea int `json:"input_area"`
+}
+
+func loadDefaults(dir string) (Defaults, error) {
+	path := filepath.Join(dir, "dimoo.json")
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return Defaults{}, nil
+	}
+	if err != nil {
+		return Defaults{}, checkpointError(path, "%v", err)
+	}
+	var d Defaults
+	if err := json.Unmarshal(b, &d); err != nil {
+		return Defaults{}, checkpointError(path, "malformed JSON: %v", err)
+	}
+	if d.Width < 0 || d.Height < 0 || d.InputArea < 0 {
+		return Defaults{}, checkpointError(path, "negative size")
+	}
+	return d, nil
+}
+
+// NativeSize is the output size used when a request gives none.
+func (p *Pipeline) NativeSize() (w, h int) {
+	if p.defaults.Width > 0 && p.defaults.Height > 0 {
+		return p.defaults.Width, p.defaults.Height
+	}
+	return 1024, 1024
+}
+
+// NativeArea is the input-image area of the model's folder, or 0 for the
+// task's reference default.
+func (p *Pipeline) NativeArea() int { return p.defaults.InputArea }
+
+// ShippedModelDir finds the small model that ships with dimoo (models/ next
+// to the executable, one level up, or in the source tree), or "".
+func ShippedModelDir() string {
+	var roots []string
+	if exe, err := os.Executable(); err == nil {
+		roots = append(roots, filepath.Dir(exe), filepath.Join(filepath.Dir(exe), ".."))
+	}
+	if _, file, _, ok := runtime.Caller(0); ok {
+		roots = append(roots, filepath.Join(filepath.Dir(file), ".."))
+	}
+	for _, r := range roots {
+		d := filepath.Join(r, "models", "dimoo-small")
+		if _, err := os.Stat(filepath.Join(d, "config.json")); err == nil {
+			return d
+		}
+	}
+	return ""
+}
