@@ -1,0 +1,94 @@
+package dimoo
+
+import (
+	"context"
+	"image"
+	"image/color"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func openShipped(t *testing.T) *Pipeline {
+	t.Helper()
+	lib := testLibrary(t)
+	dir := ShippedModelDir()
+	if dir == "" {
+		t.Skip("no shipped model under models/")
+	}
+	p, err := OpenPipeline(context.Background(), dir, PipelineOptions{LoadOptions: LoadOptions{Library: lib}})
+	require.NoError(t, err)
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func square(w, h int, c color.NRGBA) image.Image {
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for y := h / 4; y < h/2; y++ {
+		for x := w / 4; x < w/2; x++ {
+			img.SetNRGBA(x, y, c)
+		}
+	}
+	return img
+}
+
+// Every task runs end to end through the shipped model: tokenizer, sampler,
+// forward, VQ-VAE; sizes and the progress callback are as asked.
+func TestPipelineTasks(t *testing.T) {
+	p := openShipped(t)
+	ctx := context.Background()
+	w, h := p.NativeSize()
+	steps := 0
+	o := ImageSampling{Steps: 8, Temperature: 0.5, Seed: 1}
+	img, err := p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle at the top left", Sampling: o,
+		Progress: func(s, n int) { steps = s; assert.Equal(t, 8, n) }})
+	require.NoError(t, err)
+	assert.Equal(t, image.Rect(0, 0, w, h), img.Bounds())
+	assert.Equal(t, 8, steps)
+	o.UseCache = true
+	_, err = p.GenerateImage(ctx, ImageRequest{Prompt: "a blue square at the center", Sampling: o})
+	require.NoError(t, err)
+	in := square(w, h, color.NRGBA{255, 0, 0, 255})
+	out, err := p.EditImage(ctx, EditRequest{Prompt: "change the color to blue", Image: in, InputArea: w * h,
+		Sampling: ImageSampling{Steps: 8, Seed: 2}})
+	require.NoError(t, err)
+	assert.Equal(t, image.Rect(0, 0, w, h), out.Bounds())
+	_, err = p.Inpaint(ctx, InpaintRequest{Prompt: "a red square at the top left", Image: in, InputArea: w * h,
+		Sampling: ImageSampling{Steps: 8, Seed: 3}})
+	require.NoError(t, err)
+	_, err = p.Inpaint(ctx, InpaintRequest{Prompt: "a red square at the top left", Image: in, Outpaint: true,
+		InputArea: w * h, Sampling: ImageSampling{Steps: 8, Seed: 3}})
+	require.NoError(t, err)
+	ans, err := p.Understand(ctx, UnderstandRequest{Question: "What is in the image?", Image: in, InputArea: w * h,
+		Sampling: TextSampling{Steps: 16, GenLength: 16, BlockLength: 16}})
+	require.NoError(t, err)
+	t.Logf("understand: %q", ans)
+}
+
+func TestPipelineRejectsBadRequests(t *testing.T) {
+	p := openShipped(t)
+	ctx := context.Background()
+	_, err := p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle", Width: 33, Height: 32})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle", Width: 4096, Height: 4096})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.Contains(t, err.Error(), "max_sequence_length")
+	_, err = p.GenerateImage(ctx, ImageRequest{Prompt: ""})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.GenerateImage(ctx, ImageRequest{Prompt: "x", Sampling: ImageSampling{Steps: -1}})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.EditImage(ctx, EditRequest{Prompt: "x", EditType: "paint", Image: square(32, 32, color.NRGBA{A: 255})})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.EditImage(ctx, EditRequest{Prompt: "x", EditType: "style", Image: square(32, 32, color.NRGBA{A: 255})})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.EditImage(ctx, EditRequest{Prompt: "x"})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = p.Understand(ctx, UnderstandRequest{Question: "What?", Image: square(32, 32, color.NRGBA{A: 255}),
+		Sampling: TextSampling{Steps: 4, GenLength: 10, BlockLength: 4}})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	_, err = p.GenerateImage(cctx, ImageRequest{Prompt: "a red circle"})
+	assert.ErrorIs(t, err, ErrCancelled)
+}
