@@ -576,6 +576,27 @@ def make_batch(seqs, tk, rs, mask_probs):
     return torch.from_numpy(ids), torch.from_numpy(pad), torch.from_numpy(labels)
 
 
+def init_image_rows(model, tk, out_dir, seed):
+    """Start the image-code rows of wte and of the output head from the VQ codebook:
+    a fixed random projection of the standardised codebook vectors (plus noise), so
+    codes that look alike start with alike embeddings/logits."""
+    from safetensors.torch import load_file
+    w = load_file(os.path.join(out_dir, "vqvae", "diffusion_pytorch_model.safetensors"))
+    cb = w["quantize.embedding.weight"].float()  # (K, C)
+    z = (cb - cb.mean(0)) / (cb.std(0) + 1e-6)
+    g = torch.Generator().manual_seed(seed + 17)
+    d = model.cfg["d_model"]
+    proj = torch.randn(z.shape[1], d, generator=g) / math.sqrt(z.shape[1])
+    e = z @ proj
+    e = e / e.std()
+    noise = torch.randn(e.shape, generator=g)
+    e = 0.8 * e + 0.6 * noise
+    lo, hi = tk.image_offset, tk.image_offset + tk.codebook_size
+    with torch.no_grad():
+        model.wte.weight[lo:hi] = 0.02 * e
+        model.ff_out.weight[lo:hi] = (d ** -0.5) * e
+
+
 def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None):
     torch.manual_seed(seed)
     rs = np.random.RandomState(seed)
@@ -583,6 +604,7 @@ def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None):
     codes = np.load(os.path.join(work, "codes.npz"))["codes"].astype(np.int64)
     sampler = TaskSampler(tk, codes, rs)
     model = Transformer(tk.vocab, **MODEL_CONFIG)
+    init_image_rows(model, tk, out_dir, seed)
     nparam = sum(p.numel() for p in model.parameters())
     print(f"transformer: {nparam / 1e6:.2f}M parameters, vocab {tk.vocab}", flush=True)
     decay, no_decay = [], []
@@ -748,9 +770,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vq-steps", type=int, default=3000)
     ap.add_argument("--vqdec-steps", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1.2e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
