@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "guard.h"
 #include "dimoo.h"
 
 #define DIMOO_VERSION_STRING "0.1.0"
@@ -40,31 +41,8 @@ struct dimoo_ctx {
 
 namespace {
 
-// Runs f, mapping every exception to a status and a message in `err`.
-template <class F> int32_t guard(std::string *err, F &&f) {
-    try {
-        f();
-        if (err) err->clear();
-        return DIMOO_OK;
-    } catch (const dimoo::Error &e) {
-        if (err) *err = e.what();
-        return e.status();
-    } catch (const std::bad_alloc &) {
-        if (err) *err = "host memory allocation failed";
-        return DIMOO_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception &e) {
-        if (err) *err = std::string("internal error: ") + e.what();
-        return DIMOO_ERR_INTERNAL;
-    } catch (...) {
-        if (err) *err = "internal error: unknown exception";
-        return DIMOO_ERR_INTERNAL;
-    }
-}
-
-void copy_err(const std::string &msg, char *buf, size_t len) {
-    if (!buf || len == 0) return;
-    std::snprintf(buf, len, "%s", msg.c_str());
-}
+using dimoo::copy_err;
+using dimoo::guard;
 
 // Validates one forward's arguments against the model and the context.
 void check_forward(const dimoo_ctx *c, const dimoo_forward_args &a, std::vector<char> &seen) {

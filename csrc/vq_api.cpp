@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "guard.h"
 #include "dimoo.h"
 #include "vq/vq.h"
 
@@ -31,30 +32,8 @@ struct dimoo_vq {
 
 namespace {
 
-template <class F> int32_t guard(std::string *err, F &&f) {
-    try {
-        f();
-        if (err) err->clear();
-        return DIMOO_OK;
-    } catch (const dimoo::Error &e) {
-        if (err) *err = e.what();
-        return e.status();
-    } catch (const std::bad_alloc &) {
-        if (err) *err = "host memory allocation failed";
-        return DIMOO_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception &e) {
-        if (err) *err = std::string("internal error: ") + e.what();
-        return DIMOO_ERR_INTERNAL;
-    } catch (...) {
-        if (err) *err = "internal error: unknown exception";
-        return DIMOO_ERR_INTERNAL;
-    }
-}
-
-void copy_err(const std::string &msg, char *buf, size_t len) {
-    if (!buf || len == 0) return;
-    std::snprintf(buf, len, "%s", msg.c_str());
-}
+using dimoo::copy_err;
+using dimoo::guard;
 
 // Sets the calling thread's OpenMP team size for the scope of a call.
 class ThreadScope {
