@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
-	"unsafe"
 
 	"golang.org/x/sync/errgroup"
 )
@@ -171,19 +170,11 @@ func LoadModel(ctx context.Context, dir string, opts LoadOptions) (*Model, error
 			return nil, err
 		}
 	}
-	cfg, err := LoadConfig(dir)
-	if err != nil {
-		return nil, err
-	}
-	set, err := openShards(dir)
+	cfg, set, used, extra, err := openCheckpoint(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer set.Close()
-	used, extra, err := validateTensors(dir, cfg, set)
-	if err != nil {
-		return nil, err
-	}
 
 	rt, err := lib.NewRuntime(opts.Backend, opts.Device, opts.Threads)
 	if err != nil {
@@ -265,11 +256,9 @@ func newModel(rt *Runtime, cfg *Config) (*Model, error) {
 	cc := cfg.cConfig()
 	var out uintptr
 	var eb errBuf
-	rt.mu.Lock()
-	h := rt.h
-	rt.mu.Unlock()
-	if h == 0 {
-		return nil, errClosed
+	h, err := rt.handle()
+	if err != nil {
+		return nil, err
 	}
 	st := rt.lib.modelCreate(h, &cc, &out, eb.ptr(), eb.len())
 	if err := statusError(st, "dimoo_model_create", eb.String); err != nil {
@@ -284,19 +273,8 @@ func (m *Model) setWeight(info TensorInfo, data []byte) error {
 	if m.h == 0 {
 		return errClosed
 	}
-	var p unsafe.Pointer
-	if len(data) > 0 {
-		p = unsafe.Pointer(&data[0])
-	} else {
-		var zero byte // the C side wants a non-NULL pointer even for empty tensors
-		p = unsafe.Pointer(&zero)
-	}
-	shape := info.Shape
-	var sp *int64
-	if len(shape) > 0 {
-		sp = &shape[0]
-	}
-	st := m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, int32(len(shape)), p, uint64(len(data)))
+	p, sp, nd := tensorArgs(info, data)
+	st := m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
 	return statusError(st, "dimoo_model_set_weight", func() string { return m.rt.lib.modelError(m.h) })
 }
 
@@ -346,22 +324,30 @@ type CheckpointInfo struct {
 	Extra       []string       // tensors the forward does not use
 }
 
+// openCheckpoint reads config.json, opens the shards and validates every
+// tensor against the config. The caller closes the shard set.
+func openCheckpoint(dir string) (cfg *Config, set *shardSet, used []TensorInfo, extra []string, err error) {
+	if cfg, err = LoadConfig(dir); err != nil {
+		return nil, nil, nil, nil, err
+	}
+	if set, err = openShards(dir); err != nil {
+		return nil, nil, nil, nil, err
+	}
+	if used, extra, err = validateTensors(dir, cfg, set); err != nil {
+		set.Close()
+		return nil, nil, nil, nil, err
+	}
+	return cfg, set, used, extra, nil
+}
+
 // Inspect reads and validates a checkpoint's config and shard headers (every
 // tensor's presence, dtype and shape) without copying any weights.
 func Inspect(dir string) (*CheckpointInfo, error) {
-	cfg, err := LoadConfig(dir)
-	if err != nil {
-		return nil, err
-	}
-	set, err := openShards(dir)
+	cfg, set, used, extra, err := openCheckpoint(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer set.Close()
-	used, extra, err := validateTensors(dir, cfg, set)
-	if err != nil {
-		return nil, err
-	}
 	info := &CheckpointInfo{Config: cfg, Shards: len(set.files), DTypes: map[string]int{}, Extra: extra}
 	for _, f := range set.files {
 		for _, t := range f.Tensors() {

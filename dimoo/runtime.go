@@ -101,3 +101,31 @@ func (r *Runtime) Close() error {
 	}
 	return nil
 }
+
+// handle returns the live C handle, or errClosed.
+func (r *Runtime) handle() (uintptr, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.h == 0 {
+		return 0, errClosed
+	}
+	return r.h, nil
+}
+
+// tensorArgs turns a checkpoint tensor into the data, shape and rank
+// arguments of the *_set_weight functions. The C side wants a non-NULL data
+// pointer even for an empty tensor.
+func tensorArgs(info TensorInfo, data []byte) (unsafe.Pointer, *int64, int32) {
+	var p unsafe.Pointer
+	if len(data) > 0 {
+		p = unsafe.Pointer(&data[0])
+	} else {
+		var zero byte
+		p = unsafe.Pointer(&zero)
+	}
+	var sp *int64
+	if len(info.Shape) > 0 {
+		sp = &info.Shape[0]
+	}
+	return p, sp, int32(len(info.Shape))
+}

@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
-	"unsafe"
 )
 
 // VQMaxLevels is the most block_out_channels entries libdimoo accepts.
@@ -264,11 +263,9 @@ func newVQModel(rt *Runtime, cfg *VQConfig) (*VQModel, error) {
 	cc := cfg.cConfig()
 	var out uintptr
 	var eb errBuf
-	rt.mu.Lock()
-	h := rt.h
-	rt.mu.Unlock()
-	if h == 0 {
-		return nil, errClosed
+	h, err := rt.handle()
+	if err != nil {
+		return nil, err
 	}
 	st := rt.lib.vqCreate(h, &cc, &out, eb.ptr(), eb.len())
 	if err := statusError(st, "dimoo_vq_create", eb.String); err != nil {
@@ -285,18 +282,8 @@ func (m *VQModel) setWeight(info TensorInfo, data []byte) error {
 	if m.h == 0 {
 		return errClosed
 	}
-	var p unsafe.Pointer
-	if len(data) > 0 {
-		p = unsafe.Pointer(&data[0])
-	} else {
-		var zero byte // the C side wants a non-NULL pointer even for empty tensors
-		p = unsafe.Pointer(&zero)
-	}
-	var sp *int64
-	if len(info.Shape) > 0 {
-		sp = &info.Shape[0]
-	}
-	st := m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, int32(len(info.Shape)), p, uint64(len(data)))
+	p, sp, nd := tensorArgs(info, data)
+	st := m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
 	return statusError(st, "dimoo_vq_set_weight", m.errMsg)
 }
 
