@@ -33,8 +33,11 @@ step() { # name command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
-step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real"
-step build cmake --build build-device -j "$(nproc)"
+# DIMOO_CMAKE_ARGS: extra configure arguments (e.g. -DDIMOO_GTEST_SOURCE=DIR where
+# GoogleTest is not installed); DEVICE_JOBS: build parallelism.
+# shellcheck disable=SC2086
+step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
+step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
 step cpp-tests ./build-device/dimoo_tests --gtest_brief=1
 if command -v compute-sanitizer >/dev/null; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests --gtest_filter='Kernels.*'
@@ -43,7 +46,7 @@ fi
 if [ -x build/go-tests/dimoo.test ]; then
   export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
   step go-tests bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
-  step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
+  [ "${DEVICE_BENCH:-1}" = 1 ] && step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
 fi
 
 echo

@@ -576,93 +576,160 @@ def make_batch(seqs, tk, rs, mask_probs):
     return torch.from_numpy(ids), torch.from_numpy(pad), torch.from_numpy(labels)
 
 
-def init_image_rows(model, tk, out_dir, seed):
-    """Start the image-code rows of wte and of the output head from the VQ codebook:
-    a fixed random projection of the standardised codebook vectors (plus noise), so
-    codes that look alike start with alike embeddings/logits."""
-    from safetensors.torch import load_file
-    w = load_file(os.path.join(out_dir, "vqvae", "diffusion_pytorch_model.safetensors"))
-    cb = w["quantize.embedding.weight"].float()  # (K, C)
-    z = (cb - cb.mean(0)) / (cb.std(0) + 1e-6)
-    g = torch.Generator().manual_seed(seed + 17)
-    d = model.cfg["d_model"]
-    proj = torch.randn(z.shape[1], d, generator=g) / math.sqrt(z.shape[1])
-    e = z @ proj
-    e = e / e.std()
-    noise = torch.randn(e.shape, generator=g)
-    e = 0.8 * e + 0.6 * noise
-    lo, hi = tk.image_offset, tk.image_offset + tk.codebook_size
-    with torch.no_grad():
-        model.wte.weight[lo:hi] = 0.02 * e
-        model.ff_out.weight[lo:hi] = (d ** -0.5) * e
+# Task mix of every batch: text-to-image 45%, editing 25%, understanding 30%.
+MIX = [("t2i", 0.45), ("edit", 0.25), ("und", 0.30)]
+PROBE = (50, 300)  # steps between which --budget measures the speed
+WARMUP = 500  # linear warm-up steps; the cosine decay spans the steps after them
 
 
-def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None):
+def lr_factor(step, steps):
+    """Linear warm-up, then cosine from 1 to 0.05. The first WARMUP steps do not
+    depend on `steps`, so a run whose length was chosen after a few hundred
+    steps (--budget) is reproduced exactly by passing that length as --steps."""
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    p = min(1.0, (step - WARMUP) / max(1, steps - WARMUP))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def task_counts(batch):
+    n = [max(1, int(round(batch * f))) for _, f in MIX]
+    n[-1] = max(1, batch - sum(n[:-1]))
+    return n
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless training batches (ids, pad, labels, task index per row), all tasks
+    mixed in one padded batch. Each data worker draws from its own RandomState
+    keyed by (seed, first step, worker), so a run is reproducible for a fixed
+    number of workers (the loader takes batches from the workers in turn)."""
+
+    def __init__(self, out_dir, work, seed, batch, first_step):
+        self.out_dir, self.work, self.seed, self.batch, self.first_step = out_dir, work, seed, batch, first_step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        rs = np.random.RandomState([self.seed, self.first_step, wid])
+        tk = Tok(self.out_dir)
+        codes = np.load(os.path.join(self.work, "codes.npz"))["codes"].astype(np.int64)
+        sampler = TaskSampler(tk, codes, rs)
+        counts = task_counts(self.batch)
+        while True:
+            seqs, probs, task = [], [], []
+            for ti, ((name, _), n) in enumerate(zip(MIX, counts)):
+                seqs += [sampler.sample(name) for _ in range(n)]
+                # Mask ratio t ~ U(0, 1), skewed toward high ratios for images (the
+                # image sampler starts fully masked).
+                t = rs.rand(n)
+                if name != "und":
+                    t = 1.0 - t ** 1.5
+                probs += list(t)
+                task += [ti] * n
+            ids, pad, labels = make_batch(seqs, tk, rs, probs)
+            yield ids, pad, labels, torch.tensor(task, dtype=torch.long)
+
+
+def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None, device="cpu", workers=0,
+                      budget=None, ema_decay=0.999):
+    """Masked-diffusion training. With budget (seconds), the step count is fixed
+    after PROBE[1] steps from the measured speed (rounded down to 500, at most
+    `steps`) and printed: rerun with --steps N to reproduce it."""
     torch.manual_seed(seed)
-    rs = np.random.RandomState(seed)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    amp = cuda or os.environ.get("DIMOO_TRAIN_AMP") == "1"  # bf16 autocast
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     tk = Tok(out_dir)
-    codes = np.load(os.path.join(work, "codes.npz"))["codes"].astype(np.int64)
-    sampler = TaskSampler(tk, codes, rs)
-    model = Transformer(tk.vocab, **MODEL_CONFIG)
-    init_image_rows(model, tk, out_dir, seed)
+    model = Transformer(tk.vocab, **MODEL_CONFIG).to(dev)
     nparam = sum(p.numel() for p in model.parameters())
-    print(f"transformer: {nparam / 1e6:.2f}M parameters, vocab {tk.vocab}", flush=True)
+    print(f"transformer: {nparam / 1e6:.2f}M parameters, vocab {tk.vocab}, device {dev}, batch {batch}, "
+          f"workers {workers}", flush=True)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8, fused=cuda)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
     start = 0
     if resume and os.path.exists(resume):
-        ck = torch.load(resume, weights_only=False)
+        ck = torch.load(resume, weights_only=False, map_location=dev)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
+        if "ema" in ck:
+            for e, v in zip(ema, ck["ema"]):
+                e.copy_(v)
         start = ck["step"]
-        rs.set_state(ck["rs"])
-        torch.set_rng_state(ck["torch_rs"])
         print("resumed at", start)
-    # Task mix per batch: t2i 45%, edit 25%, und 30%.
-    mix = [("t2i", 0.45), ("edit", 0.25), ("und", 0.30)]
-    warm = 100
+    loader = torch.utils.data.DataLoader(Batches(out_dir, work, seed, batch, start), batch_size=None,
+                                         num_workers=workers, pin_memory=cuda,
+                                         prefetch_factor=4 if workers > 0 else None)
+    batches = iter(loader)
+    fracs = torch.tensor([f for _, f in MIX], device=dev)
     t0 = time.time()
-    ema = {}
+    t_probe = None
+    logs = torch.zeros(len(MIX), device=dev)
+    n_logs = 0
     model.train()
     ck_path = os.path.join(work, "transformer.pt")
-    for step in range(start, steps):
-        f = min(1.0, (step + 1) / warm) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
+
+    def save(step_done):
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step_done, "steps": steps,
+                    "ema": [e.detach().cpu() for e in ema], "config": model.cfg}, ck_path)
+
+    step = start
+    while step < steps:
+        f = lr_factor(step, steps)
         for g in opt.param_groups:
             g["lr"] = lr * f
-        loss_tot = 0.0
-        logs = {}
-        for task, frac in mix:
-            n = max(1, int(round(batch * frac)))
-            seqs = [sampler.sample(task) for _ in range(n)]
-            # Mask ratio t ~ U(0, 1), a little skewed toward high ratios for images (the
-            # sampler starts fully masked).
-            t = rs.rand(n)
-            if task != "und":
-                t = 1.0 - t ** 1.5
-            ids, pad, labels = make_batch(seqs, tk, rs, t)
-            sel = labels >= 0
+        ids, pad, labels, task = (x.to(dev, non_blocking=True) for x in next(batches))
+        sel = labels >= 0
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(ids, pad, out_pos=sel)
-            loss = F.cross_entropy(logits, labels[sel])
-            loss_tot = loss_tot + loss * frac
-            logs[task] = loss.item()
+        ce = F.cross_entropy(logits.float(), labels[sel], reduction="none")
+        tsel = task[:, None].expand_as(labels)[sel]
+        tot = torch.zeros(len(MIX), device=dev).index_add_(0, tsel, ce)
+        cnt = torch.bincount(tsel, minlength=len(MIX)).clamp_min(1)
+        per_task = tot / cnt
+        loss = (fracs * per_task).sum()
         opt.zero_grad(set_to_none=True)
-        loss_tot.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for k, v in logs.items():
-            ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
-        if step % 50 == 0 or step == steps - 1:
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - d)
+            logs += per_task.detach()
+        n_logs += 1
+        step += 1
+        if budget is not None and step == start + PROBE[0]:
+            if cuda:
+                torch.cuda.synchronize()
+            t_probe = time.time()
+        if budget is not None and step == start + PROBE[1]:
+            if cuda:
+                torch.cuda.synchronize()
+            rate = (PROBE[1] - PROBE[0]) / (time.time() - t_probe)
+            left = budget - (time.time() - t0)
+            n = start + PROBE[1] + int(rate * left * 0.97)
+            n = max(start + 1000, n // 500 * 500)
+            if n < steps:
+                steps = n
+            print(f"measured {rate:.1f} steps/s: the schedule spans {steps} steps (reproduce with --steps {steps})",
+                  flush=True)
+        if step % 100 == 0 or step == steps:
             el = time.time() - t0
-            print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in ema.items()) +
+            l = (logs / n_logs).tolist()
+            print(f"step {step} " + " ".join(f"{name} {v:.3f}" for (name, _), v in zip(MIX, l)) +
                   f" lr {lr * f:.2e} {el:.0f}s", flush=True)
-        if (step + 1) % 500 == 0 or step == steps - 1:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "rs": rs.get_state(), "torch_rs": torch.get_rng_state(),
-                        "config": model.cfg}, ck_path)
-    print(f"trained {steps} steps in {time.time() - t0:.0f}s", flush=True)
+            logs.zero_()
+            n_logs = 0
+        if step % 2000 == 0 or step == steps:
+            save(step)
+    print(f"trained {steps} steps ({steps - start} here) in {time.time() - t0:.0f}s", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -707,12 +774,18 @@ def hf_config(model, tk):
     }
 
 
-def export(out_dir, work):
+def export(out_dir, work, use_raw=False):
     from safetensors.torch import save_file
     tk = Tok(out_dir)
-    ck = torch.load(os.path.join(work, "transformer.pt"), weights_only=False)
+    ck = torch.load(os.path.join(work, "transformer.pt"), weights_only=False, map_location="cpu")
     model = Transformer(**ck["config"])
     model.load_state_dict(ck["model"])
+    if "ema" in ck and not use_raw:
+        # The exponential moving average of the weights samples better than the last step's.
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), ck["ema"]):
+                p.copy_(e.to(p.device))
+    model = model.float().cpu()
     model.eval()
     for f in os.listdir(out_dir):
         if f.endswith(".safetensors") or f == "model.safetensors.index.json":
@@ -770,10 +843,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vq-steps", type=int, default=3000)
     ap.add_argument("--vqdec-steps", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=3000,
+                    help="total steps; the cosine schedule spans them (with --resume: a warm restart)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1.2e-3)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (transformer step)")
+    ap.add_argument("--workers", type=int, default=0, help="data-loader processes (transformer step)")
+    ap.add_argument("--budget", type=float,
+                    help="seconds for the transformer step: fixes --steps from the speed measured early on")
+    ap.add_argument("--raw-weights", action="store_true", help="export the last step's weights, not their EMA")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
@@ -791,9 +870,10 @@ def main():
             finetune_vq_decoder(a.out, a.work, a.vqdec_steps, a.seed + 3)
         elif s == "transformer":
             train_transformer(a.out, a.work, a.steps, a.seed + 2, a.batch, a.lr,
-                              resume=os.path.join(a.work, "transformer.pt") if a.resume else None)
+                              resume=os.path.join(a.work, "transformer.pt") if a.resume else None,
+                              device=a.device, workers=a.workers, budget=a.budget)
         elif s == "export":
-            export(a.out, a.work)
+            export(a.out, a.work, use_raw=a.raw_weights)
         print(f"== {s} done in {time.time() - t0:.0f}s", flush=True)
 
 
