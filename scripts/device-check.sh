@@ -26,10 +26,13 @@ declare -a rows
 status=0
 step() { # name command...
   local name=$1; shift
-  local t0=$(date +%s.%N)
+  local t0 t1 r
+  t0=$(date +%s%N)
   if "$@" >"$OUT/$name.log" 2>&1; then r=ok; else r=FAIL; status=1; fi
-  local dt=$(echo "$(date +%s.%N) - $t0" | bc)
-  rows+=("$(printf '%-22s %-5s %7.1fs  %s' "$name" "$r" "$dt" "$(tail -n 1 "$OUT/$name.log" | cut -c1-70)")")
+  t1=$(date +%s%N)
+  # Tenths of a second in shell arithmetic (the GPU machines have no bc).
+  local ds=$(( (t1 - t0) / 100000000 ))
+  rows+=("$(printf '%-22s %-5s %5d.%ds  %s' "$name" "$r" $((ds / 10)) $((ds % 10)) "$(tail -n 1 "$OUT/$name.log" | cut -c1-70)")")
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1

@@ -631,7 +631,7 @@ class Batches(torch.utils.data.IterableDataset):
 
 
 def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None, device="cpu", workers=0,
-                      budget=None, ema_decay=0.999):
+                      budget=None, ema_decay=0.999, init=None):
     """Masked-diffusion training. With budget (seconds), the step count is fixed
     after PROBE[1] steps from the measured speed (rounded down to 500, at most
     `steps`) and printed: rerun with --steps N to reproduce it."""
@@ -652,6 +652,11 @@ def train_transformer(out_dir, work, steps, seed, batch, lr, resume=None, device
         (no_decay if p.dim() < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8, fused=cuda)
+    if init:
+        # Continue from exported weights (a second phase with a fresh schedule and optimizer).
+        model.load_state_dict(Transformer.from_hf(init).state_dict())
+        model.train()
+        print("initialised from", init, flush=True)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     start = 0
@@ -852,6 +857,7 @@ def main():
     ap.add_argument("--workers", type=int, default=0, help="data-loader processes (transformer step)")
     ap.add_argument("--budget", type=float,
                     help="seconds for the transformer step: fixes --steps from the speed measured early on")
+    ap.add_argument("--init", help="start the transformer from this exported model folder")
     ap.add_argument("--raw-weights", action="store_true", help="export the last step's weights, not their EMA")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -871,7 +877,8 @@ def main():
         elif s == "transformer":
             train_transformer(a.out, a.work, a.steps, a.seed + 2, a.batch, a.lr,
                               resume=os.path.join(a.work, "transformer.pt") if a.resume else None,
-                              device=a.device, workers=a.workers, budget=a.budget)
+                              device=a.device, workers=a.workers, budget=a.budget,
+                              init=a.init)
         elif s == "export":
             export(a.out, a.work, use_raw=a.raw_weights)
         print(f"== {s} done in {time.time() - t0:.0f}s", flush=True)
