@@ -115,7 +115,7 @@ func (p *Pipeline) acquire(ctx context.Context) error {
 type ImageRequest struct {
 	Prompt        string
 	Width, Height int     // pixels, multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
-	CFGScale      float64 // classifier-free guidance (4.0); negative = none
+	CFGScale      float64 // classifier-free guidance (the model's dimoo.json, else 4.0); negative = none
 	Sampling      ImageSampling
 	Progress      func(step, total int)
 }
@@ -124,6 +124,9 @@ func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
 	d := DefaultImageSampling()
 	if s.Steps == 0 {
 		s.Steps = d.Steps
+		if p.defaults.Sampling.Timesteps > 0 {
+			s.Steps = p.defaults.Sampling.Timesteps
+		}
 	}
 	if s.CacheRatio == 0 {
 		s.CacheRatio = d.CacheRatio
@@ -203,7 +206,7 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 		req.Width, req.Height = p.NativeSize()
 	}
 	if req.CFGScale == 0 {
-		req.CFGScale = 4.0
+		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
 	gw, gh, err := p.gridSize(req.Width, req.Height)
 	if err != nil {
@@ -275,8 +278,8 @@ type EditRequest struct {
 	// InputArea is the pixel area inputs are resized to (default 512*512);
 	// the output has the input's bucket size.
 	InputArea int
-	CFGText   float64 // default 2.5; negative = none
-	CFGImage  float64 // default 4.0; negative = none
+	CFGText   float64 // default: the model's dimoo.json, else 2.5; negative = none
+	CFGImage  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
 }
@@ -297,10 +300,10 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 		req.InputArea = 512 * 512
 	}
 	if req.CFGText == 0 {
-		req.CFGText = 2.5
+		req.CFGText = guidanceDefault(p.defaults.Sampling.CFGText, 2.5)
 	}
 	if req.CFGImage == 0 {
-		req.CFGImage = 4.0
+		req.CFGImage = guidanceDefault(p.defaults.Sampling.CFGImage, 4.0)
 	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
@@ -349,7 +352,7 @@ type InpaintRequest struct {
 	MaskH     float64 // mask_h_ratio: the rectangle's share of the height (default 0.5)
 	MaskW     float64 // mask_w_ratio (default 0.5)
 	InputArea int     // default 1024*1024
-	CFGScale  float64 // default 4.0; negative = none
+	CFGScale  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
 }
@@ -389,7 +392,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 		req.InputArea = 1024 * 1024
 	}
 	if req.CFGScale == 0 {
-		req.CFGScale = 4.0
+		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
@@ -447,6 +450,9 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	d := DefaultTextSampling()
 	if o.Steps == 0 && o.GenLength == 0 && o.BlockLength == 0 {
 		o.Steps, o.GenLength, o.BlockLength = d.Steps, d.GenLength, d.BlockLength
+		if ds := p.defaults.Sampling; ds.GenLength > 0 {
+			o.Steps, o.GenLength, o.BlockLength = ds.TextSteps, ds.GenLength, ds.BlockLength
+		}
 	}
 	if err := o.validate(); err != nil {
 		return "", err
@@ -500,12 +506,38 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 }
 
 // Defaults a checkpoint folder may set in dimoo.json: the image size its
-// model was trained for and the area input images are resized to. The real
-// model needs none (1024x1024, the reference's areas).
+// model was trained for, the area input images are resized to, and the
+// sampler settings that suit it. The real model needs none (1024x1024, the
+// reference's areas and sampler settings).
 type Defaults struct {
 	Width     int `json:"width"`
 	Height    int `json:"height"`
 	InputArea int `json:"input_area"`
+	// Sampling: nil fields keep the reference's values. A guidance scale of 0
+	// means no guidance.
+	Sampling struct {
+		Timesteps   int      `json:"timesteps"`
+		Temperature *float64 `json:"temperature"`
+		CFGScale    *float64 `json:"cfg_scale"`
+		CFGText     *float64 `json:"cfg_text"`
+		CFGImage    *float64 `json:"cfg_img"`
+		// Understanding: all three or none.
+		TextSteps   int `json:"steps"`
+		GenLength   int `json:"gen_length"`
+		BlockLength int `json:"block_length"`
+	} `json:"sampling"`
+}
+
+// guidanceDefault is the scale a request with 0 gets: the checkpoint's
+// (0 there = none, which the API spells negative), else the reference's.
+func guidanceDefault(model *float64, reference float64) float64 {
+	if model == nil {
+		return reference
+	}
+	if *model <= 0 {
+		return -1
+	}
+	return *model
 }
 
 func loadDefaults(dir string) (Defaults, error) {
@@ -524,8 +556,23 @@ func loadDefaults(dir string) (Defaults, error) {
 	if d.Width < 0 || d.Height < 0 || d.InputArea < 0 {
 		return Defaults{}, checkpointError(path, "negative size")
 	}
+	ds := d.Sampling
+	for _, v := range []*float64{ds.Temperature, ds.CFGScale, ds.CFGText, ds.CFGImage} {
+		if v != nil && (*v < 0 || math.IsNaN(*v)) {
+			return Defaults{}, checkpointError(path, "negative temperature or guidance scale in \"sampling\"")
+		}
+	}
+	if ds.Timesteps < 0 || ds.TextSteps < 0 || ds.GenLength < 0 || ds.BlockLength < 0 {
+		return Defaults{}, checkpointError(path, "negative step count or length in \"sampling\"")
+	}
+	if (ds.TextSteps > 0) != (ds.GenLength > 0) || (ds.GenLength > 0) != (ds.BlockLength > 0) {
+		return Defaults{}, checkpointError(path, "\"sampling\" must give steps, gen_length and block_length together")
+	}
 	return d, nil
 }
+
+// Defaults are the checkpoint's dimoo.json settings (zero when it has none).
+func (p *Pipeline) Defaults() Defaults { return p.defaults }
 
 // NativeSize is the output size used when a request gives none.
 func (p *Pipeline) NativeSize() (w, h int) {

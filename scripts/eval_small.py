@@ -390,9 +390,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tau", type=float, default=0.1)
-    ap.add_argument("--cfg", type=float, default=1.0)
-    ap.add_argument("--edit-cfg-text", type=float, default=1.0)
-    ap.add_argument("--edit-cfg-img", type=float, default=0.5)
+    # The shipped model's dimoo.json settings.
+    ap.add_argument("--cfg", type=float, default=0.5)
+    ap.add_argument("--edit-cfg-text", type=float, default=0.0)
+    ap.add_argument("--edit-cfg-img", type=float, default=0.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--t2i-reps", type=int, default=2, help="samples per combination (105 combinations)")
     ap.add_argument("--n-edit", type=int, default=128)

@@ -118,7 +118,12 @@ def train_tokenizer(out_dir):
         json.dump(st, f, indent=1)
         f.write("\n")
     with open(os.path.join(out_dir, "dimoo.json"), "w") as f:
-        json.dump({"width": 32, "height": 32, "input_area": 1024}, f, indent=1)
+        # Sampler settings measured best for the shipped model by scripts/eval_small.py
+        # (CFG 0.5 for text-to-image and inpainting, none for editing, tau 0.1).
+        json.dump({"width": 32, "height": 32, "input_area": 1024,
+                   "sampling": {"timesteps": 16, "temperature": 0.1, "cfg_scale": 0.5, "cfg_text": 0, "cfg_img": 0,
+                                "steps": ANSWER_LEN, "gen_length": ANSWER_LEN, "block_length": ANSWER_LEN}},
+                  f, indent=1)
         f.write("\n")
     for s in [prompt_text(SYS_T2I, sd.caption("red", "circle", "top left")), prompt_text(SYS_UND, sd.QUESTION)]:
         print(len(tok.encode(s).ids), "tokens:", s[:60])

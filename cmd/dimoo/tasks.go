@@ -132,6 +132,36 @@ func (f *imageFlags) sampling(t *taskFlags) (dimoo.ImageSampling, error) {
 		CacheRatio: f.cacheRatio, WarmupRatio: f.warmupRatio, RefreshInterval: f.refreshInterval}, nil
 }
 
+// setFlags lists the flags given on the command line.
+func setFlags(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return set
+}
+
+// modelDefaults replaces the values of the image flags not given on the
+// command line by the model's dimoo.json settings (the shipped small model
+// has its own). cfgImg is the edit command's image guidance (nil elsewhere).
+func (f *imageFlags) modelDefaults(p *dimoo.Pipeline, set map[string]bool, t *taskFlags, cfgImg *float64) {
+	d := p.Defaults().Sampling
+	if !set["timesteps"] && d.Timesteps > 0 {
+		f.timesteps = d.Timesteps
+	}
+	if !set["temperature"] && d.Temperature != nil {
+		t.temperature = *d.Temperature
+	}
+	cfg := d.CFGScale
+	if cfgImg != nil {
+		cfg = d.CFGText
+		if !set["cfg_img"] && d.CFGImage != nil {
+			*cfgImg = *d.CFGImage
+		}
+	}
+	if !set["cfg_scale"] && cfg != nil {
+		f.cfgScale = *cfg
+	}
+}
+
 // guidance maps the CLI's 0 ("none") to the API's negative value.
 func guidance(s float64) float64 {
 	if s == 0 {
@@ -180,6 +210,10 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	defer p.Close()
+	f.modelDefaults(p, setFlags(fs), &t, nil)
+	if o, err = f.sampling(&t); err != nil {
+		return err
+	}
 	var img image.Image
 	if paint != nil {
 		img, err = p.Inpaint(ctx, dimoo.InpaintRequest{Prompt: t.prompt, Image: paint, Outpaint: *mode == "outpainting",
@@ -245,6 +279,10 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	defer p.Close()
+	f.modelDefaults(p, setFlags(fs), &t, cfgImg)
+	if o, err = f.sampling(&t); err != nil {
+		return err
+	}
 	img, err := p.EditImage(ctx, dimoo.EditRequest{Prompt: t.prompt, EditType: *editType, Image: in, RefImage: ref,
 		InputArea: p.NativeArea(), CFGText: guidance(f.cfgScale), CFGImage: guidance(*cfgImg), Sampling: o,
 		Progress: t.progress("edit")})
@@ -284,8 +322,6 @@ func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
 	if strings.TrimSpace(t.prompt) == "" || *imagePath == "" {
 		return fmt.Errorf("%w: --prompt and --image_path are required", errUsage)
 	}
-	o := dimoo.TextSampling{Steps: *steps, GenLength: *genLength, BlockLength: *blockLength,
-		Temperature: t.temperature, CFGScale: *cfg, Seed: t.seed}
 	in, err := dimoo.LoadImage(*imagePath)
 	if err != nil {
 		return err
@@ -295,6 +331,13 @@ func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	defer p.Close()
+	// The model's answer length and steps, unless any of the three is given.
+	set := setFlags(fs)
+	if d := p.Defaults().Sampling; d.GenLength > 0 && !set["steps"] && !set["gen_length"] && !set["block_length"] {
+		*steps, *genLength, *blockLength = d.TextSteps, d.GenLength, d.BlockLength
+	}
+	o := dimoo.TextSampling{Steps: *steps, GenLength: *genLength, BlockLength: *blockLength,
+		Temperature: t.temperature, CFGScale: *cfg, Seed: t.seed}
 	ans, err := p.Understand(ctx, dimoo.UnderstandRequest{Question: t.prompt, Image: in, InputArea: p.NativeArea(),
 		Sampling: o, Progress: t.progress("understand")})
 	if err != nil {
