@@ -2,6 +2,8 @@
 // dimoo::Error becomes its status, std::bad_alloc becomes OUT_OF_MEMORY, and
 // anything else INTERNAL, each with a message stored on the handle.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <mutex>
 #include <new>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/sampler.h"
 #include "guard.h"
 #include "dimoo.h"
 
@@ -117,6 +120,19 @@ struct LayoutField {
 
 #define DIMOO_FIELD(S, F) {#S, #F, int64_t(offsetof(S, F))}
 const LayoutField kLayout[] = {
+    DIMOO_FIELD(dimoo_sample_args, n_pos),
+    DIMOO_FIELD(dimoo_sample_args, n_branches),
+    DIMOO_FIELD(dimoo_sample_args, n_codes),
+    DIMOO_FIELD(dimoo_sample_args, step),
+    DIMOO_FIELD(dimoo_sample_args, seed),
+    DIMOO_FIELD(dimoo_sample_args, temperature),
+    DIMOO_FIELD(dimoo_sample_args, weights),
+    DIMOO_FIELD(dimoo_sample_args, logits),
+    DIMOO_FIELD(dimoo_sample_args, rows),
+    DIMOO_FIELD(dimoo_sample_args, n_rows),
+    DIMOO_FIELD(dimoo_sample_args, rng_pos),
+    DIMOO_FIELD(dimoo_sample_args, out_codes),
+    DIMOO_FIELD(dimoo_sample_args, out_conf),
     DIMOO_FIELD(dimoo_model_config, d_model),
     DIMOO_FIELD(dimoo_model_config, n_layers),
     DIMOO_FIELD(dimoo_model_config, n_heads),
@@ -208,6 +224,7 @@ int64_t dimoo_struct_size(const char *name) {
     if (n == "dimoo_ctx_params") return sizeof(dimoo_ctx_params);
     if (n == "dimoo_forward_args") return sizeof(dimoo_forward_args);
     if (n == "dimoo_vq_config") return sizeof(dimoo_vq_config);
+    if (n == "dimoo_sample_args") return sizeof(dimoo_sample_args);
     return -1;
 }
 
@@ -266,6 +283,35 @@ int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void *x, const 
         DIMOO_CHECK_ARG(rows >= 0 && cols > 0, "bad shape");
         DIMOO_CHECK_ARG(eps > 0, "eps must be positive");
         rt->impl->rmsnorm(dtype, x, w, out, rows, cols, eps);
+    });
+}
+
+// ---- sampling ----------------------------------------------------------------
+
+int32_t dimoo_sample_image(dimoo_runtime *rt, const dimoo_sample_args *a) {
+    if (!rt) return DIMOO_ERR_INVALID_ARGUMENT;
+    return guard(&rt->err, [&] {
+        DIMOO_CHECK_ARG(a != nullptr, "args is NULL");
+        DIMOO_CHECK_ARG(a->n_pos >= 0, "n_pos must be >= 0");
+        DIMOO_CHECK_ARG(a->n_branches >= 1 && a->n_branches <= DIMOO_MAX_BRANCHES,
+                        "n_branches must be in 1.." + std::to_string(DIMOO_MAX_BRANCHES));
+        DIMOO_CHECK_ARG(a->n_codes >= 1, "n_codes must be >= 1");
+        DIMOO_CHECK_ARG(a->temperature >= 0 && std::isfinite(a->temperature), "temperature must be finite and >= 0");
+        if (a->n_pos == 0) return;
+        DIMOO_CHECK_ARG(a->rng_pos && a->out_codes && a->out_conf, "NULL rng_pos or output");
+        for (int b = 0; b < a->n_branches; b++) {
+            DIMOO_CHECK_ARG(a->logits[b] != nullptr, "NULL logits of branch " + std::to_string(b));
+            const int64_t nr = a->n_rows[b];
+            if (a->rows[b]) {
+                for (int i = 0; i < a->n_pos; i++)
+                    DIMOO_CHECK_ARG(a->rows[b][i] >= 0 && a->rows[b][i] < nr,
+                                    "row " + std::to_string(a->rows[b][i]) + " of branch " + std::to_string(b) +
+                                        " outside its " + std::to_string(nr) + " rows");
+            } else {
+                DIMOO_CHECK_ARG(nr >= a->n_pos, "branch " + std::to_string(b) + " has fewer rows than positions");
+            }
+        }
+        dimoo::cpu::sample_image(*a);
     });
 }
 

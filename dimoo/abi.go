@@ -49,6 +49,26 @@ type cForwardArgs struct {
 	Logits       unsafe.Pointer `c:"logits"`
 }
 
+// dimoo_sample_args
+type cSampleArgs struct {
+	NPos        int32             `c:"n_pos"`
+	NBranches   int32             `c:"n_branches"`
+	NCodes      int32             `c:"n_codes"`
+	Step        int32             `c:"step"`
+	Seed        uint64            `c:"seed"`
+	Temperature float32           `c:"temperature"`
+	Weights     [4]float32        `c:"weights"`
+	Logits      [4]unsafe.Pointer `c:"logits"`
+	Rows        [4]unsafe.Pointer `c:"rows"`
+	NRows       [4]int64          `c:"n_rows"`
+	RNGPos      unsafe.Pointer    `c:"rng_pos"`
+	OutCodes    unsafe.Pointer    `c:"out_codes"`
+	OutConf     unsafe.Pointer    `c:"out_conf"`
+}
+
+// maxBranches is DIMOO_MAX_BRANCHES: guidance branches one sampling call takes.
+const maxBranches = 4
+
 // dimoo_vq_config
 type cVQConfig struct {
 	InChannels           int32    `c:"in_channels"`
@@ -70,6 +90,7 @@ var mirroredStructs = map[string]any{
 	"dimoo_ctx_params":   cCtxParams{},
 	"dimoo_forward_args": cForwardArgs{},
 	"dimoo_vq_config":    cVQConfig{},
+	"dimoo_sample_args":  cSampleArgs{},
 }
 
 // CheckLayouts compares every mirrored struct's size and field offsets with

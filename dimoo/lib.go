@@ -13,7 +13,7 @@ import (
 )
 
 // ABIVersion is the DIMOO_ABI_VERSION this package was written against.
-const ABIVersion = 1
+const ABIVersion = 2
 
 // EnvLibrary names the environment variable that points at libdimoo.
 const EnvLibrary = "DIMOO_LIBRARY"
@@ -53,6 +53,7 @@ type Library struct {
 	ctxCancel     func(uintptr)
 	ctxBytes      func(uintptr) int64
 	forward       func(c uintptr, args *cForwardArgs, n int32) int32
+	sampleImage   func(rt uintptr, args *cSampleArgs) int32
 
 	// VQ-VAE (dimoo_vq_*).
 	vqCreate       func(rt uintptr, cfg *cVQConfig, out *uintptr, err *byte, errLen uintptr) int32
@@ -182,6 +183,7 @@ func openAt(path string) (lib *Library, err error) {
 	reg(&lib.ctxCancel, "dimoo_ctx_cancel")
 	reg(&lib.ctxBytes, "dimoo_ctx_bytes")
 	reg(&lib.forward, "dimoo_forward")
+	reg(&lib.sampleImage, "dimoo_sample_image")
 	reg(&lib.vqCreate, "dimoo_vq_create")
 	reg(&lib.vqFree, "dimoo_vq_destroy")
 	reg(&lib.vqError, "dimoo_vq_error")

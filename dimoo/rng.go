@@ -15,8 +15,8 @@ const (
 )
 
 // philox4x32 runs the 10-round Philox4x32 bijection on a 128-bit counter
-// under a 64-bit key and returns the first 32-bit word.
-func philox4x32(c [4]uint32, k0, k1 uint32) uint32 {
+// under a 64-bit key.
+func philox4x32(c [4]uint32, k0, k1 uint32) [4]uint32 {
 	const (
 		m0 = 0xD2511F53
 		m1 = 0xCD9E8D57
@@ -35,14 +35,16 @@ func philox4x32(c [4]uint32, k0, k1 uint32) uint32 {
 		k0 += w0
 		k1 += w1
 	}
-	return c[0]
+	return c
 }
 
-// uniform01 is a draw in the open interval (0, 1).
+// uniform01 is a draw in the open interval (0, 1): word index&3 of the
+// block at counter (pos, index>>2, step, purpose), so one block serves four
+// consecutive indices (the library's dimoo_sample_image draws the same).
 func uniform01(seed uint64, step, pos, purpose, index int) float64 {
-	u := philox4x32([4]uint32{uint32(pos), uint32(index), uint32(step), uint32(purpose)},
+	w := philox4x32([4]uint32{uint32(pos), uint32(index >> 2), uint32(step), uint32(purpose)},
 		uint32(seed), uint32(seed>>32))
-	return (float64(u) + 0.5) / 4294967296.0
+	return (float64(w[index&3]) + 0.5) / 4294967296.0
 }
 
 // gumbel is a standard Gumbel(0, 1) draw: -log(-log(u)).

@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"runtime"
 	"sort"
-	"sync"
 )
 
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
@@ -159,6 +157,8 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 
 	seqs := make([][]int32, nb)
 	logitCache := make([][]float32, nb) // ML-Cache: (T_b, C) image logits per branch
+	rowMax := make([][]float32, nb)     // ML-Cache: the max of each logitCache row
+	outBuf := make([][]float32, nb)     // per-branch forward outputs, reused across steps
 	toCompute := make([][]int32, nb)
 	for t := 0; t < o.Steps && len(masked) > 0; t++ {
 		if err := ctx.Err(); err != nil {
@@ -168,7 +168,7 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 		reqs := make([]ForwardRequest, nb)
 		for b := range d.prefixes {
 			seqs[b] = append(append(seqs[b][:0], d.prefixes[b]...), answer...)
-			r := ForwardRequest{Seq: b, Tokens: seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C}
+			r := ForwardRequest{Seq: b, Tokens: seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C, Out: outBuf[b]}
 			P := int32(len(d.prefixes[b]))
 			switch {
 			case !o.UseCache:
@@ -177,7 +177,12 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 					r.Positions[i] = P + int32(p)
 				}
 			case refresh[t]:
+				// The whole (T, C) output becomes the branch's logit cache.
 				r.CacheMode = CacheStore
+				if cap(logitCache[b]) < len(seqs[b])*C {
+					logitCache[b] = make([]float32, len(seqs[b])*C)
+				}
+				r.Out = logitCache[b]
 			default:
 				r.CacheMode = CacheUse
 				r.Compute = toCompute[b]
@@ -197,54 +202,55 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 			return nil, err
 		}
 
-		// Each branch's logits at the masked positions, as rows of C.
-		rows := make([][]float32, nb)
+		// Each branch's logits at the masked positions: rows of the forward's
+		// output, or (ML-Cache) of the branch's logit cache, whose row maxima
+		// are kept up to date as rows change.
+		sa := imageSampleArgs{codebook: C, step: t, seed: o.Seed, tau: o.Temperature, weights: d.weights,
+			logits: make([][]float32, nb), rows: make([][]int32, nb), rngPos: make([]int32, len(masked))}
+		for i, p := range masked {
+			sa.rngPos[i] = int32(len(d.prefixes[0]) + p)
+		}
 		for b := range d.prefixes {
-			P := len(d.prefixes[b])
+			if reqs[b].CacheMode != CacheStore {
+				outBuf[b] = outs[b].Data
+			}
 			if !o.UseCache {
-				rows[b] = outs[b].Data
+				sa.logits[b] = outs[b].Data
 				continue
 			}
-			T := len(seqs[b])
 			if reqs[b].CacheMode == CacheStore {
-				logitCache[b] = append(logitCache[b][:0], outs[b].Data...)
+				logitCache[b] = outs[b].Data
+				rowMax[b] = rowMax[b][:0]
+				for p := 0; p < len(seqs[b]); p++ {
+					rowMax[b] = append(rowMax[b], maxF32(logitCache[b][p*C:(p+1)*C]))
+				}
 			} else {
 				for i, p := range reqs[b].Compute {
-					copy(logitCache[b][int(p)*C:(int(p)+1)*C], outs[b].Row(i))
+					row := logitCache[b][int(p)*C : (int(p)+1)*C]
+					copy(row, outs[b].Row(i))
+					rowMax[b][p] = maxF32(row)
 				}
 			}
-			_ = T
-			r := make([]float32, len(masked)*C)
+			sa.logits[b] = logitCache[b]
+			P := len(d.prefixes[b])
+			r := make([]int32, len(masked))
 			for i, p := range masked {
-				copy(r[i*C:(i+1)*C], logitCache[b][(P+p)*C:(P+p+1)*C])
+				r[i] = int32(P + p)
 			}
-			rows[b] = r
+			sa.rows[b] = r
 		}
-
-		// Guidance, Gumbel-max sampling and the confidence of each sample,
-		// positions split over the cores.
+		codes := make([]int32, len(masked))
 		conf := make([]float64, len(masked))
-		parallelFor(len(masked), func(lo, hi int) {
-			guided := make([]float32, C)
-			for i := lo; i < hi; i++ {
-				p := masked[i]
-				for c := 0; c < C; c++ {
-					var v float32
-					for b := range rows {
-						v += d.weights[b] * rows[b][i*C+c]
-					}
-					guided[c] = v
-				}
-				pos := len(d.prefixes[0]) + p // position in the conditional sequence
-				var best int
-				best, conf[i] = sampleRow(guided, o.Temperature, o.Seed, t, pos)
-				answer[p] = int32(off + best)
-			}
-		})
+		if err := s.m.rt.sampleImage(sa, codes, conf); err != nil {
+			return nil, err
+		}
+		for i, p := range masked {
+			answer[p] = int32(off) + codes[i]
+		}
 
 		var st *StepTrace
 		if h.step != nil {
-			st = &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: rows}
+			st = &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: sa.rowsOf(len(masked))}
 			for _, p := range masked {
 				st.RNGPos = append(st.RNGPos, len(d.prefixes[0])+p)
 				st.Sampled = append(st.Sampled, answer[p]-int32(off))
@@ -277,17 +283,7 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 		// ML-Cache: choose next step's positions from each branch's max logit.
 		if o.UseCache && t < o.Steps-1 && !refresh[t+1] {
 			for b := range d.prefixes {
-				T := len(seqs[b])
-				mx := make([]float32, T)
-				for p := 0; p < T; p++ {
-					m := float32(math.Inf(-1))
-					for _, v := range logitCache[b][p*C : (p+1)*C] {
-						if v > m {
-							m = v
-						}
-					}
-					mx[p] = m
-				}
+				mx := rowMax[b]
 				thr := quantileF32(mx, 1-o.CacheRatio)
 				toCompute[b] = toCompute[b][:0]
 				for p, v := range mx {
@@ -329,48 +325,31 @@ func (s *Session) DecodeImage(ctx context.Context, p ImageTokens, o ImageSamplin
 	return d.run(ctx, s, o, imageHooks{trace: trace, progress: progress})
 }
 
-// sampleRow draws argmax(l/tau + g) over one row of guided logits and
-// returns it with its keep-masked score log p + tau g' (p: the softmax
-// probability of the draw).
-func sampleRow(l []float32, tau float64, seed uint64, step, pos int) (int, float64) {
-	best, bestScore := 0, math.Inf(-1)
-	mx := math.Inf(-1)
-	for c, v := range l {
-		score := float64(v)
-		if tau > 0 {
-			score = score/tau + gumbel(seed, step, pos, purposeImageSample, c)
+// maxF32 is the largest value of a non-empty row.
+func maxF32(v []float32) float32 {
+	m := float32(math.Inf(-1))
+	for _, x := range v {
+		if x > m {
+			m = x
 		}
-		if score > bestScore {
-			best, bestScore = c, score
-		}
-		mx = math.Max(mx, float64(v))
 	}
-	var sum float64
-	for _, v := range l {
-		sum += math.Exp(float64(v) - mx)
-	}
-	conf := math.Log(math.Max(math.Exp(float64(l[best])-mx)/sum, 1e-20))
-	if tau > 0 {
-		conf += tau * gumbel(seed, step, pos, purposeImageRemask, 0)
-	}
-	return best, conf
+	return m
 }
 
-// parallelFor splits [0, n) into one contiguous chunk per core.
-func parallelFor(n int, f func(lo, hi int)) {
-	w := min(runtime.GOMAXPROCS(0), n)
-	if w <= 1 {
-		f(0, n)
-		return
+// rowsOf copies each branch's logit rows at the n positions (for traces).
+func (a imageSampleArgs) rowsOf(n int) [][]float32 {
+	C := a.codebook
+	out := make([][]float32, len(a.logits))
+	for b := range a.logits {
+		r := make([]float32, n*C)
+		for i := 0; i < n; i++ {
+			row := i
+			if a.rows[b] != nil {
+				row = int(a.rows[b][i])
+			}
+			copy(r[i*C:(i+1)*C], a.logits[b][row*C:(row+1)*C])
+		}
+		out[b] = r
 	}
-	var wg sync.WaitGroup
-	for k := 0; k < w; k++ {
-		lo, hi := k*n/w, (k+1)*n/w
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f(lo, hi)
-		}()
-	}
-	wg.Wait()
+	return out
 }

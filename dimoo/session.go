@@ -116,6 +116,10 @@ type ForwardRequest struct {
 	Positions  []int32
 	VocabBegin int
 	VocabEnd   int
+	// Out, when its capacity holds the rows x columns, receives the logits
+	// (the result's Data is Out[:rows*cols]), so a sampler reuses its buffers
+	// instead of allocating one per step.
+	Out []float32
 }
 
 // Logits is a row-major (Rows, Cols) matrix of float32 logits.
@@ -182,7 +186,13 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 				return nil, fmt.Errorf("%w: vocab range [%d, %d) is not inside [0, %d)", ErrInvalidArgument,
 					r.VocabBegin, end, cfg.EmbeddingRows())
 			}
-			out := &Logits{Rows: rows, Cols: cols, Data: make([]float32, rows*cols)}
+			var data []float32
+			if cap(r.Out) >= rows*cols {
+				data = r.Out[:rows*cols]
+			} else {
+				data = make([]float32, rows*cols)
+			}
+			out := &Logits{Rows: rows, Cols: cols, Data: data}
 			outs[i] = out
 			if len(out.Data) > 0 {
 				pin.Pin(&out.Data[0])

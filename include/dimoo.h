@@ -40,7 +40,7 @@ extern "C" {
 #define DIMOO_API __attribute__((visibility("default")))
 #endif
 
-#define DIMOO_ABI_VERSION 1
+#define DIMOO_ABI_VERSION 2 /* 2: dimoo_sample_image */
 
 /* ---- status codes --------------------------------------------------------- */
 
@@ -109,6 +109,39 @@ DIMOO_API int32_t dimoo_runtime_describe(dimoo_runtime *rt, char *buf, size_t le
  * and the result is copied back. */
 DIMOO_API int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void *x, const void *w,
                                    void *out, int32_t rows, int32_t cols, float eps);
+
+/* ---- fused image-code sampling (reference section 3, one step) --------------- */
+
+#define DIMOO_MAX_BRANCHES 4
+
+/* For each of n_pos masked positions i: guided logits
+ *   l = sum_b weights[b] * logits[b][row_b(i) * n_codes : ... + n_codes]
+ * (row_b(i) = rows[b][i], or i when rows[b] is NULL); the drawn code
+ *   code_i = argmax_c (l_c / temperature + G(seed, step, rng_pos[i], 1, c))
+ * (argmax l_c at temperature 0, first index on ties) and its keep-masked score
+ *   conf_i = log softmax(l)[code_i] + temperature * G(seed, step, rng_pos[i], 2, 0).
+ * G is standard Gumbel noise -log(-log(u)) in double precision, u = (w + 0.5) / 2^32
+ * with w word (index & 3) of Philox4x32-10 on the counter
+ * (pos, index >> 2, step, purpose) under the key (seed low, seed high 32 bits).
+ * Host memory; runs on the CPU threads of any runtime (the CUDA sampler over
+ * device logits is a later addition). */
+typedef struct dimoo_sample_args {
+    int32_t n_pos;
+    int32_t n_branches; /* 1 .. DIMOO_MAX_BRANCHES */
+    int32_t n_codes;
+    int32_t step;
+    uint64_t seed;
+    float temperature;
+    float weights[DIMOO_MAX_BRANCHES];
+    const float *logits[DIMOO_MAX_BRANCHES];
+    const int32_t *rows[DIMOO_MAX_BRANCHES];
+    int64_t n_rows[DIMOO_MAX_BRANCHES]; /* rows in logits[b], for bounds checks */
+    const int32_t *rng_pos;             /* [n_pos] */
+    int32_t *out_codes;                 /* [n_pos] */
+    double *out_conf;                   /* [n_pos] */
+} dimoo_sample_args;
+
+DIMOO_API int32_t dimoo_sample_image(dimoo_runtime *rt, const dimoo_sample_args *args);
 
 /* ---- model ------------------------------------------------------------------ */
 

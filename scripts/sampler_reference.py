@@ -26,7 +26,7 @@ PURPOSE_IMAGE_SAMPLE, PURPOSE_IMAGE_REMASK, PURPOSE_TEXT_SAMPLE = 1, 2, 3
 
 
 def philox(c0, c1, c2, c3, seed):
-    """Philox4x32-10, vectorised over numpy uint64 arrays; returns word 0."""
+    """Philox4x32-10, vectorised over numpy uint64 arrays; returns the four words."""
     c = [np.asarray(x, dtype=np.uint64) & MASK32 for x in (c0, c1, c2, c3)]
     c = np.broadcast_arrays(*c)
     c = [x.copy() for x in c]
@@ -42,11 +42,16 @@ def philox(c0, c1, c2, c3, seed):
         ]
         k0 = (k0 + W0) & MASK32
         k1 = (k1 + W1) & MASK32
-    return c[0]
+    return c
 
 
 def gumbel(seed, step, pos, purpose, index):
-    u = (philox(pos, index, step, purpose, seed).astype(np.float64) + 0.5) / 4294967296.0
+    # One Philox block serves four consecutive indices: word index & 3 of the
+    # block at counter (pos, index >> 2, step, purpose).
+    index = np.asarray(index, dtype=np.uint64)
+    words = philox(pos, index >> np.uint64(2), step, purpose, seed)
+    w = np.choose((index & np.uint64(3)).astype(np.int64), words)
+    u = (w.astype(np.float64) + 0.5) / 4294967296.0
     return torch.from_numpy(np.atleast_1d(-np.log(-np.log(u))))
 
 

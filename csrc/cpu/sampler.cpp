@@ -1,0 +1,219 @@
+// Fused guidance + Gumbel-max + confidence for the image sampler, one step.
+//
+// The Go sampler spent most of its time outside the forward drawing one
+// Philox block and two libm logs per (position, code). Here the noise is
+// drawn only for codes that can still win (an exact bound: no Gumbel draw
+// exceeds 23), one Philox block gives four codes' noise, the softmax sum
+// is a branch-free polynomial exp the compiler vectorises (double
+// precision, within a few ulp of libm, so decisions match the float64
+// PyTorch re-statement), and positions are split over the OpenMP threads.
+#include "sampler.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace dimoo::cpu {
+namespace {
+
+// Philox4x32-10 (Salmon et al., SC'11) on counter c under key (k0, k1).
+inline void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int r = 0; r < 10; r++) {
+        const uint64_t p0 = uint64_t(0xD2511F53u) * c[0];
+        const uint64_t p1 = uint64_t(0xCD9E8D57u) * c[2];
+        const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0;
+        const uint32_t n1 = uint32_t(p1);
+        const uint32_t n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+        const uint32_t n3 = uint32_t(p0);
+        c[0] = n0, c[1] = n1, c[2] = n2, c[3] = n3;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+// Natural log of a positive, normal, finite double: x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), log m = 2 atanh(f / (2 + f)) by the classic odd
+// polynomial in s = f / (2 + f). No branches, so loops over it vectorise.
+inline double log_pos(double x) {
+    uint64_t b;
+    std::memcpy(&b, &x, 8);
+    int64_t e = int64_t((b >> 52) & 0x7ff) - 1023;
+    uint64_t mb = (b & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+    double m;
+    std::memcpy(&m, &mb, 8);
+    const bool big = m > 1.4142135623730951;
+    m = big ? m * 0.5 : m;
+    e += big ? 1 : 0;
+    const double f = m - 1.0, s = f / (2.0 + f), z = s * s, w = z * z;
+    const double t1 = w * (0.3999999999940941908 + w * (0.2222219843214978396 + w * 0.1531383769920937332));
+    const double t2 = z * (0.6666666666666735130 + w * (0.2857142874366239149 + w * (0.1818357216161805012 +
+                                                                                     w * 0.1479819860511658591)));
+    const double hfsq = 0.5 * f * f, dk = double(e);
+    return dk * 6.93147180369123816490e-01 -
+           ((hfsq - (s * (hfsq + t1 + t2) + dk * 1.90821492927058770002e-10)) - f);
+}
+
+// exp(x) for x <= 0 (0 below -708): x = k ln2 + r, |r| <= ln2/2, Taylor to
+// degree 13 (truncation < 1e-17 relative), times 2^k built in the exponent.
+inline double exp_nonpos(double x) {
+    x = x < -708.0 ? -708.0 : x;
+    // Round x / ln2 to an integer by adding 1.5 * 2^52: the sum's low bits
+    // then hold k in two's complement (integer-only, so it vectorises).
+    const double shifter = 6755399441055744.0;
+    const double t = x * 1.4426950408889634 + shifter;
+    const double kf = t - shifter;
+    uint64_t tb;
+    std::memcpy(&tb, &t, 8);
+    const int64_t k = int64_t(tb) - int64_t(0x4338000000000000LL);
+    const double r = (x - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const uint64_t eb = uint64_t(k + 1023) << 52;
+    double scale;
+    std::memcpy(&scale, &eb, 8);
+    return p * scale;
+}
+
+inline double uniform_of(uint32_t w) { return (double(w) + 0.5) * (1.0 / 4294967296.0); }
+
+constexpr int32_t kPurposeSample = 1, kPurposeRemask = 2;
+
+// Above every Gumbel draw: the largest u is (2^32 - 0.5) / 2^32, whose
+// -log(-log(u)) is 22.87.
+constexpr double kGumbelMax = 23.0;
+
+// Gumbel noise of the four codes of each listed Philox block at one
+// position (out[4 j + k]: word k of block ids[j]): each Philox round is one
+// vectorised pass over the blocks (structure of arrays), then the logs run
+// vectorised too.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void gumbel_blocks(double *out, uint32_t *work,
+                                                                                const int32_t *ids,
+                                                                                int32_t blocks, uint64_t seed,
+                                                                                int32_t step, int32_t pos) {
+    uint32_t *c0 = work, *c1 = work + blocks, *c2 = work + 2 * blocks, *c3 = work + 3 * blocks;
+    for (int32_t j = 0; j < blocks; j++) {
+        c0[j] = uint32_t(pos), c1[j] = uint32_t(ids[j]), c2[j] = uint32_t(step), c3[j] = uint32_t(kPurposeSample);
+    }
+    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    for (int r = 0; r < 10; r++) {
+#pragma omp simd
+        for (int32_t j = 0; j < blocks; j++) {
+            const uint64_t p0 = uint64_t(0xD2511F53u) * c0[j];
+            const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[j];
+            const uint32_t n0 = uint32_t(p1 >> 32) ^ c1[j] ^ k0;
+            const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[j] ^ k1;
+            c1[j] = uint32_t(p1), c3[j] = uint32_t(p0), c0[j] = n0, c2[j] = n2;
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+#pragma omp simd
+    for (int32_t j = 0; j < blocks; j++) {
+        out[4 * j + 0] = -log_pos(-log_pos(uniform_of(c0[j])));
+        out[4 * j + 1] = -log_pos(-log_pos(uniform_of(c1[j])));
+        out[4 * j + 2] = -log_pos(-log_pos(uniform_of(c2[j])));
+        out[4 * j + 3] = -log_pos(-log_pos(uniform_of(c3[j])));
+    }
+}
+
+// sum_c exp(l_c - mx), in double.
+__attribute__((target_clones("avx512f", "avx2", "default"))) double sum_exp(const float *l, int32_t n,
+                                                                            double mx) {
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int32_t c = 0; c < n; c++) s += exp_nonpos(double(l[c]) - mx);
+    return s;
+}
+
+}  // namespace
+
+double gumbel_noise(uint64_t seed, int32_t step, int32_t pos, int32_t purpose, int32_t index) {
+    uint32_t c[4] = {uint32_t(pos), uint32_t(index >> 2), uint32_t(step), uint32_t(purpose)};
+    philox4x32(c, uint32_t(seed), uint32_t(seed >> 32));
+    return -log_pos(-log_pos(uniform_of(c[index & 3])));
+}
+
+void sample_image(const dimoo_sample_args &a) {
+    const int32_t C = a.n_codes, nb = a.n_branches;
+    const double tau = a.temperature;
+#pragma omp parallel
+    {
+        std::vector<float> guided(C);
+        std::vector<int32_t> cand(C);
+        std::vector<double> noise(tau > 0 ? (C + 3) / 4 * 4 : 0);
+        std::vector<uint32_t> work(tau > 0 ? (C + 3) / 4 * 4 : 0);
+        std::vector<int32_t> blk(tau > 0 ? (C + 3) / 4 : 0);
+#pragma omp for schedule(static)
+        for (int32_t i = 0; i < a.n_pos; i++) {
+            // Guidance in float32, in branch order, as the Go and PyTorch statements do.
+            float *__restrict gd = guided.data();
+            for (int32_t c = 0; c < C; c++) gd[c] = 0.0f;
+            for (int32_t b = 0; b < nb; b++) {
+                const int64_t row = a.rows[b] ? a.rows[b][i] : i;
+                const float *__restrict l = a.logits[b] + row * C;
+                const float w = a.weights[b];
+                for (int32_t c = 0; c < C; c++) gd[c] += w * l[c];
+            }
+            // The largest guided logit and its first index (the temperature-0 draw).
+            float mxf = guided[0];
+#pragma omp simd reduction(max : mxf)  // without it the max is a scalar latency chain
+            for (int32_t c = 1; c < C; c++) mxf = guided[c] > mxf ? guided[c] : mxf;
+            const double mx = mxf;
+            int32_t top = 0;
+            while (guided[top] != mxf) top++;
+            int32_t best = top;
+            if (tau > 0) {
+                // Exact pruning: no Gumbel draw exceeds kGumbelMax, so a code
+                // whose l/tau + kGumbelMax is below the score of some code
+                // cannot win. Start from the top logit's score, then draw the
+                // noise (one Philox block per four codes) only for the codes
+                // above the cut, in index order so ties go to the first.
+                const double g_top = gumbel_noise(a.seed, a.step, a.rng_pos[i], kPurposeSample, top);
+                const double lb = double(guided[top]) / tau + g_top;
+                // In logit units, lowered by a relative 1e-6 so float rounding
+                // never lifts it above (lb - kGumbelMax) * tau.
+                const double cutd = (lb - kGumbelMax) * tau;
+                const float cut = float(cutd - std::fabs(cutd) * 1e-6);
+                int32_t nc = 0;
+                for (int32_t c = 0; c < C; c++) {  // branch-free compaction
+                    cand[nc] = c;
+                    nc += guided[c] >= cut ? 1 : 0;
+                }
+                // The Philox blocks the candidates fall in (candidates are
+                // increasing, so equal blocks are adjacent), drawn vectorised.
+                int32_t nblk = 0;
+                for (int32_t k = 0; k < nc; k++) {
+                    const int32_t bid = cand[k] >> 2;
+                    if (nblk == 0 || blk[nblk - 1] != bid) blk[nblk++] = bid;
+                }
+                gumbel_blocks(noise.data(), work.data(), blk.data(), nblk, a.seed, a.step, a.rng_pos[i]);
+                double bs = -INFINITY;
+                for (int32_t k = 0, j = 0; k < nc; k++) {
+                    const int32_t c = cand[k];
+                    while (blk[j] != (c >> 2)) j++;
+                    const double sc = double(guided[c]) / tau + noise[4 * j + (c & 3)];
+                    if (sc > bs) bs = sc, best = c;
+                }
+            }
+            const double sum = sum_exp(guided.data(), C, mx);
+            double conf = std::log(std::fmax(exp_nonpos(double(guided[best]) - mx) / sum, 1e-20));
+            if (tau > 0) conf += tau * gumbel_noise(a.seed, a.step, a.rng_pos[i], kPurposeRemask, 0);
+            a.out_codes[i] = best;
+            a.out_conf[i] = conf;
+        }
+    }
+}
+
+}  // namespace dimoo::cpu
