@@ -93,12 +93,13 @@ constexpr int32_t kPurposeSample = 1, kPurposeRemask = 2;
 // Above every Gumbel draw: the largest u is (2^32 - 0.5) / 2^32, whose
 // -log(-log(u)) is 22.87.
 constexpr double kGumbelMax = 23.0;
+// Blocks (of four codes) scored exactly before the uniform-domain bound.
+constexpr int32_t kFirstBlocks = 8;
 
-// Gumbel noise of the four codes of each listed Philox block at one
-// position (out[4 j + k]: word k of block ids[j]): each Philox round is one
-// vectorised pass over the blocks (structure of arrays), then the logs run
-// vectorised too.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gumbel_blocks(double *out, uint32_t *work,
+// Philox words of each listed block at one position (words[4 j + k]: word
+// k of block ids[j]): each round is one vectorised pass over the blocks
+// (structure of arrays, 32x32->64-bit multiplies per lane).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void philox_blocks(uint32_t *words, uint32_t *work,
                                                                                 const int32_t *ids,
                                                                                 int32_t blocks, uint64_t seed,
                                                                                 int32_t step, int32_t pos) {
@@ -119,13 +120,16 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void gumbel_blocks(
         k0 += 0x9E3779B9u;
         k1 += 0xBB67AE85u;
     }
-#pragma omp simd
     for (int32_t j = 0; j < blocks; j++) {
-        out[4 * j + 0] = -log_pos(-log_pos(uniform_of(c0[j])));
-        out[4 * j + 1] = -log_pos(-log_pos(uniform_of(c1[j])));
-        out[4 * j + 2] = -log_pos(-log_pos(uniform_of(c2[j])));
-        out[4 * j + 3] = -log_pos(-log_pos(uniform_of(c3[j])));
+        words[4 * j + 0] = c0[j], words[4 * j + 1] = c1[j], words[4 * j + 2] = c2[j], words[4 * j + 3] = c3[j];
     }
+}
+
+// out[q] = -log(-log(u(w[q]))), vectorised.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void gumbel_words(double *out, const uint32_t *w,
+                                                                               int32_t n) {
+#pragma omp simd
+    for (int32_t q = 0; q < n; q++) out[q] = -log_pos(-log_pos(uniform_of(w[q])));
 }
 
 // sum_c exp(l_c - mx), in double.
@@ -152,9 +156,12 @@ void sample_image(const dimoo_sample_args &a) {
     {
         std::vector<float> guided(C);
         std::vector<int32_t> cand(C);
-        std::vector<double> noise(tau > 0 ? (C + 3) / 4 * 4 : 0);
+        std::vector<uint32_t> words(tau > 0 ? (C + 3) / 4 * 4 : 0);
         std::vector<uint32_t> work(tau > 0 ? (C + 3) / 4 * 4 : 0);
         std::vector<int32_t> blk(tau > 0 ? (C + 3) / 4 : 0);
+        std::vector<int32_t> gidx(tau > 0 ? C : 0);  // codes whose noise a pass draws
+        std::vector<uint32_t> gw(tau > 0 ? C : 0);   // their Philox words
+        std::vector<double> gval(tau > 0 ? C : 0);   // their Gumbel noise
 #pragma omp for schedule(static)
         for (int32_t i = 0; i < a.n_pos; i++) {
             // Guidance in float32, in branch order, as the Go and PyTorch statements do.
@@ -194,17 +201,63 @@ void sample_image(const dimoo_sample_args &a) {
                 // The Philox blocks the candidates fall in (candidates are
                 // increasing, so equal blocks are adjacent), drawn vectorised.
                 int32_t nblk = 0;
-                for (int32_t k = 0; k < nc; k++) {
-                    const int32_t bid = cand[k] >> 2;
-                    if (nblk == 0 || blk[nblk - 1] != bid) blk[nblk++] = bid;
+                if (nc == C) {  // flat logits: every block, in order
+                    nblk = (C + 3) / 4;
+                    for (int32_t j = 0; j < nblk; j++) blk[j] = j;
+                } else {
+                    for (int32_t k = 0; k < nc; k++) {
+                        const int32_t bid = cand[k] >> 2;
+                        if (nblk == 0 || blk[nblk - 1] != bid) blk[nblk++] = bid;
+                    }
                 }
-                gumbel_blocks(noise.data(), work.data(), blk.data(), nblk, a.seed, a.step, a.rng_pos[i]);
+                philox_blocks(words.data(), work.data(), blk.data(), nblk, a.seed, a.step, a.rng_pos[i]);
+                // Exact scores of the first kFirstBlocks blocks' candidates;
+                // their best bs then bounds the rest in the uniform domain: a
+                // code needs g >= bs - mx / tau to reach bs (its logit is at
+                // most mx), i.e. u > exp(-exp(-(bs - mx / tau))). Comparing the
+                // raw Philox word with that threshold skips both logs for
+                // almost every code when the logits are flat. The 0.01 margin
+                // covers the rounding of the threshold (g moves by < 1e-5 per
+                // ulp of u below 23).
+                // Pass 1 gathers the first blocks' candidates, pass 2 the rest
+                // that pass the bound; each pass computes its logs in one
+                // vectorised loop (gumbel_words), then scores in index order.
                 double bs = -INFINITY;
-                for (int32_t k = 0, j = 0; k < nc; k++) {
+                int32_t k = 0, ng = 0;
+                for (int32_t j = 0; k < nc; k++) {
                     const int32_t c = cand[k];
                     while (blk[j] != (c >> 2)) j++;
-                    const double sc = double(guided[c]) / tau + noise[4 * j + (c & 3)];
-                    if (sc > bs) bs = sc, best = c;
+                    if (j >= kFirstBlocks) break;
+                    gidx[ng] = c, gw[ng++] = words[4 * j + (c & 3)];
+                }
+                auto score = [&] {
+                    gumbel_words(gval.data(), gw.data(), ng);
+                    for (int32_t q = 0; q < ng; q++) {
+                        const double sc = double(guided[gidx[q]]) / tau + gval[q];
+                        if (sc > bs) bs = sc, best = gidx[q];
+                    }
+                };
+                score();
+                if (k < nc) {
+                    const double T = bs - mx / tau - 0.01;
+                    const double ustar = std::exp(-std::exp(-T));  // u <= ustar: g < T
+                    const double wd = std::floor(ustar * 4294967296.0 - 0.5);
+                    const int64_t wstar = wd < -1.0 ? -1 : (wd > 4294967295.0 ? int64_t(4294967295) : int64_t(wd));
+                    ng = 0;
+                    if (nc == C) {  // block j holds codes 4j..4j+3: words[c] is code c's
+                        for (; k < nc; k++) {
+                            gidx[ng] = k, gw[ng] = words[k];
+                            ng += int64_t(words[k]) > wstar ? 1 : 0;
+                        }
+                    }
+                    for (int32_t j = kFirstBlocks; k < nc; k++) {
+                        const int32_t c = cand[k];
+                        while (blk[j] != (c >> 2)) j++;
+                        const uint32_t w = words[4 * j + (c & 3)];
+                        gidx[ng] = c, gw[ng] = w;  // branch-free compaction
+                        ng += int64_t(w) > wstar ? 1 : 0;
+                    }
+                    score();
                 }
             }
             const double sum = sum_exp(guided.data(), C, mx);

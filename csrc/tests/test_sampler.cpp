@@ -93,7 +93,7 @@ TEST(Sampler, FusedEqualsFullArgmax) {
     // not a multiple of 4, one to four branches, greedy and noisy draws.
     const Case cases[] = {{64, 512, 2, 0.05f, 1.0f}, {64, 512, 2, 3.0f, 1.0f},  {50, 8192, 3, 2.0f, 1.0f},
                           {33, 37, 1, 1.0f, 0.1f},   {40, 1001, 4, 0.5f, 3.0f}, {64, 512, 2, 3.0f, 0.0f},
-                          {17, 64, 2, 30.0f, 0.5f}};
+                          {17, 64, 2, 30.0f, 0.5f},  {32, 8192, 2, 0.01f, 1.0f}, {32, 2048, 1, 0.3f, 3.0f}};
     std::mt19937 rng(7);
     for (const Case &k : cases) {
         std::vector<std::vector<float>> lg(k.nb);
