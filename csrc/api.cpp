@@ -89,6 +89,7 @@ void check_forward(const dimoo_ctx *c, const dimoo_forward_args &a, std::vector<
         dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT, who + "cache modes need a context created with DIMOO_CTX_KV_CACHE");
     if (!a.logits) {
         DIMOO_CHECK_ARG(a.n_out == 0 && a.out_positions == nullptr, who + "output positions given but logits is NULL");
+        DIMOO_CHECK_ARG(a.row_max == nullptr, who + "row_max given but logits is NULL");
         return;
     }
     int32_t vend = a.vocab_end == 0 ? cfg.embedding_size : a.vocab_end;
@@ -154,6 +155,7 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_forward_args, compute),
     DIMOO_FIELD(dimoo_forward_args, n_out),
     DIMOO_FIELD(dimoo_forward_args, out_positions),
+    DIMOO_FIELD(dimoo_forward_args, row_max),
     DIMOO_FIELD(dimoo_forward_args, vocab_begin),
     DIMOO_FIELD(dimoo_forward_args, vocab_end),
     DIMOO_FIELD(dimoo_forward_args, logits),

@@ -47,6 +47,7 @@ type cForwardArgs struct {
 	VocabBegin   int32          `c:"vocab_begin"`
 	VocabEnd     int32          `c:"vocab_end"`
 	Logits       unsafe.Pointer `c:"logits"`
+	RowMax       unsafe.Pointer `c:"row_max"`
 }
 
 // dimoo_sample_args

@@ -1,6 +1,7 @@
 package dimoo
 
 import (
+	"context"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -32,4 +33,25 @@ func TestSampleImageArguments(t *testing.T) {
 	err = rt.sampleImage(bad, codes, conf)
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 	assert.Contains(t, err.Error(), "outside its 1 rows")
+}
+
+// RowMax returns each output row's largest logit, as a scan of the row gives.
+func TestForwardRowMax(t *testing.T) {
+	m := loadTestModel(t, testdataDir("small-f32"))
+	s, err := m.NewSession(SessionOptions{MaxTokens: 20, Seqs: 1})
+	require.NoError(t, err)
+	defer s.Close()
+	toks := []int32{1, 5, 9, 33, 2, 7, 7, 40, 3}
+	outs, err := s.Forward(context.Background(), ForwardRequest{Tokens: toks, Logits: true, Positions: []int32{0, 4, 8},
+		VocabBegin: 10, VocabEnd: 60, RowMax: true})
+	require.NoError(t, err)
+	l := outs[0]
+	require.Len(t, l.Max, 3)
+	for i := 0; i < l.Rows; i++ {
+		want := l.Row(i)[0]
+		for _, v := range l.Row(i) {
+			want = max(want, v)
+		}
+		assert.Equal(t, want, l.Max[i], "row %d", i)
+	}
 }

@@ -1,10 +1,11 @@
 package dimoo
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
-	"sort"
+	"slices"
 )
 
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
@@ -71,7 +72,7 @@ func keepMasked(n, t, steps int) int {
 // quantileF32 is torch.quantile's linear interpolation on float32 data.
 func quantileF32(v []float32, q float64) float32 {
 	s := append([]float32(nil), v...)
-	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	slices.Sort(s)
 	rank := float32(q) * float32(len(s)-1)
 	lo := int(rank)
 	hi := lo + 1
@@ -159,6 +160,7 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 	logitCache := make([][]float32, nb) // ML-Cache: (T_b, C) image logits per branch
 	rowMax := make([][]float32, nb)     // ML-Cache: the max of each logitCache row
 	outBuf := make([][]float32, nb)     // per-branch forward outputs, reused across steps
+	useMax := make([][]float32, nb)     // row maxima of cached steps' outputs, reused
 	toCompute := make([][]int32, nb)
 	for t := 0; t < o.Steps && len(masked) > 0; t++ {
 		if err := ctx.Err(); err != nil {
@@ -183,10 +185,12 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 					logitCache[b] = make([]float32, len(seqs[b])*C)
 				}
 				r.Out = logitCache[b]
+				r.RowMax, r.MaxOut = true, rowMax[b]
 			default:
 				r.CacheMode = CacheUse
 				r.Compute = toCompute[b]
 				r.Positions = toCompute[b]
+				r.RowMax, r.MaxOut = true, useMax[b]
 			}
 			reqs[b] = r
 			if h.trace != nil {
@@ -219,16 +223,12 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 				continue
 			}
 			if reqs[b].CacheMode == CacheStore {
-				logitCache[b] = outs[b].Data
-				rowMax[b] = rowMax[b][:0]
-				for p := 0; p < len(seqs[b]); p++ {
-					rowMax[b] = append(rowMax[b], maxF32(logitCache[b][p*C:(p+1)*C]))
-				}
+				logitCache[b], rowMax[b] = outs[b].Data, outs[b].Max
 			} else {
+				useMax[b] = outs[b].Max
 				for i, p := range reqs[b].Compute {
-					row := logitCache[b][int(p)*C : (int(p)+1)*C]
-					copy(row, outs[b].Row(i))
-					rowMax[b][p] = maxF32(row)
+					copy(logitCache[b][int(p)*C:(int(p)+1)*C], outs[b].Row(i))
+					rowMax[b][p] = outs[b].Max[i]
 				}
 			}
 			sa.logits[b] = logitCache[b]
@@ -266,13 +266,13 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 			for i := range order {
 				order[i] = i
 			}
-			sort.SliceStable(order, func(a, b int) bool { return conf[order[a]] < conf[order[b]] })
+			slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(conf[a], conf[b]) })
 			still := make([]int, 0, keep)
 			for _, i := range order[:keep] {
 				answer[masked[i]] = mask
 				still = append(still, masked[i])
 			}
-			sort.Ints(still)
+			slices.Sort(still)
 			masked = still
 		}
 		if st != nil {
@@ -323,17 +323,6 @@ func (s *Session) DecodeImage(ctx context.Context, p ImageTokens, o ImageSamplin
 		return nil, err
 	}
 	return d.run(ctx, s, o, imageHooks{trace: trace, progress: progress})
-}
-
-// maxF32 is the largest value of a non-empty row.
-func maxF32(v []float32) float32 {
-	m := float32(math.Inf(-1))
-	for _, x := range v {
-		if x > m {
-			m = x
-		}
-	}
-	return m
 }
 
 // rowsOf copies each branch's logit rows at the n positions (for traces).

@@ -120,12 +120,18 @@ type ForwardRequest struct {
 	// (the result's Data is Out[:rows*cols]), so a sampler reuses its buffers
 	// instead of allocating one per step.
 	Out []float32
+	// RowMax asks for each row's largest logit (Logits.Max), computed by the
+	// library as it writes the row; MaxOut is reused like Out.
+	RowMax bool
+	MaxOut []float32
 }
 
-// Logits is a row-major (Rows, Cols) matrix of float32 logits.
+// Logits is a row-major (Rows, Cols) matrix of float32 logits, and with
+// RowMax each row's largest value.
 type Logits struct {
 	Rows, Cols int
 	Data       []float32
+	Max        []float32
 }
 
 // Row returns row i.
@@ -193,6 +199,15 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 				data = make([]float32, rows*cols)
 			}
 			out := &Logits{Rows: rows, Cols: cols, Data: data}
+			if r.RowMax && rows > 0 {
+				if cap(r.MaxOut) >= rows {
+					out.Max = r.MaxOut[:rows]
+				} else {
+					out.Max = make([]float32, rows)
+				}
+				pin.Pin(&out.Max[0])
+				a.RowMax = unsafe.Pointer(&out.Max[0])
+			}
 			outs[i] = out
 			if len(out.Data) > 0 {
 				pin.Pin(&out.Data[0])

@@ -224,6 +224,10 @@ typedef struct dimoo_forward_args {
     int32_t vocab_begin;
     int32_t vocab_end;
     float *logits;
+    /* Optional (NULL: none), with logits: the largest logit of each output
+     * row over the column range, for ML-Cache's max-logit selection without
+     * another pass over the logits. */
+    float *row_max;
 } dimoo_forward_args;
 
 /* Runs n_args forwards, one per distinct seq; a backend may batch them

@@ -288,6 +288,17 @@ private:
         rmsnorm_rows(att_.data(), m_.wf(WeightKind::FinalNorm), h_.data(), O, d, c.rms_norm_eps);
         const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end;
         gemm(O, h_.data(), d, m_.w(WeightKind::Head), ve - vb, d, a.logits, false, vb);
+        if (a.row_max) {
+            const int n = ve - vb;
+#pragma omp parallel for schedule(static)
+            for (int i = 0; i < O; i++) {
+                const float *r = a.logits + size_t(i) * n;
+                float m = r[0];
+#pragma omp simd reduction(max : m)
+                for (int j = 1; j < n; j++) m = r[j] > m ? r[j] : m;
+                a.row_max[i] = m;
+            }
+        }
     }
 
     const CpuModel &m_;

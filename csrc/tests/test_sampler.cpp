@@ -122,7 +122,8 @@ TEST(Sampler, FusedEqualsFullArgmax) {
         reference(a, want, cw);
         for (int i = 0; i < k.n; i++) {
             ASSERT_EQ(got[i], want[i]) << "C=" << k.C << " scale=" << k.scale << " tau=" << k.tau << " i=" << i;
-            ASSERT_NEAR(cg[i], cw[i], 1e-9 * std::max(1.0, std::fabs(cw[i])));
+            // float exps in the softmax sum: ~1e-7 against libm in double
+            ASSERT_NEAR(cg[i], cw[i], 2e-6 * std::max(1.0, std::fabs(cw[i])));
         }
     }
 }

@@ -11,6 +11,7 @@
 #include <memory>
 
 #include "cpu/gemm.h"
+#include "vecmath.h"
 #include "vq/vq.h"
 
 namespace dimoo::vq {
@@ -30,28 +31,6 @@ constexpr int kWinogradMinChannels = 8;
 
 int64_t block_rows(int cout, int64_t total) {
     return std::min<int64_t>(total, std::max<int64_t>(256, kBlockFloats / std::max(cout, 1)));
-}
-
-// exp(x) for x in [-87, 88] to about 2 ulp, written so that loops over it
-// vectorize: 2^n by exponent bits times a degree-7 Taylor polynomial of
-// exp(r), |r| <= ln2/2. Inputs outside the range are clamped.
-inline float exp_clamped(float x) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
-    const float t = x * 1.44269504088896341f;
-    const float n = (t + 12582912.0f) - 12582912.0f; // round to nearest
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606820309417232e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
-    float s;
-    std::memcpy(&s, &bits, 4);
-    return p * s;
 }
 
 inline float silu1(float v) { return v / (1.0f + exp_clamped(-v)); }
