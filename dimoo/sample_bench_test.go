@@ -3,6 +3,8 @@ package dimoo
 import (
 	"fmt"
 	"math/rand"
+	"os"
+	"runtime"
 	"testing"
 )
 
@@ -37,6 +39,10 @@ func BenchmarkSampleImage(b *testing.B) {
 			codes, conf := make([]int32, n), make([]float64, n)
 			a := imageSampleArgs{logits: lg, rows: [][]int32{nil, nil}, weights: []float32{5, -4}, rngPos: pos,
 				codebook: C, seed: 3, tau: 1}
+			if lockThread {
+				runtime.LockOSThread()
+				defer runtime.UnlockOSThread()
+			}
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				a.step = i
@@ -48,3 +54,5 @@ func BenchmarkSampleImage(b *testing.B) {
 		})
 	}
 }
+
+var lockThread = os.Getenv("LOCK") != ""

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"runtime"
 	"slices"
 )
 
@@ -137,6 +138,11 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
+	// One OS thread for every library call of the decode: OpenMP keeps a
+	// worker pool per calling thread, and a goroutine that hops threads
+	// between calls finds that pool's workers asleep.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	nb := len(d.prefixes)
 	if nb == 0 || nb != len(d.weights) || nb > s.opts.Seqs {
 		return nil, fmt.Errorf("%w: %d guidance branches for a session of %d sequences", ErrInvalidArgument, nb, s.opts.Seqs)

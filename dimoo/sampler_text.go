@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"runtime"
 	"sort"
 )
 
@@ -92,6 +93,8 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 	if guided && s.opts.Seqs < 2 {
 		return nil, fmt.Errorf("%w: guidance needs a session of 2 sequences", ErrInvalidArgument)
 	}
+	runtime.LockOSThread() // one OpenMP worker pool for the whole decode (see imageDecode.run)
+	defer runtime.UnlockOSThread()
 	x := append([]int32(nil), d.seq...)
 	mask := d.special.Mask
 	// The unconditional pass masks every position that was not masked at the start.
