@@ -3,7 +3,6 @@ package dimoo
 import (
 	"fmt"
 	"math/rand"
-	"os"
 	"runtime"
 	"testing"
 )
@@ -39,10 +38,8 @@ func BenchmarkSampleImage(b *testing.B) {
 			codes, conf := make([]int32, n), make([]float64, n)
 			a := imageSampleArgs{logits: lg, rows: [][]int32{nil, nil}, weights: []float32{5, -4}, rngPos: pos,
 				codebook: C, seed: 3, tau: 1}
-			if lockThread {
-				runtime.LockOSThread()
-				defer runtime.UnlockOSThread()
-			}
+			runtime.LockOSThread() // as imageDecode.run does
+			defer runtime.UnlockOSThread()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				a.step = i
@@ -54,5 +51,3 @@ func BenchmarkSampleImage(b *testing.B) {
 		})
 	}
 }
-
-var lockThread = os.Getenv("LOCK") != ""
