@@ -1,20 +1,20 @@
 // Fused guidance + Gumbel-max + confidence for the image sampler, one step.
 //
 // The Go sampler spent most of its time outside the forward drawing one
-// Philox block and two libm logs per (position, code). Here the noise is
-// drawn only for codes that can still win (an exact bound: no Gumbel draw
-// exceeds 23), one Philox block gives four codes' noise, the softmax sum
-// is a branch-free polynomial exp the compiler vectorises (double
-// precision, within a few ulp of libm, so decisions match the float64
-// PyTorch re-statement), and positions are split over the OpenMP threads.
+// Philox block and two libm logs per (position, code). Here the Philox
+// blocks run vectorised, four codes to a block; the logs (double, within a
+// few ulp of libm, so decisions match the float64 PyTorch re-statement)
+// are taken only for codes that can still win, by two exact bounds (on the
+// logit, and on the raw Philox word); the softmax sum uses vectorised float
+// exps; positions are split over the OpenMP threads.
 #include "sampler.h"
-
-#include "vecmath.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "vecmath.h"
 
 namespace dimoo::cpu {
 namespace {
@@ -54,39 +54,6 @@ inline double log_pos(double x) {
     const double hfsq = 0.5 * f * f, dk = double(e);
     return dk * 6.93147180369123816490e-01 -
            ((hfsq - (s * (hfsq + t1 + t2) + dk * 1.90821492927058770002e-10)) - f);
-}
-
-// exp(x) for x <= 0 (0 below -708): x = k ln2 + r, |r| <= ln2/2, Taylor to
-// degree 13 (truncation < 1e-17 relative), times 2^k built in the exponent.
-inline double exp_nonpos(double x) {
-    x = x < -708.0 ? -708.0 : x;
-    // Round x / ln2 to an integer by adding 1.5 * 2^52: the sum's low bits
-    // then hold k in two's complement (integer-only, so it vectorises).
-    const double shifter = 6755399441055744.0;
-    const double t = x * 1.4426950408889634 + shifter;
-    const double kf = t - shifter;
-    uint64_t tb;
-    std::memcpy(&tb, &t, 8);
-    const int64_t k = int64_t(tb) - int64_t(0x4338000000000000LL);
-    const double r = (x - kf * 6.93147180369123816490e-01) - kf * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    const uint64_t eb = uint64_t(k + 1023) << 52;
-    double scale;
-    std::memcpy(&scale, &eb, 8);
-    return p * scale;
 }
 
 inline double uniform_of(uint32_t w) { return (double(w) + 0.5) * (1.0 / 4294967296.0); }
@@ -288,7 +255,7 @@ void sample_image(const dimoo_sample_args &a) {
                 }
             }
             const double sum = sum_exp(guided.data(), etmp.data(), C, mxf);
-            double conf = std::log(std::fmax(exp_nonpos(double(guided[best]) - mx) / sum, 1e-20));
+            double conf = std::log(std::fmax(std::exp(double(guided[best]) - mx) / sum, 1e-20));
             if (tau > 0) conf += tau * gumbel_noise(a.seed, a.step, a.rng_pos[i], kPurposeRemask, 0);
             a.out_codes[i] = best;
             a.out_conf[i] = conf;
