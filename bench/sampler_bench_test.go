@@ -36,7 +36,7 @@ func BenchmarkImageSamplerOverhead(b *testing.B) {
 	uncond := []int32{1, 2, 3, 4, 5, 6, 7, 996, 20}
 	for _, cache := range []bool{false, true} {
 		b.Run(fmt.Sprintf("cache=%v", cache), func(b *testing.B) {
-			var outside, inside time.Duration
+			var outside, inside, sampling time.Duration
 			for i := 0; i < b.N; i++ {
 				s, err := m.NewSession(dimoo.SessionOptions{MaxTokens: len(cond) + len(answer), Seqs: 2, KVCache: cache})
 				if err != nil {
@@ -52,6 +52,8 @@ func BenchmarkImageSamplerOverhead(b *testing.B) {
 					b.Fatal(err)
 				}
 				_, fwd := s.ForwardStats()
+				_, smp := s.SampleStats()
+				sampling += smp
 				s.Close()
 				inside += fwd
 				outside += total - fwd
@@ -59,6 +61,7 @@ func BenchmarkImageSamplerOverhead(b *testing.B) {
 			b.ReportMetric(100*outside.Seconds()/inside.Seconds(), "%outside-forward")
 			b.ReportMetric(float64(outside.Microseconds())/float64(b.N*steps), "us-outside/step")
 			b.ReportMetric(float64(inside.Microseconds())/float64(b.N*steps), "us-forward/step")
+			b.ReportMetric(float64(sampling.Microseconds())/float64(b.N*steps), "us-sampling/step")
 		})
 	}
 }

@@ -134,6 +134,10 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_sample_args, rng_pos),
     DIMOO_FIELD(dimoo_sample_args, out_codes),
     DIMOO_FIELD(dimoo_sample_args, out_conf),
+    DIMOO_FIELD(dimoo_sample_args, out_selected),
+    DIMOO_FIELD(dimoo_sample_args, n_select),
+    DIMOO_FIELD(dimoo_sample_args, top_logp),
+    DIMOO_FIELD(dimoo_sample_args, top_logp_valid),
     DIMOO_FIELD(dimoo_model_config, d_model),
     DIMOO_FIELD(dimoo_model_config, n_layers),
     DIMOO_FIELD(dimoo_model_config, n_heads),
@@ -299,6 +303,10 @@ int32_t dimoo_sample_image(dimoo_runtime *rt, const dimoo_sample_args *a) {
                         "n_branches must be in 1.." + std::to_string(DIMOO_MAX_BRANCHES));
         DIMOO_CHECK_ARG(a->n_codes >= 1, "n_codes must be >= 1");
         DIMOO_CHECK_ARG(a->temperature >= 0 && std::isfinite(a->temperature), "temperature must be finite and >= 0");
+        DIMOO_CHECK_ARG(a->n_select >= 0 && a->n_select <= a->n_pos,
+                        "n_select must be in 0..n_pos, got " + std::to_string(a->n_select));
+        DIMOO_CHECK_ARG(a->n_select == 0 || a->out_selected, "n_select > 0 needs out_selected");
+        DIMOO_CHECK_ARG(!a->top_logp_valid || a->top_logp, "top_logp_valid needs top_logp");
         if (a->n_pos == 0) return;
         DIMOO_CHECK_ARG(a->rng_pos && a->out_codes && a->out_conf, "NULL rng_pos or output");
         for (int b = 0; b < a->n_branches; b++) {

@@ -65,6 +65,10 @@ type cSampleArgs struct {
 	RNGPos      unsafe.Pointer    `c:"rng_pos"`
 	OutCodes    unsafe.Pointer    `c:"out_codes"`
 	OutConf     unsafe.Pointer    `c:"out_conf"`
+	OutSelected unsafe.Pointer    `c:"out_selected"`
+	NSelect     int32             `c:"n_select"`
+	TopLogp     unsafe.Pointer    `c:"top_logp"`
+	TopValid    unsafe.Pointer    `c:"top_logp_valid"`
 }
 
 // maxBranches is DIMOO_MAX_BRANCHES: guidance branches one sampling call takes.

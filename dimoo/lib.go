@@ -13,7 +13,7 @@ import (
 )
 
 // ABIVersion is the DIMOO_ABI_VERSION this package was written against.
-const ABIVersion = 2
+const ABIVersion = 3
 
 // EnvLibrary names the environment variable that points at libdimoo.
 const EnvLibrary = "DIMOO_LIBRARY"
@@ -26,6 +26,7 @@ type Library struct {
 	Source string // how it was found: "option", "$DIMOO_LIBRARY", "executable", "source tree"
 
 	handle uintptr
+	native nativeThread // where OpenMP-computing calls run
 
 	// const char *dimoo_version(void) and friends: see include/dimoo.h for
 	// each prototype; the Go signatures mirror them one to one.

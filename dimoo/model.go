@@ -274,14 +274,16 @@ func (m *Model) setWeight(info TensorInfo, data []byte) error {
 		return errClosed
 	}
 	p, sp, nd := tensorArgs(info, data)
-	st := m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
+	var st int32
+	m.rt.lib.native.do(func() { st = m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data))) })
 	return statusError(st, "dimoo_model_set_weight", func() string { return m.rt.lib.modelError(m.h) })
 }
 
 func (m *Model) finalize() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	st := m.rt.lib.modelFinalize(m.h)
+	var st int32
+	m.rt.lib.native.do(func() { st = m.rt.lib.modelFinalize(m.h) })
 	return statusError(st, "dimoo_model_finalize", func() string { return m.rt.lib.modelError(m.h) })
 }
 

@@ -87,7 +87,8 @@ func (r *Runtime) RMSNorm(dt DType, x, w, out unsafe.Pointer, rows, cols int, ep
 	if r.h == 0 {
 		return errClosed
 	}
-	st := r.lib.opRMSNorm(r.h, int32(dt), x, w, out, int32(rows), int32(cols), eps)
+	var st int32
+	r.lib.native.do(func() { st = r.lib.opRMSNorm(r.h, int32(dt), x, w, out, int32(rows), int32(cols), eps) })
 	return statusError(st, "dimoo_op_rmsnorm", func() string { return r.lib.runtimeError(r.h) })
 }
 

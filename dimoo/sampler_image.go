@@ -5,8 +5,8 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"runtime"
 	"slices"
+	"time"
 )
 
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
@@ -138,11 +138,15 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
-	// One OS thread for every library call of the decode: OpenMP keeps a
-	// worker pool per calling thread, and a goroutine that hops threads
-	// between calls finds that pool's workers asleep.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
+	// The whole decode runs on the library's native thread (see
+	// nativeThread): its forwards and sampling calls need no hand-off.
+	var out []int32
+	var err error
+	s.m.rt.lib.native.do(func() { out, err = d.decode(ctx, s, o, h) })
+	return out, err
+}
+
+func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h imageHooks) ([]int32, error) {
 	nb := len(d.prefixes)
 	if nb == 0 || nb != len(d.weights) || nb > s.opts.Seqs {
 		return nil, fmt.Errorf("%w: %d guidance branches for a session of %d sequences", ErrInvalidArgument, nb, s.opts.Seqs)
@@ -168,6 +172,14 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 	outBuf := make([][]float32, nb)     // per-branch forward outputs, reused across steps
 	useMax := make([][]float32, nb)     // row maxima of cached steps' outputs, reused
 	toCompute := make([][]int32, nb)
+	// ML-Cache: per answer position, log softmax(l)[argmax] of its guided
+	// row, valid while no branch's row there is recomputed: the library's
+	// selection then need not read the row.
+	var topLogp []float64
+	var topValid []uint8
+	if o.UseCache {
+		topLogp, topValid = make([]float64, len(answer)), make([]uint8, len(answer))
+	}
 	for t := 0; t < o.Steps && len(masked) > 0; t++ {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
@@ -244,44 +256,94 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 				r[i] = int32(P + p)
 			}
 			sa.rows[b] = r
+			if reqs[b].CacheMode == CacheStore {
+				clear(topValid)
+			} else {
+				for _, p := range reqs[b].Compute {
+					if q := int(p) - P; q >= 0 && q < len(answer) {
+						topValid[q] = 0
+					}
+				}
+			}
+		}
+		if o.UseCache {
+			sa.topLogp, sa.topValid = make([]float64, len(masked)), make([]uint8, len(masked))
+			for i, p := range masked {
+				sa.topLogp[i], sa.topValid[i] = topLogp[p], topValid[p]
+			}
 		}
 		codes := make([]int32, len(masked))
 		conf := make([]float64, len(masked))
-		if err := s.m.rt.sampleImage(sa, codes, conf); err != nil {
-			return nil, err
+		// Keep what the library wrote to topLogp once the call is made.
+		saveTop := func() {
+			for i, p := range masked {
+				topLogp[p], topValid[p] = sa.topLogp[i], 1
+			}
 		}
-		for i, p := range masked {
-			answer[p] = int32(off) + codes[i]
-		}
-
-		var st *StepTrace
-		if h.step != nil {
-			st = &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: sa.rowsOf(len(masked))}
+		if h.step == nil {
+			// Only the len(masked) - keep positions to unmask are needed: the
+			// library draws those it must to find them (exactly the ones
+			// the full draw and sort below would pick).
+			if keep < len(masked) {
+				sel := make([]int32, len(masked)-keep)
+				t0 := time.Now()
+				err := s.m.rt.sampleImageSelect(sa, codes, conf, sel)
+				s.addSample(time.Since(t0))
+				if err != nil {
+					return nil, err
+				}
+				if o.UseCache {
+					saveTop()
+				}
+				still := make([]int, 0, keep)
+				k := 0
+				for i, p := range masked {
+					if k < len(sel) && int(sel[k]) == i {
+						answer[p] = int32(off) + codes[i]
+						k++
+					} else {
+						still = append(still, p)
+					}
+				}
+				masked = still
+			}
+		} else {
+			t0 := time.Now()
+			err := s.m.rt.sampleImage(sa, codes, conf)
+			s.addSample(time.Since(t0))
+			if err != nil {
+				return nil, err
+			}
+			if o.UseCache {
+				saveTop()
+			}
+			for i, p := range masked {
+				answer[p] = int32(off) + codes[i]
+			}
+			st := &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: sa.rowsOf(len(masked))}
 			for _, p := range masked {
 				st.RNGPos = append(st.RNGPos, len(d.prefixes[0])+p)
 				st.Sampled = append(st.Sampled, answer[p]-int32(off))
 			}
-		}
-		// Re-mask the keep lowest-confidence positions (ties: earlier first).
-		if keep >= len(masked) {
-			for _, p := range masked {
-				answer[p] = mask
+			// Re-mask the keep lowest-confidence positions (ties: earlier first).
+			if keep >= len(masked) {
+				for _, p := range masked {
+					answer[p] = mask
+				}
+			} else {
+				order := make([]int, len(masked))
+				for i := range order {
+					order[i] = i
+				}
+				slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(conf[a], conf[b]) })
+				still := make([]int, 0, keep)
+				for _, i := range order[:keep] {
+					answer[masked[i]] = mask
+					still = append(still, masked[i])
+				}
+				slices.Sort(still)
+				masked = still
 			}
-		} else {
-			order := make([]int, len(masked))
-			for i := range order {
-				order[i] = i
-			}
-			slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(conf[a], conf[b]) })
-			still := make([]int, 0, keep)
-			for _, i := range order[:keep] {
-				answer[masked[i]] = mask
-				still = append(still, masked[i])
-			}
-			slices.Sort(still)
-			masked = still
-		}
-		if st != nil {
 			st.Remasked = append([]int{}, masked...)
 			h.step(*st)
 		}

@@ -110,3 +110,49 @@ func TestSamplerReplay(t *testing.T) {
 		}
 	}
 }
+
+// The decode loop asks the library only for the positions it unmasks
+// (n_select) unless a step hook wants every draw; both must decode the same
+// image, step for step (the replay above checks the full draw). A 20x20
+// grid in 6 steps unmasks up to ~100 positions a step, so the library's
+// selection runs several rounds.
+func TestImageSelectMatchesFullDraw(t *testing.T) {
+	dir := testdataDir("official-small")
+	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
+	sp, err := LoadSpecialTokens(dir)
+	require.NoError(t, err)
+	answer := []int32{sp.BOA, sp.BOI}
+	for r := 0; r < 20; r++ {
+		for c := 0; c < 20; c++ {
+			answer = append(answer, sp.Mask)
+		}
+		answer = append(answer, sp.Newline)
+	}
+	answer = append(answer, sp.EOI, sp.EOA)
+	cond, uncond := []int32{1, 2, 3, 4, 5, 6, 7, 8, 9}, []int32{1, 2, sp.Uncondition, 9}
+	for _, cache := range []bool{false, true} {
+		for _, tau := range []float64{1, 0.4, 0} {
+			o := ImageSampling{Steps: 6, Temperature: tau, Seed: 5, UseCache: cache, CacheRatio: 0.5,
+				WarmupRatio: 0.25, RefreshInterval: 2}
+			decode := func(full bool) ([]int32, []TraceCall) {
+				s, err := m.NewSession(SessionOptions{MaxTokens: len(cond) + len(answer), Seqs: 2, KVCache: true})
+				require.NoError(t, err)
+				defer s.Close()
+				d := &imageDecode{prefixes: [][]int32{cond, uncond}, answer: answer, weights: []float32{3, -2},
+					special: sp, codebook: int(sp.Codebook)}
+				var calls []TraceCall
+				h := imageHooks{trace: func(c TraceCall) { calls = append(calls, c) }}
+				if full {
+					h.step = func(StepTrace) {}
+				}
+				out, err := d.run(context.Background(), s, o, h)
+				require.NoError(t, err)
+				return out, calls
+			}
+			want, wantCalls := decode(true)
+			got, gotCalls := decode(false)
+			assert.Equal(t, want, got, "cache=%v temperature=%g", cache, tau)
+			assert.Equal(t, wantCalls, gotCalls, "every forward's input, cache=%v temperature=%g", cache, tau)
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"runtime"
 	"sort"
 )
 
@@ -93,8 +92,15 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 	if guided && s.opts.Seqs < 2 {
 		return nil, fmt.Errorf("%w: guidance needs a session of 2 sequences", ErrInvalidArgument)
 	}
-	runtime.LockOSThread() // one OpenMP worker pool for the whole decode (see imageDecode.run)
-	defer runtime.UnlockOSThread()
+	// On the library's native thread, as the image decode (see nativeThread).
+	var out []int32
+	var err error
+	s.m.rt.lib.native.do(func() { out, err = d.decode(ctx, s, o, h, stepHook, guided) })
+	return out, err
+}
+
+func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h imageHooks,
+	stepHook func(TextStepTrace), guided bool) ([]int32, error) {
 	x := append([]int32(nil), d.seq...)
 	mask := d.special.Mask
 	// The unconditional pass masks every position that was not masked at the start.

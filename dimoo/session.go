@@ -44,6 +44,25 @@ type Session struct {
 	h           uintptr
 	forwardTime time.Duration // wall time spent inside dimoo_forward
 	forwards    int
+	sampleTime  time.Duration // wall time the decode loops spent in the library's samplers
+	samples     int
+}
+
+// SampleStats reports how many library sampling calls the session's decode
+// loops made and the wall time they took (a part of what is spent outside
+// the forwards).
+func (s *Session) SampleStats() (calls int, total time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.samples, s.sampleTime
+}
+
+// addSample records one sampling call.
+func (s *Session) addSample(d time.Duration) {
+	s.mu.Lock()
+	s.samples++
+	s.sampleTime += d
+	s.mu.Unlock()
 }
 
 // NewSession allocates a session for the model.
@@ -240,7 +259,8 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 	}
 	pin.Pin(&args[0])
 	t0 := time.Now()
-	st := s.m.rt.lib.forward(s.h, &args[0], int32(len(args)))
+	var st int32
+	s.m.rt.lib.native.do(func() { st = s.m.rt.lib.forward(s.h, &args[0], int32(len(args))) })
 	s.forwardTime += time.Since(t0)
 	s.forwards++
 	close(stop)

@@ -283,14 +283,16 @@ func (m *VQModel) setWeight(info TensorInfo, data []byte) error {
 		return errClosed
 	}
 	p, sp, nd := tensorArgs(info, data)
-	st := m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
+	var st int32
+	m.rt.lib.native.do(func() { st = m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data))) })
 	return statusError(st, "dimoo_vq_set_weight", m.errMsg)
 }
 
 func (m *VQModel) finalize() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	st := m.rt.lib.vqFinalize(m.h)
+	var st int32
+	m.rt.lib.native.do(func() { st = m.rt.lib.vqFinalize(m.h) })
 	return statusError(st, "dimoo_vq_finalize", m.errMsg)
 }
 
@@ -351,7 +353,8 @@ func (m *VQModel) run(ctx context.Context, op string, f func(h uintptr) int32) e
 			m.rt.lib.vqCancel(h)
 		}
 	})
-	st := f(h)
+	var st int32
+	m.rt.lib.native.do(func() { st = f(h) })
 	stop()
 	m.cancelMu.Lock()
 	m.call++ // a cancel that fires from now on finds another id

@@ -40,7 +40,7 @@ extern "C" {
 #define DIMOO_API __attribute__((visibility("default")))
 #endif
 
-#define DIMOO_ABI_VERSION 2 /* 2: dimoo_sample_image */
+#define DIMOO_ABI_VERSION 3 /* 2: dimoo_sample_image; 3: its n_select */
 
 /* ---- status codes --------------------------------------------------------- */
 
@@ -124,7 +124,19 @@ DIMOO_API int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void 
  * with w word (index & 3) of Philox4x32-10 on the counter
  * (pos, index >> 2, step, purpose) under the key (seed low, seed high 32 bits).
  * Host memory; runs on the CPU threads of any runtime (the CUDA sampler over
- * device logits is a later addition). */
+ * device logits is a later addition).
+ *
+ * n_select = 0 draws every position. n_select = k in 1..n_pos asks only for
+ * the k positions that a stable ascending sort by conf puts last (those the
+ * image sampler unmasks: the largest by (conf_i, i)); their indices go to
+ * out_selected in increasing order, and out_codes/out_conf are exact there.
+ * The library may then skip drawing positions that cannot be among them
+ * (their out_codes is -1, their out_conf unspecified).
+ *
+ * top_logp, when not NULL, receives log softmax(l)[argmax l] of every
+ * position. Where top_logp_valid (may be NULL) is nonzero the value there is
+ * taken as given instead: a caller whose rows did not change since a
+ * previous call (ML-Cache) saves reading them when n_select > 0. */
 typedef struct dimoo_sample_args {
     int32_t n_pos;
     int32_t n_branches; /* 1 .. DIMOO_MAX_BRANCHES */
@@ -139,6 +151,10 @@ typedef struct dimoo_sample_args {
     const int32_t *rng_pos;             /* [n_pos] */
     int32_t *out_codes;                 /* [n_pos] */
     double *out_conf;                   /* [n_pos] */
+    int32_t *out_selected;              /* [n_select], when n_select > 0 */
+    int32_t n_select;
+    double *top_logp;                   /* [n_pos] or NULL */
+    const uint8_t *top_logp_valid;      /* [n_pos] or NULL */
 } dimoo_sample_args;
 
 DIMOO_API int32_t dimoo_sample_image(dimoo_runtime *rt, const dimoo_sample_args *args);

@@ -3,6 +3,7 @@
 // and a full argmax over every code (no pruning).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -88,7 +89,7 @@ void reference(const dimoo_sample_args &a, std::vector<int32_t> &codes, std::vec
     }
 }
 
-TEST(Sampler, FusedEqualsFullArgmax) {
+void check_fused() {
     // Flat logits (little pruning), peaked ones (most codes pruned), codebooks
     // not a multiple of 4, one to four branches, greedy and noisy draws.
     const Case cases[] = {{64, 512, 2, 0.05f, 1.0f}, {64, 512, 2, 3.0f, 1.0f},  {50, 8192, 3, 2.0f, 1.0f},
@@ -128,6 +129,102 @@ TEST(Sampler, FusedEqualsFullArgmax) {
     }
 }
 
+// Both kernel sets: AVX-512 where the CPU has it, and the portable one.
+TEST(Sampler, FusedEqualsFullArgmax) {
+    check_fused();
+    if (dimoo::cpu::set_avx512(false)) {
+        check_fused();
+        dimoo::cpu::set_avx512(true);
+    }
+}
+
+// The n_select positions a stable ascending sort by conf puts last, in
+// increasing order: the image sampler's unmasking rule.
+std::vector<int32_t> last_by_conf(const std::vector<double> &conf, int m) {
+    std::vector<int32_t> order(conf.size());
+    for (size_t i = 0; i < order.size(); i++) order[i] = int32_t(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return conf[x] < conf[y]; });
+    std::vector<int32_t> sel(order.end() - m, order.end());
+    std::sort(sel.begin(), sel.end());
+    return sel;
+}
+
+void check_selection() {
+    // Asking only for the positions to unmask (n_select) gives the positions,
+    // codes and scores that drawing every position and sorting gives: flat
+    // and peaked logits, several temperatures, every share unmasked, and
+    // exact ties (positions sharing rows and noise).
+    std::mt19937 rng(11);
+    const struct {
+        int n, C;
+        float scale, tau;
+    } cases[] = {{97, 512, 0.2f, 1.0f}, {97, 512, 3.0f, 1.0f}, {64, 300, 1.0f, 0.5f},
+                 {40, 64, 1.0f, 3.0f},  {50, 128, 0.5f, 0.0f}, {33, 512, 0.01f, 1.0f}};
+    for (const auto &k : cases) {
+        const int nrows = k.n;
+        std::normal_distribution<float> nd(0.0f, k.scale);
+        std::vector<float> l0(size_t(nrows) * k.C), l1(l0.size());
+        for (auto &x : l0) x = nd(rng);
+        for (size_t q = 0; q < l1.size(); q++) l1[q] = l0[q] + 0.3f * nd(rng);  // correlated, as CFG's are
+        std::vector<int32_t> pos(k.n), rows(k.n);
+        for (int i = 0; i < k.n; i++) pos[i] = 30 + i, rows[i] = i;
+        // Positions 5 and 9 (and 20, 21) share rows and noise: exact ties.
+        rows[9] = rows[5], pos[9] = pos[5], rows[21] = rows[20], pos[21] = pos[20];
+        dimoo_sample_args a{};
+        a.n_pos = k.n, a.n_branches = 2, a.n_codes = k.C, a.seed = 99, a.temperature = k.tau;
+        a.weights[0] = 3.0f, a.weights[1] = -2.0f;
+        a.logits[0] = l0.data(), a.logits[1] = l1.data(), a.n_rows[0] = a.n_rows[1] = nrows;
+        a.rows[0] = a.rows[1] = rows.data();
+        a.rng_pos = pos.data();
+        for (int step = 0; step < 3; step++) {
+            a.step = step;
+            std::vector<int32_t> codes(k.n), want_codes(k.n);
+            std::vector<double> conf(k.n), want_conf(k.n);
+            a.out_codes = want_codes.data(), a.out_conf = want_conf.data(), a.n_select = 0;
+            dimoo::cpu::sample_image(a);
+            for (int m : {1, 2, 5, k.n / 3, k.n / 2, k.n - 1, k.n}) {
+                const std::vector<int32_t> want = last_by_conf(want_conf, m);
+                std::vector<int32_t> sel(m);
+                a.out_codes = codes.data(), a.out_conf = conf.data(), a.n_select = m, a.out_selected = sel.data();
+                dimoo::cpu::sample_image(a);
+                ASSERT_EQ(sel, want) << "C=" << k.C << " tau=" << k.tau << " m=" << m;
+                // With few to unmask and noise, most positions need no draw
+                // (code -1): the point of n_select.
+                const auto drawn = std::count_if(codes.begin(), codes.end(), [](int32_t c) { return c >= 0; });
+                if (k.tau > 0 && m <= 2) EXPECT_LT(drawn, k.n) << "m=" << m;
+                for (int i : sel) {
+                    ASSERT_EQ(codes[i], want_codes[i]);
+                    ASSERT_EQ(conf[i], want_conf[i]);
+                }
+                // Given every position's top log-probability from an earlier
+                // call (rows unchanged), the library need not read the rows
+                // for its bounds: same selection.
+                std::vector<double> tl(k.n), tl2(k.n);
+                std::vector<uint8_t> valid(k.n);
+                for (int i = 0; i < k.n; i++) valid[i] = i % 3 != 0;  // some still to compute
+                a.top_logp = tl.data(), a.top_logp_valid = nullptr;
+                dimoo::cpu::sample_image(a);
+                tl2 = tl;
+                for (int i = 0; i < k.n; i++) tl2[i] = valid[i] ? tl[i] : -1e300;  // must be overwritten
+                std::vector<int32_t> sel2(m);
+                a.top_logp = tl2.data(), a.top_logp_valid = valid.data(), a.out_selected = sel2.data();
+                dimoo::cpu::sample_image(a);
+                ASSERT_EQ(sel2, want) << "with top_logp, m=" << m;
+                ASSERT_EQ(tl2, tl);
+                a.top_logp = nullptr, a.top_logp_valid = nullptr;
+            }
+        }
+    }
+}
+
+TEST(Sampler, SelectionEqualsFullDrawAndSort) {
+    check_selection();
+    if (dimoo::cpu::set_avx512(false)) {
+        check_selection();
+        dimoo::cpu::set_avx512(true);
+    }
+}
+
 TEST(Sampler, ApiRejectsBadArguments) {
     dimoo_runtime *rt = nullptr;
     char err[256];
@@ -155,6 +252,13 @@ TEST(Sampler, ApiRejectsBadArguments) {
     bad(b, "temperature");
     b = a, b.n_rows[0] = 1;
     bad(b, "fewer rows");
+    b = a, b.n_select = 3;
+    bad(b, "n_select");
+    b = a, b.n_select = 1;
+    bad(b, "out_selected");
+    std::vector<uint8_t> valid(2, 1);
+    b = a, b.top_logp_valid = valid.data();
+    bad(b, "top_logp");
     EXPECT_EQ(dimoo_sample_image(rt, nullptr), DIMOO_ERR_INVALID_ARGUMENT);
     dimoo_runtime_destroy(rt);
 }

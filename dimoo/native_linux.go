@@ -1,0 +1,7 @@
+package dimoo
+
+import "syscall"
+
+const nativeThreadSupported = true
+
+func threadID() int { return syscall.Gettid() }
