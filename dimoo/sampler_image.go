@@ -72,20 +72,73 @@ func keepMasked(n, t, steps int) int {
 
 // quantileF32 is torch.quantile's linear interpolation on float32 data.
 func quantileF32(v []float32, q float64) float32 {
-	s := append([]float32(nil), v...)
-	slices.Sort(s)
+	var scratch []float32
+	return quantileInto(v, q, &scratch)
+}
+
+// quantileInto is quantileF32 with a reusable scratch buffer, by selection
+// rather than a full sort: the two order statistics it interpolates are the
+// lo-th smallest and the least of those above it.
+func quantileInto(v []float32, q float64, scratch *[]float32) float32 {
+	s := append((*scratch)[:0], v...)
+	*scratch = s
 	rank := float32(q) * float32(len(s)-1)
 	lo := int(rank)
 	hi := lo + 1
 	if hi >= len(s) {
 		hi = len(s) - 1
 	}
+	selectNth(s, lo)
+	a, b := s[lo], s[lo]
+	if hi > lo {
+		b = slices.Min(s[lo+1:])
+	}
 	w := rank - float32(lo)
-	a, b := s[lo], s[hi]
 	if w < 0.5 {
 		return a + w*(b-a)
 	}
 	return b - (b-a)*(1-w)
+}
+
+// selectNth reorders s so that s[k] is the value a sort would put there,
+// with nothing smaller after it (quickselect, median-of-three pivots).
+func selectNth(s []float32, k int) {
+	lo, hi := 0, len(s)-1
+	for hi > lo {
+		mid := lo + (hi-lo)/2
+		if s[mid] < s[lo] {
+			s[mid], s[lo] = s[lo], s[mid]
+		}
+		if s[hi] < s[lo] {
+			s[hi], s[lo] = s[lo], s[hi]
+		}
+		if s[hi] < s[mid] {
+			s[hi], s[mid] = s[mid], s[hi]
+		}
+		pivot := s[mid]
+		i, j := lo, hi
+		for i <= j {
+			for s[i] < pivot {
+				i++
+			}
+			for s[j] > pivot {
+				j--
+			}
+			if i <= j {
+				s[i], s[j] = s[j], s[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k <= j:
+			hi = j
+		case k >= i:
+			lo = i
+		default:
+			return
+		}
+	}
 }
 
 // TraceCall records one forward the sampler made, for fidelity tests and
@@ -180,22 +233,33 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 	if o.UseCache {
 		topLogp, topValid = make([]float64, len(answer)), make([]uint8, len(answer))
 	}
+	// Buffers reused across steps: a step allocates next to nothing, so the
+	// garbage collector stays out of the way of the forwards.
+	reqs := make([]ForwardRequest, nb)
+	posBuf := make([][]int32, nb)
+	sa := imageSampleArgs{codebook: C, seed: o.Seed, tau: o.Temperature, weights: d.weights,
+		logits: make([][]float32, nb), rows: make([][]int32, nb)}
+	rowBuf := make([][]int32, nb)
+	var codes, sel []int32
+	var conf []float64
+	var spare []int
+	var qScratch []float32
 	for t := 0; t < o.Steps && len(masked) > 0; t++ {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
 		}
 		keep := keepMasked(n0, t, o.Steps)
-		reqs := make([]ForwardRequest, nb)
 		for b := range d.prefixes {
 			seqs[b] = append(append(seqs[b][:0], d.prefixes[b]...), answer...)
 			r := ForwardRequest{Seq: b, Tokens: seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C, Out: outBuf[b]}
 			P := int32(len(d.prefixes[b]))
 			switch {
 			case !o.UseCache:
-				r.Positions = make([]int32, len(masked))
-				for i, p := range masked {
-					r.Positions[i] = P + int32(p)
+				posBuf[b] = posBuf[b][:0]
+				for _, p := range masked {
+					posBuf[b] = append(posBuf[b], P+int32(p))
 				}
+				r.Positions = posBuf[b]
 			case refresh[t]:
 				// The whole (T, C) output becomes the branch's logit cache.
 				r.CacheMode = CacheStore
@@ -227,17 +291,17 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 		// Each branch's logits at the masked positions: rows of the forward's
 		// output, or (ML-Cache) of the branch's logit cache, whose row maxima
 		// are kept up to date as rows change.
-		sa := imageSampleArgs{codebook: C, step: t, seed: o.Seed, tau: o.Temperature, weights: d.weights,
-			logits: make([][]float32, nb), rows: make([][]int32, nb), rngPos: make([]int32, len(masked))}
-		for i, p := range masked {
-			sa.rngPos[i] = int32(len(d.prefixes[0]) + p)
+		sa.step = t
+		sa.rngPos = sa.rngPos[:0]
+		for _, p := range masked {
+			sa.rngPos = append(sa.rngPos, int32(len(d.prefixes[0])+p))
 		}
 		for b := range d.prefixes {
 			if reqs[b].CacheMode != CacheStore {
 				outBuf[b] = outs[b].Data
 			}
 			if !o.UseCache {
-				sa.logits[b] = outs[b].Data
+				sa.logits[b], sa.rows[b] = outs[b].Data, nil
 				continue
 			}
 			if reqs[b].CacheMode == CacheStore {
@@ -251,11 +315,11 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 			}
 			sa.logits[b] = logitCache[b]
 			P := len(d.prefixes[b])
-			r := make([]int32, len(masked))
-			for i, p := range masked {
-				r[i] = int32(P + p)
+			rowBuf[b] = rowBuf[b][:0]
+			for _, p := range masked {
+				rowBuf[b] = append(rowBuf[b], int32(P+p))
 			}
-			sa.rows[b] = r
+			sa.rows[b] = rowBuf[b]
 			if reqs[b].CacheMode == CacheStore {
 				clear(topValid)
 			} else {
@@ -267,13 +331,12 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 			}
 		}
 		if o.UseCache {
-			sa.topLogp, sa.topValid = make([]float64, len(masked)), make([]uint8, len(masked))
-			for i, p := range masked {
-				sa.topLogp[i], sa.topValid[i] = topLogp[p], topValid[p]
+			sa.topLogp, sa.topValid = sa.topLogp[:0], sa.topValid[:0]
+			for _, p := range masked {
+				sa.topLogp, sa.topValid = append(sa.topLogp, topLogp[p]), append(sa.topValid, topValid[p])
 			}
 		}
-		codes := make([]int32, len(masked))
-		conf := make([]float64, len(masked))
+		codes, conf = grow(codes, len(masked)), grow(conf, len(masked))
 		// Keep what the library wrote to topLogp once the call is made.
 		saveTop := func() {
 			for i, p := range masked {
@@ -285,7 +348,7 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 			// library draws those it must to find them (exactly the ones
 			// the full draw and sort below would pick).
 			if keep < len(masked) {
-				sel := make([]int32, len(masked)-keep)
+				sel = grow(sel, len(masked)-keep)
 				t0 := time.Now()
 				err := s.m.rt.sampleImageSelect(sa, codes, conf, sel)
 				s.addSample(time.Since(t0))
@@ -295,7 +358,7 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 				if o.UseCache {
 					saveTop()
 				}
-				still := make([]int, 0, keep)
+				still := spare[:0]
 				k := 0
 				for i, p := range masked {
 					if k < len(sel) && int(sel[k]) == i {
@@ -305,7 +368,7 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 						still = append(still, p)
 					}
 				}
-				masked = still
+				masked, spare = still, masked
 			}
 		} else {
 			t0 := time.Now()
@@ -352,7 +415,7 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 		if o.UseCache && t < o.Steps-1 && !refresh[t+1] {
 			for b := range d.prefixes {
 				mx := rowMax[b]
-				thr := quantileF32(mx, 1-o.CacheRatio)
+				thr := quantileInto(mx, 1-o.CacheRatio, &qScratch)
 				toCompute[b] = toCompute[b][:0]
 				for p, v := range mx {
 					if v <= thr {
@@ -366,6 +429,14 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 		}
 	}
 	return answer, nil
+}
+
+// grow returns s resized to n, reallocated only when too small.
+func grow[T any](s []T, n int) []T {
+	if cap(s) < n {
+		return make([]T, n)
+	}
+	return s[:n]
 }
 
 // ImageTokens is an image-decoding problem given as token ids, for callers

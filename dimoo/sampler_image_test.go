@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -169,5 +171,48 @@ func TestCacheRefreshingEveryStepEqualsNoCache(t *testing.T) {
 		cached, err := s.DecodeImage(context.Background(), p, o, nil, nil)
 		require.NoError(t, err)
 		assert.Equal(t, plain, cached, "seed %d", seed)
+	}
+}
+
+// sortedQuantileF32 is the plain statement quantileInto must equal (tests).
+func sortedQuantileF32(v []float32, q float64) float32 {
+	s := append([]float32(nil), v...)
+	slices.Sort(s)
+	rank := float32(q) * float32(len(s)-1)
+	lo := int(rank)
+	hi := lo + 1
+	if hi >= len(s) {
+		hi = len(s) - 1
+	}
+	w := rank - float32(lo)
+	a, b := s[lo], s[hi]
+	if w < 0.5 {
+		return a + w*(b-a)
+	}
+	return b - (b-a)*(1-w)
+}
+
+// The selection-based quantile equals the sort-based statement, duplicates
+// and all (ML-Cache's threshold must not move).
+func TestQuantileSelectEqualsSort(t *testing.T) {
+	rng := rand.New(rand.NewSource(3))
+	var scratch []float32
+	for trial := 0; trial < 2000; trial++ {
+		n := 1 + rng.Intn(400)
+		v := make([]float32, n)
+		levels := 1 + rng.Intn(50) // few distinct values: many ties
+		for i := range v {
+			if trial%2 == 0 {
+				v[i] = float32(rng.Intn(levels))
+			} else {
+				v[i] = float32(rng.NormFloat64())
+			}
+		}
+		q := rng.Float64()
+		if trial%7 == 0 {
+			q = []float64{0, 1, 0.1, 0.5}[trial%4]
+		}
+		want := sortedQuantileF32(v, q)
+		require.Equal(t, want, quantileInto(v, q, &scratch), "n=%d q=%g", n, q)
 	}
 }
