@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"time"
 
 	"golang.org/x/sync/semaphore"
 )
@@ -118,7 +119,24 @@ type ImageRequest struct {
 	CFGScale      float64 // classifier-free guidance (the model's dimoo.json, else 4.0); negative = none
 	Sampling      ImageSampling
 	Progress      func(step, total int)
+	// Stats, when set, receives the decode's timing (benchmarks, telemetry).
+	Stats *DecodeStats
 }
+
+// DecodeStats is where one image decode spent its time: the whole sampling
+// loop (tokenizing and the VQ-VAE excluded), the library's forwards within
+// it, and its sampling calls.
+type DecodeStats struct {
+	Steps    int           // sampling steps run
+	Forwards int           // library forward calls
+	Total    time.Duration // the decode loop, wall time
+	Forward  time.Duration // inside dimoo_forward
+	Sampling time.Duration // inside dimoo_sample_image
+}
+
+// Outside is the loop's time outside the forwards (schedule, sampling,
+// cache bookkeeping, copies).
+func (d DecodeStats) Outside() time.Duration { return d.Total - d.Forward }
 
 func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
 	d := DefaultImageSampling()
@@ -166,7 +184,7 @@ func (p *Pipeline) checkLength(seqs ...[]int32) (int, error) {
 // decodeImage runs the image sampler over branches sharing one answer and
 // decodes the codes to pixels.
 func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
-	gw, gh int, o ImageSampling, progress func(int, int)) (image.Image, error) {
+	gw, gh int, o ImageSampling, progress func(int, int), stats *DecodeStats) (image.Image, error) {
 	seqs := make([][]int32, len(prefixes))
 	for i, pr := range prefixes {
 		seqs[i] = append(append([]int32(nil), pr...), answer...)
@@ -182,9 +200,21 @@ func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights 
 	defer s.Close()
 	d := &imageDecode{prefixes: prefixes, answer: answer, weights: weights, special: p.Special,
 		codebook: int(p.Special.Codebook)}
-	out, err := d.run(ctx, s, o, imageHooks{progress: progress})
+	steps := 0
+	t0 := time.Now()
+	out, err := d.run(ctx, s, o, imageHooks{progress: func(step, total int) {
+		steps = step
+		if progress != nil {
+			progress(step, total)
+		}
+	}})
 	if err != nil {
 		return nil, err
+	}
+	if stats != nil {
+		*stats = DecodeStats{Steps: steps, Total: time.Since(t0)}
+		stats.Forwards, stats.Forward = s.ForwardStats()
+		_, stats.Sampling = s.SampleStats()
 	}
 	return p.VQ.Decode(ctx, p.Special.gridCodes(out, gh, gw), gh, gw)
 }
@@ -222,7 +252,7 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
 	}
 	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
-		req.Progress)
+		req.Progress, req.Stats)
 }
 
 // encodeInput centre-crops and resizes an input image to the aspect bucket
@@ -282,6 +312,7 @@ type EditRequest struct {
 	CFGImage  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
+	Stats     *DecodeStats // the decode's timing, when set
 }
 
 // EditImage applies an instruction to an image.
@@ -340,7 +371,8 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 		weights[0] += float32(req.CFGImage)
 		weights = append(weights, float32(-req.CFGImage))
 	}
-	return p.decodeImage(ctx, prefixes, weights, answer, gw, gh, p.imageSampling(req.Sampling), req.Progress)
+	return p.decodeImage(ctx, prefixes, weights, answer, gw, gh, p.imageSampling(req.Sampling), req.Progress,
+		req.Stats)
 }
 
 // InpaintRequest regenerates a centred rectangle of an image (inpainting)
@@ -355,6 +387,7 @@ type InpaintRequest struct {
 	CFGScale  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
+	Stats     *DecodeStats // the decode's timing, when set
 }
 
 // paintMask maps the centred rectangle (mh x mw of the image) to the code
@@ -429,7 +462,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
 	}
 	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
-		req.Progress)
+		req.Progress, req.Stats)
 }
 
 // UnderstandRequest asks a question about an image.

@@ -92,3 +92,21 @@ func TestPipelineRejectsBadRequests(t *testing.T) {
 	_, err = p.GenerateImage(cctx, ImageRequest{Prompt: "a red circle"})
 	assert.ErrorIs(t, err, ErrCancelled)
 }
+
+// A request's Stats hold the decode's timing: one forward per step, the
+// forwards and the sampling inside the loop's wall time.
+func TestImageRequestStats(t *testing.T) {
+	p := openShipped(t)
+	for _, cache := range []bool{false, true} {
+		var st DecodeStats
+		_, err := p.GenerateImage(context.Background(), ImageRequest{Prompt: "a blue square at the center",
+			Sampling: ImageSampling{Steps: 6, Temperature: 1, UseCache: cache}, Stats: &st})
+		require.NoError(t, err)
+		assert.Equal(t, 6, st.Steps)
+		assert.Equal(t, 6, st.Forwards, "one library forward per step (all branches in one call)")
+		assert.Positive(t, st.Forward)
+		assert.Positive(t, st.Sampling)
+		assert.GreaterOrEqual(t, st.Total, st.Forward+st.Sampling)
+		assert.Equal(t, st.Total-st.Forward, st.Outside())
+	}
+}

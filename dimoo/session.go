@@ -243,28 +243,27 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 		return nil, errClosed
 	}
 	// While the call runs, a cancelled context asks the library to stop
-	// between layers.
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	if ctx.Done() != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			select {
-			case <-ctx.Done():
-				s.m.rt.lib.ctxCancel(s.h)
-			case <-stop:
-			}
-		}()
-	}
+	// between layers. (AfterFunc starts no goroutine unless it fires: a
+	// goroutine per forward woke a thread that competed with the compute.)
+	var cancelMu sync.Mutex
+	running := true
+	stop := context.AfterFunc(ctx, func() {
+		cancelMu.Lock()
+		defer cancelMu.Unlock()
+		if running {
+			s.m.rt.lib.ctxCancel(s.h)
+		}
+	})
 	pin.Pin(&args[0])
 	t0 := time.Now()
 	var st int32
 	s.m.rt.lib.native.do(func() { st = s.m.rt.lib.forward(s.h, &args[0], int32(len(args))) })
 	s.forwardTime += time.Since(t0)
 	s.forwards++
-	close(stop)
-	wg.Wait()
+	stop()
+	cancelMu.Lock() // a cancel in flight finishes; a later one does nothing
+	running = false
+	cancelMu.Unlock()
 	err := statusError(st, "dimoo_forward", func() string { return s.m.rt.lib.ctxError(s.h) })
 	if err != nil {
 		if errors.Is(err, ErrCancelled) && ctx.Err() != nil {

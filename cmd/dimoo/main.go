@@ -28,6 +28,8 @@ Usage:
   dimoo generate   --prompt TEXT --painting_mode inpainting|outpainting --painting_image IMG
   dimoo edit       --prompt TEXT --image_path IMG [--edit_type edit|control|subject|style|dense]
   dimoo understand --prompt QUESTION --image_path IMG [--steps N --gen_length L --block_length B]
+  dimoo bench      [--prompt TEXT --width W --height H --timesteps N --use-cache --runs R]
+                   time text-to-image decodes: forward, outside-forward and sampling per step
   dimoo vq-encode  --vqvae DIR --image IN.png --out codes.txt
   dimoo vq-decode  --vqvae DIR --codes codes.txt --out OUT.png
   dimoo tokenize   --tokenizer FILE TEXT        text to token ids (comma-separated)
@@ -77,6 +79,8 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdEdit(ctx, args[1:], stdout)
 	case "understand":
 		return cmdUnderstand(ctx, args[1:], stdout)
+	case "bench":
+		return cmdBench(ctx, args[1:], stdout)
 	case "tokenize":
 		return cmdTokenize(args[1:], stdout)
 	case "detokenize":

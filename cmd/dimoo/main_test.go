@@ -5,6 +5,8 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -83,4 +85,32 @@ func TestCommandErrors(t *testing.T) {
 	assert.ErrorIs(t, err, dimoo.ErrInvalidArgument)
 	err = run(context.Background(), []string{"info", "--model", t.TempDir()}, &stdout)
 	assert.ErrorIs(t, err, dimoo.ErrBadCheckpoint)
+}
+
+// `dimoo bench` prints a row per timed run and the median, with the
+// outside-forward share consistent with its own columns.
+func TestBenchCommand(t *testing.T) {
+	needLibrary(t)
+	var stdout bytes.Buffer
+	require.NoError(t, run(context.Background(), []string{"bench", "--runs", "2", "--warmup", "0", "--timesteps", "4",
+		"--use-cache"}, &stdout))
+	lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+	require.Len(t, lines, 5, stdout.String())
+	assert.Contains(t, lines[0], "outside/forward")
+	for i, name := range []string{"1", "2", "median"} {
+		f := strings.Fields(lines[i+1])
+		require.Len(t, f, 7, lines[i+1])
+		assert.Equal(t, name, f[0])
+		assert.Equal(t, "4", f[2], "steps")
+		fwd, err := strconv.ParseFloat(f[3], 64)
+		require.NoError(t, err)
+		out, err := strconv.ParseFloat(f[4], 64)
+		require.NoError(t, err)
+		pct, err := strconv.ParseFloat(strings.TrimSuffix(f[6], "%"), 64)
+		require.NoError(t, err)
+		assert.Positive(t, fwd)
+		assert.InDelta(t, 100*out/1000/fwd, pct, 0.02*pct+0.05, "share = outside / forward")
+	}
+	assert.Contains(t, lines[4], "4 steps")
+	assert.Contains(t, lines[4], "ML-Cache true")
 }
