@@ -19,12 +19,8 @@ import (
 // median run. The first --warmup runs are not reported.
 func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	var t taskFlags
-	var f imageFlags
-	t.register(fs)
-	f.register(fs, 4.0)
-	width := fs.Int("width", 0, "image width in pixels (default: the model's native size)")
-	height := fs.Int("height", 0, "image height in pixels")
+	var g t2iFlags
+	g.register(fs)
 	runs := fs.Int("runs", 3, "timed runs")
 	warmup := fs.Int("warmup", 1, "untimed runs first")
 	if err := parseFlags(fs, args); err != nil {
@@ -33,31 +29,22 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	if *runs < 1 || *warmup < 0 {
 		return fmt.Errorf("%w: --runs must be >= 1 and --warmup >= 0", errUsage)
 	}
-	if strings.TrimSpace(t.prompt) == "" {
-		t.prompt = "a red circle at the top left"
+	if strings.TrimSpace(g.prompt) == "" {
+		g.prompt = "a red circle at the top left"
 	}
-	p, err := t.open(ctx)
+	p, o, err := g.open(ctx, fs)
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	f.modelDefaults(p, setFlags(fs), &t, nil)
-	o, err := f.sampling(&t)
-	if err != nil {
-		return err
-	}
-	wd, ht := *width, *height
-	if wd == 0 && ht == 0 {
-		wd, ht = p.NativeSize()
-	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "run\tdecode ms\tsteps\tforward ms/step\toutside us/step\tsampling us/step\toutside/forward\t\n")
 	var all []dimoo.DecodeStats
 	for r := -*warmup; r < *runs; r++ {
 		var st dimoo.DecodeStats
-		o.Seed = t.seed + uint64(max(r, 0))
-		_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: t.prompt, Width: wd, Height: ht,
-			CFGScale: guidance(f.cfgScale), Sampling: o, Stats: &st})
+		o.Seed = g.seed + uint64(max(r, 0))
+		_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: g.prompt, Width: g.width, Height: g.height,
+			CFGScale: guidance(g.cfgScale), Sampling: o, Stats: &st})
 		if err != nil {
 			return err
 		}
@@ -72,7 +59,7 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v\n", wd, ht, o.Steps, f.cfgScale,
+	fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v\n", g.width, g.height, o.Steps, g.cfgScale,
 		o.Temperature, o.UseCache)
 	return nil
 }

@@ -170,14 +170,46 @@ func guidance(s float64) float64 {
 	return s
 }
 
+// t2iFlags are text-to-image's flags (generate, bench): the task's, the
+// sampler's and the output size.
+type t2iFlags struct {
+	taskFlags
+	imageFlags
+	width, height int
+}
+
+func (g *t2iFlags) register(fs *flag.FlagSet) {
+	g.taskFlags.register(fs)
+	g.imageFlags.register(fs, 4.0)
+	fs.IntVar(&g.width, "width", 0, "image width in pixels (default: the model's native size)")
+	fs.IntVar(&g.height, "height", 0, "image height in pixels")
+}
+
+// open loads the pipeline, then settles the sampler (the model's defaults
+// for the flags not given) and the output size (the model's native one
+// when neither side is given).
+func (g *t2iFlags) open(ctx context.Context, fs *flag.FlagSet) (*dimoo.Pipeline, dimoo.ImageSampling, error) {
+	p, err := g.taskFlags.open(ctx)
+	if err != nil {
+		return nil, dimoo.ImageSampling{}, err
+	}
+	g.modelDefaults(p, setFlags(fs), &g.taskFlags, nil)
+	o, err := g.sampling(&g.taskFlags)
+	if err != nil {
+		p.Close()
+		return nil, dimoo.ImageSampling{}, err
+	}
+	if g.width == 0 && g.height == 0 {
+		g.width, g.height = p.NativeSize()
+	}
+	return p, o, nil
+}
+
 func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
-	var t taskFlags
-	var f imageFlags
-	t.register(fs)
-	f.register(fs, 4.0)
-	width := fs.Int("width", 0, "image width in pixels (default: the model's native size)")
-	height := fs.Int("height", 0, "image height in pixels")
+	var g t2iFlags
+	g.register(fs)
+	t, f := &g.taskFlags, &g.imageFlags
 	mode := fs.String("painting_mode", "", "inpainting or outpainting (with --painting_image)")
 	paintImage := fs.String("painting_image", "", "image to inpaint or outpaint")
 	maskH := fs.Float64("mask_h_ratio", 0.5, "painted rectangle's share of the height")
@@ -188,11 +220,11 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	if strings.TrimSpace(t.prompt) == "" {
 		return fmt.Errorf("%w: --prompt is required", errUsage)
 	}
-	o, err := f.sampling(&t)
-	if err != nil {
+	if _, err := f.sampling(t); err != nil {
 		return err
 	}
 	var paint image.Image
+	var err error
 	switch *mode {
 	case "":
 	case "inpainting", "outpainting":
@@ -205,26 +237,18 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	default:
 		return fmt.Errorf("%w: --painting_mode must be inpainting or outpainting, got %q", errUsage, *mode)
 	}
-	p, err := t.open(ctx)
+	p, o, err := g.open(ctx, fs)
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	f.modelDefaults(p, setFlags(fs), &t, nil)
-	if o, err = f.sampling(&t); err != nil {
-		return err
-	}
 	var img image.Image
 	if paint != nil {
 		img, err = p.Inpaint(ctx, dimoo.InpaintRequest{Prompt: t.prompt, Image: paint, Outpaint: *mode == "outpainting",
 			MaskH: *maskH, MaskW: *maskW, InputArea: p.NativeArea(), CFGScale: guidance(f.cfgScale), Sampling: o,
 			Progress: t.progress(*mode)})
 	} else {
-		wd, ht := *width, *height
-		if wd == 0 && ht == 0 {
-			wd, ht = p.NativeSize()
-		}
-		img, err = p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: t.prompt, Width: wd, Height: ht,
+		img, err = p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: t.prompt, Width: g.width, Height: g.height,
 			CFGScale: guidance(f.cfgScale), Sampling: o, Progress: t.progress("generate")})
 	}
 	if err != nil {
