@@ -499,7 +499,7 @@ void sample_image(const dimoo_sample_args &a) {
     const int32_t n = a.n_pos, m = a.n_select;
     std::vector<double> remask(tau > 0 ? n : 0);
     if (m <= 0 || tau == 0) {  // every position (greedy draws cost little)
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
         for (int32_t i0 = 0; i0 < n; i0 += 16) {
             const int32_t cnt = std::min(16, n - i0);
             if (tau > 0) remask_chunk(a, i0, cnt, remask.data() + i0);
@@ -529,7 +529,7 @@ void sample_image(const dimoo_sample_args &a) {
     };
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int32_t i0 = 0; i0 < n; i0 += 16) {
             const int32_t cnt = std::min(16, n - i0);
             remask_chunk(a, i0, cnt, remask.data() + i0);
@@ -562,7 +562,7 @@ void sample_image(const dimoo_sample_args &a) {
                             order.begin());
         }
         while (more) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
             for (int32_t k = done; k < done + batch; k++) draw_one(a, remask.data(), order[k]);
 #pragma omp single
             {
