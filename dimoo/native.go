@@ -16,7 +16,10 @@ import (
 // in grew a pool of its own; on a 2-CPU machine the second pool tipped
 // libgomp into that mode and cost thousands of context switches a second
 // (forwards 1.5x slower, sampling 2-3x). Decode loops run whole on this
-// thread, so their many calls pay no hand-off.
+// thread, so their many calls pay no hand-off; their progress callbacks run
+// on it too, and must not wait for other library work (which would queue
+// behind them). One thread per library also serializes devices: a
+// multi-GPU process will want one per device.
 type nativeThread struct {
 	once sync.Once
 	jobs chan func()

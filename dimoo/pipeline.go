@@ -35,6 +35,9 @@ type Pipeline struct {
 type PipelineOptions struct {
 	LoadOptions
 	// MaxConcurrent requests run at once (default 1: others wait their turn).
+	// Their library calls share the library's one compute thread (see
+	// nativeThread), so on the CPU more slots overlap only the Go-side
+	// work (tokenizing, image I/O), not the decodes.
 	MaxConcurrent int
 }
 
@@ -118,7 +121,10 @@ type ImageRequest struct {
 	Width, Height int     // pixels, multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
 	CFGScale      float64 // classifier-free guidance (the model's dimoo.json, else 4.0); negative = none
 	Sampling      ImageSampling
-	Progress      func(step, total int)
+	// Progress, when set, is called after every step, on the library's
+	// compute thread: it must return promptly and not wait for other
+	// library work.
+	Progress func(step, total int)
 	// Stats, when set, receives the decode's timing (benchmarks, telemetry).
 	Stats *DecodeStats
 }
