@@ -176,24 +176,26 @@ __attribute__((target("avx512f"))) void remask_words_avx512(uint32_t *w, const i
     }
 }
 
-// e[c] = exp((l[c] - mx) * s) as exp_clamped computes it (clamped to
-// [-87, 88], degree-7 Taylor on |r| <= ln2 / 2), with fused multiply-adds and
-// vscalefps for the 2^n.
+// e[c] = exp((l[c] - mx) * s) exactly as exp_clamped computes it (clamped to
+// [-87, 88], degree-7 Taylor on |r| <= ln2 / 2, the same operations in the
+// same order, no fused multiply-adds), so every x86 machine draws the same
+// confidences whichever kernels it runs.
 __attribute__((target("avx512f"))) void exps_avx512(float *e, const float *l, int32_t n, float mx, float s) {
     const __m512 vmx = _mm512_set1_ps(mx), vs = _mm512_set1_ps(s);
     const __m512 lo = _mm512_set1_ps(-87.0f), hi = _mm512_set1_ps(88.0f);
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), shift = _mm512_set1_ps(12582912.0f);
     const __m512 ln2hi = _mm512_set1_ps(0.693145751953125f), ln2lo = _mm512_set1_ps(1.428606820309417232e-6f);
     const float k[8] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
     for (int32_t c = 0; c < n; c += 16) {
         const __mmask16 live = __mmask16((1u << std::min(16, n - c)) - 1);
         __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, l + c), vmx), vs);
         x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-        const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 r = _mm512_fnmadd_ps(t, ln2lo, _mm512_fnmadd_ps(t, ln2hi, x));
+        const __m512 t = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, log2e), shift), shift);
+        const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(t, ln2hi)), _mm512_mul_ps(t, ln2lo));
         __m512 p = _mm512_set1_ps(k[0]);
-        for (int q = 1; q < 8; q++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k[q]));
-        _mm512_mask_storeu_ps(e + c, live, _mm512_scalef_ps(p, t));
+        for (int q = 1; q < 8; q++) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(k[q]));
+        const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(127)), 23);
+        _mm512_mask_storeu_ps(e + c, live, _mm512_mul_ps(p, _mm512_castsi512_ps(bits)));
     }
 }
 #pragma GCC diagnostic pop
