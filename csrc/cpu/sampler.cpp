@@ -1,12 +1,14 @@
 // Fused guidance + Gumbel-max + confidence for the image sampler, one step.
 //
-// The Go sampler spent most of its time outside the forward drawing one
-// Philox block and two libm logs per (position, code). Here the Philox
-// blocks run vectorised, four codes to a block; the logs (double, within a
-// few ulp of libm, so decisions match the float64 PyTorch re-statement)
-// are taken only for codes that can still win, by two exact bounds (on the
-// logit, and on the raw Philox word); the softmax sum uses vectorised float
-// exps; positions are split over the OpenMP threads.
+// Per position: the guided logits, their softmax sum (vectorised float
+// exps), and the Gumbel-max draw. The draw generates Philox blocks sixteen
+// at a time (AVX-512, or a portable loop with identical results) only for
+// codes an exact logit bound keeps, tests every kept code's raw Philox word
+// against a conservative bound in float, and takes the two double logs
+// (within a few ulp of libm, so decisions match the float64 PyTorch
+// re-statement) only for the handful that can still win. Asked for only the
+// positions a step unmasks, it draws just those that can be among them (see
+// sample_image). Positions are spread over the OpenMP threads.
 #include "sampler.h"
 
 #include <algorithm>
@@ -61,6 +63,9 @@ inline double log_pos(double x) {
 }
 
 inline double uniform_of(uint32_t w) { return (double(w) + 0.5) * (1.0 / 4294967296.0); }
+
+// Standard Gumbel noise from a Philox word: -log(-log(u)).
+inline double gumbel_of(uint32_t w) { return -log_pos(-log_pos(uniform_of(w))); }
 
 constexpr int32_t kPurposeSample = 1, kPurposeRemask = 2;
 
@@ -233,7 +238,7 @@ void philox_blocks(uint32_t *words, uint32_t *work, const int32_t *ids, int32_t 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void gumbel_words(double *out, const uint32_t *w,
                                                                                int32_t n) {
 #pragma omp simd
-    for (int32_t q = 0; q < n; q++) out[q] = -log_pos(-log_pos(uniform_of(w[q])));
+    for (int32_t q = 0; q < n; q++) out[q] = gumbel_of(w[q]);
 }
 
 // flag[c] = 1 where code c may score >= bar (see sample_image): it is not
@@ -257,9 +262,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void survivors(uint
 
 // e[c] = exp((l[c] - mx) * s), float exps (about 2 ulp), clamped below at
 // exp(-87).
-__attribute__((target_clones("avx2", "default"))) void exps_any(float *__restrict e,
-                                                                       const float *__restrict l, int32_t n,
-                                                                       float mx, float s) {
+__attribute__((target_clones("avx2", "default"))) void exps_any(float *__restrict e, const float *__restrict l,
+                                                                int32_t n, float mx, float s) {
 #pragma omp simd
     for (int32_t c = 0; c < n; c++) e[c] = exp_clamped((l[c] - mx) * s);
 }
@@ -284,8 +288,6 @@ int32_t find_first(const float *__restrict l, int32_t n, float v) {
     return c;
 }
 
-inline double gumbel_of(uint32_t w) { return -log_pos(-log_pos(uniform_of(w))); }
-
 }  // namespace
 
 bool set_avx512(bool on) {
@@ -301,7 +303,7 @@ bool set_avx512(bool on) {
 double gumbel_noise(uint64_t seed, int32_t step, int32_t pos, int32_t purpose, int32_t index) {
     uint32_t c[4] = {uint32_t(pos), uint32_t(index >> 2), uint32_t(step), uint32_t(purpose)};
     philox4x32(c, uint32_t(seed), uint32_t(seed >> 32));
-    return -log_pos(-log_pos(uniform_of(c[index & 3])));
+    return gumbel_of(c[index & 3]);
 }
 
 namespace {
