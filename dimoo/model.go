@@ -268,23 +268,24 @@ func newModel(rt *Runtime, cfg *Config) (*Model, error) {
 }
 
 func (m *Model) setWeight(info TensorInfo, data []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.h == 0 {
-		return errClosed
-	}
 	p, sp, nd := tensorArgs(info, data)
-	var st int32
-	m.rt.lib.native.do(func() { st = m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data))) })
-	return statusError(st, "dimoo_model_set_weight", func() string { return m.rt.lib.modelError(m.h) })
+	err := errClosed
+	m.rt.lib.native.locked(&m.mu, func() {
+		if m.h != 0 {
+			st := m.rt.lib.modelSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
+			err = statusError(st, "dimoo_model_set_weight", func() string { return m.rt.lib.modelError(m.h) })
+		}
+	})
+	return err
 }
 
 func (m *Model) finalize() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var st int32
-	m.rt.lib.native.do(func() { st = m.rt.lib.modelFinalize(m.h) })
-	return statusError(st, "dimoo_model_finalize", func() string { return m.rt.lib.modelError(m.h) })
+	var err error
+	m.rt.lib.native.locked(&m.mu, func() {
+		st := m.rt.lib.modelFinalize(m.h)
+		err = statusError(st, "dimoo_model_finalize", func() string { return m.rt.lib.modelError(m.h) })
+	})
+	return err
 }
 
 // Runtime is the runtime the model lives on.

@@ -40,6 +40,17 @@ func (n *nativeThread) start() {
 	<-ready
 }
 
+// locked runs f on the native thread with mu held, taking mu only once on
+// the thread: a goroutine that held a handle's mutex while queueing for the
+// thread would deadlock with a decode on the thread that needs the mutex.
+func (n *nativeThread) locked(mu *sync.Mutex, f func()) {
+	n.do(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		f()
+	})
+}
+
 // do runs f on the native thread and returns when it is done; directly when
 // the caller already is that thread (a decode loop calling Forward). A panic
 // in f is raised again in the caller. Calls from many goroutines queue.

@@ -1,8 +1,11 @@
 package dimoo
 
 import (
+	"context"
 	"sync"
 	"testing"
+	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -35,4 +38,58 @@ func TestNativeThread(t *testing.T) {
 	ran := false
 	n.do(func() { ran = true }) // the thread survives the panic
 	assert.True(t, ran)
+}
+
+// Other goroutines calling the library on the same runtime and session
+// while a decode holds the native thread must queue, not deadlock: handle
+// mutexes are taken on the thread, never while waiting for it.
+func TestNativeThreadNoLockOrderDeadlock(t *testing.T) {
+	m := loadTestModel(t, testdataDir("small-f32"))
+	sp := SpecialTokens{Mask: 990, Newline: 991, BOA: 992, EOA: 993, BOI: 994, EOI: 995, Uncondition: 996, EOS: 997,
+		ImageOffset: 400, Codebook: 512}
+	answer := []int32{sp.BOA, sp.BOI}
+	for i := 0; i < 128; i++ {
+		answer = append(answer, sp.Mask)
+	}
+	answer = append(answer, sp.EOI, sp.EOA)
+	s, err := m.NewSession(SessionOptions{MaxTokens: 140, Seqs: 2, KVCache: true})
+	require.NoError(t, err)
+	defer s.Close()
+	// Calls on the same runtime (the sampler's mutex) and session (Forward's)
+	// from another goroutine, for as long as the decode runs.
+	stop := make(chan struct{})
+	calls := make(chan int, 1)
+	go func() {
+		x, w, out := make([]float32, 64), make([]float32, 64), make([]float32, 64)
+		n := 0
+		for {
+			select {
+			case <-stop:
+				calls <- n
+				return
+			default:
+			}
+			if m.Runtime().RMSNorm(DTypeF32, unsafe.Pointer(&x[0]), unsafe.Pointer(&w[0]), unsafe.Pointer(&out[0]),
+				1, 64, 1e-6) == nil {
+				n++
+			}
+			_, _ = s.ForwardStats()
+		}
+	}()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.DecodeImage(context.Background(), ImageTokens{Prefixes: [][]int32{{1, 2, 3}, {1, sp.Uncondition}},
+			Weights: []float32{2, -1}, Answer: answer, Special: sp},
+			ImageSampling{Steps: 24, Temperature: 1, UseCache: true, CacheRatio: 0.5, WarmupRatio: 0.25, RefreshInterval: 2},
+			nil, nil)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		close(stop)
+		require.NoError(t, err)
+		assert.Positive(t, <-calls)
+	case <-time.After(2 * time.Minute):
+		t.Fatal("deadlock: the decode did not finish while other calls queued")
+	}
 }

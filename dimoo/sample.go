@@ -92,12 +92,12 @@ func (r *Runtime) sampleImageSelect(a imageSampleArgs, codes []int32, conf []flo
 	} else if a.topValid != nil {
 		return fmt.Errorf("%w: top_logp valid flags without top_logp", ErrInvalidArgument)
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.h == 0 {
-		return errClosed
-	}
-	var st int32
-	r.lib.native.do(func() { st = r.lib.sampleImage(r.h, &c) })
-	return statusError(st, "dimoo_sample_image", func() string { return r.lib.runtimeError(r.h) })
+	err := errClosed
+	r.lib.native.locked(&r.mu, func() {
+		if r.h != 0 {
+			st := r.lib.sampleImage(r.h, &c)
+			err = statusError(st, "dimoo_sample_image", func() string { return r.lib.runtimeError(r.h) })
+		}
+	})
+	return err
 }

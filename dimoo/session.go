@@ -237,34 +237,34 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 		args[i] = a
 	}
 
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.h == 0 {
-		return nil, errClosed
-	}
-	// While the call runs, a cancelled context asks the library to stop
-	// between layers. (AfterFunc starts no goroutine unless it fires: a
-	// goroutine per forward woke a thread that competed with the compute.)
-	var cancelMu sync.Mutex
-	running := true
-	stop := context.AfterFunc(ctx, func() {
-		cancelMu.Lock()
-		defer cancelMu.Unlock()
-		if running {
-			s.m.rt.lib.ctxCancel(s.h)
-		}
-	})
 	pin.Pin(&args[0])
-	t0 := time.Now()
-	var st int32
-	s.m.rt.lib.native.do(func() { st = s.m.rt.lib.forward(s.h, &args[0], int32(len(args))) })
-	s.forwardTime += time.Since(t0)
-	s.forwards++
-	stop()
-	cancelMu.Lock() // a cancel in flight finishes; a later one does nothing
-	running = false
-	cancelMu.Unlock()
-	err := statusError(st, "dimoo_forward", func() string { return s.m.rt.lib.ctxError(s.h) })
+	err := errClosed
+	s.m.rt.lib.native.locked(&s.mu, func() {
+		if s.h == 0 {
+			return
+		}
+		// While the call runs, a cancelled context asks the library to stop
+		// between layers. (AfterFunc starts no goroutine unless it fires: a
+		// goroutine per forward woke a thread that competed with the compute.)
+		var cancelMu sync.Mutex
+		running := true
+		stop := context.AfterFunc(ctx, func() {
+			cancelMu.Lock()
+			defer cancelMu.Unlock()
+			if running {
+				s.m.rt.lib.ctxCancel(s.h)
+			}
+		})
+		t0 := time.Now()
+		st := s.m.rt.lib.forward(s.h, &args[0], int32(len(args)))
+		s.forwardTime += time.Since(t0)
+		s.forwards++
+		stop()
+		cancelMu.Lock() // a cancel in flight finishes; a later one does nothing
+		running = false
+		cancelMu.Unlock()
+		err = statusError(st, "dimoo_forward", func() string { return s.m.rt.lib.ctxError(s.h) })
+	})
 	if err != nil {
 		if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
 			return nil, fmt.Errorf("%w: %v", err, ctx.Err())

@@ -277,23 +277,23 @@ func newVQModel(rt *Runtime, cfg *VQConfig) (*VQModel, error) {
 func (m *VQModel) errMsg() string { return m.rt.lib.vqError(m.h) }
 
 func (m *VQModel) setWeight(info TensorInfo, data []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.h == 0 {
-		return errClosed
-	}
 	p, sp, nd := tensorArgs(info, data)
-	var st int32
-	m.rt.lib.native.do(func() { st = m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data))) })
-	return statusError(st, "dimoo_vq_set_weight", m.errMsg)
+	err := errClosed
+	m.rt.lib.native.locked(&m.mu, func() {
+		if m.h != 0 {
+			st := m.rt.lib.vqSetW(m.h, info.Name, int32(info.DType), sp, nd, p, uint64(len(data)))
+			err = statusError(st, "dimoo_vq_set_weight", m.errMsg)
+		}
+	})
+	return err
 }
 
 func (m *VQModel) finalize() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var st int32
-	m.rt.lib.native.do(func() { st = m.rt.lib.vqFinalize(m.h) })
-	return statusError(st, "dimoo_vq_finalize", m.errMsg)
+	var err error
+	m.rt.lib.native.locked(&m.mu, func() {
+		err = statusError(m.rt.lib.vqFinalize(m.h), "dimoo_vq_finalize", m.errMsg)
+	})
+	return err
 }
 
 // Factor is the downsampling factor: an image is Factor times its code grid.
@@ -336,30 +336,31 @@ func (m *VQModel) run(ctx context.Context, op string, f func(h uintptr) int32) e
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%w: %s: %v", ErrCancelled, op, err)
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.h == 0 {
-		return errClosed
-	}
-	m.cancelMu.Lock()
-	m.call++
-	id := m.call
-	m.cancelMu.Unlock()
-	h := m.h
-	stop := context.AfterFunc(ctx, func() {
-		m.cancelMu.Lock()
-		defer m.cancelMu.Unlock()
-		if m.call == id {
-			m.rt.lib.vqCancel(h)
+	err := errClosed
+	m.rt.lib.native.locked(&m.mu, func() {
+		if m.h == 0 {
+			return
 		}
+		m.cancelMu.Lock()
+		m.call++
+		id := m.call
+		m.cancelMu.Unlock()
+		h := m.h
+		stop := context.AfterFunc(ctx, func() {
+			m.cancelMu.Lock()
+			defer m.cancelMu.Unlock()
+			if m.call == id {
+				m.rt.lib.vqCancel(h)
+			}
+		})
+		st := f(h)
+		stop()
+		m.cancelMu.Lock()
+		m.call++ // a cancel that fires from now on finds another id
+		m.cancelMu.Unlock()
+		err = statusError(st, op, m.errMsg)
 	})
-	var st int32
-	m.rt.lib.native.do(func() { st = f(h) })
-	stop()
-	m.cancelMu.Lock()
-	m.call++ // a cancel that fires from now on finds another id
-	m.cancelMu.Unlock()
-	return statusError(st, op, m.errMsg)
+	return err
 }
 
 // The largest image libdimoo encodes or decodes (its own limits).
