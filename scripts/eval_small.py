@@ -38,8 +38,11 @@ import train_small as ts  # noqa: E402
 PALETTE = np.array([sd.COLORS[c] for c in sd.COLOR_NAMES], dtype=np.float64)
 
 
-def check_image(img):
-    """img: uint8 (32, 32, 3). Returns (color, shape, position) or None when no shape is found."""
+def check_details(img):
+    """The pixel checker with its intermediates: a dict of the values the Go
+    port (internal/shapes) must reproduce bit for bit (floats as repr),
+    "stage" naming where it stopped and, when it found a shape, "verdict"
+    [color, shape, position]. img: uint8 (32, 32, 3)."""
     im = img.astype(np.float64)
     H, W, _ = im.shape
     border = np.concatenate([im[0], im[-1], im[1:-1, 0], im[1:-1, -1]])
@@ -51,39 +54,48 @@ def check_image(img):
     dist = np.sqrt(((im - bg) ** 2).sum(-1))
     m = dist > 60.0
     n = int(m.sum())
+    out = {"bg": [repr(float(v)) for v in bg], "mode_key": int(mode), "n": n}
     if n < 12:
-        return None
+        out["stage"] = "few_far_pixels"
+        return out
     mean = im[m].mean(0)
     # Colour: mean of the half of the shape pixels farthest from the background
     # (edge pixels blend into it).
     d = dist[m]
-    inner = im[m][d >= np.median(d)].mean(0)
-    color = sd.COLOR_NAMES[int(np.argmin(((PALETTE - inner) ** 2).sum(-1)))]
+    med = np.median(d)
+    inner = im[m][d >= med].mean(0)
     # Soft coverage of each pixel (0 = background, 1 = shape colour), so that a
     # slightly blurred edge (VQ decoding) keeps the shape's area.
     fg = mean - bg
     alpha = np.clip(((im - bg) @ fg) / max(fg @ fg, 1e-6), 0.0, 1.0)
     alpha[alpha < 0.1] = 0.0
     core = alpha > 0.5
+    out.update({"median": repr(float(med)), "inner": [repr(float(v)) for v in inner],
+                "alpha_sum": repr(float(alpha.sum())), "core": int(core.sum())})
     if core.sum() < 12:
-        return None
+        out["stage"] = "small_core"
+        return out
     ys, xs = np.nonzero(core)
     w = alpha
     yy, xx = np.mgrid[0:H, 0:W] + 0.5
     cy, cx = (w * yy).sum() / w.sum(), (w * xx).sum() / w.sum()
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fill = alpha[y0:y1, x0:x1].sum() / ((y1 - y0) * (x1 - x0))
+    color = sd.COLOR_NAMES[int(np.argmin(((PALETTE - inner) ** 2).sum(-1)))]
     if abs(cy - H / 2) < 4 and abs(cx - W / 2) < 4:
         position = "center"
     else:
         position = ("top" if cy < H / 2 else "bottom") + " " + ("left" if cx < W / 2 else "right")
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    fill = alpha[y0:y1, x0:x1].sum() / ((y1 - y0) * (x1 - x0))
-    if fill > 0.92:
-        shape = "square"
-    elif fill > 0.69:
-        shape = "circle"
-    else:
-        shape = "triangle"
-    return color, shape, position
+    shape = "square" if fill > 0.92 else "circle" if fill > 0.69 else "triangle"
+    out.update({"stage": "done", "cy": repr(float(cy)), "cx": repr(float(cx)), "fill": repr(float(fill)),
+                "box": [int(y0), int(y1), int(x0), int(x1)], "verdict": [color, shape, position]})
+    return out
+
+
+def check_image(img):
+    """img: uint8 (32, 32, 3). Returns (color, shape, position) or None when no shape is found."""
+    v = check_details(img).get("verdict")
+    return None if v is None else tuple(v)
 
 
 def validate_checker(vq=None):

@@ -44,57 +44,6 @@ import shapes_data as sd  # noqa: E402
 import train_small as ts  # noqa: E402
 
 
-def details(img):
-    """check_image's intermediates; the same statements as eval_small.check_image.
-
-    Returns a dict (values the Go port must reproduce bit for bit), with
-    "stage" naming where the checker stopped.
-    """
-    im = img.astype(np.float64)
-    H, W, _ = im.shape
-    border = np.concatenate([im[0], im[-1], im[1:-1, 0], im[1:-1, -1]])
-    q = np.round(border / 32.0).astype(np.int64)
-    keys = q[:, 0] * 10000 + q[:, 1] * 100 + q[:, 2]
-    vals, counts = np.unique(keys, return_counts=True)
-    mode = vals[np.argmax(counts)]
-    bg = border[keys == mode].mean(0)
-    dist = np.sqrt(((im - bg) ** 2).sum(-1))
-    m = dist > 60.0
-    n = int(m.sum())
-    out = {"bg": [repr(float(v)) for v in bg], "mode_key": int(mode), "n": n}
-    if n < 12:
-        out["stage"] = "few_far_pixels"
-        return out
-    mean = im[m].mean(0)
-    d = dist[m]
-    med = np.median(d)
-    inner = im[m][d >= med].mean(0)
-    fg = mean - bg
-    alpha = np.clip(((im - bg) @ fg) / max(fg @ fg, 1e-6), 0.0, 1.0)
-    alpha[alpha < 0.1] = 0.0
-    core = alpha > 0.5
-    out.update({"median": repr(float(med)), "inner": [repr(float(v)) for v in inner],
-                "alpha_sum": repr(float(alpha.sum())), "core": int(core.sum())})
-    if core.sum() < 12:
-        out["stage"] = "small_core"
-        return out
-    ys, xs = np.nonzero(core)
-    w = alpha
-    yy, xx = np.mgrid[0:H, 0:W] + 0.5
-    cy, cx = (w * yy).sum() / w.sum(), (w * xx).sum() / w.sum()
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    fill = alpha[y0:y1, x0:x1].sum() / ((y1 - y0) * (x1 - x0))
-    color = sd.COLOR_NAMES[int(np.argmin(((es.PALETTE - inner) ** 2).sum(-1)))]
-    if abs(cy - H / 2) < 4 and abs(cx - W / 2) < 4:
-        position = "center"
-    else:
-        position = ("top" if cy < H / 2 else "bottom") + " " + ("left" if cx < W / 2 else "right")
-    shape = "square" if fill > 0.92 else "circle" if fill > 0.69 else "triangle"
-    out.update({"stage": "done", "cy": repr(float(cy)), "cx": repr(float(cx)), "fill": repr(float(fill)),
-                "box": [int(y0), int(y1), int(x0), int(x1)], "verdict": [color, shape, position]})
-    return out
-
-
 def verdict(img):
     v = es.check_image(img)
     return None if v is None else list(v)
@@ -252,9 +201,8 @@ def main():
         save_png(img, path)
         back = load_png(path)
         assert np.array_equal(back, img)
-        v = verdict(back)
-        det = details(back)
-        assert det.pop("verdict", None) == v, desc  # details() follows check_image
+        det = es.check_details(back)
+        v = det.pop("verdict", None)
         # eval_small hands check_image the channel-planar views of to_uint8;
         # numpy's BLAS path (and so the last bits of the coverage) differs from
         # the contiguous re-read, but the verdict must not.
