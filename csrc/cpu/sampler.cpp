@@ -20,54 +20,17 @@
 #include <immintrin.h>
 #endif
 
-#include "vecmath.h"
+#include "sampler_math.h"
 
 namespace dimoo::cpu {
 namespace {
 
-// Philox4x32-10 (Salmon et al., SC'11) on counter c under key (k0, k1).
-inline void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
-    for (int r = 0; r < 10; r++) {
-        const uint64_t p0 = uint64_t(0xD2511F53u) * c[0];
-        const uint64_t p1 = uint64_t(0xCD9E8D57u) * c[2];
-        const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0;
-        const uint32_t n1 = uint32_t(p1);
-        const uint32_t n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
-        const uint32_t n3 = uint32_t(p0);
-        c[0] = n0, c[1] = n1, c[2] = n2, c[3] = n3;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-}
-
-// Natural log of a positive, normal, finite double: x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log m = 2 atanh(f / (2 + f)) by the classic odd
-// polynomial in s = f / (2 + f). No branches, so loops over it vectorise.
-inline double log_pos(double x) {
-    uint64_t b;
-    std::memcpy(&b, &x, 8);
-    int64_t e = int64_t((b >> 52) & 0x7ff) - 1023;
-    uint64_t mb = (b & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
-    double m;
-    std::memcpy(&m, &mb, 8);
-    const bool big = m > 1.4142135623730951;
-    m = big ? m * 0.5 : m;
-    e += big ? 1 : 0;
-    const double f = m - 1.0, s = f / (2.0 + f), z = s * s, w = z * z;
-    const double t1 = w * (0.3999999999940941908 + w * (0.2222219843214978396 + w * 0.1531383769920937332));
-    const double t2 = z * (0.6666666666666735130 + w * (0.2857142874366239149 + w * (0.1818357216161805012 +
-                                                                                     w * 0.1479819860511658591)));
-    const double hfsq = 0.5 * f * f, dk = double(e);
-    return dk * 6.93147180369123816490e-01 -
-           ((hfsq - (s * (hfsq + t1 + t2) + dk * 1.90821492927058770002e-10)) - f);
-}
-
-inline double uniform_of(uint32_t w) { return (double(w) + 0.5) * (1.0 / 4294967296.0); }
-
-// Standard Gumbel noise from a Philox word: -log(-log(u)).
-inline double gumbel_of(uint32_t w) { return -log_pos(-log_pos(uniform_of(w))); }
-
-constexpr int32_t kPurposeSample = 1, kPurposeRemask = 2;
+// The arithmetic the CUDA sampler shares bit for bit (sampler_math.h).
+using sm::exp_clamped;
+using sm::gumbel_of;
+using sm::kPurposeRemask;
+using sm::kPurposeSample;
+using sm::philox4x32;
 
 // Around every Gumbel draw: the largest u is (2^32 - 0.5) / 2^32, whose
 // -log(-log(u)) is 22.87; the smallest is 0.5 / 2^32, giving -3.13.
@@ -91,15 +54,9 @@ __attribute__((target_clones("avx2", "default"))) void philox_blocks_any(uint32_
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
     for (int r = 0; r < 10; r++) {
 #pragma omp simd
-        for (int32_t j = 0; j < blocks; j++) {
-            const uint64_t p0 = uint64_t(0xD2511F53u) * c0[j];
-            const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[j];
-            const uint32_t n0 = uint32_t(p1 >> 32) ^ c1[j] ^ k0;
-            const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[j] ^ k1;
-            c1[j] = uint32_t(p1), c3[j] = uint32_t(p0), c0[j] = n0, c2[j] = n2;
-        }
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
+        for (int32_t j = 0; j < blocks; j++) sm::philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
+        k0 += sm::kPhiloxW0;
+        k1 += sm::kPhiloxW1;
     }
     for (int32_t j = 0; j < blocks; j++) {
         uint32_t *w = words + 4 * ids[j];
@@ -130,8 +87,8 @@ __attribute__((target("avx512f"))) inline void philox16(__m512i &c0, __m512i &c1
         c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(int32_t(k0)), 0x96);
         c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(int32_t(k1)), 0x96);
         c1 = lo1, c3 = lo0;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
+        k0 += sm::kPhiloxW0;
+        k1 += sm::kPhiloxW1;
     }
 }
 

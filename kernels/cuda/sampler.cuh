@@ -1,0 +1,127 @@
+// sampler.cuh - the image and text samplers on the device, over logits that
+// stay on the device; only the chosen (position, code) pairs come back.
+//
+// The image sampler makes the CPU sampler's decisions (csrc/cpu/sampler.cpp):
+// the same float guidance, float exps and Philox/Gumbel arithmetic
+// (csrc/sampler_math.h, shared bit for bit), the draw in double; the softmax
+// sum is a double sum in another order (~1e-16 relative), and the
+// confidence's exp/log are CUDA's (within an ulp of libm). It draws every
+// position in full (no pruning).
+//
+// Planned C ABI (version 4), for the session that wires it into dimoo.h: one
+// call per decode step on a context whose forward left each branch's logits
+// (or ML-Cache logit cache) on the device.
+//
+//   typedef struct dimoo_image_step_args {
+//       int32_t step;                     /* schedule step t (Philox counter) */
+//       uint64_t seed;
+//       float temperature;
+//       int32_t n_branches;               /* 1 .. DIMOO_MAX_BRANCHES */
+//       float weights[DIMOO_MAX_BRANCHES];
+//       int32_t n_pos;                    /* masked positions this step */
+//       const int32_t *masked;            /* [n_pos] answer-relative, increasing */
+//       int32_t n_select;                 /* positions to unmask (0: all codes back) */
+//       int32_t *out_selected;            /* [n_select] indices into masked, increasing */
+//       int32_t *out_codes;               /* [n_select] (n_select 0: [n_pos]) codes */
+//       double *out_conf;                 /* same shape, or NULL */
+//       /* ML-Cache: when next_cache_ratio > 0, the context also computes
+//        * each branch's next to_compute list (row max <= quantile
+//        * 1 - ratio) on the device and keeps it for the next forward. */
+//       double next_cache_ratio;
+//   } dimoo_image_step_args;
+//   DIMOO_API int32_t dimoo_image_step(dimoo_ctx *ctx, const dimoo_image_step_args *a);
+//
+//   typedef struct dimoo_text_step_args {
+//       int32_t step; uint64_t seed; double temperature; double cfg_scale;
+//       int32_t n_pos; const int32_t *positions; /* masked positions of the block */
+//       int32_t n_select;                        /* tokens to unmask */
+//       int32_t *out_positions, *out_tokens;     /* [n_select], positions increasing */
+//   } dimoo_text_step_args;
+//   DIMOO_API int32_t dimoo_text_step(dimoo_ctx *ctx, const dimoo_text_step_args *a);
+//
+// Both read the context's last forward outputs in place (rows in the order
+// of the forward's positions) and return after one small device-to-host copy.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dimoo {
+
+constexpr int kSampleMaxBranches = 4;
+
+// One image sampling step. Device pointers unless marked host.
+struct SampleDeviceArgs {
+    int32_t n_pos = 0;
+    int32_t n_branches = 0;
+    int32_t n_codes = 0;
+    int32_t step = 0;
+    uint64_t seed = 0;
+    float temperature = 0;
+    float weights[kSampleMaxBranches] = {};
+    const float *logits[kSampleMaxBranches] = {};  // rows of n_codes floats
+    const int32_t *rows[kSampleMaxBranches] = {};  // [n_pos] row of each position, or null: row i
+    const int32_t *rng_pos = nullptr;              // [n_pos] Philox position of each
+    int32_t n_select = 0;                          // 0: every position's code and conf
+    double *top_logp = nullptr;                    // [n_pos] or null (ML-Cache)
+    const uint8_t *top_logp_valid = nullptr;       // [n_pos] or null: rows whose top_logp is current
+    int32_t *codes = nullptr;                      // [n_pos] work: every position's code
+    double *conf = nullptr;                        // [n_pos] work: every position's confidence
+    int32_t *sel = nullptr;                        // [n_select] selected indices, increasing
+    int32_t *sel_codes = nullptr;                  // [n_select] their codes
+    double *sel_conf = nullptr;                    // [n_select] their confidences
+    // Host copies (pinned memory for an asynchronous copy), each optional:
+    // n_select > 0: sel, sel_codes, sel_conf; n_select 0: codes and conf of
+    // every position (host_sel unused). Valid once the stream gets there.
+    int32_t *host_sel = nullptr;
+    int32_t *host_codes = nullptr;
+    double *host_conf = nullptr;
+};
+
+// Enqueues the step on the stream. Returns the first CUDA error, or
+// cudaErrorInvalidValue for arguments out of range.
+cudaError_t cuda_sample_image(const SampleDeviceArgs &a, cudaStream_t stream);
+
+// One text (understanding) sampling step, as dimoo/sampler_text.go: per
+// position l = u + (cfg + 1)(c - u) in double (l = c without guidance),
+// token = argmax l + tau G(seed, step, position, 3, token), confidence
+// softmax(l)[token]; the n_select most confident (ties: earlier first).
+struct TextSampleDeviceArgs {
+    int32_t n_pos = 0;
+    int32_t n_cols = 0;      // columns of a logits row
+    int32_t col_begin = 0;   // token id of column 0
+    int32_t step = 0;
+    uint64_t seed = 0;
+    double temperature = 0;
+    double cfg_scale = 0;
+    const float *cond = nullptr;    // [n_pos, n_cols]
+    const float *uncond = nullptr;  // [n_pos, n_cols], or null: no guidance
+    const int32_t *positions = nullptr;  // [n_pos] sequence positions (Philox position)
+    int32_t n_select = 0;                // 0: every position's token and conf
+    int32_t *tokens = nullptr;           // [n_pos] work
+    double *conf = nullptr;              // [n_pos] work
+    int32_t *sel_pos = nullptr;          // [n_select] chosen sequence positions, increasing
+    int32_t *sel_tokens = nullptr;       // [n_select] their tokens
+    int32_t *host_sel_pos = nullptr;     // host copies, optional (n_select 0: host_tokens gets
+    int32_t *host_tokens = nullptr;      //   every token, host_sel_pos unused)
+};
+
+cudaError_t cuda_sample_text(const TextSampleDeviceArgs &a, cudaStream_t stream);
+
+// ML-Cache's choice of the rows to recompute (dimoo/sampler_image.go): the
+// threshold thr = quantile(row_max, q) by numpy's linear interpolation in
+// float32, then to_compute = the p with row_max[p] <= thr, increasing, and
+// *n_compute their count. threshold (device, optional) receives thr.
+cudaError_t cuda_cache_select(const float *row_max, int32_t n, double q, int32_t *to_compute, int32_t *n_compute,
+                              float *threshold, cudaStream_t stream);
+
+// ML-Cache's update after a cached forward: row i of `out` (n_compute rows of
+// n_codes) replaces cache row compute[i], out_max[i] its row max, and the
+// answer position compute[i] - answer_begin (when in [0, answer_len)) loses
+// its top_valid flag (null: none kept).
+cudaError_t cuda_cache_update(const float *out, const float *out_max, const int32_t *compute, int32_t n_compute,
+                              int32_t n_codes, float *cache, float *row_max, uint8_t *top_valid,
+                              int32_t answer_begin, int32_t answer_len, cudaStream_t stream);
+
+}  // namespace dimoo
