@@ -189,6 +189,28 @@ DIMOO_HD float exp_clamped(float x) {
     return fmul(p, float_of(uint32_t(int32_t(n) + 127) << 23));
 }
 
+// Unsigned keys in the order of the values (-0 and +0 equal), for radix
+// selection; key_float inverts the float one.
+DIMOO_HD uint64_t order_key(double x) {
+    const uint64_t b = x == 0 ? 0 : bits_of(x);
+    return (b >> 63) ? ~b : b | (1ull << 63);
+}
+DIMOO_HD uint64_t order_key(float x) {
+    uint32_t b = 0;
+    if (x != 0) {
+#if defined(__CUDA_ARCH__)
+        b = __float_as_uint(x);
+#else
+        std::memcpy(&b, &x, 4);
+#endif
+    }
+    return (b >> 31) ? uint32_t(~b) : b | (1u << 31);
+}
+DIMOO_HD float key_float(uint64_t k) {
+    const uint32_t b = uint32_t(k);
+    return float_of((b >> 31) ? b & 0x7fffffffu : ~b);
+}
+
 // The image sampler's draw score of code c: l / tau + G, in double.
 DIMOO_HD double draw_score(float l, double tau, uint32_t word) { return dadd(ddiv(double(l), tau), gumbel_of(word)); }
 

@@ -87,6 +87,26 @@ TEST(SamplerMath, ExpEqualsVecmath) {
     EXPECT_TRUE(std::isnan(sm::exp_clamped(std::nanf(""))));
 }
 
+// The selection kernels' keys sort as the values do; -0 equals +0.
+TEST(SamplerMath, OrderKeysSortAsValues) {
+    std::mt19937_64 rng(4);
+    std::vector<double> d = {0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, INFINITY, -INFINITY, 1.0, -1.0};
+    std::vector<float> f = {0.0f, -0.0f, 1e-40f, -1e-40f, 3e38f, -3e38f, INFINITY, -INFINITY, 1.0f, -1.0f};
+    std::normal_distribution<double> nd(0.0, 50.0);
+    for (int q = 0; q < 2000; q++) d.push_back(nd(rng)), f.push_back(float(nd(rng)));
+    for (size_t x = 0; x < d.size(); x++) {
+        for (size_t y = 0; y < d.size(); y += 7) {
+            ASSERT_EQ(d[x] < d[y], sm::order_key(d[x]) < sm::order_key(d[y])) << d[x] << " " << d[y];
+            ASSERT_EQ(d[x] == d[y], sm::order_key(d[x]) == sm::order_key(d[y])) << d[x] << " " << d[y];
+            ASSERT_EQ(f[x] < f[y], sm::order_key(f[x]) < sm::order_key(f[y])) << f[x] << " " << f[y];
+            ASSERT_EQ(f[x] == f[y], sm::order_key(f[x]) == sm::order_key(f[y])) << f[x] << " " << f[y];
+        }
+        const float back = sm::key_float(sm::order_key(f[x]));
+        ASSERT_EQ(back, f[x]);
+        if (f[x] != 0) ASSERT_EQ(0, std::memcmp(&back, &f[x], 4));
+    }
+}
+
 // ---- host: the device algorithm, stated plainly --------------------------------
 
 // What image_rows_kernel computes for position i: the same guided floats,

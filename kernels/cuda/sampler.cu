@@ -187,19 +187,8 @@ __global__ void __launch_bounds__(kTextThreads) text_rows_kernel(const TextSampl
 
 // ---- selection ----------------------------------------------------------------
 
-// conf as an unsigned key in the same order (-0 and +0 equal).
-__device__ __forceinline__ uint64_t order_key(double x) {
-    const uint64_t b = x == 0 ? 0 : sm::bits_of(x);
-    return (b >> 63) ? ~b : b | (1ull << 63);
-}
-__device__ __forceinline__ uint64_t order_key(float x) {
-    const uint32_t b = x == 0 ? 0 : __float_as_uint(x);
-    return (b >> 31) ? uint32_t(~b) : b | (1u << 31);
-}
-__device__ __forceinline__ float key_float(uint64_t k) {
-    const uint32_t b = uint32_t(k);
-    return __uint_as_float((b >> 31) ? b & 0x7fffffffu : ~b);
-}
+using sm::key_float;
+using sm::order_key;
 
 struct Select {
     uint64_t key;    // the k-th largest key
