@@ -29,7 +29,9 @@ struct ArgMax {
 };
 
 // a beats b: larger value, ties to the smaller index (a first-index argmax).
-__device__ __forceinline__ bool beats(const ArgMax &a, const ArgMax &b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+__device__ __forceinline__ bool beats(const ArgMax &a, const ArgMax &b) {
+    return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
 
 template <int T, class V, class Op> __device__ V block_reduce(V v, Op op, V *smem) {
     for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -103,7 +105,8 @@ __global__ void __launch_bounds__(kRowThreads) image_rows_kernel(const RowArgs r
     top = block_reduce<kRowThreads>(top, MinI{}, redi);
     if (top == C) top = 0;  // no element equals the max (NaN rows): the CPU's scan stops at 0 too
     double sum = 0;
-    for (int32_t c = tid; c < C; c += kRowThreads) sum = sm::dadd(sum, double(sm::exp_clamped(sm::fmul(sm::fsub(g[c], mx), 1.0f))));
+    for (int32_t c = tid; c < C; c += kRowThreads)
+        sum = sm::dadd(sum, double(sm::exp_clamped(sm::fmul(sm::fsub(g[c], mx), 1.0f))));
     sum = block_reduce<kRowThreads>(sum, SumD{}, redd);
     int32_t best = top;
     const int32_t pos = a.rng_pos[i];
