@@ -150,7 +150,7 @@ __device__ __forceinline__ double text_logit(const TextSampleDeviceArgs &a, cons
     return sm::dadd(uj, sm::dmul(sm::dadd(a.cfg_scale, 1.0), sm::dsub(double(c[j]), uj)));
 }
 
-__global__ void __launch_bounds__(kTextThreads) text_rows_kernel(const TextSampleDeviceArgs a) {
+__global__ void __launch_bounds__(kTextThreads, 1) text_rows_kernel(const TextSampleDeviceArgs a) {
     __shared__ double redd[kTextThreads / 32];
     __shared__ ArgMax reda[kTextThreads / 32];
     const int32_t i = blockIdx.x, tid = threadIdx.x, n = a.n_cols, v0 = a.col_begin;
