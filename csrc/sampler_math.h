@@ -211,6 +211,30 @@ DIMOO_HD float key_float(uint64_t k) {
     return float_of((b >> 31) ? b & 0x7fffffffu : ~b);
 }
 
+// Selection of the k largest keys by radix select, eight bits a pass from
+// the top (the CUDA selection kernels run these per pass; tests drive them
+// on the host). Given the histogram of the current byte over the keys that
+// match the bytes chosen so far, and rem, the rank wanted among them (1: the
+// largest), radix_pick returns the byte of the rem-th largest and makes rem
+// its rank among the keys with that byte.
+DIMOO_HD int radix_pick(const uint32_t hist[256], int32_t &rem) {
+    int32_t above = 0, d = 255;
+    for (; d > 0; d--) {
+        if (above + int32_t(hist[d]) >= rem) break;
+        above += int32_t(hist[d]);
+    }
+    rem -= above;
+    return d;
+}
+
+// Of `equal` keys equal to the k-th largest, `take` are among the k: the
+// last ones in index order (high_first: the image sampler's stable
+// ascending sort puts them last) or the first (the text sampler's stable
+// descending sort). eo: this key's ordinal among the equal ones.
+DIMOO_HD bool take_equal(int32_t eo, int32_t equal, int32_t take, bool high_first) {
+    return high_first ? eo >= equal - take : eo < take;
+}
+
 // The image sampler's draw score of code c: l / tau + G, in double.
 DIMOO_HD double draw_score(float l, double tau, uint32_t word) { return dadd(ddiv(double(l), tau), gumbel_of(word)); }
 

@@ -107,6 +107,59 @@ TEST(SamplerMath, OrderKeysSortAsValues) {
     }
 }
 
+// The selection kernels' passes, driven on the host: the k largest keys
+// with either tie rule, against a stable sort.
+std::vector<int32_t> radix_largest(const std::vector<uint64_t> &key, int32_t k, bool high_first) {
+    uint64_t prefix = 0, mask = 0;
+    int32_t rem = k, equal = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        uint32_t hist[256] = {};
+        for (uint64_t u : key)
+            if ((u & mask) == prefix) hist[(u >> shift) & 255]++;
+        const int d = sm::radix_pick(hist, rem);
+        prefix |= uint64_t(d) << shift, mask |= 0xffull << shift, equal = int32_t(hist[d]);
+    }
+    std::vector<int32_t> out;
+    int32_t eo = 0;
+    for (int32_t i = 0; i < int32_t(key.size()); i++) {
+        const bool eq = key[i] == prefix;
+        if (key[i] > prefix || (eq && sm::take_equal(eo, equal, rem, high_first))) out.push_back(i);
+        eo += eq;
+    }
+    return out;
+}
+
+TEST(SamplerMath, RadixSelectionEqualsStableSort) {
+    std::mt19937 rng(9);
+    for (int n : {1, 2, 7, 100, 1000, 4096}) {
+        for (int distinct : {1, 3, 50, 1 << 30}) {
+            std::vector<double> conf(n);
+            std::uniform_int_distribution<int> pick(0, distinct - 1);
+            for (int i = 0; i < n; i++) {
+                const double fine = distinct == 1 << 30 ? std::ldexp(pick(rng), -20) : 0.0;
+                conf[i] = fine - pick(rng) % 7;
+                if (conf[i] == 0 && i % 2) conf[i] = -0.0;  // equal to +0
+            }
+            std::vector<uint64_t> key(n);
+            for (int i = 0; i < n; i++) key[i] = sm::order_key(conf[i]);
+            for (int k : {1, 2, n / 3, n - 1, n}) {
+                if (k < 1 || k > n) continue;
+                // Image: the k a stable ascending sort puts last. Text: the k
+                // a stable descending sort puts first.
+                std::vector<int32_t> order(n);
+                for (int i = 0; i < n; i++) order[i] = i;
+                std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return conf[x] < conf[y]; });
+                std::vector<int32_t> img(order.end() - k, order.end());
+                std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return conf[x] > conf[y]; });
+                std::vector<int32_t> txt(order.begin(), order.begin() + k);
+                std::sort(img.begin(), img.end()), std::sort(txt.begin(), txt.end());
+                ASSERT_EQ(radix_largest(key, k, true), img) << "n=" << n << " distinct=" << distinct << " k=" << k;
+                ASSERT_EQ(radix_largest(key, k, false), txt) << "n=" << n << " distinct=" << distinct << " k=" << k;
+            }
+        }
+    }
+}
+
 // ---- host: the device algorithm, stated plainly --------------------------------
 
 // What image_rows_kernel computes for position i: the same guided floats,

@@ -216,13 +216,9 @@ template <int T, class Key> __device__ Select radix_select(Key key, int32_t n, i
         }
         __syncthreads();
         if (threadIdx.x == 0) {
-            int32_t above = 0, d = 255;
-            for (; d > 0; d--) {
-                if (above + int32_t(hist[d]) >= rem) break;
-                above += hist[d];
-            }
+            const int d = sm::radix_pick(hist, rem);
             s_prefix = prefix | (uint64_t(d) << shift);
-            s_rem = rem - above;
+            s_rem = rem;
             s_equal = hist[d];
         }
         __syncthreads();
@@ -249,7 +245,7 @@ __device__ void select_largest(Key key, int32_t n, int32_t k, bool high_first, E
         Scan(tmp).ExclusiveSum(eq, eo, eq_total);
         __syncthreads();
         eo += eq_base;
-        const bool take = eq && (high_first ? eo >= s.equal - s.take : eo < s.take);
+        const bool take = eq && sm::take_equal(eo, s.equal, s.take, high_first);
         const int32_t sel = i < n && (u > s.key || take);
         int32_t so, sel_total;
         Scan(tmp).ExclusiveSum(sel, so, sel_total);
