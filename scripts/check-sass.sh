@@ -55,8 +55,8 @@ for line in open(path):
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if m and fn:
         st, ss, sl = map(int, m.groups())
-        short = subprocess.run(["c++filt"], input=fn, capture_output=True, text=True).stdout.strip() or fn
-        short = re.sub(r"\(.*", "", short.split("::")[-1]) if "::" in short else short
+        dem = subprocess.run(["c++filt"], input=fn, capture_output=True, text=True).stdout.strip() or fn
+        short = re.sub(r"\(.*", "", dem.replace("(anonymous namespace)::", "").replace("void ", "").replace("dimoo::", ""))
         ok = st == 0 and ss == 0 and sl == 0
         bad |= not ok
         print(f"{'ok  ' if ok else 'FAIL'} ptxas {name:10s} {arch:7s} {short[:48]:48s} stack {st} spill {ss}/{sl}")
@@ -88,7 +88,7 @@ for fn, ops in funcs.items():
     missing = [n for n in need if not ops.get(n)]
     ok = local == 0 and not missing
     bad |= not ok
-    short = re.sub(r"\(.*", "", dem)[-48:]
+    short = re.sub(r"\(.*", "", dem.replace("(anonymous namespace)::", "").replace("void ", "").replace("dimoo::", ""))[-48:]
     extra = " ".join(f"{k} {ops.get(k, 0)}" for k in ("HMMA", "HGMMA", "LDSM") if ops.get(k))
     print(f"{'ok  ' if ok else 'FAIL'} sass  {name:10s} {arch:7s} {short:48s} LDL/STL {local} {extra}"
           + (f" missing {missing}" if missing else ""))

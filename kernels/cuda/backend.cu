@@ -219,19 +219,11 @@ public:
         check_device_room(m.device_, need, "a context of " + std::to_string(p.n_seqs) + " x " +
                                                std::to_string(p.max_tokens) + " tokens");
         for (size_t b : sizes_) bufs_.push_back(std::make_unique<DeviceBuffer>(b));
-        DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-        lt_ = std::make_unique<LtGemm>(stream_, kLtWorkspace);
+        DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_.s, cudaStreamNonBlocking));
+        lt_ = std::make_unique<LtGemm>(stream_.s, kLtWorkspace);
         const auto table = cuda::rope_table(p.max_tokens, S.head_dim, c.rope_theta);
         DIMOO_CUDA(cudaMemcpy(bufs_[kRope]->get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));
         attn_ = attention_default_impl(S.head_dim);
-    }
-
-    ~CudaCtx() override {
-        if (stream_) {
-            cudaStreamSynchronize(stream_);
-            lt_.reset();
-            cudaStreamDestroy(stream_);
-        }
     }
 
     int64_t bytes() const override {
@@ -245,7 +237,7 @@ public:
         try {
             run(args, n, cancel);
         } catch (...) {
-            cudaStreamSynchronize(stream_); // nothing may still write after we return
+            cudaStreamSynchronize(stream_.s); // nothing may still write after we return
             cudaGetLastError();
             throw;
         }
@@ -272,38 +264,38 @@ private:
         std::copy(plan.out_rows.begin(), plan.out_rows.end(), meta.begin() + 3 * Mx);
         int32_t *dmeta = b<int32_t>(kMeta);
         auto *dseqs = reinterpret_cast<cuda::AttnSeq *>(dmeta + 4 * Mx);
-        DIMOO_CUDA(cudaMemcpyAsync(dmeta, meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, stream_));
+        DIMOO_CUDA(cudaMemcpyAsync(dmeta, meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, stream_.s));
         DIMOO_CUDA(cudaMemcpyAsync(dseqs, plan.seqs.data(), plan.seqs.size() * sizeof(cuda::AttnSeq),
-                                   cudaMemcpyHostToDevice, stream_));
+                                   cudaMemcpyHostToDevice, stream_.s));
         const int32_t *d_tok = dmeta, *d_pos = dmeta + Mx, *d_seq = dmeta + 2 * Mx, *d_out = dmeta + 3 * Mx;
 
         const auto &W = m_.lay_;
         float *x = b<float>(kX);
-        DIMOO_CUDA(embed_launch(m_.bf(W.wte), d_tok, x, M, d, stream_));
+        DIMOO_CUDA(embed_launch(m_.bf(W.wte), d_tok, x, M, d, stream_.s));
         for (int l = 0; l < L; l++) {
             if (cancel.load(std::memory_order_relaxed)) {
-                cudaStreamSynchronize(stream_);
+                cudaStreamSynchronize(stream_.s);
                 fail(DIMOO_ERR_CANCELLED, "forward cancelled");
             }
             const auto &Lw = W.layers[size_t(l)];
-            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, nullptr, m_.f32(Lw.attn_norm), b(kH), M, d, c.rms_norm_eps, stream_));
+            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, nullptr, m_.f32(Lw.attn_norm), b(kH), M, d, c.rms_norm_eps, stream_.s));
             lt_->run(M, d + 2 * kv, d, b(kH), d, m_.bf(Lw.wqkv), d, b(kQKV), d + 2 * kv, DIMOO_BF16, false);
             RopeArgs ra{b(kQKV), b(kQ), b<float>(kRope), p_.max_tokens, d_pos, d_seq, dseqs, l, M, d, kv, S.head_dim};
-            DIMOO_CUDA(rope_kv_launch(ra, stream_));
+            DIMOO_CUDA(rope_kv_launch(ra, stream_.s));
             AttnArgs aa{b(kQ), d, b(kAtt), d, dseqs, n, plan.max_q, l, c.n_heads, c.n_kv_heads, S.head_dim, kv,
                         1.0f / std::sqrt(float(S.head_dim))};
-            DIMOO_CUDA(attention_launch(aa, attn_, stream_));
+            DIMOO_CUDA(attention_launch(aa, attn_, stream_.s));
             lt_->run(M, d, d, b(kAtt), d, m_.bf(Lw.wo), d, x, d, DIMOO_F32, true);
-            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, nullptr, m_.f32(Lw.ff_norm), b(kH), M, d, c.rms_norm_eps, stream_));
+            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, nullptr, m_.f32(Lw.ff_norm), b(kH), M, d, c.rms_norm_eps, stream_.s));
             lt_->run(M, 2 * mlp, d, b(kH), d, m_.bf(Lw.wgu), d, b(kGU), 2 * mlp, DIMOO_BF16, false);
-            DIMOO_CUDA(swiglu_launch(b(kGU), b(kAct), M, mlp, stream_));
+            DIMOO_CUDA(swiglu_launch(b(kGU), b(kAct), M, mlp, stream_.s));
             lt_->run(M, d, mlp, b(kAct), mlp, m_.bf(Lw.wdown), mlp, x, d, DIMOO_F32, true);
         }
 
         const int O = int(plan.out_rows.size());
         if (O > 0) {
             // Final norm on the requested rows only (gathered in the same pass).
-            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, d_out, m_.f32(W.lnf), b(kH), O, d, c.rms_norm_eps, stream_));
+            DIMOO_CUDA(rmsnorm_f32_bf16_launch(x, d_out, m_.f32(W.lnf), b(kH), O, d, c.rms_norm_eps, stream_.s));
             // Each argument's logits in its own 256-byte aligned slice.
             std::vector<size_t> at(size_t(n), 0);
             size_t total = 0;
@@ -326,14 +318,14 @@ private:
                 float *dl = reinterpret_cast<float *>(lg + at[size_t(i)]);
                 lt_->run(rows, cols, d, b(kH) + size_t(r0) * d, d, m_.bf(W.head) + size_t(vb) * d, d, dl, cols,
                          DIMOO_F32, false);
-                if (a.row_max) DIMOO_CUDA(rowmax_launch(dl, rows, cols, cols, b<float>(kRowMax) + r0, stream_));
-                DIMOO_CUDA(cudaMemcpyAsync(a.logits, dl, size_t(rows) * cols * 4, cudaMemcpyDeviceToHost, stream_));
+                if (a.row_max) DIMOO_CUDA(rowmax_launch(dl, rows, cols, cols, b<float>(kRowMax) + r0, stream_.s));
+                DIMOO_CUDA(cudaMemcpyAsync(a.logits, dl, size_t(rows) * cols * 4, cudaMemcpyDeviceToHost, stream_.s));
                 if (a.row_max)
                     DIMOO_CUDA(cudaMemcpyAsync(a.row_max, b<float>(kRowMax) + r0, size_t(rows) * 4,
-                                               cudaMemcpyDeviceToHost, stream_));
+                                               cudaMemcpyDeviceToHost, stream_.s));
             }
         }
-        DIMOO_CUDA(cudaStreamSynchronize(stream_));
+        DIMOO_CUDA(cudaStreamSynchronize(stream_.s));
         DIMOO_CUDA(cudaGetLastError());
     }
 
@@ -342,7 +334,17 @@ private:
     std::vector<size_t> sizes_;
     std::vector<std::unique_ptr<DeviceBuffer>> bufs_;
     std::unique_ptr<DeviceBuffer> logits_; // grows to the largest request seen
-    cudaStream_t stream_ = nullptr;
+    // Destroyed in reverse order: the cuBLASLt plans, then the stream (after
+    // its work has finished), then the buffers that work used.
+    struct Stream {
+        cudaStream_t s = nullptr;
+        ~Stream() {
+            if (s) {
+                cudaStreamSynchronize(s);
+                cudaStreamDestroy(s);
+            }
+        }
+    } stream_;
     std::unique_ptr<LtGemm> lt_;
     AttnImpl attn_ = AttnImpl::Sm80;
 };
