@@ -48,15 +48,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 # shellcheck disable=SC2086
 step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
 step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
-step cpp-tests ./build-device/dimoo_tests --gtest_brief=1
+step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
+# The sm_90a wgmma attention (not yet verified): its kernel test, then the
+# forward with it, each in its own process.
+step cpp-sm90-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*'
+step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 # The CUDA forward again with the reference attention kernel: if the flash
 # kernel is wrong, this tells whether the rest of the forward is right.
-step cuda-fwd-refattn env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 if command -v compute-sanitizer >/dev/null; then
   step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16'
+    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:-*Sm90*'
   step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.Attention*'
+    --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
 fi
 if [ -x build/go-tests/dimoo.test ]; then
   export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1

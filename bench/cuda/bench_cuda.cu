@@ -115,7 +115,9 @@ double bench_gemms(cudaStream_t s, bool quick) {
     return ceiling;
 }
 
-void bench_attention(cudaStream_t s, bool quick) {
+// impl Sm90 (the unverified wgmma kernel) runs last in main, so a fault
+// there cannot spoil the other numbers; its output is compared with sm80's.
+void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
     const int H = 32, hd = 128, d = H * hd;
     struct Case {
         int B, Tq, Tk;
@@ -140,12 +142,37 @@ void bench_attention(cudaStream_t s, bool quick) {
         AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), c.B, c.Tq, 0, H, H, hd, d,
                    1.0f / std::sqrt(float(hd))};
         const double flop = 4.0 * c.B * H * double(c.Tq) * c.Tk * hd;
-        double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(attention_launch(a, AttnImpl::Sm80, s)); });
-        char b[200];
-        std::snprintf(b, sizeof b, "attn  sm80 B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s", c.B, H, c.Tq,
-                      c.Tk, ms, flop / (ms * 1e-3) / 1e12);
-        line(b);
-        summary.push_back(b);
+        std::vector<uint16_t> ref;
+        if (impl != AttnImpl::Sm80) {
+            DIMOO_CUDA(attention_launch(a, AttnImpl::Sm80, s));
+            ref.resize(rows_q * d);
+            DIMOO_CUDA(cudaMemcpy(ref.data(), O.p, ref.size() * 2, cudaMemcpyDeviceToHost));
+        }
+        {
+            DIMOO_CUDA(cudaMemsetAsync(O.p, 0xff, rows_q * d * 2, s)); // NaN-poisoned
+            double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(attention_launch(a, impl, s)); });
+            // The unverified wgmma kernel against the sm80 one on the same data.
+            std::vector<uint16_t> out(rows_q * d);
+            DIMOO_CUDA(cudaMemcpy(out.data(), O.p, out.size() * 2, cudaMemcpyDeviceToHost));
+            std::string check = "";
+            if (!ref.empty()) {
+                double num = 0, den = 0;
+                for (size_t i = 0; i < out.size(); i++) {
+                    const double x = bf16_to_f32(out[i]), y = bf16_to_f32(ref[i]);
+                    num += (x - y) * (x - y);
+                    den += y * y;
+                }
+                char cb[64];
+                std::snprintf(cb, sizeof cb, "  rel.diff vs sm80 %.1e", std::isnan(num) ? NAN : std::sqrt(num / den));
+                check = cb;
+            }
+            char b[200];
+            std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s",
+                          impl == AttnImpl::Sm80 ? "sm80" : "sm90", c.B, H, c.Tq, c.Tk, ms,
+                          flop / (ms * 1e-3) / 1e12, check.c_str());
+            line(b);
+            summary.push_back(b);
+        }
     }
 }
 
@@ -261,9 +288,10 @@ int main(int argc, char **argv) {
         cudaStream_t s;
         DIMOO_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
         bench_gemms(s, quick);
-        bench_attention(s, quick);
-        cudaStreamDestroy(s);
+        bench_attention(s, quick, AttnImpl::Sm80);
         bench_forward(quick);
+        if (attention_supported(AttnImpl::Sm90, 128)) bench_attention(s, quick, AttnImpl::Sm90);
+        cudaStreamDestroy(s);
     } catch (const Error &e) {
         std::printf("FAILED: %s\n", e.what());
         return 1;

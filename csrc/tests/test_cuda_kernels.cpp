@@ -349,6 +349,23 @@ TEST(CudaKernels, AttentionMatchesFloat64) {
     }
 }
 
+// The wgmma kernel (sm_90a, head dim 128) on the same cases. Its own test, so
+// device-check can run it apart: a fault there must not take the others down.
+TEST(CudaKernels, AttentionSm90MatchesFloat64) {
+    SKIP_WITHOUT_GPU();
+    if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90, 128)) GTEST_SKIP() << "not an sm_90 device";
+    std::mt19937 rng(8);
+    std::vector<AttnCase> cases;
+    for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
+    cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
+    cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+    for (const auto &c : cases) {
+        SCOPED_TRACE("first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) +
+                     ")");
+        check_attention(c, dimoo::AttnImpl::Sm90, rng);
+    }
+}
+
 TEST(CudaKernels, AttentionRejectsUnsupportedShapes) {
     SKIP_WITHOUT_GPU();
     dimoo::cuda::AttnSeq s{};

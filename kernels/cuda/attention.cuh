@@ -28,13 +28,19 @@ struct AttnArgs {
 enum class AttnImpl {
     Reference, // one warp per query row, any head_dim <= 256: slow, simple, the device-side check
     Sm80,      // flash attention with mma.sync m16n8k16 (head_dim 32, 64, 128), sm_80 and later
+    Sm90,      // flash attention with wgmma (head_dim 128, sm_90a); not yet verified on a device,
+               // so only chosen by DIMOO_CUDA_ATTN=sm90
 };
 
-// Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80 in the
-// environment, else Sm80 where the head dim has a flash instantiation.
+// Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90 in
+// the environment, else Sm80 where the head dim has a flash instantiation.
 AttnImpl attention_default_impl(int head_dim);
 bool attention_supported(AttnImpl impl, int head_dim);
 cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
+
+// attention_sm90.cu: whether the current device runs the sm_90a code, and its launcher.
+bool attention_sm90_available();
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s);
 
 // Flash kernel tile sizes (for tests and the benchmark's FLOP count).
 constexpr int kAttnBlockM = 64, kAttnBlockN = 64;
