@@ -23,7 +23,9 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p build/go-tests
   go test -c -o build/go-tests/dimoo.test ./dimoo
   go test -c -o build/go-tests/bench.test ./bench
-  echo "built build/go-tests/{dimoo,bench}.test; carry build/go-tests to the device"
+  # The device image has no GoogleTest: carry a source tree for the build there.
+  if [ -d /usr/src/googletest ] && [ ! -d build/googletest-src ]; then cp -r /usr/src/googletest build/googletest-src; fi
+  echo "built build/go-tests/{dimoo,bench}.test; carry build/go-tests and build/googletest-src to the device"
   exit 0
 fi
 
@@ -43,6 +45,9 @@ step() { # name command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+if [ -z "${DIMOO_CMAKE_ARGS:-}" ] && [ -f build/googletest-src/CMakeLists.txt ]; then
+  DIMOO_CMAKE_ARGS="-DDIMOO_GTEST_SOURCE=$ROOT/build/googletest-src"
+fi
 # DIMOO_CMAKE_ARGS: extra configure arguments (e.g. -DDIMOO_GTEST_SOURCE=DIR where
 # GoogleTest is not installed); DEVICE_JOBS: build parallelism.
 # shellcheck disable=SC2086

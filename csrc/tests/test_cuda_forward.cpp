@@ -324,6 +324,56 @@ TEST(CudaForward, SmallGqaF16) { check_model(src("testdata/small-gqa-f16"), 600)
 TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600); }
 TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512); }
 
+// Weights or a context larger than the card are refused before anything is
+// uploaded or allocated, with the sizes in the message.
+TEST(CudaForward, RefusesWhatDoesNotFit) {
+    if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+    dimoo_runtime *rt = nullptr;
+    char err[256];
+    ASSERT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CUDA, 0, 0, &rt, err, sizeof err), DIMOO_OK) << err;
+    dimoo_model_config c{};
+    c.d_model = 8192;
+    c.n_layers = 400; // about 780 GB in bf16
+    c.n_heads = c.n_kv_heads = 64;
+    c.mlp_hidden_size = 28672;
+    c.vocab_size = c.embedding_size = 1000;
+    c.max_sequence_length = 1 << 24;
+    c.rope_theta = 10000.f;
+    c.rms_norm_eps = 1e-5f;
+    dimoo_model *m = nullptr;
+    EXPECT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_ERR_DEVICE_OUT_OF_MEMORY);
+    EXPECT_NE(std::string(err).find("MiB"), std::string::npos) << err;
+    // A small model, then a context of 64 x 16M tokens with caches.
+    c.d_model = 64;
+    c.n_layers = 1;
+    c.n_heads = c.n_kv_heads = 1;
+    c.mlp_hidden_size = 64;
+    ASSERT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_OK) << err;
+    const int64_t d = 64;
+    for (const char *n : {"model.transformer.wte.weight", "model.transformer.ff_out.weight"}) {
+        std::vector<float> w(1000 * 64, 0.01f);
+        const int64_t shape[2] = {1000, d};
+        ASSERT_EQ(dimoo_model_set_weight(m, n, DIMOO_F32, shape, 2, w.data(), w.size() * 4), DIMOO_OK);
+    }
+    std::vector<float> w(64 * 64, 0.01f);
+    const int64_t sq[2] = {d, d}, v1[1] = {d};
+    for (const char *n : {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"})
+        ASSERT_EQ(dimoo_model_set_weight(m, (std::string("model.transformer.blocks.0.") + n + ".weight").c_str(),
+                                         DIMOO_F32, sq, 2, w.data(), w.size() * 4),
+                  DIMOO_OK)
+            << dimoo_model_error(m);
+    for (const char *n : {"model.transformer.blocks.0.attn_norm.weight", "model.transformer.blocks.0.ff_norm.weight",
+                          "model.transformer.ln_f.weight"})
+        ASSERT_EQ(dimoo_model_set_weight(m, n, DIMOO_F32, v1, 1, w.data(), 64 * 4), DIMOO_OK);
+    ASSERT_EQ(dimoo_model_finalize(m), DIMOO_OK) << dimoo_model_error(m);
+    dimoo_ctx *ctx = nullptr;
+    dimoo_ctx_params p{64, 1 << 24, DIMOO_CTX_KV_CACHE};
+    EXPECT_EQ(dimoo_ctx_create(m, &p, &ctx, err, sizeof err), DIMOO_ERR_DEVICE_OUT_OF_MEMORY);
+    EXPECT_NE(std::string(err).find("MiB"), std::string::npos) << err;
+    dimoo_model_destroy(m);
+    dimoo_runtime_destroy(rt);
+}
+
 // The CPU-side half runs everywhere: the test reader parses the checkpoints
 // the GPU tests use.
 TEST(CudaForward, ReaderParsesCheckpoints) {

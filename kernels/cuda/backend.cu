@@ -254,17 +254,16 @@ private:
         const cuda::BatchPlan plan = cuda::make_plan(args, n, kv, L, p_.max_tokens, b(kKs), b(kVs), b(kKc), b(kVc));
         const int M = plan.M;
 
-        // Row metadata in one upload: tok | pos | seq | out_rows, then the seqs.
+        // Row metadata: tok | pos | seq | out_rows at fixed offsets, then the seqs.
         const size_t Mx = size_t(p_.n_seqs) * p_.max_tokens;
         if (size_t(M) > Mx || plan.out_rows.size() > Mx) fail(DIMOO_ERR_INTERNAL, "batch larger than the context");
-        std::vector<int32_t> meta(4 * Mx);
-        std::copy(plan.tok.begin(), plan.tok.end(), meta.begin());
-        std::copy(plan.pos.begin(), plan.pos.end(), meta.begin() + Mx);
-        std::copy(plan.seq_of.begin(), plan.seq_of.end(), meta.begin() + 2 * Mx);
-        std::copy(plan.out_rows.begin(), plan.out_rows.end(), meta.begin() + 3 * Mx);
         int32_t *dmeta = b<int32_t>(kMeta);
         auto *dseqs = reinterpret_cast<cuda::AttnSeq *>(dmeta + 4 * Mx);
-        DIMOO_CUDA(cudaMemcpyAsync(dmeta, meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, stream_.s));
+        const std::vector<int32_t> *parts[4] = {&plan.tok, &plan.pos, &plan.seq_of, &plan.out_rows};
+        for (int i = 0; i < 4; i++)
+            if (!parts[i]->empty())
+                DIMOO_CUDA(cudaMemcpyAsync(dmeta + i * Mx, parts[i]->data(), parts[i]->size() * 4,
+                                           cudaMemcpyHostToDevice, stream_.s));
         DIMOO_CUDA(cudaMemcpyAsync(dseqs, plan.seqs.data(), plan.seqs.size() * sizeof(cuda::AttnSeq),
                                    cudaMemcpyHostToDevice, stream_.s));
         const int32_t *d_tok = dmeta, *d_pos = dmeta + Mx, *d_seq = dmeta + 2 * Mx, *d_out = dmeta + 3 * Mx;
