@@ -14,6 +14,7 @@ TEST(CudaForward, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
@@ -230,7 +231,7 @@ struct Req {
     std::vector<float> logits[2], rmax[2];
 };
 
-void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs) {
+void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs, bool twice = false) {
     for (int b = 0; b < 2; b++) {
         std::vector<dimoo_forward_args> args;
         for (auto &r : reqs) {
@@ -257,6 +258,29 @@ void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs) {
             args.push_back(a);
         }
         ASSERT_EQ(dimoo_forward(ctx[b], args.data(), int32_t(args.size())), DIMOO_OK) << dimoo_ctx_error(ctx[b]);
+    }
+    if (twice) { // the GPU forward again on the same input: bitwise the same, or something races
+        std::vector<std::vector<float>> first;
+        for (auto &r : reqs) first.push_back(r.logits[1]);
+        std::vector<dimoo_forward_args> args;
+        for (auto &r : reqs) {
+            dimoo_forward_args a{};
+            a.seq = r.seq;
+            a.n_tokens = int32_t(r.tokens.size());
+            a.tokens = r.tokens.data();
+            a.cache_mode = r.mode;
+            a.n_out = int32_t(r.out.size());
+            a.out_positions = r.out.empty() ? nullptr : r.out.data();
+            a.vocab_begin = r.vb;
+            a.vocab_end = r.ve;
+            std::fill(r.logits[1].begin(), r.logits[1].end(), NAN);
+            a.logits = r.logits[1].data();
+            args.push_back(a);
+        }
+        ASSERT_EQ(dimoo_forward(ctx[1], args.data(), int32_t(args.size())), DIMOO_OK) << dimoo_ctx_error(ctx[1]);
+        for (size_t i = 0; i < reqs.size(); i++)
+            EXPECT_EQ(std::memcmp(first[i].data(), reqs[i].logits[1].data(), first[i].size() * 4), 0)
+                << "two GPU forwards on the same input differ";
     }
     for (auto &r : reqs) {
         SCOPED_TRACE("seq " + std::to_string(r.seq) + " mode " + std::to_string(r.mode) + " T " +
@@ -286,7 +310,7 @@ void check_model(const std::string &dir, int max_t) {
     for (int T : {1, 7, 64, 65, 129, len(rng)}) { // one sequence, all rows and columns
         std::vector<Req> r(1);
         r[0] = Req{0, DIMOO_CACHE_NONE, tokens(T), {}, {}};
-        run_both(p, ctx, r);
+        run_both(p, ctx, r, /*twice=*/true);
     }
     // Three sequences in one call: STORE, NONE and STORE, random lengths,
     // chosen rows and a column range on one.

@@ -335,6 +335,7 @@ TEST(CudaKernels, AttentionMatchesFloat64) {
         cases.push_back({hd, 4, 2, {{5, 300}, {97, 129}}});
         cases.push_back({hd, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
     }
+    cases.push_back({128, 1, 1, {{4228, 4228}}}); // the 1024x1024 image's length, one head (a few s of float64)
     std::uniform_int_distribution<int> len(1, 600);
     for (int i = 0; i < 4; i++) { // random lengths, fresh each run of the suite
         int kvl = len(rng), ql = std::min(kvl, len(rng));
@@ -359,6 +360,7 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
     cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
     cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+    cases.push_back({128, 1, 1, {{4228, 4228}}});
     for (const auto &c : cases) {
         SCOPED_TRACE("first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) +
                      ")");
