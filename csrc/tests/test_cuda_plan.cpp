@@ -7,6 +7,9 @@
 #include <vector>
 
 #include "cuda/plan.h"
+#include "cuda/sm90_layout.h"
+
+#include <set>
 
 namespace {
 
@@ -95,6 +98,38 @@ TEST(CudaPlan, RopeTableMatchesFloat64) {
     EXPECT_LT(worst, 2e-3);
     EXPECT_EQ(t[0], 1.f);
     EXPECT_EQ(t[size_t(T) * half], 0.f);
+}
+
+// The wgmma kernel's tile layout: the hand-written chunk placement is the
+// hardware's 128-byte swizzle of the row-major offset, a bijection on the
+// tile, and any 8 consecutive rows of one chunk column hit 8 different
+// 16-byte bank groups (why the layout is swizzled).
+TEST(CudaPlan, Sm90SwizzleAndDescriptor) {
+    using namespace dimoo::sm90;
+    std::set<uint32_t> seen;
+    for (int r = 0; r < 64; r++)
+        for (int c = 0; c < 8; c++) {
+            const uint32_t o = sw128_chunk(r, c);
+            EXPECT_EQ(o, swizzle128(uint32_t(r) * 128 + uint32_t(c) * 16)) << r << "," << c;
+            EXPECT_LT(o, 64u * 128);
+            EXPECT_EQ(o / 128, uint32_t(r)); // stays in its row
+            seen.insert(o);
+        }
+    EXPECT_EQ(seen.size(), 64u * 8);
+    for (int r0 = 0; r0 < 64; r0 += 8)
+        for (int c = 0; c < 8; c++) {
+            std::set<uint32_t> banks;
+            for (int r = r0; r < r0 + 8; r++) banks.insert(sw128_chunk(r, c) % 128);
+            EXPECT_EQ(banks.size(), 8u);
+        }
+    const uint64_t d = desc_sw128(0x1400, 16, 1024);
+    EXPECT_EQ(d & 0x3FFF, 0x140u);
+    EXPECT_EQ((d >> 16) & 0x3FFF, 1u);
+    EXPECT_EQ((d >> 32) & 0x3FFF, 64u);
+    EXPECT_EQ(d >> 62, 1u);
+    EXPECT_EQ((d >> 46) & 0xFFFF, 0u); // base offset 0, reserved bits clear
+    EXPECT_EQ(desc_sw128(0x1400 + 32, 16, 1024) - d, 2u); // a k16 step: +32 bytes
+    EXPECT_EQ((desc_sw128(0, 8192, 1024) >> 16) & 0x3FFF, 512u); // V: 8 KB between 64-column blocks
 }
 
 } // namespace

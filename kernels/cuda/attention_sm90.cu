@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "cuda/attention.cuh"
+#include "cuda/sm90_layout.h"
 
 namespace dimoo {
 namespace {
@@ -56,14 +57,8 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Shared-memory matrix descriptor, 128-byte swizzle.
 __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-    uint64_t d = 0;
-    d |= uint64_t((addr & 0x3FFFF) >> 4);
-    d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
-    d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
-    d |= uint64_t(1) << 62; // SWIZZLE_128B
-    return d;
+    return sm90::desc_sw128(addr, lbo_bytes, sbo_bytes);
 }
 
 // 64 rows x 128 bf16 from global (row stride `stride` elements, rows >= n_rows
@@ -72,7 +67,7 @@ __device__ __forceinline__ void load_tile(uint32_t s, const uint16_t *g, int str
     for (int c = threadIdx.x; c < 64 * 16; c += kThreads) {
         const int r = c >> 4, ch = c & 15, blk = ch >> 3, cc = ch & 7, gr = row0 + r;
         const bool ok = gr < n_rows;
-        const uint32_t dst = s + blk * kBlockBytes + r * 128 + ((cc ^ (r & 7)) << 4);
+        const uint32_t dst = s + blk * kBlockBytes + sm90::sw128_chunk(r, cc);
         cp_async16(dst, g + size_t(ok ? gr : 0) * stride + ch * 8, ok ? 16 : 0);
     }
 }
