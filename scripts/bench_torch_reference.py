@@ -95,11 +95,17 @@ class RandomModel:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(torch.bfloat16) * w
 
+    def rope_table(self, T):  # computed once per length, as the reference caches it
+        if getattr(self, "_rope_T", None) != T:
+            pos = torch.arange(T, device="cuda", dtype=torch.float32)
+            ang = torch.outer(pos, self.inv_freq)
+            emb = torch.cat([ang, ang], dim=-1)
+            self._rope = (emb.cos()[None, None], emb.sin()[None, None])
+            self._rope_T = T
+        return self._rope
+
     def rope(self, x, T):  # x (B, H, T, hd), rotate-half, in fp32
-        pos = torch.arange(T, device="cuda", dtype=torch.float32)
-        ang = torch.outer(pos, self.inv_freq)
-        emb = torch.cat([ang, ang], dim=-1)
-        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        cos, sin = self.rope_table(T)
         xf = x.float()
         x1, x2 = xf[..., : self.hd // 2], xf[..., self.hd // 2:]
         rot = torch.cat([-x2, x1], dim=-1)

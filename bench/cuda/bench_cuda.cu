@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -34,6 +35,7 @@ using namespace dimoo;
 namespace {
 
 std::vector<std::string> summary;
+bool check_failed = false; // a correctness check inside the benchmark failed
 
 // Median milliseconds of `reps` runs of f on stream s, after `warm` runs.
 double time_events(cudaStream_t s, int warm, int reps, const std::function<void()> &f) {
@@ -271,6 +273,42 @@ void bench_forward(bool quick) {
         line(buf);
         summary.push_back(buf);
     }
+    // The real shape end to end: the same forward with the reference
+    // attention kernel (a context made under DIMOO_CUDA_ATTN=ref) gives the
+    // same logits up to bf16 rounding.
+    {
+        const int T = quick ? 300 : 1124, n_out = 64;
+        std::vector<int32_t> toks(static_cast<size_t>(T)), outp(static_cast<size_t>(n_out));
+        for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 104729) % cfg.vocab_size);
+        for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
+        std::vector<float> lg[2];
+        for (int v = 0; v < 2; v++) {
+            setenv("DIMOO_CUDA_ATTN", v == 0 ? "sm80" : "ref", 1);
+            auto c2 = model->create_ctx(dimoo_ctx_params{1, T, 0});
+            lg[v].assign(size_t(n_out) * 8192, NAN);
+            dimoo_forward_args a{};
+            a.n_tokens = T;
+            a.tokens = toks.data();
+            a.n_out = n_out;
+            a.out_positions = outp.data();
+            a.vocab_begin = codes_begin;
+            a.vocab_end = cfg.vocab_size;
+            a.logits = lg[v].data();
+            c2->forward(&a, 1, cancel);
+        }
+        unsetenv("DIMOO_CUDA_ATTN");
+        double num = 0, den = 0;
+        for (size_t i = 0; i < lg[0].size(); i++) {
+            num += (double(lg[0][i]) - lg[1][i]) * (double(lg[0][i]) - lg[1][i]);
+            den += double(lg[1][i]) * lg[1][i];
+        }
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "check T=%d real shape: logits with sm80 vs reference attention, rel.diff %.2e%s",
+                      T, std::sqrt(num / den), std::sqrt(num / den) < 2e-2 ? "" : "  FAIL");
+        if (!(std::sqrt(num / den) < 2e-2)) check_failed = true;
+        line(buf);
+        summary.push_back(buf);
+    }
 }
 
 } // namespace
@@ -298,5 +336,5 @@ int main(int argc, char **argv) {
     }
     std::printf("\n== summary ==\n");
     for (const auto &l : summary) std::printf("%s\n", l.c_str());
-    return 0;
+    return check_failed ? 3 : 0;
 }
