@@ -140,13 +140,15 @@ void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
                                             V.bf() + size_t(b) * c.Tk * d, 0};
         }
         DevMem ds(seqs.size() * sizeof(cuda::AttnSeq));
-        DIMOO_CUDA(cudaMemcpy(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice));
+        DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaStreamSynchronize(s));
         AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), c.B, c.Tq, 0, H, H, hd, d,
                    1.0f / std::sqrt(float(hd))};
         const double flop = 4.0 * c.B * H * double(c.Tq) * c.Tk * hd;
         std::vector<uint16_t> ref;
         if (impl != AttnImpl::Sm80) {
             DIMOO_CUDA(attention_launch(a, AttnImpl::Sm80, s));
+            DIMOO_CUDA(cudaStreamSynchronize(s)); // s does not order with the legacy stream's copy
             ref.resize(rows_q * d);
             DIMOO_CUDA(cudaMemcpy(ref.data(), O.p, ref.size() * 2, cudaMemcpyDeviceToHost));
         }

@@ -222,7 +222,11 @@ public:
         DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_.s, cudaStreamNonBlocking));
         lt_ = std::make_unique<LtGemm>(stream_.s, kLtWorkspace);
         const auto table = cuda::rope_table(p.max_tokens, S.head_dim, c.rope_theta);
-        DIMOO_CUDA(cudaMemcpy(bufs_[kRope]->get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+        // On the context's stream: a plain cudaMemcpy may still be in flight
+        // on the legacy stream, which a non-blocking stream does not wait for.
+        DIMOO_CUDA(cudaMemcpyAsync(bufs_[kRope]->get(), table.data(), table.size() * 4, cudaMemcpyHostToDevice,
+                                   stream_.s));
+        DIMOO_CUDA(cudaStreamSynchronize(stream_.s));
         attn_ = attention_default_impl(S.head_dim);
     }
 
