@@ -57,7 +57,38 @@ cudaError_t launch(const void *x, const void *w, void *out, int rows, int cols, 
     return cudaGetLastError();
 }
 
+// fp32 rows (optionally gathered) to bf16, as the forward needs.
+__global__ void rmsnorm_f32_bf16_kernel(const float *__restrict__ x, const int32_t *__restrict__ idx,
+                                        const float *__restrict__ w, __nv_bfloat16 *__restrict__ out, int cols,
+                                        float eps) {
+    const size_t row = idx ? size_t(idx[blockIdx.x]) : size_t(blockIdx.x);
+    const float *xr = x + row * cols;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += kThreads) ss += xr[c] * xr[c];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    __shared__ float partial[kThreads / 32];
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < kThreads / 32 ? partial[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    const float inv = 1.0f / sqrtf(partial[0] / float(cols) + eps);
+    __nv_bfloat16 *orow = out + size_t(blockIdx.x) * cols;
+    for (int c = threadIdx.x; c < cols; c += kThreads) orow[c] = __float2bfloat16_rn(xr[c] * inv * w[c]);
+}
+
 } // namespace
+
+cudaError_t rmsnorm_f32_bf16_launch(const float *x, const int32_t *rows_idx, const float *w, uint16_t *out,
+                                    int rows, int cols, float eps, cudaStream_t stream) {
+    if (rows == 0) return cudaSuccess;
+    rmsnorm_f32_bf16_kernel<<<rows, kThreads, 0, stream>>>(x, rows_idx, w, reinterpret_cast<__nv_bfloat16 *>(out),
+                                                           cols, eps);
+    return cudaGetLastError();
+}
 
 cudaError_t rmsnorm_launch(int32_t dtype, const void *x, const void *w, void *out, int rows, int cols, float eps,
                            cudaStream_t stream) {

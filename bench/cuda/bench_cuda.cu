@@ -1,0 +1,342 @@
+// bench_cuda.cu - the CUDA backend's numbers on one GPU, for
+// scripts/device-check.sh: the cuBLAS bf16 ceiling (8192^3) measured in the
+// same run, the forward's GEMMs at the model's shapes against it, attention
+// TFLOP/s at the image shapes (T = 1124, 4228, 8320; B = 1, 2) and an
+// ML-Cache step's shape, and the whole forward in ms on random bf16 weights
+// of the real shape (generated on the device). Inputs are random, never
+// zeros; timings are CUDA events (kernels) or host clocks around a
+// synchronous forward, the median of several runs after warm-up.
+//
+//   dimoo_bench_cuda [--quick]    (--quick: smaller shapes, a smoke test)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "common.h"
+#include "cuda/attention.cuh"
+#include "cuda/cuda_common.cuh"
+#include "cuda/cuda_model.h"
+#include "cuda/gemm.cuh"
+#include "cuda/plan.h"
+#include "cuda/random.cuh"
+
+using namespace dimoo;
+
+namespace {
+
+std::vector<std::string> summary;
+bool check_failed = false; // a correctness check inside the benchmark failed
+
+// Median milliseconds of `reps` runs of f on stream s, after `warm` runs.
+double time_events(cudaStream_t s, int warm, int reps, const std::function<void()> &f) {
+    for (int i = 0; i < warm; i++) f();
+    cudaEvent_t a, b;
+    DIMOO_CUDA(cudaEventCreate(&a));
+    DIMOO_CUDA(cudaEventCreate(&b));
+    std::vector<float> ms;
+    for (int i = 0; i < reps; i++) {
+        DIMOO_CUDA(cudaEventRecord(a, s));
+        f();
+        DIMOO_CUDA(cudaEventRecord(b, s));
+        DIMOO_CUDA(cudaEventSynchronize(b));
+        float t = 0;
+        DIMOO_CUDA(cudaEventElapsedTime(&t, a, b));
+        ms.push_back(t);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    DIMOO_CUDA(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
+struct DevMem {
+    void *p = nullptr;
+    explicit DevMem(size_t bytes) { DIMOO_CUDA(cudaMalloc(&p, bytes)); }
+    ~DevMem() { cudaFree(p); }
+    uint16_t *bf() const { return static_cast<uint16_t *>(p); }
+};
+
+void line(const std::string &s) {
+    std::printf("%s\n", s.c_str());
+    std::fflush(stdout);
+}
+
+double bench_gemms(cudaStream_t s, bool quick) {
+    LtGemm lt(s, size_t(32) << 20);
+    const int C = quick ? 2048 : 8192;
+    double ceiling = 0;
+    {
+        DevMem A(size_t(C) * C * 2), B(size_t(C) * C * 2), Y(size_t(C) * C * 2);
+        DIMOO_CUDA(fill_uniform_bf16_launch(A.bf(), size_t(C) * C, 1, -1, 1, s));
+        DIMOO_CUDA(fill_uniform_bf16_launch(B.bf(), size_t(C) * C, 2, -1, 1, s));
+        double ms = time_events(s, 3, 20, [&] { lt.run(C, C, C, A.bf(), C, B.bf(), C, Y.p, C, DIMOO_BF16, false); });
+        ceiling = 2.0 * C * C * C / (ms * 1e-3) / 1e12;
+        char b[200];
+        std::snprintf(b, sizeof b, "gemm  cuBLAS ceiling %dx%dx%d bf16: %.3f ms  %.1f TFLOP/s", C, C, C, ms, ceiling);
+        line(b);
+        summary.push_back(b);
+    }
+    struct G {
+        const char *name;
+        int N, K;
+        bool f32_acc;
+    };
+    const int d = quick ? 1024 : 4096, mlp = quick ? 3072 : 12288;
+    const G gs[] = {{"qkv", 3 * d, d, false}, {"o+res", d, d, true}, {"gate_up", 2 * mlp, d, false},
+                    {"down+res", d, mlp, true}, {"head8192", 8192, d, true}};
+    for (int M : {quick ? 512 : 4228, quick ? 1024 : 8456, quick ? 128 : 846}) {
+        for (const G &g : gs) {
+            const int Mg = (std::strcmp(g.name, "head8192") == 0) ? std::min(M, quick ? 512 : 4096) : M;
+            DevMem X(size_t(Mg) * g.K * 2), W(size_t(g.N) * g.K * 2), Y(size_t(Mg) * g.N * 4);
+            DIMOO_CUDA(fill_uniform_bf16_launch(X.bf(), size_t(Mg) * g.K, 3, -1, 1, s));
+            DIMOO_CUDA(fill_uniform_bf16_launch(W.bf(), size_t(g.N) * g.K, 4, -0.02f, 0.02f, s));
+            DIMOO_CUDA(fill_uniform_f32_launch(static_cast<float *>(Y.p), size_t(Mg) * g.N, 5, -1, 1, s));
+            double ms = time_events(s, 3, 20, [&] {
+                lt.run(Mg, g.N, g.K, X.bf(), g.K, W.bf(), g.K, Y.p, g.N, g.f32_acc ? DIMOO_F32 : DIMOO_BF16,
+                       g.f32_acc && std::strcmp(g.name, "head8192") != 0);
+            });
+            const double tf = 2.0 * Mg * g.N * g.K / (ms * 1e-3) / 1e12;
+            char b[200];
+            std::snprintf(b, sizeof b, "gemm  %-9s M=%-5d N=%-5d K=%-5d %8.3f ms %7.1f TFLOP/s (%3.0f%% of ceiling)",
+                          g.name, Mg, g.N, g.K, ms, tf, 100 * tf / ceiling);
+            line(b);
+            if (M == (quick ? 1024 : 8456)) summary.push_back(b);
+        }
+    }
+    return ceiling;
+}
+
+// impl Sm90 (the unverified wgmma kernel) runs last in main, so a fault
+// there cannot spoil the other numbers; its output is compared with sm80's.
+void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
+    const int H = 32, hd = 128, d = H * hd;
+    struct Case {
+        int B, Tq, Tk;
+    };
+    std::vector<Case> cases;
+    for (int T : quick ? std::vector<int>{1124} : std::vector<int>{1124, 4228, 8320})
+        for (int B : {1, 2}) cases.push_back({B, T, T});
+    cases.push_back({2, quick ? 112 : 423, quick ? 1124 : 4228}); // ML-Cache: compact queries vs all keys
+    for (const Case &c : cases) {
+        const size_t rows_q = size_t(c.B) * c.Tq, rows_k = size_t(c.B) * c.Tk;
+        DevMem Q(rows_q * d * 2), O(rows_q * d * 2), K(rows_k * d * 2), V(rows_k * d * 2);
+        DIMOO_CUDA(fill_uniform_bf16_launch(Q.bf(), rows_q * d, 11, -2, 2, s));
+        DIMOO_CUDA(fill_uniform_bf16_launch(K.bf(), rows_k * d, 12, -2, 2, s));
+        DIMOO_CUDA(fill_uniform_bf16_launch(V.bf(), rows_k * d, 13, -1, 1, s));
+        std::vector<cuda::AttnSeq> seqs(size_t(c.B));
+        for (int b = 0; b < c.B; b++) {
+            seqs[size_t(b)] = cuda::AttnSeq{b * c.Tq, c.Tq, c.Tk, 0, K.bf() + size_t(b) * c.Tk * d,
+                                            V.bf() + size_t(b) * c.Tk * d, 0};
+        }
+        DevMem ds(seqs.size() * sizeof(cuda::AttnSeq));
+        DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaStreamSynchronize(s));
+        AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), c.B, c.Tq, 0, H, H, hd, d,
+                   1.0f / std::sqrt(float(hd))};
+        const double flop = 4.0 * c.B * H * double(c.Tq) * c.Tk * hd;
+        std::vector<uint16_t> ref;
+        if (impl != AttnImpl::Sm80) {
+            DIMOO_CUDA(attention_launch(a, AttnImpl::Sm80, s));
+            DIMOO_CUDA(cudaStreamSynchronize(s)); // s does not order with the legacy stream's copy
+            ref.resize(rows_q * d);
+            DIMOO_CUDA(cudaMemcpy(ref.data(), O.p, ref.size() * 2, cudaMemcpyDeviceToHost));
+        }
+        {
+            DIMOO_CUDA(cudaMemsetAsync(O.p, 0xff, rows_q * d * 2, s)); // NaN-poisoned
+            double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(attention_launch(a, impl, s)); });
+            // The unverified wgmma kernel against the sm80 one on the same data.
+            std::vector<uint16_t> out(rows_q * d);
+            DIMOO_CUDA(cudaMemcpy(out.data(), O.p, out.size() * 2, cudaMemcpyDeviceToHost));
+            std::string check = "";
+            if (!ref.empty()) {
+                double num = 0, den = 0;
+                for (size_t i = 0; i < out.size(); i++) {
+                    const double x = bf16_to_f32(out[i]), y = bf16_to_f32(ref[i]);
+                    num += (x - y) * (x - y);
+                    den += y * y;
+                }
+                char cb[64];
+                std::snprintf(cb, sizeof cb, "  rel.diff vs sm80 %.1e", std::isnan(num) ? NAN : std::sqrt(num / den));
+                check = cb;
+            }
+            char b[200];
+            std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s",
+                          impl == AttnImpl::Sm80 ? "sm80" : "sm90", c.B, H, c.Tq, c.Tk, ms,
+                          flop / (ms * 1e-3) / 1e12, check.c_str());
+            line(b);
+            summary.push_back(b);
+        }
+    }
+}
+
+void bench_forward(bool quick) {
+    dimoo_model_config cfg{};
+    cfg.d_model = quick ? 1024 : 4096;
+    cfg.n_layers = quick ? 4 : 32;
+    cfg.n_heads = quick ? 8 : 32;
+    cfg.n_kv_heads = cfg.n_heads;
+    cfg.mlp_hidden_size = quick ? 3072 : 12288;
+    cfg.vocab_size = quick ? 16384 : 134548;
+    cfg.embedding_size = cfg.vocab_size;
+    cfg.max_sequence_length = 8320;
+    cfg.rope_theta = 500000.f;
+    cfg.rms_norm_eps = 1e-5f;
+    const int Tmax = quick ? 1124 : 4228;
+    auto be = make_cuda_backend(0);
+    ModelShape shape(cfg);
+    auto model = be->create_model(shape);
+    cuda_fill_random_weights(*model, 42);
+    model->finalize();
+    dimoo_ctx_params cp{2, Tmax, DIMOO_CTX_KV_CACHE};
+    auto ctx = model->create_ctx(cp);
+    std::atomic<bool> cancel{false};
+    const int codes_begin = cfg.vocab_size - 8192;
+    for (int T : quick ? std::vector<int>{1124} : std::vector<int>{1124, 4228}) {
+        std::vector<int32_t> toks(static_cast<size_t>(T));
+        for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 7919) % cfg.vocab_size);
+        // The image part: the last ~97% of the positions, 8192 code columns.
+        const int n_out = T - T / 32;
+        std::vector<int32_t> outp(static_cast<size_t>(n_out));
+        for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
+        std::vector<float> logits[2], rmax[2];
+        for (int nb : {1, 2}) {
+            for (bool with_logits : {false, true}) {
+                dimoo_forward_args a[2] = {};
+                for (int b = 0; b < nb; b++) {
+                    a[b].seq = b;
+                    a[b].n_tokens = T;
+                    a[b].tokens = toks.data();
+                    if (with_logits) {
+                        logits[b].assign(size_t(n_out) * 8192, NAN);
+                        rmax[b].assign(size_t(n_out), NAN);
+                        a[b].n_out = n_out;
+                        a[b].out_positions = outp.data();
+                        a[b].vocab_begin = codes_begin;
+                        a[b].vocab_end = cfg.vocab_size;
+                        a[b].logits = logits[b].data();
+                        a[b].row_max = rmax[b].data();
+                    }
+                }
+                std::vector<double> ms;
+                for (int r = 0; r < 6; r++) {
+                    auto t0 = std::chrono::steady_clock::now();
+                    ctx->forward(a, nb, cancel);
+                    auto t1 = std::chrono::steady_clock::now();
+                    if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+                }
+                std::sort(ms.begin(), ms.end());
+                if (with_logits)
+                    for (int b = 0; b < nb; b++)
+                        for (float v : logits[b])
+                            if (!std::isfinite(v)) fail(DIMOO_ERR_INTERNAL, "non-finite logit in the benchmark forward");
+                char buf[200];
+                std::snprintf(buf, sizeof buf, "fwd   T=%-5d branches=%d %-22s %9.2f ms", T, nb,
+                              with_logits ? "+ head 8192 cols + D2H" : "(no logits)", ms[ms.size() / 2]);
+                line(buf);
+                summary.push_back(buf);
+            }
+        }
+        // An ML-Cache step: STORE both branches, then USE on every 10th position.
+        std::vector<int32_t> comp;
+        for (int i = 0; i < T; i += 10) comp.push_back(i);
+        dimoo_forward_args st[2] = {}, us[2] = {};
+        for (int b = 0; b < 2; b++) {
+            st[b].seq = us[b].seq = b;
+            st[b].n_tokens = us[b].n_tokens = T;
+            st[b].tokens = us[b].tokens = toks.data();
+            st[b].cache_mode = DIMOO_CACHE_STORE;
+            us[b].cache_mode = DIMOO_CACHE_USE;
+            us[b].n_compute = int32_t(comp.size());
+            us[b].compute = comp.data();
+        }
+        ctx->forward(st, 2, cancel);
+        std::vector<double> ms;
+        for (int r = 0; r < 6; r++) {
+            auto t0 = std::chrono::steady_clock::now();
+            ctx->forward(us, 2, cancel);
+            auto t1 = std::chrono::steady_clock::now();
+            if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        }
+        std::sort(ms.begin(), ms.end());
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "fwd   T=%-5d branches=2 ML-Cache USE %zu rows %9.2f ms", T, comp.size(),
+                      ms[ms.size() / 2]);
+        line(buf);
+        summary.push_back(buf);
+    }
+    // The real shape end to end: the same forward with the reference
+    // attention kernel (a context made under DIMOO_CUDA_ATTN=ref) gives the
+    // same logits up to bf16 rounding.
+    {
+        const int T = quick ? 300 : 1124, n_out = 64;
+        std::vector<int32_t> toks(static_cast<size_t>(T)), outp(static_cast<size_t>(n_out));
+        for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 104729) % cfg.vocab_size);
+        for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
+        std::vector<float> lg[2];
+        for (int v = 0; v < 2; v++) {
+            setenv("DIMOO_CUDA_ATTN", v == 0 ? "sm80" : "ref", 1);
+            auto c2 = model->create_ctx(dimoo_ctx_params{1, T, 0});
+            lg[v].assign(size_t(n_out) * 8192, NAN);
+            dimoo_forward_args a{};
+            a.n_tokens = T;
+            a.tokens = toks.data();
+            a.n_out = n_out;
+            a.out_positions = outp.data();
+            a.vocab_begin = codes_begin;
+            a.vocab_end = cfg.vocab_size;
+            a.logits = lg[v].data();
+            c2->forward(&a, 1, cancel);
+        }
+        unsetenv("DIMOO_CUDA_ATTN");
+        double num = 0, den = 0;
+        for (size_t i = 0; i < lg[0].size(); i++) {
+            num += (double(lg[0][i]) - lg[1][i]) * (double(lg[0][i]) - lg[1][i]);
+            den += double(lg[1][i]) * lg[1][i];
+        }
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "check T=%d real shape: logits with sm80 vs reference attention, rel.diff %.2e%s",
+                      T, std::sqrt(num / den), std::sqrt(num / den) < 5e-2 ? "" : "  FAIL");
+        if (!(std::sqrt(num / den) < 5e-2)) check_failed = true; // 32 random layers amplify rounding: looser than the tests
+        line(buf);
+        summary.push_back(buf);
+    }
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+    const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    try {
+        if (cuda_device_count() == 0) {
+            std::printf("no CUDA device\n");
+            return 2;
+        }
+        cudaDeviceProp prop{};
+        DIMOO_CUDA(cudaGetDeviceProperties(&prop, 0));
+        std::printf("device: %s, sm_%d%d, %d SMs\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+        cudaStream_t s;
+        DIMOO_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+        bench_gemms(s, quick);
+        bench_attention(s, quick, AttnImpl::Sm80);
+        bench_forward(quick);
+        if (attention_supported(AttnImpl::Sm90, 128)) bench_attention(s, quick, AttnImpl::Sm90);
+        cudaStreamDestroy(s);
+    } catch (const Error &e) {
+        std::printf("FAILED: %s\n", e.what());
+        return 1;
+    }
+    std::printf("\n== summary ==\n");
+    for (const auto &l : summary) std::printf("%s\n", l.c_str());
+    return check_failed ? 3 : 0;
+}

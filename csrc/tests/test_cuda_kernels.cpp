@@ -1,0 +1,384 @@
+// test_cuda_kernels.cpp - every kernel of the CUDA forward against a CPU
+// reference through its launcher: fresh random inputs, NaN-poisoned outputs,
+// relative errors bounded for bf16 (||out - ref|| / ||ref||), and each run
+// twice to catch races (the two results must be bitwise equal). Skips with a
+// reason where the CUDA backend is not built or no GPU is present.
+#include <gtest/gtest.h>
+
+#ifndef DIMOO_WITH_CUDA
+TEST(CudaKernels, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
+#else
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "backend.h"
+#include "common.h"
+#include "cuda/attention.cuh"
+#include "cuda/embed.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/plan.h"
+#include "cuda/rmsnorm.cuh"
+#include "cuda/rope.cuh"
+#include "cuda/rowmax.cuh"
+#include "cuda/swiglu.cuh"
+
+namespace {
+
+using dimoo::bf16_to_f32;
+using dimoo::f32_to_bf16;
+
+#define SKIP_WITHOUT_GPU()                                                                                   \
+    do {                                                                                                     \
+        if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";                               \
+    } while (0)
+#define CK(call) ASSERT_EQ((call), cudaSuccess) << #call << ": " << cudaGetErrorString(cudaGetLastError())
+
+// A device copy of a host vector; download() reads it back.
+template <class T> struct Dev {
+    T *p = nullptr;
+    size_t n = 0;
+    explicit Dev(size_t count, int poison_byte = 0xff) : n(count) {
+        if (cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+        if (p) cudaMemset(p, poison_byte, n * sizeof(T)); // 0xffff is a NaN in bf16 and fp32
+    }
+    explicit Dev(const std::vector<T> &h) : Dev(h.size()) {
+        if (p) cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice);
+    }
+    ~Dev() { cudaFree(p); }
+    std::vector<T> download() const {
+        std::vector<T> h(n);
+        cudaDeviceSynchronize();
+        cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+        return h;
+    }
+};
+
+std::vector<uint16_t> rand_bf16(size_t n, std::mt19937 &rng, float sd = 1.f) {
+    std::normal_distribution<float> nd(0.f, sd);
+    std::vector<uint16_t> v(n);
+    for (auto &x : v) x = f32_to_bf16(nd(rng));
+    return v;
+}
+
+// ||a - ref|| / ||ref||, infinity if any element of a is NaN.
+double rel_err(const std::vector<double> &a, const std::vector<double> &ref) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        if (std::isnan(a[i])) return INFINITY;
+        num += (a[i] - ref[i]) * (a[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+}
+
+std::vector<double> widen(const std::vector<uint16_t> &v) {
+    std::vector<double> o(v.size());
+    for (size_t i = 0; i < v.size(); i++) o[i] = bf16_to_f32(v[i]);
+    return o;
+}
+
+TEST(CudaKernels, EmbeddingGatherIsExact) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(1);
+    const int E = 300, d = 136, rows = 77;
+    auto wte = rand_bf16(size_t(E) * d, rng);
+    std::vector<int32_t> tok(rows);
+    for (auto &t : tok) t = int32_t(rng() % E);
+    Dev<uint16_t> dw(wte);
+    Dev<int32_t> dt(tok);
+    Dev<float> dx(size_t(rows) * d);
+    CK(dimoo::embed_launch(dw.p, dt.p, dx.p, rows, d, 0));
+    auto x = dx.download();
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < d; c++) ASSERT_EQ(x[size_t(r) * d + c], bf16_to_f32(wte[size_t(tok[r]) * d + c]));
+}
+
+TEST(CudaKernels, RMSNormF32ToBF16WithGather) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(2);
+    std::normal_distribution<float> nd(0.f, 3.f);
+    for (int cols : {32, 257, 4096}) {
+        const int rows = 41, out_rows = 13;
+        std::vector<float> x(size_t(rows) * cols), w(cols);
+        for (auto &v : x) v = nd(rng);
+        for (auto &v : w) v = 1.f + 0.1f * nd(rng);
+        std::vector<int32_t> idx(out_rows);
+        for (auto &i : idx) i = int32_t(rng() % rows);
+        Dev<float> dx(x), dw(w);
+        Dev<int32_t> di(idx);
+        Dev<uint16_t> a(size_t(rows) * cols), g(size_t(out_rows) * cols);
+        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p, nullptr, dw.p, a.p, rows, cols, 1e-5f, 0));
+        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p, di.p, dw.p, g.p, out_rows, cols, 1e-5f, 0));
+        auto ref = [&](int r, int c) {
+            double ss = 0;
+            for (int k = 0; k < cols; k++) ss += double(x[size_t(r) * cols + k]) * x[size_t(r) * cols + k];
+            return x[size_t(r) * cols + c] / std::sqrt(ss / cols + 1e-5) * w[c];
+        };
+        std::vector<double> ra, rg;
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < cols; c++) ra.push_back(ref(r, c));
+        for (int r = 0; r < out_rows; r++)
+            for (int c = 0; c < cols; c++) rg.push_back(ref(idx[r], c));
+        EXPECT_LT(rel_err(widen(a.download()), ra), 1e-2) << cols;
+        EXPECT_LT(rel_err(widen(g.download()), rg), 1e-2) << cols;
+    }
+}
+
+TEST(CudaKernels, SwiGLU) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(3);
+    const int rows = 29, mlp = 352;
+    auto gu = rand_bf16(size_t(rows) * 2 * mlp, rng, 2.f);
+    Dev<uint16_t> dgu(gu), dout(size_t(rows) * mlp);
+    CK(dimoo::swiglu_launch(dgu.p, dout.p, rows, mlp, 0));
+    std::vector<double> ref;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < mlp; c++) {
+            const double g = bf16_to_f32(gu[size_t(r) * 2 * mlp + c]), u = bf16_to_f32(gu[size_t(r) * 2 * mlp + mlp + c]);
+            ref.push_back(g / (1 + std::exp(-g)) * u);
+        }
+    EXPECT_LT(rel_err(widen(dout.download()), ref), 1e-2);
+}
+
+TEST(CudaKernels, RowMaxIsExact) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(4);
+    std::normal_distribution<float> nd(0.f, 5.f);
+    const int rows = 19, cols = 8195, ld = 8200;
+    std::vector<float> x(size_t(rows) * ld);
+    for (auto &v : x) v = nd(rng);
+    Dev<float> dx(x), dm(rows);
+    CK(dimoo::rowmax_launch(dx.p, rows, cols, ld, dm.p, 0));
+    auto m = dm.download();
+    for (int r = 0; r < rows; r++)
+        EXPECT_EQ(m[r], *std::max_element(x.begin() + size_t(r) * ld, x.begin() + size_t(r) * ld + cols));
+}
+
+TEST(CudaKernels, CublasLtGemm) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(5);
+    cudaStream_t s;
+    CK(cudaStreamCreate(&s));
+    {
+        dimoo::LtGemm lt(s, size_t(32) << 20);
+        struct Shape { int M, N, K; };
+        for (Shape sh : {Shape{1, 8, 16}, Shape{37, 100, 64}, Shape{300, 352, 128}, Shape{129, 982, 256}}) {
+            const int M = sh.M, N = sh.N, K = sh.K;
+            auto X = rand_bf16(size_t(M) * K, rng), W = rand_bf16(size_t(N) * K, rng, 0.1f);
+            std::vector<float> y0(size_t(M) * N);
+            std::normal_distribution<float> nd(0.f, 1.f);
+            for (auto &v : y0) v = nd(rng);
+            Dev<uint16_t> dX(X), dW(W), dYb(size_t(M) * N);
+            Dev<float> dYf(y0);
+            lt.run(M, N, K, dX.p, K, dW.p, K, dYb.p, N, DIMOO_BF16, false);
+            lt.run(M, N, K, dX.p, K, dW.p, K, dYf.p, N, DIMOO_F32, true); // residual add
+            std::vector<double> ref(size_t(M) * N), refacc(size_t(M) * N);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++) {
+                    double acc = 0;
+                    for (int k = 0; k < K; k++)
+                        acc += double(bf16_to_f32(X[size_t(m) * K + k])) * bf16_to_f32(W[size_t(n) * K + k]);
+                    ref[size_t(m) * N + n] = acc;
+                    refacc[size_t(m) * N + n] = acc + y0[size_t(m) * N + n];
+                }
+            EXPECT_LT(rel_err(widen(dYb.download()), ref), 1e-2) << M << "x" << N << "x" << K;
+            auto yf = dYf.download();
+            EXPECT_LT(rel_err(std::vector<double>(yf.begin(), yf.end()), refacc), 1e-3) << M << "x" << N << "x" << K;
+        }
+    }
+    cudaStreamDestroy(s);
+}
+
+// RoPE with scattered positions into a two-sequence cache: Q rows compact,
+// K (rotated) and V at their positions, every other cache row untouched.
+TEST(CudaKernels, RopeWritesQAndScattersKV) {
+    SKIP_WITHOUT_GPU();
+    std::mt19937 rng(6);
+    const int hd = 64, H = 4, Hkv = 2, d = H * hd, kv = Hkv * hd, L = 3, T = 50, layer = 1;
+    const auto table = dimoo::cuda::rope_table(T, hd, 500000.f);
+    // seq 0: positions 3, 7, 20 (USE-like); seq 1: all 0..T-1 (STORE-like).
+    std::vector<int32_t> pos = {3, 7, 20}, seq = {0, 0, 0};
+    for (int p = 0; p < T; p++) {
+        pos.push_back(p);
+        seq.push_back(1);
+    }
+    const int rows = int(pos.size());
+    auto qkv = rand_bf16(size_t(rows) * (d + 2 * kv), rng);
+    Dev<uint16_t> dqkv(qkv), dq(size_t(rows) * d), kc(size_t(2) * L * T * kv), vc(size_t(2) * L * T * kv);
+    std::vector<dimoo::cuda::AttnSeq> seqs(2);
+    for (int s = 0; s < 2; s++) {
+        seqs[s].k = kc.p + size_t(s) * L * T * kv;
+        seqs[s].v = vc.p + size_t(s) * L * T * kv;
+        seqs[s].layer_stride = int64_t(T) * kv;
+    }
+    Dev<dimoo::cuda::AttnSeq> dseqs(seqs);
+    Dev<float> dtab(table);
+    Dev<int32_t> dpos(pos), dseq(seq);
+    dimoo::RopeArgs a{dqkv.p, dq.p, dtab.p, T, dpos.p, dseq.p, dseqs.p, layer, rows, d, kv, hd};
+    CK(dimoo::rope_kv_launch(a, 0));
+    auto q = dq.download(), k = kc.download(), v = vc.download();
+    const int half = hd / 2;
+    std::vector<double> got, ref;
+    std::vector<char> written(k.size(), 0);
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *src = qkv.data() + size_t(r) * (d + 2 * kv);
+        const size_t krow = (size_t(seq[r]) * L + layer) * T * kv + size_t(pos[r]) * kv;
+        for (int h = 0; h < H + Hkv; h++)
+            for (int i = 0; i < half; i++) {
+                const bool isq = h < H;
+                const int e = (isq ? h : h - H) * hd + i;
+                const double x0 = bf16_to_f32(src[(isq ? 0 : d) + e]), x1 = bf16_to_f32(src[(isq ? 0 : d) + e + half]);
+                const double th = double(pos[r]) * std::pow(500000.0, -2.0 * i / hd);
+                ref.push_back(x0 * std::cos(th) - x1 * std::sin(th));
+                ref.push_back(x1 * std::cos(th) + x0 * std::sin(th));
+                const uint16_t *out = isq ? q.data() + size_t(r) * d : k.data() + krow;
+                got.push_back(bf16_to_f32(out[e]));
+                got.push_back(bf16_to_f32(out[e + half]));
+            }
+        for (int c = 0; c < kv; c++) {
+            ASSERT_EQ(v[krow + c], src[d + kv + c]) << "V row " << r;
+            written[krow + c] = 1;
+        }
+    }
+    EXPECT_LT(rel_err(got, ref), 1e-2);
+    for (size_t i = 0; i < k.size(); i++)
+        if (!written[i]) {
+            ASSERT_EQ(k[i], 0xffff) << "K cache element " << i << " written";
+            ASSERT_EQ(v[i], 0xffff) << "V cache element " << i << " written";
+        }
+}
+
+// Attention of several sequences in one launch against a float64 reference.
+struct AttnCase {
+    int hd, H, Hkv;
+    std::vector<std::pair<int, int>> lens; // (q_len, kv_len) per sequence
+};
+
+void check_attention(const AttnCase &c, dimoo::AttnImpl impl, std::mt19937 &rng) {
+    const int d = c.H * c.hd, kv = c.Hkv * c.hd, n = int(c.lens.size()), layer = 1, L = 2;
+    int M = 0, maxq = 0, maxkv = 0;
+    for (auto [q, k] : c.lens) {
+        M += q;
+        maxq = std::max(maxq, q);
+        maxkv = std::max(maxkv, k);
+    }
+    auto q = rand_bf16(size_t(M) * d, rng);
+    auto K = rand_bf16(size_t(n) * L * maxkv * kv, rng), V = rand_bf16(size_t(n) * L * maxkv * kv, rng);
+    Dev<uint16_t> dq(q), dK(K), dV(V), dO(size_t(M) * d);
+    std::vector<dimoo::cuda::AttnSeq> seqs(n);
+    int row = 0;
+    for (int s = 0; s < n; s++) {
+        seqs[s].q_begin = row;
+        seqs[s].q_len = c.lens[s].first;
+        seqs[s].kv_len = c.lens[s].second;
+        seqs[s].k = dK.p + size_t(s) * L * maxkv * kv;
+        seqs[s].v = dV.p + size_t(s) * L * maxkv * kv;
+        seqs[s].layer_stride = int64_t(maxkv) * kv;
+        row += c.lens[s].first;
+    }
+    Dev<dimoo::cuda::AttnSeq> dseqs(seqs);
+    const float scale = 1.f / std::sqrt(float(c.hd));
+    dimoo::AttnArgs a{dq.p, d, dO.p, d, dseqs.p, n, maxq, layer, c.H, c.Hkv, c.hd, kv, scale};
+    ASSERT_EQ(dimoo::attention_launch(a, impl, 0), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    auto o1 = dO.download();
+    ASSERT_EQ(dimoo::attention_launch(a, impl, 0), cudaSuccess);
+    auto o2 = dO.download();
+    ASSERT_EQ(o1, o2) << "two runs differ: a race";
+
+    std::vector<double> ref, got;
+    for (int s = 0; s < n; s++) {
+        const size_t kvbase = (size_t(s) * L + layer) * maxkv * kv;
+        for (int r = 0; r < seqs[s].q_len; r++)
+            for (int h = 0; h < c.H; h++) {
+                const int kh = h / (c.H / c.Hkv);
+                const uint16_t *qr = q.data() + size_t(seqs[s].q_begin + r) * d + size_t(h) * c.hd;
+                std::vector<double> sc(seqs[s].kv_len);
+                double mx = -INFINITY;
+                for (int j = 0; j < seqs[s].kv_len; j++) {
+                    double dot = 0;
+                    for (int i = 0; i < c.hd; i++)
+                        dot += double(bf16_to_f32(qr[i])) * bf16_to_f32(K[kvbase + size_t(j) * kv + kh * c.hd + i]);
+                    sc[j] = dot * scale;
+                    mx = std::max(mx, sc[j]);
+                }
+                double sum = 0;
+                for (auto &x : sc) sum += (x = std::exp(x - mx));
+                for (int i = 0; i < c.hd; i++) {
+                    double acc = 0;
+                    for (int j = 0; j < seqs[s].kv_len; j++)
+                        acc += sc[j] * bf16_to_f32(V[kvbase + size_t(j) * kv + kh * c.hd + i]);
+                    ref.push_back(acc / sum);
+                    got.push_back(bf16_to_f32(o1[size_t(seqs[s].q_begin + r) * d + size_t(h) * c.hd + i]));
+                }
+            }
+    }
+    const double e = rel_err(got, ref);
+    EXPECT_LT(e, 1e-2) << "hd " << c.hd << " impl " << int(impl);
+}
+
+TEST(CudaKernels, AttentionMatchesFloat64) {
+    SKIP_WITHOUT_GPU();
+    const unsigned seed = std::random_device{}(); // random lengths below differ every run
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
+    std::vector<AttnCase> cases;
+    for (int hd : {32, 64, 128}) {
+        // Tails around the 64-row tiles, single rows, ML-Cache shapes (few
+        // queries against many keys) and two sequences of different lengths.
+        for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600})
+            cases.push_back({hd, 2, hd == 32 ? 1 : 2, {{T, T}}});
+        cases.push_back({hd, 4, 2, {{5, 300}, {97, 129}}});
+        cases.push_back({hd, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+    }
+    cases.push_back({128, 1, 1, {{4228, 4228}}}); // the 1024x1024 image's length, one head (a few s of float64)
+    std::uniform_int_distribution<int> len(1, 600);
+    for (int i = 0; i < 4; i++) { // random lengths, fresh each run of the suite
+        int kvl = len(rng), ql = std::min(kvl, len(rng));
+        cases.push_back({128, 2, 2, {{ql, kvl}, {kvl, kvl}}});
+    }
+    for (const auto &c : cases) {
+        for (auto impl : {dimoo::AttnImpl::Reference, dimoo::AttnImpl::Sm80}) {
+            SCOPED_TRACE("hd " + std::to_string(c.hd) + " first (q, kv) = (" + std::to_string(c.lens[0].first) +
+                         ", " + std::to_string(c.lens[0].second) + ")");
+            check_attention(c, impl, rng);
+        }
+    }
+}
+
+// The wgmma kernel (sm_90a, head dim 128) on the same cases. Its own test, so
+// device-check can run it apart: a fault there must not take the others down.
+TEST(CudaKernels, AttentionSm90MatchesFloat64) {
+    SKIP_WITHOUT_GPU();
+    if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90, 128)) GTEST_SKIP() << "not an sm_90 device";
+    std::mt19937 rng(8);
+    std::vector<AttnCase> cases;
+    for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
+    cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
+    cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+    cases.push_back({128, 1, 1, {{4228, 4228}}});
+    for (const auto &c : cases) {
+        SCOPED_TRACE("first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) +
+                     ")");
+        check_attention(c, dimoo::AttnImpl::Sm90, rng);
+    }
+}
+
+TEST(CudaKernels, AttentionRejectsUnsupportedShapes) {
+    SKIP_WITHOUT_GPU();
+    dimoo::cuda::AttnSeq s{};
+    dimoo::AttnArgs a{nullptr, 96, nullptr, 96, &s, 1, 1, 0, 1, 1, 96, 96, 1.f};
+    EXPECT_EQ(dimoo::attention_launch(a, dimoo::AttnImpl::Sm80, 0), cudaErrorInvalidValue);
+    a.n_kv_heads = 0;
+    EXPECT_EQ(dimoo::attention_launch(a, dimoo::AttnImpl::Reference, 0), cudaErrorInvalidValue);
+}
+
+} // namespace
+
+#endif // DIMOO_WITH_CUDA

@@ -1,0 +1,48 @@
+// attention.cuh - non-causal multi-head attention of a batch of sequences:
+// each sequence's q_len query rows (compact rows under ML-Cache USE) against
+// its kv_len cached keys/values, per-sequence lengths, grouped K/V heads.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/plan.h"
+
+namespace dimoo {
+
+struct AttnArgs {
+    const uint16_t *q; // bf16 [M, q_stride], head h at columns h*head_dim
+    int q_stride;
+    uint16_t *o;       // bf16 [M, o_stride]
+    int o_stride;
+    const cuda::AttnSeq *seqs; // device array of n_seqs
+    int n_seqs;
+    int max_q;         // largest q_len (sizes the grid)
+    int layer;         // K/V of layer `layer` (AttnSeq::layer_stride)
+    int n_heads, n_kv_heads, head_dim;
+    int kv_stride;     // row stride of K/V in elements (kv_dim)
+    float scale;       // softmax scale, 1/sqrt(head_dim)
+};
+
+enum class AttnImpl {
+    Reference, // one warp per query row, any head_dim <= 256: slow, simple, the device-side check
+    Sm80,      // flash attention with mma.sync m16n8k16 (head_dim 32, 64, 128), sm_80 and later
+    Sm90,      // flash attention with wgmma (head_dim 128, sm_90a); not yet verified on a device,
+               // so only chosen by DIMOO_CUDA_ATTN=sm90
+};
+
+// Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90 in
+// the environment, else Sm80 where the head dim has a flash instantiation.
+AttnImpl attention_default_impl(int head_dim);
+bool attention_supported(AttnImpl impl, int head_dim);
+cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
+
+// attention_sm90.cu: whether the current device runs the sm_90a code, and its launcher.
+bool attention_sm90_available();
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s);
+
+// Flash kernel tile sizes (for tests and the benchmark's FLOP count).
+constexpr int kAttnBlockM = 64, kAttnBlockN = 64;
+
+} // namespace dimoo

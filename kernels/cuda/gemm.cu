@@ -1,0 +1,116 @@
+// gemm.cu - cuBLASLt for every projection of the forward. cuBLASLt is
+// column-major: W stored [N, K] row-major is a K x N column-major matrix,
+// taken transposed (op T); X [M, K] row-major is K x M, taken as is; their
+// product is the N x M column-major matrix, which is Y [M, N] row-major. The heuristic's first
+// choice is cached per shape; pointer alignment is part of the key because
+// an algorithm may need 16-byte aligned operands.
+#include "cuda/gemm.cuh"
+
+#include <string>
+
+#include "common.h"
+#include "cuda/cuda_common.cuh"
+
+namespace dimoo {
+namespace {
+
+void lt_check(cublasStatus_t st, const char *what) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    fail(st == CUBLAS_STATUS_ALLOC_FAILED ? DIMOO_ERR_DEVICE_OUT_OF_MEMORY : DIMOO_ERR_DEVICE,
+         std::string(what) + " failed with cuBLAS status " + std::to_string(int(st)));
+}
+#define LT(call) lt_check((call), #call)
+
+// Largest power of two (<= 256) dividing the address.
+int align_of(const void *p) {
+    uintptr_t u = reinterpret_cast<uintptr_t>(p);
+    int a = 256;
+    while (a > 1 && (u % a)) a >>= 1;
+    return a;
+}
+
+} // namespace
+
+LtGemm::LtGemm(cudaStream_t stream, size_t workspace_bytes) : stream_(stream), ws_bytes_(workspace_bytes) {
+    LT(cublasLtCreate(&lt_));
+    if (ws_bytes_) {
+        cudaError_t e = cudaMalloc(&ws_, ws_bytes_);
+        if (e != cudaSuccess) {
+            cublasLtDestroy(lt_);
+            cuda_check(e, "cudaMalloc(cuBLASLt workspace)");
+        }
+    }
+}
+
+LtGemm::~LtGemm() {
+    for (auto &kv : plans_) {
+        Plan &p = kv.second;
+        if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+        if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+        if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+        if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+    }
+    if (ws_) cudaFree(ws_);
+    if (lt_) cublasLtDestroy(lt_);
+}
+
+LtGemm::Plan &LtGemm::plan(const Key &k) {
+    auto it = plans_.find(k);
+    if (it != plans_.end()) return it->second;
+    const auto [M, N, K, ldx, ldw, ldy, ydt, acc, align] = k;
+    (void)acc;
+    Plan p;
+    const cudaDataType_t yt = ydt == DIMOO_F32 ? CUDA_R_32F : CUDA_R_16BF;
+    try {
+        LT(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+        LT(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+        LT(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+        LT(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, K, N, ldw));
+        LT(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, K, M, ldx));
+        LT(cublasLtMatrixLayoutCreate(&p.c, yt, N, M, ldy));
+        cublasLtMatmulPreference_t pref = nullptr;
+        LT(cublasLtMatmulPreferenceCreate(&pref));
+        uint64_t ws = ws_bytes_;
+        uint32_t al = uint32_t(align);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al, sizeof al);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al, sizeof al);
+        cublasLtMatmulHeuristicResult_t res{};
+        int n = 0;
+        cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &res, &n);
+        cublasLtMatmulPreferenceDestroy(pref);
+        LT(st);
+        if (n == 0)
+            fail(DIMOO_ERR_DEVICE, "cuBLASLt has no algorithm for a " + std::to_string(M) + "x" + std::to_string(N) +
+                                       "x" + std::to_string(K) + " bf16 GEMM");
+        p.algo = res.algo;
+    } catch (...) {
+        if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+        if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+        if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+        if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+        throw;
+    }
+    return plans_.emplace(k, p).first->second;
+}
+
+void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+                 int32_t y_dtype, bool accumulate) {
+    if (M == 0 || N == 0) return;
+    int align = align_of(X);
+    align = std::min(align, align_of(W));
+    align = std::min(align, align_of(Y));
+    // Leading dimensions step the pointer too.
+    const int es = y_dtype == DIMOO_F32 ? 4 : 2;
+    align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldx) * 2)));
+    align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldw) * 2)));
+    align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldy) * es)));
+    Plan &p = plan(Key{M, N, K, ldx, ldw, ldy, y_dtype, accumulate, align});
+    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+    LT(cublasLtMatmul(lt_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo, ws_, ws_bytes_, stream_));
+}
+
+} // namespace dimoo

@@ -1,0 +1,46 @@
+// gemm.cuh - the projections through cuBLASLt: Y[M,N] (+)= X[M,K] W[N,K]^T,
+// bf16 operands (row-major, weights as stored by the checkpoint), fp32
+// accumulation, Y in bf16 or fp32. One instance per context: it owns the
+// handle, the workspace and a cache of per-shape plans.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+
+namespace dimoo {
+
+class LtGemm {
+public:
+    LtGemm(cudaStream_t stream, size_t workspace_bytes); // throws dimoo::Error
+    ~LtGemm();
+    LtGemm(const LtGemm &) = delete;
+    LtGemm &operator=(const LtGemm &) = delete;
+
+    // y_dtype: DIMOO_BF16 or DIMOO_F32. accumulate: Y += X W^T (beta = 1),
+    // the residual add of the O and down projections. Throws on failure.
+    void run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+             int32_t y_dtype, bool accumulate);
+    size_t workspace_bytes() const { return ws_bytes_; }
+
+private:
+    struct Plan {
+        cublasLtMatmulDesc_t desc = nullptr;
+        cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+        cublasLtMatmulAlgo_t algo{};
+    };
+    // M, N, K, ldx, ldw, ldy, dtype, accumulate, and the alignment class of the pointers.
+    using Key = std::tuple<int, int, int, int, int, int, int, bool, int>;
+    Plan &plan(const Key &k);
+
+    cudaStream_t stream_;
+    cublasLtHandle_t lt_ = nullptr;
+    void *ws_ = nullptr;
+    size_t ws_bytes_;
+    std::map<Key, Plan> plans_;
+};
+
+} // namespace dimoo
