@@ -353,7 +353,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 type UnderstandRequest struct {
 	Question  string
 	Image     image.Image
-	InputArea int // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
+	InputArea int          // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
 	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
 }
