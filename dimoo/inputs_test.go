@@ -312,3 +312,30 @@ func TestPaintMask(t *testing.T) {
 		assert.NotEqual(t, m[i], out[i])
 	}
 }
+
+// The shipped 32x32 model's dimoo.json overrides: its crop list is 32x32
+// alone, its default edit type is edit; inpainting keeps a non-square
+// image's own size (multiples of its factor of 4).
+func TestShippedModelInputs(t *testing.T) {
+	p := openShipped(t)
+	b := p.inputs()
+	ctx := context.Background()
+	src := officialPattern(officialImage{W: 48, H: 40, Seed: 1})
+	name, err := ResolveEditType(b.editTypeDefault())
+	require.NoError(t, err)
+	assert.Equal(t, "edit", name)
+	in, err := b.edit(ctx, name, "make it a triangle", src, nil, 0, 0)
+	require.NoError(t, err)
+	assert.Equal(t, [4]int{32, 32, 8, 8}, [4]int{in.Width, in.Height, in.GridW, in.GridH})
+	sys, _ := editPrompt(name, "make it a triangle")
+	assert.Equal(t, p.Tokenizer.Encode(promptText(sys, "make it a triangle")), in.Prefixes[2])
+	in, err = b.inpaint(ctx, "a red circle at the center", officialPattern(officialImage{W: 40, H: 24, Seed: 2}),
+		DefaultMaskH, DefaultMaskW, false)
+	require.NoError(t, err)
+	assert.Equal(t, [4]int{40, 24, 10, 6}, [4]int{in.Width, in.Height, in.GridW, in.GridH})
+	seq, start, err := b.understand(ctx, "What is in the image?", src, 0, 16, 0)
+	require.NoError(t, err)
+	assert.Len(t, seq, start+16+1)
+	assert.Equal(t, 8*9+2, start-len(p.Tokenizer.Encode(promptText(SystemUnderstand, "What is in the image?")))-1,
+		"one 8x8 grid with a newline per row, BOI and EOI, and BOA")
+}
