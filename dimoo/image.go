@@ -1,8 +1,9 @@
 package dimoo
 
-// Images in and out of the pipeline: reading PNG/JPEG, writing PNG, the
-// centre-crop-and-resize to an aspect bucket that DiMOO applies to input
-// images, and a side-by-side view for comparisons.
+// Images in and out of the pipeline: reading PNG/JPEG, writing PNG, a
+// centre-crop-and-resize to an aspect bucket (for `dimoo vq-encode` on
+// arbitrary images; the tasks prepare their inputs as the official scripts
+// do, see CropInput), and a side-by-side view for comparisons.
 
 import (
 	"bufio"

@@ -118,7 +118,7 @@ func (p *Pipeline) acquire(ctx context.Context) error {
 // reference's defaults.
 type ImageRequest struct {
 	Prompt        string
-	Width, Height int     // pixels, multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
+	Width, Height int     // pixels, rounded down to multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
 	CFGScale      float64 // classifier-free guidance (the model's dimoo.json, else 4.0); negative = none
 	Sampling      ImageSampling
 	// Progress, when set, is called after every step, on the library's
@@ -162,16 +162,6 @@ func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
 		s.RefreshInterval = d.RefreshInterval
 	}
 	return s
-}
-
-// gridSize checks an output size and returns its code grid.
-func (p *Pipeline) gridSize(w, h int) (gw, gh int, err error) {
-	f := p.VQ.Factor()
-	if w <= 0 || h <= 0 || w%f != 0 || h%f != 0 {
-		return 0, 0, fmt.Errorf("%w: image size %dx%d: both sides must be positive multiples of %d", ErrInvalidArgument,
-			w, h, f)
-	}
-	return w / f, h / f, nil
 }
 
 // checkLength refuses sequences longer than the model allows.
@@ -244,7 +234,7 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
-	gw, gh, err := p.gridSize(req.Width, req.Height)
+	in, err := p.inputs().textToImage(req.Prompt, req.Width, req.Height)
 	if err != nil {
 		return nil, err
 	}
@@ -252,67 +242,25 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 		return nil, err
 	}
 	defer p.slots.Release(1)
-	answer := p.Special.answerImage(p.Special.maskedCodes(gw*gh), gh, gw)
-	prefixes := [][]int32{p.Tokenizer.Encode(promptText(SystemTextToImage, req.Prompt))}
+	prefixes := [][]int32{in.Prefixes[0]}
 	if req.CFGScale > 0 {
-		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
+		prefixes = in.Prefixes
 	}
-	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
-		req.Progress, req.Stats)
-}
-
-// encodeInput centre-crops and resizes an input image to the aspect bucket
-// of about `area` pixels and returns its code grid (ids, with BOI/EOI and
-// newlines) and the bucket size.
-func (p *Pipeline) encodeInput(ctx context.Context, img image.Image, area int) (grid []int32, w, h int, err error) {
-	if img == nil {
-		return nil, 0, 0, fmt.Errorf("%w: missing input image", ErrInvalidArgument)
-	}
-	b := img.Bounds()
-	mult := max(32, p.VQ.Factor())
-	w, h = AspectBucket(b.Dx(), b.Dy(), area, mult)
-	codes, gw, gh, err := p.VQ.Encode(ctx, CenterCropResize(img, w, h))
-	if err != nil {
-		return nil, 0, 0, err
-	}
-	ids := make([]int32, len(codes))
-	for i, c := range codes {
-		ids[i] = p.Special.ImageOffset + c
-	}
-	return p.Special.imageGrid(ids, gh, gw), w, h, nil
-}
-
-// Edit types of the reference and their system prompts.
-var editSystems = map[string]string{
-	"edit":     SystemEdit,
-	"control":  SystemControl, // canny, hed, depth, openpose: the control image is the input
-	"canny":    SystemControl,
-	"hed":      SystemControl,
-	"depth":    SystemControl,
-	"openpose": SystemControl,
-	"subject":  SystemSubject,
-	"style":    SystemStyle,
-	"dense":    SystemDense,
-}
-
-// EditTypes lists the accepted EditRequest.EditType values.
-func EditTypes() []string {
-	var out []string
-	for k := range editSystems {
-		out = append(out, k)
-	}
-	return out
+	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), in.Answer, in.GridW, in.GridH,
+		p.imageSampling(req.Sampling), req.Progress, req.Stats)
 }
 
 // EditRequest is an image-to-image request (editing, control, subject,
 // style transfer, dense prediction) with text and image guidance.
 type EditRequest struct {
 	Prompt   string
-	EditType string      // see EditTypes; default "edit"
-	Image    image.Image // the input image
-	RefImage image.Image // style transfer: the style reference
-	// InputArea is the pixel area inputs are resized to (default 512*512);
-	// the output has the input's bucket size.
+	EditType string      // see EditTypes; default: the model's dimoo.json, else "canny_pred" (the official default)
+	Image    image.Image // the input image (style transfer: the content image)
+	RefImage image.Image // style transfer (image_ref_transfer): the style reference
+	// InputArea picks the crop-size list (the official one for 512*512, the
+	// default, or the model's dimoo.json); the output has the input's crop
+	// size (style transfer: the reference's). Sampling.Seed picks the crop's
+	// offset (see CropInput).
 	InputArea int
 	CFGText   float64 // default: the model's dimoo.json, else 2.5; negative = none
 	CFGImage  float64 // default: the model's dimoo.json, else 4.0; negative = none
@@ -324,17 +272,11 @@ type EditRequest struct {
 // EditImage applies an instruction to an image.
 func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image, error) {
 	if req.EditType == "" {
-		req.EditType = "edit"
+		req.EditType = p.inputs().editTypeDefault()
 	}
-	system, ok := editSystems[req.EditType]
-	if !ok {
-		return nil, fmt.Errorf("%w: unknown edit type %q (want one of %v)", ErrInvalidArgument, req.EditType, EditTypes())
-	}
-	if req.EditType == "style" && req.RefImage == nil {
-		return nil, fmt.Errorf("%w: style transfer needs a reference image", ErrInvalidArgument)
-	}
-	if req.InputArea == 0 {
-		req.InputArea = 512 * 512
+	editType, err := ResolveEditType(req.EditType)
+	if err != nil {
+		return nil, err
 	}
 	if req.CFGText == 0 {
 		req.CFGText = guidanceDefault(p.defaults.Sampling.CFGText, 2.5)
@@ -346,39 +288,25 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 		return nil, err
 	}
 	defer p.slots.Release(1)
-	inGrid, w, h, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	in, err := p.inputs().edit(ctx, editType, req.Prompt, req.Image, req.RefImage, req.InputArea, req.Sampling.Seed)
 	if err != nil {
 		return nil, err
 	}
-	images := [][]int32{inGrid}
-	if req.EditType == "style" {
-		refGrid, _, _, err := p.encodeInput(ctx, req.RefImage, req.InputArea)
-		if err != nil {
-			return nil, err
-		}
-		images = [][]int32{refGrid, inGrid}
-	}
-	gw, gh, err := p.gridSize(w, h)
-	if err != nil {
-		return nil, err
-	}
-	answer := p.Special.answerImage(p.Special.maskedCodes(gw*gh), gh, gw)
-	cond := p.Tokenizer.Encode(promptText(system, req.Prompt))
 	// l = l_c + s_t (l_c - l_text_uncond) + s_i (l_c - l_img_uncond)
-	prefixes := [][]int32{withImages(cond, images...)}
+	prefixes := [][]int32{in.Prefixes[0]}
 	weights := []float32{1}
 	if req.CFGText > 0 {
-		prefixes = append(prefixes, withImages(p.Tokenizer.Encode(uncondText(system)), images...))
+		prefixes = append(prefixes, in.Prefixes[1])
 		weights[0] += float32(req.CFGText)
 		weights = append(weights, float32(-req.CFGText))
 	}
 	if req.CFGImage > 0 {
-		prefixes = append(prefixes, cond)
+		prefixes = append(prefixes, in.Prefixes[2])
 		weights[0] += float32(req.CFGImage)
 		weights = append(weights, float32(-req.CFGImage))
 	}
-	return p.decodeImage(ctx, prefixes, weights, answer, gw, gh, p.imageSampling(req.Sampling), req.Progress,
-		req.Stats)
+	return p.decodeImage(ctx, prefixes, weights, in.Answer, in.GridW, in.GridH, p.imageSampling(req.Sampling),
+		req.Progress, req.Stats)
 }
 
 // InpaintRequest regenerates a centred rectangle of an image (inpainting)
@@ -387,48 +315,20 @@ type InpaintRequest struct {
 	Prompt    string
 	Image     image.Image
 	Outpaint  bool
-	MaskH     float64 // mask_h_ratio: the rectangle's share of the height (default 0.5)
-	MaskW     float64 // mask_w_ratio (default 0.5)
-	InputArea int     // default 1024*1024
+	MaskH     float64 // mask_h_ratio: the rectangle's share of the height (default 1, as the official script)
+	MaskW     float64 // mask_w_ratio (default 0.2)
+	InputArea int     // unused: the image keeps its own size, rounded down to multiples of the VQ-VAE's factor
 	CFGScale  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
 	Stats     *DecodeStats // the decode's timing, when set
 }
 
-// paintMask maps the centred rectangle (mh x mw of the image) to the code
-// grid by area-averaging the pixel mask: a cell is regenerated when more
-// than half of it is to be painted.
-func paintMask(gw, gh int, mh, mw float64, outpaint bool) []bool {
-	overlap := func(a0, a1, b0, b1 float64) float64 { return math.Max(0, math.Min(a1, b1)-math.Max(a0, b0)) }
-	y0, y1 := (1-mh)/2*float64(gh), (1+mh)/2*float64(gh)
-	x0, x1 := (1-mw)/2*float64(gw), (1+mw)/2*float64(gw)
-	m := make([]bool, gw*gh)
-	for r := 0; r < gh; r++ {
-		for c := 0; c < gw; c++ {
-			inside := overlap(float64(r), float64(r+1), y0, y1) * overlap(float64(c), float64(c+1), x0, x1)
-			if outpaint {
-				inside = 1 - inside
-			}
-			m[r*gw+c] = inside > 0.5
-		}
-	}
-	return m
-}
-
 // Inpaint regenerates part of an image guided by a prompt.
 func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image, error) {
-	if req.MaskH == 0 {
-		req.MaskH = 0.5
-	}
-	if req.MaskW == 0 {
-		req.MaskW = 0.5
-	}
+	req.MaskH, req.MaskW = maskDefaults(req.MaskH, req.MaskW)
 	if req.MaskH < 0 || req.MaskH > 1 || req.MaskW < 0 || req.MaskW > 1 {
 		return nil, fmt.Errorf("%w: mask ratios must be in [0, 1], got %g x %g", ErrInvalidArgument, req.MaskH, req.MaskW)
-	}
-	if req.InputArea == 0 {
-		req.InputArea = 1024 * 1024
 	}
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
@@ -437,46 +337,24 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 		return nil, err
 	}
 	defer p.slots.Release(1)
-	grid, w, h, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	in, err := p.inputs().inpaint(ctx, req.Prompt, req.Image, req.MaskH, req.MaskW, req.Outpaint)
 	if err != nil {
 		return nil, err
 	}
-	gw, gh, err := p.gridSize(w, h)
-	if err != nil {
-		return nil, err
-	}
-	// The image's own codes fill the answer, except the painted cells.
-	codes := make([]int32, 0, gw*gh)
-	for _, t := range grid[1 : len(grid)-1] {
-		if t != p.Special.Newline {
-			codes = append(codes, t)
-		}
-	}
-	painted := 0
-	for i, m := range paintMask(gw, gh, req.MaskH, req.MaskW, req.Outpaint) {
-		if m {
-			codes[i] = p.Special.Mask
-			painted++
-		}
-	}
-	if painted == 0 {
-		return nil, fmt.Errorf("%w: the mask covers no code cell of the %dx%d grid", ErrInvalidArgument, gw, gh)
-	}
-	answer := p.Special.answerImage(codes, gh, gw)
-	prefixes := [][]int32{p.Tokenizer.Encode(promptText(SystemTextToImage, req.Prompt))}
+	prefixes := [][]int32{in.Prefixes[0]}
 	if req.CFGScale > 0 {
-		prefixes = append(prefixes, p.Tokenizer.Encode(uncondText(SystemTextToImage)))
+		prefixes = in.Prefixes
 	}
-	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), answer, gw, gh, p.imageSampling(req.Sampling),
-		req.Progress, req.Stats)
+	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), in.Answer, in.GridW, in.GridH,
+		p.imageSampling(req.Sampling), req.Progress, req.Stats)
 }
 
 // UnderstandRequest asks a question about an image.
 type UnderstandRequest struct {
 	Question  string
 	Image     image.Image
-	InputArea int // default 1024*1024
-	Sampling  TextSampling
+	InputArea int          // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
+	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
 }
 
@@ -496,22 +374,14 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	if err := o.validate(); err != nil {
 		return "", err
 	}
-	if req.InputArea == 0 {
-		req.InputArea = 1024 * 1024
-	}
 	if err := p.acquire(ctx); err != nil {
 		return "", err
 	}
 	defer p.slots.Release(1)
-	grid, _, _, err := p.encodeInput(ctx, req.Image, req.InputArea)
+	seq, start, err := p.inputs().understand(ctx, req.Question, req.Image, req.InputArea, o.GenLength, o.Seed)
 	if err != nil {
 		return "", err
 	}
-	seq := withImages(p.Tokenizer.Encode(promptText(SystemUnderstand, req.Question)), grid)
-	seq = append(seq, p.Special.BOA)
-	start := len(seq)
-	seq = append(seq, p.Special.maskedCodes(o.GenLength)...)
-	seq = append(seq, p.Special.EOA)
 	if _, err := p.checkLength(seq); err != nil {
 		return "", err
 	}
@@ -549,9 +419,15 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 // sampler settings that suit it. The real model needs none (1024x1024, the
 // reference's areas and sampler settings).
 type Defaults struct {
-	Width     int `json:"width"`
-	Height    int `json:"height"`
+	Width  int `json:"width"`
+	Height int `json:"height"`
+	// InputArea replaces the areas of the official crop-size lists (512*512
+	// for image-to-image, 1024*1024 for understanding) with this model's:
+	// (input_area / 32^2) patches of 32x32 (the shipped 32x32 model: 1024).
 	InputArea int `json:"input_area"`
+	// EditType is the edit type of edit requests that give none (the
+	// official default is canny_pred).
+	EditType string `json:"edit_type"`
 	// Sampling: nil fields keep the reference's values. A guidance scale of 0
 	// means no guidance.
 	Sampling struct {

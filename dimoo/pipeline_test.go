@@ -69,7 +69,7 @@ func TestPipelineTasks(t *testing.T) {
 func TestPipelineRejectsBadRequests(t *testing.T) {
 	p := openShipped(t)
 	ctx := context.Background()
-	_, err := p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle", Width: 33, Height: 32})
+	_, err := p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle", Width: 2, Height: 32}) // floors to 0
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 	_, err = p.GenerateImage(ctx, ImageRequest{Prompt: "a red circle", Width: 4096, Height: 4096})
 	assert.ErrorIs(t, err, ErrInvalidArgument)

@@ -18,9 +18,10 @@ type TextSampling struct {
 	Seed        uint64
 }
 
-// DefaultTextSampling is the reference's understanding setting.
+// DefaultTextSampling is the official understanding script's setting (--steps 128 --gen_length 1024
+// --block_length 256).
 func DefaultTextSampling() TextSampling {
-	return TextSampling{Steps: 128, GenLength: 128, BlockLength: 32}
+	return TextSampling{Steps: 128, GenLength: 1024, BlockLength: 256}
 }
 
 func (o TextSampling) validate() error {

@@ -120,7 +120,9 @@ def train_tokenizer(out_dir):
     with open(os.path.join(out_dir, "dimoo.json"), "w") as f:
         # Sampler settings measured best for the shipped model by scripts/eval_small.py
         # (CFG 0.5 for text-to-image and inpainting, none for editing, tau 0.1).
-        json.dump({"width": 32, "height": 32, "input_area": 1024,
+        # edit_type: the model was trained on the editing system prompt (dimoo's
+        # default otherwise is the official canny_pred).
+        json.dump({"width": 32, "height": 32, "input_area": 1024, "edit_type": "edit",
                    "sampling": {"timesteps": 16, "temperature": 0.1, "cfg_scale": 0.5, "cfg_text": 0, "cfg_img": 0,
                                 "steps": ANSWER_LEN, "gen_length": ANSWER_LEN, "block_length": ANSWER_LEN}},
                   f, indent=1)

@@ -212,8 +212,8 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	t, f := &g.taskFlags, &g.imageFlags
 	mode := fs.String("painting_mode", "", "inpainting or outpainting (with --painting_image)")
 	paintImage := fs.String("painting_image", "", "image to inpaint or outpaint")
-	maskH := fs.Float64("mask_h_ratio", 0.5, "painted rectangle's share of the height")
-	maskW := fs.Float64("mask_w_ratio", 0.5, "painted rectangle's share of the width")
+	maskH := fs.Float64("mask_h_ratio", dimoo.DefaultMaskH, "painted rectangle's share of the height")
+	maskW := fs.Float64("mask_w_ratio", dimoo.DefaultMaskW, "painted rectangle's share of the width")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -248,6 +248,10 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 			MaskH: *maskH, MaskW: *maskW, InputArea: p.NativeArea(), CFGScale: guidance(f.cfgScale), Sampling: o,
 			Progress: t.progress(*mode)})
 	} else {
+		if f := p.VQ.Factor(); g.width%f != 0 || g.height%f != 0 {
+			fmt.Fprintf(os.Stderr, "dimoo: %dx%d is not a multiple of %d: generating %dx%d\n", g.width, g.height, f,
+				g.width/f*f, g.height/f*f)
+		}
 		img, err = p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: t.prompt, Width: g.width, Height: g.height,
 			CFGScale: guidance(f.cfgScale), Sampling: o, Progress: t.progress("generate")})
 	}
@@ -273,8 +277,13 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	f.register(fs, 2.5)
 	cfgImg := fs.Float64("cfg_img", 4.0, "image guidance scale")
 	imagePath := fs.String("image_path", "", "input image")
-	refPath := fs.String("ref_image_path", "", "style reference image (--edit_type style)")
-	editType := fs.String("edit_type", "edit", "edit, control (canny, hed, depth, openpose), subject, style, dense")
+	refPath := fs.String("ref_image_path", "", "style reference image (--edit_type image_ref_transfer, alias style)")
+	editType := fs.String("edit_type", "canny_pred", "edit type: "+strings.Join(dimoo.EditTypes(), ", ")+
+		" (default: the model's dimoo.json, else canny_pred)")
+	// The official script takes --height and --width and ignores them: the
+	// output has the input's crop size. Accepted for the same command lines.
+	fs.Int("height", 512, "ignored, as in the official script (the output takes the input's crop size)")
+	fs.Int("width", 512, "ignored, as in the official script")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -307,6 +316,9 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	if o, err = f.sampling(&t); err != nil {
 		return err
 	}
+	if !setFlags(fs)["edit_type"] {
+		*editType = "" // the model's default, else the official one
+	}
 	img, err := p.EditImage(ctx, dimoo.EditRequest{Prompt: t.prompt, EditType: *editType, Image: in, RefImage: ref,
 		InputArea: p.NativeArea(), CFGText: guidance(f.cfgScale), CFGImage: guidance(*cfgImg), Sampling: o,
 		Progress: t.progress("edit")})
@@ -337,8 +349,8 @@ func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
 	t.temperature = 0
 	imagePath := fs.String("image_path", "", "input image")
 	steps := fs.Int("steps", 128, "decoding steps")
-	genLength := fs.Int("gen_length", 128, "answer length in tokens")
-	blockLength := fs.Int("block_length", 32, "block length (gen_length must be a multiple)")
+	genLength := fs.Int("gen_length", 1024, "answer length in tokens")
+	blockLength := fs.Int("block_length", 256, "block length (gen_length must be a multiple)")
 	cfg := fs.Float64("cfg_scale", 0, "classifier-free guidance scale (0: none)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
