@@ -1,6 +1,13 @@
-// cpu_backend.cpp - the CPU backend: fp32 arithmetic on bf16/fp16/fp32
-// weights, OpenMP over the cores, the blocked GEMM of gemm.cpp for every
-// projection. The reference every other backend is tested against.
+// cpu_backend.cpp - the CPU backend. Two forwards:
+//  - fp32/fp16 checkpoints: fp32 activations, the blocked GEMM of gemm.cpp
+//    (weights converted as it packs them); the reference every other backend
+//    is tested against.
+//  - bf16 checkpoints: weights packed once at load into bf16 pair panels
+//    (bf16.h), every GEMM input and attention's Q, K, V and P rounded to bf16
+//    as the official model computes them, fp32 accumulation and an fp32
+//    residual stream. One OpenMP parallel region per forward; each layer
+//    stage is work-shared with dynamically handed out tiles, so a thread
+//    whose core is busy elsewhere just takes fewer.
 #include <omp.h>
 #include <unistd.h>
 
@@ -11,7 +18,9 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/bf16.h"
 #include "cpu/gemm.h"
+#include "vecmath.h"
 
 namespace dimoo {
 namespace {
@@ -51,7 +60,14 @@ class CpuCtx;
 
 class CpuModel : public Model {
 public:
-    CpuModel(const ModelShape &s, int n_threads) : shape_(s), n_threads_(n_threads), w_(s.n_weights()) {}
+    CpuModel(const ModelShape &s, int n_threads)
+        : shape_(s), n_threads_(n_threads), w_(s.n_weights()), kind_of_slot_(s.n_weights(), WeightId{WeightKind::Embedding, -1}) {
+        kind_of_slot_[s.slot({WeightKind::FinalNorm, -1})] = {WeightKind::FinalNorm, -1};
+        kind_of_slot_[s.slot({WeightKind::Head, -1})] = {WeightKind::Head, -1};
+        for (int l = 0; l < s.cfg.n_layers; l++)
+            for (int k = int(WeightKind::AttnNorm); k <= int(WeightKind::FFOut); k++)
+                kind_of_slot_[s.slot({WeightKind(k), l})] = {WeightKind(k), l};
+    }
 
     void set_weight(WeightId id, int32_t dtype, const void *data, size_t nbytes) override {
         Tensor &t = w_[shape_.slot(id)];
@@ -69,13 +85,34 @@ public:
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
 
-    void finalize() override {}
+    // bf16 checkpoints: every matrix but the embedding is packed once here
+    // and its checkpoint copy freed (the packed form is the same size).
+    void finalize() override {
+        const int hd = shape_.head_dim;
+        bool all_bf16 = hd % 2 == 0 && hd <= 1024;
+        for (int s = 0; s < shape_.n_weights(); s++)
+            if (is_matrix(s) && w_[s].dtype != DIMOO_BF16) all_bf16 = false;
+        if (!all_bf16) return;
+        packed_.resize(w_.size());
+        for (int s = 0; s < shape_.n_weights(); s++) {
+            if (!is_matrix(s)) continue;
+            const auto dims = shape_.expected_shape(kind_of_slot_[s]);
+            cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
+            std::vector<uint8_t>().swap(w_[s].data);
+        }
+        kernels_ = cpu::best_kernels();
+    }
 
     int64_t weight_bytes() const override {
         int64_t b = 0;
         for (const auto &t : w_) b += int64_t(t.data.size());
+        for (const auto &p : packed_) b += int64_t(p.bytes());
         return b;
     }
+
+    bool packed() const { return !packed_.empty(); }
+    cpu::Kernels kernels() const { return kernels_; }
+    const cpu::PackedMatrix &pw(WeightKind k, int layer = -1) const { return packed_[shape_.slot({k, layer})]; }
 
     std::unique_ptr<Ctx> create_ctx(const dimoo_ctx_params &p) override;
 
@@ -88,7 +125,16 @@ public:
     const int n_threads_;
 
 private:
+    bool is_matrix(int slot) const {
+        const WeightKind k = kind_of_slot_[slot].kind;
+        return k != WeightKind::Embedding && k != WeightKind::AttnNorm && k != WeightKind::FFNorm &&
+               k != WeightKind::FinalNorm;
+    }
+
     std::vector<Tensor> w_;
+    std::vector<WeightId> kind_of_slot_;
+    std::vector<cpu::PackedMatrix> packed_; // by slot; empty unless every matrix is bf16
+    cpu::Kernels kernels_ = cpu::Kernels::Portable;
 };
 
 class CpuCtx : public Ctx {
@@ -97,19 +143,37 @@ public:
         const auto &c = m.shape_.cfg;
         const size_t T = size_t(p.max_tokens), d = size_t(c.d_model), kv = size_t(m.shape_.kv_dim),
                      mlp = size_t(c.mlp_hidden_size);
+        const size_t n_kv = size_t(c.n_kv_heads), hd = size_t(m.shape_.head_dim);
+        nt_ = m.n_threads_ > 0 ? m.n_threads_ : std::max(1, omp_get_max_threads());
+        const size_t kv_elems = cpu::packed_kv_elems(int(T), int(hd));
+        const size_t scratch = std::max(cpu::flash_scratch_floats(int(hd)), size_t(2 * kGateRows * cpu::kPanel));
         {
             size_t floats = T * (5 * d + 2 * kv + 2 * mlp + m.shape_.head_dim);
+            if (m.packed()) // x, q, k, v, row max; three bf16 pair buffers; packed K, V; per-thread scratch
+                floats = T * (2 * d + 2 * kv + hd + 1) + (T * (d + d / 2 + mlp / 2 + 1)) +
+                         n_kv * kv_elems + size_t(nt_) * scratch;
             if (p.flags & DIMOO_CTX_KV_CACHE) floats += 2 * size_t(p.n_seqs) * c.n_layers * T * kv;
             check_host_alloc(floats * sizeof(float), "a context of " + std::to_string(T) + " tokens");
         }
         x_.resize(T * d);
-        h_.resize(T * d);
         q_.resize(T * d);
         k_.resize(T * kv);
         v_.resize(T * kv);
-        att_.resize(T * d);
-        g_.resize(T * mlp);
-        u_.resize(T * mlp);
+        if (m.packed()) {
+            dp_ = d / 2;
+            mp_ = (mlp + 1) / 2;
+            abf_.resize(T * dp_);
+            qbf_.resize(T * dp_);
+            hbf_.resize(T * mp_);
+            kpack_.resize(n_kv * kv_elems);
+            vpack_.resize(n_kv * kv_elems);
+            scratch_.resize(size_t(nt_) * scratch);
+        } else {
+            h_.resize(T * d);
+            att_.resize(T * d);
+            g_.resize(T * mlp);
+            u_.resize(T * mlp);
+        }
         if (p.flags & DIMOO_CTX_KV_CACHE) {
             kcache_.resize(size_t(p.n_seqs) * c.n_layers * T * kv);
             vcache_.resize(kcache_.size());
@@ -132,15 +196,19 @@ public:
 
     int64_t bytes() const override {
         size_t n = x_.size() + h_.size() + q_.size() + k_.size() + v_.size() + att_.size() + g_.size() + u_.size() +
-                   kcache_.size() + vcache_.size() + cos_.size() + sin_.size();
-        return int64_t(n * sizeof(float));
+                   kcache_.size() + vcache_.size() + cos_.size() + sin_.size() + abf_.size() + qbf_.size() +
+                   hbf_.size() + scratch_.size();
+        return int64_t(n * sizeof(float) + (kpack_.size() + vpack_.size()) * sizeof(uint16_t));
     }
 
     void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel) override {
         int saved = omp_get_max_threads();
         if (m_.n_threads_ > 0) omp_set_num_threads(m_.n_threads_);
         try {
-            for (int i = 0; i < n; i++) forward_one(args[i], cancel);
+            for (int i = 0; i < n; i++) {
+                if (m_.packed()) forward_bf16(args[i], cancel);
+                else forward_one(args[i], cancel);
+            }
         } catch (...) {
             omp_set_num_threads(saved);
             throw;
@@ -301,9 +369,179 @@ private:
         }
     }
 
+    // RoPE on one row of `width` (heads of head_dim), in place.
+    void rope_row(float *v, int width, int pos) const {
+        const int hd = m_.shape_.head_dim, half = hd / 2;
+        const float *cs = cos_.data() + size_t(pos) * half, *sn = sin_.data() + size_t(pos) * half;
+        for (int h = 0; h < width / hd; h++, v += hd)
+            for (int i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = b * cs[i] + a * sn[i];
+            }
+    }
+
+    // RMSNorm of one row, rounded to bf16 (the GEMM's input).
+    static void norm_row_bf16(const float *x, const float *w, uint32_t *out, int cols, float eps) {
+        double ss = 0;
+        for (int c = 0; c < cols; c++) ss += double(x[c]) * x[c];
+        const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
+        float t[4096];
+        uint16_t *o = reinterpret_cast<uint16_t *>(out);
+        for (int c0 = 0; c0 < cols; c0 += 4096) {
+            const int n = std::min(4096, cols - c0);
+            for (int c = 0; c < n; c++) t[c] = x[c0 + c] * inv * w[c0 + c];
+            cpu::round_bf16(t, n, o + c0, n);
+        }
+        if (cols % 2) o[cols] = 0;
+    }
+
+    // The bf16 forward: one parallel region; stages separated by the
+    // barriers of their work-sharing loops (9 per layer).
+    void forward_bf16(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
+        const auto &S = m_.shape_;
+        const auto &c = S.cfg;
+        const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size, hd = S.head_dim;
+        const cpu::Kernels ks = m_.kernels();
+        rows_.clear();
+        if (a.cache_mode == DIMOO_CACHE_USE) {
+            rows_.assign(a.compute, a.compute + a.n_compute);
+        } else {
+            rows_.resize(T);
+            for (int i = 0; i < T; i++) rows_[i] = i;
+        }
+        const int R = int(rows_.size());
+        std::vector<int> sel;
+        if (a.logits) {
+            if (a.out_positions) {
+                sel.resize(a.n_out);
+                for (int i = 0; i < a.n_out; i++)
+                    sel[i] = int(std::lower_bound(rows_.begin(), rows_.end(), a.out_positions[i]) - rows_.begin());
+            } else {
+                sel.resize(R);
+                for (int i = 0; i < R; i++) sel[i] = i;
+            }
+        }
+        const int O = int(sel.size());
+        const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end;
+        const size_t layer_cache = size_t(p_.max_tokens) * kv;
+        const size_t kv_elems = cpu::packed_kv_elems(T, hd);
+        cpu::PackedKV pk;
+        pk.T = T;
+        pk.Tpad = (T + 63) / 64 * 64;
+        pk.head_dim = hd;
+        pk.n_kv = c.n_kv_heads;
+        pk.kstride = pk.vstride = kv_elems;
+        pk.k = kpack_.data();
+        pk.v = vpack_.data();
+        const Tensor &wte = m_.w(WeightKind::Embedding);
+        uint16_t *abf16 = reinterpret_cast<uint16_t *>(abf_.data());
+        uint16_t *hbf16 = reinterpret_cast<uint16_t *>(hbf_.data());
+        const size_t dp = dp_, mp = mp_;
+        const int mlp_panels = (mlp + cpu::kPanel - 1) / cpu::kPanel;
+        const int mblocks = (R + kGateRows - 1) / kGateRows;
+        bool stop = false;
+
+#pragma omp parallel num_threads(nt_)
+        {
+            if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
+#pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) {
+                const size_t tok = size_t(a.tokens[rows_[r]]);
+                float *xr = x_.data() + size_t(r) * d;
+                for (int i = 0; i < d; i++) xr[i] = load_as_f32(wte.ptr(), wte.dtype, tok * d + i);
+            }
+            for (int l = 0; l < c.n_layers && !stop; l++) {
+                const float *attn_norm = m_.wf(WeightKind::AttnNorm, l), *ff_norm = m_.wf(WeightKind::FFNorm, l);
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++)
+                    norm_row_bf16(x_.data() + size_t(r) * d, attn_norm, abf_.data() + size_t(r) * dp, d,
+                                  c.rms_norm_eps);
+                const cpu::GemmJob qkv[3] = {
+                    {&m_.pw(WeightKind::QProj, l), q_.data(), size_t(d), 0, d, false},
+                    {&m_.pw(WeightKind::KProj, l), k_.data(), size_t(kv), 0, kv, false},
+                    {&m_.pw(WeightKind::VProj, l), v_.data(), size_t(kv), 0, kv, false}};
+                cpu::gemm_team(ks, R, abf_.data(), dp, qkv, 3);
+
+                float *kc = nullptr, *vc = nullptr;
+                if (a.cache_mode != DIMOO_CACHE_NONE) {
+                    kc = kcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
+                    vc = vcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
+                }
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++) {
+                    float *qr = q_.data() + size_t(r) * d, *kr = k_.data() + size_t(r) * kv;
+                    rope_row(qr, d, rows_[r]);
+                    cpu::round_bf16(qr, d, reinterpret_cast<uint16_t *>(qbf_.data() + size_t(r) * dp), d);
+                    rope_row(kr, kv, rows_[r]);
+                    if (kc) {
+                        std::copy_n(kr, kv, kc + size_t(rows_[r]) * kv);
+                        std::copy_n(v_.data() + size_t(r) * kv, kv, vc + size_t(rows_[r]) * kv);
+                    }
+                }
+                cpu::pack_kv_team(kc ? kc : k_.data(), vc ? vc : v_.data(), size_t(kv), pk);
+                cpu::flash_attention_team(ks, qbf_.data(), dp, R, c.n_heads, pk, abf16, 2 * dp, scratch_.data());
+                const cpu::GemmJob out{&m_.pw(WeightKind::AttnOut, l), x_.data(), size_t(d), 0, d, true};
+                cpu::gemm_team(ks, R, abf_.data(), dp, &out, 1);
+
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++)
+                    norm_row_bf16(x_.data() + size_t(r) * d, ff_norm, abf_.data() + size_t(r) * dp, d,
+                                  c.rms_norm_eps);
+                // Gate and up panels side by side; silu(g) * u rounded to bf16
+                // straight into the down projection's input.
+                const cpu::PackedMatrix &wg = m_.pw(WeightKind::FFProj, l), &wu = m_.pw(WeightKind::UpProj, l);
+                float *G = scratch_.data() + size_t(omp_get_thread_num()) * (scratch_.size() / size_t(nt_));
+                float *U = G + kGateRows * cpu::kPanel;
+#pragma omp for schedule(dynamic, 1)
+                for (int t = 0; t < mlp_panels * mblocks; t++) {
+                    const int p = t / mblocks, r0 = (t % mblocks) * kGateRows, nr = std::min(kGateRows, R - r0);
+                    const uint32_t *A = abf_.data() + size_t(r0) * dp;
+                    cpu::tile(ks, nr, wg.Kp, A, dp, wg.panel(p), 64, G, cpu::kPanel, 0, cpu::kPanel, false);
+                    cpu::tile(ks, nr, wu.Kp, A, dp, wu.panel(p), 64, U, cpu::kPanel, 0, cpu::kPanel, false);
+                    const int ncols = std::min(cpu::kPanel, int(2 * mp) - p * cpu::kPanel);
+                    for (int i = 0; i < nr; i++) {
+                        float *g = G + size_t(i) * cpu::kPanel;
+                        const float *u = U + size_t(i) * cpu::kPanel;
+                        for (int j = 0; j < cpu::kPanel; j++) g[j] = g[j] / (1.0f + exp_clamped(-g[j])) * u[j];
+                        cpu::round_bf16(g, ncols, hbf16 + size_t(r0 + i) * 2 * mp + size_t(p) * cpu::kPanel, ncols);
+                    }
+                }
+                if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
+                const cpu::GemmJob down{&m_.pw(WeightKind::FFOut, l), x_.data(), size_t(d), 0, d, true};
+                cpu::gemm_team(ks, R, hbf_.data(), mp, &down, 1);
+            }
+            if (!stop && O > 0) {
+#pragma omp for schedule(static)
+                for (int i = 0; i < O; i++)
+                    norm_row_bf16(x_.data() + size_t(sel[i]) * d, m_.wf(WeightKind::FinalNorm),
+                                  abf_.data() + size_t(i) * dp, d, c.rms_norm_eps);
+                const cpu::GemmJob head{&m_.pw(WeightKind::Head), a.logits, size_t(ve - vb), vb, ve, false};
+                cpu::gemm_team(ks, O, abf_.data(), dp, &head, 1);
+                if (a.row_max) {
+                    const int n = ve - vb;
+#pragma omp for schedule(static)
+                    for (int i = 0; i < O; i++) {
+                        const float *r = a.logits + size_t(i) * n;
+                        float m = r[0];
+                        for (int j = 1; j < n; j++) m = r[j] > m ? r[j] : m;
+                        a.row_max[i] = m;
+                    }
+                }
+            }
+        }
+        if (stop) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
+    }
+
+    static constexpr int kGateRows = 8 * cpu::kTileRows; // rows per gate/up task
+
     const CpuModel &m_;
     const dimoo_ctx_params p_;
-    std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_;
+    int nt_ = 1;
+    size_t dp_ = 0, mp_ = 0; // bf16 pairs per row of d and of mlp
+    std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
+    std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
+    std::vector<uint16_t> kpack_, vpack_;
     std::vector<int32_t> rows_;
 };
 
