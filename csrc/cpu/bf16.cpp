@@ -16,6 +16,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -135,7 +137,8 @@ void micro_portable(int kp, const uint32_t *A, size_t lda, const uint16_t *B, si
         for (int m = 0; m < R; ++m) {
             const uint32_t a = A[size_t(m) * lda + size_t(k)];
             const float a0 = bf16_to_f32(uint16_t(a & 0xffffu)), a1 = bf16_to_f32(uint16_t(a >> 16));
-            for (int j = 0; j < kPanel; ++j) acc[m][j] += a0 * b0[j] + a1 * b1[j];
+            // Odd k first, as VDPBF16PS adds them (products are exact).
+            for (int j = 0; j < kPanel; ++j) acc[m][j] = (acc[m][j] + a1 * b1[j]) + a0 * b0[j];
         }
     }
     for (int m = 0; m < R; ++m) write_row(acc[m], c0, c1, C + size_t(m) * ldc);
@@ -214,8 +217,9 @@ DIMOO_T512 void micro_avx512(int kp, const uint32_t *A, size_t lda, const uint16
             const uint32_t a = A[size_t(m) * lda + size_t(k)];
             const __m512 ae = _mm512_castsi512_ps(_mm512_set1_epi32(int(a << 16)));
             const __m512 ao = _mm512_castsi512_ps(_mm512_set1_epi32(int(a & 0xffff0000u)));
-            acc[m][0] = _mm512_fmadd_ps(ao, o0, _mm512_fmadd_ps(ae, e0, acc[m][0]));
-            acc[m][1] = _mm512_fmadd_ps(ao, o1, _mm512_fmadd_ps(ae, e1, acc[m][1]));
+            // Odd k first, as VDPBF16PS adds them.
+            acc[m][0] = _mm512_fmadd_ps(ae, e0, _mm512_fmadd_ps(ao, o0, acc[m][0]));
+            acc[m][1] = _mm512_fmadd_ps(ae, e1, _mm512_fmadd_ps(ao, o1, acc[m][1]));
         }
     }
     store_acc<R>(acc, C, ldc, c0, c1);
@@ -385,6 +389,27 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
             round_bf16(o, hd, out + size_t(r0 + i) * ldo + size_t(h) * hd, hd);
         }
     }
+}
+
+// ---- stage timing ------------------------------------------------------------------------------
+
+namespace {
+std::atomic<bool> g_timing{false};
+std::mutex g_times_mu;
+StageTimes g_times;
+} // namespace
+
+void stage_timing(bool on) { g_timing.store(on); }
+bool stage_timing_on() { return g_timing.load(std::memory_order_relaxed); }
+void stage_time_add(Stage s, double seconds) {
+    std::lock_guard<std::mutex> lock(g_times_mu);
+    (s == Stage::Gemm ? g_times.gemm : s == Stage::Attention ? g_times.attention : g_times.rest) += seconds;
+}
+StageTimes stage_times_take() {
+    std::lock_guard<std::mutex> lock(g_times_mu);
+    const StageTimes t = g_times;
+    g_times = StageTimes{};
+    return t;
 }
 
 } // namespace dimoo::cpu

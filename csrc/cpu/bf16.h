@@ -82,4 +82,16 @@ void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv);
 void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, int n_heads, const PackedKV &kv,
                           uint16_t *out, size_t ldo, float *scratch);
 
+// Benchmark hook: while on, the bf16 forward adds the wall time of its
+// stages (measured by thread 0 between the team's barriers) to a global
+// tally that stage_times_take() returns and resets.
+struct StageTimes {
+    double gemm = 0, attention = 0, rest = 0;
+};
+enum class Stage { Gemm, Attention, Rest };
+void stage_timing(bool on);
+bool stage_timing_on();
+void stage_time_add(Stage s, double seconds);
+StageTimes stage_times_take();
+
 } // namespace dimoo::cpu

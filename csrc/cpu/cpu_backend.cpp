@@ -441,9 +441,19 @@ private:
         const int mlp_panels = (mlp + cpu::kPanel - 1) / cpu::kPanel;
         const int mblocks = (R + kGateRows - 1) / kGateRows;
         bool stop = false;
+        const bool timing = cpu::stage_timing_on();
 
 #pragma omp parallel num_threads(nt_)
         {
+            // Thread 0 times the stages: each ends with the team's barrier.
+            const bool clock = timing && omp_get_thread_num() == 0;
+            double last = clock ? omp_get_wtime() : 0.0;
+            auto mark = [&](cpu::Stage st) {
+                if (!clock) return;
+                const double now = omp_get_wtime();
+                cpu::stage_time_add(st, now - last);
+                last = now;
+            };
             if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
@@ -451,17 +461,20 @@ private:
                 float *xr = x_.data() + size_t(r) * d;
                 for (int i = 0; i < d; i++) xr[i] = load_as_f32(wte.ptr(), wte.dtype, tok * d + i);
             }
+            mark(cpu::Stage::Rest);
             for (int l = 0; l < c.n_layers && !stop; l++) {
                 const float *attn_norm = m_.wf(WeightKind::AttnNorm, l), *ff_norm = m_.wf(WeightKind::FFNorm, l);
 #pragma omp for schedule(static)
                 for (int r = 0; r < R; r++)
                     norm_row_bf16(x_.data() + size_t(r) * d, attn_norm, abf_.data() + size_t(r) * dp, d,
                                   c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
                 const cpu::GemmJob qkv[3] = {
                     {&m_.pw(WeightKind::QProj, l), q_.data(), size_t(d), 0, d, false},
                     {&m_.pw(WeightKind::KProj, l), k_.data(), size_t(kv), 0, kv, false},
                     {&m_.pw(WeightKind::VProj, l), v_.data(), size_t(kv), 0, kv, false}};
                 cpu::gemm_team(ks, R, abf_.data(), dp, qkv, 3);
+                mark(cpu::Stage::Gemm);
 
                 float *kc = nullptr, *vc = nullptr;
                 if (a.cache_mode != DIMOO_CACHE_NONE) {
@@ -479,15 +492,19 @@ private:
                         std::copy_n(v_.data() + size_t(r) * kv, kv, vc + size_t(rows_[r]) * kv);
                     }
                 }
+                mark(cpu::Stage::Rest);
                 cpu::pack_kv_team(kc ? kc : k_.data(), vc ? vc : v_.data(), size_t(kv), pk);
                 cpu::flash_attention_team(ks, qbf_.data(), dp, R, c.n_heads, pk, abf16, 2 * dp, scratch_.data());
+                mark(cpu::Stage::Attention);
                 const cpu::GemmJob out{&m_.pw(WeightKind::AttnOut, l), x_.data(), size_t(d), 0, d, true};
                 cpu::gemm_team(ks, R, abf_.data(), dp, &out, 1);
+                mark(cpu::Stage::Gemm);
 
 #pragma omp for schedule(static)
                 for (int r = 0; r < R; r++)
                     norm_row_bf16(x_.data() + size_t(r) * d, ff_norm, abf_.data() + size_t(r) * dp, d,
                                   c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
                 // Gate and up panels side by side; silu(g) * u rounded to bf16
                 // straight into the down projection's input.
                 const cpu::PackedMatrix &wg = m_.pw(WeightKind::FFProj, l), &wu = m_.pw(WeightKind::UpProj, l);
@@ -510,14 +527,17 @@ private:
                 if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
                 const cpu::GemmJob down{&m_.pw(WeightKind::FFOut, l), x_.data(), size_t(d), 0, d, true};
                 cpu::gemm_team(ks, R, hbf_.data(), mp, &down, 1);
+                mark(cpu::Stage::Gemm);
             }
             if (!stop && O > 0) {
 #pragma omp for schedule(static)
                 for (int i = 0; i < O; i++)
                     norm_row_bf16(x_.data() + size_t(sel[i]) * d, m_.wf(WeightKind::FinalNorm),
                                   abf_.data() + size_t(i) * dp, d, c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
                 const cpu::GemmJob head{&m_.pw(WeightKind::Head), a.logits, size_t(ve - vb), vb, ve, false};
                 cpu::gemm_team(ks, O, abf_.data(), dp, &head, 1);
+                mark(cpu::Stage::Gemm);
                 if (a.row_max) {
                     const int n = ve - vb;
 #pragma omp for schedule(static)
@@ -527,6 +547,7 @@ private:
                         for (int j = 1; j < n; j++) m = r[j] > m ? r[j] : m;
                         a.row_max[i] = m;
                     }
+                    mark(cpu::Stage::Rest);
                 }
             }
         }
