@@ -3,7 +3,11 @@
 //
 //   build/dimoo_cpupeak [--T 64,300,1124,4228] [--reps 3] [--layers 1]
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
-//                       [--vocab 16384] [--threads 2] [--json]
+//                       [--vocab 16384] [--threads 2] [--json] [--serve]
+//
+// --serve: build the model once, then read one T per line on stdin and answer
+// each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
+// with PyTorch's forward, T by T).
 //
 // Per repetition and T it measures the peaks (a register-only loop of
 // VDPBF16PS, and of fp32 FMA, on every thread), then one timed forward (after
@@ -93,7 +97,7 @@ double peak(bool bf16, int threads, double seconds) {
 struct Opts {
     std::vector<int> T = {64, 300, 1124, 4228};
     int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
-    bool json = false;
+    bool json = false, serve = false;
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -142,6 +146,7 @@ int main(int argc, char **argv) {
         else if (a == "--vocab") o.vocab = std::atoi(next());
         else if (a == "--threads") o.threads = std::atoi(next());
         else if (a == "--json") o.json = true;
+        else if (a == "--serve") o.serve = true;
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
@@ -200,11 +205,9 @@ int main(int argc, char **argv) {
     // per query token per model column in attention (Q K^T and P V).
     const double layer_params = double(2 * d * d + 2 * kv * d + 3 * mlp * d);
     std::vector<std::vector<Row>> rows(o.T.size());
-    std::vector<int32_t> tokens(static_cast<size_t>(maxT));
-    for (int i = 0; i < maxT; i++) tokens[i] = int32_t((i * 7919) % o.vocab);
-    for (int rep = 0; rep < o.reps; rep++) {
-        for (size_t ti = 0; ti < o.T.size(); ti++) {
-            const int T = o.T[ti];
+    std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length));
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = int32_t((i * 7919) % size_t(o.vocab));
+    auto measure = [&](int T, int rep, bool json) {
             dimoo_ctx *ctx = nullptr;
             dimoo_ctx_params p{1, T, 0};
             if (dimoo_ctx_create(m, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
@@ -236,16 +239,31 @@ int main(int argc, char **argv) {
             r.attn_frac = attn_gf / peak_ref;
             r.attn_vs_gemm = attn_gf / gemm_gf;
             r.rest_share = st.rest / r.secs;
-            rows[ti].push_back(r);
-            if (o.json)
+            if (json)
                 std::printf("{\"T\": %d, \"rep\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f, \"gflops\": %.2f, "
                             "\"gemm_s\": %.6f, \"attention_s\": %.6f, \"rest_s\": %.6f, \"peak_bf16\": %.1f, "
                             "\"peak_fma\": %.1f, \"gemm_gflops\": %.2f, \"attention_gflops\": %.2f}\n",
                             T, rep, r.secs, r.tok_s, r.total_gf, st.gemm, st.attention, st.rest, r.peak_bf16,
                             r.peak_fma, gemm_gf, attn_gf);
             std::fflush(stdout);
+            return r;
+    };
+    if (o.serve) {
+        int T, n = 0;
+        while (std::scanf("%d", &T) == 1) {
+            if (T < 1 || T > cfg.max_sequence_length) {
+                std::printf("{\"error\": \"T=%d outside 1..%d\"}\n", T, cfg.max_sequence_length);
+                std::fflush(stdout);
+                continue;
+            }
+            measure(T, n++, true);
         }
+        dimoo_model_destroy(m);
+        dimoo_runtime_destroy(rt);
+        return 0;
     }
+    for (int rep = 0; rep < o.reps; rep++)
+        for (size_t ti = 0; ti < o.T.size(); ti++) rows[ti].push_back(measure(o.T[ti], rep, o.json));
     if (o.json) return 0;
     std::printf("dimoo CPU bf16 forward vs measured peak: kernels %s, %d threads, d=%d heads=%d/%d mlp=%d "
                 "layers=%d vocab=%d, %d reps (median [min max])\n",
