@@ -294,6 +294,80 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
 namespace {
 constexpr int kQBlock = 4 * kTileRows; // queries per task
 constexpr int kKBlock = 64;            // keys per step
+
+// One row's online-softmax step over a block of kKBlock scores s (the first
+// nk valid): m is the running max of scale * s, l the running sum. On
+// return s holds exp(scale * s - m_new) (zero past nk), and corr the factor
+// exp(m_old - m_new) that rescales the earlier sum and output.
+void softmax_step_portable(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    float mx = m;
+    for (int j = 0; j < nk; ++j) mx = std::max(mx, s[j] * scale);
+    corr = exp_clamped(m - mx);
+    float sum = 0.0f;
+    for (int j = 0; j < nk; ++j) {
+        s[j] = exp_clamped(s[j] * scale - mx);
+        sum += s[j];
+    }
+    for (int j = nk; j < kKBlock; ++j) s[j] = 0.0f;
+    m = mx;
+    l = l * corr + sum;
+}
+
+#if defined(DIMOO_X86)
+// exp_clamped's method on 16 lanes: 2^n times a degree-7 polynomial of the
+// remainder, 2^n applied by VSCALEFPS.
+DIMOO_T512 inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417232e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    static_assert(kKBlock == 64, "four vectors per block");
+    const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    __m512 v[4];
+    __m512 mx = _mm512_set1_ps(m);
+    for (int i = 0; i < 4; ++i) {
+        const int left = nk - 16 * i;
+        const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+        v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
+        mx = _mm512_max_ps(mx, v[i]);
+    }
+    const float mnew = _mm512_reduce_max_ps(mx);
+    corr = exp_clamped(m - mnew);
+    const __m512 vm = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+        // -inf lanes (past nk) clamp to exp(-87 - m); zero them exactly.
+        const __mmask16 valid = _mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v[i], vm)));
+        _mm512_storeu_ps(s + 16 * i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    m = mnew;
+    l = l * corr + _mm512_reduce_add_ps(sum);
+}
+#endif
+
+using SoftmaxFn = void (*)(float *, int, float, float &, float &, float &);
+SoftmaxFn softmax_step(Kernels ks) {
+#if defined(DIMOO_X86)
+    if (ks != Kernels::Portable) return softmax_step_avx512;
+#endif
+    (void)ks;
+    return softmax_step_portable;
+}
 } // namespace
 
 size_t packed_kv_elems(int T, int head_dim) {
@@ -345,6 +419,7 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
     uint32_t *P = reinterpret_cast<uint32_t *>(S + kQBlock * kKBlock);
     float *O = S + kQBlock * (kKBlock + kKBlock / 2);
     float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    const SoftmaxFn step = softmax_step(ks);
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < total; ++t) {
         const int h = t / qblocks, r0 = (t % qblocks) * kQBlock, nr = std::min(kQBlock, rows - r0);
@@ -361,17 +436,8 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                      kKBlock, 0, kPanel, false);
             for (int i = 0; i < nr; ++i) {
                 float *s = S + size_t(i) * kKBlock;
-                float m = mx[i];
-                for (int j = 0; j < nk; ++j) m = std::max(m, s[j] * scale);
-                const float corr = exp_clamped(mx[i] - m);
-                float l = 0.0f;
-                for (int j = 0; j < nk; ++j) {
-                    s[j] = exp_clamped(s[j] * scale - m);
-                    l += s[j];
-                }
-                for (int j = nk; j < kKBlock; ++j) s[j] = 0.0f;
-                mx[i] = m;
-                sum[i] = sum[i] * corr + l;
+                float corr;
+                step(s, nk, scale, mx[i], sum[i], corr);
                 round_bf16(s, kKBlock, reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), kKBlock);
                 float *o = O + size_t(i) * hd;
                 if (corr != 1.0f)
