@@ -229,6 +229,60 @@ DIMOO_T512 void micro_avx512(int kp, const uint32_t *A, size_t lda, const uint16
 #define DIMOO_MICRO_TABLE(fn)                                                                                        \
     const MicroFn fn##_table[kTileRows + 1] = {nullptr,   fn<1>,  fn<2>,  fn<3>, fn<4>,  fn<5>, fn<6>,           \
                                                fn<7>,     fn<8>,  fn<9>,  fn<10>, fn<11>, fn<12>};
+// fp32 tiles: per k one 32-float panel row, one broadcast per row of A.
+using MicroF32Fn = void (*)(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                            int c0, int c1, bool accumulate);
+
+template <int R>
+void micro_f32_portable(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc, int c0,
+                        int c1, bool accumulate) {
+    alignas(64) float acc[R][kPanel];
+    for (int m = 0; m < R; ++m) read_row(C + size_t(m) * ldc, c0, c1, accumulate, acc[m]);
+    for (int k = 0; k < K; ++k) {
+        const float *b = B + size_t(k) * ps;
+        for (int m = 0; m < R; ++m) {
+            const float a = A[size_t(m) * lda + size_t(k)];
+            for (int j = 0; j < kPanel; ++j) acc[m][j] += a * b[j];
+        }
+    }
+    for (int m = 0; m < R; ++m) write_row(acc[m], c0, c1, C + size_t(m) * ldc);
+}
+
+#if defined(DIMOO_X86)
+template <int R>
+DIMOO_T512 void micro_f32_avx512(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                                 int c0, int c1, bool accumulate) {
+    __m512 acc[R][2];
+    load_acc<R>(acc, C, ldc, c0, c1, accumulate);
+    for (int k = 0; k < K; ++k) {
+        const float *b = B + size_t(k) * ps;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        for (int m = 0; m < R; ++m) {
+            const __m512 a = _mm512_set1_ps(A[size_t(m) * lda + size_t(k)]);
+            acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
+        }
+    }
+    store_acc<R>(acc, C, ldc, c0, c1);
+}
+#endif
+
+#define DIMOO_MICRO_F32_TABLE(fn)                                                                                    \
+    const MicroF32Fn fn##_table[kTileRows + 1] = {nullptr, fn<1>, fn<2>, fn<3>,  fn<4>,  fn<5>, fn<6>,             \
+                                                  fn<7>,   fn<8>, fn<9>, fn<10>, fn<11>, fn<12>};
+DIMOO_MICRO_F32_TABLE(micro_f32_portable)
+#if defined(DIMOO_X86)
+DIMOO_MICRO_F32_TABLE(micro_f32_avx512)
+#endif
+
+const MicroF32Fn *micro_f32_table(Kernels ks) {
+#if defined(DIMOO_X86)
+    if (ks != Kernels::Portable) return micro_f32_avx512_table;
+#endif
+    (void)ks;
+    return micro_f32_portable_table;
+}
+
 DIMOO_MICRO_TABLE(micro_portable)
 #if defined(DIMOO_X86)
 DIMOO_MICRO_TABLE(micro_bf16)
@@ -255,17 +309,39 @@ void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uin
     }
 }
 
+void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,
+              size_t ldc, int c0, int c1, bool accumulate) {
+    const MicroF32Fn *fn = micro_f32_table(ks);
+    for (int r = 0; r < rows; r += kTileRows) {
+        const int R = std::min(kTileRows, rows - r);
+        fn[R](K, A + size_t(r) * lda, lda, B, pstride, C + size_t(r) * ldc, ldc, c0, c1, accumulate);
+    }
+}
+
+void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32 &out) {
+    out.N = N;
+    out.K = K;
+    out.panels = (N + kPanel - 1) / kPanel;
+    out.data.assign(size_t(out.panels) * size_t(K) * kPanel, 0.0f);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int p = 0; p < out.panels; ++p) {
+        float *dst = out.data.data() + size_t(p) * size_t(K) * kPanel;
+        for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
+            const size_t row = size_t(p * kPanel + j) * size_t(K);
+            for (int k = 0; k < K; ++k) dst[size_t(k) * kPanel + size_t(j)] = load_as_f32(W, dtype, row + size_t(k));
+        }
+    }
+}
+
 // ---- GEMM team -----------------------------------------------------------------------------------
 
 namespace {
 constexpr int kBlockRows = 8 * kTileRows; // rows of A per task
-}
 
-void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
-    if (M <= 0) return;
+// Tasks: job-major, then panel, then row block (consecutive tasks share a
+// panel, which stays in L2). run(job, panel, first row, rows, c0, c1).
+template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, Run run) {
     const int mblocks = (M + kBlockRows - 1) / kBlockRows;
-    // Tasks: job-major, then panel, then row block (consecutive tasks share
-    // a panel, which stays in L2).
     int first[8] = {0};
     int total = 0;
     for (int j = 0; j < n_jobs && j < 7; ++j) {
@@ -278,15 +354,32 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
     for (int t = 0; t < total; ++t) {
         int j = 0;
         while (t >= first[j + 1]) ++j;
-        const GemmJob &g = jobs[j];
+        const Job &g = jobs[j];
         const int local = t - first[j];
         const int p = g.n0 / kPanel + local / mblocks, mb = local % mblocks;
         const int r0 = mb * kBlockRows, rows = std::min(kBlockRows, M - r0);
         const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
         const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
+        run(g, p, r0, rows, c0, c1);
+    }
+}
+} // namespace
+
+void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs) {
+    if (M <= 0) return;
+    team_tasks(M, jobs, n_jobs, [&](const GemmJobF32 &g, int p, int r0, int rows, int c0, int c1) {
+        float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
+        tile_f32(ks, rows, g.W->K, A + size_t(r0) * lda, lda, g.W->panel(p), kPanel, C, g.ldc, c0, c1,
+                 g.accumulate);
+    });
+}
+
+void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
+    if (M <= 0) return;
+    team_tasks(M, jobs, n_jobs, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
         tile(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate);
-    }
+    });
 }
 
 // ---- attention ------------------------------------------------------------------------------------
@@ -453,6 +546,69 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
             const float inv = 1.0f / sum[i];
             for (int c = 0; c < hd; ++c) o[c] *= inv;
             round_bf16(o, hd, out + size_t(r0 + i) * ldo + size_t(h) * hd, hd);
+        }
+    }
+}
+
+size_t packed_k_f32_elems(int T, int head_dim) {
+    return size_t((T + kKBlock - 1) / kKBlock * kKBlock) * size_t(head_dim);
+}
+
+void pack_k_f32_team(const float *K, size_t ld, PackedKVF32 &kv) {
+    const int hd = kv.head_dim, T = kv.T, kpanels = kv.Tpad / kPanel;
+#pragma omp for schedule(static)
+    for (int t = 0; t < kv.n_kv * kpanels; ++t) {
+        const int h = t / kpanels, p = t % kpanels;
+        float *kd = kv.k + size_t(h) * kv.kstride + size_t(p) * size_t(hd) * kPanel;
+        for (int j = 0; j < kPanel; ++j) {
+            const int key = p * kPanel + j;
+            const float *src = K + size_t(key) * ld + size_t(h) * hd;
+            for (int i = 0; i < hd; ++i) kd[size_t(i) * kPanel + size_t(j)] = key < T ? src[i] : 0.0f;
+        }
+    }
+}
+
+void flash_attention_f32_team(Kernels ks, const float *q, size_t ldq, int rows, int n_heads, const PackedKVF32 &kv,
+                              float *out, size_t ldo, float *scratch) {
+    const int hd = kv.head_dim, group = n_heads / kv.n_kv;
+    const int qblocks = (rows + kQBlock - 1) / kQBlock;
+    const int cpanels = (hd + kPanel - 1) / kPanel;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    float *S = scratch + size_t(omp_get_thread_num()) * flash_scratch_floats(hd);
+    float *O = S + kQBlock * (kKBlock + kKBlock / 2);
+    float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    const SoftmaxFn step = softmax_step(ks);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < n_heads * qblocks; ++t) {
+        const int h = t / qblocks, r0 = (t % qblocks) * kQBlock, nr = std::min(kQBlock, rows - r0);
+        const int kh = h / group;
+        const float *Q = q + size_t(r0) * ldq + size_t(h) * hd;
+        const float *Kh = kv.k + size_t(kh) * kv.kstride;
+        std::fill_n(O, size_t(nr) * hd, 0.0f);
+        std::fill_n(mx, nr, -INFINITY);
+        std::fill_n(sum, nr, 0.0f);
+        for (int j0 = 0; j0 < kv.T; j0 += kKBlock) {
+            const int nk = std::min(kKBlock, kv.T - j0);
+            for (int p = 0; p * kPanel < nk; ++p)
+                tile_f32(ks, nr, hd, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hd) * kPanel, kPanel,
+                         S + p * kPanel, kKBlock, 0, kPanel, false);
+            for (int i = 0; i < nr; ++i) {
+                float corr;
+                step(S + size_t(i) * kKBlock, nk, scale, mx[i], sum[i], corr);
+                float *o = O + size_t(i) * hd;
+                if (corr != 1.0f)
+                    for (int c = 0; c < hd; ++c) o[c] *= corr;
+            }
+            const float *V = kv.v + size_t(j0) * kv.ldv + size_t(kh) * hd;
+            for (int c = 0; c < cpanels; ++c)
+                tile_f32(ks, nr, nk, S, kKBlock, V + size_t(c) * kPanel, kv.ldv, O + c * kPanel, size_t(hd), 0,
+                         std::min(kPanel, hd - c * kPanel), true);
+        }
+        for (int i = 0; i < nr; ++i) {
+            const float *o = O + size_t(i) * hd;
+            float *dst = out + size_t(r0 + i) * ldo + size_t(h) * hd;
+            const float inv = 1.0f / sum[i];
+            for (int c = 0; c < hd; ++c) dst[c] = o[c] * inv;
         }
     }
 }

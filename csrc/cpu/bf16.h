@@ -82,6 +82,46 @@ void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv);
 void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, int n_heads, const PackedKV &kv,
                           uint16_t *out, size_t ldo, float *scratch);
 
+// ---- the fp32 counterpart, for fp32 checkpoints -------------------------------------------------
+// Same structure with fp32 everywhere (no rounding): weights in panels of 32
+// rows, k-major, element (n, k) at data[(panel * K + k) * 32 + n % 32].
+struct PackedMatrixF32 {
+    int N = 0, K = 0, panels = 0;
+    std::vector<float> data;
+    size_t bytes() const { return data.size() * sizeof(float); }
+    const float *panel(int p) const { return data.data() + size_t(p) * size_t(K) * 32; }
+};
+void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32 &out);
+
+// As tile(), fp32: C[r][c - c0] (= or +=) sum_k A[r * lda + k] * B[k * pstride + c].
+void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,
+              size_t ldc, int c0, int c1, bool accumulate);
+
+struct GemmJobF32 {
+    const PackedMatrixF32 *W;
+    float *C;
+    size_t ldc;
+    int n0, n1;
+    bool accumulate;
+};
+void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs);
+
+// K packed per KV head as a PackedMatrixF32 of (keys, head_dim), keys padded
+// to a multiple of 64; V read in place (row stride ldv, head h at h * head_dim;
+// up to 31 floats past the last row are read and ignored).
+struct PackedKVF32 {
+    int T = 0, Tpad = 0, head_dim = 0, n_kv = 0;
+    size_t kstride = 0; // floats per KV head
+    float *k = nullptr;
+    const float *v = nullptr;
+    size_t ldv = 0;
+};
+size_t packed_k_f32_elems(int T, int head_dim);
+void pack_k_f32_team(const float *K, size_t ld, PackedKVF32 &kv);
+// q: fp32 rows (stride ldq, head h at h * head_dim); out: fp32 (stride ldo).
+void flash_attention_f32_team(Kernels ks, const float *q, size_t ldq, int rows, int n_heads, const PackedKVF32 &kv,
+                              float *out, size_t ldo, float *scratch);
+
 // Benchmark hook: while on, the bf16 forward adds the wall time of its
 // stages (measured by thread 0 between the team's barriers) to a global
 // tally that stage_times_take() returns and resets.
