@@ -201,6 +201,94 @@ TEST(Bf16, FlashAttentionMatchesFloat64) {
     }
 }
 
+// The fp32 tiles: fp32 accumulation of fp32 products, error at most about
+// K 2^-24 sum |a w| (asserted as 4 (K + 1) 2^-24 sum |a w|).
+TEST(F32Packed, GemmMatchesFloat64Reference) {
+    struct Case {
+        int M, N, K, n0, n1;
+        bool acc;
+    };
+    const Case cases[] = {{1, 32, 64, 0, 32, false}, {13, 45, 7, 3, 41, false}, {100, 96, 300, 17, 90, true},
+                          {97, 33, 1, 0, 33, false}};
+    for (const Case &c : cases) {
+        const auto a = randn(size_t(c.M) * c.K, 1 + c.M), w = randn(size_t(c.N) * c.K, 2 + c.N, 0.1f);
+        dimoo::cpu::PackedMatrixF32 p;
+        dimoo::cpu::pack_matrix_f32(w.data(), DIMOO_F32, c.N, c.K, p);
+        ASSERT_EQ(p.bytes(), size_t((c.N + 31) / 32 * 32) * c.K * 4);
+        const int W = c.n1 - c.n0;
+        const auto c0 = randn(size_t(c.M) * W, 99);
+        for (Kernels ks : supported()) {
+            std::vector<float> C = c0;
+            const dimoo::cpu::GemmJobF32 job{&p, C.data(), size_t(W), c.n0, c.n1, c.acc};
+            dimoo::cpu::gemm_team_f32(ks, c.M, a.data(), size_t(c.K), &job, 1);
+            for (int m = 0; m < c.M; m++)
+                for (int n = 0; n < W; n++) {
+                    double s = c.acc ? double(c0[size_t(m) * W + n]) : 0.0, mag = std::fabs(s);
+                    for (int k = 0; k < c.K; k++) {
+                        const double t = double(a[size_t(m) * c.K + k]) * double(w[size_t(c.n0 + n) * c.K + k]);
+                        s += t;
+                        mag += std::fabs(t);
+                    }
+                    ASSERT_NEAR(C[size_t(m) * W + n], s, 4.0 * (c.K + 1) * std::ldexp(mag, -24) + 1e-30)
+                        << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " at " << m << "," << n;
+                }
+        }
+    }
+}
+
+// fp32 flash attention against float64 softmax attention (no rounding to
+// bf16 here: q, k, v as given), to 1e-5 of max |v|.
+TEST(F32Packed, FlashAttentionMatchesFloat64) {
+    struct Case {
+        int rows, T, H, Hkv, hd;
+    };
+    const Case cases[] = {{1, 1, 2, 2, 8}, {7, 7, 4, 2, 8}, {65, 65, 2, 2, 64}, {3, 200, 4, 2, 64}, {50, 301, 2, 1, 128}};
+    for (const Case &c : cases) {
+        const int d = c.H * c.hd, kvd = c.Hkv * c.hd;
+        const auto q = randn(size_t(c.rows) * d, 5 + c.T, 1.5f), k = randn(size_t(c.T) * kvd, 6 + c.T, 1.5f);
+        auto v = randn(size_t(c.T) * kvd, 7 + c.T);
+        // Reference on the exact inputs: round nothing.
+        std::vector<double> want(size_t(c.rows) * d), s(c.T);
+        for (int h = 0; h < c.H; h++)
+            for (int r = 0; r < c.rows; r++) {
+                const int kh = h / (c.H / c.Hkv);
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j < c.T; j++) {
+                    double dot = 0;
+                    for (int i = 0; i < c.hd; i++)
+                        dot += double(q[size_t(r) * d + h * c.hd + i]) * k[size_t(j) * kvd + kh * c.hd + i];
+                    mx = std::max(mx, s[j] = dot / std::sqrt(double(c.hd)));
+                }
+                for (int j = 0; j < c.T; j++) sum += (s[j] = std::exp(s[j] - mx));
+                for (int i = 0; i < c.hd; i++) {
+                    double o = 0;
+                    for (int j = 0; j < c.T; j++) o += s[j] * v[size_t(j) * kvd + kh * c.hd + i];
+                    want[size_t(r) * d + h * c.hd + i] = o / sum;
+                }
+            }
+        v.resize(v.size() + 32); // V panels read up to 31 floats past the last row
+        dimoo::cpu::PackedKVF32 kv;
+        kv.T = c.T;
+        kv.Tpad = (c.T + 63) / 64 * 64;
+        kv.head_dim = c.hd;
+        kv.n_kv = c.Hkv;
+        kv.kstride = dimoo::cpu::packed_k_f32_elems(c.T, c.hd);
+        std::vector<float> kbuf(kv.kstride * c.Hkv, NAN);
+        kv.k = kbuf.data();
+        kv.v = v.data();
+        kv.ldv = size_t(kvd);
+        dimoo::cpu::pack_k_f32_team(k.data(), size_t(kvd), kv);
+        std::vector<float> scratch(dimoo::cpu::flash_scratch_floats(c.hd));
+        for (Kernels ks : supported()) {
+            std::vector<float> out(size_t(c.rows) * d, NAN);
+            dimoo::cpu::flash_attention_f32_team(ks, q.data(), size_t(d), c.rows, c.H, kv, out.data(), size_t(d),
+                                                 scratch.data());
+            for (size_t i = 0; i < out.size(); i++)
+                ASSERT_NEAR(out[i], want[i], 1e-5) << dimoo::cpu::kernels_name(ks) << " T=" << c.T << " at " << i;
+        }
+    }
+}
+
 // ---- the bf16 forward through the C ABI -------------------------------------------------------
 
 dimoo_model_config small_config(int hd) {
@@ -341,6 +429,23 @@ TEST(Bf16Forward, KernelSetsAgreeAndTrackFp32) {
                 else EXPECT_LT(e, 5e-3) << "hd " << hd << " kernels '" << env << "'";
             }
         }
+    }
+}
+
+// The fp32 packed forward: every kernel set within fp32 rounding of the
+// others (the AVX-512 and portable tiles add in the same order; FMA
+// contraction may differ), weights held at fp32 size.
+TEST(F32Forward, KernelSetsAgree) {
+    const auto cfg = small_config(64);
+    std::vector<int32_t> toks(70);
+    for (size_t i = 0; i < toks.size(); i++) toks[i] = int32_t((i * 37 + 5) % 90);
+    std::vector<float> best;
+    for (const char *env : {"", "avx512", "portable"}) {
+        KernelsEnv e(env);
+        Model f(cfg, DIMOO_F32, 11);
+        const auto got = f.logits(toks);
+        if (best.empty()) best = got;
+        else EXPECT_LT(rel(got.data(), best.data(), best.size()), 1e-6) << "kernels '" << env << "'";
     }
 }
 
