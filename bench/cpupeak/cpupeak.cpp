@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +40,13 @@
 namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+// CPU seconds of the whole process (every thread): on a machine shared with
+// other work, throughput per CPU second is what our code controls.
+double cpu_now() {
+    timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
 
 #if defined(__x86_64__)
 // 24 independent accumulators, as many as the GEMM tile keeps.
@@ -69,7 +77,7 @@ __attribute__((target("avx512f"), noinline)) double peak_fma_thread(long iters) 
 #endif
 
 // GFLOP/s of the loop over `threads` threads, about `seconds` long.
-double peak(bool bf16, int threads, double seconds) {
+double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr) {
 #if defined(__x86_64__)
     if (bf16 && !dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512Bf16)) return 0;
     if (!dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512)) return 0;
@@ -77,12 +85,15 @@ double peak(bool bf16, int threads, double seconds) {
     long iters = 200000;
     double sink = 0;
     for (;;) {
-        const double t0 = now();
+        const double t0 = now(), c0 = cpu_now();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
         sink += bf16 ? peak_bf16_thread(iters) : peak_fma_thread(iters);
-        const double dt = now() - t0;
+        const double dt = now() - t0, dc = cpu_now() - c0;
         if (dt > seconds || iters > (1L << 34)) {
             if (sink == 1234.5) std::puts("");
+            // GFLOP per CPU second, times the threads: the peak of `threads`
+            // cores that are never taken away.
+            if (per_cpu_s) *per_cpu_s = flops_per_iter * double(iters) * threads / dc / 1e9 * threads;
             return flops_per_iter * double(iters) * threads / dt / 1e9;
         }
         iters = long(double(iters) * std::min(10.0, 1.3 * seconds / std::max(dt, 1e-4)));
@@ -114,6 +125,7 @@ std::vector<int> parse_list(const char *s) {
 
 struct Row {
     double tok_s, total_gf, gemm_frac, attn_frac, attn_vs_gemm, rest_share, fwd_frac, peak_bf16, peak_fma, secs;
+    double cpu_secs, peak_bf16_cpu, fwd_frac_cpu; // the same per CPU second
 };
 
 double median(std::vector<double> v) {
@@ -219,17 +231,20 @@ int main(int argc, char **argv) {
             a.logits = logits.data();
             if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx)); // warm-up
             Row r{};
-            r.peak_bf16 = peak(true, o.threads, 0.2);
+            double pc0 = 0, pc1 = 0;
+            r.peak_bf16 = peak(true, o.threads, 0.2, &pc0);
             r.peak_fma = peak(false, o.threads, 0.2);
             dimoo::cpu::stage_times_take();
             dimoo::cpu::stage_timing(true);
-            const double t0 = now();
+            const double t0 = now(), c0 = cpu_now();
             if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
             r.secs = now() - t0;
+            r.cpu_secs = cpu_now() - c0;
             dimoo::cpu::stage_timing(false);
             const dimoo::cpu::StageTimes st = dimoo::cpu::stage_times_take();
             // Peaks again after the forward: the mean of both brackets it.
-            r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2));
+            r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2, &pc1));
+            r.peak_bf16_cpu = 0.5 * (pc0 + pc1);
             r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2));
             dimoo_ctx_destroy(ctx);
             const double peak_ref = r.peak_bf16 > 0 ? r.peak_bf16 : r.peak_fma;
@@ -239,6 +254,10 @@ int main(int argc, char **argv) {
             r.tok_s = T / r.secs;
             r.total_gf = (gemm_flops + attn_flops) / r.secs / 1e9;
             r.fwd_frac = r.total_gf / peak_ref;
+            // Per CPU second: both threads' CPU time, spinning included.
+            r.fwd_frac_cpu = r.peak_bf16_cpu > 0 ? (gemm_flops + attn_flops) / (r.cpu_secs / o.threads) / 1e9 /
+                                                       r.peak_bf16_cpu
+                                                 : 0;
             r.gemm_frac = gemm_gf / peak_ref;
             r.attn_frac = attn_gf / peak_ref;
             r.attn_vs_gemm = attn_gf / gemm_gf;
@@ -246,9 +265,10 @@ int main(int argc, char **argv) {
             if (json)
                 std::printf("{\"T\": %d, \"rep\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f, \"gflops\": %.2f, "
                             "\"gemm_s\": %.6f, \"attention_s\": %.6f, \"rest_s\": %.6f, \"peak_bf16\": %.1f, "
-                            "\"peak_fma\": %.1f, \"gemm_gflops\": %.2f, \"attention_gflops\": %.2f}\n",
+                            "\"peak_fma\": %.1f, \"gemm_gflops\": %.2f, \"attention_gflops\": %.2f, \"cpu_seconds\": %.6f, "
+                            "\"peak_bf16_cpu\": %.1f}\n",
                             T, rep, r.secs, r.tok_s, r.total_gf, st.gemm, st.attention, st.rest, r.peak_bf16,
-                            r.peak_fma, gemm_gf, attn_gf);
+                            r.peak_fma, gemm_gf, attn_gf, r.cpu_secs, r.peak_bf16_cpu);
             std::fflush(stdout);
             return r;
     };
@@ -292,8 +312,10 @@ int main(int argc, char **argv) {
                     cell(v, &Row::attn_frac, 100).c_str(), cell(v, &Row::attn_vs_gemm, 100).c_str(),
                     cell(v, &Row::rest_share, 100).c_str());
     }
-    std::printf("%6s | %-20s\n", "T", "tokens/s");
-    for (size_t ti = 0; ti < o.T.size(); ti++) std::printf("%6d | %-20s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str());
+    std::printf("%6s | %-20s | %-26s | %-24s\n", "T", "tokens/s", "peak bf16 per CPU-s x thr", "fwd % of it (CPU time)");
+    for (size_t ti = 0; ti < o.T.size(); ti++)
+        std::printf("%6d | %-20s | %-26s | %-24s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str(),
+                    cell(rows[ti], &Row::peak_bf16_cpu, 1).c_str(), cell(rows[ti], &Row::fwd_frac_cpu, 100).c_str());
     dimoo_model_destroy(m);
     dimoo_runtime_destroy(rt);
     return 0;
