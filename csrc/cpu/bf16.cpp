@@ -386,7 +386,7 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
 
 namespace {
 constexpr int kQBlock = 4 * kTileRows; // queries per task
-constexpr int kKBlock = 64;            // keys per step
+constexpr int kKBlock = kKeyBlock;     // keys per step
 
 // One row's online-softmax step over a block of kKBlock scores s (the first
 // nk valid): m is the running max of scale * s, l the running sum. On
@@ -427,11 +427,11 @@ DIMOO_T512 inline __m512 exp16(__m512 x) {
 }
 
 DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
-    static_assert(kKBlock == 64, "four vectors per block");
+    constexpr int NV = kKBlock / 16;
     const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 v[4];
+    __m512 v[NV];
     __m512 mx = _mm512_set1_ps(m);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < NV; ++i) {
         const int left = nk - 16 * i;
         const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
         v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
@@ -441,7 +441,7 @@ DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, flo
     corr = exp_clamped(m - mnew);
     const __m512 vm = _mm512_set1_ps(mnew);
     __m512 sum = _mm512_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < NV; ++i) {
         // -inf lanes (past nk) clamp to exp(-87 - m); zero them exactly.
         const __mmask16 valid = _mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ);
         const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v[i], vm)));
@@ -463,8 +463,10 @@ SoftmaxFn softmax_step(Kernels ks) {
 }
 } // namespace
 
+int packed_kv_tpad(int T) { return (T + kKBlock - 1) / kKBlock * kKBlock; }
+
 size_t packed_kv_elems(int T, int head_dim) {
-    const size_t Tpad = size_t((T + kKBlock - 1) / kKBlock * kKBlock);
+    const size_t Tpad = size_t(packed_kv_tpad(T));
     return Tpad * size_t(head_dim) + 64; // + one panel row: partial column panels read past the end
 }
 

@@ -62,12 +62,14 @@ size_t flash_scratch_floats(int head_dim);
 // K and V of one sequence, packed for attention: per KV head, K as a
 // PackedMatrix of (keys, head_dim) and V as pairs of consecutive keys:
 //   V(t, c) at v[h * vstride + (t / 2) * 2 * head_dim + 2c + t % 2],
-// keys padded to a multiple of 64 with zeros.
+// keys padded to packed_kv_tpad(T) with zeros.
 struct PackedKV {
     int T = 0, Tpad = 0, head_dim = 0, n_kv = 0;
     size_t kstride = 0, vstride = 0; // uint16 per KV head
     uint16_t *k = nullptr, *v = nullptr;
 };
+constexpr int kKeyBlock = 128;       // keys per flash-attention step
+int packed_kv_tpad(int T);           // T rounded up to kKeyBlock: the packed K/V length
 size_t packed_kv_elems(int T, int head_dim); // uint16 per KV head, for K or for V
 // Packs rows 0..T-1 of K and V (fp32, row stride ld, head h at column h * head_dim)
 // on the calling team (work-shared, ends with a barrier).
@@ -107,7 +109,7 @@ struct GemmJobF32 {
 void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs);
 
 // K packed per KV head as a PackedMatrixF32 of (keys, head_dim), keys padded
-// to a multiple of 64; V read in place (row stride ldv, head h at h * head_dim;
+// to packed_kv_tpad(T); V read in place (row stride ldv, head h at h * head_dim;
 // up to 31 floats past the last row are read and ignored).
 struct PackedKVF32 {
     int T = 0, Tpad = 0, head_dim = 0, n_kv = 0;

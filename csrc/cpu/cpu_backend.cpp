@@ -462,7 +462,7 @@ private:
         cpu::PackedKVF32 pkf;
         if constexpr (BF) {
             pk.T = T;
-            pk.Tpad = (T + 63) / 64 * 64;
+            pk.Tpad = cpu::packed_kv_tpad(T);
             pk.head_dim = hd;
             pk.n_kv = c.n_kv_heads;
             pk.kstride = pk.vstride = cpu::packed_kv_elems(T, hd);
@@ -470,7 +470,7 @@ private:
             pk.v = vpack_.data();
         } else {
             pkf.T = T;
-            pkf.Tpad = (T + 63) / 64 * 64;
+            pkf.Tpad = cpu::packed_kv_tpad(T);
             pkf.head_dim = hd;
             pkf.n_kv = c.n_kv_heads;
             pkf.kstride = cpu::packed_k_f32_elems(T, hd);

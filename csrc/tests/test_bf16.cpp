@@ -170,7 +170,7 @@ TEST(Bf16, FlashAttentionMatchesFloat64) {
         const auto Q = to_pairs(q, c.rows, d);
         dimoo::cpu::PackedKV kv;
         kv.T = c.T;
-        kv.Tpad = (c.T + 63) / 64 * 64;
+        kv.Tpad = dimoo::cpu::packed_kv_tpad(c.T);
         kv.head_dim = c.hd;
         kv.n_kv = c.Hkv;
         kv.kstride = kv.vstride = dimoo::cpu::packed_kv_elems(c.T, c.hd);
@@ -269,7 +269,7 @@ TEST(F32Packed, FlashAttentionMatchesFloat64) {
         v.resize(v.size() + 32); // V panels read up to 31 floats past the last row
         dimoo::cpu::PackedKVF32 kv;
         kv.T = c.T;
-        kv.Tpad = (c.T + 63) / 64 * 64;
+        kv.Tpad = dimoo::cpu::packed_kv_tpad(c.T);
         kv.head_dim = c.hd;
         kv.n_kv = c.Hkv;
         kv.kstride = dimoo::cpu::packed_k_f32_elems(c.T, c.hd);
