@@ -18,7 +18,7 @@ Usage:
 Per repetition and T: one timed PyTorch forward (after a warm-up per T),
 then one timed dimoo forward in the other process (which sleeps meanwhile);
 the table gives medians [min max] over the repetitions of tokens/s and of
-the per-repetition ratio dimoo / PyTorch.
+the per-repetition ratio dimoo / PyTorch, by wall time and by CPU time.
 """
 
 import argparse
@@ -121,12 +121,12 @@ def main():
     ids = {T: torch.tensor([(i * 7919) % a.vocab for i in range(T)]) for T in Ts}
     for T in Ts:
         forward(a, w, ids[T])  # warm-up: oneDNN picks and caches its kernels per shape
-    res = {T: {"torch": [], "dimoo": [], "ratio": [], "dimoo_line": []} for T in Ts}
+    res = {T: {"torch": [], "dimoo": [], "ratio": [], "ratio_cpu": []} for T in Ts}
     for rep in range(a.reps):
         for T in Ts:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             forward(a, w, ids[T])
-            tt = time.perf_counter() - t0
+            tt, tc = time.perf_counter() - t0, time.process_time() - c0
             res[T]["torch"].append(T / tt)
             line = {}
             if proc:
@@ -137,18 +137,21 @@ def main():
                     sys.exit(f"dimoo_cpupeak: {line['error']}")
                 res[T]["dimoo"].append(line["tokens_per_s"])
                 res[T]["ratio"].append(line["tokens_per_s"] * tt / T)
-                res[T]["dimoo_line"].append(line)
-            print(json.dumps({"rep": rep, "T": T, "torch_s": tt, "dimoo": line}), flush=True)
+                res[T]["ratio_cpu"].append(tc / line["cpu_seconds"])
+            print(json.dumps({"rep": rep, "T": T, "torch_s": tt, "torch_cpu_s": tc, "dimoo": line}), flush=True)
     if proc:
         proc.stdin.close()
         proc.wait()
     print(f"\nbf16 forward, d={a.d} heads={a.heads}/{a.kv_heads} mlp={a.mlp} layers={a.layers} "
           f"vocab={a.vocab}, {a.threads} threads, {a.reps} reps: median [min max]")
-    print(f"{'T':>6} | {'PyTorch tokens/s':<26} | {'dimoo tokens/s':<26} | {'dimoo / PyTorch':<22}")
+    print("dimoo / PyTorch: speed ratio by wall time, and by CPU time (both processes' threads, spinning "
+          "included: what is left when other processes share the cores)")
+    print(f"{'T':>6} | {'PyTorch tokens/s':<26} | {'dimoo tokens/s':<26} | {'dimoo / PyTorch (wall)':<24} | "
+          f"{'dimoo / PyTorch (CPU)':<24}")
     for T in Ts:
         r = res[T]
         print(f"{T:>6} | {cell(r['torch']):<26} | {cell(r['dimoo']) if r['dimoo'] else '-':<26} | "
-              f"{cell(r['ratio']) if r['ratio'] else '-':<22}")
+              f"{cell(r['ratio']) if r['ratio'] else '-':<24} | {cell(r['ratio_cpu']) if r['ratio_cpu'] else '-':<24}")
 
 
 if __name__ == "__main__":
