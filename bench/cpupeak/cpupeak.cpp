@@ -4,6 +4,11 @@
 //   build/dimoo_cpupeak [--T 64,300,1124,4228] [--reps 3] [--layers 1]
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
 //                       [--vocab 16384] [--threads 2] [--json] [--serve]
+//                       [--dtype bf16|f32]
+//
+// --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
+// DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
+// stages are not clocked).
 //
 // --serve: build the model once, then read one T per line on stdin and answer
 // each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
@@ -109,7 +114,7 @@ double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr)
 struct Opts {
     std::vector<int> T = {64, 300, 1124, 4228};
     int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
-    bool json = false, serve = false;
+    bool json = false, serve = false, f32 = false;
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -160,6 +165,7 @@ int main(int argc, char **argv) {
         else if (a == "--threads") o.threads = std::atoi(next());
         else if (a == "--json") o.json = true;
         else if (a == "--serve") o.serve = true;
+        else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
@@ -187,13 +193,18 @@ int main(int argc, char **argv) {
     auto put = [&](const std::string &name, std::vector<int64_t> shape) {
         size_t n = 1;
         for (auto s : shape) n *= size_t(s);
-        std::vector<uint16_t> v(n);
+        std::vector<uint16_t> v(o.f32 ? 0 : n);
+        std::vector<float> f(o.f32 ? n : 0);
         const float scale = shape.size() == 2 ? 1.f / std::sqrt(float(shape[1])) : 0.1f;
         const bool emb = name.find("wte") != std::string::npos;
-        for (auto &x : v)
-            x = dimoo::f32_to_bf16(emb ? nd(rng) : nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f));
-        if (dimoo_model_set_weight(m, name.c_str(), DIMOO_BF16, shape.data(), int32_t(shape.size()), v.data(),
-                                   n * 2) != DIMOO_OK)
+        for (size_t i = 0; i < n; i++) {
+            const float x = emb ? nd(rng) : nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f);
+            if (o.f32) f[i] = x;
+            else v[i] = dimoo::f32_to_bf16(x);
+        }
+        const void *data = o.f32 ? static_cast<const void *>(f.data()) : v.data();
+        if (dimoo_model_set_weight(m, name.c_str(), o.f32 ? DIMOO_F32 : DIMOO_BF16, shape.data(),
+                                   int32_t(shape.size()), data, n * (o.f32 ? 4 : 2)) != DIMOO_OK)
             die(name.c_str(), dimoo_model_error(m));
     };
     put("model.transformer.wte.weight", {e, d});
@@ -231,9 +242,9 @@ int main(int argc, char **argv) {
             a.logits = logits.data();
             if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx)); // warm-up
             Row r{};
-            double pc0 = 0, pc1 = 0;
+            double pc0 = 0, pc1 = 0, pf0 = 0, pf1 = 0;
             r.peak_bf16 = peak(true, o.threads, 0.2, &pc0);
-            r.peak_fma = peak(false, o.threads, 0.2);
+            r.peak_fma = peak(false, o.threads, 0.2, &pf0);
             dimoo::cpu::stage_times_take();
             dimoo::cpu::stage_timing(true);
             const double t0 = now(), c0 = cpu_now();
@@ -245,12 +256,16 @@ int main(int argc, char **argv) {
             // Peaks again after the forward: the mean of both brackets it.
             r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2, &pc1));
             r.peak_bf16_cpu = 0.5 * (pc0 + pc1);
-            r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2));
+            r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2, &pf1));
+            // The reference: VDPBF16PS for bf16 weights, fp32 FMA for fp32.
+            if (o.f32 || r.peak_bf16_cpu <= 0) r.peak_bf16_cpu = 0.5 * (pf0 + pf1);
             dimoo_ctx_destroy(ctx);
-            const double peak_ref = r.peak_bf16 > 0 ? r.peak_bf16 : r.peak_fma;
+            const double peak_ref = r.peak_bf16 > 0 && !o.f32 ? r.peak_bf16 : r.peak_fma;
             const double gemm_flops = 2.0 * T * (layer_params * o.layers + double(e * d));
             const double attn_flops = 4.0 * T * double(T) * double(d) * o.layers;
-            const double gemm_gf = gemm_flops / st.gemm / 1e9, attn_gf = attn_flops / st.attention / 1e9;
+            // Stage times are 0 on the unclocked per-call path.
+            const double gemm_gf = st.gemm > 0 ? gemm_flops / st.gemm / 1e9 : 0;
+            const double attn_gf = st.attention > 0 ? attn_flops / st.attention / 1e9 : 0;
             r.tok_s = T / r.secs;
             r.total_gf = (gemm_flops + attn_flops) / r.secs / 1e9;
             r.fwd_frac = r.total_gf / peak_ref;
@@ -260,7 +275,7 @@ int main(int argc, char **argv) {
                                                  : 0;
             r.gemm_frac = gemm_gf / peak_ref;
             r.attn_frac = attn_gf / peak_ref;
-            r.attn_vs_gemm = attn_gf / gemm_gf;
+            r.attn_vs_gemm = gemm_gf > 0 ? attn_gf / gemm_gf : 0;
             r.rest_share = st.rest / r.secs;
             if (json)
                 std::printf("{\"T\": %d, \"rep\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f, \"gflops\": %.2f, "
@@ -289,9 +304,9 @@ int main(int argc, char **argv) {
     for (int rep = 0; rep < o.reps; rep++)
         for (size_t ti = 0; ti < o.T.size(); ti++) rows[ti].push_back(measure(o.T[ti], rep, o.json));
     if (o.json) return 0;
-    std::printf("dimoo CPU bf16 forward vs measured peak: kernels %s, %d threads, d=%d heads=%d/%d mlp=%d "
+    std::printf("dimoo CPU %s forward vs measured peak: kernels %s, %d threads, d=%d heads=%d/%d mlp=%d "
                 "layers=%d vocab=%d, %d reps (median [min max])\n",
-                dimoo::cpu::kernels_name(ks), o.threads, o.d, o.heads, o.kv_heads, o.mlp, o.layers, o.vocab,
+                o.f32 ? "fp32" : "bf16", dimoo::cpu::kernels_name(ks), o.threads, o.d, o.heads, o.kv_heads, o.mlp, o.layers, o.vocab,
                 o.reps);
     auto cell = [](const std::vector<Row> &v, double Row::*f, double mul) {
         std::vector<double> x;
@@ -301,7 +316,8 @@ int main(int argc, char **argv) {
         std::snprintf(b, sizeof b, "%.0f [%.0f %.0f]", median(x), *lo, *hi);
         return std::string(b);
     };
-    std::printf("%6s | %-20s | %-20s | %-18s | %-18s | %-18s | %-18s | %-16s\n", "T", "peak bf16 GFLOP/s",
+    std::printf("%6s | %-20s | %-20s | %-18s | %-18s | %-18s | %-18s | %-16s\n", "T",
+                o.f32 ? "peak bf16 (fp32 ref)" : "peak bf16 GFLOP/s",
                 "fwd GFLOP/s", "fwd % of peak", "GEMMs % of peak", "attn % of peak", "attn % of GEMM",
                 "rest % of time");
     for (size_t ti = 0; ti < o.T.size(); ti++) {
@@ -312,7 +328,8 @@ int main(int argc, char **argv) {
                     cell(v, &Row::attn_frac, 100).c_str(), cell(v, &Row::attn_vs_gemm, 100).c_str(),
                     cell(v, &Row::rest_share, 100).c_str());
     }
-    std::printf("%6s | %-20s | %-26s | %-24s\n", "T", "tokens/s", "peak bf16 per CPU-s x thr", "fwd % of it (CPU time)");
+    std::printf("%6s | %-20s | %-26s | %-24s\n", "T", "tokens/s", o.f32 ? "peak FMA per CPU-s x thr" : "peak bf16 per CPU-s x thr",
+                "fwd % of it (CPU time)");
     for (size_t ti = 0; ti < o.T.size(); ti++)
         std::printf("%6d | %-20s | %-26s | %-24s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str(),
                     cell(rows[ti], &Row::peak_bf16_cpu, 1).c_str(), cell(rows[ti], &Row::fwd_frac_cpu, 100).c_str());

@@ -90,6 +90,8 @@ public:
     // freed; the packed form is the same size up to padding. fp16 or mixed
     // checkpoints keep the per-call packing of gemm.cpp.
     void finalize() override {
+        // DIMOO_CPU_PACKED=0 keeps the per-call packing path (for A/B benchmarks).
+        if (const char *e = std::getenv("DIMOO_CPU_PACKED"); e && std::string(e) == "0") return;
         const int hd = shape_.head_dim;
         bool all_bf16 = hd % 2 == 0 && hd <= 1024, all_f32 = true;
         for (int s = 0; s < shape_.n_weights(); s++) {
