@@ -1,13 +1,15 @@
 // cpu_backend.cpp - the CPU backend. Two forwards:
-//  - fp32/fp16 checkpoints: fp32 activations, the blocked GEMM of gemm.cpp
-//    (weights converted as it packs them); the reference every other backend
-//    is tested against.
-//  - bf16 checkpoints: weights packed once at load into bf16 pair panels
-//    (bf16.h), every GEMM input and attention's Q, K, V and P rounded to bf16
-//    as the official model computes them, fp32 accumulation and an fp32
-//    residual stream. One OpenMP parallel region per forward; each layer
-//    stage is work-shared with dynamically handed out tiles, so a thread
-//    whose core is busy elsewhere just takes fewer.
+//  - packed (bf16 or fp32 checkpoints): every matrix but the embedding packed
+//    once at load into 32-row panels (bf16.h). bf16: every GEMM input and
+//    attention's Q, K, V and P rounded to bf16 as the official model computes
+//    them, VDPBF16PS tiles; fp32: fp32 throughout (the reference other
+//    backends are tested against). fp32 accumulation and an fp32 residual
+//    stream in both; flash-style attention. One OpenMP parallel region per
+//    forward; each layer stage is work-shared with dynamically handed out
+//    tiles, so a thread whose core is busy elsewhere just takes fewer.
+//  - per call (fp16 or mixed checkpoints, or DIMOO_CPU_PACKED=0): fp32
+//    activations, the blocked GEMM of gemm.cpp converting weights as it packs
+//    them, a parallel region per operation.
 #include <omp.h>
 #include <unistd.h>
 
