@@ -189,6 +189,10 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 	T := cfg.MaxSequenceLength
 	fmt.Fprintf(w, "memory:     weights %s as stored (bf16: %s); CPU activations for %d tokens: %s\n",
 		human(info.WeightBytes), human(cfg.WeightBytes(dimoo.DTypeBF16)), T, human(cfg.ActivationBytes(T)))
+	if len(info.DTypes) == 1 && info.DTypes["BF16"] > 0 {
+		fmt.Fprintf(w, "            CPU holds %s: matrices packed once at load into bf16 panels (no copy kept)\n",
+			human(cpuPackedBytes(cfg)))
+	}
 	if *load {
 		opts, err := c.loadOptions()
 		if err != nil {
@@ -203,6 +207,17 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 		fmt.Fprintf(w, "loaded:     %s on %s\n", human(m.WeightBytes()), desc)
 	}
 	return nil
+}
+
+// cpuPackedBytes is what the CPU backend holds for a bf16 checkpoint: every
+// matrix but the embedding in 32-row panels of bf16 pairs (rows rounded up
+// to 32, columns to even), the embedding as stored, norm vectors in fp32
+// (csrc/cpu/bf16.h, PackedMatrix).
+func cpuPackedBytes(c *dimoo.Config) int64 {
+	packed := func(n, k int) int64 { return int64((n+31)/32*32) * int64((k+1)/2*2) * 2 }
+	d, kv, m, e := c.DModel, c.KVDim(), c.MLPHidden(), c.EmbeddingRows()
+	layer := packed(d, d)*2 + packed(kv, d)*2 + packed(m, d)*2 + packed(d, m) + int64(2*d)*4
+	return int64(c.NLayers)*layer + packed(e, d) + int64(e)*int64(d)*2 + int64(d)*4
 }
 
 func cmdLogits(ctx context.Context, args []string, w io.Writer) error {

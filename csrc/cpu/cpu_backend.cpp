@@ -1,6 +1,15 @@
-// cpu_backend.cpp - the CPU backend: fp32 arithmetic on bf16/fp16/fp32
-// weights, OpenMP over the cores, the blocked GEMM of gemm.cpp for every
-// projection. The reference every other backend is tested against.
+// cpu_backend.cpp - the CPU backend. Two forwards:
+//  - packed (bf16 or fp32 checkpoints): every matrix but the embedding packed
+//    once at load into 32-row panels (bf16.h). bf16: every GEMM input and
+//    attention's Q, K, V and P rounded to bf16 as the official model computes
+//    them, VDPBF16PS tiles; fp32: fp32 throughout (the reference other
+//    backends are tested against). fp32 accumulation and an fp32 residual
+//    stream in both; flash-style attention. One OpenMP parallel region per
+//    forward; each layer stage is work-shared with dynamically handed out
+//    tiles, so a thread whose core is busy elsewhere just takes fewer.
+//  - per call (fp16 or mixed checkpoints, or DIMOO_CPU_PACKED=0): fp32
+//    activations, the blocked GEMM of gemm.cpp converting weights as it packs
+//    them, a parallel region per operation.
 #include <omp.h>
 #include <unistd.h>
 
@@ -11,7 +20,9 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/bf16.h"
 #include "cpu/gemm.h"
+#include "vecmath.h"
 
 namespace dimoo {
 namespace {
@@ -51,7 +62,14 @@ class CpuCtx;
 
 class CpuModel : public Model {
 public:
-    CpuModel(const ModelShape &s, int n_threads) : shape_(s), n_threads_(n_threads), w_(s.n_weights()) {}
+    CpuModel(const ModelShape &s, int n_threads)
+        : shape_(s), n_threads_(n_threads), w_(s.n_weights()), kind_of_slot_(s.n_weights(), WeightId{WeightKind::Embedding, -1}) {
+        kind_of_slot_[s.slot({WeightKind::FinalNorm, -1})] = {WeightKind::FinalNorm, -1};
+        kind_of_slot_[s.slot({WeightKind::Head, -1})] = {WeightKind::Head, -1};
+        for (int l = 0; l < s.cfg.n_layers; l++)
+            for (int k = int(WeightKind::AttnNorm); k <= int(WeightKind::FFOut); k++)
+                kind_of_slot_[s.slot({WeightKind(k), l})] = {WeightKind(k), l};
+    }
 
     void set_weight(WeightId id, int32_t dtype, const void *data, size_t nbytes) override {
         Tensor &t = w_[shape_.slot(id)];
@@ -69,12 +87,47 @@ public:
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
 
-    void finalize() override {}
+    // bf16 and fp32 checkpoints: every matrix but the embedding is packed
+    // once here (bf16 pair panels, or fp32 panels) and its checkpoint copy
+    // freed; the packed form is the same size up to padding. fp16 or mixed
+    // checkpoints keep the per-call packing of gemm.cpp.
+    void finalize() override {
+        // DIMOO_CPU_PACKED=0 keeps the per-call packing path (for A/B benchmarks).
+        if (const char *e = std::getenv("DIMOO_CPU_PACKED"); e && std::string(e) == "0") return;
+        const int hd = shape_.head_dim;
+        bool all_bf16 = hd % 2 == 0 && hd <= 1024, all_f32 = true;
+        for (int s = 0; s < shape_.n_weights(); s++) {
+            if (is_matrix(s) && w_[s].dtype != DIMOO_BF16) all_bf16 = false;
+            if (is_matrix(s) && w_[s].dtype != DIMOO_F32) all_f32 = false;
+        }
+        if (!all_bf16 && !all_f32) return;
+        if (all_bf16) packed_.resize(w_.size());
+        else packed_f32_.resize(w_.size());
+        for (int s = 0; s < shape_.n_weights(); s++) {
+            if (!is_matrix(s)) continue;
+            const auto dims = shape_.expected_shape(kind_of_slot_[s]);
+            if (all_bf16) cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
+            else cpu::pack_matrix_f32(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_f32_[s]);
+            std::vector<uint8_t>().swap(w_[s].data);
+        }
+        kernels_ = cpu::best_kernels();
+    }
 
     int64_t weight_bytes() const override {
         int64_t b = 0;
         for (const auto &t : w_) b += int64_t(t.data.size());
+        for (const auto &p : packed_) b += int64_t(p.bytes());
+        for (const auto &p : packed_f32_) b += int64_t(p.bytes());
         return b;
+    }
+
+    bool packed_bf16() const { return !packed_.empty(); }
+    bool packed_f32() const { return !packed_f32_.empty(); }
+    bool packed() const { return packed_bf16() || packed_f32(); }
+    cpu::Kernels kernels() const { return kernels_; }
+    const cpu::PackedMatrix &pw(WeightKind k, int layer = -1) const { return packed_[shape_.slot({k, layer})]; }
+    const cpu::PackedMatrixF32 &pwf(WeightKind k, int layer = -1) const {
+        return packed_f32_[shape_.slot({k, layer})];
     }
 
     std::unique_ptr<Ctx> create_ctx(const dimoo_ctx_params &p) override;
@@ -88,7 +141,17 @@ public:
     const int n_threads_;
 
 private:
+    bool is_matrix(int slot) const {
+        const WeightKind k = kind_of_slot_[slot].kind;
+        return k != WeightKind::Embedding && k != WeightKind::AttnNorm && k != WeightKind::FFNorm &&
+               k != WeightKind::FinalNorm;
+    }
+
     std::vector<Tensor> w_;
+    std::vector<WeightId> kind_of_slot_;
+    std::vector<cpu::PackedMatrix> packed_; // by slot; empty unless every matrix is bf16
+    std::vector<cpu::PackedMatrixF32> packed_f32_; // by slot; empty unless every matrix is fp32
+    cpu::Kernels kernels_ = cpu::Kernels::Portable;
 };
 
 class CpuCtx : public Ctx {
@@ -97,22 +160,52 @@ public:
         const auto &c = m.shape_.cfg;
         const size_t T = size_t(p.max_tokens), d = size_t(c.d_model), kv = size_t(m.shape_.kv_dim),
                      mlp = size_t(c.mlp_hidden_size);
+        const size_t n_kv = size_t(c.n_kv_heads), hd = size_t(m.shape_.head_dim);
+        nt_ = m.n_threads_ > 0 ? m.n_threads_ : std::max(1, omp_get_max_threads());
+        // bf16: K and V packed (uint16 each); fp32: K packed (floats), V in place.
+        const bool bf = m.packed_bf16();
+        const size_t kv_elems = bf ? cpu::packed_kv_elems(int(T), int(hd)) : cpu::packed_k_f32_elems(int(T), int(hd));
+        const size_t scratch = std::max(cpu::flash_scratch_floats(int(hd)), size_t(2 * kGateRows * cpu::kPanel));
+        // A-operand elements per row: bf16 pairs, or floats.
+        dp_ = bf ? d / 2 : d;
+        mp_ = bf ? (mlp + 1) / 2 : mlp;
+        // Row strides of the A buffers: 64 bytes more than a row, so that the
+        // 12 rows a micro-tile reads are not 4 KiB multiples apart (they
+        // would share L1 sets; measured 1.4x slower at d = 4096).
+        ast_ = dp_ + 16;
+        hst_ = mp_ + 16;
         {
             size_t floats = T * (5 * d + 2 * kv + 2 * mlp + m.shape_.head_dim);
+            if (m.packed()) // x, q, k, v, rope; A buffers; packed K (and V); per-thread scratch
+                floats = T * (2 * d + 2 * kv + hd) + T * (2 * ast_ + hst_) + n_kv * kv_elems + size_t(nt_) * scratch;
             if (p.flags & DIMOO_CTX_KV_CACHE) floats += 2 * size_t(p.n_seqs) * c.n_layers * T * kv;
             check_host_alloc(floats * sizeof(float), "a context of " + std::to_string(T) + " tokens");
         }
+        // + 32: the fp32 attention reads V panels up to 31 floats past the last row.
         x_.resize(T * d);
-        h_.resize(T * d);
         q_.resize(T * d);
         k_.resize(T * kv);
-        v_.resize(T * kv);
-        att_.resize(T * d);
-        g_.resize(T * mlp);
-        u_.resize(T * mlp);
+        v_.resize(T * kv + 32);
+        if (m.packed()) {
+            abf_.resize(T * ast_);
+            if (bf) qbf_.resize(T * ast_);
+            hbf_.resize(T * hst_);
+            if (bf) {
+                kpack_.resize(n_kv * kv_elems);
+                vpack_.resize(n_kv * kv_elems);
+            } else {
+                kpack_f32_.resize(n_kv * kv_elems);
+            }
+            scratch_.resize(size_t(nt_) * scratch);
+        } else {
+            h_.resize(T * d);
+            att_.resize(T * d);
+            g_.resize(T * mlp);
+            u_.resize(T * mlp);
+        }
         if (p.flags & DIMOO_CTX_KV_CACHE) {
             kcache_.resize(size_t(p.n_seqs) * c.n_layers * T * kv);
-            vcache_.resize(kcache_.size());
+            vcache_.resize(kcache_.size() + 32);
         }
         // RoPE table computed the way the reference does, in fp32:
         // inv_freq_i = 1 / theta^(2i/hd), angle = float(pos) * inv_freq_i.
@@ -132,15 +225,20 @@ public:
 
     int64_t bytes() const override {
         size_t n = x_.size() + h_.size() + q_.size() + k_.size() + v_.size() + att_.size() + g_.size() + u_.size() +
-                   kcache_.size() + vcache_.size() + cos_.size() + sin_.size();
-        return int64_t(n * sizeof(float));
+                   kcache_.size() + vcache_.size() + cos_.size() + sin_.size() + abf_.size() + qbf_.size() +
+                   hbf_.size() + scratch_.size() + kpack_f32_.size();
+        return int64_t(n * sizeof(float) + (kpack_.size() + vpack_.size()) * sizeof(uint16_t));
     }
 
     void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel) override {
         int saved = omp_get_max_threads();
         if (m_.n_threads_ > 0) omp_set_num_threads(m_.n_threads_);
         try {
-            for (int i = 0; i < n; i++) forward_one(args[i], cancel);
+            for (int i = 0; i < n; i++) {
+                if (m_.packed_bf16()) forward_packed<true>(args[i], cancel);
+                else if (m_.packed_f32()) forward_packed<false>(args[i], cancel);
+                else forward_one(args[i], cancel);
+            }
         } catch (...) {
             omp_set_num_threads(saved);
             throw;
@@ -301,9 +399,266 @@ private:
         }
     }
 
+    // RoPE on one row of `width` (heads of head_dim), in place.
+    void rope_row(float *v, int width, int pos) const {
+        const int hd = m_.shape_.head_dim, half = hd / 2;
+        const float *cs = cos_.data() + size_t(pos) * half, *sn = sin_.data() + size_t(pos) * half;
+        for (int h = 0; h < width / hd; h++, v += hd)
+            for (int i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = b * cs[i] + a * sn[i];
+            }
+    }
+
+    // RMSNorm of one row into the next GEMM's input: bf16 pairs, or fp32.
+    template <bool BF>
+    static void norm_row(const float *x, const float *w, uint32_t *out, int cols, float eps) {
+        double ss = 0;
+        for (int c = 0; c < cols; c++) ss += double(x[c]) * x[c];
+        const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
+        if constexpr (!BF) {
+            float *o = reinterpret_cast<float *>(out);
+            for (int c = 0; c < cols; c++) o[c] = x[c] * inv * w[c];
+        } else {
+            float t[4096];
+            uint16_t *o = reinterpret_cast<uint16_t *>(out);
+            for (int c0 = 0; c0 < cols; c0 += 4096) {
+                const int n = std::min(4096, cols - c0);
+                for (int c = 0; c < n; c++) t[c] = x[c0 + c] * inv * w[c0 + c];
+                cpu::round_bf16(t, n, o + c0, n);
+            }
+            if (cols % 2) o[cols] = 0;
+        }
+    }
+
+    // The packed forward (bf16 pairs when BF, else fp32): one parallel
+    // region; stages separated by the barriers of their work-sharing loops
+    // (9 per layer).
+    template <bool BF> void forward_packed(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
+        const auto &S = m_.shape_;
+        const auto &c = S.cfg;
+        const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size, hd = S.head_dim;
+        const cpu::Kernels ks = m_.kernels();
+        rows_.clear();
+        if (a.cache_mode == DIMOO_CACHE_USE) {
+            rows_.assign(a.compute, a.compute + a.n_compute);
+        } else {
+            rows_.resize(T);
+            for (int i = 0; i < T; i++) rows_[i] = i;
+        }
+        const int R = int(rows_.size());
+        std::vector<int> sel;
+        if (a.logits) {
+            if (a.out_positions) {
+                sel.resize(a.n_out);
+                for (int i = 0; i < a.n_out; i++)
+                    sel[i] = int(std::lower_bound(rows_.begin(), rows_.end(), a.out_positions[i]) - rows_.begin());
+            } else {
+                sel.resize(R);
+                for (int i = 0; i < R; i++) sel[i] = i;
+            }
+        }
+        const int O = int(sel.size());
+        const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end;
+        const size_t layer_cache = size_t(p_.max_tokens) * kv;
+        cpu::PackedKV pk;
+        cpu::PackedKVF32 pkf;
+        if constexpr (BF) {
+            pk.T = T;
+            pk.Tpad = cpu::packed_kv_tpad(T);
+            pk.head_dim = hd;
+            pk.n_kv = c.n_kv_heads;
+            pk.kstride = pk.vstride = cpu::packed_kv_elems(T, hd);
+            pk.k = kpack_.data();
+            pk.v = vpack_.data();
+        } else {
+            pkf.T = T;
+            pkf.Tpad = cpu::packed_kv_tpad(T);
+            pkf.head_dim = hd;
+            pkf.n_kv = c.n_kv_heads;
+            pkf.kstride = cpu::packed_k_f32_elems(T, hd);
+            pkf.k = kpack_f32_.data();
+            pkf.ldv = size_t(kv);
+        }
+        const Tensor &wte = m_.w(WeightKind::Embedding);
+        float *abf_f = reinterpret_cast<float *>(abf_.data());
+        float *hbf_f = reinterpret_cast<float *>(hbf_.data());
+        const size_t mp = mp_, as = ast_, hs = hst_;
+        const int mlp_panels = (mlp + cpu::kPanel - 1) / cpu::kPanel;
+        const int mblocks = (R + kGateRows - 1) / kGateRows;
+        bool stop = false;
+        const bool timing = cpu::stage_timing_on();
+
+        // C = A W^T over the team for the jobs (W: weight kind, layer).
+        struct Job {
+            WeightKind k;
+            int layer;
+            float *C;
+            size_t ldc;
+            int n0, n1;
+            bool acc;
+        };
+        auto gemm = [&](int M, const uint32_t *A, size_t lda, std::initializer_list<Job> jobs) {
+            if constexpr (BF) {
+                cpu::GemmJob g[3];
+                int n = 0;
+                for (const Job &j : jobs) g[n++] = {&m_.pw(j.k, j.layer), j.C, j.ldc, j.n0, j.n1, j.acc};
+                cpu::gemm_team(ks, M, A, lda, g, n);
+            } else {
+                cpu::GemmJobF32 g[3];
+                int n = 0;
+                for (const Job &j : jobs) g[n++] = {&m_.pwf(j.k, j.layer), j.C, j.ldc, j.n0, j.n1, j.acc};
+                cpu::gemm_team_f32(ks, M, reinterpret_cast<const float *>(A), lda, g, n);
+            }
+        };
+
+#pragma omp parallel num_threads(nt_)
+        {
+            // Thread 0 times the stages: each ends with the team's barrier.
+            const bool clock = timing && omp_get_thread_num() == 0;
+            double last = clock ? omp_get_wtime() : 0.0;
+            auto mark = [&](cpu::Stage st) {
+                if (!clock) return;
+                const double now = omp_get_wtime();
+                cpu::stage_time_add(st, now - last);
+                last = now;
+            };
+            float *G = scratch_.data() + size_t(omp_get_thread_num()) * (scratch_.size() / size_t(nt_));
+            float *U = G + kGateRows * cpu::kPanel;
+            if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
+#pragma omp for schedule(static)
+            for (int r = 0; r < R; r++) {
+                const size_t tok = size_t(a.tokens[rows_[r]]);
+                float *xr = x_.data() + size_t(r) * d;
+                for (int i = 0; i < d; i++) xr[i] = load_as_f32(wte.ptr(), wte.dtype, tok * d + i);
+            }
+            mark(cpu::Stage::Rest);
+            for (int l = 0; l < c.n_layers && !stop; l++) {
+                const float *attn_norm = m_.wf(WeightKind::AttnNorm, l), *ff_norm = m_.wf(WeightKind::FFNorm, l);
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++)
+                    norm_row<BF>(x_.data() + size_t(r) * d, attn_norm, abf_.data() + size_t(r) * as, d,
+                                 c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
+                gemm(R, abf_.data(), as,
+                     {{WeightKind::QProj, l, q_.data(), size_t(d), 0, d, false},
+                      {WeightKind::KProj, l, k_.data(), size_t(kv), 0, kv, false},
+                      {WeightKind::VProj, l, v_.data(), size_t(kv), 0, kv, false}});
+                mark(cpu::Stage::Gemm);
+
+                float *kc = nullptr, *vc = nullptr;
+                if (a.cache_mode != DIMOO_CACHE_NONE) {
+                    kc = kcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
+                    vc = vcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
+                }
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++) {
+                    float *qr = q_.data() + size_t(r) * d, *kr = k_.data() + size_t(r) * kv;
+                    rope_row(qr, d, rows_[r]);
+                    if constexpr (BF)
+                        cpu::round_bf16(qr, d, reinterpret_cast<uint16_t *>(qbf_.data() + size_t(r) * as), d);
+                    rope_row(kr, kv, rows_[r]);
+                    if (kc) {
+                        std::copy_n(kr, kv, kc + size_t(rows_[r]) * kv);
+                        std::copy_n(v_.data() + size_t(r) * kv, kv, vc + size_t(rows_[r]) * kv);
+                    }
+                }
+                mark(cpu::Stage::Rest);
+                if constexpr (BF) {
+                    cpu::pack_kv_team(kc ? kc : k_.data(), vc ? vc : v_.data(), size_t(kv), pk);
+                    cpu::flash_attention_team(ks, qbf_.data(), as, R, c.n_heads, pk,
+                                              reinterpret_cast<uint16_t *>(abf_.data()), 2 * as, scratch_.data());
+                } else {
+                    pkf.v = vc ? vc : v_.data();
+                    cpu::pack_k_f32_team(kc ? kc : k_.data(), size_t(kv), pkf);
+                    cpu::flash_attention_f32_team(ks, q_.data(), size_t(d), R, c.n_heads, pkf, abf_f, as,
+                                                  scratch_.data());
+                }
+                mark(cpu::Stage::Attention);
+                gemm(R, abf_.data(), as, {{WeightKind::AttnOut, l, x_.data(), size_t(d), 0, d, true}});
+                mark(cpu::Stage::Gemm);
+
+#pragma omp for schedule(static)
+                for (int r = 0; r < R; r++)
+                    norm_row<BF>(x_.data() + size_t(r) * d, ff_norm, abf_.data() + size_t(r) * as, d,
+                                 c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
+                // Gate and up panels side by side; silu(g) * u (rounded to
+                // bf16) straight into the down projection's input.
+#pragma omp for schedule(dynamic, 1)
+                for (int t = 0; t < mlp_panels * mblocks; t++) {
+                    const int p = t / mblocks, r0 = (t % mblocks) * kGateRows, nr = std::min(kGateRows, R - r0);
+                    const int ncols = std::min(cpu::kPanel, int(BF ? 2 * mp : mp) - p * cpu::kPanel);
+                    if constexpr (BF) {
+                        const cpu::PackedMatrix &wg = m_.pw(WeightKind::FFProj, l), &wu = m_.pw(WeightKind::UpProj, l);
+                        const uint32_t *A = abf_.data() + size_t(r0) * as;
+                        cpu::tile(ks, nr, wg.Kp, A, as, wg.panel(p), 64, G, cpu::kPanel, 0, cpu::kPanel, false);
+                        cpu::tile(ks, nr, wu.Kp, A, as, wu.panel(p), 64, U, cpu::kPanel, 0, cpu::kPanel, false);
+                    } else {
+                        const cpu::PackedMatrixF32 &wg = m_.pwf(WeightKind::FFProj, l),
+                                                   &wu = m_.pwf(WeightKind::UpProj, l);
+                        const float *A = abf_f + size_t(r0) * as;
+                        cpu::tile_f32(ks, nr, wg.K, A, as, wg.panel(p), cpu::kPanel, G, cpu::kPanel, 0, cpu::kPanel,
+                                      false);
+                        cpu::tile_f32(ks, nr, wu.K, A, as, wu.panel(p), cpu::kPanel, U, cpu::kPanel, 0, cpu::kPanel,
+                                      false);
+                    }
+                    for (int i = 0; i < nr; i++) {
+                        float *g = G + size_t(i) * cpu::kPanel;
+                        const float *u = U + size_t(i) * cpu::kPanel;
+                        if constexpr (BF) {
+                            for (int j = 0; j < cpu::kPanel; j++) g[j] = g[j] / (1.0f + exp_clamped(-g[j])) * u[j];
+                            cpu::round_bf16(g, ncols,
+                                            reinterpret_cast<uint16_t *>(hbf_.data()) + size_t(r0 + i) * 2 * hs +
+                                                size_t(p) * cpu::kPanel,
+                                            ncols);
+                        } else {
+                            // libm exp, as the fp32 reference path computes silu.
+                            float *h = hbf_f + size_t(r0 + i) * hs + size_t(p) * cpu::kPanel;
+                            for (int j = 0; j < ncols; j++) h[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+                        }
+                    }
+                }
+                if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
+                gemm(R, hbf_.data(), hs, {{WeightKind::FFOut, l, x_.data(), size_t(d), 0, d, true}});
+                mark(cpu::Stage::Gemm);
+            }
+            if (!stop && O > 0) {
+#pragma omp for schedule(static)
+                for (int i = 0; i < O; i++)
+                    norm_row<BF>(x_.data() + size_t(sel[i]) * d, m_.wf(WeightKind::FinalNorm),
+                                 abf_.data() + size_t(i) * as, d, c.rms_norm_eps);
+                mark(cpu::Stage::Rest);
+                gemm(O, abf_.data(), as, {{WeightKind::Head, -1, a.logits, size_t(ve - vb), vb, ve, false}});
+                mark(cpu::Stage::Gemm);
+                if (a.row_max) {
+                    const int n = ve - vb;
+#pragma omp for schedule(static)
+                    for (int i = 0; i < O; i++) {
+                        const float *r = a.logits + size_t(i) * n;
+                        float m = r[0];
+                        for (int j = 1; j < n; j++) m = r[j] > m ? r[j] : m;
+                        a.row_max[i] = m;
+                    }
+                    mark(cpu::Stage::Rest);
+                }
+            }
+        }
+        if (stop) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
+    }
+
+    static constexpr int kGateRows = 8 * cpu::kTileRows; // rows per gate/up task
+
     const CpuModel &m_;
     const dimoo_ctx_params p_;
-    std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_;
+    int nt_ = 1;
+    size_t dp_ = 0, mp_ = 0;   // A-operand elements per row of d and of mlp (bf16 pairs or floats)
+    size_t ast_ = 0, hst_ = 0; // their row strides in abf_/qbf_ and hbf_
+    std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
+    std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
+    std::vector<uint16_t> kpack_, vpack_;
+    std::vector<float> kpack_f32_;
     std::vector<int32_t> rows_;
 };
 

@@ -1,0 +1,339 @@
+// cpupeak - the CPU backend's bf16 forward next to this machine's measured
+// peak, stage by stage, on a random DiMOO-architecture model built in memory.
+//
+//   build/dimoo_cpupeak [--T 64,300,1124,4228] [--reps 3] [--layers 1]
+//                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
+//                       [--vocab 16384] [--threads 2] [--json] [--serve]
+//                       [--dtype bf16|f32]
+//
+// --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
+// DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
+// stages are not clocked).
+//
+// --serve: build the model once, then read one T per line on stdin and answer
+// each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
+// with PyTorch's forward, T by T).
+//
+// Per repetition and T it measures the peaks (a register-only loop of
+// VDPBF16PS, and of fp32 FMA, on every thread) just before and just after one
+// timed forward (after a warm-up) with the backend's stage clock on, and
+// takes their mean as the peak of that forward, so every ratio printed comes
+// from measurements a few hundred milliseconds apart: other processes on the
+// machine move both sides alike. Medians over the repetitions, with the
+// smallest and largest value in brackets.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cpu/bf16.h"
+#include "dimoo.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+// CPU seconds of the whole process (every thread): on a machine shared with
+// other work, throughput per CPU second is what our code controls.
+double cpu_now() {
+    timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+#if defined(__x86_64__)
+// 24 independent accumulators, as many as the GEMM tile keeps.
+__attribute__((target("avx512f,avx512bf16"), noinline)) double peak_bf16_thread(long iters) {
+    __m512 acc[24];
+    for (int i = 0; i < 24; i++) acc[i] = _mm512_set1_ps(float(i));
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3a833a83);
+    for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 24
+        for (int i = 0; i < 24; i++) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    }
+    float s = 0;
+    for (int i = 0; i < 24; i++) s += _mm512_reduce_add_ps(acc[i]);
+    return double(s);
+}
+__attribute__((target("avx512f"), noinline)) double peak_fma_thread(long iters) {
+    __m512 acc[24];
+    for (int i = 0; i < 24; i++) acc[i] = _mm512_set1_ps(float(i));
+    const __m512 a = _mm512_set1_ps(1.0f), b = _mm512_set1_ps(1e-9f);
+    for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 24
+        for (int i = 0; i < 24; i++) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+    }
+    float s = 0;
+    for (int i = 0; i < 24; i++) s += _mm512_reduce_add_ps(acc[i]);
+    return double(s);
+}
+#endif
+
+// GFLOP/s of the loop over `threads` threads, about `seconds` long.
+double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr) {
+#if defined(__x86_64__)
+    if (bf16 && !dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512Bf16)) return 0;
+    if (!dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512)) return 0;
+    const double flops_per_iter = 24.0 * (bf16 ? 64.0 : 32.0);
+    long iters = 200000;
+    double sink = 0;
+    for (;;) {
+        const double t0 = now(), c0 = cpu_now();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+        sink += bf16 ? peak_bf16_thread(iters) : peak_fma_thread(iters);
+        const double dt = now() - t0, dc = cpu_now() - c0;
+        if (dt > seconds || iters > (1L << 34)) {
+            if (sink == 1234.5) std::puts("");
+            // GFLOP per CPU second, times the threads: the peak of `threads`
+            // cores that are never taken away.
+            if (per_cpu_s) *per_cpu_s = flops_per_iter * double(iters) * threads / dc / 1e9 * threads;
+            return flops_per_iter * double(iters) * threads / dt / 1e9;
+        }
+        iters = long(double(iters) * std::min(10.0, 1.3 * seconds / std::max(dt, 1e-4)));
+    }
+#else
+    (void)bf16;
+    (void)threads;
+    (void)seconds;
+    return 0;
+#endif
+}
+
+struct Opts {
+    std::vector<int> T = {64, 300, 1124, 4228};
+    int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
+    bool json = false, serve = false, f32 = false;
+};
+
+std::vector<int> parse_list(const char *s) {
+    std::vector<int> v;
+    for (const char *p = s; *p;) {
+        v.push_back(std::atoi(p));
+        const char *c = std::strchr(p, ',');
+        if (!c) break;
+        p = c + 1;
+    }
+    return v;
+}
+
+struct Row {
+    double tok_s, total_gf, gemm_frac, attn_frac, attn_vs_gemm, rest_share, fwd_frac, peak_bf16, peak_fma, secs;
+    double cpu_secs, peak_bf16_cpu, fwd_frac_cpu; // the same per CPU second
+};
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void die(const char *what, const char *msg) {
+    std::fprintf(stderr, "cpupeak: %s: %s\n", what, msg);
+    std::exit(1);
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+    Opts o;
+    for (int i = 1; i < argc; i++) {
+        const std::string a = argv[i];
+        auto next = [&]() -> const char * {
+            if (i + 1 >= argc) die(a.c_str(), "missing value");
+            return argv[++i];
+        };
+        if (a == "--T") o.T = parse_list(next());
+        else if (a == "--reps") o.reps = std::atoi(next());
+        else if (a == "--layers") o.layers = std::atoi(next());
+        else if (a == "--d") o.d = std::atoi(next());
+        else if (a == "--heads") o.heads = std::atoi(next());
+        else if (a == "--kv-heads") o.kv_heads = std::atoi(next());
+        else if (a == "--mlp") o.mlp = std::atoi(next());
+        else if (a == "--vocab") o.vocab = std::atoi(next());
+        else if (a == "--threads") o.threads = std::atoi(next());
+        else if (a == "--json") o.json = true;
+        else if (a == "--serve") o.serve = true;
+        else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
+        else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
+    }
+    const int maxT = *std::max_element(o.T.begin(), o.T.end());
+    dimoo_model_config cfg{};
+    cfg.d_model = o.d;
+    cfg.n_layers = o.layers;
+    cfg.n_heads = o.heads;
+    cfg.n_kv_heads = o.kv_heads;
+    cfg.mlp_hidden_size = o.mlp;
+    cfg.vocab_size = o.vocab;
+    cfg.embedding_size = o.vocab;
+    cfg.max_sequence_length = std::max(maxT, 64);
+    cfg.rope_theta = 500000.f;
+    cfg.rms_norm_eps = 1e-5f;
+    char err[512];
+    dimoo_runtime *rt = nullptr;
+    dimoo_model *m = nullptr;
+    if (dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, o.threads, &rt, err, sizeof err) != DIMOO_OK) die("runtime", err);
+    if (dimoo_model_create(rt, &cfg, &m, err, sizeof err) != DIMOO_OK) die("model", err);
+
+    // Random bf16 weights: matrices N(0, 1/fan_in), norms 1 + 0.1 N(0, 1).
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    const int64_t d = o.d, kv = int64_t(o.d) / o.heads * o.kv_heads, mlp = o.mlp, e = o.vocab;
+    auto put = [&](const std::string &name, std::vector<int64_t> shape) {
+        size_t n = 1;
+        for (auto s : shape) n *= size_t(s);
+        std::vector<uint16_t> v(o.f32 ? 0 : n);
+        std::vector<float> f(o.f32 ? n : 0);
+        const float scale = shape.size() == 2 ? 1.f / std::sqrt(float(shape[1])) : 0.1f;
+        const bool emb = name.find("wte") != std::string::npos;
+        for (size_t i = 0; i < n; i++) {
+            const float x = emb ? nd(rng) : nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f);
+            if (o.f32) f[i] = x;
+            else v[i] = dimoo::f32_to_bf16(x);
+        }
+        const void *data = o.f32 ? static_cast<const void *>(f.data()) : v.data();
+        if (dimoo_model_set_weight(m, name.c_str(), o.f32 ? DIMOO_F32 : DIMOO_BF16, shape.data(),
+                                   int32_t(shape.size()), data, n * (o.f32 ? 4 : 2)) != DIMOO_OK)
+            die(name.c_str(), dimoo_model_error(m));
+    };
+    put("model.transformer.wte.weight", {e, d});
+    put("model.transformer.ln_f.weight", {d});
+    put("model.transformer.ff_out.weight", {e, d});
+    for (int l = 0; l < o.layers; l++) {
+        const std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
+        put(p + "attn_norm.weight", {d});
+        put(p + "q_proj.weight", {d, d});
+        put(p + "k_proj.weight", {kv, d});
+        put(p + "v_proj.weight", {kv, d});
+        put(p + "attn_out.weight", {d, d});
+        put(p + "ff_norm.weight", {d});
+        put(p + "ff_proj.weight", {mlp, d});
+        put(p + "up_proj.weight", {mlp, d});
+        put(p + "ff_out.weight", {d, mlp});
+    }
+    if (dimoo_model_finalize(m) != DIMOO_OK) die("finalize", dimoo_model_error(m));
+    const dimoo::cpu::Kernels ks = dimoo::cpu::best_kernels();
+
+    // FLOPs: 2 per weight per token in the projections and the head; 4 * T
+    // per query token per model column in attention (Q K^T and P V).
+    const double layer_params = double(2 * d * d + 2 * kv * d + 3 * mlp * d);
+    std::vector<std::vector<Row>> rows(o.T.size());
+    std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length));
+    for (size_t i = 0; i < tokens.size(); i++) tokens[i] = int32_t((i * 7919) % size_t(o.vocab));
+    auto measure = [&](int T, int rep, bool json) {
+            dimoo_ctx *ctx = nullptr;
+            dimoo_ctx_params p{1, T, 0};
+            if (dimoo_ctx_create(m, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
+            std::vector<float> logits(size_t(T) * size_t(e));
+            dimoo_forward_args a{};
+            a.n_tokens = T;
+            a.tokens = tokens.data();
+            a.logits = logits.data();
+            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx)); // warm-up
+            Row r{};
+            double pc0 = 0, pc1 = 0, pf0 = 0, pf1 = 0;
+            r.peak_bf16 = peak(true, o.threads, 0.2, &pc0);
+            r.peak_fma = peak(false, o.threads, 0.2, &pf0);
+            dimoo::cpu::stage_times_take();
+            dimoo::cpu::stage_timing(true);
+            const double t0 = now(), c0 = cpu_now();
+            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
+            r.secs = now() - t0;
+            r.cpu_secs = cpu_now() - c0;
+            dimoo::cpu::stage_timing(false);
+            const dimoo::cpu::StageTimes st = dimoo::cpu::stage_times_take();
+            // Peaks again after the forward: the mean of both brackets it.
+            r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2, &pc1));
+            r.peak_bf16_cpu = 0.5 * (pc0 + pc1);
+            r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2, &pf1));
+            // The reference: VDPBF16PS for bf16 weights, fp32 FMA for fp32.
+            if (o.f32 || r.peak_bf16_cpu <= 0) r.peak_bf16_cpu = 0.5 * (pf0 + pf1);
+            dimoo_ctx_destroy(ctx);
+            const double peak_ref = r.peak_bf16 > 0 && !o.f32 ? r.peak_bf16 : r.peak_fma;
+            const double gemm_flops = 2.0 * T * (layer_params * o.layers + double(e * d));
+            const double attn_flops = 4.0 * T * double(T) * double(d) * o.layers;
+            // Stage times are 0 on the unclocked per-call path.
+            const double gemm_gf = st.gemm > 0 ? gemm_flops / st.gemm / 1e9 : 0;
+            const double attn_gf = st.attention > 0 ? attn_flops / st.attention / 1e9 : 0;
+            r.tok_s = T / r.secs;
+            r.total_gf = (gemm_flops + attn_flops) / r.secs / 1e9;
+            r.fwd_frac = r.total_gf / peak_ref;
+            // Per CPU second: both threads' CPU time, spinning included.
+            r.fwd_frac_cpu = r.peak_bf16_cpu > 0 ? (gemm_flops + attn_flops) / (r.cpu_secs / o.threads) / 1e9 /
+                                                       r.peak_bf16_cpu
+                                                 : 0;
+            r.gemm_frac = gemm_gf / peak_ref;
+            r.attn_frac = attn_gf / peak_ref;
+            r.attn_vs_gemm = gemm_gf > 0 ? attn_gf / gemm_gf : 0;
+            r.rest_share = st.rest / r.secs;
+            if (json)
+                std::printf("{\"T\": %d, \"rep\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f, \"gflops\": %.2f, "
+                            "\"gemm_s\": %.6f, \"attention_s\": %.6f, \"rest_s\": %.6f, \"peak_bf16\": %.1f, "
+                            "\"peak_fma\": %.1f, \"gemm_gflops\": %.2f, \"attention_gflops\": %.2f, \"cpu_seconds\": %.6f, "
+                            "\"peak_bf16_cpu\": %.1f}\n",
+                            T, rep, r.secs, r.tok_s, r.total_gf, st.gemm, st.attention, st.rest, r.peak_bf16,
+                            r.peak_fma, gemm_gf, attn_gf, r.cpu_secs, r.peak_bf16_cpu);
+            std::fflush(stdout);
+            return r;
+    };
+    if (o.serve) {
+        int T, n = 0;
+        while (std::scanf("%d", &T) == 1) {
+            if (T < 1 || T > cfg.max_sequence_length) {
+                std::printf("{\"error\": \"T=%d outside 1..%d\"}\n", T, cfg.max_sequence_length);
+                std::fflush(stdout);
+                continue;
+            }
+            measure(T, n++, true);
+        }
+        dimoo_model_destroy(m);
+        dimoo_runtime_destroy(rt);
+        return 0;
+    }
+    for (int rep = 0; rep < o.reps; rep++)
+        for (size_t ti = 0; ti < o.T.size(); ti++) rows[ti].push_back(measure(o.T[ti], rep, o.json));
+    if (o.json) return 0;
+    std::printf("dimoo CPU %s forward vs measured peak: kernels %s, %d threads, d=%d heads=%d/%d mlp=%d "
+                "layers=%d vocab=%d, %d reps (median [min max])\n",
+                o.f32 ? "fp32" : "bf16", dimoo::cpu::kernels_name(ks), o.threads, o.d, o.heads, o.kv_heads, o.mlp, o.layers, o.vocab,
+                o.reps);
+    auto cell = [](const std::vector<Row> &v, double Row::*f, double mul) {
+        std::vector<double> x;
+        for (const auto &r : v) x.push_back(r.*f * mul);
+        const auto [lo, hi] = std::minmax_element(x.begin(), x.end());
+        char b[64];
+        std::snprintf(b, sizeof b, "%.0f [%.0f %.0f]", median(x), *lo, *hi);
+        return std::string(b);
+    };
+    std::printf("%6s | %-20s | %-20s | %-18s | %-18s | %-18s | %-18s | %-16s\n", "T",
+                o.f32 ? "peak bf16 (fp32 ref)" : "peak bf16 GFLOP/s",
+                "fwd GFLOP/s", "fwd % of peak", "GEMMs % of peak", "attn % of peak", "attn % of GEMM",
+                "rest % of time");
+    for (size_t ti = 0; ti < o.T.size(); ti++) {
+        const auto &v = rows[ti];
+        std::printf("%6d | %-20s | %-20s | %-18s | %-18s | %-18s | %-18s | %-16s\n", o.T[ti],
+                    cell(v, &Row::peak_bf16, 1).c_str(), cell(v, &Row::total_gf, 1).c_str(),
+                    cell(v, &Row::fwd_frac, 100).c_str(), cell(v, &Row::gemm_frac, 100).c_str(),
+                    cell(v, &Row::attn_frac, 100).c_str(), cell(v, &Row::attn_vs_gemm, 100).c_str(),
+                    cell(v, &Row::rest_share, 100).c_str());
+    }
+    std::printf("%6s | %-20s | %-26s | %-24s\n", "T", "tokens/s", o.f32 ? "peak FMA per CPU-s x thr" : "peak bf16 per CPU-s x thr",
+                "fwd % of it (CPU time)");
+    for (size_t ti = 0; ti < o.T.size(); ti++)
+        std::printf("%6d | %-20s | %-26s | %-24s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str(),
+                    cell(rows[ti], &Row::peak_bf16_cpu, 1).c_str(), cell(rows[ti], &Row::fwd_frac_cpu, 100).c_str());
+    dimoo_model_destroy(m);
+    dimoo_runtime_destroy(rt);
+    return 0;
+}

@@ -1,0 +1,639 @@
+// bf16.cpp - packed bf16 GEMM tiles, the GEMM team loop, K/V packing and
+// flash-style attention on top of them.
+//
+// Micro-kernel: up to 12 rows of A times one 32-column panel, 24 fp32
+// accumulators (12 rows x 2 vectors of 16) held in registers over all of k.
+// Per pair of k it loads the panel's 128-byte line once and broadcasts each
+// row's (a_k, a_k+1) pair:
+//   avx512bf16  VDPBF16PS: acc += a_k * b_k + a_k+1 * b_k+1 per lane
+//   avx512      the same products widened to fp32, two FMAs (exact products,
+//               so both agree up to the order of fp32 additions)
+//   portable    plain C++ over 32 columns
+// The kernel sets are compiled with target attributes and picked at run
+// time, so the library needs no AVX-512 to load.
+#include "cpu/bf16.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <mutex>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "common.h"
+#include "vecmath.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DIMOO_X86 1
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
+
+namespace dimoo::cpu {
+
+// ---- kernel selection ------------------------------------------------------------------------
+
+bool kernels_supported(Kernels k) {
+    switch (k) {
+    case Kernels::Portable: return true;
+#if defined(DIMOO_X86)
+    case Kernels::Avx512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Kernels::Avx512Bf16: return kernels_supported(Kernels::Avx512) && __builtin_cpu_supports("avx512bf16");
+#endif
+    default: return false;
+    }
+}
+
+Kernels best_kernels() {
+    Kernels k = Kernels::Portable;
+    if (kernels_supported(Kernels::Avx512Bf16)) k = Kernels::Avx512Bf16;
+    else if (kernels_supported(Kernels::Avx512)) k = Kernels::Avx512;
+    if (const char *e = std::getenv("DIMOO_CPU_KERNELS")) {
+        const std::string s(e);
+        if (s == "portable") k = Kernels::Portable;
+        else if (s == "avx512" && k > Kernels::Avx512) k = Kernels::Avx512;
+    }
+    return k;
+}
+
+const char *kernels_name(Kernels k) {
+    switch (k) {
+    case Kernels::Avx512Bf16: return "avx512bf16";
+    case Kernels::Avx512: return "avx512";
+    default: return "portable";
+    }
+}
+
+// ---- packing ------------------------------------------------------------------------------------
+
+void round_bf16(const float *src, int n, uint16_t *dst, int n_pad) {
+    for (int i = 0; i < n; ++i) {
+        // Round to nearest even (finite inputs; NaN handling of f32_to_bf16
+        // is not needed on activations and would stop vectorisation).
+        uint32_t u;
+        std::memcpy(&u, src + i, 4);
+        u += 0x7fffu + ((u >> 16) & 1u);
+        dst[i] = uint16_t(u >> 16);
+    }
+    for (int i = n; i < n_pad; ++i) dst[i] = 0;
+}
+
+void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) {
+    out.N = N;
+    out.K = K;
+    out.Kp = (K + 1) / 2;
+    out.panels = (N + kPanel - 1) / kPanel;
+    out.data.assign(size_t(out.panels) * size_t(out.Kp) * 64, 0);
+    const bool raw = dtype == DIMOO_BF16;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int p = 0; p < out.panels; ++p) {
+        uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
+        for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
+            const size_t row = size_t(p * kPanel + j) * size_t(K);
+            for (int k = 0; k < K; ++k) {
+                const uint16_t h = raw ? static_cast<const uint16_t *>(W)[row + size_t(k)]
+                                       : f32_to_bf16(load_as_f32(W, dtype, row + size_t(k)));
+                dst[(size_t(k / 2) * kPanel + size_t(j)) * 2 + size_t(k % 2)] = h;
+            }
+        }
+    }
+}
+
+namespace {
+
+// ---- micro-kernels --------------------------------------------------------------------------
+
+// Accumulator rows in and out of C for the column range [c0, c1) of a panel.
+inline void read_row(const float *c, int c0, int c1, bool accumulate, float *t) {
+    for (int j = 0; j < kPanel; ++j) t[j] = accumulate && j >= c0 && j < c1 ? c[j - c0] : 0.0f;
+}
+inline void write_row(const float *t, int c0, int c1, float *c) {
+    for (int j = c0; j < c1; ++j) c[j - c0] = t[j];
+}
+
+using MicroFn = void (*)(int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C, size_t ldc,
+                         int c0, int c1, bool accumulate);
+
+template <int R>
+void micro_portable(int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C, size_t ldc,
+                    int c0, int c1, bool accumulate) {
+    alignas(64) float acc[R][kPanel];
+    for (int m = 0; m < R; ++m) read_row(C + size_t(m) * ldc, c0, c1, accumulate, acc[m]);
+    for (int k = 0; k < kp; ++k) {
+        alignas(64) float b0[kPanel], b1[kPanel];
+        const uint16_t *b = B + size_t(k) * ps;
+        for (int j = 0; j < kPanel; ++j) {
+            b0[j] = bf16_to_f32(b[2 * j]);
+            b1[j] = bf16_to_f32(b[2 * j + 1]);
+        }
+        for (int m = 0; m < R; ++m) {
+            const uint32_t a = A[size_t(m) * lda + size_t(k)];
+            const float a0 = bf16_to_f32(uint16_t(a & 0xffffu)), a1 = bf16_to_f32(uint16_t(a >> 16));
+            // Odd k first, as VDPBF16PS adds them (products are exact).
+            for (int j = 0; j < kPanel; ++j) acc[m][j] = (acc[m][j] + a1 * b1[j]) + a0 * b0[j];
+        }
+    }
+    for (int m = 0; m < R; ++m) write_row(acc[m], c0, c1, C + size_t(m) * ldc);
+}
+
+#if defined(DIMOO_X86)
+#define DIMOO_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define DIMOO_TBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+template <int R>
+DIMOO_T512 inline void load_acc(__m512 (&acc)[R][2], const float *C, size_t ldc, int c0, int c1, bool accumulate) {
+    for (int m = 0; m < R; ++m) {
+        const float *c = C + size_t(m) * ldc;
+        if (!accumulate) {
+            acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        } else if (c0 == 0 && c1 == kPanel) {
+            acc[m][0] = _mm512_loadu_ps(c);
+            acc[m][1] = _mm512_loadu_ps(c + 16);
+        } else {
+            alignas(64) float t[kPanel];
+            read_row(c, c0, c1, true, t);
+            acc[m][0] = _mm512_load_ps(t);
+            acc[m][1] = _mm512_load_ps(t + 16);
+        }
+    }
+}
+
+template <int R>
+DIMOO_T512 inline void store_acc(__m512 (&acc)[R][2], float *C, size_t ldc, int c0, int c1) {
+    for (int m = 0; m < R; ++m) {
+        float *c = C + size_t(m) * ldc;
+        if (c0 == 0 && c1 == kPanel) {
+            _mm512_storeu_ps(c, acc[m][0]);
+            _mm512_storeu_ps(c + 16, acc[m][1]);
+        } else {
+            alignas(64) float t[kPanel];
+            _mm512_store_ps(t, acc[m][0]);
+            _mm512_store_ps(t + 16, acc[m][1]);
+            write_row(t, c0, c1, c);
+        }
+    }
+}
+
+template <int R>
+DIMOO_TBF16 void micro_bf16(int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
+                            size_t ldc, int c0, int c1, bool accumulate) {
+    __m512 acc[R][2];
+    load_acc<R>(acc, C, ldc, c0, c1, accumulate);
+    for (int k = 0; k < kp; ++k) {
+        const uint16_t *b = B + size_t(k) * ps;
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+        for (int m = 0; m < R; ++m) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(int(A[size_t(m) * lda + size_t(k)]));
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, b0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, b1);
+        }
+    }
+    store_acc<R>(acc, C, ldc, c0, c1);
+}
+
+template <int R>
+DIMOO_T512 void micro_avx512(int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
+                             size_t ldc, int c0, int c1, bool accumulate) {
+    __m512 acc[R][2];
+    load_acc<R>(acc, C, ldc, c0, c1, accumulate);
+    const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
+    for (int k = 0; k < kp; ++k) {
+        const uint16_t *b = B + size_t(k) * ps;
+        const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+        // Even k is the low half of each 32-bit lane, odd k the high half.
+        const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(b0, 16));
+        const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(b0, hi));
+        const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16));
+        const __m512 o1 = _mm512_castsi512_ps(_mm512_and_si512(b1, hi));
+        for (int m = 0; m < R; ++m) {
+            const uint32_t a = A[size_t(m) * lda + size_t(k)];
+            const __m512 ae = _mm512_castsi512_ps(_mm512_set1_epi32(int(a << 16)));
+            const __m512 ao = _mm512_castsi512_ps(_mm512_set1_epi32(int(a & 0xffff0000u)));
+            // Odd k first, as VDPBF16PS adds them.
+            acc[m][0] = _mm512_fmadd_ps(ae, e0, _mm512_fmadd_ps(ao, o0, acc[m][0]));
+            acc[m][1] = _mm512_fmadd_ps(ae, e1, _mm512_fmadd_ps(ao, o1, acc[m][1]));
+        }
+    }
+    store_acc<R>(acc, C, ldc, c0, c1);
+}
+#endif
+
+#define DIMOO_MICRO_TABLE(fn)                                                                                        \
+    const MicroFn fn##_table[kTileRows + 1] = {nullptr,   fn<1>,  fn<2>,  fn<3>, fn<4>,  fn<5>, fn<6>,           \
+                                               fn<7>,     fn<8>,  fn<9>,  fn<10>, fn<11>, fn<12>};
+// fp32 tiles: per k one 32-float panel row, one broadcast per row of A.
+using MicroF32Fn = void (*)(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                            int c0, int c1, bool accumulate);
+
+template <int R>
+void micro_f32_portable(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc, int c0,
+                        int c1, bool accumulate) {
+    alignas(64) float acc[R][kPanel];
+    for (int m = 0; m < R; ++m) read_row(C + size_t(m) * ldc, c0, c1, accumulate, acc[m]);
+    for (int k = 0; k < K; ++k) {
+        const float *b = B + size_t(k) * ps;
+        for (int m = 0; m < R; ++m) {
+            const float a = A[size_t(m) * lda + size_t(k)];
+            for (int j = 0; j < kPanel; ++j) acc[m][j] += a * b[j];
+        }
+    }
+    for (int m = 0; m < R; ++m) write_row(acc[m], c0, c1, C + size_t(m) * ldc);
+}
+
+#if defined(DIMOO_X86)
+template <int R>
+DIMOO_T512 void micro_f32_avx512(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                                 int c0, int c1, bool accumulate) {
+    __m512 acc[R][2];
+    load_acc<R>(acc, C, ldc, c0, c1, accumulate);
+    for (int k = 0; k < K; ++k) {
+        const float *b = B + size_t(k) * ps;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        for (int m = 0; m < R; ++m) {
+            const __m512 a = _mm512_set1_ps(A[size_t(m) * lda + size_t(k)]);
+            acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
+        }
+    }
+    store_acc<R>(acc, C, ldc, c0, c1);
+}
+#endif
+
+#define DIMOO_MICRO_F32_TABLE(fn)                                                                                    \
+    const MicroF32Fn fn##_table[kTileRows + 1] = {nullptr, fn<1>, fn<2>, fn<3>,  fn<4>,  fn<5>, fn<6>,             \
+                                                  fn<7>,   fn<8>, fn<9>, fn<10>, fn<11>, fn<12>};
+DIMOO_MICRO_F32_TABLE(micro_f32_portable)
+#if defined(DIMOO_X86)
+DIMOO_MICRO_F32_TABLE(micro_f32_avx512)
+#endif
+
+const MicroF32Fn *micro_f32_table(Kernels ks) {
+#if defined(DIMOO_X86)
+    if (ks != Kernels::Portable) return micro_f32_avx512_table;
+#endif
+    (void)ks;
+    return micro_f32_portable_table;
+}
+
+DIMOO_MICRO_TABLE(micro_portable)
+#if defined(DIMOO_X86)
+DIMOO_MICRO_TABLE(micro_bf16)
+DIMOO_MICRO_TABLE(micro_avx512)
+#endif
+
+const MicroFn *micro_table(Kernels ks) {
+#if defined(DIMOO_X86)
+    if (ks == Kernels::Avx512Bf16) return micro_bf16_table;
+    if (ks == Kernels::Avx512) return micro_avx512_table;
+#endif
+    (void)ks;
+    return micro_portable_table;
+}
+
+} // namespace
+
+void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
+          float *C, size_t ldc, int c0, int c1, bool accumulate) {
+    const MicroFn *fn = micro_table(ks);
+    for (int r = 0; r < rows; r += kTileRows) {
+        const int R = std::min(kTileRows, rows - r);
+        fn[R](kp, A + size_t(r) * lda, lda, B, pstride, C + size_t(r) * ldc, ldc, c0, c1, accumulate);
+    }
+}
+
+void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,
+              size_t ldc, int c0, int c1, bool accumulate) {
+    const MicroF32Fn *fn = micro_f32_table(ks);
+    for (int r = 0; r < rows; r += kTileRows) {
+        const int R = std::min(kTileRows, rows - r);
+        fn[R](K, A + size_t(r) * lda, lda, B, pstride, C + size_t(r) * ldc, ldc, c0, c1, accumulate);
+    }
+}
+
+void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32 &out) {
+    out.N = N;
+    out.K = K;
+    out.panels = (N + kPanel - 1) / kPanel;
+    out.data.assign(size_t(out.panels) * size_t(K) * kPanel, 0.0f);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int p = 0; p < out.panels; ++p) {
+        float *dst = out.data.data() + size_t(p) * size_t(K) * kPanel;
+        for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
+            const size_t row = size_t(p * kPanel + j) * size_t(K);
+            for (int k = 0; k < K; ++k) dst[size_t(k) * kPanel + size_t(j)] = load_as_f32(W, dtype, row + size_t(k));
+        }
+    }
+}
+
+// ---- GEMM team -----------------------------------------------------------------------------------
+
+namespace {
+constexpr int kBlockRows = 8 * kTileRows; // rows of A per task
+
+// Tasks: job-major, then panel, then row block (consecutive tasks share a
+// panel, which stays in L2). run(job, panel, first row, rows, c0, c1).
+template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, Run run) {
+    const int mblocks = (M + kBlockRows - 1) / kBlockRows;
+    int first[8] = {0};
+    int total = 0;
+    for (int j = 0; j < n_jobs && j < 7; ++j) {
+        first[j] = total;
+        const int p0 = jobs[j].n0 / kPanel, p1 = (jobs[j].n1 + kPanel - 1) / kPanel;
+        total += (p1 - p0) * mblocks;
+    }
+    first[std::min(n_jobs, 7)] = total;
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < total; ++t) {
+        int j = 0;
+        while (t >= first[j + 1]) ++j;
+        const Job &g = jobs[j];
+        const int local = t - first[j];
+        const int p = g.n0 / kPanel + local / mblocks, mb = local % mblocks;
+        const int r0 = mb * kBlockRows, rows = std::min(kBlockRows, M - r0);
+        const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
+        const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
+        run(g, p, r0, rows, c0, c1);
+    }
+}
+} // namespace
+
+void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs) {
+    if (M <= 0) return;
+    team_tasks(M, jobs, n_jobs, [&](const GemmJobF32 &g, int p, int r0, int rows, int c0, int c1) {
+        float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
+        tile_f32(ks, rows, g.W->K, A + size_t(r0) * lda, lda, g.W->panel(p), kPanel, C, g.ldc, c0, c1,
+                 g.accumulate);
+    });
+}
+
+void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
+    if (M <= 0) return;
+    team_tasks(M, jobs, n_jobs, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
+        float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
+        tile(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate);
+    });
+}
+
+// ---- attention ------------------------------------------------------------------------------------
+
+namespace {
+constexpr int kQBlock = 4 * kTileRows; // queries per task
+constexpr int kKBlock = kKeyBlock;     // keys per step
+
+// One row's online-softmax step over a block of kKBlock scores s (the first
+// nk valid): m is the running max of scale * s, l the running sum. On
+// return s holds exp(scale * s - m_new) (zero past nk), and corr the factor
+// exp(m_old - m_new) that rescales the earlier sum and output.
+void softmax_step_portable(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    float mx = m;
+    for (int j = 0; j < nk; ++j) mx = std::max(mx, s[j] * scale);
+    corr = exp_clamped(m - mx);
+    float sum = 0.0f;
+    for (int j = 0; j < nk; ++j) {
+        s[j] = exp_clamped(s[j] * scale - mx);
+        sum += s[j];
+    }
+    for (int j = nk; j < kKBlock; ++j) s[j] = 0.0f;
+    m = mx;
+    l = l * corr + sum;
+}
+
+#if defined(DIMOO_X86)
+// exp_clamped's method on 16 lanes: 2^n times a degree-7 polynomial of the
+// remainder, 2^n applied by VSCALEFPS.
+DIMOO_T512 inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606820309417232e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    constexpr int NV = kKBlock / 16;
+    const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    __m512 v[NV];
+    __m512 mx = _mm512_set1_ps(m);
+    for (int i = 0; i < NV; ++i) {
+        const int left = nk - 16 * i;
+        const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+        v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
+        mx = _mm512_max_ps(mx, v[i]);
+    }
+    const float mnew = _mm512_reduce_max_ps(mx);
+    corr = exp_clamped(m - mnew);
+    const __m512 vm = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < NV; ++i) {
+        // -inf lanes (past nk) clamp to exp(-87 - m); zero them exactly.
+        const __mmask16 valid = _mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v[i], vm)));
+        _mm512_storeu_ps(s + 16 * i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    m = mnew;
+    l = l * corr + _mm512_reduce_add_ps(sum);
+}
+#endif
+
+using SoftmaxFn = void (*)(float *, int, float, float &, float &, float &);
+SoftmaxFn softmax_step(Kernels ks) {
+#if defined(DIMOO_X86)
+    if (ks != Kernels::Portable) return softmax_step_avx512;
+#endif
+    (void)ks;
+    return softmax_step_portable;
+}
+} // namespace
+
+int packed_kv_tpad(int T) { return (T + kKBlock - 1) / kKBlock * kKBlock; }
+
+size_t packed_kv_elems(int T, int head_dim) {
+    const size_t Tpad = size_t(packed_kv_tpad(T));
+    return Tpad * size_t(head_dim) + 64; // + one panel row: partial column panels read past the end
+}
+
+void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv) {
+    const int hd = kv.head_dim, T = kv.T, hp = hd / 2;
+    const int kpanels = kv.Tpad / kPanel;
+    const int total = kv.n_kv * kpanels;
+#pragma omp for schedule(static)
+    for (int t = 0; t < total; ++t) {
+        const int h = t / kpanels, p = t % kpanels;
+        uint16_t *kd = kv.k + size_t(h) * kv.kstride + size_t(p) * size_t(hp) * 64;
+        uint16_t *vd = kv.v + size_t(h) * kv.vstride + size_t(p) * (kPanel / 2) * 2 * size_t(hd);
+        alignas(64) uint16_t row[1024];
+        for (int j = 0; j < kPanel; ++j) {
+            const int key = p * kPanel + j;
+            // K: pair i of key j at (i * 32 + j) * 2.
+            if (key < T) round_bf16(K + size_t(key) * ld + size_t(h) * hd, hd, row, hd);
+            else std::fill_n(row, hd, uint16_t(0));
+            for (int i = 0; i < hp; ++i) {
+                kd[(size_t(i) * kPanel + size_t(j)) * 2] = row[2 * i];
+                kd[(size_t(i) * kPanel + size_t(j)) * 2 + 1] = row[2 * i + 1];
+            }
+            // V: key pair j / 2, column c, half j % 2.
+            if (key < T) round_bf16(V + size_t(key) * ld + size_t(h) * hd, hd, row, hd);
+            else std::fill_n(row, hd, uint16_t(0));
+            uint16_t *vp = vd + size_t(j / 2) * 2 * size_t(hd) + size_t(j % 2);
+            for (int c = 0; c < hd; ++c) vp[2 * c] = row[c];
+        }
+    }
+}
+
+size_t flash_scratch_floats(int head_dim) {
+    // S block, P pairs, O block, running max and sum; 16-float aligned parts.
+    return size_t(kQBlock) * (kKBlock + kKBlock / 2 + size_t(head_dim) + 2) + 64;
+}
+
+void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, int n_heads, const PackedKV &kv,
+                          uint16_t *out, size_t ldo, float *scratch) {
+    const int hd = kv.head_dim, hp = hd / 2, group = n_heads / kv.n_kv;
+    const int qblocks = (rows + kQBlock - 1) / kQBlock;
+    const int total = n_heads * qblocks;
+    const int cpanels = (hd + kPanel - 1) / kPanel;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    float *S = scratch + size_t(omp_get_thread_num()) * flash_scratch_floats(hd);
+    uint32_t *P = reinterpret_cast<uint32_t *>(S + kQBlock * kKBlock);
+    float *O = S + kQBlock * (kKBlock + kKBlock / 2);
+    float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    const SoftmaxFn step = softmax_step(ks);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < total; ++t) {
+        const int h = t / qblocks, r0 = (t % qblocks) * kQBlock, nr = std::min(kQBlock, rows - r0);
+        const int kh = h / group;
+        const uint32_t *Q = q + size_t(r0) * ldq + size_t(h) * hp;
+        const uint16_t *Kh = kv.k + size_t(kh) * kv.kstride, *Vh = kv.v + size_t(kh) * kv.vstride;
+        std::fill_n(O, size_t(nr) * hd, 0.0f);
+        std::fill_n(mx, nr, -INFINITY);
+        std::fill_n(sum, nr, 0.0f);
+        for (int j0 = 0; j0 < kv.T; j0 += kKBlock) {
+            const int nk = std::min(kKBlock, kv.T - j0);
+            for (int p = 0; p * kPanel < nk; ++p)
+                tile(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
+                     kKBlock, 0, kPanel, false);
+            for (int i = 0; i < nr; ++i) {
+                float *s = S + size_t(i) * kKBlock;
+                float corr;
+                step(s, nk, scale, mx[i], sum[i], corr);
+                round_bf16(s, kKBlock, reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), kKBlock);
+                float *o = O + size_t(i) * hd;
+                if (corr != 1.0f)
+                    for (int c = 0; c < hd; ++c) o[c] *= corr;
+            }
+            const int kp = (nk + 1) / 2;
+            for (int c = 0; c < cpanels; ++c)
+                tile(ks, nr, kp, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd) + size_t(c) * 64,
+                     2 * size_t(hd), O + c * kPanel, size_t(hd), 0, std::min(kPanel, hd - c * kPanel), true);
+        }
+        for (int i = 0; i < nr; ++i) {
+            float *o = O + size_t(i) * hd;
+            const float inv = 1.0f / sum[i];
+            for (int c = 0; c < hd; ++c) o[c] *= inv;
+            round_bf16(o, hd, out + size_t(r0 + i) * ldo + size_t(h) * hd, hd);
+        }
+    }
+}
+
+size_t packed_k_f32_elems(int T, int head_dim) {
+    return size_t((T + kKBlock - 1) / kKBlock * kKBlock) * size_t(head_dim);
+}
+
+void pack_k_f32_team(const float *K, size_t ld, PackedKVF32 &kv) {
+    const int hd = kv.head_dim, T = kv.T, kpanels = kv.Tpad / kPanel;
+#pragma omp for schedule(static)
+    for (int t = 0; t < kv.n_kv * kpanels; ++t) {
+        const int h = t / kpanels, p = t % kpanels;
+        float *kd = kv.k + size_t(h) * kv.kstride + size_t(p) * size_t(hd) * kPanel;
+        for (int j = 0; j < kPanel; ++j) {
+            const int key = p * kPanel + j;
+            const float *src = K + size_t(key) * ld + size_t(h) * hd;
+            for (int i = 0; i < hd; ++i) kd[size_t(i) * kPanel + size_t(j)] = key < T ? src[i] : 0.0f;
+        }
+    }
+}
+
+void flash_attention_f32_team(Kernels ks, const float *q, size_t ldq, int rows, int n_heads, const PackedKVF32 &kv,
+                              float *out, size_t ldo, float *scratch) {
+    const int hd = kv.head_dim, group = n_heads / kv.n_kv;
+    const int qblocks = (rows + kQBlock - 1) / kQBlock;
+    const int cpanels = (hd + kPanel - 1) / kPanel;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    float *S = scratch + size_t(omp_get_thread_num()) * flash_scratch_floats(hd);
+    float *O = S + kQBlock * (kKBlock + kKBlock / 2);
+    float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    const SoftmaxFn step = softmax_step(ks);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < n_heads * qblocks; ++t) {
+        const int h = t / qblocks, r0 = (t % qblocks) * kQBlock, nr = std::min(kQBlock, rows - r0);
+        const int kh = h / group;
+        const float *Q = q + size_t(r0) * ldq + size_t(h) * hd;
+        const float *Kh = kv.k + size_t(kh) * kv.kstride;
+        std::fill_n(O, size_t(nr) * hd, 0.0f);
+        std::fill_n(mx, nr, -INFINITY);
+        std::fill_n(sum, nr, 0.0f);
+        for (int j0 = 0; j0 < kv.T; j0 += kKBlock) {
+            const int nk = std::min(kKBlock, kv.T - j0);
+            for (int p = 0; p * kPanel < nk; ++p)
+                tile_f32(ks, nr, hd, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hd) * kPanel, kPanel,
+                         S + p * kPanel, kKBlock, 0, kPanel, false);
+            for (int i = 0; i < nr; ++i) {
+                float corr;
+                step(S + size_t(i) * kKBlock, nk, scale, mx[i], sum[i], corr);
+                float *o = O + size_t(i) * hd;
+                if (corr != 1.0f)
+                    for (int c = 0; c < hd; ++c) o[c] *= corr;
+            }
+            const float *V = kv.v + size_t(j0) * kv.ldv + size_t(kh) * hd;
+            for (int c = 0; c < cpanels; ++c)
+                tile_f32(ks, nr, nk, S, kKBlock, V + size_t(c) * kPanel, kv.ldv, O + c * kPanel, size_t(hd), 0,
+                         std::min(kPanel, hd - c * kPanel), true);
+        }
+        for (int i = 0; i < nr; ++i) {
+            const float *o = O + size_t(i) * hd;
+            float *dst = out + size_t(r0 + i) * ldo + size_t(h) * hd;
+            const float inv = 1.0f / sum[i];
+            for (int c = 0; c < hd; ++c) dst[c] = o[c] * inv;
+        }
+    }
+}
+
+// ---- stage timing ------------------------------------------------------------------------------
+
+namespace {
+std::atomic<bool> g_timing{false};
+std::mutex g_times_mu;
+StageTimes g_times;
+} // namespace
+
+void stage_timing(bool on) { g_timing.store(on); }
+bool stage_timing_on() { return g_timing.load(std::memory_order_relaxed); }
+void stage_time_add(Stage s, double seconds) {
+    std::lock_guard<std::mutex> lock(g_times_mu);
+    (s == Stage::Gemm ? g_times.gemm : s == Stage::Attention ? g_times.attention : g_times.rest) += seconds;
+}
+StageTimes stage_times_take() {
+    std::lock_guard<std::mutex> lock(g_times_mu);
+    const StageTimes t = g_times;
+    g_times = StageTimes{};
+    return t;
+}
+
+} // namespace dimoo::cpu
