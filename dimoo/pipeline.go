@@ -63,11 +63,12 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 	if err != nil {
 		return nil, err
 	}
-	p = &Pipeline{Tokenizer: tok, Special: special, defaults: defaults}
+	// The deferred cleanup holds its own pointer: a failing return sets p to nil.
+	pl := &Pipeline{Tokenizer: tok, Special: special, defaults: defaults}
+	p = pl
 	defer func() {
 		if err != nil {
-			p.Close()
-			p = nil
+			pl.Close()
 		}
 	}()
 	if p.Model, err = LoadModel(ctx, dir, opts.LoadOptions); err != nil {
@@ -87,6 +88,9 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 		return nil, checkpointError(dir, "the VQ-VAE has %d codes but the model's image vocabulary has %d",
 			p.VQ.Codebook(), special.Codebook)
 	}
+	if err := p.checkDefaults(dir); err != nil {
+		return nil, err
+	}
 	n := opts.MaxConcurrent
 	if n < 1 {
 		n = 1
@@ -95,8 +99,11 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 	return p, nil
 }
 
-// Close frees the model and the VQ-VAE.
+// Close frees the model and the VQ-VAE. Closing a nil Pipeline does nothing.
 func (p *Pipeline) Close() error {
+	if p == nil {
+		return nil
+	}
 	var errs []error
 	if p.VQ != nil {
 		errs = append(errs, p.VQ.Close())
@@ -109,7 +116,7 @@ func (p *Pipeline) Close() error {
 
 func (p *Pipeline) acquire(ctx context.Context) error {
 	if err := p.slots.Acquire(ctx, 1); err != nil {
-		return fmt.Errorf("%w: %v", ErrCancelled, err)
+		return fmt.Errorf("%w: %w", ErrCancelled, err)
 	}
 	return nil
 }
@@ -161,6 +168,7 @@ func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
 	if s.RefreshInterval == 0 {
 		s.RefreshInterval = d.RefreshInterval
 	}
+	s.Temperature = p.temperature(s.Temperature)
 	return s
 }
 
@@ -170,6 +178,9 @@ func (p *Pipeline) gridSize(w, h int) (gw, gh int, err error) {
 	if w <= 0 || h <= 0 || w%f != 0 || h%f != 0 {
 		return 0, 0, fmt.Errorf("%w: image size %dx%d: both sides must be positive multiples of %d", ErrInvalidArgument,
 			w, h, f)
+	}
+	if err := p.checkGrid(w, h, w/f, h/f); err != nil {
+		return 0, 0, err
 	}
 	return w / f, h / f, nil
 }
@@ -191,6 +202,9 @@ func (p *Pipeline) checkLength(seqs ...[]int32) (int, error) {
 // decodes the codes to pixels.
 func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
 	gw, gh int, o ImageSampling, progress func(int, int), stats *DecodeStats) (image.Image, error) {
+	if err := checkImageSampling(o, countID(answer, p.Special.Mask)); err != nil {
+		return nil, err
+	}
 	seqs := make([][]int32, len(prefixes))
 	for i, pr := range prefixes {
 		seqs[i] = append(append([]int32(nil), pr...), answer...)
@@ -246,6 +260,9 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 	}
 	gw, gh, err := p.gridSize(req.Width, req.Height)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkGuidance("cfg_scale", req.CFGScale); err != nil {
 		return nil, err
 	}
 	if err := p.acquire(ctx); err != nil {
@@ -342,6 +359,9 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 	if req.CFGImage == 0 {
 		req.CFGImage = guidanceDefault(p.defaults.Sampling.CFGImage, 4.0)
 	}
+	if err := p.checkEdit(req); err != nil {
+		return nil, err
+	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
 	}
@@ -433,6 +453,9 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
+	if err := p.checkInpaint(req); err != nil {
+		return nil, err
+	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
 	}
@@ -493,11 +516,17 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 			o.Steps, o.GenLength, o.BlockLength = ds.TextSteps, ds.GenLength, ds.BlockLength
 		}
 	}
+	if o.Temperature < 0 && !math.IsInf(o.Temperature, -1) {
+		o.Temperature = 0 // explicitly greedy, which is also the default
+	}
 	if err := o.validate(); err != nil {
 		return "", err
 	}
 	if req.InputArea == 0 {
 		req.InputArea = 1024 * 1024
+	}
+	if err := p.checkUnderstand(req, o); err != nil {
+		return "", err
 	}
 	if err := p.acquire(ctx); err != nil {
 		return "", err
@@ -524,7 +553,7 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 		return "", err
 	}
 	defer s.Close()
-	td := &textDecode{seq: seq, genStart: start, special: p.Special}
+	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens()}
 	out, err := td.run(ctx, s, o, imageHooks{progress: req.Progress})
 	if err != nil {
 		return "", err
