@@ -82,7 +82,7 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 		return nil, err
 	}
 	if err := special.checkVocab(p.Model.Config.VocabSize); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, "special_tokens.json"), err)
 	}
 	if p.VQ.Codebook() != int(special.Codebook) {
 		return nil, checkpointError(dir, "the VQ-VAE has %d codes but the model's image vocabulary has %d",

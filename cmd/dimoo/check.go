@@ -130,12 +130,14 @@ func checkImageSize(fs *flag.FlagSet) error {
 	if err != nil {
 		return nil
 	}
+	what := "image size"
 	if w == 0 {
 		d, err := dimoo.LoadDefaults(dir)
 		if err != nil || d.Width <= 0 || d.Height <= 0 {
 			return nil
 		}
 		w, h = d.Width, d.Height
+		what = "the native size in " + dir + "/dimoo.json,"
 	}
 	cfg, err := dimoo.LoadConfig(dir)
 	if err != nil {
@@ -147,14 +149,14 @@ func checkImageSize(fs *flag.FlagSet) error {
 	}
 	f, maxT := vq.Factor(), cfg.MaxSequenceLength
 	if w%f != 0 || h%f != 0 {
-		return fmt.Errorf("%w: image size %dx%d: both sides must be multiples of the VQ-VAE's factor %d",
-			dimoo.ErrInvalidArgument, w, h, f)
+		return fmt.Errorf("%w: %s %dx%d: both sides must be multiples of the VQ-VAE's factor %d",
+			dimoo.ErrInvalidArgument, what, w, h, f)
 	}
 	gw, gh := w/f, h/f
 	// Divided rather than multiplied: no product can overflow.
 	if maxT < 5 || gw > maxT || gh > (maxT-4)/(gw+1) {
-		return fmt.Errorf("%w: image size %dx%d is a %dx%d code grid, more than the model's max_sequence_length "+
-			"of %d tokens", dimoo.ErrInvalidArgument, w, h, gw, gh, maxT)
+		return fmt.Errorf("%w: %s %dx%d is a %dx%d code grid, more than the model's max_sequence_length "+
+			"of %d tokens", dimoo.ErrInvalidArgument, what, w, h, gw, gh, maxT)
 	}
 	if ts := fs.Lookup("timesteps"); ts != nil {
 		if n, _ := strconv.Atoi(ts.Value.String()); n > gw*gh {

@@ -21,6 +21,12 @@ import (
 	"github.com/dimoo-dev/dimoo/dimoo"
 )
 
+// The largest image the VQ commands encode or decode (2048x2048): the
+// VQ-VAE's activations take about 20 bytes per pixel and channel of its
+// first block (5 GB for the shipped model's 4000x4000), so larger images
+// are refused rather than left to exhaust memory.
+const maxVQPixels = 1 << 22
+
 // A codes file holds at most maxCodes codes (a 2048x2048 grid), written in
 // at most maxCodesFile bytes (12 characters a code, with spaces).
 const (
@@ -76,6 +82,10 @@ func cmdVQEncode(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	b := img.Bounds()
+	if b.Dx() > maxVQPixels/b.Dy() {
+		return fmt.Errorf("%w: %s is %dx%d, more than the %d pixels vq-encode takes; pass --resize WxH or auto",
+			dimoo.ErrInvalidArgument, *in, b.Dx(), b.Dy(), maxVQPixels)
+	}
 	if f := cfg.Factor(); b.Dx()%f != 0 || b.Dy()%f != 0 {
 		sw, sh := dimoo.AspectBucket(b.Dx(), b.Dy(), b.Dx()*b.Dy(), f)
 		return fmt.Errorf("%w: %s is %dx%d, not a multiple of the VQ-VAE's factor %d; pass --resize %dx%d (or auto)",
@@ -125,11 +135,11 @@ func cmdVQDecode(ctx context.Context, args []string, w io.Writer) error {
 	// The image's size, from the config alone, before the weights load.
 	if cfg, err := dimoo.LoadVQConfig(*dir); err == nil {
 		f := cfg.Factor()
-		if gw > dimoo.MaxImagePixels/f/f/h {
-			return fmt.Errorf("%w: %s is a %dx%d code grid: a %dx%d image, more than the %d pixels dimoo writes",
-				dimoo.ErrInvalidArgument, *in, gw, h, gw*f, h*f, dimoo.MaxImagePixels)
+		if gw > maxVQPixels/f/f/h {
+			return fmt.Errorf("%w: %s is a %dx%d code grid: a %dx%d image, more than the %d pixels vq-decode makes",
+				dimoo.ErrInvalidArgument, *in, gw, h, gw*f, h*f, maxVQPixels)
 		}
-		if gw*h >= 1<<16 {
+		if gw*h*f*f >= 1<<20 {
 			fmt.Fprintf(os.Stderr, "dimoo: decoding %dx%d codes to a %dx%d image\n", gw, h, gw*f, h*f)
 		}
 	}
@@ -161,9 +171,9 @@ func parseSize(s string) (w, h int, err error) {
 	if !ok || e1 != nil || e2 != nil || w <= 0 || h <= 0 {
 		return 0, 0, fmt.Errorf("%w: --resize %q: want WxH with positive sides, or auto", errUsage, s)
 	}
-	if w > dimoo.MaxImagePixels/h {
-		return 0, 0, fmt.Errorf("%w: --resize %s is more than the %d pixels dimoo handles", errUsage, s,
-			dimoo.MaxImagePixels)
+	if w > maxVQPixels/h {
+		return 0, 0, fmt.Errorf("%w: --resize %s is more than the %d pixels vq-encode takes", errUsage, s,
+			maxVQPixels)
 	}
 	return w, h, nil
 }
