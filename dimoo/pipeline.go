@@ -328,7 +328,8 @@ type EditRequest struct {
 	EditType string      // see EditTypes; default "edit"
 	Image    image.Image // the input image
 	RefImage image.Image // style transfer: the style reference
-	// InputArea is the pixel area inputs are resized to (default 512*512);
+	// InputArea is the pixel area inputs are resized to (default: the model's
+	// dimoo.json input_area, else 512*512);
 	// the output has the input's bucket size.
 	InputArea int
 	CFGText   float64 // default: the model's dimoo.json, else 2.5; negative = none
@@ -351,7 +352,7 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 		return nil, fmt.Errorf("%w: style transfer needs a reference image", ErrInvalidArgument)
 	}
 	if req.InputArea == 0 {
-		req.InputArea = 512 * 512
+		req.InputArea = p.areaDefault(512 * 512)
 	}
 	if req.CFGText == 0 {
 		req.CFGText = guidanceDefault(p.defaults.Sampling.CFGText, 2.5)
@@ -409,7 +410,7 @@ type InpaintRequest struct {
 	Outpaint  bool
 	MaskH     float64 // mask_h_ratio: the rectangle's share of the height (default 0.5)
 	MaskW     float64 // mask_w_ratio (default 0.5)
-	InputArea int     // default 1024*1024
+	InputArea int     // default: dimoo.json input_area, else 1024*1024
 	CFGScale  float64 // default: the model's dimoo.json, else 4.0; negative = none
 	Sampling  ImageSampling
 	Progress  func(step, total int)
@@ -448,7 +449,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 		return nil, fmt.Errorf("%w: mask ratios must be in [0, 1], got %g x %g", ErrInvalidArgument, req.MaskH, req.MaskW)
 	}
 	if req.InputArea == 0 {
-		req.InputArea = 1024 * 1024
+		req.InputArea = p.areaDefault(1024 * 1024)
 	}
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
@@ -498,7 +499,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 type UnderstandRequest struct {
 	Question  string
 	Image     image.Image
-	InputArea int // default 1024*1024
+	InputArea int // default: dimoo.json input_area, else 1024*1024
 	Sampling  TextSampling
 	Progress  func(step, total int)
 }
@@ -523,7 +524,7 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 		return "", err
 	}
 	if req.InputArea == 0 {
-		req.InputArea = 1024 * 1024
+		req.InputArea = p.areaDefault(1024 * 1024)
 	}
 	if err := p.checkUnderstand(req, o); err != nil {
 		return "", err

@@ -249,3 +249,12 @@ func (p *Pipeline) textTokens() []bool {
 	}
 	return allowed
 }
+
+// areaDefault is the input area a request with none gets: the model's
+// dimoo.json input_area, else the task's reference area.
+func (p *Pipeline) areaDefault(reference int) int {
+	if p.defaults.InputArea > 0 {
+		return p.defaults.InputArea
+	}
+	return reference
+}
