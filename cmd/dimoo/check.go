@@ -9,8 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"os"
-	"runtime"
 	"strconv"
 	"strings"
 
@@ -97,12 +95,6 @@ func checkFlags(fs *flag.FlagSet) error {
 	if fs.Name() == "edit" {
 		if p := fs.Lookup("prompt"); p != nil && strings.TrimSpace(p.Value.String()) == "" {
 			return fmt.Errorf("%w: --prompt is required: an edit needs an instruction", errUsage)
-		}
-	}
-	if t := fs.Lookup("threads"); t != nil {
-		if n, _ := strconv.Atoi(t.Value.String()); n > runtime.NumCPU() {
-			fmt.Fprintf(os.Stderr, "dimoo: warning: --threads %d is more than the %d CPUs here; "+
-				"oversubscribed threads make every step much slower\n", n, runtime.NumCPU())
 		}
 	}
 	return nil

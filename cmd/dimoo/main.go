@@ -144,11 +144,22 @@ func (c *common) loadOptions() (dimoo.LoadOptions, error) {
 	if err != nil {
 		return dimoo.LoadOptions{}, err
 	}
+	c.capThreads()
 	b, err := dimoo.ParseBackend(c.device)
 	if err != nil {
 		return dimoo.LoadOptions{}, err
 	}
 	return dimoo.LoadOptions{Library: lib, Backend: b, Threads: c.threads}, nil
+}
+
+// capThreads keeps --threads within the CPUs: threads beyond them only
+// wait for each other (every step hundreds of times slower).
+func (c *common) capThreads() {
+	if n := runtime.NumCPU(); c.threads > n {
+		fmt.Fprintf(os.Stderr, "dimoo: warning: --threads %d is more than the %d CPUs here; using %d\n",
+			c.threads, n, n)
+		c.threads = n
+	}
 }
 
 // parseFlags parses a command's flags (the task flags starting from the
