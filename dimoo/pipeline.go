@@ -121,8 +121,11 @@ func (p *Pipeline) acquire(ctx context.Context) error {
 	return nil
 }
 
-// ImageRequest is a text-to-image request; zero fields take the
-// reference's defaults.
+// ImageRequest is a text-to-image request. Zero fields, in it and in the
+// other requests, take the model folder's dimoo.json defaults, else the
+// reference's (so the API and the CLI draw the same image for the same
+// settings); a negative guidance scale asks for no guidance and a negative
+// Sampling.Temperature for argmax decoding.
 type ImageRequest struct {
 	Prompt        string
 	Width, Height int     // pixels, multiples of the VQ-VAE's factor (16 for DiMOO); default 1024

@@ -1,7 +1,7 @@
 // Command dimoo is the command-line front end of the dimoo engine.
 //
-//	dimoo info   --model DIR
-//	dimoo logits --model DIR --tokens 5,17,3 [--positions 0,2] [--vocab-range 126356:134548] --out FILE.npy
+//	dimoo info   [--model DIR]
+//	dimoo logits [--model DIR] --tokens 5,17,3 [--positions 0,2] [--vocab-range 126356:134548] --out FILE.npy
 //	dimoo version
 package main
 
@@ -24,8 +24,8 @@ import (
 const usage = `dimoo - native inference engine for Lumina-DiMOO
 
 Usage:
-  dimoo info    --model DIR             config, parameter count, dtypes, memory estimate
-  dimoo logits  --model DIR --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
+  dimoo info    [--model DIR]           config, parameter count, dtypes, memory estimate
+  dimoo logits  [--model DIR] --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
   dimoo generate   --prompt TEXT [--width W --height H --timesteps N --cfg_scale S --use-cache ...]
   dimoo generate   --prompt TEXT --painting_mode inpainting|outpainting --painting_image IMG
   dimoo edit       --prompt TEXT --image_path IMG [--edit_type edit|control|subject|style|dense]
@@ -39,6 +39,9 @@ Usage:
   dimoo version                         library version and backends
 
 Common flags: --lib PATH (libdimoo to load), --device cpu|cuda, --threads N.
+--model DIR defaults to $DIMOO_MODEL, else the shipped small model. Outputs never
+replace an existing file unless --force; generate and edit take --output FILE.
+dimoo CMD --help lists a command's flags with the defaults that apply.
 `
 
 func main() {
