@@ -205,7 +205,9 @@ func (p *Pipeline) checkLength(seqs ...[]int32) (int, error) {
 // decodes the codes to pixels.
 func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
 	gw, gh int, o ImageSampling, progress func(int, int), stats *DecodeStats) (image.Image, error) {
-	if err := checkImageSampling(o, countID(answer, p.Special.Mask)); err != nil {
+	masked := countID(answer, p.Special.Mask)
+	o.Steps = capSteps(o.Steps, masked)
+	if err := checkImageSampling(o, masked); err != nil {
 		return nil, err
 	}
 	seqs := make([][]int32, len(prefixes))

@@ -87,14 +87,10 @@ func TestRequestLimits(t *testing.T) {
 			_, err := p.GenerateImage(ctx, ImageRequest{Prompt: prompt, Width: 100000, Height: 100000})
 			return err
 		}, "max_sequence_length"},
-		{"steps_huge", func() error {
-			_, err := p.GenerateImage(ctx, ImageRequest{Prompt: prompt, Sampling: ImageSampling{Steps: 99999999999}})
+		{"steps_negative", func() error {
+			_, err := p.GenerateImage(ctx, ImageRequest{Prompt: prompt, Sampling: ImageSampling{Steps: -5}})
 			return err
-		}, "masked codes"},
-		{"steps_over_codes", func() error {
-			_, err := p.GenerateImage(ctx, ImageRequest{Prompt: prompt, Sampling: ImageSampling{Steps: 65}})
-			return err
-		}, "65 steps for 64 codes"},
+		}, "steps must be >= 1"},
 		{"cache_ratio_nan", func() error {
 			_, err := p.GenerateImage(ctx, ImageRequest{Prompt: prompt,
 				Sampling: ImageSampling{UseCache: true, CacheRatio: nan}})
@@ -160,6 +156,24 @@ func TestRequestLimits(t *testing.T) {
 			assert.Contains(t, err.Error(), tc.want)
 		})
 	}
+}
+
+// More steps than codes to decode are capped to the codes (each step
+// unmasks at least one), before anything is allocated per step.
+func TestStepsCappedToCodes(t *testing.T) {
+	p := openShipped(t)
+	total := 0
+	_, err := p.GenerateImage(context.Background(), ImageRequest{Prompt: "a red circle at the top left",
+		Sampling: ImageSampling{Steps: 99999999999}, Progress: func(_, n int) { total = n }})
+	require.NoError(t, err)
+	w, h := p.NativeSize()
+	f := p.VQ.Factor()
+	assert.Equal(t, (w/f)*(h/f), total)
+	assert.Equal(t, 7, capSteps(7, 64))
+	assert.Equal(t, 64, capSteps(65, 64))
+	assert.Equal(t, 5, capSteps(5, 0))
+	// The lower-level decoder, asked directly, refuses instead.
+	assert.ErrorIs(t, checkImageSampling(ImageSampling{Steps: 65}, 64), ErrInvalidArgument)
 }
 
 // Cancellation errors are ErrCancelled and the context's own error.

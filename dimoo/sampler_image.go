@@ -12,7 +12,7 @@ import (
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
 // (reference section 3) and of ML-Cache (section 4).
 type ImageSampling struct {
-	Steps       int     // timesteps (default 64)
+	Steps       int     // timesteps (default 64); Pipeline requests cap them at the codes to decode
 	Temperature float64 // Gumbel temperature; 0 = argmax (Pipeline requests: 0 = model default, < 0 = argmax)
 	Seed        uint64
 

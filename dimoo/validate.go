@@ -120,6 +120,18 @@ func checkImageSampling(o ImageSampling, masked int) error {
 	return nil
 }
 
+// capSteps limits a request's image steps to the codes it decodes: every
+// step unmasks at least one code, so further steps would only repeat
+// forwards (and a huge count would allocate per step up front). The
+// pipeline caps rather than refuses so that a model's default step count
+// fits any image; the CLI refuses an explicit --timesteps that is too large.
+func capSteps(steps, masked int) int {
+	if masked > 0 && steps > masked {
+		return masked
+	}
+	return steps
+}
+
 // checkTextLength refuses an answer length the model's sequence cannot
 // hold, before the masked answer is allocated.
 func (p *Pipeline) checkTextLength(o TextSampling) error {

@@ -150,7 +150,9 @@ func checkImageSize(fs *flag.FlagSet) error {
 		return fmt.Errorf("%w: %s %dx%d is a %dx%d code grid, more than the model's max_sequence_length "+
 			"of %d tokens", dimoo.ErrInvalidArgument, what, w, h, gw, gh, maxT)
 	}
-	if ts := fs.Lookup("timesteps"); ts != nil {
+	// An explicit step count beyond the codes is a mistake worth naming (the
+	// API would cap it); a default one is capped quietly.
+	if ts := fs.Lookup("timesteps"); ts != nil && setFlags(fs)["timesteps"] {
 		if n, _ := strconv.Atoi(ts.Value.String()); n > gw*gh {
 			return fmt.Errorf("%w: --timesteps %d is more than the %d codes of a %dx%d image (at least one code "+
 				"per step)", errUsage, n, gw*gh, w, h)
