@@ -41,9 +41,15 @@ test-go: lib
 bench: all
 	$(GO) test -run '^$$' -bench . ./bench/
 
-# Runs the safetensors header fuzzer for a while (the seed corpus runs in `make test`).
+# Runs each fuzzer for FUZZTIME (their seed corpora run in `make test`): the
+# loaders of every file a checkpoint folder or a user hands dimoo.
+FUZZTIME  ?= 60s
+FUZZ_LIB  := FuzzParseSafetensorsHeader FuzzParseConfig FuzzParseTokenizer FuzzParseVQConfig \
+             FuzzSpecialTokens FuzzDefaults FuzzParseNpy FuzzLoadImage
+FUZZ_CLI  := FuzzReadCodes
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParseSafetensorsHeader -fuzztime 60s ./dimoo
+	for f in $(FUZZ_LIB); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./dimoo || exit 1; done
+	for f in $(FUZZ_CLI); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./cmd/dimoo || exit 1; done
 
 # Regenerates the golden test data with PyTorch (see scripts/requirements.txt).
 testdata:

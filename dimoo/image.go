@@ -13,18 +13,36 @@ import (
 	"image/draw"
 	_ "image/jpeg" // registers the JPEG decoder for LoadImage
 	"image/png"
+	"io"
 	"math"
 	"os"
 )
 
+// MaxImagePixels is the largest image LoadImage decodes (width x height,
+// read from the file's header first): a small compressed file can declare
+// an image whose decoded pixels fill gigabytes.
+var MaxImagePixels = 64 << 20
+
 // LoadImage reads a PNG or JPEG file. A missing, unreadable or undecodable
-// file is an error wrapping ErrInvalidArgument that names it.
+// file, or one larger than MaxImagePixels, is an error wrapping
+// ErrInvalidArgument that names it.
 func LoadImage(path string) (image.Image, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: image %v", ErrInvalidArgument, err)
 	}
 	defer f.Close()
+	cfg, _, err := image.DecodeConfig(bufio.NewReader(f))
+	if err != nil {
+		return nil, fmt.Errorf("%w: image %s: not a readable PNG or JPEG: %v", ErrInvalidArgument, path, err)
+	}
+	if cfg.Width <= 0 || cfg.Height <= 0 || cfg.Width > MaxImagePixels/cfg.Height {
+		return nil, fmt.Errorf("%w: image %s is %dx%d, more than the %d pixels dimoo decodes", ErrInvalidArgument,
+			path, cfg.Width, cfg.Height, MaxImagePixels)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("%w: image %s: %v", ErrInvalidArgument, path, err)
+	}
 	img, _, err := image.Decode(bufio.NewReader(f))
 	if err != nil {
 		return nil, fmt.Errorf("%w: image %s: not a readable PNG or JPEG: %v", ErrInvalidArgument, path, err)

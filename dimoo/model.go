@@ -201,7 +201,7 @@ func LoadModel(ctx context.Context, dir string, opts LoadOptions) (*Model, error
 					continue
 				}
 				if err := gctx.Err(); err != nil {
-					return fmt.Errorf("%w: loading %s: %v", ErrCancelled, dir, err)
+					return fmt.Errorf("%w: loading %s: %w", ErrCancelled, dir, err)
 				}
 				data, err := f.Data(info.Name)
 				if err != nil {

@@ -63,11 +63,12 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 	if err != nil {
 		return nil, err
 	}
-	p = &Pipeline{Tokenizer: tok, Special: special, defaults: defaults}
+	// The deferred cleanup holds its own pointer: a failing return sets p to nil.
+	pl := &Pipeline{Tokenizer: tok, Special: special, defaults: defaults}
+	p = pl
 	defer func() {
 		if err != nil {
-			p.Close()
-			p = nil
+			pl.Close()
 		}
 	}()
 	if p.Model, err = LoadModel(ctx, dir, opts.LoadOptions); err != nil {
@@ -81,11 +82,14 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 		return nil, err
 	}
 	if err := special.checkVocab(p.Model.Config.VocabSize); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, "special_tokens.json"), err)
 	}
 	if p.VQ.Codebook() != int(special.Codebook) {
 		return nil, checkpointError(dir, "the VQ-VAE has %d codes but the model's image vocabulary has %d",
 			p.VQ.Codebook(), special.Codebook)
+	}
+	if err := p.checkDefaults(dir); err != nil {
+		return nil, err
 	}
 	n := opts.MaxConcurrent
 	if n < 1 {
@@ -95,8 +99,11 @@ func OpenPipeline(ctx context.Context, dir string, opts PipelineOptions) (p *Pip
 	return p, nil
 }
 
-// Close frees the model and the VQ-VAE.
+// Close frees the model and the VQ-VAE. Closing a nil Pipeline does nothing.
 func (p *Pipeline) Close() error {
+	if p == nil {
+		return nil
+	}
 	var errs []error
 	if p.VQ != nil {
 		errs = append(errs, p.VQ.Close())
@@ -109,13 +116,16 @@ func (p *Pipeline) Close() error {
 
 func (p *Pipeline) acquire(ctx context.Context) error {
 	if err := p.slots.Acquire(ctx, 1); err != nil {
-		return fmt.Errorf("%w: %v", ErrCancelled, err)
+		return fmt.Errorf("%w: %w", ErrCancelled, err)
 	}
 	return nil
 }
 
-// ImageRequest is a text-to-image request; zero fields take the
-// reference's defaults.
+// ImageRequest is a text-to-image request. Zero fields, in it and in the
+// other requests, take the model folder's dimoo.json defaults, else the
+// reference's (so the API and the CLI draw the same image for the same
+// settings); a negative guidance scale asks for no guidance and a negative
+// Sampling.Temperature for argmax decoding.
 type ImageRequest struct {
 	Prompt        string
 	Width, Height int     // pixels, rounded down to multiples of the VQ-VAE's factor (16 for DiMOO); default 1024
@@ -161,7 +171,20 @@ func (p *Pipeline) imageSampling(s ImageSampling) ImageSampling {
 	if s.RefreshInterval == 0 {
 		s.RefreshInterval = d.RefreshInterval
 	}
+	s.Temperature = p.temperature(s.Temperature)
 	return s
+}
+
+// checkOutputSize refuses an output size whose code grid (after flooring
+// to the VQ-VAE's factor) would not fit the model, before anything is
+// allocated for it.
+func (p *Pipeline) checkOutputSize(w, h int) error {
+	f := p.VQ.Factor()
+	fw, fh, err := FloorSize(w, h, f)
+	if err != nil {
+		return err
+	}
+	return p.checkGrid(w, h, fw/f, fh/f)
 }
 
 // checkLength refuses sequences longer than the model allows.
@@ -181,6 +204,11 @@ func (p *Pipeline) checkLength(seqs ...[]int32) (int, error) {
 // decodes the codes to pixels.
 func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
 	gw, gh int, o ImageSampling, progress func(int, int), stats *DecodeStats) (image.Image, error) {
+	masked := countID(answer, p.Special.Mask)
+	o.Steps = capSteps(o.Steps, masked)
+	if err := checkImageSampling(o, masked); err != nil {
+		return nil, err
+	}
 	seqs := make([][]int32, len(prefixes))
 	for i, pr := range prefixes {
 		seqs[i] = append(append([]int32(nil), pr...), answer...)
@@ -234,6 +262,12 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
+	if err := checkGuidance("cfg_scale", req.CFGScale); err != nil {
+		return nil, err
+	}
+	if err := p.checkOutputSize(req.Width, req.Height); err != nil {
+		return nil, err
+	}
 	in, err := p.inputs().textToImage(req.Prompt, req.Width, req.Height)
 	if err != nil {
 		return nil, err
@@ -284,6 +318,9 @@ func (p *Pipeline) EditImage(ctx context.Context, req EditRequest) (image.Image,
 	if req.CFGImage == 0 {
 		req.CFGImage = guidanceDefault(p.defaults.Sampling.CFGImage, 4.0)
 	}
+	if err := p.checkEdit(req); err != nil {
+		return nil, err
+	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
 	}
@@ -333,6 +370,17 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 	if req.CFGScale == 0 {
 		req.CFGScale = guidanceDefault(p.defaults.Sampling.CFGScale, 4.0)
 	}
+	if err := p.checkInpaint(req); err != nil {
+		return nil, err
+	}
+	if req.Image != nil {
+		// The image keeps its own size: its grid must fit before it is encoded.
+		if b := req.Image.Bounds(); !b.Empty() {
+			if err := p.checkOutputSize(b.Dx(), b.Dy()); err != nil {
+				return nil, err
+			}
+		}
+	}
 	if err := p.acquire(ctx); err != nil {
 		return nil, err
 	}
@@ -371,7 +419,13 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 			o.Steps, o.GenLength, o.BlockLength = ds.TextSteps, ds.GenLength, ds.BlockLength
 		}
 	}
+	if o.Temperature < 0 && !math.IsInf(o.Temperature, -1) {
+		o.Temperature = 0 // explicitly greedy, which is also the default
+	}
 	if err := o.validate(); err != nil {
+		return "", err
+	}
+	if err := p.checkUnderstand(req, o); err != nil {
 		return "", err
 	}
 	if err := p.acquire(ctx); err != nil {
@@ -394,7 +448,7 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 		return "", err
 	}
 	defer s.Close()
-	td := &textDecode{seq: seq, genStart: start, special: p.Special}
+	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens()}
 	out, err := td.run(ctx, s, o, imageHooks{progress: req.Progress})
 	if err != nil {
 		return "", err

@@ -12,8 +12,8 @@ import (
 // ImageSampling holds the knobs of the MaskGIT-style image decoder
 // (reference section 3) and of ML-Cache (section 4).
 type ImageSampling struct {
-	Steps       int     // timesteps (default 64)
-	Temperature float64 // Gumbel temperature; 0 = argmax everywhere
+	Steps       int     // timesteps (default 64); Pipeline requests cap them at the codes to decode
+	Temperature float64 // Gumbel temperature; 0 = argmax (Pipeline requests: 0 = model default, < 0 = argmax)
 	Seed        uint64
 
 	UseCache        bool
@@ -27,21 +27,7 @@ func DefaultImageSampling() ImageSampling {
 	return ImageSampling{Steps: 64, Temperature: 1.0, CacheRatio: 0.9, WarmupRatio: 0.3, RefreshInterval: 5}
 }
 
-func (o ImageSampling) validate() error {
-	switch {
-	case o.Steps < 1:
-		return fmt.Errorf("%w: steps must be >= 1, got %d", ErrInvalidArgument, o.Steps)
-	case o.Temperature < 0 || math.IsNaN(o.Temperature):
-		return fmt.Errorf("%w: temperature must be >= 0, got %g", ErrInvalidArgument, o.Temperature)
-	case o.UseCache && (o.CacheRatio < 0 || o.CacheRatio >= 1):
-		return fmt.Errorf("%w: cache_ratio must be in [0, 1), got %g", ErrInvalidArgument, o.CacheRatio)
-	case o.UseCache && (o.WarmupRatio < 0 || o.WarmupRatio > 1):
-		return fmt.Errorf("%w: warmup_ratio must be in [0, 1], got %g", ErrInvalidArgument, o.WarmupRatio)
-	case o.UseCache && o.RefreshInterval < 1:
-		return fmt.Errorf("%w: refresh_interval must be >= 1, got %d", ErrInvalidArgument, o.RefreshInterval)
-	}
-	return nil
-}
+func (o ImageSampling) validate() error { return checkImageSampling(o, 0) }
 
 // refreshSteps marks the steps that run every position (section 4): all of
 // them without the cache; with it, the warm-up and every R-th step after.
@@ -188,7 +174,7 @@ type imageHooks struct {
 
 // run decodes every masked position of the answer and returns it.
 func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h imageHooks) ([]int32, error) {
-	if err := o.validate(); err != nil {
+	if err := checkImageSampling(o, countID(d.answer, d.special.Mask)); err != nil {
 		return nil, err
 	}
 	// The whole decode runs on the library's native thread (see
@@ -246,7 +232,7 @@ func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h
 	var qScratch []float32
 	for t := 0; t < o.Steps && len(masked) > 0; t++ {
 		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+			return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
 		}
 		keep := keepMasked(n0, t, o.Steps)
 		for b := range d.prefixes {

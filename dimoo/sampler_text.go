@@ -34,12 +34,14 @@ func (o TextSampling) validate() error {
 	case o.Steps < 1 || o.Steps%(o.GenLength/o.BlockLength) != 0:
 		return fmt.Errorf("%w: steps %d is not a positive multiple of the %d blocks", ErrInvalidArgument, o.Steps,
 			o.GenLength/o.BlockLength)
-	case o.Temperature < 0 || math.IsNaN(o.Temperature):
-		return fmt.Errorf("%w: temperature must be >= 0, got %g", ErrInvalidArgument, o.Temperature)
-	case o.CFGScale < 0 || math.IsNaN(o.CFGScale):
-		return fmt.Errorf("%w: cfg scale must be >= 0, got %g", ErrInvalidArgument, o.CFGScale)
+	case o.Steps > o.GenLength:
+		return fmt.Errorf("%w: %d steps for %d tokens: steps must be at most gen_length", ErrInvalidArgument,
+			o.Steps, o.GenLength)
 	}
-	return nil
+	if err := checkFloat("temperature", o.Temperature, 0, MaxTemperature); err != nil {
+		return err
+	}
+	return checkFloat("cfg scale", o.CFGScale, 0, MaxGuidance)
 }
 
 // transferCounts splits n masked tokens over steps: the same number each,
@@ -61,6 +63,10 @@ type textDecode struct {
 	seq      []int32
 	genStart int
 	special  SpecialTokens
+	// allowed, when set, restricts the draw to the ids marked (text
+	// tokens: an answer of image codes could not be detokenized); the
+	// confidence stays the full softmax's.
+	allowed []bool
 }
 
 // run decodes the masked span and returns the whole sequence. Decoding stops
@@ -131,7 +137,7 @@ func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h i
 		counts := transferCounts(n, perBlock)
 		for i := 0; i < perBlock; i++ {
 			if err := ctx.Err(); err != nil {
-				return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+				return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
 			}
 			// Only masked positions of this block can be chosen, so only
 			// their logits are computed.
@@ -177,6 +183,10 @@ func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h i
 				}
 				best, bestScore, mx := 0, math.Inf(-1), math.Inf(-1)
 				for v, l := range row {
+					if d.allowed != nil && (v >= len(d.allowed) || !d.allowed[v]) {
+						mx = math.Max(mx, l)
+						continue
+					}
 					score := l
 					if o.Temperature > 0 {
 						score += o.Temperature * gumbel(o.Seed, step, int(p), purposeTextSample, v)

@@ -161,7 +161,7 @@ func (l *Logits) Row(i int) []float32 { return l.Data[i*l.Cols : (i+1)*l.Cols] }
 // Logits was false).
 func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logits, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCancelled, err)
+		return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
 	}
 	if len(reqs) == 0 {
 		return nil, fmt.Errorf("%w: no forward requests", ErrInvalidArgument)
@@ -267,7 +267,7 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 	})
 	if err != nil {
 		if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
-			return nil, fmt.Errorf("%w: %v", err, ctx.Err())
+			return nil, fmt.Errorf("%w: %w", err, ctx.Err())
 		}
 		return nil, err
 	}

@@ -8,6 +8,7 @@ package dimoo
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"image"
 	"image/color"
@@ -239,7 +240,7 @@ func LoadVQModel(ctx context.Context, dir string, opts LoadOptions) (*VQModel, e
 	for _, name := range names {
 		if err := ctx.Err(); err != nil {
 			m.Close()
-			return nil, fmt.Errorf("%w: loading %s: %v", ErrCancelled, dir, err)
+			return nil, fmt.Errorf("%w: loading %s: %w", ErrCancelled, dir, err)
 		}
 		data, err := f.Data(name)
 		if err != nil {
@@ -334,7 +335,7 @@ func (m *VQModel) Close() error {
 // dimoo_vq_cancel when ctx is done while it runs.
 func (m *VQModel) run(ctx context.Context, op string, f func(h uintptr) int32) error {
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrCancelled, op, err)
+		return fmt.Errorf("%w: %s: %w", ErrCancelled, op, err)
 	}
 	err := errClosed
 	m.rt.lib.native.locked(&m.mu, func() {
@@ -360,6 +361,9 @@ func (m *VQModel) run(ctx context.Context, op string, f func(h uintptr) int32) e
 		m.cancelMu.Unlock()
 		err = statusError(st, op, m.errMsg)
 	})
+	if errors.Is(err, ErrCancelled) && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", err, ctx.Err())
+	}
 	return err
 }
 

@@ -1,11 +1,12 @@
 // Command dimoo is the command-line front end of the dimoo engine.
 //
-//	dimoo info   --model DIR
-//	dimoo logits --model DIR --tokens 5,17,3 [--positions 0,2] [--vocab-range 126356:134548] --out FILE.npy
+//	dimoo info   [--model DIR]
+//	dimoo logits [--model DIR] --tokens 5,17,3 [--positions 0,2] [--vocab-range 126356:134548] --out FILE.npy
 //	dimoo version
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -13,6 +14,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 
@@ -22,8 +24,8 @@ import (
 const usage = `dimoo - native inference engine for Lumina-DiMOO
 
 Usage:
-  dimoo info    --model DIR             config, parameter count, dtypes, memory estimate
-  dimoo logits  --model DIR --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
+  dimoo info    [--model DIR]           config, parameter count, dtypes, memory estimate
+  dimoo logits  [--model DIR] --tokens IDS [--positions P] [--vocab-range A:B] --out FILE.npy
   dimoo generate   --prompt TEXT [--width W --height H --timesteps N --cfg_scale S --use-cache ...]
   dimoo generate   --prompt TEXT --painting_mode inpainting|outpainting --painting_image IMG
   dimoo edit       --prompt TEXT --image_path IMG [--edit_type edit|control|subject|style|dense]
@@ -37,6 +39,9 @@ Usage:
   dimoo version                         library version and backends
 
 Common flags: --lib PATH (libdimoo to load), --device cpu|cuda, --threads N.
+--model DIR defaults to $DIMOO_MODEL, else the shipped small model. Outputs never
+replace an existing file unless --force; generate and edit take --output FILE.
+dimoo CMD --help lists a command's flags with the defaults that apply.
 `
 
 func main() {
@@ -49,7 +54,12 @@ func main() {
 		}
 		fmt.Fprintln(os.Stderr, msg)
 		if errors.Is(err, errUsage) {
-			fmt.Fprint(os.Stderr, usage)
+			// A known command's mistake points at its own flags.
+			if _, ok := commandSynopsis[firstArg(os.Args[1:])]; ok {
+				fmt.Fprintf(os.Stderr, "run 'dimoo %s --help' for its flags\n", os.Args[1])
+			} else {
+				fmt.Fprint(os.Stderr, usage)
+			}
 			os.Exit(2)
 		}
 		os.Exit(1)
@@ -58,7 +68,24 @@ func main() {
 
 var errUsage = errors.New("usage")
 
+func firstArg(args []string) string {
+	if len(args) == 0 {
+		return ""
+	}
+	return args[0]
+}
+
 func run(ctx context.Context, args []string, stdout io.Writer) error {
+	err := dispatch(ctx, args, stdout)
+	var h *helpShown
+	if errors.As(err, &h) {
+		fmt.Fprint(stdout, h.text)
+		return nil
+	}
+	return err
+}
+
+func dispatch(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) == 0 {
 		return fmt.Errorf("%w: no command", errUsage)
 	}
@@ -86,6 +113,9 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	case "detokenize":
 		return cmdDetokenize(args[1:], stdout)
 	case "help", "-h", "--help":
+		if len(args) > 1 && args[1] != "help" && !strings.HasPrefix(args[1], "-") {
+			return dispatch(ctx, []string{args[1], "--help"}, stdout)
+		}
 		fmt.Fprint(stdout, usage)
 		return nil
 	}
@@ -102,7 +132,7 @@ type common struct {
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.lib, "lib", "", "path of libdimoo (default: $DIMOO_LIBRARY, next to the executable, or lib/)")
 	fs.StringVar(&c.device, "device", "cpu", "backend: cpu or cuda")
-	fs.IntVar(&c.threads, "threads", 0, "CPU threads (0: all cores)")
+	fs.IntVar(&c.threads, "threads", 0, fmt.Sprintf("CPU threads (0: all %d cores)", runtime.NumCPU()))
 }
 
 func (c *common) library() (*dimoo.Library, error) {
@@ -117,6 +147,7 @@ func (c *common) loadOptions() (dimoo.LoadOptions, error) {
 	if err != nil {
 		return dimoo.LoadOptions{}, err
 	}
+	c.capThreads()
 	b, err := dimoo.ParseBackend(c.device)
 	if err != nil {
 		return dimoo.LoadOptions{}, err
@@ -124,15 +155,35 @@ func (c *common) loadOptions() (dimoo.LoadOptions, error) {
 	return dimoo.LoadOptions{Library: lib, Backend: b, Threads: c.threads}, nil
 }
 
+// capThreads keeps --threads within the CPUs: threads beyond them only
+// wait for each other (every step hundreds of times slower).
+func (c *common) capThreads() {
+	if n := runtime.NumCPU(); c.threads > n {
+		fmt.Fprintf(os.Stderr, "dimoo: warning: --threads %d is more than the %d CPUs here; using %d\n",
+			c.threads, n, n)
+		c.threads = n
+	}
+}
+
+// parseFlags parses a command's flags (the task flags starting from the
+// model's defaults), answers -h/--help with the command's own flags, and
+// checks every value before the command reads any file.
 func parseFlags(fs *flag.FlagSet, args []string) error {
+	presetModelDefaults(fs, args)
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
+		if isHelp(err) {
+			return &helpShown{helpText(fs)}
+		}
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	}
-	return nil
+	if err := checkFlags(fs); err != nil {
+		return err
+	}
+	return checkImageSize(fs)
 }
 
 func cmdVersion(args []string, w io.Writer) error {
@@ -156,13 +207,14 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("info", flag.ContinueOnError)
 	var c common
 	c.register(fs)
-	dir := fs.String("model", "", "checkpoint folder (config.json, safetensors)")
+	dir := fs.String("model", "", "checkpoint folder (default: $DIMOO_MODEL, else the shipped small model)")
 	load := fs.Bool("load", false, "also load the weights into the library and report its memory")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if *dir == "" {
-		return fmt.Errorf("%w: --model is required", errUsage)
+	var err error
+	if *dir, err = defaultModelDir(*dir); err != nil {
+		return err
 	}
 	info, err := dimoo.Inspect(*dir)
 	if err != nil {
@@ -224,16 +276,24 @@ func cmdLogits(ctx context.Context, args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("logits", flag.ContinueOnError)
 	var c common
 	c.register(fs)
-	dir := fs.String("model", "", "checkpoint folder")
+	dir := fs.String("model", "", "checkpoint folder (default: $DIMOO_MODEL, else the shipped small model)")
 	tokens := fs.String("tokens", "", "comma-separated token ids")
 	positions := fs.String("positions", "", "comma-separated positions whose logits to write (default: all)")
 	vrange := fs.String("vocab-range", "", "columns A:B of the output head (default: all)")
 	out := fs.String("out", "", "output .npy file (float32, shape (positions, columns))")
+	force := fs.Bool("force", false, "replace an existing --out file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if *dir == "" || *tokens == "" || *out == "" {
-		return fmt.Errorf("%w: --model, --tokens and --out are required", errUsage)
+	if *tokens == "" || *out == "" {
+		return fmt.Errorf("%w: --tokens and --out are required", errUsage)
+	}
+	if err := checkOutFile(*out, *force); err != nil {
+		return err
+	}
+	var err error
+	if *dir, err = defaultModelDir(*dir); err != nil {
+		return err
 	}
 	toks, err := parseInts(*tokens, "--tokens")
 	if err != nil {
@@ -268,7 +328,9 @@ func cmdLogits(ctx context.Context, args []string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := dimoo.WriteNpyFile(*out, l.Data, []int{l.Rows, l.Cols}); err != nil {
+	if err := writeOutput(*out, *force, func(w *bufio.Writer) error {
+		return dimoo.WriteNpy(w, l.Data, []int{l.Rows, l.Cols})
+	}); err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "wrote %s: float32 (%d, %d)\n", *out, l.Rows, l.Cols)

@@ -68,10 +68,10 @@ func TestCommandErrors(t *testing.T) {
 	}{
 		{nil, "no command"},
 		{[]string{"frobnicate"}, "unknown command"},
-		{[]string{"logits", "--model", small}, "required"},
+		{[]string{"logits", "--model", small}, "--tokens and --out are required"},
 		{[]string{"logits", "--model", small, "--tokens", "1,x", "--out", "o.npy"}, "not an integer"},
 		{[]string{"logits", "--model", small, "--tokens", "1", "--vocab-range", "9:3", "--out", "o.npy"}, "vocab-range"},
-		{[]string{"info"}, "--model is required"},
+		{[]string{"info", "--bogus"}, "bogus"},
 		{[]string{"info", "--model", small, "--bogus"}, "bogus"},
 	} {
 		err := run(context.Background(), tc.args, &stdout)

@@ -7,8 +7,6 @@ import (
 	"image"
 	"io"
 	"os"
-	"path/filepath"
-	"regexp"
 	"strings"
 	"time"
 
@@ -85,23 +83,6 @@ func (t *taskFlags) progress(label string) func(step, total int) {
 	}
 }
 
-var unsafeName = regexp.MustCompile(`[^a-zA-Z0-9]+`)
-
-// outputPath names an output file after the prompt and the seed.
-func (t *taskFlags) outputPath(kind string) (string, error) {
-	if err := os.MkdirAll(t.outputDir, 0o755); err != nil {
-		return "", err
-	}
-	name := strings.Trim(unsafeName.ReplaceAllString(strings.ToLower(t.prompt), "_"), "_")
-	if len(name) > 60 {
-		name = name[:60]
-	}
-	if name == "" {
-		name = kind
-	}
-	return filepath.Join(t.outputDir, fmt.Sprintf("%s_%s_seed%d.png", kind, name, t.seed)), nil
-}
-
 // imageFlags are the image sampler's flags.
 type imageFlags struct {
 	timesteps       int
@@ -128,8 +109,8 @@ func (f *imageFlags) sampling(t *taskFlags) (dimoo.ImageSampling, error) {
 	if f.cfgScale < 0 {
 		return dimoo.ImageSampling{}, fmt.Errorf("%w: --cfg_scale must be >= 0", errUsage)
 	}
-	return dimoo.ImageSampling{Steps: f.timesteps, Temperature: t.temperature, Seed: t.seed, UseCache: f.useCache,
-		CacheRatio: f.cacheRatio, WarmupRatio: f.warmupRatio, RefreshInterval: f.refreshInterval}, nil
+	return dimoo.ImageSampling{Steps: f.timesteps, Temperature: greedyZero(t.temperature), Seed: t.seed,
+		UseCache: f.useCache, CacheRatio: f.cacheRatio, WarmupRatio: f.warmupRatio, RefreshInterval: f.refreshInterval}, nil
 }
 
 // setFlags lists the flags given on the command line.
@@ -214,6 +195,8 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	paintImage := fs.String("painting_image", "", "image to inpaint or outpaint")
 	maskH := fs.Float64("mask_h_ratio", dimoo.DefaultMaskH, "painted rectangle's share of the height")
 	maskW := fs.Float64("mask_w_ratio", dimoo.DefaultMaskW, "painted rectangle's share of the width")
+	var of outputFlags
+	of.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -237,6 +220,14 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	default:
 		return fmt.Errorf("%w: --painting_mode must be inpainting or outpainting, got %q", errUsage, *mode)
 	}
+	kind := "generate"
+	if paint != nil {
+		kind = *mode + "_" + slug(fileStem(*paintImage))
+	}
+	outs, err := planOutputs(of, t.outputDir, []string{kind, slug(t.prompt), fmt.Sprintf("seed%d", t.seed)})
+	if err != nil {
+		return err
+	}
 	p, o, err := g.open(ctx, fs)
 	if err != nil {
 		return err
@@ -258,14 +249,10 @@ func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	out, err := t.outputPath("generate")
-	if err != nil {
+	if err := savePNG(outs[0], img, of.force); err != nil {
 		return err
 	}
-	if err := dimoo.SavePNG(out, img); err != nil {
-		return err
-	}
-	fmt.Fprintln(w, out)
+	fmt.Fprintln(w, outs[0])
 	return nil
 }
 
@@ -284,6 +271,8 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	// output has the input's crop size. Accepted for the same command lines.
 	fs.Int("height", 512, "ignored, as in the official script (the output takes the input's crop size)")
 	fs.Int("width", 512, "ignored, as in the official script")
+	var of outputFlags
+	of.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -307,6 +296,11 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 			return err
 		}
 	}
+	outs, err := planOutputs(of, t.outputDir, []string{"edit", slug(fileStem(*imagePath)), slug(t.prompt),
+		fmt.Sprintf("seed%d", t.seed)}, "side_by_side")
+	if err != nil {
+		return err
+	}
 	p, err := t.open(ctx)
 	if err != nil {
 		return err
@@ -325,15 +319,11 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	out, err := t.outputPath("edit")
-	if err != nil {
+	out, side := outs[0], outs[1]
+	if err := savePNG(out, img, of.force); err != nil {
 		return err
 	}
-	if err := dimoo.SavePNG(out, img); err != nil {
-		return err
-	}
-	side := strings.TrimSuffix(out, ".png") + "_side_by_side.png"
-	if err := dimoo.SavePNG(side, dimoo.SideBySide(in, img)); err != nil {
+	if err := savePNG(side, sideBySide(in, img), of.force); err != nil {
 		return err
 	}
 	fmt.Fprintln(w, out)

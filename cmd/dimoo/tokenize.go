@@ -94,6 +94,9 @@ func parseFlagsAndArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
+			if isHelp(err) {
+				return nil, &helpShown{helpText(fs)}
+			}
 			return nil, fmt.Errorf("%w: %v", errUsage, err)
 		}
 		rest := fs.Args()

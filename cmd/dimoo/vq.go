@@ -21,6 +21,19 @@ import (
 	"github.com/dimoo-dev/dimoo/dimoo"
 )
 
+// The largest image the VQ commands encode or decode (2048x2048): the
+// VQ-VAE's activations take about 20 bytes per pixel and channel of its
+// first block (5 GB for the shipped model's 4000x4000), so larger images
+// are refused rather than left to exhaust memory.
+const maxVQPixels = 1 << 22
+
+// A codes file holds at most maxCodes codes (a 2048x2048 grid), written in
+// at most maxCodesFile bytes (12 characters a code, with spaces).
+const (
+	maxCodes     = 1 << 22
+	maxCodesFile = 12 * maxCodes
+)
+
 // The area `--resize auto` aims for, and the multiple its sides keep.
 const (
 	autoArea     = 512 * 512
@@ -36,11 +49,15 @@ func cmdVQEncode(ctx context.Context, args []string, w io.Writer) error {
 	out := fs.String("out", "", "output codes file (one line per grid row, comma-separated)")
 	resize := fs.String("resize", "", "centre-crop and resize to WxH first, or `auto`: the 512x512-area bucket "+
 		"(sides multiples of 32) nearest the image's aspect ratio")
+	force := fs.Bool("force", false, "replace an existing --out file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" || *in == "" || *out == "" {
 		return fmt.Errorf("%w: --vqvae, --image and --out are required", errUsage)
+	}
+	if err := checkOutFile(*out, *force); err != nil {
+		return err
 	}
 	var rw, rh int
 	if *resize != "" && *resize != "auto" {
@@ -65,6 +82,10 @@ func cmdVQEncode(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	b := img.Bounds()
+	if b.Dx() > maxVQPixels/b.Dy() {
+		return fmt.Errorf("%w: %s is %dx%d, more than the %d pixels vq-encode takes; pass --resize WxH or auto",
+			dimoo.ErrInvalidArgument, *in, b.Dx(), b.Dy(), maxVQPixels)
+	}
 	if f := cfg.Factor(); b.Dx()%f != 0 || b.Dy()%f != 0 {
 		sw, sh := dimoo.AspectBucket(b.Dx(), b.Dy(), b.Dx()*b.Dy(), f)
 		return fmt.Errorf("%w: %s is %dx%d, not a multiple of the VQ-VAE's factor %d; pass --resize %dx%d (or auto)",
@@ -83,7 +104,7 @@ func cmdVQEncode(ctx context.Context, args []string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := writeCodes(*out, codes, h, gw); err != nil {
+	if err := writeCodes(*out, codes, h, gw, *force); err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "wrote %s: %dx%d codes (image %dx%d)\n", *out, gw, h, b.Dx(), b.Dy())
@@ -97,15 +118,30 @@ func cmdVQDecode(ctx context.Context, args []string, w io.Writer) error {
 	dir := fs.String("vqvae", "", "VQ-VAE folder (config.json, diffusion_pytorch_model.safetensors)")
 	in := fs.String("codes", "", "codes file (one line per grid row, comma-separated)")
 	out := fs.String("out", "", "output PNG")
+	force := fs.Bool("force", false, "replace an existing --out file")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *dir == "" || *in == "" || *out == "" {
 		return fmt.Errorf("%w: --vqvae, --codes and --out are required", errUsage)
 	}
+	if err := checkOutFile(*out, *force); err != nil {
+		return err
+	}
 	codes, h, gw, err := readCodes(*in)
 	if err != nil {
 		return err
+	}
+	// The image's size, from the config alone, before the weights load.
+	if cfg, err := dimoo.LoadVQConfig(*dir); err == nil {
+		f := cfg.Factor()
+		if gw > maxVQPixels/f/f/h {
+			return fmt.Errorf("%w: %s is a %dx%d code grid: a %dx%d image, more than the %d pixels vq-decode makes",
+				dimoo.ErrInvalidArgument, *in, gw, h, gw*f, h*f, maxVQPixels)
+		}
+		if gw*h*f*f >= 1<<20 {
+			fmt.Fprintf(os.Stderr, "dimoo: decoding %dx%d codes to a %dx%d image\n", gw, h, gw*f, h*f)
+		}
 	}
 	opts, err := c.loadOptions()
 	if err != nil {
@@ -120,7 +156,7 @@ func cmdVQDecode(ctx context.Context, args []string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := dimoo.SavePNG(*out, img); err != nil {
+	if err := savePNG(*out, img, *force); err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "wrote %s: %dx%d pixels from %dx%d codes\n", *out, img.Bounds().Dx(), img.Bounds().Dy(), gw, h)
@@ -135,11 +171,16 @@ func parseSize(s string) (w, h int, err error) {
 	if !ok || e1 != nil || e2 != nil || w <= 0 || h <= 0 {
 		return 0, 0, fmt.Errorf("%w: --resize %q: want WxH with positive sides, or auto", errUsage, s)
 	}
+	if w > maxVQPixels/h {
+		return 0, 0, fmt.Errorf("%w: --resize %s is more than the %d pixels vq-encode takes", errUsage, s,
+			maxVQPixels)
+	}
 	return w, h, nil
 }
 
-// writeCodes writes an h x w grid, one comma-separated line per row.
-func writeCodes(path string, codes []int32, h, w int) error {
+// writeCodes writes an h x w grid, one comma-separated line per row
+// (replacing an existing file only with force).
+func writeCodes(path string, codes []int32, h, w int, force bool) error {
 	var sb strings.Builder
 	for r := 0; r < h; r++ {
 		for c := 0; c < w; c++ {
@@ -150,10 +191,10 @@ func writeCodes(path string, codes []int32, h, w int) error {
 		}
 		sb.WriteByte('\n')
 	}
-	if err := os.WriteFile(path, []byte(sb.String()), 0o644); err != nil {
-		return fmt.Errorf("dimoo: writing codes: %w", err)
-	}
-	return nil
+	return writeOutput(path, force, func(w *bufio.Writer) error {
+		_, err := w.WriteString(sb.String())
+		return err
+	})
 }
 
 // readCodes reads a codes file: blank lines are skipped, every other line is
@@ -164,6 +205,10 @@ func readCodes(path string) (codes []int32, h, w int, err error) {
 		return nil, 0, 0, fmt.Errorf("%w: codes %v", dimoo.ErrInvalidArgument, err)
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size() > maxCodesFile {
+		return nil, 0, 0, fmt.Errorf("%w: %s is %d bytes, more than a codes file of at most %d codes can be",
+			dimoo.ErrInvalidArgument, path, fi.Size(), maxCodes)
+	}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<16), 1<<26)
 	line := 0
@@ -185,6 +230,9 @@ func readCodes(path string) (codes []int32, h, w int, err error) {
 					path, line, strings.TrimSpace(p))
 			}
 			codes = append(codes, int32(v))
+		}
+		if len(codes) > maxCodes {
+			return nil, 0, 0, fmt.Errorf("%w: %s holds more than %d codes", dimoo.ErrInvalidArgument, path, maxCodes)
 		}
 		w = len(parts)
 		h++

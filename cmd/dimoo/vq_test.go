@@ -80,12 +80,12 @@ func TestVQEncodeResize(t *testing.T) {
 	assert.Contains(t, err.Error(), "37x23, not a multiple of the VQ-VAE's factor 2; pass --resize")
 
 	require.NoError(t, cmdVQEncode(ctx, []string{"--vqvae", tinyVQ, "--image", in, "--out", codesPath,
-		"--resize", "16x12"}, &stdout))
+		"--resize", "16x12", "--force"}, &stdout))
 	assert.Contains(t, stdout.String(), "8x6 codes (image 16x12)")
 
 	stdout.Reset()
 	require.NoError(t, cmdVQEncode(ctx, []string{"--vqvae", tinyVQ, "--image", in, "--out", codesPath,
-		"--resize", "auto"}, &stdout))
+		"--resize", "auto", "--force"}, &stdout))
 	bw, bh := dimoo.AspectBucket(37, 23, 512*512, 32)
 	_, h, w, err := readCodes(codesPath)
 	require.NoError(t, err)
