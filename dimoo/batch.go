@@ -34,9 +34,10 @@ type BatchOptions struct {
 // bytes batched or alone.
 //
 // Requests go through the Pipeline's methods as usual (the Batcher's
-// GenerateImage, EditImage, Inpaint, InpaintMask); those whose shape does
-// not fit (more branches than slots, longer than MaxTokens, ML-Cache
-// without KVCache) run alone in a session of their own.
+// GenerateImage, EditImage, Inpaint, InpaintMask, Understand: image and
+// text decodes share the batch); those whose shape does not fit (more
+// branches than slots, longer than MaxTokens, ML-Cache without KVCache)
+// run alone in a session of their own.
 type Batcher struct {
 	p    *Pipeline
 	s    *Session
@@ -63,12 +64,30 @@ type BatchStats struct {
 	Waiting   int   // decodes waiting for slots
 }
 
+// stepper is a decode as a step machine (imageStepper, textStepper).
+type stepper interface {
+	requests() []ForwardRequest // the next step's forwards (may be none)
+	finish(outs []*Logits) error
+	done() bool
+	result() []int32
+	steps() int
+}
+
+func (st *imageStepper) result() []int32 { return st.answer }
+func (st *imageStepper) steps() int      { return st.t }
+
+// textBatch adapts textStepper, whose finish cannot fail.
+type textBatch struct{ *textStepper }
+
+func (st textBatch) finish(outs []*Logits) error { st.textStepper.finish(outs); return nil }
+func (st textBatch) result() []int32             { return st.x }
+func (st textBatch) steps() int                  { return st.step }
+
 type batchJob struct {
 	ctx      context.Context
-	d        *imageDecode
-	o        ImageSampling
-	progress func(step, total int)
-	st       *imageStepper
+	width    int                                         // sequence slots
+	start    func(s *Session, base int) (stepper, error) // the decode, at slots base..base+width-1
+	st       stepper
 	base     int
 	t0       time.Time
 	forward  time.Duration
@@ -147,6 +166,11 @@ func (b *Batcher) Inpaint(ctx context.Context, req InpaintRequest) (image.Image,
 	return b.p.Inpaint(b.with(ctx), req)
 }
 
+// Understand is Pipeline.Understand with the decode batched.
+func (b *Batcher) Understand(ctx context.Context, req UnderstandRequest) (string, error) {
+	return b.p.Understand(b.with(ctx), req)
+}
+
 // InpaintMask is Pipeline.InpaintMask with the decode batched.
 func (b *Batcher) InpaintMask(ctx context.Context, req InpaintRequest, mask image.Image) (image.Image, error) {
 	return b.p.InpaintMask(b.with(ctx), req, mask)
@@ -172,26 +196,30 @@ func batcherFor(ctx context.Context, p *Pipeline, branches, tokens int, o ImageS
 	return b
 }
 
+// textBatcherFor is batcherFor for understanding decodes of model m.
+func textBatcherFor(ctx context.Context, m *Model, seqs, tokens int) *Batcher {
+	b, _ := ctx.Value(batcherKey{}).(*Batcher)
+	if b == nil || b.p.Model != m || seqs > b.opts.Seqs || tokens > b.opts.MaxTokens {
+		return nil
+	}
+	return b
+}
+
 // decodeImage is Pipeline.decodeImage through the batch.
 func (b *Batcher) decodeImage(ctx context.Context, prefixes [][]int32, weights []float32, answer []int32,
 	gw, gh int, o ImageSampling, progress func(int, int), stats *DecodeStats) (image.Image, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
-	j := &batchJob{ctx: ctx, o: o, progress: progress, res: make(chan batchResult, 1),
-		d: &imageDecode{prefixes: prefixes, answer: answer, weights: weights, special: b.p.Special,
-			codebook: int(b.p.Special.Codebook)}}
-	b.mu.Lock()
-	if b.closed {
-		b.mu.Unlock()
-		return nil, fmt.Errorf("%w: the batcher is closed", ErrShutdown)
-	}
-	b.pending = append(b.pending, j)
-	b.mu.Unlock()
-	b.signal()
-	// The loop answers every job it was given (done, failed, cancelled or
-	// closed), within a step of the context's end.
-	r := <-j.res
+	d := &imageDecode{prefixes: prefixes, answer: answer, weights: weights, special: b.p.Special,
+		codebook: int(b.p.Special.Codebook)}
+	r := b.submit(&batchJob{ctx: ctx, width: len(prefixes), start: func(s *Session, base int) (stepper, error) {
+		st, err := d.start(s, o, imageHooks{progress: progress}, base)
+		if err != nil {
+			return nil, err // a nil *imageStepper is not a nil stepper
+		}
+		return st, nil
+	}})
 	if r.err != nil {
 		return nil, r.err
 	}
@@ -199,6 +227,36 @@ func (b *Batcher) decodeImage(ctx context.Context, prefixes [][]int32, weights [
 		*stats = r.stats
 	}
 	return b.p.VQ.Decode(ctx, b.p.Special.gridCodes(r.answer, gh, gw), gh, gw)
+}
+
+// submit queues a job and waits for its answer: the loop answers every job
+// it was given (done, failed, cancelled or closed), within a step of the
+// context's end.
+func (b *Batcher) submit(j *batchJob) batchResult {
+	j.res = make(chan batchResult, 1)
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return batchResult{err: fmt.Errorf("%w: the batcher is closed", ErrShutdown)}
+	}
+	b.pending = append(b.pending, j)
+	b.mu.Unlock()
+	b.signal()
+	return <-j.res
+}
+
+// decodeText runs an understanding decode through the batch (see
+// textDecode.run).
+func (b *Batcher) decodeText(ctx context.Context, d *textDecode, o TextSampling, h imageHooks) ([]int32, error) {
+	guided := o.CFGScale > 0
+	width := 1
+	if guided {
+		width = 2
+	}
+	r := b.submit(&batchJob{ctx: ctx, width: width, start: func(s *Session, base int) (stepper, error) {
+		return textBatch{d.start(s, o, h, nil, guided, base)}, nil
+	}})
+	return r.answer, r.err
 }
 
 func (b *Batcher) signal() {
@@ -215,7 +273,7 @@ func (b *Batcher) loop() {
 	used := make([]bool, b.opts.Seqs)
 	var active []*batchJob
 	release := func(j *batchJob) {
-		for i := range j.d.prefixes {
+		for i := 0; i < j.width; i++ {
 			used[j.base+i] = false
 		}
 	}
@@ -242,17 +300,17 @@ func (b *Batcher) loop() {
 				reply(j, batchResult{err: fmt.Errorf("%w: %v", ErrCancelled, j.ctx.Err())})
 				continue
 			}
-			base := freeRun(used, len(j.d.prefixes))
+			base := freeRun(used, j.width)
 			if base < 0 {
 				break
 			}
 			b.pending = b.pending[1:]
-			st, err := j.d.start(b.s, j.o, imageHooks{progress: j.progress}, base)
+			st, err := j.start(b.s, base)
 			if err != nil {
 				reply(j, batchResult{err: err})
 				continue
 			}
-			for i := range j.d.prefixes {
+			for i := 0; i < j.width; i++ {
 				used[base+i] = true
 			}
 			j.st, j.base, j.t0 = st, base, time.Now()
@@ -273,7 +331,7 @@ func (b *Batcher) loop() {
 				b.mu.Lock()
 				b.stats.Requests++
 				b.mu.Unlock()
-				reply(j, batchResult{answer: j.st.answer, stats: DecodeStats{Steps: j.st.t, Forwards: j.forwards,
+				reply(j, batchResult{answer: j.st.result(), stats: DecodeStats{Steps: j.st.steps(), Forwards: j.forwards,
 					Total: time.Since(j.t0), Forward: j.forward}})
 			default:
 				kept = append(kept, j)
@@ -300,12 +358,20 @@ func (b *Batcher) loop() {
 func (b *Batcher) step(active []*batchJob, release func(*batchJob), reply func(*batchJob, batchResult)) {
 	b.p.Model.rt.lib.native.do(func() {
 		var reqs []ForwardRequest
-		for _, j := range active {
-			reqs = append(reqs, j.st.requests()...)
+		n := make([]int, len(active))
+		for k, j := range active {
+			r := j.st.requests()
+			n[k] = len(r)
+			reqs = append(reqs, r...)
 		}
-		t0 := time.Now()
-		outs, err := b.s.Forward(b.ctx, reqs...)
-		dt := time.Since(t0)
+		var outs []*Logits
+		var err error
+		var dt time.Duration
+		if len(reqs) > 0 { // text decodes may have a step without a forward
+			t0 := time.Now()
+			outs, err = b.s.Forward(b.ctx, reqs...)
+			dt = time.Since(t0)
+		}
 		if err != nil {
 			if errors.Is(err, ErrCancelled) && b.ctx.Err() != nil {
 				err = fmt.Errorf("%w: the server is shutting down", ErrShutdown)
@@ -318,21 +384,24 @@ func (b *Batcher) step(active []*batchJob, release func(*batchJob), reply func(*
 			return
 		}
 		b.mu.Lock()
-		b.stats.Forwards++
+		if len(reqs) > 0 {
+			b.stats.Forwards++
+		}
 		b.stats.Sequences += int64(len(reqs))
 		b.stats.Steps += int64(len(active))
 		b.mu.Unlock()
 		off := 0
-		for _, j := range active {
-			n := len(j.d.prefixes)
-			j.forward += dt
-			j.forwards++
-			if err := j.st.finish(outs[off : off+n]); err != nil {
+		for k, j := range active {
+			if n[k] > 0 {
+				j.forward += dt
+				j.forwards++
+			}
+			if err := j.st.finish(outs[off : off+n[k]]); err != nil {
 				release(j)
 				reply(j, batchResult{err: err})
 				j.st = nil
 			}
-			off += n
+			off += n[k]
 		}
 	})
 }

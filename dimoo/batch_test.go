@@ -205,3 +205,57 @@ func TestMaskGrid(t *testing.T) {
 	// 3 of 4 rows of the bottom cells painted: > half.
 	assert.Equal(t, []bool{false, false, true, true}, maskGrid(MaskPixels(gray), 8, 8, 2, 2))
 }
+
+// Understanding decodes batch too, beside image decodes, with the answers
+// they give alone.
+func TestBatcherUnderstand(t *testing.T) {
+	p := openShipped(t)
+	ctx := context.Background()
+	w, h := p.NativeSize()
+	imgs := []image.Image{square(w, h, color.NRGBA{255, 0, 0, 255}), square(w, h, color.NRGBA{0, 0, 255, 255})}
+	reqs := []UnderstandRequest{
+		{Question: "What is in the image?", Image: imgs[0], InputArea: w * h},
+		{Question: "What is in the image?", Image: imgs[1], InputArea: w * h,
+			Sampling: TextSampling{Steps: 16, GenLength: 16, BlockLength: 8, Temperature: 0.8, Seed: 3}},
+		{Question: "What is in the image?", Image: imgs[1], InputArea: w * h,
+			Sampling: TextSampling{Steps: 8, GenLength: 16, BlockLength: 16, CFGScale: 0.5, Temperature: 0.5, Seed: 4}},
+	}
+	alone := make([]string, len(reqs))
+	for i, r := range reqs {
+		var err error
+		alone[i], err = p.Understand(ctx, r)
+		require.NoError(t, err)
+	}
+	q, err := OpenPipeline(ctx, ShippedModelDir(), PipelineOptions{LoadOptions: LoadOptions{Library: p.Model.Runtime().Library()},
+		MaxConcurrent: 8})
+	require.NoError(t, err)
+	defer q.Close()
+	b, err := q.NewBatcher(BatchOptions{Seqs: 8})
+	require.NoError(t, err)
+	defer b.Close()
+	got := make([]string, len(reqs))
+	errs := make([]error, len(reqs)+1)
+	var wg sync.WaitGroup
+	for i, r := range reqs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got[i], errs[i] = b.Understand(ctx, r)
+		}()
+	}
+	wg.Add(1)
+	go func() { // an image decode in the same batch
+		defer wg.Done()
+		_, errs[len(reqs)] = b.GenerateImage(ctx, ImageRequest{Prompt: "a red circle at the center",
+			Sampling: ImageSampling{Steps: 16}})
+	}()
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	assert.Equal(t, alone, got)
+	t.Logf("answers: %q; %+v", got, b.Stats())
+	st := b.Stats()
+	assert.EqualValues(t, len(reqs)+1, st.Requests)
+	assert.Less(t, st.Forwards, st.Steps, "decodes shared forwards")
+}

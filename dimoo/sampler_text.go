@@ -92,6 +92,15 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 	if guided && s.opts.Seqs < 2 {
 		return nil, fmt.Errorf("%w: guidance needs a session of 2 sequences", ErrInvalidArgument)
 	}
+	if stepHook == nil && h.trace == nil {
+		seqs := 1
+		if guided {
+			seqs = 2
+		}
+		if b := textBatcherFor(ctx, s.m, seqs, len(d.seq)); b != nil {
+			return b.decodeText(ctx, d, o, h)
+		}
+	}
 	// On the library's native thread, as the image decode (see nativeThread).
 	var out []int32
 	var err error

@@ -163,7 +163,11 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	}
 	t0 := time.Now()
 	steps := 0
-	answer, err := e.Pipeline.Understand(ctx, dimoo.UnderstandRequest{Question: q, Image: img,
+	understand := e.Pipeline.Understand
+	if e.Batcher != nil {
+		understand = e.Batcher.Understand
+	}
+	answer, err := understand(ctx, dimoo.UnderstandRequest{Question: q, Image: img,
 		InputArea: e.Pipeline.NativeArea(), Sampling: o, Progress: func(step, _ int) { steps = step }})
 	if err != nil {
 		return s.fail(ctx, w, err, "")
