@@ -124,6 +124,9 @@ func (p *Pipeline) NewBatcher(opts BatchOptions) (*Batcher, error) {
 	return b, nil
 }
 
+// Bytes is the memory the shared session holds (scratch and K/V caches).
+func (b *Batcher) Bytes() int64 { return b.s.Bytes() }
+
 // Options are the batcher's sizes.
 func (b *Batcher) Options() BatchOptions { return b.opts }
 

@@ -28,7 +28,8 @@ func cmdServe(ctx context.Context, args []string, w io.Writer) error {
 	devices := fs.String("devices", "", "engines: cpu, all (every GPU), or GPU indices like 0,1 (default: --device)")
 	batch := fs.Int("batch", 8, "sequence slots shared by concurrent image decodes per engine (0: no batching)")
 	batchTokens := fs.Int("batch_tokens", 0, "longest batched sequence (0: the model's max_sequence_length)")
-	kv := fs.Bool("batch_kv_cache", true, "give batch slots K/V caches so ML-Cache requests batch too")
+	kv := fs.Bool("batch_kv_cache", false,
+		"give batch slots K/V caches so ML-Cache requests batch too (memory: slots x layers x batch_tokens x K/V width)")
 	inflight := fs.Int("max_inflight", 16, "requests running at once")
 	queue := fs.Int("max_queue", 64, "requests waiting beyond those (then 429)")
 	bodyMB := fs.Int("max_body_mb", 32, "largest request body, MiB")
@@ -101,7 +102,11 @@ func cmdServe(ctx context.Context, args []string, w io.Writer) error {
 				return fmt.Errorf("engine %s: %w", name, err)
 			}
 		}
-		log.Info("engine ready", "engine", name, "model", dir)
+		var batchBytes int64
+		if e.Batcher != nil {
+			batchBytes = e.Batcher.Bytes()
+		}
+		log.Info("engine ready", "engine", name, "model", dir, "batch_slots", *batch, "batch_bytes", batchBytes)
 		return nil
 	}
 	if len(idx) == 0 {
