@@ -33,8 +33,8 @@ func batchCases(p *Pipeline, cache bool) []batchCase {
 	}
 	var cs []batchCase
 	prompts := []string{"a red circle at the top left", "a blue square at the center", "a green triangle at the bottom right"}
-	for i := 0; i < 6; i++ {
-		o := ImageSampling{Steps: 8 + i%3, Temperature: 0.7, Seed: uint64(100 + i), UseCache: cache}
+	for i := 0; i < 4; i++ {
+		o := ImageSampling{Steps: 6 + i%3, Temperature: 0.7, Seed: uint64(100 + i), UseCache: cache}
 		prompt := prompts[i%len(prompts)]
 		cfg := []float64{0.5, -1}[i%2] // two branches, or one
 		cs = append(cs, batchCase{name: fmt.Sprintf("generate%d", i),
@@ -49,14 +49,14 @@ func batchCases(p *Pipeline, cache bool) []batchCase {
 			edit func(context.Context, EditRequest) (image.Image, error),
 			_ func(context.Context, InpaintRequest, image.Image) (image.Image, error)) (image.Image, error) {
 			return edit(ctx, EditRequest{Prompt: "change the color to blue", Image: in, InputArea: w * h, CFGText: 1,
-				CFGImage: 1, Sampling: ImageSampling{Steps: 8, Temperature: 0.5, Seed: 7, UseCache: cache}})
+				CFGImage: 1, Sampling: ImageSampling{Steps: 6, Temperature: 0.5, Seed: 7, UseCache: cache}})
 		}})
 	cs = append(cs, batchCase{name: "inpaint-mask",
 		run: func(ctx context.Context, _ func(context.Context, ImageRequest) (image.Image, error),
 			_ func(context.Context, EditRequest) (image.Image, error),
 			mask func(context.Context, InpaintRequest, image.Image) (image.Image, error)) (image.Image, error) {
 			return mask(ctx, InpaintRequest{Prompt: "a red square at the top left", Image: in, InputArea: w * h,
-				Sampling: ImageSampling{Steps: 8, Temperature: 0.5, Seed: 9, UseCache: cache}}, m)
+				Sampling: ImageSampling{Steps: 6, Temperature: 0.5, Seed: 9, UseCache: cache}}, m)
 		}})
 	return cs
 }
@@ -214,9 +214,10 @@ func TestBatcherUnderstand(t *testing.T) {
 	w, h := p.NativeSize()
 	imgs := []image.Image{square(w, h, color.NRGBA{255, 0, 0, 255}), square(w, h, color.NRGBA{0, 0, 255, 255})}
 	reqs := []UnderstandRequest{
-		{Question: "What is in the image?", Image: imgs[0], InputArea: w * h},
+		{Question: "What is in the image?", Image: imgs[0], InputArea: w * h,
+			Sampling: TextSampling{Steps: 8, GenLength: 16, BlockLength: 16}},
 		{Question: "What is in the image?", Image: imgs[1], InputArea: w * h,
-			Sampling: TextSampling{Steps: 16, GenLength: 16, BlockLength: 8, Temperature: 0.8, Seed: 3}},
+			Sampling: TextSampling{Steps: 8, GenLength: 16, BlockLength: 8, Temperature: 0.8, Seed: 3}},
 		{Question: "What is in the image?", Image: imgs[1], InputArea: w * h,
 			Sampling: TextSampling{Steps: 8, GenLength: 16, BlockLength: 16, CFGScale: 0.5, Temperature: 0.5, Seed: 4}},
 	}
@@ -247,7 +248,7 @@ func TestBatcherUnderstand(t *testing.T) {
 	go func() { // an image decode in the same batch
 		defer wg.Done()
 		_, errs[len(reqs)] = b.GenerateImage(ctx, ImageRequest{Prompt: "a red circle at the center",
-			Sampling: ImageSampling{Steps: 16}})
+			Sampling: ImageSampling{Steps: 8}})
 	}()
 	wg.Wait()
 	for _, err := range errs {
