@@ -257,6 +257,15 @@ func maskDefaults(h, w float64) (float64, float64) {
 // painted cells, which are MASK.
 func (b inputBuilder) inpaint(ctx context.Context, prompt string, img image.Image, maskH, maskW float64,
 	outpaint bool) (ImageInputs, error) {
+	return b.inpaintCells(ctx, prompt, img, func(W, H, wp, hp, f int) []bool {
+		return paintMask(W, H, wp, hp, f, maskH, maskW, outpaint)
+	})
+}
+
+// inpaintCells is inpaint with the painted cells of the wp x hp image's
+// grid given by `cells` (W x H: the image's own size).
+func (b inputBuilder) inpaintCells(ctx context.Context, prompt string, img image.Image,
+	cells func(W, H, wp, hp, f int) []bool) (ImageInputs, error) {
 	if img == nil || img.Bounds().Empty() {
 		return ImageInputs{}, fmt.Errorf("%w: missing or empty input image", ErrInvalidArgument)
 	}
@@ -273,7 +282,7 @@ func (b inputBuilder) inpaint(ctx context.Context, prompt string, img image.Imag
 	}
 	ids := b.offsetCodes(codes)
 	painted := 0
-	for i, m := range paintMask(W, H, wp, hp, f, maskH, maskW, outpaint) {
+	for i, m := range cells(W, H, wp, hp, f) {
 		if m {
 			ids[i] = b.special.Mask
 			painted++

@@ -217,6 +217,9 @@ func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights 
 	if err != nil {
 		return nil, err
 	}
+	if b := batcherFor(ctx, p, len(prefixes), T, o); b != nil { // see batch.go
+		return b.decodeImage(ctx, prefixes, weights, answer, gw, gh, o, progress, stats)
+	}
 	s, err := p.Model.NewSession(SessionOptions{MaxTokens: T, Seqs: len(prefixes), KVCache: o.UseCache})
 	if err != nil {
 		return nil, err

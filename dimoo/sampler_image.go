@@ -186,235 +186,304 @@ func (d *imageDecode) run(ctx context.Context, s *Session, o ImageSampling, h im
 }
 
 func (d *imageDecode) decode(ctx context.Context, s *Session, o ImageSampling, h imageHooks) ([]int32, error) {
+	st, err := d.start(s, o, h, 0)
+	if err != nil {
+		return nil, err
+	}
+	for !st.done() {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
+		}
+		outs, err := s.Forward(ctx, st.requests()...)
+		if err != nil {
+			return nil, err
+		}
+		if err := st.finish(outs); err != nil {
+			return nil, err
+		}
+	}
+	return st.answer, nil
+}
+
+// imageStepper is the image decode as a step machine: requests gives the
+// forwards of the next step (one per guidance branch, in sequence slots
+// seqBase..seqBase+branches-1), finish takes their outputs and samples. A
+// decode loop alternates the two; a batcher joins several steppers'
+// requests into one forward call (each stepper's decisions depend only on
+// its own rows and its own seed, step and positions).
+type imageStepper struct {
+	d       *imageDecode
+	s       *Session // for the runtime's sampler and its statistics
+	o       ImageSampling
+	h       imageHooks
+	seqBase int
+
+	t       int
+	keep    int
+	answer  []int32
+	masked  []int // answer-relative positions still masked
+	n0      int
+	C, off  int
+	refresh []bool
+
+	seqs       [][]int32
+	logitCache [][]float32 // ML-Cache: (T_b, C) image logits per branch
+	rowMax     [][]float32 // ML-Cache: the max of each logitCache row
+	outBuf     [][]float32 // per-branch forward outputs, reused across steps
+	useMax     [][]float32 // row maxima of cached steps' outputs, reused
+	toCompute  [][]int32
+	// ML-Cache: per answer position, log softmax(l)[argmax] of its guided
+	// row, valid while no branch's row there is recomputed: the library's
+	// selection then need not read the row.
+	topLogp  []float64
+	topValid []uint8
+	// Buffers reused across steps: a step allocates next to nothing, so the
+	// garbage collector stays out of the way of the forwards.
+	reqs     []ForwardRequest
+	posBuf   [][]int32
+	sa       imageSampleArgs
+	rowBuf   [][]int32
+	codes    []int32
+	sel      []int32
+	conf     []float64
+	spare    []int
+	qScratch []float32
+}
+
+// start checks the problem against the session and sets up step 0.
+func (d *imageDecode) start(s *Session, o ImageSampling, h imageHooks, seqBase int) (*imageStepper, error) {
+	if err := o.validate(); err != nil {
+		return nil, err
+	}
 	nb := len(d.prefixes)
-	if nb == 0 || nb != len(d.weights) || nb > s.opts.Seqs {
+	if nb == 0 || nb != len(d.weights) || seqBase < 0 || seqBase+nb > s.opts.Seqs {
 		return nil, fmt.Errorf("%w: %d guidance branches for a session of %d sequences", ErrInvalidArgument, nb, s.opts.Seqs)
 	}
 	if o.UseCache && !s.opts.KVCache {
 		return nil, fmt.Errorf("%w: ML-Cache needs a session with KVCache", ErrInvalidArgument)
 	}
-	answer := append([]int32(nil), d.answer...)
-	mask := d.special.Mask
-	var masked []int // answer-relative positions still masked
-	for i, t := range answer {
-		if t == mask {
-			masked = append(masked, i)
+	st := &imageStepper{d: d, s: s, o: o, h: h, seqBase: seqBase, answer: append([]int32(nil), d.answer...)}
+	for i, t := range st.answer {
+		if t == d.special.Mask {
+			st.masked = append(st.masked, i)
 		}
 	}
-	n0 := len(masked)
-	C, off := d.codebook, int(d.special.ImageOffset)
-	refresh := o.refreshSteps()
-
-	seqs := make([][]int32, nb)
-	logitCache := make([][]float32, nb) // ML-Cache: (T_b, C) image logits per branch
-	rowMax := make([][]float32, nb)     // ML-Cache: the max of each logitCache row
-	outBuf := make([][]float32, nb)     // per-branch forward outputs, reused across steps
-	useMax := make([][]float32, nb)     // row maxima of cached steps' outputs, reused
-	toCompute := make([][]int32, nb)
-	// ML-Cache: per answer position, log softmax(l)[argmax] of its guided
-	// row, valid while no branch's row there is recomputed: the library's
-	// selection then need not read the row.
-	var topLogp []float64
-	var topValid []uint8
+	st.n0 = len(st.masked)
+	st.C, st.off = d.codebook, int(d.special.ImageOffset)
+	st.refresh = o.refreshSteps()
+	st.seqs = make([][]int32, nb)
+	st.logitCache, st.rowMax = make([][]float32, nb), make([][]float32, nb)
+	st.outBuf, st.useMax = make([][]float32, nb), make([][]float32, nb)
+	st.toCompute = make([][]int32, nb)
 	if o.UseCache {
-		topLogp, topValid = make([]float64, len(answer)), make([]uint8, len(answer))
+		st.topLogp, st.topValid = make([]float64, len(st.answer)), make([]uint8, len(st.answer))
 	}
-	// Buffers reused across steps: a step allocates next to nothing, so the
-	// garbage collector stays out of the way of the forwards.
-	reqs := make([]ForwardRequest, nb)
-	posBuf := make([][]int32, nb)
-	sa := imageSampleArgs{codebook: C, seed: o.Seed, tau: o.Temperature, weights: d.weights,
+	st.reqs = make([]ForwardRequest, nb)
+	st.posBuf = make([][]int32, nb)
+	st.sa = imageSampleArgs{codebook: st.C, seed: o.Seed, tau: o.Temperature, weights: d.weights,
 		logits: make([][]float32, nb), rows: make([][]int32, nb)}
-	rowBuf := make([][]int32, nb)
-	var codes, sel []int32
-	var conf []float64
-	var spare []int
-	var qScratch []float32
-	for t := 0; t < o.Steps && len(masked) > 0; t++ {
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
-		}
-		keep := keepMasked(n0, t, o.Steps)
-		for b := range d.prefixes {
-			seqs[b] = append(append(seqs[b][:0], d.prefixes[b]...), answer...)
-			r := ForwardRequest{Seq: b, Tokens: seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C, Out: outBuf[b]}
-			P := int32(len(d.prefixes[b]))
-			switch {
-			case !o.UseCache:
-				posBuf[b] = posBuf[b][:0]
-				for _, p := range masked {
-					posBuf[b] = append(posBuf[b], P+int32(p))
-				}
-				r.Positions = posBuf[b]
-			case refresh[t]:
-				// The whole (T, C) output becomes the branch's logit cache.
-				r.CacheMode = CacheStore
-				if cap(logitCache[b]) < len(seqs[b])*C {
-					logitCache[b] = make([]float32, len(seqs[b])*C)
-				}
-				r.Out = logitCache[b]
-				r.RowMax, r.MaxOut = true, rowMax[b]
-			default:
-				r.CacheMode = CacheUse
-				r.Compute = toCompute[b]
-				r.Positions = toCompute[b]
-				r.RowMax, r.MaxOut = true, useMax[b]
-			}
-			reqs[b] = r
-			if h.trace != nil {
-				tc := TraceCall{Branch: b, Input: append([]int32(nil), seqs[b]...)}
-				if r.CacheMode == CacheUse {
-					tc.ToCompute = append([]int32(nil), r.Compute...)
-				}
-				h.trace(tc)
-			}
-		}
-		outs, err := s.Forward(ctx, reqs...)
-		if err != nil {
-			return nil, err
-		}
+	st.rowBuf = make([][]int32, nb)
+	return st, nil
+}
 
-		// Each branch's logits at the masked positions: rows of the forward's
-		// output, or (ML-Cache) of the branch's logit cache, whose row maxima
-		// are kept up to date as rows change.
-		sa.step = t
-		sa.rngPos = sa.rngPos[:0]
-		for _, p := range masked {
-			sa.rngPos = append(sa.rngPos, int32(len(d.prefixes[0])+p))
+// done reports whether every step has run or nothing is left masked.
+func (st *imageStepper) done() bool { return st.t >= st.o.Steps || len(st.masked) == 0 }
+
+// requests builds step t's forwards (valid until finish returns).
+func (st *imageStepper) requests() []ForwardRequest {
+	d, o, t, C, off := st.d, st.o, st.t, st.C, st.off
+	st.keep = keepMasked(st.n0, t, o.Steps)
+	for b := range d.prefixes {
+		st.seqs[b] = append(append(st.seqs[b][:0], d.prefixes[b]...), st.answer...)
+		r := ForwardRequest{Seq: st.seqBase + b, Tokens: st.seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C,
+			Out: st.outBuf[b]}
+		P := int32(len(d.prefixes[b]))
+		switch {
+		case !o.UseCache:
+			st.posBuf[b] = st.posBuf[b][:0]
+			for _, p := range st.masked {
+				st.posBuf[b] = append(st.posBuf[b], P+int32(p))
+			}
+			r.Positions = st.posBuf[b]
+		case st.refresh[t]:
+			// The whole (T, C) output becomes the branch's logit cache.
+			r.CacheMode = CacheStore
+			if cap(st.logitCache[b]) < len(st.seqs[b])*C {
+				st.logitCache[b] = make([]float32, len(st.seqs[b])*C)
+			}
+			r.Out = st.logitCache[b]
+			r.RowMax, r.MaxOut = true, st.rowMax[b]
+		default:
+			r.CacheMode = CacheUse
+			r.Compute = st.toCompute[b]
+			r.Positions = st.toCompute[b]
+			r.RowMax, r.MaxOut = true, st.useMax[b]
 		}
-		for b := range d.prefixes {
-			if reqs[b].CacheMode != CacheStore {
-				outBuf[b] = outs[b].Data
+		st.reqs[b] = r
+		if st.h.trace != nil {
+			tc := TraceCall{Branch: b, Input: append([]int32(nil), st.seqs[b]...)}
+			if r.CacheMode == CacheUse {
+				tc.ToCompute = append([]int32(nil), r.Compute...)
 			}
-			if !o.UseCache {
-				sa.logits[b], sa.rows[b] = outs[b].Data, nil
-				continue
-			}
-			if reqs[b].CacheMode == CacheStore {
-				logitCache[b], rowMax[b] = outs[b].Data, outs[b].Max
-			} else {
-				useMax[b] = outs[b].Max
-				for i, p := range reqs[b].Compute {
-					copy(logitCache[b][int(p)*C:(int(p)+1)*C], outs[b].Row(i))
-					rowMax[b][p] = outs[b].Max[i]
-				}
-			}
-			sa.logits[b] = logitCache[b]
-			P := len(d.prefixes[b])
-			rowBuf[b] = rowBuf[b][:0]
-			for _, p := range masked {
-				rowBuf[b] = append(rowBuf[b], int32(P+p))
-			}
-			sa.rows[b] = rowBuf[b]
-			if reqs[b].CacheMode == CacheStore {
-				clear(topValid)
-			} else {
-				for _, p := range reqs[b].Compute {
-					if q := int(p) - P; q >= 0 && q < len(answer) {
-						topValid[q] = 0
-					}
-				}
-			}
+			st.h.trace(tc)
 		}
-		if o.UseCache {
-			sa.topLogp, sa.topValid = sa.topLogp[:0], sa.topValid[:0]
-			for _, p := range masked {
-				sa.topLogp, sa.topValid = append(sa.topLogp, topLogp[p]), append(sa.topValid, topValid[p])
-			}
+	}
+	return st.reqs
+}
+
+// finish samples step t from the outputs of requests' forwards (in the same
+// order) and moves to the next step.
+func (st *imageStepper) finish(outs []*Logits) error {
+	d, o, t, C, off := st.d, st.o, st.t, st.C, st.off
+	s, h, reqs, sa := st.s, st.h, st.reqs, &st.sa
+	answer, masked, keep := st.answer, st.masked, st.keep
+	mask := d.special.Mask
+	topLogp, topValid := st.topLogp, st.topValid
+
+	// Each branch's logits at the masked positions: rows of the forward's
+	// output, or (ML-Cache) of the branch's logit cache, whose row maxima
+	// are kept up to date as rows change.
+	sa.step = t
+	sa.rngPos = sa.rngPos[:0]
+	for _, p := range masked {
+		sa.rngPos = append(sa.rngPos, int32(len(d.prefixes[0])+p))
+	}
+	for b := range d.prefixes {
+		if reqs[b].CacheMode != CacheStore {
+			st.outBuf[b] = outs[b].Data
 		}
-		codes, conf = grow(codes, len(masked)), grow(conf, len(masked))
-		// Keep what the library wrote to topLogp once the call is made.
-		saveTop := func() {
-			for i, p := range masked {
-				topLogp[p], topValid[p] = sa.topLogp[i], 1
-			}
+		if !o.UseCache {
+			sa.logits[b], sa.rows[b] = outs[b].Data, nil
+			continue
 		}
-		if h.step == nil {
-			// Only the len(masked) - keep positions to unmask are needed: the
-			// library draws those it must to find them (exactly the ones
-			// the full draw and sort below would pick).
-			if keep < len(masked) {
-				sel = grow(sel, len(masked)-keep)
-				t0 := time.Now()
-				err := s.m.rt.sampleImageSelect(sa, codes, conf, sel)
-				s.addSample(time.Since(t0))
-				if err != nil {
-					return nil, err
-				}
-				if o.UseCache {
-					saveTop()
-				}
-				still := spare[:0]
-				k := 0
-				for i, p := range masked {
-					if k < len(sel) && int(sel[k]) == i {
-						answer[p] = int32(off) + codes[i]
-						k++
-					} else {
-						still = append(still, p)
-					}
-				}
-				masked, spare = still, masked
-			}
+		if reqs[b].CacheMode == CacheStore {
+			st.logitCache[b], st.rowMax[b] = outs[b].Data, outs[b].Max
 		} else {
+			st.useMax[b] = outs[b].Max
+			for i, p := range reqs[b].Compute {
+				copy(st.logitCache[b][int(p)*C:(int(p)+1)*C], outs[b].Row(i))
+				st.rowMax[b][p] = outs[b].Max[i]
+			}
+		}
+		sa.logits[b] = st.logitCache[b]
+		P := len(d.prefixes[b])
+		st.rowBuf[b] = st.rowBuf[b][:0]
+		for _, p := range masked {
+			st.rowBuf[b] = append(st.rowBuf[b], int32(P+p))
+		}
+		sa.rows[b] = st.rowBuf[b]
+		if reqs[b].CacheMode == CacheStore {
+			clear(topValid)
+		} else {
+			for _, p := range reqs[b].Compute {
+				if q := int(p) - P; q >= 0 && q < len(answer) {
+					topValid[q] = 0
+				}
+			}
+		}
+	}
+	if o.UseCache {
+		sa.topLogp, sa.topValid = sa.topLogp[:0], sa.topValid[:0]
+		for _, p := range masked {
+			sa.topLogp, sa.topValid = append(sa.topLogp, topLogp[p]), append(sa.topValid, topValid[p])
+		}
+	}
+	st.codes, st.conf = grow(st.codes, len(masked)), grow(st.conf, len(masked))
+	codes, conf := st.codes, st.conf
+	// Keep what the library wrote to topLogp once the call is made.
+	saveTop := func() {
+		for i, p := range masked {
+			topLogp[p], topValid[p] = sa.topLogp[i], 1
+		}
+	}
+	if h.step == nil {
+		// Only the len(masked) - keep positions to unmask are needed: the
+		// library draws those it must to find them (exactly the ones
+		// the full draw and sort below would pick).
+		if keep < len(masked) {
+			st.sel = grow(st.sel, len(masked)-keep)
+			sel := st.sel
 			t0 := time.Now()
-			err := s.m.rt.sampleImage(sa, codes, conf)
+			err := s.m.rt.sampleImageSelect(*sa, codes, conf, sel)
 			s.addSample(time.Since(t0))
 			if err != nil {
-				return nil, err
+				return err
 			}
 			if o.UseCache {
 				saveTop()
 			}
+			still := st.spare[:0]
+			k := 0
 			for i, p := range masked {
-				answer[p] = int32(off) + codes[i]
+				if k < len(sel) && int(sel[k]) == i {
+					answer[p] = int32(off) + codes[i]
+					k++
+				} else {
+					still = append(still, p)
+				}
 			}
-			st := &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: sa.rowsOf(len(masked))}
+			masked, st.spare = still, masked
+		}
+	} else {
+		t0 := time.Now()
+		err := s.m.rt.sampleImage(*sa, codes, conf)
+		s.addSample(time.Since(t0))
+		if err != nil {
+			return err
+		}
+		if o.UseCache {
+			saveTop()
+		}
+		for i, p := range masked {
+			answer[p] = int32(off) + codes[i]
+		}
+		tr := &StepTrace{Step: t, Masked: append([]int(nil), masked...), Keep: keep, Logits: sa.rowsOf(len(masked))}
+		for _, p := range masked {
+			tr.RNGPos = append(tr.RNGPos, len(d.prefixes[0])+p)
+			tr.Sampled = append(tr.Sampled, answer[p]-int32(off))
+		}
+		// Re-mask the keep lowest-confidence positions (ties: earlier first).
+		if keep >= len(masked) {
 			for _, p := range masked {
-				st.RNGPos = append(st.RNGPos, len(d.prefixes[0])+p)
-				st.Sampled = append(st.Sampled, answer[p]-int32(off))
+				answer[p] = mask
 			}
-			// Re-mask the keep lowest-confidence positions (ties: earlier first).
-			if keep >= len(masked) {
-				for _, p := range masked {
-					answer[p] = mask
-				}
-			} else {
-				order := make([]int, len(masked))
-				for i := range order {
-					order[i] = i
-				}
-				slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(conf[a], conf[b]) })
-				still := make([]int, 0, keep)
-				for _, i := range order[:keep] {
-					answer[masked[i]] = mask
-					still = append(still, masked[i])
-				}
-				slices.Sort(still)
-				masked = still
+		} else {
+			order := make([]int, len(masked))
+			for i := range order {
+				order[i] = i
 			}
-			st.Remasked = append([]int{}, masked...)
-			h.step(*st)
+			slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(conf[a], conf[b]) })
+			still := make([]int, 0, keep)
+			for _, i := range order[:keep] {
+				answer[masked[i]] = mask
+				still = append(still, masked[i])
+			}
+			slices.Sort(still)
+			masked = still
 		}
+		tr.Remasked = append([]int{}, masked...)
+		h.step(*tr)
+	}
+	st.masked = masked
 
-		// ML-Cache: choose next step's positions from each branch's max logit.
-		if o.UseCache && t < o.Steps-1 && !refresh[t+1] {
-			for b := range d.prefixes {
-				mx := rowMax[b]
-				thr := quantileInto(mx, 1-o.CacheRatio, &qScratch)
-				toCompute[b] = toCompute[b][:0]
-				for p, v := range mx {
-					if v <= thr {
-						toCompute[b] = append(toCompute[b], int32(p))
-					}
+	// ML-Cache: choose next step's positions from each branch's max logit.
+	if o.UseCache && t < o.Steps-1 && !st.refresh[t+1] {
+		for b := range d.prefixes {
+			mx := st.rowMax[b]
+			thr := quantileInto(mx, 1-o.CacheRatio, &st.qScratch)
+			st.toCompute[b] = st.toCompute[b][:0]
+			for p, v := range mx {
+				if v <= thr {
+					st.toCompute[b] = append(st.toCompute[b], int32(p))
 				}
 			}
-		}
-		if h.progress != nil {
-			h.progress(t+1, o.Steps)
 		}
 	}
-	return answer, nil
+	st.t++
+	if h.progress != nil {
+		h.progress(t+1, o.Steps)
+	}
+	return nil
 }
 
 // grow returns s resized to n, reallocated only when too small.

@@ -99,6 +99,15 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 	if guided && s.opts.Seqs < 2 {
 		return nil, fmt.Errorf("%w: guidance needs a session of 2 sequences", ErrInvalidArgument)
 	}
+	if stepHook == nil && h.trace == nil {
+		seqs := 1
+		if guided {
+			seqs = 2
+		}
+		if b := textBatcherFor(ctx, s.m, seqs, len(d.seq)); b != nil {
+			return b.decodeText(ctx, d, o, h)
+		}
+	}
 	// On the library's native thread, as the image decode (see nativeThread).
 	var out []int32
 	var err error
@@ -108,135 +117,197 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 
 func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h imageHooks,
 	stepHook func(TextStepTrace), guided bool) ([]int32, error) {
-	x := append([]int32(nil), d.seq...)
-	mask := d.special.Mask
-	// The unconditional pass masks every position that was not masked at the start.
-	var uncond []int32
-	if guided {
-		uncond = make([]int32, len(x))
-		for i := range uncond {
-			uncond[i] = mask
+	st := d.start(s, o, h, stepHook, guided, 0)
+	for !st.done() {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
 		}
-	}
-	promptPos := make([]bool, len(x))
-	for i, t := range x {
-		promptPos[i] = t != mask
-	}
-	blocks := o.GenLength / o.BlockLength
-	perBlock := o.Steps / blocks
-	step := 0
-	V := s.m.Config.EmbeddingRows()
-	for b := 0; b < blocks; b++ {
-		lo, hi := d.genStart+b*o.BlockLength, d.genStart+(b+1)*o.BlockLength
-		n := 0
-		for i := lo; i < hi; i++ {
-			if x[i] == mask {
-				n++
-			}
-		}
-		counts := transferCounts(n, perBlock)
-		for i := 0; i < perBlock; i++ {
-			if err := ctx.Err(); err != nil {
-				return nil, fmt.Errorf("%w: %w", ErrCancelled, err)
-			}
-			// Only masked positions of this block can be chosen, so only
-			// their logits are computed.
-			var pos []int32
-			for p := lo; p < hi; p++ {
-				if x[p] == mask {
-					pos = append(pos, int32(p))
-				}
-			}
-			if h.trace != nil {
-				h.trace(TraceCall{Branch: 0, Input: append([]int32(nil), x...)})
-			}
-			if len(pos) == 0 {
-				step++
-				continue
-			}
-			reqs := []ForwardRequest{{Seq: 0, Tokens: x, Logits: true, Positions: pos}}
-			if guided {
-				for p := range x {
-					if !promptPos[p] {
-						uncond[p] = x[p]
-					}
-				}
-				reqs = append(reqs, ForwardRequest{Seq: 1, Tokens: uncond, Logits: true, Positions: pos})
-			}
-			outs, err := s.Forward(ctx, reqs...)
-			if err != nil {
+		var outs []*Logits
+		if reqs := st.requests(); len(reqs) > 0 {
+			var err error
+			if outs, err = s.Forward(ctx, reqs...); err != nil {
 				return nil, err
 			}
-			x0 := make([]int32, len(pos))
-			conf := make([]float64, len(pos))
-			row := make([]float64, V)
-			for j, p := range pos {
-				c := outs[0].Row(j)
-				for v := range row {
-					row[v] = float64(c[v])
-				}
-				if guided {
-					u := outs[1].Row(j)
-					for v := range row {
-						row[v] = float64(u[v]) + (o.CFGScale+1)*(row[v]-float64(u[v]))
-					}
-				}
-				best, bestScore, mx := 0, math.Inf(-1), math.Inf(-1)
-				for v, l := range row {
-					if d.allowed != nil && (v >= len(d.allowed) || !d.allowed[v]) {
-						mx = math.Max(mx, l)
-						continue
-					}
-					score := l
-					if o.Temperature > 0 {
-						score += o.Temperature * gumbel(o.Seed, step, int(p), purposeTextSample, v)
-					}
-					if score > bestScore {
-						best, bestScore = v, score
-					}
-					mx = math.Max(mx, l)
-				}
-				var sum float64
-				for _, l := range row {
-					sum += math.Exp(l - mx)
-				}
-				x0[j] = int32(best)
-				conf[j] = math.Exp(row[best]-mx) / sum
-			}
-			// Unmask the most confident (ties: earlier first).
-			order := make([]int, len(pos))
-			for j := range order {
-				order[j] = j
-			}
-			sort.SliceStable(order, func(a, b int) bool { return conf[order[a]] > conf[order[b]] })
-			k := counts[i]
-			if k > len(order) {
-				k = len(order)
-			}
-			for _, j := range order[:k] {
-				x[pos[j]] = x0[j]
-			}
-			if stepHook != nil {
-				st := TextStepTrace{Step: step, Positions: pos, Count: k, Chosen: x0}
-				for _, out := range outs {
-					st.Logits = append(st.Logits, out.Data)
-				}
-				for _, j := range order[:k] {
-					st.Transferred = append(st.Transferred, pos[j])
-				}
-				sort.Slice(st.Transferred, func(a, b int) bool { return st.Transferred[a] < st.Transferred[b] })
-				stepHook(st)
-			}
-			step++
-			if h.progress != nil {
-				h.progress(step, o.Steps)
-			}
 		}
-		for i := lo; i < hi; i++ {
-			if x[i] == d.special.EOS {
-				return x, nil
-			}
+		st.finish(outs)
+	}
+	return st.x, nil
+}
+
+// textStepper is the text decode as a step machine (see imageStepper):
+// requests gives the step's forwards (none when the block has nothing left
+// masked), finish samples from their outputs.
+type textStepper struct {
+	d        *textDecode
+	o        TextSampling
+	h        imageHooks
+	stepHook func(TextStepTrace)
+	guided   bool
+	seqBase  int
+	V        int
+
+	x, uncond []int32
+	promptPos []bool
+	blocks    int
+	perBlock  int
+	b, i      int // block, step within it
+	step      int
+	lo, hi    int
+	counts    []int
+	pos       []int32
+	finished  bool
+}
+
+func (d *textDecode) start(s *Session, o TextSampling, h imageHooks, stepHook func(TextStepTrace), guided bool,
+	seqBase int) *textStepper {
+	st := &textStepper{d: d, o: o, h: h, stepHook: stepHook, guided: guided, seqBase: seqBase,
+		V: s.m.Config.EmbeddingRows(), x: append([]int32(nil), d.seq...)}
+	mask := d.special.Mask
+	// The unconditional pass masks every position that was not masked at the start.
+	if guided {
+		st.uncond = make([]int32, len(st.x))
+		for i := range st.uncond {
+			st.uncond[i] = mask
 		}
 	}
-	return x, nil
+	st.promptPos = make([]bool, len(st.x))
+	for i, t := range st.x {
+		st.promptPos[i] = t != mask
+	}
+	st.blocks = o.GenLength / o.BlockLength
+	st.perBlock = o.Steps / st.blocks
+	st.enterBlock()
+	return st
+}
+
+func (st *textStepper) enterBlock() {
+	st.lo, st.hi = st.d.genStart+st.b*st.o.BlockLength, st.d.genStart+(st.b+1)*st.o.BlockLength
+	n := 0
+	for i := st.lo; i < st.hi; i++ {
+		if st.x[i] == st.d.special.Mask {
+			n++
+		}
+	}
+	st.counts = transferCounts(n, st.perBlock)
+}
+
+func (st *textStepper) done() bool { return st.finished }
+
+// requests builds the step's forwards; nil when nothing in the block is
+// masked (the step then only counts).
+func (st *textStepper) requests() []ForwardRequest {
+	x, mask := st.x, st.d.special.Mask
+	// Only masked positions of this block can be chosen, so only
+	// their logits are computed.
+	st.pos = nil
+	for p := st.lo; p < st.hi; p++ {
+		if x[p] == mask {
+			st.pos = append(st.pos, int32(p))
+		}
+	}
+	if st.h.trace != nil {
+		st.h.trace(TraceCall{Branch: 0, Input: append([]int32(nil), x...)})
+	}
+	if len(st.pos) == 0 {
+		return nil
+	}
+	reqs := []ForwardRequest{{Seq: st.seqBase, Tokens: x, Logits: true, Positions: st.pos}}
+	if st.guided {
+		for p := range x {
+			if !st.promptPos[p] {
+				st.uncond[p] = x[p]
+			}
+		}
+		reqs = append(reqs, ForwardRequest{Seq: st.seqBase + 1, Tokens: st.uncond, Logits: true, Positions: st.pos})
+	}
+	return reqs
+}
+
+// finish samples the step from the outputs of requests' forwards and
+// moves on; after a block's last step, decoding stops if an end-of-text
+// token appeared in it.
+func (st *textStepper) finish(outs []*Logits) {
+	o, x, pos := st.o, st.x, st.pos
+	if len(pos) > 0 {
+		x0 := make([]int32, len(pos))
+		conf := make([]float64, len(pos))
+		row := make([]float64, st.V)
+		for j, p := range pos {
+			c := outs[0].Row(j)
+			for v := range row {
+				row[v] = float64(c[v])
+			}
+			if st.guided {
+				u := outs[1].Row(j)
+				for v := range row {
+					row[v] = float64(u[v]) + (o.CFGScale+1)*(row[v]-float64(u[v]))
+				}
+			}
+			best, bestScore, mx := 0, math.Inf(-1), math.Inf(-1)
+			for v, l := range row {
+				if st.d.allowed != nil && (v >= len(st.d.allowed) || !st.d.allowed[v]) {
+					mx = math.Max(mx, l)
+					continue
+				}
+				score := l
+				if o.Temperature > 0 {
+					score += o.Temperature * gumbel(o.Seed, st.step, int(p), purposeTextSample, v)
+				}
+				if score > bestScore {
+					best, bestScore = v, score
+				}
+				mx = math.Max(mx, l)
+			}
+			var sum float64
+			for _, l := range row {
+				sum += math.Exp(l - mx)
+			}
+			x0[j] = int32(best)
+			conf[j] = math.Exp(row[best]-mx) / sum
+		}
+		// Unmask the most confident (ties: earlier first).
+		order := make([]int, len(pos))
+		for j := range order {
+			order[j] = j
+		}
+		sort.SliceStable(order, func(a, b int) bool { return conf[order[a]] > conf[order[b]] })
+		k := st.counts[st.i]
+		if k > len(order) {
+			k = len(order)
+		}
+		for _, j := range order[:k] {
+			x[pos[j]] = x0[j]
+		}
+		if st.stepHook != nil {
+			tr := TextStepTrace{Step: st.step, Positions: pos, Count: k, Chosen: x0}
+			for _, out := range outs {
+				tr.Logits = append(tr.Logits, out.Data)
+			}
+			for _, j := range order[:k] {
+				tr.Transferred = append(tr.Transferred, pos[j])
+			}
+			sort.Slice(tr.Transferred, func(a, b int) bool { return tr.Transferred[a] < tr.Transferred[b] })
+			st.stepHook(tr)
+		}
+	}
+	st.step++
+	if len(pos) > 0 && st.h.progress != nil {
+		st.h.progress(st.step, o.Steps)
+	}
+	st.i++
+	if st.i < st.perBlock {
+		return
+	}
+	for i := st.lo; i < st.hi; i++ {
+		if x[i] == st.d.special.EOS {
+			st.finished = true
+			return
+		}
+	}
+	st.b, st.i = st.b+1, 0
+	if st.b == st.blocks {
+		st.finished = true
+		return
+	}
+	st.enterBlock()
 }

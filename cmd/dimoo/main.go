@@ -108,6 +108,8 @@ func dispatch(ctx context.Context, args []string, stdout io.Writer) error {
 		return cmdUnderstand(ctx, args[1:], stdout)
 	case "bench":
 		return cmdBench(ctx, args[1:], stdout)
+	case "serve":
+		return cmdServe(ctx, args[1:], stdout)
 	case "tokenize":
 		return cmdTokenize(args[1:], stdout)
 	case "detokenize":

@@ -187,6 +187,9 @@ func (g *t2iFlags) open(ctx context.Context, fs *flag.FlagSet) (*dimoo.Pipeline,
 }
 
 func cmdGenerate(ctx context.Context, args []string, w io.Writer) error {
+	if usesPrompts(args) { // a prompt set: see prompts.go
+		return cmdGeneratePrompts(ctx, args, w)
+	}
 	fs := flag.NewFlagSet("generate", flag.ContinueOnError)
 	var g t2iFlags
 	g.register(fs)

@@ -1,0 +1,185 @@
+package serve
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/dimoo-dev/dimoo/dimoo"
+)
+
+// chatRequest is OpenAI's chat/completions body as far as understanding
+// goes: the last user message gives the question (its text parts) and the
+// image (one data-URL image_url part); DiMOO's knobs are extensions.
+type chatRequest struct {
+	Model       string        `json:"model"`
+	Messages    []chatMessage `json:"messages"`
+	MaxTokens   *int          `json:"max_tokens"`
+	Temperature *float64      `json:"temperature"`
+	Seed        *uint64       `json:"seed"`
+	Stream      bool          `json:"stream"`
+	User        string        `json:"user"`
+	// Extensions: steps and block_length (with max_tokens as gen_length),
+	// and text guidance.
+	Steps       int      `json:"steps"`
+	BlockLength int      `json:"block_length"`
+	CFGScale    *float64 `json:"cfg_scale"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+type chatPart struct {
+	Type     string `json:"type"`
+	Text     string `json:"text"`
+	ImageURL *struct {
+		URL    string `json:"url"`
+		Detail string `json:"detail"`
+	} `json:"image_url"`
+}
+
+// question extracts the text and the image of the last user message.
+func (s *Server) question(msgs []chatMessage) (string, []byte, error) {
+	var last *chatMessage
+	for i := range msgs {
+		switch msgs[i].Role {
+		case "user":
+			last = &msgs[i]
+		case "system", "assistant", "developer":
+		default:
+			return "", nil, bad("messages[%d]: unknown role %q", i, msgs[i].Role)
+		}
+	}
+	if last == nil {
+		return "", nil, bad("messages has no user message")
+	}
+	var text string
+	if err := json.Unmarshal(last.Content, &text); err == nil {
+		return "", nil, bad("the user message needs an image: give content as parts with an image_url")
+	}
+	var parts []chatPart
+	dec := json.NewDecoder(bytes.NewReader(last.Content))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&parts); err != nil {
+		return "", nil, bad("user message content: want a string or a list of text and image_url parts: %v", err)
+	}
+	var texts []string
+	var img []byte
+	for i, p := range parts {
+		switch p.Type {
+		case "text":
+			texts = append(texts, p.Text)
+		case "image_url":
+			if p.ImageURL == nil {
+				return "", nil, bad("content[%d]: image_url part without image_url", i)
+			}
+			if img != nil {
+				return "", nil, bad("one image per question")
+			}
+			u := p.ImageURL.URL
+			head, data, ok := strings.Cut(u, ",")
+			if !ok || !strings.HasPrefix(head, "data:image/") || !strings.HasSuffix(head, ";base64") {
+				return "", nil, bad("content[%d]: image_url must be a data URL (data:image/png;base64,...): the server fetches nothing", i)
+			}
+			b, err := base64.StdEncoding.DecodeString(data)
+			if err != nil {
+				return "", nil, bad("content[%d]: the data URL is not valid base64: %v", i, err)
+			}
+			img = b
+		default:
+			return "", nil, bad("content[%d]: unknown part type %q (text or image_url)", i, p.Type)
+		}
+	}
+	if img == nil {
+		return "", nil, bad("the user message has no image_url part: understanding needs an image")
+	}
+	q := strings.TrimSpace(strings.Join(texts, "\n"))
+	if q == "" {
+		return "", nil, bad("the user message has no text")
+	}
+	return q, img, nil
+}
+
+func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine) int {
+	var req chatRequest
+	if err := decodeJSON(r, &req); err != nil {
+		return s.fail(ctx, w, err, "")
+	}
+	if _, err := s.checkCommon(req.Model, "", nil); err != nil {
+		return s.fail(ctx, w, err, "")
+	}
+	if req.Stream {
+		return s.fail(ctx, w, bad("stream is not supported for chat completions"), "")
+	}
+	q, imgBytes, err := s.question(req.Messages)
+	if err != nil {
+		return s.fail(ctx, w, err, "")
+	}
+	img, err := s.readImage(bytes.NewReader(imgBytes), "image_url")
+	if err != nil {
+		return s.fail(ctx, w, err, "")
+	}
+	var o dimoo.TextSampling
+	if req.MaxTokens != nil {
+		if *req.MaxTokens < 1 || *req.MaxTokens > 4096 {
+			return s.fail(ctx, w, bad("max_tokens must be between 1 and 4096"), "")
+		}
+		o.GenLength = *req.MaxTokens
+		o.Steps, o.BlockLength = req.Steps, req.BlockLength
+		if o.Steps == 0 {
+			o.Steps = o.GenLength
+		}
+		if o.BlockLength == 0 {
+			o.BlockLength = o.GenLength
+		}
+	} else if req.Steps != 0 || req.BlockLength != 0 {
+		return s.fail(ctx, w, bad("steps and block_length need max_tokens"), "")
+	}
+	if o.Steps > s.opts.MaxSteps {
+		return s.fail(ctx, w, bad("steps must be at most %d", s.opts.MaxSteps), "")
+	}
+	if req.Temperature != nil {
+		if *req.Temperature < 0 || math.IsNaN(*req.Temperature) || math.IsInf(*req.Temperature, 0) {
+			return s.fail(ctx, w, bad("temperature must be a finite number >= 0"), "")
+		}
+		o.Temperature = *req.Temperature
+	}
+	if req.CFGScale != nil {
+		if *req.CFGScale < 0 || math.IsNaN(*req.CFGScale) || math.IsInf(*req.CFGScale, 0) {
+			return s.fail(ctx, w, bad("cfg_scale must be a finite number >= 0"), "")
+		}
+		o.CFGScale = *req.CFGScale
+	}
+	if req.Seed != nil {
+		o.Seed = *req.Seed
+	}
+	t0 := time.Now()
+	steps := 0
+	understand := e.Pipeline.Understand
+	if e.Batcher != nil {
+		understand = e.Batcher.Understand
+	}
+	answer, err := understand(ctx, dimoo.UnderstandRequest{Question: q, Image: img,
+		InputArea: e.Pipeline.NativeArea(), Sampling: o, Progress: func(step, _ int) { steps = step }})
+	if err != nil {
+		return s.fail(ctx, w, err, "")
+	}
+	s.m.decoded(time.Since(t0), steps)
+	writeJSON(w, http.StatusOK, map[string]any{
+		"id":      fmt.Sprintf("chatcmpl-%x", randomSeed()),
+		"object":  "chat.completion",
+		"created": time.Now().Unix(),
+		"model":   s.opts.ModelName,
+		"choices": []map[string]any{{"index": 0, "finish_reason": "stop",
+			"message": map[string]string{"role": "assistant", "content": answer}}},
+	})
+	return http.StatusOK
+}

@@ -1,0 +1,515 @@
+package serve
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"image"
+	"image/color"
+	"image/png"
+	"io"
+	"mime/multipart"
+	"net"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/dimoo-dev/dimoo/dimoo"
+	"github.com/dimoo-dev/dimoo/internal/gpu"
+)
+
+var (
+	shared     *dimoo.Pipeline
+	sharedErr  error
+	sharedOnce sync.Once
+)
+
+// pipeline opens the shipped small model once for the package's tests.
+func pipeline(t *testing.T) *dimoo.Pipeline {
+	t.Helper()
+	sharedOnce.Do(func() {
+		dir := dimoo.ShippedModelDir()
+		if dir == "" {
+			sharedErr = errors.New("no shipped model under models/")
+			return
+		}
+		lib, err := dimoo.DefaultLibrary()
+		if err != nil {
+			sharedErr = err
+			return
+		}
+		shared, sharedErr = dimoo.OpenPipeline(context.Background(), dir,
+			dimoo.PipelineOptions{LoadOptions: dimoo.LoadOptions{Library: lib, Threads: testThreads}, MaxConcurrent: 64})
+	})
+	if sharedErr != nil {
+		t.Skipf("no engine: %v", sharedErr)
+	}
+	return shared
+}
+
+// testServer serves on an ephemeral loopback port.
+type testServer struct {
+	*Server
+	url    string
+	client *http.Client
+	done   chan error
+}
+
+func start(t *testing.T, batch bool, opts Options) *testServer {
+	t.Helper()
+	p := pipeline(t)
+	e := &Engine{Name: "cpu", Pipeline: p, GPU: -1}
+	if batch {
+		b, err := p.NewBatcher(dimoo.BatchOptions{Seqs: 8, MaxTokens: 256, KVCache: true})
+		require.NoError(t, err)
+		e.Batcher = b
+		t.Cleanup(func() { b.Close() })
+	}
+	s, err := New([]*Engine{e}, opts)
+	require.NoError(t, err)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ts := &testServer{Server: s, url: "http://" + l.Addr().String(), client: &http.Client{}, done: make(chan error, 1)}
+	go func() { ts.done <- s.Serve(l) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = s.Shutdown(ctx)
+		<-ts.done
+		ts.client.CloseIdleConnections()
+	})
+	return ts
+}
+
+type reply struct {
+	status int
+	body   []byte
+	header http.Header
+}
+
+func (r reply) errMessage() string {
+	var e struct {
+		Error struct {
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	_ = json.Unmarshal(r.body, &e)
+	return e.Error.Message
+}
+
+func (ts *testServer) do(ctx context.Context, method, path, ctype string, body []byte) (reply, error) {
+	req, err := http.NewRequestWithContext(ctx, method, ts.url+path, bytes.NewReader(body))
+	if err != nil {
+		return reply{}, err
+	}
+	if ctype != "" {
+		req.Header.Set("Content-Type", ctype)
+	}
+	resp, err := ts.client.Do(req)
+	if err != nil {
+		return reply{}, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return reply{resp.StatusCode, b, resp.Header}, err
+}
+
+func (ts *testServer) post(t *testing.T, path string, v any) reply {
+	t.Helper()
+	b, err := json.Marshal(v)
+	require.NoError(t, err)
+	r, err := ts.do(context.Background(), "POST", path, "application/json", b)
+	require.NoError(t, err)
+	return r
+}
+
+func pngBytes(t testing.TB, img image.Image) []byte {
+	var buf bytes.Buffer
+	require.NoError(t, png.Encode(&buf, img))
+	return buf.Bytes()
+}
+
+func redSquare(w, h int) image.Image {
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for y := 0; y < h; y++ {
+		for x := 0; x < w; x++ {
+			c := color.NRGBA{0, 0, 0, 255}
+			if x >= w/4 && x < w/2 && y >= h/4 && y < h/2 {
+				c = color.NRGBA{255, 0, 0, 255}
+			}
+			img.SetNRGBA(x, y, c)
+		}
+	}
+	return img
+}
+
+// multipartBody builds an images/edits form; files are PNGs.
+func multipartBody(t testing.TB, fields map[string]string, files map[string][]byte) ([]byte, string) {
+	var buf bytes.Buffer
+	mw := multipart.NewWriter(&buf)
+	for k, v := range fields {
+		require.NoError(t, mw.WriteField(k, v))
+	}
+	for k, v := range files {
+		fw, err := mw.CreateFormFile(k, k+".png")
+		require.NoError(t, err)
+		_, err = fw.Write(v)
+		require.NoError(t, err)
+	}
+	require.NoError(t, mw.Close())
+	return buf.Bytes(), mw.FormDataContentType()
+}
+
+func decodeImages(t *testing.T, r reply) []imageData {
+	t.Helper()
+	require.Equal(t, http.StatusOK, r.status, string(r.body))
+	var resp imagesResponse
+	require.NoError(t, json.Unmarshal(r.body, &resp))
+	for _, d := range resp.Data {
+		b, err := base64.StdEncoding.DecodeString(d.B64JSON)
+		require.NoError(t, err)
+		img, err := png.Decode(bytes.NewReader(b))
+		require.NoError(t, err)
+		assert.Equal(t, image.Rect(0, 0, 32, 32), img.Bounds())
+	}
+	return resp.Data
+}
+
+// Every endpoint answers a good request; the same seed gives the same
+// bytes batched and alone; n images take consecutive seeds.
+func TestEndpoints(t *testing.T) {
+	batched := start(t, true, Options{})
+	alone := start(t, false, Options{})
+	seed := uint64(42)
+	gen := map[string]any{"prompt": "a blue square at the center", "n": 2, "seed": seed, "steps": 12,
+		"response_format": "b64_json", "size": "32x32"}
+	a := decodeImages(t, batched.post(t, "/v1/images/generations", gen))
+	b := decodeImages(t, alone.post(t, "/v1/images/generations", gen))
+	require.Len(t, a, 2)
+	assert.Equal(t, []uint64{42, 43}, []uint64{a[0].Seed, a[1].Seed})
+	assert.Equal(t, a, b, "same seeds, batched and alone")
+	assert.NotEqual(t, a[0].B64JSON, a[1].B64JSON)
+	gen["n"] = 1
+	gen["use_cache"] = true
+	c := decodeImages(t, batched.post(t, "/v1/images/generations", gen))
+	d := decodeImages(t, alone.post(t, "/v1/images/generations", gen))
+	assert.Equal(t, c, d, "ML-Cache: same seed, batched and alone")
+
+	in := pngBytes(t, redSquare(32, 32))
+	mask := image.NewNRGBA(image.Rect(0, 0, 32, 32)) // transparent left half: repaint it
+	for y := 0; y < 32; y++ {
+		for x := 16; x < 32; x++ {
+			mask.SetNRGBA(x, y, color.NRGBA{0, 0, 0, 255})
+		}
+	}
+	for _, files := range []map[string][]byte{{"image": in}, {"image": in, "mask": pngBytes(t, mask)}} {
+		body, ct := multipartBody(t, map[string]string{"prompt": "change the color to green", "seed": "3", "steps": "8"}, files)
+		r, err := batched.do(context.Background(), "POST", "/v1/images/edits", ct, body)
+		require.NoError(t, err)
+		decodeImages(t, r)
+		r2, err := alone.do(context.Background(), "POST", "/v1/images/edits", ct, body)
+		require.NoError(t, err)
+		assert.Equal(t, string(r.body[strings.Index(string(r.body), "\"data\""):]),
+			string(r2.body[strings.Index(string(r2.body), "\"data\""):]), "edit: same bytes batched and alone")
+	}
+
+	chat := map[string]any{"model": "dimoo", "seed": 1, "messages": []any{map[string]any{"role": "user", "content": []any{
+		map[string]any{"type": "text", "text": "What is in the image?"},
+		map[string]any{"type": "image_url", "image_url": map[string]string{
+			"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(in)}}}}}}
+	r := batched.post(t, "/v1/chat/completions", chat)
+	require.Equal(t, http.StatusOK, r.status, string(r.body))
+	var cc struct {
+		Object  string `json:"object"`
+		Choices []struct {
+			Message struct{ Role, Content string } `json:"message"`
+		} `json:"choices"`
+	}
+	require.NoError(t, json.Unmarshal(r.body, &cc))
+	assert.Equal(t, "chat.completion", cc.Object)
+	require.Len(t, cc.Choices, 1)
+	assert.Equal(t, "assistant", cc.Choices[0].Message.Role)
+	assert.NotEmpty(t, cc.Choices[0].Message.Content)
+	t.Logf("answer: %q", cc.Choices[0].Message.Content)
+
+	// Progress as server-sent events, then the result.
+	gen["stream"] = true
+	r = batched.post(t, "/v1/images/generations", gen)
+	require.Equal(t, http.StatusOK, r.status)
+	assert.Equal(t, "text/event-stream", r.header.Get("Content-Type"))
+	events := strings.Split(strings.TrimSpace(string(r.body)), "\n\n")
+	require.GreaterOrEqual(t, len(events), 2)
+	assert.True(t, strings.HasPrefix(events[0], "event: progress\ndata: {"), events[0])
+	assert.Contains(t, events[len(events)-2], `"step":12,"total":12`)
+	last := events[len(events)-1]
+	require.True(t, strings.HasPrefix(last, "event: result\ndata: "), last)
+	var res imagesResponse
+	require.NoError(t, json.Unmarshal([]byte(strings.TrimPrefix(last, "event: result\ndata: ")), &res))
+	assert.Equal(t, c[0].B64JSON, res.Data[0].B64JSON, "streaming changes nothing")
+
+	r, err := batched.do(context.Background(), "GET", "/healthz", "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, r.status)
+	r, err = batched.do(context.Background(), "GET", "/metrics", "", nil)
+	require.NoError(t, err)
+	m := string(r.body)
+	for _, want := range []string{"# TYPE dimoo_queue_depth gauge\ndimoo_queue_depth 0\n",
+		`dimoo_requests_total{endpoint="images_generations",outcome="ok"} 3`,
+		`dimoo_requests_total{endpoint="images_edits",outcome="ok"} 2`,
+		`dimoo_requests_total{endpoint="chat_completions",outcome="ok"} 1`,
+		"# TYPE dimoo_decode_seconds histogram", "dimoo_decode_seconds_count 7\n",
+		"dimoo_decode_steps_total ", "dimoo_steps_per_second ", `dimoo_batch_forwards_total{engine="cpu"}`} {
+		assert.Contains(t, m, want)
+	}
+}
+
+// Bad requests get a 4xx status and a message naming the problem.
+func TestBadRequests(t *testing.T) {
+	ts := start(t, true, Options{MaxBodyBytes: 64 << 10, MaxImagePixels: 64 * 64, MaxN: 2})
+	in := pngBytes(t, redSquare(32, 32))
+	big := pngBytes(t, redSquare(100, 100))
+	noise := make([]byte, 100<<10)
+	for i := range noise {
+		noise[i] = byte(i * 7)
+	}
+	type tc struct {
+		name, path, ctype string
+		body              []byte
+		status            int
+		msg               string
+	}
+	js := func(s string) []byte { return []byte(s) }
+	edit := func(fields map[string]string, files map[string][]byte) ([]byte, string) {
+		return multipartBody(t, fields, files)
+	}
+	cases := []tc{
+		{"malformed", "/v1/images/generations", "application/json", js(`{"prompt": "a red`), 400, "malformed JSON"},
+		{"not an object", "/v1/images/generations", "application/json", js(`[1,2]`), 400, "want"},
+		{"empty body", "/v1/images/generations", "application/json", nil, 400, "empty request body"},
+		{"trailing", "/v1/images/generations", "application/json", js(`{"prompt":"a"} {}`), 400, "after the object"},
+		{"unknown field", "/v1/images/generations", "application/json", js(`{"prompt":"a red circle","colour":1}`), 400, `unknown field "colour"`},
+		{"wrong type", "/v1/images/generations", "application/json", js(`{"prompt":5}`), 400, `field "prompt"`},
+		{"no prompt", "/v1/images/generations", "application/json", js(`{"size":"32x32"}`), 400, "prompt is required"},
+		{"bad size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"big"}`), 400, "WIDTHxHEIGHT"},
+		{"odd size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"33x33"}`), 400, "multiples"},
+		{"huge size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"4096x4096"}`), 400, "pixels"},
+		{"n", "/v1/images/generations", "application/json", js(`{"prompt":"a","n":3}`), 400, "n must be"},
+		{"url format", "/v1/images/generations", "application/json", js(`{"prompt":"a","response_format":"url"}`), 400, "b64_json"},
+		{"model", "/v1/images/generations", "application/json", js(`{"prompt":"a","model":"dall-e-3"}`), 400, "unknown model"},
+		{"temperature", "/v1/images/generations", "application/json", js(`{"prompt":"a","temperature":-1}`), 400, "temperature"},
+		{"steps", "/v1/images/generations", "application/json", js(`{"prompt":"a","steps":100000}`), 400, "steps"},
+		{"cache ratio", "/v1/images/generations", "application/json", js(`{"prompt":"a","use_cache":true,"cache_ratio":2}`), 400, "cache_ratio"},
+		{"content type", "/v1/images/generations", "text/plain", js(`{"prompt":"a"}`), 400, "Content-Type"},
+		{"too large", "/v1/images/generations", "application/json", append(js(`{"prompt":"`), bytes.Repeat(js("a"), 100<<10)...), 413, "limit"},
+		{"not multipart", "/v1/images/edits", "application/json", js(`{}`), 400, "multipart"},
+		{"chat no image", "/v1/chat/completions", "application/json",
+			js(`{"messages":[{"role":"user","content":"hello"}]}`), 400, "needs an image"},
+		{"chat url", "/v1/chat/completions", "application/json",
+			js(`{"messages":[{"role":"user","content":[{"type":"text","text":"q"},{"type":"image_url","image_url":{"url":"http://x/y.png"}}]}]}`), 400, "data URL"},
+		{"chat role", "/v1/chat/completions", "application/json", js(`{"messages":[{"role":"robot","content":"x"}]}`), 400, "unknown role"},
+		{"chat bad image", "/v1/chat/completions", "application/json",
+			js(`{"messages":[{"role":"user","content":[{"type":"text","text":"q"},{"type":"image_url","image_url":{"url":"data:image/png;base64,aGVsbG8="}}]}]}`), 400, "not a PNG"},
+	}
+	body, ct := edit(map[string]string{"prompt": "make it a square"}, map[string][]byte{"image": big})
+	cases = append(cases, tc{"oversized image", "/v1/images/edits", ct, body, 400, "more than the server's 4096 pixels"})
+	body, ct = edit(map[string]string{"prompt": "x"}, nil)
+	cases = append(cases, tc{"no image", "/v1/images/edits", ct, body, 400, "no image"})
+	body, ct = edit(map[string]string{"prompt": "x", "strength": "1"}, map[string][]byte{"image": in})
+	cases = append(cases, tc{"edit unknown field", "/v1/images/edits", ct, body, 400, `unknown field "strength"`})
+	body, ct = edit(map[string]string{"prompt": "x", "edit_type": "paint"}, map[string][]byte{"image": in})
+	cases = append(cases, tc{"edit type", "/v1/images/edits", ct, body, 400, "unknown edit type"})
+	body, ct = edit(map[string]string{"prompt": "x"}, map[string][]byte{"image": in, "mask": pngBytes(t, redSquare(16, 16))})
+	cases = append(cases, tc{"mask size", "/v1/images/edits", ct, body, 400, "the mask is 16x16"})
+	body, ct = edit(map[string]string{"prompt": "x"}, map[string][]byte{"image": js("not an image")})
+	cases = append(cases, tc{"edit garbage", "/v1/images/edits", ct, body, 400, "not a PNG or JPEG"})
+	body, ct = edit(map[string]string{"prompt": "x"}, map[string][]byte{"image": noise})
+	cases = append(cases, tc{"edit too large", "/v1/images/edits", ct, body, 413, "limit"})
+	for _, c := range cases {
+		r, err := ts.do(context.Background(), "POST", c.path, c.ctype, c.body)
+		require.NoError(t, err, c.name)
+		assert.Equal(t, c.status, r.status, "%s: %s", c.name, r.body)
+		assert.Contains(t, r.errMessage(), c.msg, c.name)
+	}
+	r, err := ts.do(context.Background(), "GET", "/v1/images/generations", "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusMethodNotAllowed, r.status)
+	assert.Contains(t, r.errMessage(), "takes POST")
+	r, err = ts.do(context.Background(), "POST", "/v1/nothing", "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusNotFound, r.status)
+	assert.Contains(t, r.errMessage(), "no endpoint")
+	// A deadline shorter than the decode.
+	r, err = ts.do(context.Background(), "POST", "/v1/images/generations?timeout=0.001", "application/json",
+		js(`{"prompt":"a red circle at the center","steps":400}`))
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusGatewayTimeout, r.status, string(r.body))
+	r, err = ts.do(context.Background(), "POST", "/v1/images/generations?timeout=x", "application/json", js(`{}`))
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusBadRequest, r.status)
+}
+
+// Concurrent mixed requests on a small queue, some cancelled by their
+// clients, and a shutdown midway: every request is answered (or, cancelled
+// by its client, gets nothing); answers are results or clear errors (429,
+// 503, 504); nothing is left running afterwards.
+func TestLoad(t *testing.T) {
+	p := pipeline(t)
+	// Warm: the library's compute thread starts with the first call.
+	_, err := p.GenerateImage(context.Background(), dimoo.ImageRequest{Prompt: "a red circle at the center",
+		Sampling: dimoo.ImageSampling{Steps: 2}})
+	require.NoError(t, err)
+	runtime.GC()
+	before := runtime.NumGoroutine()
+	func() {
+		b, err := p.NewBatcher(dimoo.BatchOptions{Seqs: 8, MaxTokens: 256})
+		require.NoError(t, err)
+		defer b.Close()
+		s, err := New([]*Engine{{Name: "a", Pipeline: p, Batcher: b}, {Name: "b", Pipeline: p}},
+			Options{MaxInflight: 4, MaxQueue: 6, GPUs: &gpu.Fake{Devices: []gpu.Device{{Name: "NVIDIA H200", MemoryTotal: 141 << 30}}}})
+		require.NoError(t, err)
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		ts := &testServer{Server: s, url: "http://" + l.Addr().String(), client: &http.Client{}, done: make(chan error, 1)}
+		go func() { ts.done <- s.Serve(l) }()
+		defer ts.client.CloseIdleConnections()
+
+		in := pngBytes(t, redSquare(32, 32))
+		editBody, editCT := multipartBody(t, map[string]string{"prompt": "move it to the center", "steps": "16"},
+			map[string][]byte{"image": in})
+		chatBody, _ := json.Marshal(map[string]any{"messages": []any{map[string]any{"role": "user", "content": []any{
+			map[string]any{"type": "text", "text": "What is in the image?"},
+			map[string]any{"type": "image_url", "image_url": map[string]string{
+				"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(in)}}}}}})
+		const N = 40
+		type result struct {
+			i         int
+			r         reply
+			err       error
+			cancelled bool
+		}
+		var sent atomic.Int64
+		results := make(chan result, N)
+		var wg sync.WaitGroup
+		var shutdownErr error
+		shut := make(chan struct{})
+		oks := make(chan struct{}, N) // one per success
+		var shutAt atomic.Int64
+		startShutdown := make(chan struct{})
+		go func() {
+			// Midway (half the requests sent): stop accepting; the grace ends
+			// once two requests have succeeded, failing those still running.
+			<-startShutdown
+			shutAt.Store(sent.Load())
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				defer cancel()
+				for k := 0; k < 2; k++ {
+					select {
+					case <-oks:
+					case <-time.After(20 * time.Second):
+						t.Error("fewer than 2 requests succeeded in time")
+						return
+					}
+				}
+			}()
+			shutdownErr = s.Shutdown(ctx)
+			cancel()
+			close(shut)
+		}()
+		for i := 0; i < N; i++ {
+			if i == N/2 {
+				close(startShutdown)
+			}
+			wg.Add(1)
+			sent.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				cancelled := i%7 == 3
+				if cancelled {
+					time.AfterFunc(time.Duration(5+i)*time.Millisecond, cancel)
+				}
+				var r reply
+				var err error
+				switch i % 4 {
+				case 0, 1:
+					r, err = ts.do(ctx, "POST", "/v1/images/generations", "application/json",
+						[]byte(fmt.Sprintf(`{"prompt":"a red circle at the top left","seed":%d,"n":%d,"steps":%d}`, i, 1+i%2, 16+8*(i%3))))
+				case 2:
+					r, err = ts.do(ctx, "POST", "/v1/images/edits", editCT, editBody)
+				case 3:
+					r, err = ts.do(ctx, "POST", "/v1/chat/completions", "application/json", chatBody)
+				}
+				if err == nil && r.status == http.StatusOK {
+					oks <- struct{}{}
+				}
+				results <- result{i, r, err, cancelled}
+			}()
+			time.Sleep(10 * time.Millisecond)
+		}
+		wg.Wait()
+		close(results)
+		<-shut
+		<-ts.done
+		counts := map[int]int{}
+		for res := range results {
+			if res.err != nil {
+				// Only a client that cancelled, or one that connected after
+				// the listener closed, may go without an answer.
+				if !res.cancelled {
+					assert.True(t, int64(res.i) >= shutAt.Load()-1 && isConnError(res.err), "request %d: %v", res.i, res.err)
+				}
+				continue
+			}
+			counts[res.r.status]++
+			switch res.r.status {
+			case http.StatusOK:
+				assert.NotEmpty(t, res.r.body)
+			case http.StatusTooManyRequests, http.StatusServiceUnavailable:
+				assert.NotEmpty(t, res.r.header.Get("Retry-After"), "request %d", res.i)
+				assert.NotEmpty(t, res.r.errMessage(), "request %d", res.i)
+			default:
+				t.Errorf("request %d: status %d: %s", res.i, res.r.status, res.r.body)
+			}
+		}
+		t.Logf("statuses: %v; shutdown after request %d: %v", counts, shutAt.Load(), shutdownErr)
+		assert.GreaterOrEqual(t, counts[http.StatusOK], 2)
+		var sb strings.Builder
+		s.writeMetrics(&sb)
+		assert.Contains(t, sb.String(), `dimoo_gpu_memory_total_bytes{gpu="0",name="NVIDIA H200"} 1.51397597184e+11`)
+	}()
+	// Every goroutine the server, its connections and the batcher started
+	// has ended.
+	deadline := time.Now().Add(5 * time.Second)
+	after := runtime.NumGoroutine()
+	for after > before && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		after = runtime.NumGoroutine()
+	}
+	if after > before {
+		buf := make([]byte, 1<<20)
+		t.Errorf("goroutines: %d before, %d after:\n%s", before, after, buf[:runtime.Stack(buf, true)])
+	}
+}
+
+// isConnError: the request never reached a live server (the listener was
+// closed, or the idle connection it was sent on was closed by shutdown).
+func isConnError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) || errors.Is(err, io.EOF) || strings.Contains(err.Error(), "server closed idle connection")
+}
+
+// testThreads keeps the tests to one compute thread: on a shared machine
+// OpenMP's barriers across busy cores cost more than they give.
+const testThreads = 1
