@@ -301,7 +301,8 @@ func TestBadRequests(t *testing.T) {
 		{"wrong type", "/v1/images/generations", "application/json", js(`{"prompt":5}`), 400, `field "prompt"`},
 		{"no prompt", "/v1/images/generations", "application/json", js(`{"size":"32x32"}`), 400, "prompt is required"},
 		{"bad size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"big"}`), 400, "WIDTHxHEIGHT"},
-		{"odd size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"33x33"}`), 400, "multiples"},
+		// Other sizes are floored to the factor, as the official script does.
+		{"size below the factor", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"2x2"}`), 400, "at least"},
 		{"huge size", "/v1/images/generations", "application/json", js(`{"prompt":"a","size":"4096x4096"}`), 400, "pixels"},
 		{"n", "/v1/images/generations", "application/json", js(`{"prompt":"a","n":3}`), 400, "n must be"},
 		{"url format", "/v1/images/generations", "application/json", js(`{"prompt":"a","response_format":"url"}`), 400, "b64_json"},
