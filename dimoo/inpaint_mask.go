@@ -96,10 +96,5 @@ func (p *Pipeline) InpaintMask(ctx context.Context, req InpaintRequest, mask ima
 	if err != nil {
 		return nil, err
 	}
-	prefixes := [][]int32{in.Prefixes[0]}
-	if req.CFGScale > 0 {
-		prefixes = in.Prefixes
-	}
-	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), in.Answer, in.GridW, in.GridH,
-		p.imageSampling(req.Sampling), req.Progress, req.Stats)
+	return p.decodeGuided(ctx, in, req.CFGScale, req.Sampling, req.Progress, req.Stats)
 }

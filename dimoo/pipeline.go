@@ -254,6 +254,17 @@ func cfgWeights(s float64) []float32 {
 	return []float32{float32(1 + s), float32(-s)}
 }
 
+// decodeGuided decodes a text-guided image (cond, and uncond when cfg > 0).
+func (p *Pipeline) decodeGuided(ctx context.Context, in ImageInputs, cfg float64, s ImageSampling,
+	progress func(int, int), stats *DecodeStats) (image.Image, error) {
+	prefixes := [][]int32{in.Prefixes[0]}
+	if cfg > 0 {
+		prefixes = in.Prefixes
+	}
+	return p.decodeImage(ctx, prefixes, cfgWeights(cfg), in.Answer, in.GridW, in.GridH, p.imageSampling(s),
+		progress, stats)
+}
+
 // GenerateImage draws an image for a text prompt.
 func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.Image, error) {
 	if strings.TrimSpace(req.Prompt) == "" {
@@ -279,12 +290,7 @@ func (p *Pipeline) GenerateImage(ctx context.Context, req ImageRequest) (image.I
 		return nil, err
 	}
 	defer p.slots.Release(1)
-	prefixes := [][]int32{in.Prefixes[0]}
-	if req.CFGScale > 0 {
-		prefixes = in.Prefixes
-	}
-	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), in.Answer, in.GridW, in.GridH,
-		p.imageSampling(req.Sampling), req.Progress, req.Stats)
+	return p.decodeGuided(ctx, in, req.CFGScale, req.Sampling, req.Progress, req.Stats)
 }
 
 // EditRequest is an image-to-image request (editing, control, subject,
@@ -392,12 +398,7 @@ func (p *Pipeline) Inpaint(ctx context.Context, req InpaintRequest) (image.Image
 	if err != nil {
 		return nil, err
 	}
-	prefixes := [][]int32{in.Prefixes[0]}
-	if req.CFGScale > 0 {
-		prefixes = in.Prefixes
-	}
-	return p.decodeImage(ctx, prefixes, cfgWeights(req.CFGScale), in.Answer, in.GridW, in.GridH,
-		p.imageSampling(req.Sampling), req.Progress, req.Stats)
+	return p.decodeGuided(ctx, in, req.CFGScale, req.Sampling, req.Progress, req.Stats)
 }
 
 // UnderstandRequest asks a question about an image.
