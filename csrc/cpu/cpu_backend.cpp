@@ -312,18 +312,37 @@ private:
         cpu::gemm_nt(M, N, K, A, lda, base, W.dtype, K, C, N, acc);
     }
 
-    void forward_one(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
-        const auto &S = m_.shape_;
-        const auto &c = S.cfg;
-        const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size;
-        // Rows that run through the network, as sequence positions.
+    // Rows that run through the network, as sequence positions: the
+    // `compute` positions under ML-Cache USE, else all of them.
+    void set_rows(const dimoo_forward_args &a) {
         rows_.clear();
         if (a.cache_mode == DIMOO_CACHE_USE) {
             rows_.assign(a.compute, a.compute + a.n_compute);
         } else {
-            rows_.resize(T);
-            for (int i = 0; i < T; i++) rows_[i] = i;
+            rows_.resize(a.n_tokens);
+            for (int i = 0; i < a.n_tokens; i++) rows_[i] = i;
         }
+    }
+
+    // Output rows: indices into rows_ of the requested positions.
+    std::vector<int> out_rows(const dimoo_forward_args &a) const {
+        std::vector<int> sel;
+        if (a.out_positions) {
+            sel.resize(a.n_out);
+            for (int i = 0; i < a.n_out; i++)
+                sel[i] = int(std::lower_bound(rows_.begin(), rows_.end(), a.out_positions[i]) - rows_.begin());
+        } else {
+            sel.resize(rows_.size());
+            for (size_t i = 0; i < sel.size(); i++) sel[i] = int(i);
+        }
+        return sel;
+    }
+
+    void forward_one(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
+        const auto &S = m_.shape_;
+        const auto &c = S.cfg;
+        const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size;
+        set_rows(a);
         const int R = int(rows_.size());
 
         const Tensor &wte = m_.w(WeightKind::Embedding);
@@ -370,16 +389,7 @@ private:
         }
         if (!a.logits) return;
 
-        // Output rows: indices into rows_ of the requested positions.
-        std::vector<int> sel;
-        if (a.out_positions) {
-            sel.resize(a.n_out);
-            for (int i = 0; i < a.n_out; i++)
-                sel[i] = int(std::lower_bound(rows_.begin(), rows_.end(), a.out_positions[i]) - rows_.begin());
-        } else {
-            sel.resize(R);
-            for (int i = 0; i < R; i++) sel[i] = i;
-        }
+        const std::vector<int> sel = out_rows(a);
         const int O = int(sel.size());
         // Gather, norm, then only the requested columns of the head.
         for (int i = 0; i < O; i++) std::copy_n(x_.data() + size_t(sel[i]) * d, d, att_.data() + size_t(i) * d);
@@ -440,25 +450,9 @@ private:
         const auto &c = S.cfg;
         const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size, hd = S.head_dim;
         const cpu::Kernels ks = m_.kernels();
-        rows_.clear();
-        if (a.cache_mode == DIMOO_CACHE_USE) {
-            rows_.assign(a.compute, a.compute + a.n_compute);
-        } else {
-            rows_.resize(T);
-            for (int i = 0; i < T; i++) rows_[i] = i;
-        }
+        set_rows(a);
         const int R = int(rows_.size());
-        std::vector<int> sel;
-        if (a.logits) {
-            if (a.out_positions) {
-                sel.resize(a.n_out);
-                for (int i = 0; i < a.n_out; i++)
-                    sel[i] = int(std::lower_bound(rows_.begin(), rows_.end(), a.out_positions[i]) - rows_.begin());
-            } else {
-                sel.resize(R);
-                for (int i = 0; i < R; i++) sel[i] = i;
-            }
-        }
+        const std::vector<int> sel = a.logits ? out_rows(a) : std::vector<int>();
         const int O = int(sel.size());
         const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end;
         const size_t layer_cache = size_t(p_.max_tokens) * kv;

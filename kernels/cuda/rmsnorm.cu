@@ -23,6 +23,22 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 constexpr int kThreads = 256;
 
+// Sum of v over the block's kThreads threads, returned to every thread: a
+// warp reduction, then across warps through shared memory.
+__device__ __forceinline__ float block_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __shared__ float partial[kThreads / 32];
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float w = threadIdx.x < kThreads / 32 ? partial[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+        if (threadIdx.x == 0) partial[0] = w;
+    }
+    __syncthreads();
+    return partial[0];
+}
+
 template <class T>
 __global__ void rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ out, int cols,
                                float eps) {
@@ -33,18 +49,8 @@ __global__ void rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w,
         float v = to_f32(xr[c]);
         ss += v * v;
     }
-    // Warp reduction, then across warps through shared memory.
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    __shared__ float partial[kThreads / 32];
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < kThreads / 32 ? partial[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) partial[0] = v;
-    }
-    __syncthreads();
-    const float inv = rsqrtf(partial[0] / float(cols) + eps);
+    ss = block_sum(ss);
+    const float inv = rsqrtf(ss / float(cols) + eps);
     T *orow = out + row * cols;
     for (int c = threadIdx.x; c < cols; c += kThreads) orow[c] = from_f32<T>(to_f32(xr[c]) * inv * to_f32(w[c]));
 }
@@ -65,17 +71,8 @@ __global__ void rmsnorm_f32_bf16_kernel(const float *__restrict__ x, const int32
     const float *xr = x + row * cols;
     float ss = 0.f;
     for (int c = threadIdx.x; c < cols; c += kThreads) ss += xr[c] * xr[c];
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    __shared__ float partial[kThreads / 32];
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < kThreads / 32 ? partial[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) partial[0] = v;
-    }
-    __syncthreads();
-    const float inv = 1.0f / sqrtf(partial[0] / float(cols) + eps);
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / float(cols) + eps);
     __nv_bfloat16 *orow = out + size_t(blockIdx.x) * cols;
     for (int c = threadIdx.x; c < cols; c += kThreads) orow[c] = __float2bfloat16_rn(xr[c] * inv * w[c]);
 }
