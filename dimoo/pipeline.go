@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -29,6 +30,8 @@ type Pipeline struct {
 
 	defaults Defaults
 	slots    *semaphore.Weighted
+	textIDs  sync.Once // fills textMask, the ids answers may draw
+	textMask []bool
 }
 
 // PipelineOptions extend LoadOptions.

@@ -223,10 +223,8 @@ func (p *Pipeline) checkInpaint(req InpaintRequest) error {
 	if err := checkFloat("mask_w_ratio", req.MaskW, 0, 1); err != nil {
 		return err
 	}
-	if err := checkGuidance("cfg_scale", req.CFGScale); err != nil {
-		return err
-	}
-	return p.checkArea(req.InputArea)
+	// InputArea is unused: the image keeps its own size (checkOutputSize).
+	return checkGuidance("cfg_scale", req.CFGScale)
 }
 
 func (p *Pipeline) checkUnderstand(req UnderstandRequest, o TextSampling) error {
@@ -249,8 +247,14 @@ func countID(s []int32, id int32) int {
 
 // textTokens marks the ids an understanding answer may draw: those the
 // tokenizer can turn back into text, image codes excluded (the model's head
-// spans both, and an answer holding an image code cannot be detokenized).
+// spans both, and an answer holding an image code cannot be detokenized);
+// built once per pipeline, read-only after.
 func (p *Pipeline) textTokens() []bool {
+	p.textIDs.Do(func() { p.textMask = p.textTokenMask() })
+	return p.textMask
+}
+
+func (p *Pipeline) textTokenMask() []bool {
 	allowed := make([]bool, p.Model.Config.EmbeddingRows())
 	lo, hi := int(p.Special.ImageOffset), int(p.Special.ImageOffset)+int(p.Special.Codebook)
 	for v := range allowed {
@@ -260,13 +264,4 @@ func (p *Pipeline) textTokens() []bool {
 		_, allowed[v] = p.Tokenizer.Token(int32(v))
 	}
 	return allowed
-}
-
-// areaDefault is the input area a request with none gets: the model's
-// dimoo.json input_area, else the task's reference area.
-func (p *Pipeline) areaDefault(reference int) int {
-	if p.defaults.InputArea > 0 {
-		return p.defaults.InputArea
-	}
-	return reference
 }
