@@ -49,13 +49,51 @@ struct ModelShape {
     int n_weights() const { return 3 + kLayerWeightKinds * cfg.n_layers; }
 };
 
+// Kept logits (ABI 4). A context's backend stores, per seq, keep_rows row
+// slots of keep_cols floats and each slot's row maximum, on its device. It
+// knows nothing of positions: api.cpp maps positions to slots and hands the
+// backend slot indices, so every backend keeps the same state the same way.
+struct ImageStepCall {
+    const dimoo_image_step_args *a; // validated: seqs, masked, n_select, outputs
+    int n_codes;                    // kept column range width of every branch
+    const int32_t *slots[DIMOO_MAX_BRANCHES]; // [n_pos] slot of masked[i] in branch b's seq
+    // [n_pos]: nonzero where the guided row's top log-probability stored by
+    // an earlier step for this position is still current (no branch's row
+    // rewritten since). A backend may ignore it; the decisions are the same.
+    const uint8_t *top_valid;
+    // [n_pos] where that value lives, seqs[0] * max_tokens + offsets[0] +
+    // masked[i]: the backend keeps n_seqs * max_tokens doubles for it.
+    const int32_t *top_index;
+};
+
+struct TextStepCall {
+    const dimoo_text_step_args *a; // validated
+    int n_cols, vocab_begin;       // the kept range of both seqs
+    const int32_t *slots;          // [n_pos] slot of positions[i] in seq
+    const int32_t *uncond_slots;   // [n_pos] in uncond_seq, or null without guidance
+};
+
 class Ctx {
 public:
     virtual ~Ctx() = default;
     // n forwards on distinct sequences, already validated by api.cpp
     // (ids and positions in range, sorted, cache state consistent);
-    // `cancel` is polled between layers.
-    virtual void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel) = 0;
+    // `cancel` is polled between layers. keep_slots[i] (for args[i].keep):
+    // the slot of each output row (row j of the output goes to slot
+    // keep_slots[i][j]), null for args without keep.
+    virtual void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel,
+                         const int32_t *const *keep_slots) = 0;
+    virtual void image_step(const ImageStepCall &c) = 0;
+    virtual void text_step(const TextStepCall &c) = 0;
+    // allowed[v] for v < n (n <= embedding_size); replaces the last mask.
+    virtual void set_token_mask(const uint8_t *allowed, int n) = 0;
+    // ML-Cache selection over the row maxima of slots[0..n) (positions 0..n-1
+    // in order): writes the positions <= the q-quantile to out, returns
+    // their count.
+    virtual int cache_select(int seq, const int32_t *slots, int n, double q, int32_t *out) = 0;
+    // Tests and replays: host rows (n rows of n_cols floats) into the slots,
+    // as a forward with keep writes them (row maxima computed here).
+    virtual void load_kept(int seq, const int32_t *slots, int n, int n_cols, const float *rows) = 0;
     virtual int64_t bytes() const = 0;
 };
 
@@ -72,8 +110,6 @@ class Backend {
 public:
     virtual ~Backend() = default;
     virtual std::string describe() const = 0;
-    virtual void rmsnorm(int32_t dtype, const void *x, const void *w, void *out, int rows, int cols,
-                         float eps) = 0;
     virtual std::unique_ptr<Model> create_model(const ModelShape &shape) = 0;
 };
 

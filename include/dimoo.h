@@ -40,7 +40,10 @@ extern "C" {
 #define DIMOO_API __attribute__((visibility("default")))
 #endif
 
-#define DIMOO_ABI_VERSION 3 /* 2: dimoo_sample_image; 3: its n_select */
+/* 2: dimoo_sample_image; 3: its n_select; 4: context-resident logits (keep,
+ * keep_cols), dimoo_image_step, dimoo_text_step, dimoo_cache_select,
+ * dimoo_ctx_set_token_mask; dimoo_op_rmsnorm removed */
+#define DIMOO_ABI_VERSION 4
 
 /* ---- status codes --------------------------------------------------------- */
 
@@ -102,14 +105,6 @@ DIMOO_API const char *dimoo_runtime_error(const dimoo_runtime *rt);
 /* One line naming the backend and device, e.g. "cpu: 2 threads, avx2". */
 DIMOO_API int32_t dimoo_runtime_describe(dimoo_runtime *rt, char *buf, size_t len);
 
-/* ---- single kernels (tests and benchmarks; not the hot path) ----------------- */
-
-/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows x cols, all of `dtype`,
- * host pointers. On CUDA the data is copied to the device, the kernel runs,
- * and the result is copied back. */
-DIMOO_API int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void *x, const void *w,
-                                   void *out, int32_t rows, int32_t cols, float eps);
-
 /* ---- fused image-code sampling (reference section 3, one step) --------------- */
 
 #define DIMOO_MAX_BRANCHES 4
@@ -123,8 +118,9 @@ DIMOO_API int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void 
  * G is standard Gumbel noise -log(-log(u)) in double precision, u = (w + 0.5) / 2^32
  * with w word (index & 3) of Philox4x32-10 on the counter
  * (pos, index >> 2, step, purpose) under the key (seed low, seed high 32 bits).
- * Host memory; runs on the CPU threads of any runtime (the CUDA sampler over
- * device logits is a later addition).
+ * Host memory; runs on the CPU threads of any runtime. (dimoo_image_step is
+ * the same decision over logits a forward left in a context, on the
+ * context's device.)
  *
  * n_select = 0 draws every position. n_select = k in 1..n_pos asks only for
  * the k positions that a stable ascending sort by conf puts last (those the
@@ -202,6 +198,11 @@ typedef struct dimoo_ctx_params {
     int32_t n_seqs;     /* sequence slots (e.g. 2 for cond + uncond) */
     int32_t max_tokens; /* longest sequence a forward will see */
     int32_t flags;      /* DIMOO_CTX_* */
+    /* Context-resident logits (see "kept logits" below): each seq gets
+     * keep_rows rows (0 means max_tokens) of keep_cols floats on the
+     * context's device, allocated at creation. keep_cols 0: none. */
+    int32_t keep_rows;
+    int32_t keep_cols;
 } dimoo_ctx_params;
 
 /* The model must outlive the context. */
@@ -212,7 +213,8 @@ DIMOO_API const char *dimoo_ctx_error(const dimoo_ctx *c);
 /* Ask a running forward to stop between layers (DIMOO_ERR_CANCELLED). Any
  * thread. The flag is cleared when the next forward starts. */
 DIMOO_API void dimoo_ctx_cancel(dimoo_ctx *c);
-/* Bytes of scratch and cache memory the context holds. */
+/* Bytes of scratch, cache and kept-logit memory the context holds; all of
+ * it is allocated by dimoo_ctx_create. */
 DIMOO_API int64_t dimoo_ctx_bytes(const dimoo_ctx *c);
 
 /* One sequence's forward.
@@ -227,7 +229,18 @@ DIMOO_API int64_t dimoo_ctx_bytes(const dimoo_ctx *c);
  *   (n_out of them; NULL with n_out == 0 means every position, in order; under
  *   USE each must be one of `compute`), columns are [vocab_begin, vocab_end)
  *   of the output head (vocab_end == 0 means embedding_size). `logits` holds
- *   rows x columns floats, row-major. */
+ *   rows x columns floats, row-major.
+ * Kept logits: with keep = 1 the same rows (computed when logits is NULL
+ *   too) also go to the seq's context-resident logits, found by position,
+ *   with each row's maximum; they stay on the context's device for
+ *   dimoo_image_step, dimoo_text_step and dimoo_cache_select. The column
+ *   range must be at most keep_cols wide. A NONE or STORE forward with keep
+ *   replaces the seq's kept rows by its own; a USE forward replaces the rows
+ *   of its positions and keeps the others (ML-Cache's logit cache: rows not
+ *   recomputed keep the logits of the step that computed them), unless its
+ *   column range differs from theirs. More than keep_rows distinct
+ *   positions kept in a seq is DIMOO_ERR_INVALID_ARGUMENT. A failed forward
+ *   forgets every kept row of its seqs. */
 typedef struct dimoo_forward_args {
     int32_t seq;
     int32_t n_tokens;
@@ -244,11 +257,97 @@ typedef struct dimoo_forward_args {
      * row over the column range, for ML-Cache's max-logit selection without
      * another pass over the logits. */
     float *row_max;
+    int32_t keep; /* 0 or 1: also keep the rows in the context (ABI 4) */
 } dimoo_forward_args;
 
 /* Runs n_args forwards, one per distinct seq; a backend may batch them
  * (different lengths allowed). */
 DIMOO_API int32_t dimoo_forward(dimoo_ctx *c, const dimoo_forward_args *args, int32_t n_args);
+
+/* ---- decode steps over kept logits (ABI 4) ------------------------------------
+ *
+ * One sampling step as one call on the context, over the logits forwards
+ * left there (keep = 1): on a CUDA context they never leave the device and
+ * only the decisions come back. The decisions are those of
+ * dimoo_sample_image (image) and of the text sampler below, bit for bit, on
+ * every backend.
+ *
+ * dimoo_image_step: branch b's logits at masked position i are the kept row
+ * offsets[b] + masked[i] of seq seqs[b] (all branches kept over the same
+ * column range, whose width is the code count); the Philox position of i is
+ * offsets[0] + masked[i]. Otherwise as dimoo_sample_args: guidance weights,
+ * temperature, step and seed; n_select = 0 returns every position's code in
+ * out_codes[n_pos] (and out_conf[n_pos] when not NULL); n_select = k returns
+ * the k positions the image sampler unmasks: their indices into masked,
+ * increasing, in out_selected[k], their codes in out_codes[k] (and
+ * out_conf[k]). A row not kept is DIMOO_ERR_INVALID_ARGUMENT.
+ * ML-Cache's saving of dimoo_sample_args' top_logp is automatic: the
+ * context remembers the guided rows' top log-probabilities and which kept
+ * rows they came from. */
+typedef struct dimoo_image_step_args {
+    int32_t n_branches; /* 1 .. DIMOO_MAX_BRANCHES */
+    int32_t seqs[DIMOO_MAX_BRANCHES];
+    int32_t offsets[DIMOO_MAX_BRANCHES]; /* position of answer index 0 in each branch */
+    float weights[DIMOO_MAX_BRANCHES];
+    int32_t n_pos;
+    const int32_t *masked;  /* [n_pos] answer-relative, strictly increasing */
+    int32_t step;
+    uint64_t seed;
+    float temperature;
+    int32_t n_select;
+    int32_t *out_selected;  /* [n_select] */
+    int32_t *out_codes;     /* [n_select], or [n_pos] when n_select == 0 */
+    double *out_conf;       /* same length as out_codes, or NULL */
+} dimoo_image_step_args;
+
+DIMOO_API int32_t dimoo_image_step(dimoo_ctx *c, const dimoo_image_step_args *a);
+
+/* dimoo_text_step: the understanding sampler (LLaDA low-confidence
+ * remasking). For each of the n_pos positions p (strictly increasing), over
+ * the kept row p of seq (and of uncond_seq, same column range, when >= 0),
+ * in double precision:
+ *   l_v = c_v                                   (uncond_seq < 0)
+ *   l_v = u_v + (cfg_scale + 1) (c_v - u_v)     (guided)
+ *   token = argmax over allowed v of l_v + temperature * G(seed, step, p, 3, v)
+ *           (first on ties; v is the token id, vocab_begin + column; no
+ *           noise at temperature 0)
+ *   conf  = exp(l_token - max l) / sum_v exp(l_v - max l)  (all columns)
+ * with G the Gumbel noise of dimoo_sample_args. Allowed: every column, or
+ * with use_mask the ids dimoo_ctx_set_token_mask marked (ids beyond its
+ * length are not allowed). The n_select positions of highest conf (ties:
+ * the earlier position) are chosen: out_positions[n_select] gets them
+ * increasing, out_tokens[n_select] their tokens. out_all_tokens (NULL or
+ * [n_pos]) gets every position's token. */
+typedef struct dimoo_text_step_args {
+    int32_t seq;
+    int32_t uncond_seq; /* -1: no guidance */
+    double cfg_scale;
+    double temperature;
+    int32_t step;
+    uint64_t seed;
+    int32_t use_mask;
+    int32_t n_pos;
+    const int32_t *positions; /* [n_pos] */
+    int32_t n_select;         /* 0 .. n_pos */
+    int32_t *out_positions;   /* [n_select] */
+    int32_t *out_tokens;      /* [n_select] */
+    int32_t *out_all_tokens;  /* [n_pos] or NULL */
+} dimoo_text_step_args;
+
+DIMOO_API int32_t dimoo_text_step(dimoo_ctx *c, const dimoo_text_step_args *a);
+
+/* The tokens dimoo_text_step may draw with use_mask: allowed[v] != 0 for
+ * token id v < n. Copied into the context (to its device); replaces the
+ * previous mask. */
+DIMOO_API int32_t dimoo_ctx_set_token_mask(dimoo_ctx *c, const uint8_t *allowed, int32_t n);
+
+/* ML-Cache's choice of the rows to recompute: over the kept rows 0 ..
+ * n_tokens - 1 of seq (all must be kept), the threshold thr = quantile of
+ * their row maxima at q (numpy/torch linear interpolation, in float32), and
+ * out[0 .. *n_out) = the positions whose row maximum is <= thr, increasing
+ * (out has room for n_tokens). */
+DIMOO_API int32_t dimoo_cache_select(dimoo_ctx *c, int32_t seq, int32_t n_tokens, double q, int32_t *out,
+                                     int32_t *n_out);
 
 /* ---- VQ-VAE ------------------------------------------------------------------
  *
