@@ -33,11 +33,42 @@ struct dimoo_model {
     std::string err;
 };
 
+// Which positions of a seq have kept logits, in which slot, over which
+// columns, and since when (stamps from the context's clock: a row rewritten
+// gets a new one). The backend only sees slots.
+struct KeptSeq {
+    int32_t vb = 0, ve = 0;          // column range of the kept rows
+    int32_t used = 0;                // slots in use: 0 .. used-1
+    std::vector<int32_t> slot_of;    // [max_tokens] slot, or -1
+    std::vector<uint64_t> stamp;     // [max_tokens] clock at the row's write
+    void forget() {
+        std::fill(slot_of.begin(), slot_of.end(), -1);
+        used = 0;
+    }
+};
+
+// What an image step's top log-probabilities were computed from.
+struct TopSig {
+    int32_t n_branches = 0, seqs[DIMOO_MAX_BRANCHES] = {}, offsets[DIMOO_MAX_BRANCHES] = {}, vb = 0, ve = 0;
+    float weights[DIMOO_MAX_BRANCHES] = {};
+    bool operator==(const TopSig &o) const {
+        if (n_branches != o.n_branches || vb != o.vb || ve != o.ve) return false;
+        for (int b = 0; b < n_branches; b++)
+            if (seqs[b] != o.seqs[b] || offsets[b] != o.offsets[b] || weights[b] != o.weights[b]) return false;
+        return true;
+    }
+};
+
 struct dimoo_ctx {
     dimoo_model *model = nullptr;
     dimoo_ctx_params params{};
     std::unique_ptr<dimoo::Ctx> impl;
     std::vector<int32_t> cached_len; // per seq: n_tokens of the last STORE, 0 = no cache
+    std::vector<KeptSeq> kept;       // per seq (keep_cols > 0)
+    uint64_t clock = 0;
+    std::vector<uint64_t> top_stamp; // [n_seqs * max_tokens]: stamp the top value was computed at, 0 = none
+    std::vector<TopSig> top_sig;     // per seq (as branch 0)
+    int32_t mask_len = 0;            // dimoo_ctx_set_token_mask's n
     std::atomic<bool> cancel{false};
     std::string err;
 };
@@ -87,7 +118,10 @@ void check_forward(const dimoo_ctx *c, const dimoo_forward_args &a, std::vector<
     }
     if ((a.cache_mode == DIMOO_CACHE_STORE || a.cache_mode == DIMOO_CACHE_USE) && !(c->params.flags & DIMOO_CTX_KV_CACHE))
         dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT, who + "cache modes need a context created with DIMOO_CTX_KV_CACHE");
-    if (!a.logits) {
+    DIMOO_CHECK_ARG(a.keep == 0 || a.keep == 1, who + "keep must be 0 or 1");
+    if (a.keep)
+        DIMOO_CHECK_ARG(c->params.keep_cols > 0, who + "keep needs a context created with keep_cols > 0");
+    if (!a.logits && !a.keep) {
         DIMOO_CHECK_ARG(a.n_out == 0 && a.out_positions == nullptr, who + "output positions given but logits is NULL");
         DIMOO_CHECK_ARG(a.row_max == nullptr, who + "row_max given but logits is NULL");
         return;
@@ -96,6 +130,10 @@ void check_forward(const dimoo_ctx *c, const dimoo_forward_args &a, std::vector<
     DIMOO_CHECK_ARG(a.vocab_begin >= 0 && a.vocab_begin < vend && vend <= cfg.embedding_size,
                     who + "vocab range [" + std::to_string(a.vocab_begin) + ", " + std::to_string(vend) +
                         ") is not inside [0, " + std::to_string(cfg.embedding_size) + ")");
+    if (a.keep)
+        DIMOO_CHECK_ARG(vend - a.vocab_begin <= c->params.keep_cols,
+                        who + "kept logits of " + std::to_string(vend - a.vocab_begin) + " columns exceed keep_cols " +
+                            std::to_string(c->params.keep_cols));
     if (a.out_positions == nullptr) {
         DIMOO_CHECK_ARG(a.n_out == 0, who + "n_out > 0 needs out_positions");
         DIMOO_CHECK_ARG(a.cache_mode != DIMOO_CACHE_USE || a.n_compute == a.n_tokens,
@@ -111,6 +149,43 @@ void check_forward(const dimoo_ctx *c, const dimoo_forward_args &a, std::vector<
             DIMOO_CHECK_ARG(std::binary_search(a.compute, a.compute + a.n_compute, p),
                             who + "output position " + std::to_string(p) + " is not among the compute positions");
     }
+}
+
+// The kept state of a seq after a forward with keep, and the slot of each
+// of its output rows.
+struct KeptPlan {
+    KeptSeq next;
+    std::vector<int32_t> positions; // output rows' positions
+    std::vector<int32_t> slots;     // their slots
+};
+
+KeptPlan plan_keep(const dimoo_ctx *c, const dimoo_forward_args &a) {
+    const auto &cfg = c->model->shape->cfg;
+    KeptPlan p;
+    p.next = c->kept[a.seq];
+    const int32_t vend = a.vocab_end == 0 ? cfg.embedding_size : a.vocab_end;
+    if (a.cache_mode != DIMOO_CACHE_USE || p.next.vb != a.vocab_begin || p.next.ve != vend) p.next.forget();
+    p.next.vb = a.vocab_begin;
+    p.next.ve = vend;
+    if (a.out_positions) p.positions.assign(a.out_positions, a.out_positions + a.n_out);
+    else if (a.cache_mode == DIMOO_CACHE_USE) p.positions.assign(a.compute, a.compute + a.n_compute);
+    else {
+        p.positions.resize(a.n_tokens);
+        for (int32_t i = 0; i < a.n_tokens; i++) p.positions[i] = i;
+    }
+    p.slots.resize(p.positions.size());
+    for (size_t i = 0; i < p.positions.size(); i++) {
+        int32_t &s = p.next.slot_of[p.positions[i]];
+        if (s < 0) {
+            if (p.next.used >= c->params.keep_rows)
+                dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT,
+                            "forward (seq " + std::to_string(a.seq) + "): more than keep_rows " +
+                                std::to_string(c->params.keep_rows) + " positions with kept logits");
+            s = p.next.used++;
+        }
+        p.slots[i] = s;
+    }
+    return p;
 }
 
 struct LayoutField {
@@ -151,6 +226,8 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_ctx_params, n_seqs),
     DIMOO_FIELD(dimoo_ctx_params, max_tokens),
     DIMOO_FIELD(dimoo_ctx_params, flags),
+    DIMOO_FIELD(dimoo_ctx_params, keep_rows),
+    DIMOO_FIELD(dimoo_ctx_params, keep_cols),
     DIMOO_FIELD(dimoo_forward_args, seq),
     DIMOO_FIELD(dimoo_forward_args, n_tokens),
     DIMOO_FIELD(dimoo_forward_args, tokens),
@@ -163,6 +240,33 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_forward_args, vocab_begin),
     DIMOO_FIELD(dimoo_forward_args, vocab_end),
     DIMOO_FIELD(dimoo_forward_args, logits),
+    DIMOO_FIELD(dimoo_forward_args, keep),
+    DIMOO_FIELD(dimoo_image_step_args, n_branches),
+    DIMOO_FIELD(dimoo_image_step_args, seqs),
+    DIMOO_FIELD(dimoo_image_step_args, offsets),
+    DIMOO_FIELD(dimoo_image_step_args, weights),
+    DIMOO_FIELD(dimoo_image_step_args, n_pos),
+    DIMOO_FIELD(dimoo_image_step_args, masked),
+    DIMOO_FIELD(dimoo_image_step_args, step),
+    DIMOO_FIELD(dimoo_image_step_args, seed),
+    DIMOO_FIELD(dimoo_image_step_args, temperature),
+    DIMOO_FIELD(dimoo_image_step_args, n_select),
+    DIMOO_FIELD(dimoo_image_step_args, out_selected),
+    DIMOO_FIELD(dimoo_image_step_args, out_codes),
+    DIMOO_FIELD(dimoo_image_step_args, out_conf),
+    DIMOO_FIELD(dimoo_text_step_args, seq),
+    DIMOO_FIELD(dimoo_text_step_args, uncond_seq),
+    DIMOO_FIELD(dimoo_text_step_args, cfg_scale),
+    DIMOO_FIELD(dimoo_text_step_args, temperature),
+    DIMOO_FIELD(dimoo_text_step_args, step),
+    DIMOO_FIELD(dimoo_text_step_args, seed),
+    DIMOO_FIELD(dimoo_text_step_args, use_mask),
+    DIMOO_FIELD(dimoo_text_step_args, n_pos),
+    DIMOO_FIELD(dimoo_text_step_args, positions),
+    DIMOO_FIELD(dimoo_text_step_args, n_select),
+    DIMOO_FIELD(dimoo_text_step_args, out_positions),
+    DIMOO_FIELD(dimoo_text_step_args, out_tokens),
+    DIMOO_FIELD(dimoo_text_step_args, out_all_tokens),
     // VQ-VAE
     DIMOO_FIELD(dimoo_vq_config, in_channels),
     DIMOO_FIELD(dimoo_vq_config, out_channels),
@@ -231,6 +335,8 @@ int64_t dimoo_struct_size(const char *name) {
     if (n == "dimoo_forward_args") return sizeof(dimoo_forward_args);
     if (n == "dimoo_vq_config") return sizeof(dimoo_vq_config);
     if (n == "dimoo_sample_args") return sizeof(dimoo_sample_args);
+    if (n == "dimoo_image_step_args") return sizeof(dimoo_image_step_args);
+    if (n == "dimoo_text_step_args") return sizeof(dimoo_text_step_args);
     return -1;
 }
 
@@ -278,18 +384,6 @@ const char *dimoo_runtime_error(const dimoo_runtime *rt) { return rt ? rt->err.c
 int32_t dimoo_runtime_describe(dimoo_runtime *rt, char *buf, size_t len) {
     if (!rt) return DIMOO_ERR_INVALID_ARGUMENT;
     return guard(&rt->err, [&] { copy_err(rt->impl->describe(), buf, len); });
-}
-
-int32_t dimoo_op_rmsnorm(dimoo_runtime *rt, int32_t dtype, const void *x, const void *w, void *out, int32_t rows,
-                         int32_t cols, float eps) {
-    if (!rt) return DIMOO_ERR_INVALID_ARGUMENT;
-    return guard(&rt->err, [&] {
-        DIMOO_CHECK_ARG(dimoo::dtype_size(dtype) != 0, "unknown dtype " + std::to_string(dtype));
-        DIMOO_CHECK_ARG(x && w && out, "NULL buffer");
-        DIMOO_CHECK_ARG(rows >= 0 && cols > 0, "bad shape");
-        DIMOO_CHECK_ARG(eps > 0, "eps must be positive");
-        rt->impl->rmsnorm(dtype, x, w, out, rows, cols, eps);
-    });
 }
 
 // ---- sampling ----------------------------------------------------------------
@@ -420,11 +514,25 @@ int32_t dimoo_ctx_create(dimoo_model *m, const dimoo_ctx_params *p, dimoo_ctx **
                         "max_tokens " + std::to_string(p->max_tokens) + " exceeds the model's max_sequence_length " +
                             std::to_string(m->shape->cfg.max_sequence_length));
         DIMOO_CHECK_ARG((p->flags & ~DIMOO_CTX_KV_CACHE) == 0, "unknown context flags");
+        DIMOO_CHECK_ARG(p->keep_cols >= 0 && p->keep_cols <= m->shape->cfg.embedding_size,
+                        "keep_cols must be in [0, embedding_size " + std::to_string(m->shape->cfg.embedding_size) + "]");
+        DIMOO_CHECK_ARG(p->keep_rows >= 0 && p->keep_rows <= p->max_tokens, "keep_rows must be in [0, max_tokens]");
         auto c = std::make_unique<dimoo_ctx>();
         c->model = m;
         c->params = *p;
+        if (c->params.keep_cols == 0) c->params.keep_rows = 0;
+        else if (c->params.keep_rows == 0) c->params.keep_rows = p->max_tokens;
         c->cached_len.assign(p->n_seqs, 0);
-        c->impl = m->impl->create_ctx(*p);
+        if (c->params.keep_cols > 0) {
+            c->kept.resize(p->n_seqs);
+            for (auto &k : c->kept) {
+                k.slot_of.assign(p->max_tokens, -1);
+                k.stamp.assign(p->max_tokens, 0);
+            }
+            c->top_stamp.assign(size_t(p->n_seqs) * p->max_tokens, 0);
+            c->top_sig.resize(p->n_seqs);
+        }
+        c->impl = m->impl->create_ctx(c->params);
         *out = c.release();
     });
     copy_err(msg, err, err_len);
@@ -448,12 +556,205 @@ int32_t dimoo_forward(dimoo_ctx *c, const dimoo_forward_args *args, int32_t n_ar
         DIMOO_CHECK_ARG(args != nullptr && n_args > 0, "no forward arguments");
         std::vector<char> seen(c->params.n_seqs, 0);
         for (int32_t i = 0; i < n_args; i++) check_forward(c, args[i], seen);
-        // A failed or cancelled forward leaves caches half-written: drop them.
+        // Slots of the kept rows, planned (and checked against keep_rows)
+        // before anything runs.
+        std::vector<KeptPlan> plans(n_args);
+        std::vector<const int32_t *> slots(n_args, nullptr);
         for (int32_t i = 0; i < n_args; i++)
+            if (args[i].keep) {
+                plans[i] = plan_keep(c, args[i]);
+                slots[i] = plans[i].slots.data();
+            }
+        // A failed or cancelled forward leaves caches and kept rows
+        // half-written: drop them (kept rows of seqs run without keep come
+        // back once it succeeds).
+        std::vector<KeptSeq> before(c->kept.empty() ? 0 : n_args);
+        for (int32_t i = 0; i < n_args; i++) {
             if (args[i].cache_mode != DIMOO_CACHE_NONE) c->cached_len[args[i].seq] = 0;
-        c->impl->forward(args, n_args, c->cancel);
-        for (int32_t i = 0; i < n_args; i++)
+            if (!c->kept.empty()) {
+                before[i] = c->kept[args[i].seq];
+                c->kept[args[i].seq].forget();
+            }
+        }
+        c->impl->forward(args, n_args, c->cancel, slots.data());
+        for (int32_t i = 0; i < n_args; i++) {
             if (args[i].cache_mode != DIMOO_CACHE_NONE) c->cached_len[args[i].seq] = args[i].n_tokens;
+            if (args[i].keep) {
+                KeptSeq &k = c->kept[args[i].seq];
+                k = std::move(plans[i].next);
+                const uint64_t now = ++c->clock;
+                for (int32_t p : plans[i].positions) k.stamp[p] = now;
+            } else if (!c->kept.empty()) {
+                c->kept[args[i].seq] = std::move(before[i]);
+            }
+        }
+    });
+}
+
+} // extern "C"
+
+// ---- decode steps over kept logits ---------------------------------------------
+
+namespace {
+
+// The slot of seq's kept row at pos; a position without one is the caller's
+// mistake.
+int32_t kept_slot(const dimoo_ctx *c, int32_t seq, int64_t pos, const char *who) {
+    DIMOO_CHECK_ARG(pos >= 0 && pos < c->params.max_tokens,
+                    std::string(who) + ": position " + std::to_string(pos) + " of seq " + std::to_string(seq) +
+                        " is outside the context's " + std::to_string(c->params.max_tokens) + " tokens");
+    const int32_t s = c->kept[seq].slot_of[pos];
+    if (s < 0)
+        dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT, std::string(who) + ": seq " + std::to_string(seq) +
+                                                    " has no kept logits at position " + std::to_string(pos) +
+                                                    " (run a forward with keep = 1 there first)");
+    return s;
+}
+
+void check_kept_ctx(const dimoo_ctx *c, const char *who) {
+    DIMOO_CHECK_ARG(!c->kept.empty(), std::string(who) + " needs a context created with keep_cols > 0");
+}
+
+void check_seq(const dimoo_ctx *c, int32_t seq, const char *who) {
+    DIMOO_CHECK_ARG(seq >= 0 && seq < c->params.n_seqs, std::string(who) + ": seq " + std::to_string(seq) +
+                                                            " out of range [0, " + std::to_string(c->params.n_seqs) +
+                                                            ")");
+}
+
+} // namespace
+
+extern "C" {
+
+int32_t dimoo_image_step(dimoo_ctx *c, const dimoo_image_step_args *a) {
+    if (!c) return DIMOO_ERR_INVALID_ARGUMENT;
+    return guard(&c->err, [&] {
+        const char *who = "image step";
+        check_kept_ctx(c, who);
+        DIMOO_CHECK_ARG(a != nullptr, "args is NULL");
+        DIMOO_CHECK_ARG(a->n_branches >= 1 && a->n_branches <= DIMOO_MAX_BRANCHES,
+                        "n_branches must be in 1.." + std::to_string(DIMOO_MAX_BRANCHES));
+        DIMOO_CHECK_ARG(a->n_pos >= 0, "n_pos must be >= 0");
+        DIMOO_CHECK_ARG(a->n_select >= 0 && a->n_select <= a->n_pos,
+                        "n_select must be in 0..n_pos, got " + std::to_string(a->n_select));
+        DIMOO_CHECK_ARG(a->temperature >= 0 && std::isfinite(a->temperature), "temperature must be finite and >= 0");
+        for (int b = 0; b < a->n_branches; b++) {
+            check_seq(c, a->seqs[b], who);
+            DIMOO_CHECK_ARG(a->offsets[b] >= 0, "offsets must be >= 0");
+            DIMOO_CHECK_ARG(std::isfinite(a->weights[b]), "guidance weights must be finite");
+        }
+        if (a->n_pos == 0) return;
+        DIMOO_CHECK_ARG(a->masked && a->out_codes, "NULL masked or out_codes");
+        DIMOO_CHECK_ARG(a->n_select == 0 || a->out_selected, "n_select > 0 needs out_selected");
+        for (int i = 0; i < a->n_pos; i++)
+            DIMOO_CHECK_ARG(a->masked[i] >= 0 && (i == 0 || a->masked[i] > a->masked[i - 1]),
+                            "masked positions must be >= 0 and strictly increasing");
+        const KeptSeq &k0 = c->kept[a->seqs[0]];
+        dimoo::ImageStepCall call{};
+        call.a = a;
+        call.n_codes = k0.ve - k0.vb;
+        std::vector<std::vector<int32_t>> slots(a->n_branches, std::vector<int32_t>(a->n_pos));
+        std::vector<uint64_t> newest(a->n_pos, 0);
+        for (int b = 0; b < a->n_branches; b++) {
+            const KeptSeq &k = c->kept[a->seqs[b]];
+            DIMOO_CHECK_ARG(k.vb == k0.vb && k.ve == k0.ve, "branches' kept logits cover different columns");
+            for (int i = 0; i < a->n_pos; i++) {
+                const int64_t pos = int64_t(a->offsets[b]) + a->masked[i];
+                slots[b][i] = kept_slot(c, a->seqs[b], pos, who);
+                newest[i] = std::max(newest[i], k.stamp[pos]);
+            }
+            call.slots[b] = slots[b].data();
+        }
+        // Top log-probabilities still current: same branches, weights and
+        // columns as when stored, and no row rewritten since.
+        TopSig sig;
+        sig.n_branches = a->n_branches;
+        sig.vb = k0.vb, sig.ve = k0.ve;
+        for (int b = 0; b < a->n_branches; b++)
+            sig.seqs[b] = a->seqs[b], sig.offsets[b] = a->offsets[b], sig.weights[b] = a->weights[b];
+        const bool same = c->top_sig[a->seqs[0]] == sig;
+        std::vector<uint8_t> valid(a->n_pos);
+        std::vector<int32_t> index(a->n_pos);
+        for (int i = 0; i < a->n_pos; i++) {
+            const int64_t pos = int64_t(a->offsets[0]) + a->masked[i];
+            index[i] = int32_t(int64_t(a->seqs[0]) * c->params.max_tokens + pos);
+            valid[i] = same && c->top_stamp[index[i]] == newest[i];
+        }
+        call.top_valid = valid.data();
+        call.top_index = index.data();
+        c->top_sig[a->seqs[0]] = TopSig{}; // unknown until the step succeeds
+        c->impl->image_step(call);
+        for (int i = 0; i < a->n_pos; i++) c->top_stamp[index[i]] = newest[i];
+        c->top_sig[a->seqs[0]] = sig;
+    });
+}
+
+int32_t dimoo_text_step(dimoo_ctx *c, const dimoo_text_step_args *a) {
+    if (!c) return DIMOO_ERR_INVALID_ARGUMENT;
+    return guard(&c->err, [&] {
+        const char *who = "text step";
+        check_kept_ctx(c, who);
+        DIMOO_CHECK_ARG(a != nullptr, "args is NULL");
+        check_seq(c, a->seq, who);
+        if (a->uncond_seq != -1) check_seq(c, a->uncond_seq, who);
+        DIMOO_CHECK_ARG(std::isfinite(a->cfg_scale), "cfg_scale must be finite");
+        DIMOO_CHECK_ARG(a->temperature >= 0 && std::isfinite(a->temperature), "temperature must be finite and >= 0");
+        DIMOO_CHECK_ARG(a->n_pos >= 0, "n_pos must be >= 0");
+        DIMOO_CHECK_ARG(a->n_select >= 0 && a->n_select <= a->n_pos,
+                        "n_select must be in 0..n_pos, got " + std::to_string(a->n_select));
+        DIMOO_CHECK_ARG(!a->use_mask || c->mask_len > 0, "use_mask without a token mask (dimoo_ctx_set_token_mask)");
+        if (a->n_pos == 0) return;
+        DIMOO_CHECK_ARG(a->positions != nullptr, "positions is NULL");
+        DIMOO_CHECK_ARG(a->n_select == 0 || (a->out_positions && a->out_tokens), "NULL out_positions or out_tokens");
+        const KeptSeq &k = c->kept[a->seq];
+        dimoo::TextStepCall call{};
+        call.a = a;
+        call.n_cols = k.ve - k.vb;
+        call.vocab_begin = k.vb;
+        std::vector<int32_t> slots(a->n_pos), uslots;
+        for (int i = 0; i < a->n_pos; i++) {
+            DIMOO_CHECK_ARG(i == 0 || a->positions[i] > a->positions[i - 1], "positions must be strictly increasing");
+            slots[i] = kept_slot(c, a->seq, a->positions[i], who);
+        }
+        call.slots = slots.data();
+        if (a->uncond_seq >= 0) {
+            const KeptSeq &u = c->kept[a->uncond_seq];
+            DIMOO_CHECK_ARG(u.vb == k.vb && u.ve == k.ve, "the two seqs' kept logits cover different columns");
+            uslots.resize(a->n_pos);
+            for (int i = 0; i < a->n_pos; i++) uslots[i] = kept_slot(c, a->uncond_seq, a->positions[i], who);
+            call.uncond_slots = uslots.data();
+        }
+        c->impl->text_step(call);
+    });
+}
+
+int32_t dimoo_ctx_set_token_mask(dimoo_ctx *c, const uint8_t *allowed, int32_t n) {
+    if (!c) return DIMOO_ERR_INVALID_ARGUMENT;
+    return guard(&c->err, [&] {
+        check_kept_ctx(c, "token mask");
+        DIMOO_CHECK_ARG(allowed != nullptr, "allowed is NULL");
+        const int32_t E = c->model->shape->cfg.embedding_size;
+        DIMOO_CHECK_ARG(n >= 1 && n <= E, "token mask length must be in [1, " + std::to_string(E) + "]");
+        DIMOO_CHECK_ARG(std::any_of(allowed, allowed + n, [](uint8_t v) { return v != 0; }),
+                        "the token mask allows no token");
+        c->mask_len = 0;
+        c->impl->set_token_mask(allowed, n);
+        c->mask_len = n;
+    });
+}
+
+int32_t dimoo_cache_select(dimoo_ctx *c, int32_t seq, int32_t n_tokens, double q, int32_t *out, int32_t *n_out) {
+    if (!c) return DIMOO_ERR_INVALID_ARGUMENT;
+    return guard(&c->err, [&] {
+        const char *who = "cache select";
+        check_kept_ctx(c, who);
+        check_seq(c, seq, who);
+        DIMOO_CHECK_ARG(out && n_out, "NULL out or n_out");
+        DIMOO_CHECK_ARG(n_tokens >= 1 && n_tokens <= c->params.max_tokens,
+                        "n_tokens must be in [1, " + std::to_string(c->params.max_tokens) + "]");
+        DIMOO_CHECK_ARG(q >= 0 && q <= 1, "q must be in [0, 1]");
+        std::vector<int32_t> slots(n_tokens);
+        for (int32_t p = 0; p < n_tokens; p++) slots[p] = kept_slot(c, seq, p, who);
+        *n_out = c->impl->cache_select(seq, slots.data(), n_tokens, q, out);
     });
 }
 

@@ -32,6 +32,8 @@ type cCtxParams struct {
 	NSeqs     int32 `c:"n_seqs"`
 	MaxTokens int32 `c:"max_tokens"`
 	Flags     int32 `c:"flags"`
+	KeepRows  int32 `c:"keep_rows"`
+	KeepCols  int32 `c:"keep_cols"`
 }
 
 // dimoo_forward_args
@@ -48,6 +50,41 @@ type cForwardArgs struct {
 	VocabEnd     int32          `c:"vocab_end"`
 	Logits       unsafe.Pointer `c:"logits"`
 	RowMax       unsafe.Pointer `c:"row_max"`
+	Keep         int32          `c:"keep"`
+}
+
+// dimoo_image_step_args
+type cImageStepArgs struct {
+	NBranches   int32          `c:"n_branches"`
+	Seqs        [4]int32       `c:"seqs"`
+	Offsets     [4]int32       `c:"offsets"`
+	Weights     [4]float32     `c:"weights"`
+	NPos        int32          `c:"n_pos"`
+	Masked      unsafe.Pointer `c:"masked"`
+	Step        int32          `c:"step"`
+	Seed        uint64         `c:"seed"`
+	Temperature float32        `c:"temperature"`
+	NSelect     int32          `c:"n_select"`
+	OutSelected unsafe.Pointer `c:"out_selected"`
+	OutCodes    unsafe.Pointer `c:"out_codes"`
+	OutConf     unsafe.Pointer `c:"out_conf"`
+}
+
+// dimoo_text_step_args
+type cTextStepArgs struct {
+	Seq          int32          `c:"seq"`
+	UncondSeq    int32          `c:"uncond_seq"`
+	CFGScale     float64        `c:"cfg_scale"`
+	Temperature  float64        `c:"temperature"`
+	Step         int32          `c:"step"`
+	Seed         uint64         `c:"seed"`
+	UseMask      int32          `c:"use_mask"`
+	NPos         int32          `c:"n_pos"`
+	Positions    unsafe.Pointer `c:"positions"`
+	NSelect      int32          `c:"n_select"`
+	OutPositions unsafe.Pointer `c:"out_positions"`
+	OutTokens    unsafe.Pointer `c:"out_tokens"`
+	OutAll       unsafe.Pointer `c:"out_all_tokens"`
 }
 
 // dimoo_sample_args
@@ -91,11 +128,13 @@ type cVQConfig struct {
 
 // mirroredStructs maps each C struct name to a zero value of its Go mirror.
 var mirroredStructs = map[string]any{
-	"dimoo_model_config": cModelConfig{},
-	"dimoo_ctx_params":   cCtxParams{},
-	"dimoo_forward_args": cForwardArgs{},
-	"dimoo_vq_config":    cVQConfig{},
-	"dimoo_sample_args":  cSampleArgs{},
+	"dimoo_model_config":    cModelConfig{},
+	"dimoo_ctx_params":      cCtxParams{},
+	"dimoo_forward_args":    cForwardArgs{},
+	"dimoo_vq_config":       cVQConfig{},
+	"dimoo_sample_args":     cSampleArgs{},
+	"dimoo_image_step_args": cImageStepArgs{},
+	"dimoo_text_step_args":  cTextStepArgs{},
 }
 
 // CheckLayouts compares every mirrored struct's size and field offsets with

@@ -13,7 +13,7 @@ import (
 )
 
 // ABIVersion is the DIMOO_ABI_VERSION this package was written against.
-const ABIVersion = 3
+const ABIVersion = 4
 
 // EnvLibrary names the environment variable that points at libdimoo.
 const EnvLibrary = "DIMOO_LIBRARY"
@@ -41,7 +41,6 @@ type Library struct {
 	runtimeFree   func(uintptr)
 	runtimeError  func(uintptr) string
 	runtimeDesc   func(uintptr, *byte, uintptr) int32
-	opRMSNorm     func(rt uintptr, dtype int32, x, w, out unsafe.Pointer, rows, cols int32, eps float32) int32
 	modelCreate   func(rt uintptr, cfg *cModelConfig, out *uintptr, err *byte, errLen uintptr) int32
 	modelFree     func(uintptr)
 	modelError    func(uintptr) string
@@ -55,6 +54,10 @@ type Library struct {
 	ctxBytes      func(uintptr) int64
 	forward       func(c uintptr, args *cForwardArgs, n int32) int32
 	sampleImage   func(rt uintptr, args *cSampleArgs) int32
+	imageStep     func(c uintptr, args *cImageStepArgs) int32
+	textStep      func(c uintptr, args *cTextStepArgs) int32
+	tokenMask     func(c uintptr, allowed *uint8, n int32) int32
+	cacheSelect   func(c uintptr, seq, nTokens int32, q float64, out *int32, nOut *int32) int32
 
 	// VQ-VAE (dimoo_vq_*).
 	vqCreate       func(rt uintptr, cfg *cVQConfig, out *uintptr, err *byte, errLen uintptr) int32
@@ -171,7 +174,6 @@ func openAt(path string) (lib *Library, err error) {
 	reg(&lib.runtimeFree, "dimoo_runtime_destroy")
 	reg(&lib.runtimeError, "dimoo_runtime_error")
 	reg(&lib.runtimeDesc, "dimoo_runtime_describe")
-	reg(&lib.opRMSNorm, "dimoo_op_rmsnorm")
 	reg(&lib.modelCreate, "dimoo_model_create")
 	reg(&lib.modelFree, "dimoo_model_destroy")
 	reg(&lib.modelError, "dimoo_model_error")
@@ -185,6 +187,10 @@ func openAt(path string) (lib *Library, err error) {
 	reg(&lib.ctxBytes, "dimoo_ctx_bytes")
 	reg(&lib.forward, "dimoo_forward")
 	reg(&lib.sampleImage, "dimoo_sample_image")
+	reg(&lib.imageStep, "dimoo_image_step")
+	reg(&lib.textStep, "dimoo_text_step")
+	reg(&lib.tokenMask, "dimoo_ctx_set_token_mask")
+	reg(&lib.cacheSelect, "dimoo_cache_select")
 	reg(&lib.vqCreate, "dimoo_vq_create")
 	reg(&lib.vqFree, "dimoo_vq_destroy")
 	reg(&lib.vqError, "dimoo_vq_error")

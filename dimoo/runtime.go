@@ -79,19 +79,6 @@ func (r *Runtime) Describe() (string, error) {
 	return cString(buf[:]), nil
 }
 
-// RMSNorm runs the backend's RMSNorm kernel on host data of one dtype (F32
-// values as []float32, F16/BF16 as raw []uint16). For tests and benchmarks.
-func (r *Runtime) RMSNorm(dt DType, x, w, out unsafe.Pointer, rows, cols int, eps float32) error {
-	err := errClosed
-	r.lib.native.locked(&r.mu, func() {
-		if r.h != 0 {
-			st := r.lib.opRMSNorm(r.h, int32(dt), x, w, out, int32(rows), int32(cols), eps)
-			err = statusError(st, "dimoo_op_rmsnorm", func() string { return r.lib.runtimeError(r.h) })
-		}
-	})
-	return err
-}
-
 // Close frees the runtime. Models made on it must be closed first.
 func (r *Runtime) Close() error {
 	r.mu.Lock()

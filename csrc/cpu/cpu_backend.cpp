@@ -22,6 +22,7 @@
 #include "backend.h"
 #include "cpu/bf16.h"
 #include "cpu/gemm.h"
+#include "cpu/kept.h"
 #include "vecmath.h"
 
 namespace dimoo {
@@ -179,8 +180,10 @@ public:
             if (m.packed()) // x, q, k, v, rope; A buffers; packed K (and V); per-thread scratch
                 floats = T * (2 * d + 2 * kv + hd) + T * (2 * ast_ + hst_) + n_kv * kv_elems + size_t(nt_) * scratch;
             if (p.flags & DIMOO_CTX_KV_CACHE) floats += 2 * size_t(p.n_seqs) * c.n_layers * T * kv;
+            if (p.keep_cols > 0) floats += size_t(p.n_seqs) * size_t(p.keep_rows) * (size_t(p.keep_cols) + 1) + 2 * T * size_t(p.n_seqs);
             check_host_alloc(floats * sizeof(float), "a context of " + std::to_string(T) + " tokens");
         }
+        if (p.keep_cols > 0) kept_ = std::make_unique<cpu::HostKept>(p.n_seqs, p.max_tokens, p.keep_rows, p.keep_cols);
         // + 32: the fp32 attention reads V panels up to 31 floats past the last row.
         x_.resize(T * d);
         q_.resize(T * d);
@@ -227,26 +230,78 @@ public:
         size_t n = x_.size() + h_.size() + q_.size() + k_.size() + v_.size() + att_.size() + g_.size() + u_.size() +
                    kcache_.size() + vcache_.size() + cos_.size() + sin_.size() + abf_.size() + qbf_.size() +
                    hbf_.size() + scratch_.size() + kpack_f32_.size();
-        return int64_t(n * sizeof(float) + (kpack_.size() + vpack_.size()) * sizeof(uint16_t));
+        return int64_t(n * sizeof(float) + (kpack_.size() + vpack_.size()) * sizeof(uint16_t)) +
+               (kept_ ? kept_->bytes() : 0);
     }
 
-    void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel) override {
-        int saved = omp_get_max_threads();
-        if (m_.n_threads_ > 0) omp_set_num_threads(m_.n_threads_);
-        try {
-            for (int i = 0; i < n; i++) {
-                if (m_.packed_bf16()) forward_packed<true>(args[i], cancel);
-                else if (m_.packed_f32()) forward_packed<false>(args[i], cancel);
-                else forward_one(args[i], cancel);
+    void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel,
+                 const int32_t *const *keep_slots) override {
+        ThreadScope ts(m_.n_threads_);
+        for (int i = 0; i < n; i++) {
+            dimoo_forward_args a = args[i];
+            if (a.keep) {
+                // Rows to keep come out of the head into the caller's buffer,
+                // or into scratch when the caller wants none, then go to
+                // their slots.
+                const int vend = a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end;
+                const int cols = vend - a.vocab_begin;
+                const int rows = a.out_positions ? a.n_out : (a.cache_mode == DIMOO_CACHE_USE ? a.n_compute : a.n_tokens);
+                bool in_order = !a.logits && !a.row_max;
+                for (int j = 0; in_order && j < rows; j++) in_order = keep_slots[i][j] == j;
+                if (in_order) { // straight into the slots
+                    a.logits = kept_->slot_rows(a.seq);
+                    a.row_max = kept_->slot_max(a.seq);
+                    forward_seq(a, cancel);
+                    continue;
+                }
+                if (!a.logits) {
+                    keep_out_.resize(size_t(rows) * cols);
+                    a.logits = keep_out_.data();
+                }
+                if (!a.row_max) {
+                    keep_max_.resize(size_t(rows));
+                    a.row_max = keep_max_.data();
+                }
+                forward_seq(a, cancel);
+                kept_->write(a.seq, keep_slots[i], rows, cols, a.logits, a.row_max);
+            } else {
+                forward_seq(a, cancel);
             }
-        } catch (...) {
-            omp_set_num_threads(saved);
-            throw;
         }
-        omp_set_num_threads(saved);
+    }
+
+    void image_step(const ImageStepCall &c) override {
+        ThreadScope ts(m_.n_threads_);
+        kept_->image_step(c);
+    }
+    void text_step(const TextStepCall &c) override {
+        ThreadScope ts(m_.n_threads_);
+        kept_->text_step(c);
+    }
+    void set_token_mask(const uint8_t *allowed, int n) override { kept_->set_token_mask(allowed, n); }
+    int cache_select(int seq, const int32_t *slots, int n, double q, int32_t *out) override {
+        return kept_->cache_select(seq, slots, n, q, out);
+    }
+    void load_kept(int seq, const int32_t *slots, int n, int n_cols, const float *rows) override {
+        kept_->write(seq, slots, n, n_cols, rows, nullptr);
     }
 
 private:
+    // OpenMP's team size for the runtime's thread count, restored on exit.
+    struct ThreadScope {
+        int saved;
+        explicit ThreadScope(int n) : saved(omp_get_max_threads()) {
+            if (n > 0) omp_set_num_threads(n);
+        }
+        ~ThreadScope() { omp_set_num_threads(saved); }
+    };
+
+    void forward_seq(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
+        if (m_.packed_bf16()) forward_packed<true>(a, cancel);
+        else if (m_.packed_f32()) forward_packed<false>(a, cancel);
+        else forward_one(a, cancel);
+    }
+
     void rope(float *x, int rows, int width, const int32_t *pos) const {
         const int hd = m_.shape_.head_dim, half = hd / 2, heads = width / hd;
 #pragma omp parallel for schedule(static)
@@ -650,6 +705,8 @@ private:
     size_t dp_ = 0, mp_ = 0;   // A-operand elements per row of d and of mlp (bf16 pairs or floats)
     size_t ast_ = 0, hst_ = 0; // their row strides in abf_/qbf_ and hbf_
     std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
+    std::unique_ptr<cpu::HostKept> kept_; // kept logits (keep_cols > 0)
+    std::vector<float> keep_out_, keep_max_; // head output of a keep-only forward
     std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
     std::vector<uint16_t> kpack_, vpack_;
     std::vector<float> kpack_f32_;
@@ -673,20 +730,6 @@ public:
         isa = "neon";
 #endif
         return "cpu: " + std::to_string(n) + " threads, " + isa;
-    }
-
-    void rmsnorm(int32_t dtype, const void *x, const void *w, void *out, int rows, int cols, float eps) override {
-        std::vector<float> xf(size_t(rows) * cols), wf(cols), of(size_t(rows) * cols);
-        for (size_t i = 0; i < xf.size(); i++) xf[i] = load_as_f32(x, dtype, i);
-        for (int i = 0; i < cols; i++) wf[i] = load_as_f32(w, dtype, i);
-        rmsnorm_rows(xf.data(), wf.data(), of.data(), rows, cols, eps);
-        for (size_t i = 0; i < of.size(); i++) {
-            switch (dtype) {
-            case DIMOO_F32: static_cast<float *>(out)[i] = of[i]; break;
-            case DIMOO_F16: static_cast<uint16_t *>(out)[i] = f32_to_f16(of[i]); break;
-            default: static_cast<uint16_t *>(out)[i] = f32_to_bf16(of[i]); break;
-            }
-        }
     }
 
     std::unique_ptr<Model> create_model(const ModelShape &shape) override {

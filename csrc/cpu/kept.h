@@ -1,0 +1,53 @@
+// kept.h - context-resident logits in host memory (ABI 4): the CPU backend's
+// store of kept rows, and its image and text decode steps and ML-Cache
+// selection over them. The CUDA backend keeps the same state on the device
+// and must make the same decisions; its tests compare with this one.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../backend.h"
+
+namespace dimoo::cpu {
+
+class HostKept {
+public:
+    // keep_rows row slots of keep_cols floats per seq; max_tokens sizes the
+    // top-log-probability store (n_seqs * max_tokens doubles).
+    HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols);
+
+    // Rows of one seq are stored at a stride of their column count (all
+    // kept rows of a seq share one column range).
+    void write(int seq, const int32_t *slots, int n, int n_cols, const float *rows, const float *row_max);
+    // The storage of a seq's slots 0.. at a stride of n_cols, and their maxima:
+    // a forward whose rows go to slots 0, 1, ... in order writes there.
+    float *slot_rows(int seq) { return logits_.data() + size_t(seq) * rows_ * cols_; }
+    float *slot_max(int seq) { return max_.data() + size_t(seq) * rows_; }
+    void image_step(const ImageStepCall &c);
+    void text_step(const TextStepCall &c);
+    void set_token_mask(const uint8_t *allowed, int n);
+    int cache_select(int seq, const int32_t *slots, int n, double q, int32_t *out);
+    int64_t bytes() const;
+
+private:
+    const float *seq_rows(int seq) const { return logits_.data() + size_t(seq) * rows_ * cols_; }
+    int n_seqs_, max_tokens_, rows_, cols_;
+    std::vector<float> logits_; // [n_seqs][rows][<= cols]
+    std::vector<float> max_;    // [n_seqs][rows]
+    std::vector<double> top_;   // [n_seqs * max_tokens]
+    std::vector<uint8_t> mask_;
+};
+
+// The understanding sampler of dimoo_text_step on host rows: cond and
+// uncond (null: no guidance) rows of n_cols floats, column 0 = token id
+// vocab_begin. Returns the token and sets *conf. Shared with the tests.
+int32_t text_pick(const float *cond, const float *uncond, int n_cols, int vocab_begin, double cfg_scale,
+                  double temperature, uint64_t seed, int32_t step, int32_t pos, const uint8_t *mask, int mask_len,
+                  double *conf);
+
+// torch.quantile's linear interpolation in float32 (ML-Cache's threshold);
+// v is reordered.
+float quantile_f32(std::vector<float> &v, double q);
+
+} // namespace dimoo::cpu
