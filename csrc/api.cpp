@@ -173,14 +173,17 @@ KeptPlan plan_keep(const dimoo_ctx *c, const dimoo_forward_args &a) {
         p.positions.resize(a.n_tokens);
         for (int32_t i = 0; i < a.n_tokens; i++) p.positions[i] = i;
     }
+    const int64_t cap = std::min<int64_t>(c->params.max_tokens, int64_t(c->params.keep_rows) * c->params.keep_cols /
+                                                                     (vend - a.vocab_begin));
     p.slots.resize(p.positions.size());
     for (size_t i = 0; i < p.positions.size(); i++) {
         int32_t &s = p.next.slot_of[p.positions[i]];
         if (s < 0) {
-            if (p.next.used >= c->params.keep_rows)
+            if (p.next.used >= cap)
                 dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT,
-                            "forward (seq " + std::to_string(a.seq) + "): more than keep_rows " +
-                                std::to_string(c->params.keep_rows) + " positions with kept logits");
+                            "forward (seq " + std::to_string(a.seq) + "): more than " + std::to_string(cap) +
+                                " kept rows of " + std::to_string(vend - a.vocab_begin) +
+                                " columns (the context's keep_rows x keep_cols hold that many)");
             s = p.next.used++;
         }
         p.slots[i] = s;

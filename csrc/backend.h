@@ -49,10 +49,13 @@ struct ModelShape {
     int n_weights() const { return 3 + kLayerWeightKinds * cfg.n_layers; }
 };
 
-// Kept logits (ABI 4). A context's backend stores, per seq, keep_rows row
-// slots of keep_cols floats and each slot's row maximum, on its device. It
-// knows nothing of positions: api.cpp maps positions to slots and hands the
-// backend slot indices, so every backend keeps the same state the same way.
+// Kept logits (ABI 4). A context's backend stores, per seq, keep_rows x
+// keep_cols floats of kept rows and max_tokens row maxima (one per slot), on
+// its device. All kept rows of a seq have one width w (their column range);
+// slot j's row starts at float j * w of the seq's storage. The backend
+// knows nothing of positions: api.cpp maps positions to slots (fewer than
+// min(max_tokens, keep_rows * keep_cols / w)) and hands the backend slot
+// indices, so every backend keeps the same state the same way.
 struct ImageStepCall {
     const dimoo_image_step_args *a; // validated: seqs, masked, n_select, outputs
     int n_codes;                    // kept column range width of every branch

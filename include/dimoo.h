@@ -199,8 +199,10 @@ typedef struct dimoo_ctx_params {
     int32_t max_tokens; /* longest sequence a forward will see */
     int32_t flags;      /* DIMOO_CTX_* */
     /* Context-resident logits (see "kept logits" below): each seq gets
-     * keep_rows rows (0 means max_tokens) of keep_cols floats on the
-     * context's device, allocated at creation. keep_cols 0: none. */
+     * keep_rows x keep_cols floats (keep_rows 0 means max_tokens) on the
+     * context's device, allocated at creation, which hold kept rows of any
+     * width w <= keep_cols: up to min(max_tokens, keep_rows * keep_cols / w)
+     * of them. keep_cols 0: none. */
     int32_t keep_rows;
     int32_t keep_cols;
 } dimoo_ctx_params;
@@ -238,9 +240,9 @@ DIMOO_API int64_t dimoo_ctx_bytes(const dimoo_ctx *c);
  *   replaces the seq's kept rows by its own; a USE forward replaces the rows
  *   of its positions and keeps the others (ML-Cache's logit cache: rows not
  *   recomputed keep the logits of the step that computed them), unless its
- *   column range differs from theirs. More than keep_rows distinct
- *   positions kept in a seq is DIMOO_ERR_INVALID_ARGUMENT. A failed forward
- *   forgets every kept row of its seqs. */
+ *   column range differs from theirs. More kept rows in a seq than its
+ *   storage holds at their width is DIMOO_ERR_INVALID_ARGUMENT. A failed
+ *   forward forgets every kept row of its seqs. */
 typedef struct dimoo_forward_args {
     int32_t seq;
     int32_t n_tokens;

@@ -16,7 +16,7 @@ namespace dimoo::cpu {
 HostKept::HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols)
     : n_seqs_(n_seqs), max_tokens_(max_tokens), rows_(keep_rows), cols_(keep_cols) {
     logits_.resize(size_t(n_seqs) * keep_rows * keep_cols);
-    max_.resize(size_t(n_seqs) * keep_rows);
+    max_.resize(size_t(n_seqs) * max_tokens);
     top_.resize(size_t(n_seqs) * max_tokens);
 }
 
@@ -27,7 +27,7 @@ int64_t HostKept::bytes() const {
 
 void HostKept::write(int seq, const int32_t *slots, int n, int n_cols, const float *rows, const float *row_max) {
     float *base = logits_.data() + size_t(seq) * rows_ * cols_;
-    float *mx = max_.data() + size_t(seq) * rows_;
+    float *mx = max_.data() + size_t(seq) * max_tokens_;
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         const float *src = rows + size_t(i) * n_cols;
@@ -57,7 +57,7 @@ void HostKept::image_step(const ImageStepCall &c) {
         s.weights[b] = a.weights[b];
         s.logits[b] = seq_rows(a.seqs[b]);
         s.rows[b] = c.slots[b];
-        s.n_rows[b] = rows_;
+        s.n_rows[b] = std::min<int64_t>(max_tokens_, int64_t(rows_) * cols_ / c.n_codes);
     }
     std::vector<int32_t> rng(n), codes(n), sel(a.n_select);
     std::vector<double> conf(n), top(n);
@@ -168,7 +168,7 @@ float quantile_f32(std::vector<float> &v, double q) {
 }
 
 int HostKept::cache_select(int seq, const int32_t *slots, int n, double q, int32_t *out) {
-    const float *mx = max_.data() + size_t(seq) * rows_;
+    const float *mx = max_.data() + size_t(seq) * max_tokens_;
     std::vector<float> v(n);
     for (int i = 0; i < n; i++) v[i] = mx[slots[i]];
     const float thr = quantile_f32(v, q);

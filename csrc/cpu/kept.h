@@ -13,8 +13,8 @@ namespace dimoo::cpu {
 
 class HostKept {
 public:
-    // keep_rows row slots of keep_cols floats per seq; max_tokens sizes the
-    // top-log-probability store (n_seqs * max_tokens doubles).
+    // keep_rows x keep_cols floats of rows and max_tokens row maxima per
+    // seq; the top-log-probability store has n_seqs * max_tokens doubles.
     HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols);
 
     // Rows of one seq are stored at a stride of their column count (all
@@ -23,7 +23,7 @@ public:
     // The storage of a seq's slots 0.. at a stride of n_cols, and their maxima:
     // a forward whose rows go to slots 0, 1, ... in order writes there.
     float *slot_rows(int seq) { return logits_.data() + size_t(seq) * rows_ * cols_; }
-    float *slot_max(int seq) { return max_.data() + size_t(seq) * rows_; }
+    float *slot_max(int seq) { return max_.data() + size_t(seq) * max_tokens_; }
     void image_step(const ImageStepCall &c);
     void text_step(const TextStepCall &c);
     void set_token_mask(const uint8_t *allowed, int n);
@@ -34,7 +34,7 @@ private:
     const float *seq_rows(int seq) const { return logits_.data() + size_t(seq) * rows_ * cols_; }
     int n_seqs_, max_tokens_, rows_, cols_;
     std::vector<float> logits_; // [n_seqs][rows][<= cols]
-    std::vector<float> max_;    // [n_seqs][rows]
+    std::vector<float> max_;    // [n_seqs][max_tokens]
     std::vector<double> top_;   // [n_seqs * max_tokens]
     std::vector<uint8_t> mask_;
 };
