@@ -113,7 +113,10 @@ func (p *Pipeline) NewBatcher(opts BatchOptions) (*Batcher, error) {
 		return nil, fmt.Errorf("%w: batch of %d sequences of up to %d tokens (the model allows %d)", ErrInvalidArgument,
 			opts.Seqs, opts.MaxTokens, p.Model.Config.MaxSequenceLength)
 	}
-	s, err := p.Model.NewSession(SessionOptions{MaxTokens: opts.MaxTokens, Seqs: opts.Seqs, KVCache: opts.KVCache})
+	// Kept logits sized for images (every position x the codebook); text
+	// blocks fit when block x vocabulary is no more.
+	s, err := p.Model.NewSession(SessionOptions{MaxTokens: opts.MaxTokens, Seqs: opts.Seqs, KVCache: opts.KVCache,
+		KeepCols: int(p.Special.Codebook)})
 	if err != nil {
 		return nil, err
 	}

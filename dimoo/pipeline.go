@@ -223,7 +223,8 @@ func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights 
 	if b := batcherFor(ctx, p, len(prefixes), T, o); b != nil { // see batch.go
 		return b.decodeImage(ctx, prefixes, weights, answer, gw, gh, o, progress, stats)
 	}
-	s, err := p.Model.NewSession(SessionOptions{MaxTokens: T, Seqs: len(prefixes), KVCache: o.UseCache})
+	s, err := p.Model.NewSession(SessionOptions{MaxTokens: T, Seqs: len(prefixes), KVCache: o.UseCache,
+		KeepCols: int(p.Special.Codebook)})
 	if err != nil {
 		return nil, err
 	}

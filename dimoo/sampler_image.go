@@ -248,6 +248,12 @@ type imageStepper struct {
 	conf     []float64
 	spare    []int
 	qScratch []float32
+	// kept: the logits stay in the library (SessionOptions.KeepCols) and
+	// each step is one dimoo_image_step there (finishKept); otherwise they
+	// come to Go and the library samples host rows.
+	kept     bool
+	step     imageStepArgs
+	masked32 []int32
 }
 
 // start checks the problem against the session and sets up step 0.
@@ -283,6 +289,20 @@ func (d *imageDecode) start(s *Session, o ImageSampling, h imageHooks, seqBase i
 	st.sa = imageSampleArgs{codebook: st.C, seed: o.Seed, tau: o.Temperature, weights: d.weights,
 		logits: make([][]float32, nb), rows: make([][]int32, nb)}
 	st.rowBuf = make([][]int32, nb)
+	// Kept logits need room for every position of the longest branch (an
+	// ML-Cache STORE keeps them all); the step hook wants host rows.
+	longest := 0
+	for _, p := range d.prefixes {
+		longest = max(longest, len(p)+len(d.answer))
+	}
+	st.kept = h.step == nil && s.opts.keepCapacity(st.C) >= longest
+	if st.kept {
+		st.step = imageStepArgs{seqs: make([]int, nb), offsets: make([]int, nb), weights: d.weights, seed: o.Seed,
+			tau: o.Temperature}
+		for b := range d.prefixes {
+			st.step.seqs[b], st.step.offsets[b] = seqBase+b, len(d.prefixes[b])
+		}
+	}
 	return st, nil
 }
 
@@ -298,7 +318,22 @@ func (st *imageStepper) requests() []ForwardRequest {
 		r := ForwardRequest{Seq: st.seqBase + b, Tokens: st.seqs[b], Logits: true, VocabBegin: off, VocabEnd: off + C,
 			Out: st.outBuf[b]}
 		P := int32(len(d.prefixes[b]))
+		if st.kept {
+			// The logits stay in the library: nothing comes back.
+			r.Logits, r.Keep, r.Out = false, true, nil
+		}
 		switch {
+		case st.kept && !o.UseCache:
+			st.posBuf[b] = st.posBuf[b][:0]
+			for _, p := range st.masked {
+				st.posBuf[b] = append(st.posBuf[b], P+int32(p))
+			}
+			r.Positions = st.posBuf[b]
+		case st.kept && st.refresh[t]:
+			r.CacheMode = CacheStore
+		case st.kept:
+			r.CacheMode = CacheUse
+			r.Compute, r.Positions = st.toCompute[b], st.toCompute[b]
 		case !o.UseCache:
 			st.posBuf[b] = st.posBuf[b][:0]
 			for _, p := range st.masked {
@@ -334,6 +369,9 @@ func (st *imageStepper) requests() []ForwardRequest {
 // finish samples step t from the outputs of requests' forwards (in the same
 // order) and moves to the next step.
 func (st *imageStepper) finish(outs []*Logits) error {
+	if st.kept {
+		return st.finishKept()
+	}
 	d, o, t, C, off := st.d, st.o, st.t, st.C, st.off
 	s, h, reqs, sa := st.s, st.h, st.reqs, &st.sa
 	answer, masked, keep := st.answer, st.masked, st.keep
@@ -482,6 +520,54 @@ func (st *imageStepper) finish(outs []*Logits) error {
 	st.t++
 	if h.progress != nil {
 		h.progress(t+1, o.Steps)
+	}
+	return nil
+}
+
+// finishKept is finish over kept logits: one library call draws the step
+// and returns the positions to unmask with their codes; with ML-Cache a
+// second one per branch chooses the next step's rows.
+func (st *imageStepper) finishKept() error {
+	o, t, s := st.o, st.t, st.s
+	masked, keep := st.masked, st.keep
+	if keep < len(masked) {
+		st.masked32 = st.masked32[:0]
+		for _, p := range masked {
+			st.masked32 = append(st.masked32, int32(p))
+		}
+		n := len(masked) - keep
+		st.sel, st.codes = grow(st.sel, n), grow(st.codes, n)
+		st.step.masked, st.step.step = st.masked32, t
+		t0 := time.Now()
+		err := s.imageStep(st.step, st.sel, st.codes, nil)
+		s.addSample(time.Since(t0))
+		if err != nil {
+			return err
+		}
+		still := st.spare[:0]
+		k := 0
+		for i, p := range masked {
+			if k < n && int(st.sel[k]) == i {
+				st.answer[p] = int32(st.off) + st.codes[k]
+				k++
+			} else {
+				still = append(still, p)
+			}
+		}
+		st.masked, st.spare = still, masked
+	}
+	if o.UseCache && t < o.Steps-1 && !st.refresh[t+1] {
+		for b := range st.d.prefixes {
+			var err error
+			st.toCompute[b], err = s.cacheSelect(st.seqBase+b, len(st.seqs[b]), 1-o.CacheRatio, st.toCompute[b])
+			if err != nil {
+				return err
+			}
+		}
+	}
+	st.t++
+	if st.h.progress != nil {
+		st.h.progress(t+1, o.Steps)
 	}
 	return nil
 }

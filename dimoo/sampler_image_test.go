@@ -48,9 +48,15 @@ func TestImageSamplerMatchesOfficialTrace(t *testing.T) {
 	var runs []goldenT2I
 	require.NoError(t, json.Unmarshal(b, &runs))
 	require.Len(t, runs, 2)
-	for _, g := range runs {
-		t.Run(fmt.Sprintf("cache=%v", g.UseCache), func(t *testing.T) {
-			s, err := m.NewSession(SessionOptions{MaxTokens: len(g.CondSequence), Seqs: 2, KVCache: true})
+	for _, run := range []struct {
+		g    goldenT2I
+		keep int
+	}{{runs[0], 0}, {runs[1], 0}, {runs[0], int(special.Codebook)}, {runs[1], int(special.Codebook)}} {
+		g := run.g
+		// keep > 0: the logits stay in the library (dimoo_image_step).
+		t.Run(fmt.Sprintf("cache=%v/kept=%v", g.UseCache, run.keep > 0), func(t *testing.T) {
+			s, err := m.NewSession(SessionOptions{MaxTokens: len(g.CondSequence), Seqs: 2, KVCache: true,
+				KeepCols: run.keep})
 			require.NoError(t, err)
 			defer s.Close()
 			sc := float32(g.CFGScale)
@@ -215,4 +221,60 @@ func TestQuantileSelectEqualsSort(t *testing.T) {
 		want := sortedQuantileF32(v, q)
 		require.Equal(t, want, quantileInto(v, q, &scratch), "n=%d q=%g", n, q)
 	}
+}
+
+// Kept logits and dimoo_image_step make the decisions the host path makes
+// (host logits through dimoo_sample_image and Go's ML-Cache bookkeeping):
+// the same answers for one to three branches, with and without ML-Cache, at
+// temperature 0 and 1, over several seeds.
+func TestKeptImageStepsEqualHostSteps(t *testing.T) {
+	dir := testdataDir("official-small")
+	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
+	special, err := LoadSpecialTokens(dir)
+	require.NoError(t, err)
+	b, err := os.ReadFile(filepath.Join(dir, "t2i_temperature0.json"))
+	require.NoError(t, err)
+	var runs []goldenT2I
+	require.NoError(t, json.Unmarshal(b, &runs))
+	g := runs[0]
+	cond, answer := g.CondSequence[:g.CodeStart-2], g.CondSequence[g.CodeStart-2:]
+	T := len(g.CondSequence)
+	open := func(keep int) *Session {
+		s, err := m.NewSession(SessionOptions{MaxTokens: T, Seqs: 3, KVCache: true, KeepCols: keep})
+		require.NoError(t, err)
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	host, kept := open(0), open(int(special.Codebook))
+	branches := []struct {
+		prefixes [][]int32
+		weights  []float32
+	}{
+		{[][]int32{cond}, []float32{1}},
+		{[][]int32{cond, g.UncondPrompt}, []float32{3, -2}},
+		// Three branches with prefixes of three lengths (offsets differ).
+		{[][]int32{cond, g.UncondPrompt, cond[:len(cond)-3]}, []float32{2.5, -1, -0.5}},
+	}
+	kc, hc := 0, 0
+	for bi, br := range branches {
+		for _, cache := range []bool{false, true} {
+			for _, tau := range []float64{0, 1} {
+				for seed := uint64(0); seed < 2; seed++ {
+					p := ImageTokens{Prefixes: br.prefixes, Answer: answer, Weights: br.weights, Special: special}
+					o := ImageSampling{Steps: 10, Temperature: tau, Seed: seed, UseCache: cache, CacheRatio: 0.7,
+						WarmupRatio: 0.2, RefreshInterval: 3}
+					want, err := host.DecodeImage(context.Background(), p, o, nil, nil)
+					require.NoError(t, err)
+					got, err := kept.DecodeImage(context.Background(), p, o, nil, nil)
+					require.NoError(t, err)
+					require.Equal(t, want, got, "branches %d, cache %v, temperature %g, seed %d", bi+1, cache, tau, seed)
+				}
+			}
+		}
+	}
+	// The kept session really took the library's step path.
+	kc, _ = kept.SampleStats()
+	hc, _ = host.SampleStats()
+	assert.Positive(t, kc)
+	assert.Positive(t, hc)
 }

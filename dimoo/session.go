@@ -31,6 +31,24 @@ type SessionOptions struct {
 	Seqs int
 	// KVCache allocates per-sequence, per-layer K/V caches for ML-Cache.
 	KVCache bool
+	// KeepRows x KeepCols floats per sequence hold logits that stay in the
+	// library (on the GPU for CUDA) for the decode steps: rows of any width
+	// w <= KeepCols, up to KeepRows*KeepCols/w of them (KeepRows 0:
+	// MaxTokens). KeepCols 0: none; the decoders then sample host logits.
+	KeepRows, KeepCols int
+}
+
+// keepCapacity is how many kept rows of width w a sequence of the session
+// holds (0 without kept logits).
+func (o SessionOptions) keepCapacity(w int) int {
+	if o.KeepCols <= 0 || w <= 0 || w > o.KeepCols {
+		return 0
+	}
+	rows := o.KeepRows
+	if rows == 0 {
+		rows = o.MaxTokens
+	}
+	return min(o.MaxTokens, rows*o.KeepCols/w)
 }
 
 // Session is one request's execution state in the library: scratch memory,
@@ -73,7 +91,11 @@ func (m *Model) NewSession(opts SessionOptions) (*Session, error) {
 	if opts.MaxTokens <= 0 {
 		return nil, fmt.Errorf("%w: SessionOptions.MaxTokens must be positive", ErrInvalidArgument)
 	}
-	p := cCtxParams{NSeqs: int32(opts.Seqs), MaxTokens: int32(opts.MaxTokens)}
+	if opts.KeepRows < 0 || opts.KeepCols < 0 || opts.KeepRows > opts.MaxTokens {
+		return nil, fmt.Errorf("%w: SessionOptions.KeepRows must be in [0, MaxTokens] and KeepCols >= 0", ErrInvalidArgument)
+	}
+	p := cCtxParams{NSeqs: int32(opts.Seqs), MaxTokens: int32(opts.MaxTokens), KeepRows: int32(opts.KeepRows),
+		KeepCols: int32(opts.KeepCols)}
 	if opts.KVCache {
 		p.Flags = 1 // DIMOO_CTX_KV_CACHE
 	}
@@ -143,6 +165,9 @@ type ForwardRequest struct {
 	// library as it writes the row; MaxOut is reused like Out.
 	RowMax bool
 	MaxOut []float32
+	// Keep also leaves the rows in the session (see SessionOptions.KeepCols)
+	// for the library's decode steps; with Logits false nothing comes back.
+	Keep bool
 }
 
 // Logits is a row-major (Rows, Cols) matrix of float32 logits, and with
@@ -192,7 +217,10 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 			NCompute:  int32(len(r.Compute)),
 			Compute:   ptr(r.Compute),
 		}
-		if r.Logits {
+		if r.Keep {
+			a.Keep = 1
+		}
+		if r.Logits || r.Keep {
 			rows := len(r.Tokens)
 			if r.Positions != nil {
 				if len(r.Positions) == 0 {
@@ -210,6 +238,11 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 			if cols <= 0 || r.VocabBegin < 0 || end > cfg.EmbeddingRows() {
 				return nil, fmt.Errorf("%w: vocab range [%d, %d) is not inside [0, %d)", ErrInvalidArgument,
 					r.VocabBegin, end, cfg.EmbeddingRows())
+			}
+			a.VocabBegin, a.VocabEnd = int32(r.VocabBegin), int32(r.VocabEnd)
+			if !r.Logits {
+				args[i] = a
+				continue
 			}
 			var data []float32
 			if cap(r.Out) >= rows*cols {
