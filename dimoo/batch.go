@@ -79,7 +79,7 @@ func (st *imageStepper) steps() int      { return st.t }
 // textBatch adapts textStepper, whose finish cannot fail.
 type textBatch struct{ *textStepper }
 
-func (st textBatch) finish(outs []*Logits) error { st.textStepper.finish(outs); return nil }
+func (st textBatch) finish(outs []*Logits) error { st.textStepper.finish(outs); return st.err }
 func (st textBatch) result() []int32             { return st.x }
 func (st textBatch) steps() int                  { return st.step }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"time"
 )
 
 // TextSampling holds the knobs of the understanding sampler: LLaDA's
@@ -131,6 +132,9 @@ func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h i
 		}
 		st.finish(outs)
 	}
+	if st.err != nil {
+		return nil, st.err
+	}
 	return st.x, nil
 }
 
@@ -156,6 +160,12 @@ type textStepper struct {
 	counts    []int
 	pos       []int32
 	finished  bool
+	// kept: the logits stay in the library and each step is one
+	// dimoo_text_step there (the step hook wants host rows, so not with it).
+	kept           bool
+	s              *Session
+	selPos, selTok []int32
+	err            error
 }
 
 func (d *textDecode) start(s *Session, o TextSampling, h imageHooks, stepHook func(TextStepTrace), guided bool,
@@ -176,6 +186,13 @@ func (d *textDecode) start(s *Session, o TextSampling, h imageHooks, stepHook fu
 	}
 	st.blocks = o.GenLength / o.BlockLength
 	st.perBlock = o.Steps / st.blocks
+	st.s = s
+	st.kept = stepHook == nil && s.opts.keepCapacity(st.V) >= o.BlockLength
+	if st.kept && d.allowed != nil {
+		if err := s.setTokenMask(d.allowed); err != nil {
+			st.kept = false // the host path needs no mask in the library
+		}
+	}
 	st.enterBlock()
 	return st
 }
@@ -211,14 +228,15 @@ func (st *textStepper) requests() []ForwardRequest {
 	if len(st.pos) == 0 {
 		return nil
 	}
-	reqs := []ForwardRequest{{Seq: st.seqBase, Tokens: x, Logits: true, Positions: st.pos}}
+	reqs := []ForwardRequest{{Seq: st.seqBase, Tokens: x, Logits: !st.kept, Keep: st.kept, Positions: st.pos}}
 	if st.guided {
 		for p := range x {
 			if !st.promptPos[p] {
 				st.uncond[p] = x[p]
 			}
 		}
-		reqs = append(reqs, ForwardRequest{Seq: st.seqBase + 1, Tokens: st.uncond, Logits: true, Positions: st.pos})
+		reqs = append(reqs, ForwardRequest{Seq: st.seqBase + 1, Tokens: st.uncond, Logits: !st.kept, Keep: st.kept,
+			Positions: st.pos})
 	}
 	return reqs
 }
@@ -228,7 +246,25 @@ func (st *textStepper) requests() []ForwardRequest {
 // token appeared in it.
 func (st *textStepper) finish(outs []*Logits) {
 	o, x, pos := st.o, st.x, st.pos
-	if len(pos) > 0 {
+	if len(pos) > 0 && st.kept {
+		k := min(st.counts[st.i], len(pos))
+		st.selPos, st.selTok = grow(st.selPos, k), grow(st.selTok, k)
+		a := textStepArgs{seq: st.seqBase, uncond: -1, cfg: o.CFGScale, tau: o.Temperature, step: st.step, seed: o.Seed,
+			useMask: st.d.allowed != nil, positions: pos}
+		if st.guided {
+			a.uncond = st.seqBase + 1
+		}
+		t0 := time.Now()
+		err := st.s.textStep(a, st.selPos, st.selTok, nil)
+		st.s.addSample(time.Since(t0))
+		if err != nil {
+			st.err, st.finished = err, true
+			return
+		}
+		for j, p := range st.selPos {
+			x[p] = st.selTok[j]
+		}
+	} else if len(pos) > 0 {
 		x0 := make([]int32, len(pos))
 		conf := make([]float64, len(pos))
 		row := make([]float64, st.V)
