@@ -150,7 +150,7 @@ type DecodeStats struct {
 	Forwards int           // library forward calls
 	Total    time.Duration // the decode loop, wall time
 	Forward  time.Duration // inside dimoo_forward
-	Sampling time.Duration // inside dimoo_sample_image
+	Sampling time.Duration // inside the library's sampling calls (dimoo_image_step, dimoo_cache_select or dimoo_sample_image)
 }
 
 // Outside is the loop's time outside the forwards (schedule, sampling,

@@ -557,6 +557,7 @@ func (st *imageStepper) finishKept() error {
 		st.masked, st.spare = still, masked
 	}
 	if o.UseCache && t < o.Steps-1 && !st.refresh[t+1] {
+		t0 := time.Now()
 		for b := range st.d.prefixes {
 			var err error
 			st.toCompute[b], err = s.cacheSelect(st.seqBase+b, len(st.seqs[b]), 1-o.CacheRatio, st.toCompute[b])
@@ -564,6 +565,7 @@ func (st *imageStepper) finishKept() error {
 				return err
 			}
 		}
+		s.addSample(time.Since(t0))
 	}
 	st.t++
 	if st.h.progress != nil {
