@@ -77,6 +77,10 @@ func (s *Sampler) sample() {
 	}
 }
 
+// SampleNow takes a sample at once, besides the periodic ones (callers
+// mark the edges of a span they will ask Samples for).
+func (s *Sampler) SampleNow() { s.sample() }
+
 // Samples returns a copy of the samples taken so far within [from, to]
 // (zero times: unbounded).
 func (s *Sampler) Samples(from, to time.Time) []Sample {

@@ -97,8 +97,9 @@ func TestSampler(t *testing.T) {
 	for range 2 {
 		tick <- time.Now() // unbuffered: the previous tick's sample is taken once this one is received
 	}
+	s.SampleNow()
 	all := s.Stop()
-	require.Len(t, all, 8, "start + 2 ticks + stop, 2 devices")
+	require.Len(t, all, 10, "start + 2 ticks + SampleNow + stop, 2 devices")
 	var p0 []float64
 	for _, x := range all {
 		if x.Index == 0 {
@@ -107,14 +108,14 @@ func TestSampler(t *testing.T) {
 			assert.Equal(t, "NVIDIA H100", x.Name)
 		}
 	}
-	assert.Equal(t, []float64{100, 500, 700, 300}, p0)
+	assert.Equal(t, []float64{100, 500, 700, 300, 300}, p0)
 	assert.Equal(t, all, s.Stop(), "a second Stop returns the same")
 	sum := Summarize(all)
 	require.Len(t, sum, 2)
 	assert.Equal(t, uint64(24<<30), sum[0].PeakMemory)
-	assert.Equal(t, Stat{Min: 100, Median: 400, Max: 700}, sum[0].PowerWatts)
+	assert.Equal(t, Stat{Min: 100, Median: 300, Max: 700}, sum[0].PowerWatts) // 100 300 300 500 700
 
-	assert.Len(t, s.Samples(all[2].At, time.Time{}), 6)
+	assert.Len(t, s.Samples(all[2].At, time.Time{}), 8)
 	assert.Empty(t, s.Samples(time.Time{}, all[0].At.Add(-time.Nanosecond)))
 	n, err := s.Errors()
 	assert.Zero(t, n)
