@@ -62,8 +62,8 @@ const benchSchemaHelp = `
 --profile DIR also writes DIR/cpu.pprof (Go CPU profile over the timed runs:
 go tool pprof bin/dimoo DIR/cpu.pprof) and DIR/trace.json (Chrome trace events
 for Perfetto or chrome://tracing: each run, its decode loop and steps, and
-GPU telemetry counters). On a GPU, nsys adds the kernels and the library's
-NVTX ranges on the same runs:
+GPU telemetry counters). On a GPU, nsys adds the kernels (and, once the
+library emits them, its NVTX ranges) on the same runs:
   nsys profile -t cuda,nvtx,osrt -o dimoo-bench bin/dimoo bench --device cuda --profile DIR
 `
 
