@@ -5,7 +5,7 @@
 # there) and the Go test binaries built beforehand on a machine with Go:
 #
 #   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/)
-#   device: scripts/device-check.sh               (carry build/go-tests)
+#   device: scripts/device-check.sh               (carry build/go-tests, bin)
 #
 # and prints a short table last. Exits non-zero if anything failed.
 #
@@ -21,7 +21,8 @@
 # (scripts/bench_official_pipeline.py --write-checkpoint, 16 GB in
 # $DEVICE_E2E_MODEL, default /tmp/dimoo-e2e, kept for reruns), then per size
 # (DEVICE_E2E_SIZES, default "512 1024": the cheap one first, so a timeout
-# loses the least) `bin/dimoo bench --json` without and with ML-Cache and
+# loses the least) `bin/dimoo bench --compare-cache` (without and with
+# ML-Cache; its --json document goes to bench.json under --profile) and
 # the official PyTorch pipeline on the same weights and sequence lengths (64
 # steps, cfg 4), and bench/e2e_compare.py's table last: seconds, the ratio,
 # peak memory, the targets. bin/dimoo comes from --prepare (carry
@@ -37,8 +38,9 @@ if [ "${1:-}" = "--prepare" ]; then
   go test -c -o build/go-tests/bench.test ./bench
   # The CLI for the end-to-end benchmark: with cgo (NVML telemetry), and
   # without (a fallback should the device's C library not run the first).
-  go build -o bin/dimoo ./cmd/dimoo
-  CGO_ENABLED=0 go build -o bin/dimoo-nocgo ./cmd/dimoo
+  # Stripped (-s -w): smaller to carry; CPU profiles keep their function names.
+  go build -ldflags="-s -w" -o bin/dimoo ./cmd/dimoo
+  CGO_ENABLED=0 go build -ldflags="-s -w" -o bin/dimoo-nocgo ./cmd/dimoo
   # The device image has no GoogleTest: carry a source tree for the build there.
   if [ -d /usr/src/googletest ] && [ ! -d build/googletest-src ]; then cp -r /usr/src/googletest build/googletest-src; fi
   echo "built build/go-tests/{dimoo,bench}.test and bin/dimoo{,-nocgo}; carry build/go-tests, build/googletest-src and bin to the device"
