@@ -5,7 +5,7 @@
 # there) and the Go test binaries built beforehand on a machine with Go:
 #
 #   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/)
-#   device: scripts/device-check.sh               (carry build/go-tests)
+#   device: scripts/device-check.sh               (carry build/go-tests, bin)
 #
 # and prints a short table last. Exits non-zero if anything failed.
 #
@@ -15,6 +15,19 @@
 # shapes vs the cuBLAS 8192^3 ceiling, whole forward ms on random weights of
 # the real shape (ours vs the reference PyTorch forward). The whole run fits
 # in about 8 minutes on an H200; DEVICE_BENCH=0 skips the benchmarks.
+#
+# Last, end to end (DEVICE_E2E=0 skips it; about 3 minutes): random bf16
+# weights of the real shape written on the device as a checkpoint
+# (scripts/bench_official_pipeline.py --write-checkpoint, 16 GB in
+# $DEVICE_E2E_MODEL, default /tmp/dimoo-e2e, kept for reruns), then per size
+# (DEVICE_E2E_SIZES, default "512 1024": the cheap one first, so a timeout
+# loses the least) `bin/dimoo bench --compare-cache` (without and with
+# ML-Cache; its --json document goes to bench.json under --profile) and
+# the official PyTorch pipeline on the same weights and sequence lengths (64
+# steps, cfg 4), and bench/e2e_compare.py's table last: seconds, the ratio,
+# peak memory, the issue's targets. bin/dimoo comes from --prepare (carry
+# bin); each case's trace.json, cpu.pprof and bench.json land in
+# $OUT/e2e-ours-SIZE/.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,9 +36,14 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p build/go-tests
   go test -c -o build/go-tests/dimoo.test ./dimoo
   go test -c -o build/go-tests/bench.test ./bench
+  # The CLI for the end-to-end benchmark: with cgo (NVML telemetry), and
+  # without (a fallback should the device's C library not run the first).
+  # Stripped (-s -w): smaller to carry; CPU profiles keep their function names.
+  go build -ldflags="-s -w" -o bin/dimoo ./cmd/dimoo
+  CGO_ENABLED=0 go build -ldflags="-s -w" -o bin/dimoo-nocgo ./cmd/dimoo
   # The device image has no GoogleTest: carry a source tree for the build there.
   if [ -d /usr/src/googletest ] && [ ! -d build/googletest-src ]; then cp -r /usr/src/googletest build/googletest-src; fi
-  echo "built build/go-tests/{dimoo,bench}.test; carry build/go-tests and build/googletest-src to the device"
+  echo "built build/go-tests/{dimoo,bench}.test and bin/dimoo{,-nocgo}; carry build/go-tests, build/googletest-src and bin to the device"
   exit 0
 fi
 
@@ -80,6 +98,35 @@ if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   fi
 fi
 
+# End to end: our whole generation against the official pipeline's, on the
+# same random weights of the real shape.
+E2E_PROMPT="a red fox in the snow at dusk, a lighthouse on the water, two cats and 3 dogs by a small boat; keep the sky at dusk."
+# The prompt's and the unconditional prompt's token counts under the
+# checkpoint's tokenizer (testdata/official-inputs/tokenizer.json): 64 and 19,
+# so T = 4228 at 1024x1024 as in /work/shared/anchors.md. bench/e2e_compare.py
+# shows both sides' T and flags a mismatch.
+E2E_COND=64 E2E_UNCOND=19
+E2E_OURS=(--device cuda --steps 64 --cfg_scale 4 --temperature 1 --runs 1 --warmup 1 --warmup-steps 2
+  --compare-cache --use-cache --force)
+E2E_OFFICIAL=(--steps 64 --cfg 4 --runs 1 --warmup-steps 2 --cond-tokens "$E2E_COND" --uncond-tokens "$E2E_UNCOND")
+if [ "${DEVICE_E2E:-1}" = 1 ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}"
+  DIMOO_BIN="$ROOT/bin/dimoo"
+  if ! "$DIMOO_BIN" version >/dev/null 2>&1; then DIMOO_BIN="$ROOT/bin/dimoo-nocgo"; fi
+  export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so"
+  if [ ! -f "$E2E_MODEL/model.safetensors.index.json" ]; then
+    step e2e-checkpoint timeout 150 python3 scripts/bench_official_pipeline.py --write-checkpoint "$E2E_MODEL"
+  fi
+  for size in ${DEVICE_E2E_SIZES:-512 1024}; do
+    if [ -x "$DIMOO_BIN" ] && [ -f "$E2E_MODEL/model.safetensors.index.json" ]; then
+      step "e2e-ours-$size" timeout $((size >= 1024 ? 150 : 90)) "$DIMOO_BIN" bench --model "$E2E_MODEL" \
+        --prompt "$E2E_PROMPT" --width "$size" --height "$size" "${E2E_OURS[@]}" --profile "$OUT/e2e-ours-$size"
+    fi
+    step "e2e-official-$size" timeout $((size >= 1024 ? 120 : 60)) python3 scripts/bench_official_pipeline.py \
+      --sizes "$size" "${E2E_OFFICIAL[@]}"
+  done
+fi
+
 echo
 echo "GPU: $(cat "$OUT/gpu.txt")"
 for f in bench-cuda bench-torch; do
@@ -87,4 +134,9 @@ for f in bench-cuda bench-torch; do
 done
 printf '%-22s %-5s %8s  %s\n' check result time "last line"
 printf '%s\n' "${rows[@]}"
+if ls "$OUT"/e2e-* >/dev/null 2>&1; then
+  echo
+  for f in "$OUT"/e2e-ours-*.log; do [ -f "$f" ] && cat "$f"; done
+  python3 bench/e2e_compare.py "$OUT"/e2e-*
+fi
 exit $status

@@ -1,91 +1,419 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/dimoo-dev/dimoo/dimoo"
+	"github.com/dimoo-dev/dimoo/internal/gpu"
 )
+
+// openGPU opens the telemetry provider (tests put a gpu.Fake here).
+var openGPU = gpu.Open
+
+// benchSchemaHelp documents --json's document (and --profile's bench.json);
+// `dimoo bench --help` prints it under the flags.
+const benchSchemaHelp = `
+--json prints one JSON document on stdout (the table goes to stderr unless
+--quiet); --profile DIR writes the same document to DIR/bench.json:
+
+  schema            "dimoo-bench/1"
+  machine           library {version, abi, path, source}, backend, runtime (the
+                    library's device description), cpu {model, threads},
+                    go {version, os, arch}, gpus [{index, name, uuid,
+                    memory_total_bytes, memory_used_before_load_bytes}] (NVML)
+  model             dir, layers, d_model, heads, mlp, vocab, parameters,
+                    dtypes {NAME: tensors}, weight_bytes (as loaded)
+  cases []          one per ML-Cache setting (two with --compare-cache):
+    settings        prompt, width, height (floored to the VQ factor), grid_w,
+                    grid_h, image_tokens, sequence_tokens {cond, uncond} (from
+                    the reference's layout), steps, cfg_scale, temperature,
+                    use_cache, cache_ratio, warmup_ratio, refresh_interval,
+                    seed (run i uses seed+i-1), runs, warmup, warmup_steps
+    runs []         run, seed, steps, forwards, decode_ms (the sampling loop),
+                    forward_ms, sampling_ms, outside_ms (decode - forward),
+                    outside_share (outside / forward), generate_ms (the whole
+                    call: tokenizing and the VQ-VAE too), tokens_per_second
+                    (image tokens / decode s), steps_per_second, step_ms []
+                    (per step, from the progress callback)
+    median          the run with the median decode_ms (of an even count, the
+                    upper middle)
+    telemetry       only with a GPU and NVML: interval_ms, summary [{index,
+                    name, samples, span_s, power_w, sm_clock_mhz, mem_clock_mhz,
+                    memory_used_bytes, utilization_pct (each {min, median,
+                    max}), peak_memory_bytes, memory_total_bytes, energy_j}],
+                    samples [{t_ms (from the case's first timed run), index,
+                    power_w, sm_clock_mhz, mem_clock_mhz, memory_used_bytes,
+                    utilization_pct}] over the case's timed runs
+  telemetry_errors  device reads that failed (absent when none)
+
+--profile DIR also writes DIR/cpu.pprof (Go CPU profile over the timed runs:
+go tool pprof bin/dimoo DIR/cpu.pprof) and DIR/trace.json (Chrome trace events
+for Perfetto or chrome://tracing: each run, its decode loop and steps, and
+GPU telemetry counters). On a GPU, nsys adds the kernels (and, once the
+library emits them, its NVTX ranges) on the same runs:
+  nsys profile -t cuda,nvtx,osrt -o dimoo-bench bin/dimoo bench --device cuda --profile DIR
+`
+
+// benchFlags are bench's flags: text-to-image's, and how to run and report.
+type benchFlags struct {
+	t2iFlags
+	runs, warmup, warmupSteps int
+	jsonOut, compareCache     bool
+	profile                   string
+	force                     bool
+	telemetry                 time.Duration
+}
+
+func (b *benchFlags) register(fs *flag.FlagSet) {
+	b.t2iFlags.register(fs)
+	fs.Var(&intAlias{&b.timesteps}, "steps", "same as --timesteps")
+	fs.Lookup("steps").DefValue = "0" // help: no default of its own
+	fs.IntVar(&b.runs, "runs", 3, "timed runs")
+	fs.IntVar(&b.warmup, "warmup", 1, "untimed runs first")
+	fs.IntVar(&b.warmupSteps, "warmup-steps", 0, "steps of the warm-up runs (0: as the timed runs)")
+	fs.BoolVar(&b.jsonOut, "json", false, "print the results as one JSON document on stdout (the table on stderr)")
+	fs.BoolVar(&b.compareCache, "compare-cache", false,
+		"run every setting without and with ML-Cache (the cache flags still need --use-cache)")
+	fs.StringVar(&b.profile, "profile", "", "write DIR/cpu.pprof, DIR/trace.json and DIR/bench.json")
+	fs.BoolVar(&b.force, "force", false, "replace existing --profile files")
+	fs.DurationVar(&b.telemetry, "telemetry-interval", 100*time.Millisecond,
+		"GPU telemetry period while the runs go (0: none; needs NVML)")
+}
 
 // cmdBench times text-to-image decodes end to end: per run the decode loop's
 // wall time, the forwards' share, and the time spent outside them (the
 // sampler and its bookkeeping) as a share of the forward time; then the
-// median run. The first --warmup runs are not reported.
+// median run, and GPU telemetry where NVML sees a GPU. The first --warmup
+// runs are not reported.
 func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	var g t2iFlags
-	g.register(fs)
-	runs := fs.Int("runs", 3, "timed runs")
-	warmup := fs.Int("warmup", 1, "untimed runs first")
+	var b benchFlags
+	b.register(fs)
 	if err := parseFlags(fs, args); err != nil {
+		var h *helpShown
+		if errors.As(err, &h) {
+			h.text += benchSchemaHelp
+		}
 		return err
 	}
-	if *runs < 1 || *warmup < 0 {
-		return fmt.Errorf("%w: --runs must be >= 1 and --warmup >= 0", errUsage)
+	set := setFlags(fs)
+	if set["steps"] && set["timesteps"] {
+		return fmt.Errorf("%w: give --steps or --timesteps, not both", errUsage)
 	}
-	if strings.TrimSpace(g.prompt) == "" {
-		g.prompt = "a red circle at the top left"
+	if set["steps"] {
+		set["timesteps"] = true
 	}
-	p, o, err := g.open(ctx, fs)
+	if b.warmupSteps < 0 {
+		return fmt.Errorf("%w: --warmup-steps must be >= 0", errUsage)
+	}
+	if b.telemetry < 0 || b.telemetry > 0 && b.telemetry < time.Millisecond {
+		return fmt.Errorf("%w: --telemetry-interval %v: want 0 (none) or at least 1ms", errUsage, b.telemetry)
+	}
+	if strings.TrimSpace(b.prompt) == "" {
+		b.prompt = "a red circle at the top left"
+	}
+	profile, err := b.planProfile()
+	if err != nil {
+		return err
+	}
+	table := w
+	if b.jsonOut {
+		table = io.Discard
+		if !b.quiet {
+			table = os.Stderr
+		}
+	}
+
+	rep := &benchReport{Schema: benchSchema}
+	rep.Machine.fill()
+	// GPUs first, so their memory before the model loads is known.
+	var gpus gpu.Provider
+	var gpuIdx []int
+	if b.telemetry > 0 {
+		if p, err := openGPU(); err == nil {
+			defer p.Close()
+			if n, err := p.Count(); err == nil && n > 0 {
+				gpus = p
+				for i := range n {
+					if d, err := p.Device(i); err == nil {
+						gpuIdx = append(gpuIdx, i)
+						rep.Machine.GPUs = append(rep.Machine.GPUs, benchGPU{Index: i, Name: d.Name, UUID: d.UUID,
+							MemoryTotal: d.MemoryTotal, MemoryBeforeLoad: d.MemoryUsed})
+					}
+				}
+			}
+		}
+	}
+
+	p, err := b.taskFlags.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintf(tw, "run\tdecode ms\tsteps\tforward ms/step\toutside us/step\tsampling us/step\toutside/forward\t\n")
-	var all []dimoo.DecodeStats
-	for r := -*warmup; r < *runs; r++ {
-		var st dimoo.DecodeStats
-		o.Seed = g.seed + uint64(max(r, 0))
-		_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: g.prompt, Width: g.width, Height: g.height,
-			CFGScale: guidance(g.cfgScale), Sampling: o, Stats: &st})
-		if err != nil {
-			return err
-		}
-		if r >= 0 {
-			all = append(all, st)
-			benchRow(tw, fmt.Sprint(r+1), st)
-		}
-	}
-	// The median run by outside share.
-	slices.SortFunc(all, func(a, b dimoo.DecodeStats) int { return compareShare(a, b) })
-	benchRow(tw, "median", all[len(all)/2])
-	if err := tw.Flush(); err != nil {
+	b.modelDefaults(p, set, &b.taskFlags, nil)
+	o, err := b.sampling(&b.taskFlags)
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v\n", g.width, g.height, o.Steps, g.cfgScale,
-		o.Temperature, o.UseCache)
+	if b.width == 0 && b.height == 0 {
+		b.width, b.height = p.NativeSize()
+	}
+	rep.Machine.fillRuntime(p)
+	rep.Model = modelInfo(p)
+	f := p.VQ.Factor()
+	gw, gh := b.width/f, b.height/f
+	if set["steps"] && o.Steps > gw*gh {
+		return fmt.Errorf("%w: --steps %d is more than the %d codes of a %dx%d image (at least one code per step)",
+			errUsage, o.Steps, gw*gh, b.width, b.height)
+	}
+	cacheModes := []bool{o.UseCache}
+	if b.compareCache {
+		cacheModes = []bool{false, true}
+	}
+	for _, uc := range cacheModes {
+		s := o
+		s.UseCache = uc
+		rep.Cases = append(rep.Cases, &benchCase{Settings: b.settings(p, s, gw, gh), sampling: s})
+	}
+
+	var sampler *gpu.Sampler
+	if gpus != nil {
+		sampler = gpu.StartSampler(gpus, gpuIdx, b.telemetry)
+		defer sampler.Stop()
+	}
+	tr := newBenchTrace()
+	// Every case's warm-up first, then the timed runs: the CPU profile
+	// covers exactly the timed runs.
+	for ci, c := range rep.Cases {
+		for r := range b.warmup {
+			s := c.sampling
+			if b.warmupSteps > 0 {
+				s.Steps = min(b.warmupSteps, s.Steps)
+			}
+			s.Seed = b.seed
+			rec, err := b.runOnce(ctx, p, s)
+			if err != nil {
+				return err
+			}
+			tr.addRun(rec, ci, fmt.Sprintf("warmup %d", r+1), "warmup", s)
+		}
+	}
+	var prof bytes.Buffer
+	if profile != nil {
+		if err := pprof.StartCPUProfile(&prof); err != nil {
+			return fmt.Errorf("dimoo: CPU profile: %w", err)
+		}
+	}
+	for ci, c := range rep.Cases {
+		c.start = time.Now()
+		if sampler != nil {
+			sampler.SampleNow() // every case has samples at its edges, however short
+		}
+		for r := range b.runs {
+			s := c.sampling
+			s.Seed = b.seed + uint64(r)
+			rec, err := b.runOnce(ctx, p, s)
+			if err != nil {
+				if profile != nil {
+					pprof.StopCPUProfile()
+				}
+				return err
+			}
+			run := newBenchRun(r+1, s.Seed, rec, gw*gh)
+			c.Runs = append(c.Runs, run)
+			tr.addRun(rec, ci, fmt.Sprintf("run %d", r+1), "run", s)
+		}
+		if sampler != nil {
+			sampler.SampleNow()
+		}
+		c.end = time.Now()
+		c.Median = c.medianRun()
+	}
+	if profile != nil {
+		pprof.StopCPUProfile()
+	}
+	if sampler != nil {
+		all := sampler.Stop()
+		for _, c := range rep.Cases {
+			c.Telemetry = newBenchTelemetry(sampler.Samples(c.start, c.end), c.start, b.telemetry)
+		}
+		tr.addTelemetry(all)
+		if n, err := sampler.Errors(); n > 0 {
+			rep.TelemetryErrors = fmt.Sprintf("%d reads failed, the last: %v", n, err)
+		}
+	}
+
+	for i, c := range rep.Cases {
+		if i > 0 {
+			fmt.Fprintln(table)
+		}
+		if err := c.writeTable(table); err != nil {
+			return err
+		}
+	}
+	if b.jsonOut {
+		if err := rep.write(w); err != nil {
+			return err
+		}
+	}
+	if profile != nil {
+		return profile.write(rep, tr, prof.Bytes())
+	}
 	return nil
 }
 
-func share(s dimoo.DecodeStats) float64 {
-	if s.Forward <= 0 {
+// runRecord is one GenerateImage call as the bench saw it.
+type runRecord struct {
+	start, end time.Time
+	steps      []time.Time // when each step's progress call came
+	stats      dimoo.DecodeStats
+}
+
+// decodeStart is when the decode loop began: the progress calls come at
+// the ends of steps and the loop's wall time (Stats.Total) ends just after
+// the last, so the loop started Total before the last call (within the
+// microseconds between the last step and the loop's return).
+func (r *runRecord) decodeStart() time.Time {
+	if len(r.steps) == 0 {
+		return r.start
+	}
+	t := r.steps[len(r.steps)-1].Add(-r.stats.Total)
+	if t.Before(r.start) {
+		return r.start
+	}
+	return t
+}
+
+// stepDurations are the steps' wall times, from the progress calls.
+func (r *runRecord) stepDurations() []time.Duration {
+	out := make([]time.Duration, len(r.steps))
+	prev := r.decodeStart()
+	for i, t := range r.steps {
+		out[i] = t.Sub(prev)
+		prev = t
+	}
+	return out
+}
+
+func (b *benchFlags) runOnce(ctx context.Context, p *dimoo.Pipeline, s dimoo.ImageSampling) (*runRecord, error) {
+	rec := &runRecord{steps: make([]time.Time, 0, s.Steps)}
+	rec.start = time.Now()
+	_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: b.prompt, Width: b.width, Height: b.height,
+		CFGScale: guidance(b.cfgScale), Sampling: s, Stats: &rec.stats,
+		Progress: func(step, total int) { rec.steps = append(rec.steps, time.Now()) }})
+	rec.end = time.Now()
+	return rec, err
+}
+
+// intAlias is a second name for an int flag (bench's --steps).
+type intAlias struct{ p *int }
+
+func (a *intAlias) String() string {
+	if a == nil || a.p == nil {
+		return "0"
+	}
+	return strconv.Itoa(*a.p)
+}
+
+func (a *intAlias) Set(s string) error {
+	v, err := strconv.Atoi(s)
+	if err != nil {
+		return errors.New("not an integer")
+	}
+	*a.p = v
+	return nil
+}
+
+// profileFiles are --profile's outputs, checked before anything loads.
+type profileFiles struct {
+	dir   string
+	force bool
+}
+
+const (
+	profileCPU   = "cpu.pprof"
+	profileTrace = "trace.json"
+	profileJSON  = "bench.json"
+)
+
+// planProfile makes --profile's folder and checks it is writable and that
+// no output exists there (unless --force); nil without --profile.
+func (b *benchFlags) planProfile() (*profileFiles, error) {
+	if b.profile == "" {
+		if b.force {
+			return nil, fmt.Errorf("%w: --force only applies with --profile", errUsage)
+		}
+		return nil, nil
+	}
+	if err := os.MkdirAll(b.profile, 0o755); err != nil {
+		return nil, fmt.Errorf("%w: --profile folder: %v", errUsage, err)
+	}
+	if err := checkDir(b.profile); err != nil {
+		return nil, err
+	}
+	for _, name := range []string{profileCPU, profileTrace, profileJSON} {
+		if err := checkTarget(filepath.Join(b.profile, name), b.force); err != nil {
+			return nil, err
+		}
+	}
+	return &profileFiles{dir: b.profile, force: b.force}, nil
+}
+
+// medianRun is the run with the median decode time (the upper middle of
+// an even count).
+func (c *benchCase) medianRun() benchRun {
+	runs := slices.Clone(c.Runs)
+	slices.SortStableFunc(runs, func(a, b benchRun) int {
+		switch {
+		case a.DecodeMS < b.DecodeMS:
+			return -1
+		case a.DecodeMS > b.DecodeMS:
+			return 1
+		}
 		return 0
-	}
-	return float64(s.Outside()) / float64(s.Forward)
+	})
+	return runs[len(runs)/2]
 }
 
-func compareShare(a, b dimoo.DecodeStats) int {
-	switch x, y := share(a), share(b); {
-	case x < y:
-		return -1
-	case x > y:
-		return 1
+// writeTable prints the case: a row per timed run and the median, the
+// settings, and one line per GPU of telemetry.
+func (c *benchCase) writeTable(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "run\tdecode ms\tsteps\tforward ms/step\toutside us/step\tsampling us/step\toutside/forward\t\n")
+	for _, r := range c.Runs {
+		benchRow(tw, fmt.Sprint(r.Run), r)
 	}
-	return 0
+	benchRow(tw, "median", c.Median)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	s := c.Settings
+	fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v; median %.1f tokens/s, %.2f steps/s\n",
+		s.Width, s.Height, s.Steps, s.CFGScale, s.Temperature, s.UseCache, c.Median.TokensPerSecond,
+		c.Median.StepsPerSecond)
+	if c.Telemetry != nil {
+		for _, d := range c.Telemetry.Summary {
+			fmt.Fprintln(w, d.String())
+		}
+	}
+	return nil
 }
 
-func benchRow(w io.Writer, name string, s dimoo.DecodeStats) {
-	per := func(d time.Duration, unit time.Duration) float64 {
-		return float64(d) / float64(unit) / float64(max(s.Steps, 1))
-	}
-	fmt.Fprintf(w, "%s\t%.1f\t%d\t%.2f\t%.0f\t%.0f\t%.2f%%\t\n", name, float64(s.Total)/float64(time.Millisecond),
-		s.Steps, per(s.Forward, time.Millisecond), per(s.Outside(), time.Microsecond),
-		per(s.Sampling, time.Microsecond), 100*share(s))
+func benchRow(w io.Writer, name string, r benchRun) {
+	per := func(ms float64, unit float64) float64 { return ms * unit / float64(max(r.Steps, 1)) }
+	fmt.Fprintf(w, "%s\t%.1f\t%d\t%.2f\t%.0f\t%.0f\t%.2f%%\t\n", name, r.DecodeMS, r.Steps, per(r.ForwardMS, 1),
+		per(r.OutsideMS, 1000), per(r.SamplingMS, 1000), 100*r.OutsideShare)
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // ErrNoGPU: no NVML (no driver, no cgo build) or no device.
@@ -36,9 +37,17 @@ type Provider interface {
 }
 
 // Fake is a Provider over fixed devices (tests, and machines to model).
+// With Series, successive samples of a device step through scripted
+// values (telemetry tests): the k-th call of Device(i) returns
+// Series[i][k], the last entry once they run out, over Devices[i]'s
+// identity (index, name, UUID, total memory). Safe for concurrent use.
 type Fake struct {
 	Devices []Device
+	Series  [][]Device
 	Err     error // returned by every call when set
+
+	mu    sync.Mutex
+	calls map[int]int
 }
 
 func (f *Fake) Count() (int, error) {
@@ -56,6 +65,18 @@ func (f *Fake) Device(i int) (Device, error) {
 		return Device{}, fmt.Errorf("gpu: no device %d of %d", i, len(f.Devices))
 	}
 	d := f.Devices[i]
+	if i < len(f.Series) && len(f.Series[i]) > 0 {
+		f.mu.Lock()
+		if f.calls == nil {
+			f.calls = map[int]int{}
+		}
+		k := min(f.calls[i], len(f.Series[i])-1)
+		f.calls[i]++
+		f.mu.Unlock()
+		s := f.Series[i][k]
+		s.Name, s.UUID, s.MemoryTotal = d.Name, d.UUID, d.MemoryTotal
+		d = s
+	}
 	d.Index = i
 	return d, nil
 }

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The end-to-end table of scripts/device-check.sh: `dimoo bench` (its JSON
+documents, schema dimoo-bench/1) against scripts/bench_official_pipeline.py
+(its JSON lines) case by case (size, ML-Cache off/on), with the issue's
+targets. Reads every file named (folders: every *.json and *.log in them),
+standard library only:
+
+    python3 bench/e2e_compare.py /tmp/device-check/e2e-*
+
+Seconds: ours is the median run's decode loop (decode_ms: the sampling loop,
+tokenizing and the VQ-VAE excluded; generate_ms, the whole call, is shown
+too), the official one its whole generation loop, CUDA-synchronized. Peak
+memory: ours is NVML's peak of the device's memory in use over the timed
+runs (every allocation and the CUDA context), compared with the official
+run's peak of the same figure (cudaMemGetInfo, sampled); the official
+max_memory_reserved / max_memory_allocated (PyTorch's allocator only) are
+shown too. Always exits 0: the targets are reported, not enforced.
+"""
+import json
+import os
+import sys
+
+# The issue's targets: seconds per 64-step generation at cfg 4.
+TARGETS = {(1024, False): 13.0, (1024, True): 7.0, (512, False): 3.5, (512, True): 2.5}
+GIB = float(1 << 30)
+
+
+def files(paths):
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in os.walk(p):
+                for n in sorted(names):
+                    if n.endswith((".json", ".log", ".jsonl")):
+                        yield os.path.join(root, n)
+        elif os.path.isfile(p):
+            yield p
+
+
+def load(paths):
+    ours, official = {}, {}
+    for f in files(paths):
+        try:
+            text = open(f).read()
+        except OSError:
+            continue
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("schema", "").startswith("dimoo-bench/"):
+            for c in doc.get("cases", []):
+                s = c["settings"]
+                peak = None
+                for g in (c.get("telemetry") or {}).get("summary", []):
+                    peak = max(peak or 0, g["peak_memory_bytes"])
+                ours[(s["width"], s["height"], s["use_cache"])] = dict(
+                    s=c["median"]["decode_ms"] / 1000, gen_s=c["median"]["generate_ms"] / 1000,
+                    T=s["sequence_tokens"]["cond"], steps=s["steps"], cfg=s["cfg_scale"], peak=peak,
+                    backend=doc["machine"].get("backend"), file=f)
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("case") == "official":
+                official[(r["width"], r["height"], r["use_cache"])] = dict(
+                    s=r["seconds_median"], T=r["sequence_tokens"]["cond"], steps=r["steps"], cfg=r["cfg_scale"],
+                    peak=r.get("peak_device_used_bytes"), reserved=r.get("peak_reserved_bytes"),
+                    allocated=r.get("peak_allocated_bytes"), file=f)
+    return ours, official
+
+
+def g(b):
+    return f"{b / GIB:.1f}" if b else "-"
+
+
+def num(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(ours, official, out=sys.stdout):
+    keys = sorted(set(ours) | set(official), key=lambda k: (-k[0] * k[1], k[2]))
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p("== end to end: dimoo bench vs the official pipeline (random bf16 weights) ==")
+    p(f"{'size':>10} {'cache':>5} {'T':>5} {'ours s':>7} {'(gen s)':>7} {'official s':>10} {'speedup':>7} "
+      f"{'target s':>8} {'':>4} {'ours GiB':>8} {'official GiB dev/resv/alloc':>27}")
+    checks = []
+    for k in keys:
+        w, h, uc = k
+        o, f = ours.get(k), official.get(k)
+        tgt = TARGETS.get((w, uc)) if w == h else None
+        verdict = ""
+        if tgt is not None:
+            verdict = "-" if o is None else "ok" if o["s"] <= tgt else "MISS"
+            checks.append((f"{w}x{h} ML-Cache {'on' if uc else 'off'}: ours <= {tgt:g} s", verdict))
+        T = (o or f)["T"]
+        if o and f and o["T"] != f["T"]:
+            T = f"{o['T']}/{f['T']}"
+        off = f"{g(f['peak'])}/{g(f['reserved'])}/{g(f['allocated'])}" if f else "-"
+        speedup = f"{f['s'] / o['s']:.2f}x" if o and f and o["s"] > 0 else "-"
+        p(f"{f'{w}x{h}':>10} {'on' if uc else 'off':>5} {T!s:>5} {num(o and o['s']):>7} "
+          f"{num(o and o['gen_s']):>7} {num(f and f['s']):>10} {speedup:>7} {num(tgt, 1):>8} {verdict:>4} "
+          f"{g(o['peak']) if o else '-':>8} {off:>27}")
+        if o and f:
+            if o["peak"] and f["peak"]:
+                checks.append((f"{w}x{h} ML-Cache {'on' if uc else 'off'}: our peak memory <= official's",
+                               "ok" if o["peak"] <= f["peak"] else "MISS"))
+            else:
+                checks.append((f"{w}x{h} ML-Cache {'on' if uc else 'off'}: our peak memory <= official's",
+                               "- (no telemetry)"))
+    for (w, h) in sorted({(k[0], k[1]) for k in ours}, key=lambda s: -s[0] * s[1]):
+        a, b = ours.get((w, h, False)), ours.get((w, h, True))
+        if a and b:
+            checks.append((f"{w}x{h}: ours with ML-Cache faster than without", "ok" if b["s"] < a["s"] else "MISS"))
+    for name, v in checks:
+        p(f"  {v:>4}  {name}")
+    missed = sum(v == "MISS" for _, v in checks)
+    p(f"{missed} of {len(checks)} checks missed" if checks else "no cases found")
+    return missed
+
+
+def main(argv):
+    if not argv:
+        print(__doc__)
+        return 2
+    ours, official = load(argv)
+    table(ours, official)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
