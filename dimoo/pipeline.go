@@ -151,6 +151,14 @@ type DecodeStats struct {
 	Total    time.Duration // the decode loop, wall time
 	Forward  time.Duration // inside dimoo_forward
 	Sampling time.Duration // inside the library's sampling calls (dimoo_image_step, dimoo_cache_select or dimoo_sample_image)
+	// The work: each guidance branch's sequence length, the forward calls
+	// that ran only some positions (ML-Cache USE), and the token rows the
+	// forwards ran through the network, summed over branches (for tokens/s
+	// or FLOP/s of the forwards).
+	SeqLens        []int
+	CachedForwards int
+	Rows           int64
+	Start          time.Time // when the decode loop began
 }
 
 // Outside is the loop's time outside the forwards (schedule, sampling,
@@ -243,9 +251,13 @@ func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights 
 		return nil, err
 	}
 	if stats != nil {
-		*stats = DecodeStats{Steps: steps, Total: time.Since(t0)}
+		*stats = DecodeStats{Steps: steps, Total: time.Since(t0), Start: t0}
 		stats.Forwards, stats.Forward = s.ForwardStats()
 		_, stats.Sampling = s.SampleStats()
+		stats.CachedForwards, stats.Rows = s.workStats()
+		for _, pr := range prefixes {
+			stats.SeqLens = append(stats.SeqLens, len(pr)+len(answer))
+		}
 	}
 	return p.VQ.Decode(ctx, p.Special.gridCodes(out, gh, gw), gh, gw)
 }

@@ -108,5 +108,24 @@ func TestImageRequestStats(t *testing.T) {
 		assert.Positive(t, st.Sampling)
 		assert.GreaterOrEqual(t, st.Total, st.Forward+st.Sampling)
 		assert.Equal(t, st.Total-st.Forward, st.Outside())
+		// The work: two branches (CFG); full steps run every row of both.
+		require.Len(t, st.SeqLens, 2)
+		full := int64(st.SeqLens[0] + st.SeqLens[1])
+		o := ImageSampling{Steps: 6, UseCache: cache, WarmupRatio: 0.3, RefreshInterval: 5}
+		nFull := 0
+		for _, r := range o.refreshSteps() {
+			if r {
+				nFull++
+			}
+		}
+		assert.Equal(t, 6-nFull, st.CachedForwards)
+		if cache {
+			assert.Positive(t, st.CachedForwards)
+			assert.Less(t, st.Rows, 6*full)
+			assert.Greater(t, st.Rows, int64(nFull)*full)
+		} else {
+			assert.Equal(t, 6*full, st.Rows)
+		}
+		assert.False(t, st.Start.IsZero())
 	}
 }

@@ -64,6 +64,16 @@ type Session struct {
 	forwards    int
 	sampleTime  time.Duration // wall time the decode loops spent in the library's samplers
 	samples     int
+	cachedCalls int   // forward calls with an ML-Cache USE request
+	rows        int64 // token rows run through the network
+}
+
+// workStats reports the forward calls that ran only some positions and the
+// token rows all forwards ran.
+func (s *Session) workStats() (cached int, rows int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cachedCalls, s.rows
 }
 
 // SampleStats reports how many library sampling calls the session's decode
@@ -292,6 +302,20 @@ func (s *Session) Forward(ctx context.Context, reqs ...ForwardRequest) ([]*Logit
 		st := s.m.rt.lib.forward(s.h, &args[0], int32(len(args)))
 		s.forwardTime += time.Since(t0)
 		s.forwards++
+		if st == 0 {
+			used := false
+			for _, r := range reqs {
+				if r.CacheMode == CacheUse {
+					s.rows += int64(len(r.Compute))
+					used = true
+				} else {
+					s.rows += int64(len(r.Tokens))
+				}
+			}
+			if used {
+				s.cachedCalls++
+			}
+		}
 		stop()
 		cancelMu.Lock() // a cancel in flight finishes; a later one does nothing
 		running = false
