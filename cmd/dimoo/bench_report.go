@@ -186,6 +186,12 @@ type benchRun struct {
 	TokensPerSecond float64   `json:"tokens_per_second"`
 	StepsPerSecond  float64   `json:"steps_per_second"`
 	StepMS          []float64 `json:"step_ms"`
+	// The forwards' work: calls that ran only ML-Cache's chosen positions,
+	// token rows run through the network (all branches), and those rows per
+	// second of forward time.
+	CachedForwards  int     `json:"cached_forwards"`
+	ForwardRows     int64   `json:"forward_rows"`
+	ForwardRowsPerS float64 `json:"forward_rows_per_second"`
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
@@ -201,6 +207,10 @@ func newBenchRun(run int, seed uint64, rec *runRecord, imageTokens int) benchRun
 	if sec := s.Total.Seconds(); sec > 0 {
 		r.TokensPerSecond = float64(imageTokens) / sec
 		r.StepsPerSecond = float64(s.Steps) / sec
+	}
+	r.CachedForwards, r.ForwardRows = s.CachedForwards, s.Rows
+	if sec := s.Forward.Seconds(); sec > 0 {
+		r.ForwardRowsPerS = float64(s.Rows) / sec
 	}
 	for _, d := range rec.stepDurations() {
 		r.StepMS = append(r.StepMS, ms(d))

@@ -103,6 +103,10 @@ func TestBenchJSON(t *testing.T) {
 	assert.GreaterOrEqual(t, r.GenerateMS, r.DecodeMS)
 	assert.InDelta(t, float64(s.ImageTokens)/(r.DecodeMS/1000), r.TokensPerSecond, 1e-6*r.TokensPerSecond)
 	assert.InDelta(t, 2/(r.DecodeMS/1000), r.StepsPerSecond, 1e-6*r.StepsPerSecond)
+	// No ML-Cache: every step runs every row of both branches.
+	assert.Equal(t, 0, r.CachedForwards)
+	assert.Equal(t, int64(2*(s.SequenceTokens.Cond+s.SequenceTokens.Uncond)), r.ForwardRows)
+	assert.InDelta(t, float64(r.ForwardRows)/(r.ForwardMS/1000), r.ForwardRowsPerS, 1e-6*r.ForwardRowsPerS)
 	require.Len(t, r.StepMS, 2)
 	sum := 0.0
 	for _, d := range r.StepMS {
