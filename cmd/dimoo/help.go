@@ -27,7 +27,7 @@ var commandSynopsis = map[string]string{
 	"generate":   "dimoo generate --prompt TEXT [flags]: text-to-image, or in/outpainting with --painting_mode",
 	"edit":       "dimoo edit --prompt TEXT --image_path IMG [flags]: image editing; writes the result and a side-by-side",
 	"understand": "dimoo understand --prompt QUESTION --image_path IMG [flags]: answers a question about an image",
-	"bench":      "dimoo bench [flags]: times text-to-image decodes",
+	"bench":      "dimoo bench [--json] [--profile DIR] [flags]: times text-to-image decodes (JSON report, pprof + trace, GPU telemetry)",
 	"info":       "dimoo info [--model DIR] [--load]: config, parameter count, dtypes, memory estimate",
 	"logits":     "dimoo logits --tokens IDS --out FILE.npy [flags]: logits of chosen positions and columns",
 	"version":    "dimoo version: which libdimoo was loaded, which backends it has",
