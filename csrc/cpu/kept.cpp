@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <numeric>
 
 #include "sampler.h"
@@ -15,18 +16,20 @@ namespace dimoo::cpu {
 
 HostKept::HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols)
     : n_seqs_(n_seqs), max_tokens_(max_tokens), rows_(keep_rows), cols_(keep_cols) {
-    logits_.resize(size_t(n_seqs) * keep_rows * keep_cols);
+    n_logits_ = size_t(n_seqs) * keep_rows * keep_cols;
+    logits_.reset(static_cast<float *>(std::calloc(std::max<size_t>(n_logits_, 1), sizeof(float))));
+    if (!logits_) throw std::bad_alloc();
     max_.resize(size_t(n_seqs) * max_tokens);
     top_.resize(size_t(n_seqs) * max_tokens);
 }
 
 int64_t HostKept::bytes() const {
-    return int64_t(logits_.size() * sizeof(float) + max_.size() * sizeof(float) + top_.size() * sizeof(double) +
+    return int64_t(n_logits_ * sizeof(float) + max_.size() * sizeof(float) + top_.size() * sizeof(double) +
                    mask_.size());
 }
 
 void HostKept::write(int seq, const int32_t *slots, int n, int n_cols, const float *rows, const float *row_max) {
-    float *base = logits_.data() + size_t(seq) * rows_ * cols_;
+    float *base = logits_.get() + size_t(seq) * rows_ * cols_;
     float *mx = max_.data() + size_t(seq) * max_tokens_;
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "../backend.h"
@@ -22,7 +24,7 @@ public:
     void write(int seq, const int32_t *slots, int n, int n_cols, const float *rows, const float *row_max);
     // The storage of a seq's slots 0.. at a stride of n_cols, and their maxima:
     // a forward whose rows go to slots 0, 1, ... in order writes there.
-    float *slot_rows(int seq) { return logits_.data() + size_t(seq) * rows_ * cols_; }
+    float *slot_rows(int seq) { return logits_.get() + size_t(seq) * rows_ * cols_; }
     float *slot_max(int seq) { return max_.data() + size_t(seq) * max_tokens_; }
     void image_step(const ImageStepCall &c);
     void text_step(const TextStepCall &c);
@@ -31,9 +33,15 @@ public:
     int64_t bytes() const;
 
 private:
-    const float *seq_rows(int seq) const { return logits_.data() + size_t(seq) * rows_ * cols_; }
+    const float *seq_rows(int seq) const { return logits_.get() + size_t(seq) * rows_ * cols_; }
+    struct Free {
+        void operator()(float *p) const { std::free(p); }
+    };
     int n_seqs_, max_tokens_, rows_, cols_;
-    std::vector<float> logits_; // [n_seqs][rows][<= cols]
+    // [n_seqs][rows][<= cols], from calloc: large blocks come as untouched
+    // zero pages, so memory is committed only as rows are written.
+    std::unique_ptr<float[], Free> logits_;
+    size_t n_logits_ = 0;
     std::vector<float> max_;    // [n_seqs][max_tokens]
     std::vector<double> top_;   // [n_seqs * max_tokens]
     std::vector<uint8_t> mask_;
