@@ -4,7 +4,11 @@
 // random lengths (1 .. ~600, most not multiples of 64), chosen output rows
 // and column ranges, row maxima, NaN-poisoned outputs. The weights are
 // computed in bf16 on the GPU whatever the checkpoint's dtype, so the bound
-// is bf16's: ||gpu - cpu|| / ||cpu|| <= 2e-2 per forward. Skips without a GPU.
+// is bf16's: ||gpu - cpu|| / ||cpu|| <= 2e-2 per forward. ABI 4: forwards
+// with kept logits and the decode steps over them through the C ABI, each
+// backend against the CPU statements over its own rows (the CPU backend runs
+// it alone without a GPU); CUDA graphs against the eager forward, bitwise.
+// Skips without a GPU.
 #include <gtest/gtest.h>
 
 #ifndef DIMOO_WITH_CUDA
