@@ -231,7 +231,7 @@ void bench_forward(bool quick) {
                 std::vector<double> ms;
                 for (int r = 0; r < 6; r++) {
                     auto t0 = std::chrono::steady_clock::now();
-                    ctx->forward(a, nb, cancel);
+                    ctx->forward(a, nb, cancel, nullptr);
                     auto t1 = std::chrono::steady_clock::now();
                     if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
                 }
@@ -260,11 +260,11 @@ void bench_forward(bool quick) {
             us[b].n_compute = int32_t(comp.size());
             us[b].compute = comp.data();
         }
-        ctx->forward(st, 2, cancel);
+        ctx->forward(st, 2, cancel, nullptr);
         std::vector<double> ms;
         for (int r = 0; r < 6; r++) {
             auto t0 = std::chrono::steady_clock::now();
-            ctx->forward(us, 2, cancel);
+            ctx->forward(us, 2, cancel, nullptr);
             auto t1 = std::chrono::steady_clock::now();
             if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
         }
@@ -296,7 +296,7 @@ void bench_forward(bool quick) {
             a.vocab_begin = codes_begin;
             a.vocab_end = cfg.vocab_size;
             a.logits = lg[v].data();
-            c2->forward(&a, 1, cancel);
+            c2->forward(&a, 1, cancel, nullptr);
         }
         unsetenv("DIMOO_CUDA_ATTN");
         double num = 0, den = 0;

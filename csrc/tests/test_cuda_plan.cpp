@@ -83,6 +83,28 @@ TEST(CudaPlan, ScratchRowsFollowTheBatchAndCacheRowsTheSeq) {
     EXPECT_EQ(dimoo::cuda::ceil_div(128, 64), 2);
 }
 
+// ABI 4: rows kept in the context go through the head even without a host
+// buffer; an argument with neither gets none.
+TEST(CudaPlan, KeptRowsGoThroughTheHead) {
+    const int kv = 8, L = 1, maxT = 8;
+    std::vector<uint16_t> ks(64), vs(64);
+    std::vector<int32_t> t = {1, 2, 3, 4, 5}, outp = {1, 3};
+    dimoo_forward_args a[3] = {};
+    for (int i = 0; i < 3; i++) {
+        a[i].seq = i;
+        a[i].n_tokens = 5;
+        a[i].tokens = t.data();
+    }
+    a[0].keep = 1; // every row, kept only
+    a[1].keep = 1; // two rows, kept only
+    a[1].n_out = 2;
+    a[1].out_positions = outp.data();
+    BatchPlan p = make_plan(a, 3, kv, L, maxT, ks.data(), vs.data(), nullptr, nullptr);
+    EXPECT_EQ(p.out_rows, (std::vector<int32_t>{0, 1, 2, 3, 4, 6, 8}));
+    EXPECT_EQ(p.out_begin, (std::vector<int32_t>{0, 5, 7}));
+    EXPECT_EQ(p.out_count, (std::vector<int32_t>{5, 2, 0}));
+}
+
 TEST(CudaPlan, RopeTableMatchesFloat64) {
     const int T = 4228, hd = 128, half = hd / 2;
     const auto t = dimoo::cuda::rope_table(T, hd, 500000.f);

@@ -9,11 +9,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <vector>
 
+#include "backend.h"
+#include "cpu/kept.h"
 #include "cpu/sampler.h"
 #include "dimoo.h"
 #include "sampler_math.h"
@@ -367,6 +371,92 @@ TEST(SamplerMath, TextNoiseDecidesAsGo) {
     }
 }
 
+// What text_rows_kernel computes, with the device's decomposition of
+// text_pick's scan: the largest non-NaN logit, the first allowed column, the
+// first of the largest non-NaN allowed scores (reductions in any order give
+// these), the scan's rule for a NaN score at the first allowed column, and
+// the sum in column order. With the host's exp it equals text_pick bit for
+// bit, NaNs, masks and empty masks included.
+int32_t device_text_pick(const float *cond, const float *uncond, int n, int v0, double cfg, double tau, uint64_t seed,
+                         int32_t step, int32_t pos, const uint8_t *mask, int mask_len, double *conf) {
+    auto logit = [&](int j) {
+        if (!uncond) return double(cond[j]);
+        const double u = uncond[j];
+        return sm::dadd(u, sm::dmul(sm::dadd(cfg, 1.0), sm::dsub(double(cond[j]), u)));
+    };
+    auto allowed = [&](int j) { return !mask || (v0 + j < mask_len && mask[v0 + j]); };
+    auto score = [&](int j) {
+        const double l = logit(j);
+        return tau > 0 ? sm::dadd(l, sm::dmul(tau, sm::gumbel_at(seed, step, pos, sm::kPurposeTextSample, v0 + j))) : l;
+    };
+    double mx = -INFINITY;
+    int first = n, best = n;
+    double bs = -INFINITY;
+    // Visit the columns in a scrambled order, as the device's threads and
+    // reductions do: only (value, index) comparisons decide.
+    std::vector<int> order(n);
+    for (int j = 0; j < n; j++) order[j] = (j * 7919) % n;
+    if (std::gcd(7919, n) != 1)
+        for (int j = 0; j < n; j++) order[j] = n - 1 - j;
+    for (int j : order) {
+        const double l = logit(j);
+        if (l > mx) mx = l;
+        if (!allowed(j)) continue;
+        first = std::min(first, j);
+        const double s = score(j);
+        if (s > bs || (s == bs && j < best)) bs = s, best = j;
+    }
+    double sum = 0;
+    for (int j = 0; j < n; j++) sum = sm::dadd(sum, std::exp(sm::dsub(logit(j), mx)));
+    int j = 0;
+    if (first < n) j = std::isnan(score(first)) ? first : best;
+    *conf = sm::ddiv(std::exp(sm::dsub(logit(j), mx)), sum);
+    return v0 + j;
+}
+
+TEST(SamplerMath, TextDeviceDecompositionEqualsTextPick) {
+    std::mt19937 rng(77);
+    std::normal_distribution<float> nd(0.0f, 2.0f);
+    int cases = 0;
+    for (int n : {1, 5, 37, 1000}) {
+        for (int v0 : {0, 3}) {
+            for (int rep = 0; rep < 40; rep++, cases++) {
+                std::vector<float> c(n), u(n);
+                for (int j = 0; j < n; j++) c[j] = nd(rng), u[j] = c[j] + 0.5f * nd(rng);
+                // NaNs: at a random column, at the first column, at the first allowed one.
+                const int nan_at = rep % 4 == 0 ? int(rng() % n) : rep % 4 == 1 ? 0 : -1;
+                if (nan_at >= 0) c[nan_at] = NAN;
+                if (rep % 8 == 3) c[rng() % n] = -INFINITY;
+                std::vector<uint8_t> mask(size_t(v0 + n) + 3);
+                for (auto &m : mask) m = rng() % 3 == 0;
+                int mask_len = int(mask.size()) - int(rng() % 4);
+                if (rep % 5 == 0) std::fill(mask.begin(), mask.end(), 0), mask[0] = v0 > 0; // nothing allowed in range
+                const bool use_mask = rep % 2 == 1 || rep % 5 == 0;
+                if (use_mask && rep % 4 == 2) { // NaN at the first allowed column
+                    for (int j = 0; j < n; j++)
+                        if (v0 + j < mask_len && mask[v0 + j]) {
+                            c[j] = NAN;
+                            break;
+                        }
+                }
+                const double tau = rep % 3 == 0 ? 0.0 : rep % 3 == 1 ? 0.7 : 1.0;
+                const double cfg = rep % 6 < 3 ? 0.0 : -0.4 + 0.3 * (rep % 5);
+                const float *uc = rep % 6 < 3 ? nullptr : u.data();
+                const uint8_t *mk = use_mask ? mask.data() : nullptr;
+                double want_conf, got_conf;
+                const int32_t want = dimoo::cpu::text_pick(c.data(), uc, n, v0, cfg, tau, 0xfeedull + rep, 3, 100 + rep,
+                                                           mk, mask_len, &want_conf);
+                const int32_t got =
+                    device_text_pick(c.data(), uc, n, v0, cfg, tau, 0xfeedull + rep, 3, 100 + rep, mk, mask_len, &got_conf);
+                ASSERT_EQ(got, want) << "n=" << n << " v0=" << v0 << " rep=" << rep;
+                ASSERT_TRUE(sm::bits_of(got_conf) == sm::bits_of(want_conf) || (std::isnan(got_conf) && std::isnan(want_conf)))
+                    << got_conf << " vs " << want_conf << " n=" << n << " rep=" << rep;
+            }
+        }
+    }
+    EXPECT_EQ(cases, 320);
+}
+
 // dimoo/sampler_image.go's quantileInto, by a full sort.
 float go_quantile(std::vector<float> v, double q) {
     std::sort(v.begin(), v.end());
@@ -374,6 +464,355 @@ float go_quantile(std::vector<float> v, double q) {
     const int lo = int(rank), hi = std::min(lo + 1, int(v.size()) - 1);
     const float a = v[lo], b = v[hi], w = rank - float(lo);
     return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1 - w);
+}
+
+// ---- kept logits at the Ctx level (ABI 4) ------------------------------------------
+//
+// The same host rows loaded into a context (Ctx::load_kept, at scattered
+// slots), then image steps (1-3 branches at different offsets, temperature 0
+// and 1, every position or a selection, each step again with the CPU's
+// top-log-probability shortcut), text steps (guided or not, with and without
+// a token mask, one that allows nothing in the kept range) and ML-Cache
+// selections. A CUDA context must decide exactly as a CPU context (image
+// confidences within 1e-12); without a GPU the CPU context is checked
+// against the statements over the host rows (sample_image, text_pick,
+// quantile_f32), which checks this harness too.
+
+namespace kept {
+
+constexpr int kSeqs = 3, kMaxT = 600, kKeepRows = 400, kVocab = 10007;
+
+dimoo_model_config config() {
+    dimoo_model_config c{};
+    c.d_model = 64;
+    c.n_layers = 1;
+    c.n_heads = c.n_kv_heads = 2;
+    c.mlp_hidden_size = 64;
+    c.vocab_size = c.embedding_size = kVocab;
+    c.max_sequence_length = 1024;
+    c.rope_theta = 10000.f;
+    c.rms_norm_eps = 1e-5f;
+    return c;
+}
+
+dimoo_ctx_params params() {
+    dimoo_ctx_params p{};
+    p.n_seqs = kSeqs;
+    p.max_tokens = kMaxT;
+    p.keep_rows = kKeepRows;
+    p.keep_cols = kVocab;
+    return p;
+}
+
+// One seq's rows by position (row p is position p) and the slot each goes to.
+struct Seq {
+    int n = 0, cols = 0, vb = 0;
+    std::vector<float> rows;
+    std::vector<int32_t> slots;
+};
+
+enum Kind { kFlat, kPeaked };
+
+Seq make_seq(int n, int cols, int vb, Kind kind, std::mt19937 &rng) {
+    Seq s;
+    s.n = n, s.cols = cols, s.vb = vb;
+    s.rows.resize(size_t(n) * cols);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_real_distribution<float> ud(0.0f, 1.0f);
+    for (auto &x : s.rows) x = nd(rng);
+    if (kind == kPeaked) // one to three large logits a row, of random heights
+        for (int p = 0; p < n; p++)
+            for (int q = 0; q <= p % 3; q++) s.rows[size_t(p) * cols + rng() % unsigned(cols)] += 8.0f + 4.0f * ud(rng);
+    std::vector<int32_t> perm(kKeepRows);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    s.slots.assign(perm.begin(), perm.begin() + n);
+    return s;
+}
+
+struct ImageArgs {
+    int nb = 1, step = 0, n_select = 0;
+    uint64_t seed = 0;
+    float tau = 0;
+    std::vector<int32_t> masked;
+    bool revisit = false; // the same step again: the CPU may use its stored top log-probabilities
+};
+constexpr int kOffsets[3] = {5, 0, 37};
+
+float image_weight(int nb, int b) { return nb == 1 ? 1.0f : b == 0 ? 1.0f + 1.5f * float(nb - 1) : -1.5f; }
+
+struct TextArgs {
+    bool guided = false, use_mask = false, all_tokens = false;
+    double cfg = 0, tau = 0;
+    int step = 0, n_select = 0;
+    uint64_t seed = 0;
+    std::vector<int32_t> positions;
+};
+
+// A decision: the integers (selected indices then codes; tokens; positions;
+// a compute list) and the image confidences.
+struct Out {
+    std::string what;
+    std::vector<int32_t> ints;
+    std::vector<double> conf;
+};
+
+class Runner {
+public:
+    virtual ~Runner() = default;
+    virtual void load(int seq, const Seq &s) = 0;
+    virtual void mask(const std::vector<uint8_t> &m) = 0;
+    virtual Out image(const ImageArgs &a) = 0;
+    virtual Out text(const TextArgs &a) = 0;
+    virtual Out cache(int seq, int n, double q) = 0;
+};
+
+// Through the backend's Ctx, outputs NaN/-7-poisoned and checked filled.
+class CtxRunner : public Runner {
+public:
+    explicit CtxRunner(dimoo::Ctx &ctx) : ctx_(ctx) {}
+    void load(int seq, const Seq &s) override {
+        seqs_[seq] = s;
+        ctx_.load_kept(seq, s.slots.data(), s.n, s.cols, s.rows.data());
+    }
+    void mask(const std::vector<uint8_t> &m) override { ctx_.set_token_mask(m.data(), int(m.size())); }
+    Out image(const ImageArgs &k) override {
+        const int n = int(k.masked.size()), m = k.n_select, len = m ? m : n;
+        dimoo_image_step_args a{};
+        a.n_branches = k.nb;
+        for (int b = 0; b < k.nb; b++) a.seqs[b] = b, a.offsets[b] = kOffsets[b], a.weights[b] = image_weight(k.nb, b);
+        a.n_pos = n, a.masked = k.masked.data(), a.step = k.step, a.seed = k.seed, a.temperature = k.tau;
+        a.n_select = m;
+        std::vector<int32_t> sel(std::max(m, 1), -7), codes(len, -7);
+        std::vector<double> conf(len, NAN);
+        a.out_selected = m ? sel.data() : nullptr, a.out_codes = codes.data(), a.out_conf = conf.data();
+        dimoo::ImageStepCall c{};
+        c.a = &a;
+        c.n_codes = seqs_[0].cols;
+        std::vector<std::vector<int32_t>> slots(k.nb, std::vector<int32_t>(n));
+        std::vector<int32_t> index(n);
+        std::vector<uint8_t> valid(n, 1);
+        for (int b = 0; b < k.nb; b++) {
+            for (int i = 0; i < n; i++) slots[b][i] = seqs_[b].slots[size_t(kOffsets[b] + k.masked[i])];
+            c.slots[b] = slots[b].data();
+        }
+        for (int i = 0; i < n; i++) index[i] = kOffsets[0] + k.masked[i];
+        c.top_valid = k.revisit ? valid.data() : nullptr;
+        c.top_index = index.data();
+        ctx_.image_step(c);
+        Out o;
+        if (m) o.ints.assign(sel.begin(), sel.begin() + m);
+        o.ints.insert(o.ints.end(), codes.begin(), codes.end());
+        o.conf = conf;
+        for (int i = 0; i < len; i++) {
+            EXPECT_TRUE(codes[i] >= 0 && codes[i] < c.n_codes) << "code " << codes[i] << " at " << i;
+            EXPECT_TRUE(std::isfinite(conf[i])) << "conf not written at " << i;
+            if (m) EXPECT_TRUE(sel[i] >= 0 && sel[i] < n && (i == 0 || sel[i] > sel[i - 1])) << "selected " << sel[i];
+        }
+        return o;
+    }
+    Out text(const TextArgs &k) override {
+        const int n = int(k.positions.size()), m = k.n_select;
+        dimoo_text_step_args a{};
+        a.seq = 0, a.uncond_seq = k.guided ? 1 : -1, a.cfg_scale = k.cfg, a.temperature = k.tau, a.step = k.step;
+        a.seed = k.seed, a.use_mask = k.use_mask, a.n_pos = n, a.positions = k.positions.data(), a.n_select = m;
+        std::vector<int32_t> op(std::max(m, 1), -7), ot(std::max(m, 1), -7), all(n, -7);
+        a.out_positions = op.data(), a.out_tokens = ot.data(), a.out_all_tokens = k.all_tokens ? all.data() : nullptr;
+        std::vector<int32_t> slots(n), uslots(n);
+        for (int i = 0; i < n; i++) {
+            slots[i] = seqs_[0].slots[size_t(k.positions[i])];
+            uslots[i] = seqs_[1].slots[size_t(k.positions[i])];
+        }
+        dimoo::TextStepCall c{};
+        c.a = &a, c.n_cols = seqs_[0].cols, c.vocab_begin = seqs_[0].vb, c.slots = slots.data();
+        c.uncond_slots = k.guided ? uslots.data() : nullptr;
+        ctx_.text_step(c);
+        Out o;
+        o.ints.assign(op.begin(), op.begin() + m);
+        o.ints.insert(o.ints.end(), ot.begin(), ot.begin() + m);
+        if (k.all_tokens) o.ints.insert(o.ints.end(), all.begin(), all.end());
+        for (int32_t v : o.ints) EXPECT_GE(v, 0) << "an output was not written";
+        return o;
+    }
+    Out cache(int seq, int n, double q) override {
+        std::vector<int32_t> out(n, -7);
+        const int k = ctx_.cache_select(seq, seqs_[seq].slots.data(), n, q, out.data());
+        Out o;
+        o.ints.assign(out.begin(), out.begin() + k);
+        return o;
+    }
+
+private:
+    dimoo::Ctx &ctx_;
+    Seq seqs_[kSeqs];
+};
+
+// The statements over the host rows.
+class RefRunner : public Runner {
+public:
+    void load(int seq, const Seq &s) override { seqs_[seq] = s; }
+    void mask(const std::vector<uint8_t> &m) override { mask_ = m; }
+    Out image(const ImageArgs &k) override {
+        const int n = int(k.masked.size()), m = k.n_select;
+        dimoo_sample_args a{};
+        a.n_pos = n, a.n_branches = k.nb, a.n_codes = seqs_[0].cols, a.step = k.step, a.seed = k.seed;
+        a.temperature = k.tau;
+        std::vector<std::vector<int32_t>> rows(k.nb, std::vector<int32_t>(n));
+        std::vector<int32_t> rng_pos(n), codes(n), sel(std::max(m, 1));
+        std::vector<double> conf(n);
+        for (int b = 0; b < k.nb; b++) {
+            a.weights[b] = image_weight(k.nb, b);
+            a.logits[b] = seqs_[b].rows.data();
+            a.n_rows[b] = seqs_[b].n;
+            for (int i = 0; i < n; i++) rows[b][i] = kOffsets[b] + k.masked[i];
+            a.rows[b] = rows[b].data();
+        }
+        for (int i = 0; i < n; i++) rng_pos[i] = kOffsets[0] + k.masked[i];
+        a.rng_pos = rng_pos.data(), a.out_codes = codes.data(), a.out_conf = conf.data();
+        a.n_select = m, a.out_selected = m ? sel.data() : nullptr;
+        dimoo::cpu::sample_image(a);
+        Out o;
+        if (!m) {
+            o.ints = codes, o.conf = conf;
+            return o;
+        }
+        o.ints.assign(sel.begin(), sel.begin() + m);
+        for (int j = 0; j < m; j++) o.ints.push_back(codes[size_t(sel[j])]);
+        for (int j = 0; j < m; j++) o.conf.push_back(conf[size_t(sel[j])]);
+        return o;
+    }
+    Out text(const TextArgs &k) override {
+        const int n = int(k.positions.size()), C = seqs_[0].cols;
+        std::vector<int32_t> tok(n);
+        std::vector<double> conf(n);
+        for (int i = 0; i < n; i++) {
+            const size_t r = size_t(k.positions[i]) * C;
+            tok[i] = dimoo::cpu::text_pick(seqs_[0].rows.data() + r, k.guided ? seqs_[1].rows.data() + r : nullptr, C,
+                                           seqs_[0].vb, k.cfg, k.tau, k.seed, k.step, k.positions[i],
+                                           k.use_mask ? mask_.data() : nullptr, int(mask_.size()), &conf[i]);
+        }
+        std::vector<int> order(n);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return conf[x] > conf[y]; });
+        order.resize(k.n_select);
+        std::sort(order.begin(), order.end());
+        Out o;
+        for (int j : order) o.ints.push_back(k.positions[j]);
+        for (int j : order) o.ints.push_back(tok[j]);
+        if (k.all_tokens) o.ints.insert(o.ints.end(), tok.begin(), tok.end());
+        return o;
+    }
+    Out cache(int seq, int n, double q) override {
+        const Seq &s = seqs_[seq];
+        std::vector<float> mx(n);
+        for (int p = 0; p < n; p++) mx[p] = *std::max_element(&s.rows[size_t(p) * s.cols], &s.rows[size_t(p + 1) * s.cols]);
+        std::vector<float> v = mx;
+        const float thr = dimoo::cpu::quantile_f32(v, q);
+        Out o;
+        for (int p = 0; p < n; p++)
+            if (mx[p] <= thr) o.ints.push_back(p);
+        return o;
+    }
+
+private:
+    Seq seqs_[kSeqs];
+    std::vector<uint8_t> mask_;
+};
+
+// The scenario; every decision goes to outs.
+void scenario(Runner &r, std::vector<Out> &outs) {
+    std::mt19937 rng(2024);
+    auto subset = [&](int lo, int hi, int percent) {
+        std::vector<int32_t> v;
+        for (int p = lo; p < hi; p++)
+            if (int(rng() % 100) < percent) v.push_back(p);
+        if (v.empty()) v.push_back(lo);
+        return v;
+    };
+    for (Kind kind : {kFlat, kPeaked}) {
+        const std::string kn = kind == kFlat ? "flat" : "peaked";
+        Seq img[3];
+        for (int s = 0; s < 3; s++) img[s] = make_seq(300, 8192, 0, kind, rng);
+        for (int p : {7, 8}) // equal row maxima for the selection's ties
+            std::copy(&img[2].rows[3 * 8192], &img[2].rows[4 * 8192], &img[2].rows[size_t(p) * 8192]);
+        for (int s = 0; s < 3; s++) r.load(s, img[s]);
+        const std::vector<int32_t> masked = subset(0, 250, 50);
+        int step = 0;
+        for (int nb = 1; nb <= 3; nb++)
+            for (float tau : {0.0f, 1.0f})
+                for (int m : {0, int(masked.size()) / 4 + 1})
+                    for (bool revisit : {false, true}) {
+                        ImageArgs a;
+                        a.nb = nb, a.tau = tau, a.n_select = m, a.masked = masked, a.revisit = revisit;
+                        a.step = step, a.seed = 0x5eed0000ull + uint64_t(step);
+                        if (revisit) step++;
+                        outs.push_back(r.image(a));
+                        outs.back().what = kn + " image nb=" + std::to_string(nb) + " tau=" + std::to_string(tau) +
+                                           " n_select=" + std::to_string(m) + (revisit ? " again" : "");
+                    }
+        for (int n : {300, 137, 1, 2})
+            for (double q : {0.0, 0.1, 0.37, 0.5, 0.9, 1.0}) {
+                outs.push_back(r.cache(2, n, q));
+                outs.back().what = kn + " cache n=" + std::to_string(n) + " q=" + std::to_string(q);
+            }
+        // Text: rows over token ids [7, kVocab) of seqs 0 (cond) and 1 (uncond).
+        Seq txt[2];
+        for (int s = 0; s < 2; s++) {
+            txt[s] = make_seq(64, kVocab - 7, 7, kind, rng);
+            r.load(s, txt[s]);
+        }
+        const std::vector<int32_t> positions = subset(0, 64, 60);
+        std::vector<uint8_t> mask_a(6000), mask_b(5, 0);
+        for (auto &v : mask_a) v = rng() % 10 < 4;
+        mask_b[3] = 1; // allows only id 3, below the kept range: column 0 is taken
+        for (int mk = 0; mk < 3; mk++) {
+            if (mk == 1) r.mask(mask_a);
+            if (mk == 2) r.mask(mask_b);
+            for (double cfg : {-1.0, 0.8, -0.4})
+                for (double tau : {0.0, 1.0})
+                    for (int m : {0, 5}) {
+                        TextArgs a;
+                        a.guided = cfg > -1, a.cfg = a.guided ? cfg : 0, a.tau = tau, a.use_mask = mk > 0;
+                        a.n_select = m, a.all_tokens = m == 0 || mk == 1, a.positions = positions;
+                        a.step = step++, a.seed = 0xfeed0000ull + uint64_t(step);
+                        outs.push_back(r.text(a));
+                        outs.back().what = kn + " text mask=" + std::to_string(mk) + " cfg=" + std::to_string(cfg) +
+                                           " tau=" + std::to_string(tau) + " n_select=" + std::to_string(m);
+                    }
+        }
+        TextArgs all; // every position selected, low temperature
+        all.guided = true, all.cfg = 1.5, all.tau = 0.3, all.n_select = int(positions.size()), all.positions = positions;
+        all.step = step++, all.seed = 99;
+        outs.push_back(r.text(all));
+        outs.back().what = kn + " text every position";
+    }
+}
+
+void expect_same(const std::vector<Out> &got, const std::vector<Out> &want, const char *got_name) {
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t q = 0; q < got.size(); q++) {
+        SCOPED_TRACE(want[q].what);
+        ASSERT_EQ(got[q].ints, want[q].ints) << got_name << " decides otherwise";
+        ASSERT_EQ(got[q].conf.size(), want[q].conf.size());
+        for (size_t i = 0; i < got[q].conf.size(); i++)
+            ASSERT_TRUE(close(got[q].conf[i], want[q].conf[i])) << got_name << " conf " << got[q].conf[i] << " vs "
+                                                                << want[q].conf[i] << " at " << i;
+    }
+}
+
+} // namespace kept
+
+// Runs everywhere: the CPU context over kept rows decides as the statements.
+TEST(KeptCtx, CpuEqualsStatements) {
+    auto be = dimoo::make_cpu_backend(0);
+    auto m = be->create_model(dimoo::ModelShape(kept::config()));
+    auto ctx = m->create_ctx(kept::params());
+    kept::CtxRunner cpu(*ctx);
+    kept::RefRunner ref;
+    std::vector<kept::Out> got, want;
+    kept::scenario(cpu, got);
+    kept::scenario(ref, want);
+    kept::expect_same(got, want, "the CPU context");
 }
 
 // ---- device -----------------------------------------------------------------------
@@ -612,6 +1051,64 @@ TEST(CudaSampler, CacheUpdateScattersRows) {
     EXPECT_EQ(dc.get(), cache);
     EXPECT_EQ(dr.get(), rmax);
     EXPECT_EQ(dv.get(), valid);
+}
+
+// The same kept rows in a CPU and a CUDA context: identical decisions, run
+// twice on the device (bitwise the same).
+TEST(CudaKept, CtxDecidesAsCpu) {
+    if (!have_device()) GTEST_SKIP() << "no CUDA device";
+    auto cpu_be = dimoo::make_cpu_backend(0);
+    auto cpu_m = cpu_be->create_model(dimoo::ModelShape(kept::config()));
+    auto cpu_ctx = cpu_m->create_ctx(kept::params());
+    kept::CtxRunner cpu(*cpu_ctx);
+    std::vector<kept::Out> want;
+    kept::scenario(cpu, want);
+    auto cuda_be = dimoo::make_cuda_backend(0);
+    auto cuda_m = cuda_be->create_model(dimoo::ModelShape(kept::config()));
+    std::vector<kept::Out> got[2];
+    for (int run = 0; run < 2; run++) {
+        auto cuda_ctx = cuda_m->create_ctx(kept::params());
+        kept::CtxRunner gpu(*cuda_ctx);
+        kept::scenario(gpu, got[run]);
+        kept::expect_same(got[run], want, "the CUDA context");
+    }
+    for (size_t q = 0; q < got[0].size(); q++) {
+        ASSERT_EQ(got[0][q].ints, got[1][q].ints) << got[0][q].what;
+        ASSERT_EQ(0, std::memcmp(got[0][q].conf.data(), got[1][q].conf.data(), got[0][q].conf.size() * 8))
+            << "two runs differ: " << got[0][q].what;
+    }
+}
+
+// The CUDA context refuses what api.cpp would never pass, without touching
+// the device state: load_kept beyond the context, an image step wider than
+// shared memory holds.
+TEST(CudaKept, LoadKeptChecksItsArguments) {
+    if (!have_device()) GTEST_SKIP() << "no CUDA device";
+    auto be = dimoo::make_cuda_backend(0);
+    auto m = be->create_model(dimoo::ModelShape(kept::config()));
+    auto ctx = m->create_ctx(kept::params());
+    std::vector<float> row(kept::kVocab, 1.0f);
+    const int32_t bad_slot = kept::kKeepRows, slot = 0;
+    try {
+        ctx->load_kept(0, &bad_slot, 1, 10, row.data());
+        ADD_FAILURE() << "slot beyond keep_rows accepted";
+    } catch (const dimoo::Error &e) {
+        EXPECT_EQ(e.status(), DIMOO_ERR_INVALID_ARGUMENT);
+    }
+    ctx->load_kept(0, &slot, 1, kept::kVocab, row.data()); // a full-width row is fine
+    dimoo_image_step_args a{};
+    const int32_t masked = 0;
+    int32_t code = -1;
+    a.n_branches = 1, a.weights[0] = 1, a.n_pos = 1, a.masked = &masked, a.out_codes = &code;
+    dimoo::ImageStepCall c{};
+    const int32_t index = 0;
+    c.a = &a, c.n_codes = kept::kVocab, c.slots[0] = &slot, c.top_index = &index;
+    try {
+        ctx->image_step(c); // 10007 floats = 40 KB: fits on any device
+        EXPECT_GE(code, 0);
+    } catch (const dimoo::Error &e) {
+        EXPECT_EQ(e.status(), DIMOO_ERR_UNSUPPORTED) << e.what();
+    }
 }
 
 TEST(CudaSampler, RejectsBadArguments) {

@@ -40,4 +40,33 @@ private:
     size_t n_ = 0;
 };
 
+// Page-locked host memory that frees itself: staging for asynchronous
+// copies the device reads or writes after the call that enqueued them.
+class PinnedBuffer {
+public:
+    PinnedBuffer() = default;
+    explicit PinnedBuffer(size_t bytes) {
+        if (!bytes) return;
+        const cudaError_t e = cudaHostAlloc(&p_, bytes, cudaHostAllocDefault);
+        if (e == cudaErrorMemoryAllocation) {
+            cudaGetLastError();
+            p_ = nullptr;
+            fail(DIMOO_ERR_OUT_OF_MEMORY, "cudaHostAlloc of " + std::to_string(bytes) + " bytes of pinned host memory failed");
+        }
+        cuda_check(e, "cudaHostAlloc");
+        n_ = bytes;
+    }
+    ~PinnedBuffer() {
+        if (p_) cudaFreeHost(p_);
+    }
+    PinnedBuffer(const PinnedBuffer &) = delete;
+    PinnedBuffer &operator=(const PinnedBuffer &) = delete;
+    void *get() const { return p_; }
+    size_t size() const { return n_; }
+
+private:
+    void *p_ = nullptr;
+    size_t n_ = 0;
+};
+
 } // namespace dimoo

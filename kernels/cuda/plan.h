@@ -38,8 +38,9 @@ struct BatchPlan {
     int M = 0;                             // rows through the network
     std::vector<int32_t> tok, pos, seq_of; // per row: token id, position, index into seqs
     std::vector<AttnSeq> seqs;             // one per forward argument, in order
-    // LM head: per argument, the rows (indices into M) whose logits it wants,
-    // and where they start in the concatenated output rows.
+    // LM head: per argument, the rows (indices into M) whose logits it wants
+    // (for the caller's buffer, the context's kept logits or both), and where
+    // they start in the concatenated output rows.
     std::vector<int32_t> out_rows;
     std::vector<int32_t> out_begin, out_count;
     int max_q = 0;
@@ -76,7 +77,7 @@ inline BatchPlan make_plan(const dimoo_forward_args *args, int n, int kv_dim, in
             s.layer_stride = int64_t(max_tokens) * kv_dim;
         }
         p.out_begin.push_back(int32_t(p.out_rows.size()));
-        if (a.logits) {
+        if (a.logits || a.keep) {
             if (a.out_positions) {
                 for (int o = 0; o < a.n_out; o++) {
                     int r = a.out_positions[o];

@@ -1,25 +1,13 @@
-// rmsnorm.cu - RMSNorm over the rows of a (rows, cols) matrix:
-// out = x / sqrt(mean(x^2) + eps) * w, fp32 statistics whatever the dtype.
+// rmsnorm.cu - the forward's RMSNorm over the rows of the fp32 residual
+// stream: out = x / sqrt(mean(x^2) + eps) * w in fp32, written as bf16.
 // One block per row; the row is read twice (sum of squares, then scale),
-// which stays in L1/L2 for the model's widths (<= 16 KiB in bf16).
+// which stays in L1/L2 for the model's widths (<= 16 KiB).
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "cuda/rmsnorm.cuh"
-#include "dimoo.h"
 
 namespace dimoo {
 namespace {
-
-template <class T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 constexpr int kThreads = 256;
 
@@ -37,30 +25,6 @@ __device__ __forceinline__ float block_sum(float v) {
     }
     __syncthreads();
     return partial[0];
-}
-
-template <class T>
-__global__ void rmsnorm_kernel(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ out, int cols,
-                               float eps) {
-    const size_t row = blockIdx.x;
-    const T *xr = x + row * cols;
-    float ss = 0.f;
-    for (int c = threadIdx.x; c < cols; c += kThreads) {
-        float v = to_f32(xr[c]);
-        ss += v * v;
-    }
-    ss = block_sum(ss);
-    const float inv = rsqrtf(ss / float(cols) + eps);
-    T *orow = out + row * cols;
-    for (int c = threadIdx.x; c < cols; c += kThreads) orow[c] = from_f32<T>(to_f32(xr[c]) * inv * to_f32(w[c]));
-}
-
-template <class T>
-cudaError_t launch(const void *x, const void *w, void *out, int rows, int cols, float eps, cudaStream_t s) {
-    if (rows == 0) return cudaSuccess;
-    rmsnorm_kernel<T><<<rows, kThreads, 0, s>>>(static_cast<const T *>(x), static_cast<const T *>(w),
-                                                static_cast<T *>(out), cols, eps);
-    return cudaGetLastError();
 }
 
 // fp32 rows (optionally gathered) to bf16, as the forward needs.
@@ -85,16 +49,6 @@ cudaError_t rmsnorm_f32_bf16_launch(const float *x, const int32_t *rows_idx, con
     rmsnorm_f32_bf16_kernel<<<rows, kThreads, 0, stream>>>(x, rows_idx, w, reinterpret_cast<__nv_bfloat16 *>(out),
                                                            cols, eps);
     return cudaGetLastError();
-}
-
-cudaError_t rmsnorm_launch(int32_t dtype, const void *x, const void *w, void *out, int rows, int cols, float eps,
-                           cudaStream_t stream) {
-    switch (dtype) {
-    case DIMOO_F32: return launch<float>(x, w, out, rows, cols, eps, stream);
-    case DIMOO_F16: return launch<__half>(x, w, out, rows, cols, eps, stream);
-    case DIMOO_BF16: return launch<__nv_bfloat16>(x, w, out, rows, cols, eps, stream);
-    }
-    return cudaErrorInvalidValue;
 }
 
 } // namespace dimoo

@@ -7,10 +7,6 @@
 
 namespace dimoo {
 
-// x, w, out: device pointers of `dtype` (dimoo_dtype). Returns the launch error.
-cudaError_t rmsnorm_launch(int32_t dtype, const void *x, const void *w, void *out, int rows, int cols, float eps,
-                           cudaStream_t stream);
-
 // The forward's norm: fp32 residual rows in, bf16 out, fp32 weights. Output
 // row i reads input row rows_idx[i] (a device array) or row i when rows_idx
 // is null, so the final norm gathers the LM head's rows in the same pass.

@@ -7,9 +7,15 @@
 // double sum of float exps, and the Gumbel-max draw in double over every
 // code (one Philox block per four codes). Selection: one CTA, a radix select
 // of the n_select-th largest (conf, index) key and an ordered compaction.
+//
+// Text: one CTA per position reads its cond (and uncond) row through the
+// row arrays, reduces the max, the first allowed column and the draw, then
+// adds the softmax sum in column order (one thread, chunks of exps computed
+// by the block), as dimoo::cpu::text_pick does.
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
+#include <cmath>
 
 #include "cuda/sampler.cuh"
 #include "sampler_math.h"
@@ -144,22 +150,37 @@ __global__ void __launch_bounds__(kRowThreads) image_rows_kernel(const RowArgs r
 
 // ---- text rows ----------------------------------------------------------------
 
+constexpr int kTextChunk = 1024; // exps summed in column order by one thread, a chunk at a time
+
 __device__ __forceinline__ double text_logit(const TextSampleDeviceArgs &a, const float *c, const float *u, int32_t j) {
     if (!u) return double(c[j]);
     const double uj = double(u[j]);
     return sm::dadd(uj, sm::dmul(sm::dadd(a.cfg_scale, 1.0), sm::dsub(double(c[j]), uj)));
 }
 
+__device__ __forceinline__ bool text_allowed(const TextSampleDeviceArgs &a, int32_t id) {
+    return !a.mask || (id < a.mask_len && a.mask[id]);
+}
+
+// The draw score of column j (token id v0 + j), as text_pick computes it.
+__device__ __forceinline__ double text_score(const TextSampleDeviceArgs &a, double l, int32_t id, int32_t pos) {
+    if (!(a.temperature > 0)) return l;
+    return sm::dadd(l, sm::dmul(a.temperature, sm::gumbel_at(a.seed, a.step, pos, sm::kPurposeTextSample, id)));
+}
+
 __global__ void __launch_bounds__(kTextThreads, 1) text_rows_kernel(const TextSampleDeviceArgs a) {
-    __shared__ double redd[kTextThreads / 32];
+    __shared__ double e[kTextChunk];
     __shared__ ArgMax reda[kTextThreads / 32];
+    __shared__ int32_t redi[kTextThreads / 32];
     const int32_t i = blockIdx.x, tid = threadIdx.x, n = a.n_cols, v0 = a.col_begin;
-    const float *c = a.cond + int64_t(i) * n;
-    const float *u = a.uncond ? a.uncond + int64_t(i) * n : nullptr;
+    const float *c = a.cond + int64_t(a.cond_rows ? a.cond_rows[i] : i) * n;
+    const float *u = a.uncond ? a.uncond + int64_t(a.uncond_rows ? a.uncond_rows[i] : i) * n : nullptr;
     const int32_t pos = a.positions[i];
-    // Pass 1: the max and the draw. Thread groups of four columns follow
-    // the Philox blocks of the token ids (id >> 2).
+    // Pass 1: the max over every column, and over the allowed ones the
+    // first index and the draw. Thread groups of four columns follow the
+    // Philox blocks of the token ids (id >> 2).
     ArgMax best{-INFINITY, n}, top{-INFINITY, n};
+    int32_t first = n;
     const int32_t g0 = v0 >> 2, g1 = (v0 + n - 1) >> 2;
     for (int32_t gi = g0 + tid; gi <= g1; gi += kTextThreads) {
         uint32_t w[4] = {0, 0, 0, 0};
@@ -171,19 +192,36 @@ __global__ void __launch_bounds__(kTextThreads, 1) text_rows_kernel(const TextSa
             const double l = text_logit(a, c, u, j);
             const ArgMax t{l, j};
             if (beats(t, top)) top = t;
+            if (!text_allowed(a, v0 + j)) continue;
+            if (first == n) first = j;  // j increases along a thread's loop
             const ArgMax s{a.temperature > 0 ? sm::dadd(l, sm::dmul(a.temperature, sm::gumbel_of(w[k]))) : l, j};
             if (beats(s, best)) best = s;
         }
     }
     top = block_argmax<kTextThreads>(top, reda);
     best = block_argmax<kTextThreads>(best, reda);
+    first = block_reduce<kTextThreads>(first, MinI{}, redi);
+    // NaN never beats anything, so mx is the largest non-NaN logit (-inf if
+    // none), as the CPU's std::max scan.
     const double mx = top.v;
-    // Pass 2: the softmax sum (the rows stay in L2).
+    // Pass 2: the softmax sum in column order, as the CPU adds it: the block
+    // computes a chunk of exps, thread 0 adds them one by one (the rows stay
+    // in L2 from pass 1).
     double sum = 0;
-    for (int32_t j = tid; j < n; j += kTextThreads) sum = sm::dadd(sum, exp(sm::dsub(text_logit(a, c, u, j), mx)));
-    sum = block_reduce<kTextThreads>(sum, SumD{}, redd);
+    for (int32_t c0 = 0; c0 < n; c0 += kTextChunk) {
+        const int32_t m = n - c0 < kTextChunk ? n - c0 : kTextChunk;
+        for (int32_t k = tid; k < m; k += kTextThreads) e[k] = exp(sm::dsub(text_logit(a, c, u, c0 + k), mx));
+        __syncthreads();
+        if (tid == 0)
+            for (int32_t k = 0; k < m; k++) sum = sm::dadd(sum, e[k]);
+        __syncthreads();
+    }
     if (tid != 0) return;
-    const int32_t j = best.i < n ? best.i : 0;
+    // The CPU scans the allowed columns keeping the first one and then only
+    // strictly larger scores: its pick is the first allowed column when that
+    // one's score is NaN, else the first of the largest non-NaN scores.
+    int32_t j = 0;  // nothing allowed in the range: column 0, as the CPU
+    if (first < n) j = isnan(text_score(a, text_logit(a, c, u, first), v0 + first, pos)) ? first : best.i;
     a.tokens[i] = v0 + j;
     a.conf[i] = sm::ddiv(exp(sm::dsub(text_logit(a, c, u, j), mx)), sum);
 }
@@ -359,8 +397,8 @@ cudaError_t cuda_sample_image(const SampleDeviceArgs &a, cudaStream_t stream) {
 
 cudaError_t cuda_sample_text(const TextSampleDeviceArgs &a, cudaStream_t stream) {
     if (a.n_pos < 0 || a.n_cols < 1 || a.col_begin < 0 || a.n_select < 0 || a.n_select > a.n_pos ||
-        !(a.temperature >= 0) || !(a.cfg_scale >= 0) || !a.cond || !a.positions || !a.tokens || !a.conf ||
-        (a.n_select > 0 && (!a.sel_pos || !a.sel_tokens)))
+        !(a.temperature >= 0) || !std::isfinite(a.temperature) || !std::isfinite(a.cfg_scale) || !a.cond || !a.positions ||
+        !a.tokens || !a.conf || (a.n_select > 0 && (!a.sel_pos || !a.sel_tokens)) || (a.mask && a.mask_len < 1))
         return cudaErrorInvalidValue;
     if (a.n_pos == 0) return cudaSuccess;
     text_rows_kernel<<<a.n_pos, kTextThreads, 0, stream>>>(a);
@@ -375,8 +413,11 @@ cudaError_t cuda_sample_text(const TextSampleDeviceArgs &a, cudaStream_t stream)
         if (a.host_tokens && (e = cudaMemcpyAsync(a.host_tokens, a.sel_tokens, m * 4, cudaMemcpyDeviceToHost, stream)))
             return e;
     } else if (a.host_tokens) {
-        e = cudaMemcpyAsync(a.host_tokens, a.tokens, size_t(a.n_pos) * 4, cudaMemcpyDeviceToHost, stream);
+        if ((e = cudaMemcpyAsync(a.host_tokens, a.tokens, size_t(a.n_pos) * 4, cudaMemcpyDeviceToHost, stream)))
+            return e;
     }
+    if (a.host_all_tokens)
+        e = cudaMemcpyAsync(a.host_all_tokens, a.tokens, size_t(a.n_pos) * 4, cudaMemcpyDeviceToHost, stream);
     return e;
 }
 

@@ -8,39 +8,16 @@
 // confidence's exp/log are CUDA's (within an ulp of libm). It draws every
 // position in full (no pruning).
 //
-// Planned C ABI (version 4), for the session that wires it into dimoo.h: one
-// call per decode step on a context whose forward left each branch's logits
-// (or ML-Cache logit cache) on the device.
+// The text sampler makes dimoo::cpu::text_pick's decisions (csrc/cpu/kept.cpp,
+// dimoo_text_step): the same double guidance, Philox/Gumbel noise and
+// first-on-ties draw (also the CPU scan's NaN behaviour), and the softmax sum
+// in the CPU's order (column by column, one thread); only exp is CUDA's
+// (within an ulp of libm), so the confidences may differ from the CPU's in
+// their last bits.
 //
-//   typedef struct dimoo_image_step_args {
-//       int32_t step;                     /* schedule step t (Philox counter) */
-//       uint64_t seed;
-//       float temperature;
-//       int32_t n_branches;               /* 1 .. DIMOO_MAX_BRANCHES */
-//       float weights[DIMOO_MAX_BRANCHES];
-//       int32_t n_pos;                    /* masked positions this step */
-//       const int32_t *masked;            /* [n_pos] answer-relative, increasing */
-//       int32_t n_select;                 /* positions to unmask (0: all codes back) */
-//       int32_t *out_selected;            /* [n_select] indices into masked, increasing */
-//       int32_t *out_codes;               /* [n_select] (n_select 0: [n_pos]) codes */
-//       double *out_conf;                 /* same shape, or NULL */
-//       /* ML-Cache: when next_cache_ratio > 0, the context also computes
-//        * each branch's next to_compute list (row max <= quantile
-//        * 1 - ratio) on the device and keeps it for the next forward. */
-//       double next_cache_ratio;
-//   } dimoo_image_step_args;
-//   DIMOO_API int32_t dimoo_image_step(dimoo_ctx *ctx, const dimoo_image_step_args *a);
-//
-//   typedef struct dimoo_text_step_args {
-//       int32_t step; uint64_t seed; double temperature; double cfg_scale;
-//       int32_t n_pos; const int32_t *positions; /* masked positions of the block */
-//       int32_t n_select;                        /* tokens to unmask */
-//       int32_t *out_positions, *out_tokens;     /* [n_select], positions increasing */
-//   } dimoo_text_step_args;
-//   DIMOO_API int32_t dimoo_text_step(dimoo_ctx *ctx, const dimoo_text_step_args *a);
-//
-// Both read the context's last forward outputs in place (rows in the order
-// of the forward's positions) and return after one small device-to-host copy.
+// The C ABI's dimoo_image_step / dimoo_text_step / dimoo_cache_select on a
+// CUDA context (kernels/cuda/backend.cu) call these over the context's kept
+// logits, reading rows through slot arrays; only the decisions come back.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -83,10 +60,11 @@ struct SampleDeviceArgs {
 // cudaErrorInvalidValue for arguments out of range.
 cudaError_t cuda_sample_image(const SampleDeviceArgs &a, cudaStream_t stream);
 
-// One text (understanding) sampling step, as dimoo/sampler_text.go: per
-// position l = u + (cfg + 1)(c - u) in double (l = c without guidance),
-// token = argmax l + tau G(seed, step, position, 3, token), confidence
-// softmax(l)[token]; the n_select most confident (ties: earlier first).
+// One text (understanding) sampling step, as dimoo::cpu::text_pick
+// (dimoo_text_step): per position l = u + (cfg + 1)(c - u) in double (l = c
+// without guidance), token = argmax over allowed ids of l + tau G(seed,
+// step, position, 3, token) (first on ties), confidence softmax(l)[token]
+// over every column; the n_select most confident (ties: earlier first).
 struct TextSampleDeviceArgs {
     int32_t n_pos = 0;
     int32_t n_cols = 0;      // columns of a logits row
@@ -94,9 +72,15 @@ struct TextSampleDeviceArgs {
     int32_t step = 0;
     uint64_t seed = 0;
     double temperature = 0;
-    double cfg_scale = 0;
-    const float *cond = nullptr;    // [n_pos, n_cols]
-    const float *uncond = nullptr;  // [n_pos, n_cols], or null: no guidance
+    double cfg_scale = 0;    // any finite value; guidance is on when uncond is not null
+    const float *cond = nullptr;    // rows of n_cols floats
+    const float *uncond = nullptr;  // rows of n_cols floats, or null: no guidance
+    const int32_t *cond_rows = nullptr;    // [n_pos] row of cond for position i, or null: row i
+    const int32_t *uncond_rows = nullptr;  // [n_pos] the same for uncond
+    // Token mask: only ids v < mask_len with mask[v] != 0 may be drawn (null:
+    // every id). When no column is allowed, column 0 is taken (as the CPU).
+    const uint8_t *mask = nullptr;
+    int32_t mask_len = 0;
     const int32_t *positions = nullptr;  // [n_pos] sequence positions (Philox position)
     int32_t n_select = 0;                // 0: every position's token and conf
     int32_t *tokens = nullptr;           // [n_pos] work
@@ -105,6 +89,7 @@ struct TextSampleDeviceArgs {
     int32_t *sel_tokens = nullptr;       // [n_select] their tokens
     int32_t *host_sel_pos = nullptr;     // host copies, optional (n_select 0: host_tokens gets
     int32_t *host_tokens = nullptr;      //   every token, host_sel_pos unused)
+    int32_t *host_all_tokens = nullptr;  // host copy of every position's token, any n_select
 };
 
 cudaError_t cuda_sample_text(const TextSampleDeviceArgs &a, cudaStream_t stream);
