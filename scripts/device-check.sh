@@ -28,6 +28,12 @@
 # peak memory, the issue's targets. bin/dimoo comes from --prepare (carry
 # bin); each case's trace.json, cpu.pprof and bench.json land in
 # $OUT/e2e-ours-SIZE/.
+#
+# One device command may run 10 minutes and a session has 15 in all, so the
+# first call should be `DEVICE_E2E=0 scripts/device-check.sh` (tests and the
+# kernel/forward benchmarks, about 8 minutes with the build), and, if time is
+# left, a second one `DEVICE_TESTS=0 DEVICE_BENCH=0 scripts/device-check.sh`
+# for the end-to-end section alone (the build is kept between calls).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -71,7 +77,13 @@ fi
 # shellcheck disable=SC2086
 step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
 step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
+# DEVICE_TESTS=0 skips the tests (the build still runs): for a second call
+# that only benchmarks.
+if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
+# The forward and the decode steps again without CUDA graphs (eager launches).
+step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
+  --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
 # The sm_90a wgmma attention (not yet verified): its kernel test, then the
 # forward with it, each in its own process.
 step cpp-sm90-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*'
@@ -81,7 +93,7 @@ step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo
 step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 if command -v compute-sanitizer >/dev/null; then
   step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:-*Sm90*'
+    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:-*Sm90*'
   step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
     --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
 fi
@@ -90,9 +102,11 @@ if [ -x build/go-tests/dimoo.test ]; then
   step go-tests bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
   [ "${DEVICE_BENCH:-1}" = 1 ] && step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
 fi
+fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   step bench-cuda timeout 240 ./build-device/dimoo_bench_cuda
+  [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
   if python3 -c 'import torch' 2>/dev/null; then
     step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
   fi

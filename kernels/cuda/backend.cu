@@ -307,7 +307,7 @@ public:
             Mx * 4,                                       // row maxima of the head's rows
             head_ws_,                                     // the head's work rows
             keep ? size_t(p.n_seqs) * kept_stride_ : 0,   // kept logits
-            keep ? size_t(p.n_seqs) * size_t(p.keep_rows) * 4 : 0, // their row maxima
+            keep ? size_t(p.n_seqs) * size_t(p.max_tokens) * 4 : 0, // their row maxima (one per slot)
             keep ? step_in_ + step_work_ + step_sel_ : 0, // decode step buffers
             keep ? E : 0,                                 // token mask
         };
@@ -420,7 +420,11 @@ private:
 
     // Kept logits of a seq (its slots at a stride of their column count) and their maxima.
     float *kept(int seq) const { return reinterpret_cast<float *>(b<uint8_t>(kKept) + size_t(seq) * kept_stride_); }
-    float *kept_max(int seq) const { return b<float>(kKeptMax) + size_t(seq) * size_t(p_.keep_rows); }
+    float *kept_max(int seq) const { return b<float>(kKeptMax) + size_t(seq) * size_t(p_.max_tokens); }
+    // Slots a seq holds for rows of `cols` columns (backend.h).
+    int kept_cap(int cols) const {
+        return int(std::min<int64_t>(p_.max_tokens, int64_t(p_.keep_rows) * p_.keep_cols / std::max(cols, 1)));
+    }
     int32_t *step_in() const { return b<int32_t>(kStep); }
     uint8_t *step_work() const { return b<uint8_t>(kStep) + step_in_; }
     uint8_t *step_sel() const { return b<uint8_t>(kStep) + step_in_ + step_work_; }
@@ -588,7 +592,7 @@ private:
             const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end, cols = ve - vb;
             const uint16_t *hx = b(kH) + size_t(r0) * d, *wh = m_.bf(W.head) + size_t(vb) * d;
             if (a.keep) {
-                if (cols > p_.keep_cols || rows > p_.keep_rows) fail(DIMOO_ERR_INTERNAL, "kept rows exceed the context");
+                if (cols > p_.keep_cols || rows > kept_cap(cols)) fail(DIMOO_ERR_INTERNAL, "kept rows exceed the context");
                 bool in_order = true;
                 for (int j = 0; in_order && j < rows; j++) in_order = keep_slots[i][j] == j;
                 if (in_order) {
@@ -713,7 +717,7 @@ private:
     int select(int seq, const int32_t *slots, int n, double q, int32_t *out) {
         need_kept("cache select");
         NvtxRange r("cache select");
-        if (seq < 0 || seq >= p_.n_seqs || n < 1 || n > p_.keep_rows)
+        if (seq < 0 || seq >= p_.n_seqs || n < 1 || n > p_.max_tokens)
             fail(DIMOO_ERR_INVALID_ARGUMENT, "cache select over " + std::to_string(n) + " rows of seq " +
                                                  std::to_string(seq) + " is outside the context");
         int32_t *hi = reinterpret_cast<int32_t *>(pin_in());
@@ -737,11 +741,11 @@ private:
 
     void load(int seq, const int32_t *slots, int n, int n_cols, const float *rows) {
         need_kept("load_kept");
-        if (seq < 0 || seq >= p_.n_seqs || n < 0 || n > p_.keep_rows || n_cols < 1 || n_cols > p_.keep_cols)
+        if (seq < 0 || seq >= p_.n_seqs || n < 0 || n_cols < 1 || n_cols > p_.keep_cols || n > kept_cap(n_cols))
             fail(DIMOO_ERR_INVALID_ARGUMENT, "load_kept: " + std::to_string(n) + " rows of " + std::to_string(n_cols) +
                                                  " columns into seq " + std::to_string(seq) + " do not fit the context");
         for (int i = 0; i < n; i++)
-            if (slots[i] < 0 || slots[i] >= p_.keep_rows)
+            if (slots[i] < 0 || slots[i] >= kept_cap(n_cols))
                 fail(DIMOO_ERR_INVALID_ARGUMENT, "load_kept: slot " + std::to_string(slots[i]) + " out of range");
         if (n == 0) return;
         int32_t *hi = reinterpret_cast<int32_t *>(pin_in());
