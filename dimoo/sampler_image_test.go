@@ -35,10 +35,10 @@ type goldenT2I struct {
 	} `json:"calls"`
 }
 
-// The official image sampler's traces (temperature 0, CFG, with and without
-// ML-Cache): dimoo feeds the model the same sequence at every call,
-// recomputes the same positions on cached steps, and ends with the same codes.
-func TestImageSamplerMatchesOfficialTrace(t *testing.T) {
+// loadT2IGolden loads the official small checkpoint, its special tokens and
+// the official image sampler's traces at temperature 0.
+func loadT2IGolden(t *testing.T) (*Model, SpecialTokens, []goldenT2I) {
+	t.Helper()
 	dir := testdataDir("official-small")
 	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
 	special, err := LoadSpecialTokens(dir)
@@ -47,6 +47,14 @@ func TestImageSamplerMatchesOfficialTrace(t *testing.T) {
 	require.NoError(t, err)
 	var runs []goldenT2I
 	require.NoError(t, json.Unmarshal(b, &runs))
+	return m, special, runs
+}
+
+// The official image sampler's traces (temperature 0, CFG, with and without
+// ML-Cache): dimoo feeds the model the same sequence at every call,
+// recomputes the same positions on cached steps, and ends with the same codes.
+func TestImageSamplerMatchesOfficialTrace(t *testing.T) {
+	m, special, runs := loadT2IGolden(t)
 	require.Len(t, runs, 2)
 	for _, run := range []struct {
 		g    goldenT2I
@@ -155,14 +163,7 @@ func TestGumbelIsDeterministicAndStandard(t *testing.T) {
 
 // ML-Cache that refreshes at every step is the plain sampler: same tokens.
 func TestCacheRefreshingEveryStepEqualsNoCache(t *testing.T) {
-	dir := testdataDir("official-small")
-	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
-	special, err := LoadSpecialTokens(dir)
-	require.NoError(t, err)
-	b, err := os.ReadFile(filepath.Join(dir, "t2i_temperature0.json"))
-	require.NoError(t, err)
-	var runs []goldenT2I
-	require.NoError(t, json.Unmarshal(b, &runs))
+	m, special, runs := loadT2IGolden(t)
 	g := runs[0]
 	s, err := m.NewSession(SessionOptions{MaxTokens: len(g.CondSequence), Seqs: 2, KVCache: true})
 	require.NoError(t, err)
@@ -228,14 +229,7 @@ func TestQuantileSelectEqualsSort(t *testing.T) {
 // the same answers for one to three branches, with and without ML-Cache, at
 // temperature 0 and 1, over several seeds.
 func TestKeptImageStepsEqualHostSteps(t *testing.T) {
-	dir := testdataDir("official-small")
-	m := loadTestModel(t, filepath.Join(dir, "checkpoint"))
-	special, err := LoadSpecialTokens(dir)
-	require.NoError(t, err)
-	b, err := os.ReadFile(filepath.Join(dir, "t2i_temperature0.json"))
-	require.NoError(t, err)
-	var runs []goldenT2I
-	require.NoError(t, json.Unmarshal(b, &runs))
+	m, special, runs := loadT2IGolden(t)
 	g := runs[0]
 	cond, answer := g.CondSequence[:g.CodeStart-2], g.CondSequence[g.CodeStart-2:]
 	T := len(g.CondSequence)

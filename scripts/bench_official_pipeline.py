@@ -81,38 +81,7 @@ class OfficialModel(RandomModel):
     """RandomModel on any device, plus the ML-Cache forward."""
 
     def __init__(self, d, n_layers, n_heads, mlp, vocab, device, seed=1, theta=500000.0, eps=1e-5):
-        # RandomModel.__init__ draws on "cuda" only; this draws the same
-        # tensors in the same order on `device` (identical on cuda).
-        self.device = torch.device(device)
-        self.d, self.L, self.H, self.mlp, self.vocab, self.eps = d, n_layers, n_heads, mlp, vocab, eps
-        self.hd = d // n_heads
-        dev = self.device
-        g = torch.Generator(device=dev).manual_seed(seed)
-
-        def mat(o, i):
-            return (torch.rand(o, i, device=dev, generator=g, dtype=torch.float32) * 2 - 1).mul_(
-                math.sqrt(3.0 / i)).to(torch.bfloat16)
-
-        def vec():
-            return (0.9 + 0.2 * torch.rand(d, device=dev, generator=g)).to(torch.bfloat16)
-
-        self.wte = (torch.rand(vocab, d, device=dev, generator=g) * 2 - 1).to(torch.bfloat16)
-        self.blocks = []
-        for _ in range(n_layers):
-            self.blocks.append(dict(attn_norm=vec(), q=mat(d, d), k=mat(d, d), v=mat(d, d), o=mat(d, d),
-                                    ff_norm=vec(), ff_proj=mat(mlp, d), up=mat(mlp, d), ff_out=mat(d, mlp)))
-        self.ln_f = vec()
-        self.head = mat(vocab, d)
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, device=dev, dtype=torch.float32) / self.hd))
-
-    def rope_table(self, T):  # RandomModel's, on this model's device
-        if getattr(self, "_rope_T", None) != T:
-            pos = torch.arange(T, device=self.device, dtype=torch.float32)
-            ang = torch.outer(pos, self.inv_freq)
-            emb = torch.cat([ang, ang], dim=-1)
-            self._rope = (emb.cos()[None, None], emb.sin()[None, None])
-            self._rope_T = T
-        return self._rope
+        super().__init__(d, n_layers, n_heads, mlp, vocab, theta=theta, eps=eps, device=device, seed=seed)
 
     def rope_at(self, x, T, idx):  # x (1, H, n, hd) at positions idx of a length-T sequence
         cos, sin = self.rope_table(T)

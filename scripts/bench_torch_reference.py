@@ -68,27 +68,27 @@ def bench_attention(rows, quick):
 class RandomModel:
     """LLaDA/DiMOO blocks with random bf16 weights, as the reference computes them."""
 
-    def __init__(self, d, n_layers, n_heads, mlp, vocab, theta=500000.0, eps=1e-5):
+    def __init__(self, d, n_layers, n_heads, mlp, vocab, theta=500000.0, eps=1e-5, device="cuda", seed=1):
+        self.device = dev = torch.device(device)
         self.d, self.L, self.H, self.mlp, self.vocab, self.eps = d, n_layers, n_heads, mlp, vocab, eps
         self.hd = d // n_heads
-        g = torch.Generator(device="cuda").manual_seed(1)
+        g = torch.Generator(device=dev).manual_seed(seed)
 
         def mat(o, i):
-            return (torch.rand(o, i, device="cuda", generator=g, dtype=torch.float32) * 2 - 1).mul_(
+            return (torch.rand(o, i, device=dev, generator=g, dtype=torch.float32) * 2 - 1).mul_(
                 math.sqrt(3.0 / i)).to(torch.bfloat16)
 
         def vec():
-            return (0.9 + 0.2 * torch.rand(d, device="cuda", generator=g)).to(torch.bfloat16)
+            return (0.9 + 0.2 * torch.rand(d, device=dev, generator=g)).to(torch.bfloat16)
 
-        self.wte = (torch.rand(vocab, d, device="cuda", generator=g) * 2 - 1).to(torch.bfloat16)
+        self.wte = (torch.rand(vocab, d, device=dev, generator=g) * 2 - 1).to(torch.bfloat16)
         self.blocks = []
         for _ in range(n_layers):
             self.blocks.append(dict(attn_norm=vec(), q=mat(d, d), k=mat(d, d), v=mat(d, d), o=mat(d, d),
                                     ff_norm=vec(), ff_proj=mat(mlp, d), up=mat(mlp, d), ff_out=mat(d, mlp)))
         self.ln_f = vec()
         self.head = mat(vocab, d)
-        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, device="cuda", dtype=torch.float32) / self.hd))
-        self.inv_freq = inv
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, device=dev, dtype=torch.float32) / self.hd))
 
     def rms(self, x, w):
         xf = x.float()
@@ -97,7 +97,7 @@ class RandomModel:
 
     def rope_table(self, T):  # computed once per length, as the reference caches it
         if getattr(self, "_rope_T", None) != T:
-            pos = torch.arange(T, device="cuda", dtype=torch.float32)
+            pos = torch.arange(T, device=self.device, dtype=torch.float32)
             ang = torch.outer(pos, self.inv_freq)
             emb = torch.cat([ang, ang], dim=-1)
             self._rope = (emb.cos()[None, None], emb.sin()[None, None])

@@ -1,7 +1,8 @@
 // kept.cu - kept-logit bookkeeping on the device (see kept.cuh): one block
 // per row copies it into its slot and, when no maximum is given, reduces it
-// (fmaxf, the same fixed tree as rowmax.cu).
+// (reduce.cuh's block_max_thread0, the same tree as rowmax.cu).
 #include "cuda/kept.cuh"
+#include "cuda/reduce.cuh"
 
 #include <cmath>
 
@@ -28,15 +29,8 @@ __global__ void __launch_bounds__(kThreads) kept_scatter_kernel(const float *__r
         if (threadIdx.x == 0) dst_max[s] = src_max[i];
         return;
     }
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    __shared__ float part[kThreads / 32];
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float v = part[0];
-        for (int w = 1; w < kThreads / 32; w++) v = fmaxf(v, part[w]);
-        dst_max[s] = v;
-    }
+    m = block_max_thread0<kThreads>(m);
+    if (threadIdx.x == 0) dst_max[s] = m;
 }
 
 __global__ void gather_f32_kernel(const float *__restrict__ src, const int32_t *__restrict__ idx, int n,

@@ -2,6 +2,7 @@
 // fmaxf drops NaN like the CPU's `r[j] > m ? r[j] : m` only when m is not
 // NaN; logits are finite, so the two agree.
 #include "cuda/rowmax.cuh"
+#include "cuda/reduce.cuh"
 
 #include <cmath>
 
@@ -14,15 +15,8 @@ __global__ void rowmax_kernel(const float *__restrict__ x, int cols, int ld, flo
     const float *r = x + size_t(blockIdx.x) * ld;
     float m = -INFINITY;
     for (int c = threadIdx.x; c < cols; c += kThreads) m = fmaxf(m, r[c]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    __shared__ float part[kThreads / 32];
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float v = part[0];
-        for (int w = 1; w < kThreads / 32; w++) v = fmaxf(v, part[w]);
-        out[blockIdx.x] = v;
-    }
+    m = block_max_thread0<kThreads>(m);
+    if (threadIdx.x == 0) out[blockIdx.x] = m;
 }
 
 } // namespace
