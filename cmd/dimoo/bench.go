@@ -27,7 +27,9 @@ var openGPU = gpu.Open
 // `dimoo bench --help` prints it under the flags.
 const benchSchemaHelp = `
 --json prints one JSON document on stdout (the table goes to stderr unless
---quiet); --profile DIR writes the same document to DIR/bench.json:
+--quiet); --profile DIR writes the same document to DIR/bench.json (and,
+while cases finish, the ones done so far to DIR/bench.partial.json, removed
+at the end, so a run stopped by a time limit keeps them):
 
   schema            "dimoo-bench/1"
   machine           library {version, abi, path, source}, backend, runtime (the
@@ -241,6 +243,14 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 		}
 		c.end = time.Now()
 		c.Median = c.medianRun()
+		if profile != nil {
+			part := *rep
+			part.Cases = rep.Cases[:ci+1]
+			if err := profile.writePartial(&part); err != nil {
+				pprof.StopCPUProfile()
+				return err
+			}
+		}
 	}
 	if profile != nil {
 		pprof.StopCPUProfile()
@@ -347,6 +357,9 @@ const (
 	profileCPU   = "cpu.pprof"
 	profileTrace = "trace.json"
 	profileJSON  = "bench.json"
+	// The cases finished so far, rewritten after each: a run killed by a
+	// time limit still leaves them. Removed once bench.json is written.
+	profilePartial = "bench.partial.json"
 )
 
 // planProfile makes --profile's folder and checks it is writable and that
@@ -364,7 +377,7 @@ func (b *benchFlags) planProfile() (*profileFiles, error) {
 	if err := checkDir(b.profile); err != nil {
 		return nil, err
 	}
-	for _, name := range []string{profileCPU, profileTrace, profileJSON} {
+	for _, name := range []string{profileCPU, profileTrace, profileJSON, profilePartial} {
 		if err := checkTarget(filepath.Join(b.profile, name), b.force); err != nil {
 			return nil, err
 		}

@@ -372,5 +372,14 @@ func (p *profileFiles) write(rep *benchReport, tr *benchTrace, cpu []byte) error
 			return err
 		}
 	}
+	if err := os.Remove(filepath.Join(p.dir, profilePartial)); err != nil && !os.IsNotExist(err) {
+		return err
+	}
 	return nil
+}
+
+// writePartial replaces bench.partial.json (this run's own file: planProfile
+// made sure none was there) with the cases finished so far.
+func (p *profileFiles) writePartial(rep *benchReport) error {
+	return writeOutput(filepath.Join(p.dir, profilePartial), true, func(w *bufio.Writer) error { return rep.write(w) })
 }

@@ -249,12 +249,31 @@ func TestBenchProfile(t *testing.T) {
 	require.Len(t, rep.Cases, 1)
 	assert.True(t, rep.Cases[0].Settings.UseCache)
 	assert.Len(t, rep.Cases[0].Runs, 1)
+	assert.NoFileExists(t, filepath.Join(dir, "bench.partial.json"), "removed once bench.json is written")
 
 	// Again: refused before anything runs, then replaced with --force.
 	err = run(context.Background(), args, &stdout)
 	require.Error(t, err)
 	assert.ErrorIs(t, err, os.ErrExist)
 	require.NoError(t, run(context.Background(), append(args, "--force"), &stdout))
+}
+
+// The cases finished so far survive a run killed mid-way: the partial
+// report is rewritten after each case.
+func TestBenchPartialReport(t *testing.T) {
+	dir := t.TempDir()
+	p := &profileFiles{dir: dir}
+	rep := &benchReport{Schema: "dimoo-bench/1"}
+	for i := 1; i <= 2; i++ {
+		rep.Cases = append(rep.Cases, &benchCase{Settings: benchSettings{Width: 16 * i}, Runs: []benchRun{{Run: 1}}})
+		require.NoError(t, p.writePartial(rep))
+		b, err := os.ReadFile(filepath.Join(dir, "bench.partial.json"))
+		require.NoError(t, err)
+		var got benchReport
+		require.NoError(t, json.Unmarshal(b, &got))
+		require.Len(t, got.Cases, i)
+		assert.Equal(t, 16*i, got.Cases[i-1].Settings.Width)
+	}
 }
 
 func TestBenchBadFlags(t *testing.T) {
