@@ -191,6 +191,23 @@ KeptPlan plan_keep(const dimoo_ctx *c, const dimoo_forward_args &a) {
     return p;
 }
 
+// A context's parameters checked against the model, keep_rows normalized.
+dimoo_ctx_params checked_params(const dimoo_model_config &cfg, const dimoo_ctx_params &p) {
+    DIMOO_CHECK_ARG(p.n_seqs > 0 && p.n_seqs <= 64, "n_seqs must be in [1, 64]");
+    DIMOO_CHECK_ARG(p.max_tokens > 0, "max_tokens must be positive");
+    DIMOO_CHECK_ARG(p.max_tokens <= cfg.max_sequence_length, "max_tokens " + std::to_string(p.max_tokens) +
+                                                                 " exceeds the model's max_sequence_length " +
+                                                                 std::to_string(cfg.max_sequence_length));
+    DIMOO_CHECK_ARG((p.flags & ~DIMOO_CTX_KV_CACHE) == 0, "unknown context flags");
+    DIMOO_CHECK_ARG(p.keep_cols >= 0 && p.keep_cols <= cfg.embedding_size,
+                    "keep_cols must be in [0, embedding_size " + std::to_string(cfg.embedding_size) + "]");
+    DIMOO_CHECK_ARG(p.keep_rows >= 0 && p.keep_rows <= p.max_tokens, "keep_rows must be in [0, max_tokens]");
+    dimoo_ctx_params q = p;
+    if (q.keep_cols == 0) q.keep_rows = 0;
+    else if (q.keep_rows == 0) q.keep_rows = q.max_tokens;
+    return q;
+}
+
 struct LayoutField {
     const char *strct;
     const char *field;
@@ -422,6 +439,39 @@ int32_t dimoo_sample_image(dimoo_runtime *rt, const dimoo_sample_args *a) {
     });
 }
 
+// ---- estimates ----------------------------------------------------------------
+
+int32_t dimoo_estimate(int32_t backend, int32_t n_threads, const dimoo_model_config *cfg, int32_t dtype,
+                       const dimoo_ctx_params *p, int64_t *model_bytes, int64_t *ctx_bytes, char *err,
+                       size_t err_len) {
+    std::string msg;
+    int32_t st = guard(&msg, [&] {
+        DIMOO_CHECK_ARG(cfg && model_bytes, "NULL cfg or model_bytes");
+        DIMOO_CHECK_ARG(!p || ctx_bytes, "ctx_bytes is NULL");
+        DIMOO_CHECK_ARG(dimoo::dtype_size(dtype) != 0, "unknown dtype " + std::to_string(dtype));
+        DIMOO_CHECK_ARG(n_threads >= 0, "n_threads must be >= 0");
+        const dimoo::ModelShape shape(*cfg);
+        dimoo_ctx_params q{};
+        if (p) q = checked_params(*cfg, *p);
+        dimoo::Estimate e;
+        if (backend == DIMOO_BACKEND_CPU) {
+            e = dimoo::cpu_estimate(shape, dtype, n_threads, p ? &q : nullptr);
+        } else if (backend == DIMOO_BACKEND_CUDA) {
+#ifdef DIMOO_WITH_CUDA
+            e = dimoo::cuda_estimate(shape, p ? &q : nullptr);
+#else
+            dimoo::fail(DIMOO_ERR_UNSUPPORTED, "this libdimoo was built without the CUDA backend");
+#endif
+        } else {
+            dimoo::fail(DIMOO_ERR_INVALID_ARGUMENT, "unknown backend " + std::to_string(backend));
+        }
+        *model_bytes = e.model;
+        if (p) *ctx_bytes = e.ctx;
+    });
+    copy_err(msg, err, err_len);
+    return st;
+}
+
 // ---- model -----------------------------------------------------------------
 
 int32_t dimoo_model_create(dimoo_runtime *rt, const dimoo_model_config *cfg, dimoo_model **out, char *err,
@@ -511,20 +561,9 @@ int32_t dimoo_ctx_create(dimoo_model *m, const dimoo_ctx_params *p, dimoo_ctx **
         DIMOO_CHECK_ARG(m && p && out, "NULL argument");
         *out = nullptr;
         DIMOO_CHECK_ARG(m->finalized, "the model is not finalized");
-        DIMOO_CHECK_ARG(p->n_seqs > 0 && p->n_seqs <= 64, "n_seqs must be in [1, 64]");
-        DIMOO_CHECK_ARG(p->max_tokens > 0, "max_tokens must be positive");
-        DIMOO_CHECK_ARG(p->max_tokens <= m->shape->cfg.max_sequence_length,
-                        "max_tokens " + std::to_string(p->max_tokens) + " exceeds the model's max_sequence_length " +
-                            std::to_string(m->shape->cfg.max_sequence_length));
-        DIMOO_CHECK_ARG((p->flags & ~DIMOO_CTX_KV_CACHE) == 0, "unknown context flags");
-        DIMOO_CHECK_ARG(p->keep_cols >= 0 && p->keep_cols <= m->shape->cfg.embedding_size,
-                        "keep_cols must be in [0, embedding_size " + std::to_string(m->shape->cfg.embedding_size) + "]");
-        DIMOO_CHECK_ARG(p->keep_rows >= 0 && p->keep_rows <= p->max_tokens, "keep_rows must be in [0, max_tokens]");
         auto c = std::make_unique<dimoo_ctx>();
         c->model = m;
-        c->params = *p;
-        if (c->params.keep_cols == 0) c->params.keep_rows = 0;
-        else if (c->params.keep_rows == 0) c->params.keep_rows = p->max_tokens;
+        c->params = checked_params(m->shape->cfg, *p);
         c->cached_len.assign(p->n_seqs, 0);
         if (c->params.keep_cols > 0) {
             c->kept.resize(p->n_seqs);

@@ -122,4 +122,15 @@ std::unique_ptr<Backend> make_cuda_backend(int device);
 int cuda_device_count(); // 0 when no driver or no GPU; never throws
 #endif
 
+// What a model and a context would report as their bytes
+// (dimoo_model_weight_bytes, dimoo_ctx_bytes), without creating them or
+// touching a device (dimoo_estimate). p: validated and normalized, or null.
+struct Estimate {
+    int64_t model = 0, ctx = 0;
+};
+Estimate cpu_estimate(const ModelShape &s, int32_t dtype, int n_threads, const dimoo_ctx_params *p);
+#ifdef DIMOO_WITH_CUDA
+Estimate cuda_estimate(const ModelShape &s, const dimoo_ctx_params *p);
+#endif
+
 } // namespace dimoo

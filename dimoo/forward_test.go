@@ -290,3 +290,48 @@ func TestRuntimeDescribe(t *testing.T) {
 		assert.ErrorIs(t, err, ErrUnsupported)
 	}
 }
+
+// Library.Estimate reports what the loaded model and its sessions then hold,
+// for every testdata checkpoint (fp32, bf16, fp16 with grouped K/V heads),
+// before anything is loaded.
+func TestEstimateEqualsLoaded(t *testing.T) {
+	lib := testLibrary(t)
+	for _, name := range []string{"small-f32", "small-bf16", "small-gqa-f16"} {
+		dir := testdataDir(name)
+		info, err := Inspect(dir)
+		require.NoError(t, err)
+		dt := DTypeF32
+		for s := range info.DTypes {
+			switch s {
+			case "BF16":
+				dt = DTypeBF16
+			case "F16":
+				dt = DTypeF16
+			}
+		}
+		model, _, err := lib.Estimate(BackendCPU, 2, info.Config, dt, nil)
+		require.NoError(t, err)
+		m, err := LoadModel(context.Background(), dir, LoadOptions{Library: lib, Threads: 2})
+		require.NoError(t, err)
+		assert.Equal(t, model, m.WeightBytes(), name)
+		for _, o := range []SessionOptions{
+			{MaxTokens: 20},
+			{MaxTokens: 33, Seqs: 2, KVCache: true, KeepCols: 16},
+			{MaxTokens: 40, Seqs: 3, KeepRows: 8, KeepCols: m.Config.EmbeddingRows()},
+		} {
+			_, want, err := lib.Estimate(BackendCPU, 2, info.Config, dt, &o)
+			require.NoError(t, err)
+			s, err := m.NewSession(o)
+			require.NoError(t, err)
+			assert.Equal(t, want, s.Bytes(), "%s %+v", name, o)
+			s.Close()
+		}
+		m.Close()
+	}
+	_, _, err := lib.Estimate(BackendCPU, 0, nil, DTypeF32, nil)
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	info, err := Inspect(testdataDir("small-f32"))
+	require.NoError(t, err)
+	_, _, err = lib.Estimate(BackendCPU, 0, info.Config, DTypeF32, &SessionOptions{MaxTokens: 1 << 30})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+}

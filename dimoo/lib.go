@@ -58,6 +58,8 @@ type Library struct {
 	textStep      func(c uintptr, args *cTextStepArgs) int32
 	tokenMask     func(c uintptr, allowed *uint8, n int32) int32
 	cacheSelect   func(c uintptr, seq, nTokens int32, q float64, out *int32, nOut *int32) int32
+	estimate      func(backend, nThreads int32, cfg *cModelConfig, dtype int32, p *cCtxParams, model, ctx *int64,
+		err *byte, errLen uintptr) int32
 
 	// VQ-VAE (dimoo_vq_*).
 	vqCreate       func(rt uintptr, cfg *cVQConfig, out *uintptr, err *byte, errLen uintptr) int32
@@ -191,6 +193,7 @@ func openAt(path string) (lib *Library, err error) {
 	reg(&lib.textStep, "dimoo_text_step")
 	reg(&lib.tokenMask, "dimoo_ctx_set_token_mask")
 	reg(&lib.cacheSelect, "dimoo_cache_select")
+	reg(&lib.estimate, "dimoo_estimate")
 	reg(&lib.vqCreate, "dimoo_vq_create")
 	reg(&lib.vqFree, "dimoo_vq_destroy")
 	reg(&lib.vqError, "dimoo_vq_error")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"sync"
 	"time"
@@ -352,4 +353,39 @@ func (m *Model) Logits(ctx context.Context, tokens, positions []int32, vocabBegi
 		return nil, err
 	}
 	return out[0], nil
+}
+
+// Estimate reports the bytes a model of cfg whose matrices are stored as dt
+// would take on backend b (threads as for NewRuntime), and a session with
+// opts (nil: none, session 0), without loading or allocating anything: what
+// Model.WeightBytes and Session.Bytes would then report. For choosing a
+// device, or refusing a request, before reading gigabytes.
+func (l *Library) Estimate(b Backend, threads int, cfg *Config, dt DType, opts *SessionOptions) (model, session int64,
+	err error) {
+	if cfg == nil {
+		return 0, 0, fmt.Errorf("%w: no config", ErrInvalidArgument)
+	}
+	c := cfg.cConfig()
+	var p *cCtxParams
+	if opts != nil {
+		o := *opts
+		if o.MaxTokens > math.MaxInt32 || o.KeepRows > math.MaxInt32 || o.KeepCols > math.MaxInt32 ||
+			o.Seqs > math.MaxInt32 {
+			return 0, 0, fmt.Errorf("%w: session sizes beyond int32", ErrInvalidArgument)
+		}
+		if o.Seqs == 0 {
+			o.Seqs = 1
+		}
+		p = &cCtxParams{NSeqs: int32(o.Seqs), MaxTokens: int32(o.MaxTokens), KeepRows: int32(o.KeepRows),
+			KeepCols: int32(o.KeepCols)}
+		if o.KVCache {
+			p.Flags = 1
+		}
+	}
+	var eb errBuf
+	st := l.estimate(int32(b), int32(threads), &c, int32(dt), p, &model, &session, eb.ptr(), eb.len())
+	if err := statusError(st, "dimoo_estimate", eb.String); err != nil {
+		return 0, 0, err
+	}
+	return model, session, nil
 }

@@ -42,7 +42,7 @@ extern "C" {
 
 /* 2: dimoo_sample_image; 3: its n_select; 4: context-resident logits (keep,
  * keep_cols), dimoo_image_step, dimoo_text_step, dimoo_cache_select,
- * dimoo_ctx_set_token_mask; dimoo_op_rmsnorm removed */
+ * dimoo_ctx_set_token_mask, dimoo_estimate; dimoo_op_rmsnorm removed */
 #define DIMOO_ABI_VERSION 4
 
 /* ---- status codes --------------------------------------------------------- */
@@ -206,6 +206,17 @@ typedef struct dimoo_ctx_params {
     int32_t keep_rows;
     int32_t keep_cols;
 } dimoo_ctx_params;
+
+/* What dimoo_model_weight_bytes and dimoo_ctx_bytes would report for a
+ * model of cfg whose matrices are all stored as `dtype` in the checkpoint,
+ * placed on `backend` (n_threads as in dimoo_runtime_create), and for a
+ * context of params p (NULL: no context; ctx_bytes may then be NULL),
+ * without creating either or touching a device: to choose a device, or to
+ * refuse a request, before loading gigabytes. Arguments are checked as the
+ * create calls check them. */
+DIMOO_API int32_t dimoo_estimate(int32_t backend, int32_t n_threads, const dimoo_model_config *cfg, int32_t dtype,
+                                 const dimoo_ctx_params *p, int64_t *model_bytes, int64_t *ctx_bytes, char *err,
+                                 size_t err_len);
 
 /* The model must outlive the context. */
 DIMOO_API int32_t dimoo_ctx_create(dimoo_model *m, const dimoo_ctx_params *p, dimoo_ctx **out,

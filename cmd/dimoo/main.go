@@ -243,9 +243,8 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 	T := cfg.MaxSequenceLength
 	fmt.Fprintf(w, "memory:     weights %s as stored (bf16: %s); CPU activations for %d tokens: %s\n",
 		human(info.WeightBytes), human(cfg.WeightBytes(dimoo.DTypeBF16)), T, human(cfg.ActivationBytes(T)))
-	if len(info.DTypes) == 1 && info.DTypes["BF16"] > 0 {
-		fmt.Fprintf(w, "            CPU holds %s: matrices packed once at load into bf16 panels (no copy kept)\n",
-			human(cpuPackedBytes(cfg)))
+	if lib, err := c.library(); err == nil {
+		estimateLines(w, lib, cfg, info.DTypes)
 	}
 	if *load {
 		opts, err := c.loadOptions()
@@ -263,15 +262,32 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 	return nil
 }
 
-// cpuPackedBytes is what the CPU backend holds for a bf16 checkpoint: every
-// matrix but the embedding in 32-row panels of bf16 pairs (rows rounded up
-// to 32, columns to even), the embedding as stored, norm vectors in fp32
-// (csrc/cpu/bf16.h, PackedMatrix).
-func cpuPackedBytes(c *dimoo.Config) int64 {
-	packed := func(n, k int) int64 { return int64((n+31)/32*32) * int64((k+1)/2*2) * 2 }
-	d, kv, m, e := c.DModel, c.KVDim(), c.MLPHidden(), c.EmbeddingRows()
-	layer := packed(d, d)*2 + packed(kv, d)*2 + packed(m, d)*2 + packed(d, m) + int64(2*d)*4
-	return int64(c.NLayers)*layer + packed(e, d) + int64(e)*int64(d)*2 + int64(d)*4
+// estimateLines prints the library's estimate of what the model and a
+// text-to-image session (1024x1024 with CFG and ML-Cache: two sequences of
+// 4228 tokens, K/V caches, kept image logits) take on each backend built in.
+func estimateLines(w io.Writer, lib *dimoo.Library, cfg *dimoo.Config, dtypes map[string]int) {
+	dt, most := dimoo.DTypeF32, 0
+	for name, n := range dtypes {
+		for _, d := range []dimoo.DType{dimoo.DTypeF32, dimoo.DTypeF16, dimoo.DTypeBF16} {
+			if d.String() == name && n > most {
+				dt, most = d, n
+			}
+		}
+	}
+	T := min(4228, cfg.MaxSequenceLength)
+	o := dimoo.SessionOptions{MaxTokens: T, Seqs: 2, KVCache: true, KeepCols: min(8192, cfg.EmbeddingRows())}
+	for _, b := range []dimoo.Backend{dimoo.BackendCPU, dimoo.BackendCUDA} {
+		if !lib.BackendBuilt(b) {
+			continue
+		}
+		m, s, err := lib.Estimate(b, 0, cfg, dt, &o)
+		if err != nil {
+			fmt.Fprintf(w, "            %s: no estimate: %v\n", b, err)
+			continue
+		}
+		fmt.Fprintf(w, "            %s holds %s of weights; a session of 2 x %d tokens (K/V caches, kept logits) %s\n",
+			b, human(m), T, human(s))
+	}
 }
 
 func cmdLogits(ctx context.Context, args []string, w io.Writer) error {

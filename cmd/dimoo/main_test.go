@@ -58,6 +58,18 @@ func TestInfoCommand(t *testing.T) {
 	assert.Contains(t, s, "parameters: 2131200")
 	assert.Contains(t, s, "dtypes:     F32 x21")
 	assert.Contains(t, s, "loaded:")
+	// The library's estimate, before loading, is what loading then takes.
+	var est, loaded string
+	for _, line := range strings.Split(s, "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[0] == "cpu" && f[1] == "holds" {
+			est = f[2] + " " + f[3]
+		} else if len(f) > 3 && f[0] == "loaded:" {
+			loaded = f[1] + " " + f[2]
+		}
+	}
+	assert.NotEmpty(t, est, s)
+	assert.Equal(t, loaded, est, s)
+	assert.Contains(t, s, "a session of 2 x")
 }
 
 func TestCommandErrors(t *testing.T) {

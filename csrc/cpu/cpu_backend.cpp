@@ -155,61 +155,89 @@ private:
     cpu::Kernels kernels_ = cpu::Kernels::Portable;
 };
 
+constexpr int kGateRows = 8 * cpu::kTileRows; // rows per gate/up task of the MLP
+
+// Element counts of every buffer a CPU context allocates (4-byte elements
+// unless noted), for the constructor and for dimoo_estimate alike.
+struct CpuCtxSizes {
+    size_t dp = 0, mp = 0, ast = 0, hst = 0; // A-operand row lengths and strides
+    size_t x = 0, q = 0, k = 0, v = 0, abf = 0, qbf = 0, hbf = 0, kpack16 = 0, kpack_f32 = 0, scratch = 0;
+    size_t h = 0, att = 0, g = 0, u = 0, kcache = 0, vcache = 0, rope = 0;
+    int64_t kept = 0; // bytes of the kept logits (cpu::HostKept)
+
+    // packed: the model packed its matrices (bf: as bf16 pairs); nt threads.
+    CpuCtxSizes(const ModelShape &S, bool packed, bool bf, int nt, const dimoo_ctx_params &p) {
+        const auto &c = S.cfg;
+        const size_t T = size_t(p.max_tokens), d = size_t(c.d_model), kv = size_t(S.kv_dim),
+                     mlp = size_t(c.mlp_hidden_size), n_kv = size_t(c.n_kv_heads), hd = size_t(S.head_dim);
+        // bf16: K and V packed (uint16 each); fp32: K packed (floats), V in place.
+        const size_t kv_elems = bf ? cpu::packed_kv_elems(int(T), int(hd)) : cpu::packed_k_f32_elems(int(T), int(hd));
+        const size_t per_thread = std::max(cpu::flash_scratch_floats(int(hd)), size_t(2 * kGateRows * cpu::kPanel));
+        // A-operand elements per row: bf16 pairs, or floats.
+        dp = bf ? d / 2 : d;
+        mp = bf ? (mlp + 1) / 2 : mlp;
+        // Row strides of the A buffers: 64 bytes more than a row, so that the
+        // 12 rows a micro-tile reads are not 4 KiB multiples apart (they
+        // would share L1 sets; measured 1.4x slower at d = 4096).
+        ast = dp + 16;
+        hst = mp + 16;
+        // + 32: the fp32 attention reads V panels up to 31 floats past the last row.
+        x = T * d, q = T * d, k = T * kv, v = T * kv + 32;
+        if (packed) {
+            abf = T * ast;
+            qbf = bf ? T * ast : 0;
+            hbf = T * hst;
+            kpack16 = bf ? n_kv * kv_elems : 0; // uint16, for K and again for V
+            kpack_f32 = bf ? 0 : n_kv * kv_elems;
+            scratch = size_t(nt) * per_thread;
+        } else {
+            h = T * d, att = T * d, g = T * mlp, u = T * mlp;
+        }
+        if (p.flags & DIMOO_CTX_KV_CACHE) {
+            kcache = size_t(p.n_seqs) * c.n_layers * T * kv;
+            vcache = kcache + 32;
+        }
+        rope = T * size_t(S.head_dim / 2); // cos, and again sin
+        if (p.keep_cols > 0)
+            kept = cpu::HostKept::bytes_for(p.n_seqs, p.max_tokens, p.keep_rows, p.keep_cols, c.embedding_size);
+    }
+    int64_t bytes() const {
+        return int64_t((x + q + k + v + abf + qbf + hbf + kpack_f32 + scratch + h + att + g + u + kcache + vcache +
+                        2 * rope) *
+                           4 +
+                       2 * kpack16 * 2) +
+               kept;
+    }
+};
+
 class CpuCtx : public Ctx {
 public:
     CpuCtx(const CpuModel &m, const dimoo_ctx_params &p) : m_(m), p_(p) {
         const auto &c = m.shape_.cfg;
-        const size_t T = size_t(p.max_tokens), d = size_t(c.d_model), kv = size_t(m.shape_.kv_dim),
-                     mlp = size_t(c.mlp_hidden_size);
-        const size_t n_kv = size_t(c.n_kv_heads), hd = size_t(m.shape_.head_dim);
+        const size_t T = size_t(p.max_tokens);
         nt_ = m.n_threads_ > 0 ? m.n_threads_ : std::max(1, omp_get_max_threads());
-        // bf16: K and V packed (uint16 each); fp32: K packed (floats), V in place.
-        const bool bf = m.packed_bf16();
-        const size_t kv_elems = bf ? cpu::packed_kv_elems(int(T), int(hd)) : cpu::packed_k_f32_elems(int(T), int(hd));
-        const size_t scratch = std::max(cpu::flash_scratch_floats(int(hd)), size_t(2 * kGateRows * cpu::kPanel));
-        // A-operand elements per row: bf16 pairs, or floats.
-        dp_ = bf ? d / 2 : d;
-        mp_ = bf ? (mlp + 1) / 2 : mlp;
-        // Row strides of the A buffers: 64 bytes more than a row, so that the
-        // 12 rows a micro-tile reads are not 4 KiB multiples apart (they
-        // would share L1 sets; measured 1.4x slower at d = 4096).
-        ast_ = dp_ + 16;
-        hst_ = mp_ + 16;
-        {
-            size_t floats = T * (5 * d + 2 * kv + 2 * mlp + m.shape_.head_dim);
-            if (m.packed()) // x, q, k, v, rope; A buffers; packed K (and V); per-thread scratch
-                floats = T * (2 * d + 2 * kv + hd) + T * (2 * ast_ + hst_) + n_kv * kv_elems + size_t(nt_) * scratch;
-            if (p.flags & DIMOO_CTX_KV_CACHE) floats += 2 * size_t(p.n_seqs) * c.n_layers * T * kv;
-            if (p.keep_cols > 0) floats += size_t(p.n_seqs) * size_t(p.keep_rows) * (size_t(p.keep_cols) + 1) + 2 * T * size_t(p.n_seqs);
-            check_host_alloc(floats * sizeof(float), "a context of " + std::to_string(T) + " tokens");
-        }
-        if (p.keep_cols > 0) kept_ = std::make_unique<cpu::HostKept>(p.n_seqs, p.max_tokens, p.keep_rows, p.keep_cols);
-        // + 32: the fp32 attention reads V panels up to 31 floats past the last row.
-        x_.resize(T * d);
-        q_.resize(T * d);
-        k_.resize(T * kv);
-        v_.resize(T * kv + 32);
-        if (m.packed()) {
-            abf_.resize(T * ast_);
-            if (bf) qbf_.resize(T * ast_);
-            hbf_.resize(T * hst_);
-            if (bf) {
-                kpack_.resize(n_kv * kv_elems);
-                vpack_.resize(n_kv * kv_elems);
-            } else {
-                kpack_f32_.resize(n_kv * kv_elems);
-            }
-            scratch_.resize(size_t(nt_) * scratch);
-        } else {
-            h_.resize(T * d);
-            att_.resize(T * d);
-            g_.resize(T * mlp);
-            u_.resize(T * mlp);
-        }
-        if (p.flags & DIMOO_CTX_KV_CACHE) {
-            kcache_.resize(size_t(p.n_seqs) * c.n_layers * T * kv);
-            vcache_.resize(kcache_.size() + 32);
-        }
+        const CpuCtxSizes z(m.shape_, m.packed(), m.packed_bf16(), nt_, p);
+        dp_ = z.dp, mp_ = z.mp, ast_ = z.ast, hst_ = z.hst;
+        check_host_alloc(size_t(z.bytes()), "a context of " + std::to_string(T) + " tokens");
+        if (p.keep_cols > 0)
+            kept_ = std::make_unique<cpu::HostKept>(p.n_seqs, p.max_tokens, p.keep_rows, p.keep_cols, c.embedding_size);
+        x_.resize(z.x);
+        q_.resize(z.q);
+        k_.resize(z.k);
+        v_.resize(z.v);
+        abf_.resize(z.abf);
+        qbf_.resize(z.qbf);
+        hbf_.resize(z.hbf);
+        kpack_.resize(z.kpack16);
+        vpack_.resize(z.kpack16);
+        kpack_f32_.resize(z.kpack_f32);
+        scratch_.resize(z.scratch);
+        h_.resize(z.h);
+        att_.resize(z.att);
+        g_.resize(z.g);
+        u_.resize(z.u);
+        kcache_.resize(z.kcache);
+        vcache_.resize(z.vcache);
         // RoPE table computed the way the reference does, in fp32:
         // inv_freq_i = 1 / theta^(2i/hd), angle = float(pos) * inv_freq_i.
         const int half = m.shape_.head_dim / 2;
@@ -254,14 +282,8 @@ public:
                     forward_seq(a, cancel);
                     continue;
                 }
-                if (!a.logits) {
-                    keep_out_.resize(size_t(rows) * cols);
-                    a.logits = keep_out_.data();
-                }
-                if (!a.row_max) {
-                    keep_max_.resize(size_t(rows));
-                    a.row_max = keep_max_.data();
-                }
+                if (!a.logits) a.logits = kept_->scratch_rows();
+                if (!a.row_max) a.row_max = kept_->scratch_max();
                 forward_seq(a, cancel);
                 kept_->write(a.seq, keep_slots[i], rows, cols, a.logits, a.row_max);
             } else {
@@ -697,7 +719,6 @@ private:
         if (stop) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
     }
 
-    static constexpr int kGateRows = 8 * cpu::kTileRows; // rows per gate/up task
 
     const CpuModel &m_;
     const dimoo_ctx_params p_;
@@ -706,7 +727,6 @@ private:
     size_t ast_ = 0, hst_ = 0; // their row strides in abf_/qbf_ and hbf_
     std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
     std::unique_ptr<cpu::HostKept> kept_; // kept logits (keep_cols > 0)
-    std::vector<float> keep_out_, keep_max_; // head output of a keep-only forward
     std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
     std::vector<uint16_t> kpack_, vpack_;
     std::vector<float> kpack_f32_;
@@ -743,5 +763,37 @@ private:
 } // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads) { return std::make_unique<CpuBackend>(n_threads); }
+
+Estimate cpu_estimate(const ModelShape &S, int32_t dtype, int n_threads, const dimoo_ctx_params *p) {
+    // CpuModel::finalize's choice, for a checkpoint whose matrices are all `dtype`.
+    const char *env = std::getenv("DIMOO_CPU_PACKED");
+    const bool off = env && std::string(env) == "0";
+    const bool bf = !off && dtype == DIMOO_BF16 && S.head_dim % 2 == 0 && S.head_dim <= 1024;
+    const bool f32 = !off && dtype == DIMOO_F32;
+    Estimate e;
+    auto add = [&](WeightId id) {
+        const auto dims = S.expected_shape(id);
+        const bool norm = id.kind == WeightKind::AttnNorm || id.kind == WeightKind::FFNorm ||
+                          id.kind == WeightKind::FinalNorm;
+        if (norm) {
+            e.model += dims[0] * 4;
+            return;
+        }
+        const int64_t N = dims[0], K = dims[1], panels = (N + cpu::kPanel - 1) / cpu::kPanel;
+        if (id.kind != WeightKind::Embedding && bf) e.model += panels * ((K + 1) / 2) * 64 * 2;
+        else if (id.kind != WeightKind::Embedding && f32) e.model += panels * K * cpu::kPanel * 4;
+        else e.model += N * K * int64_t(dtype_size(dtype));
+    };
+    add({WeightKind::Embedding, -1});
+    add({WeightKind::FinalNorm, -1});
+    add({WeightKind::Head, -1});
+    for (int l = 0; l < S.cfg.n_layers; l++)
+        for (int k = int(WeightKind::AttnNorm); k <= int(WeightKind::FFOut); k++) add({WeightKind(k), l});
+    if (p) {
+        const int nt = n_threads > 0 ? n_threads : std::max(1, omp_get_max_threads());
+        e.ctx = CpuCtxSizes(S, bf || f32, bf, nt, *p).bytes();
+    }
+    return e;
+}
 
 } // namespace dimoo

@@ -14,17 +14,33 @@
 
 namespace dimoo::cpu {
 
-HostKept::HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols)
+namespace {
+float *zeroed_floats(size_t n) {
+    auto *p = static_cast<float *>(std::calloc(std::max<size_t>(n, 1), sizeof(float)));
+    if (!p) throw std::bad_alloc();
+    return p;
+}
+} // namespace
+
+HostKept::HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols, int vocab)
     : n_seqs_(n_seqs), max_tokens_(max_tokens), rows_(keep_rows), cols_(keep_cols) {
     n_logits_ = size_t(n_seqs) * keep_rows * keep_cols;
-    logits_.reset(static_cast<float *>(std::calloc(std::max<size_t>(n_logits_, 1), sizeof(float))));
-    if (!logits_) throw std::bad_alloc();
+    n_scratch_ = size_t(max_tokens) * (size_t(keep_cols) + 1);
+    logits_.reset(zeroed_floats(n_logits_));
+    scratch_.reset(zeroed_floats(n_scratch_));
     max_.resize(size_t(n_seqs) * max_tokens);
     top_.resize(size_t(n_seqs) * max_tokens);
+    mask_.resize(size_t(vocab));
+}
+
+int64_t HostKept::bytes_for(int n_seqs, int max_tokens, int keep_rows, int keep_cols, int vocab) {
+    const size_t rows = size_t(n_seqs) * keep_rows * keep_cols, scratch = size_t(max_tokens) * (size_t(keep_cols) + 1);
+    return int64_t((rows + scratch + size_t(n_seqs) * max_tokens) * sizeof(float) +
+                   size_t(n_seqs) * max_tokens * sizeof(double) + size_t(vocab));
 }
 
 int64_t HostKept::bytes() const {
-    return int64_t(n_logits_ * sizeof(float) + max_.size() * sizeof(float) + top_.size() * sizeof(double) +
+    return int64_t((n_logits_ + n_scratch_ + max_.size()) * sizeof(float) + top_.size() * sizeof(double) +
                    mask_.size());
 }
 
@@ -133,12 +149,13 @@ void HostKept::text_step(const TextStepCall &c) {
     const float *cb = seq_rows(a.seq);
     const float *ub = a.uncond_seq >= 0 ? seq_rows(a.uncond_seq) : nullptr;
     const uint8_t *mask = a.use_mask ? mask_.data() : nullptr;
+    const int mask_len = mask_len_;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < n; i++) {
         const float *cr = cb + size_t(c.slots[i]) * C;
         const float *ur = ub ? ub + size_t(c.uncond_slots[i]) * C : nullptr;
         tok[i] = text_pick(cr, ur, C, c.vocab_begin, a.cfg_scale, a.temperature, a.seed, a.step, a.positions[i], mask,
-                           int(mask_.size()), &conf[i]);
+                           mask_len, &conf[i]);
     }
     if (a.out_all_tokens) std::copy(tok.begin(), tok.end(), a.out_all_tokens);
     // The n_select most confident, ties to the earlier position.
@@ -153,7 +170,12 @@ void HostKept::text_step(const TextStepCall &c) {
     }
 }
 
-void HostKept::set_token_mask(const uint8_t *allowed, int n) { mask_.assign(allowed, allowed + n); }
+void HostKept::set_token_mask(const uint8_t *allowed, int n) {
+    // api.cpp keeps n within the embedding rows this store was sized for.
+    n = std::min(n, int(mask_.size()));
+    std::copy(allowed, allowed + n, mask_.begin());
+    mask_len_ = n;
+}
 
 float quantile_f32(std::vector<float> &v, double q) {
     using sm::fadd;

@@ -16,8 +16,14 @@ namespace dimoo::cpu {
 class HostKept {
 public:
     // keep_rows x keep_cols floats of rows and max_tokens row maxima per
-    // seq; the top-log-probability store has n_seqs * max_tokens doubles.
-    HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols);
+    // seq; the top-log-probability store has n_seqs * max_tokens doubles;
+    // a token mask of up to vocab ids; the scratch of one forward's kept
+    // rows (max_tokens x keep_cols floats and their maxima). All of it
+    // allocated here (bytes() is final), the large parts as untouched pages.
+    HostKept(int n_seqs, int max_tokens, int keep_rows, int keep_cols, int vocab);
+    static int64_t bytes_for(int n_seqs, int max_tokens, int keep_rows, int keep_cols, int vocab);
+    float *scratch_rows() { return scratch_.get(); }
+    float *scratch_max() { return scratch_.get() + size_t(max_tokens_) * cols_; }
 
     // Rows of one seq are stored at a stride of their column count (all
     // kept rows of a seq share one column range).
@@ -40,8 +46,9 @@ private:
     int n_seqs_, max_tokens_, rows_, cols_;
     // [n_seqs][rows][<= cols], from calloc: large blocks come as untouched
     // zero pages, so memory is committed only as rows are written.
-    std::unique_ptr<float[], Free> logits_;
-    size_t n_logits_ = 0;
+    std::unique_ptr<float[], Free> logits_, scratch_;
+    size_t n_logits_ = 0, n_scratch_ = 0;
+    int mask_len_ = 0;
     std::vector<float> max_;    // [n_seqs][max_tokens]
     std::vector<double> top_;   // [n_seqs * max_tokens]
     std::vector<uint8_t> mask_;

@@ -467,7 +467,7 @@ public:
 
     // The statement over the mirrored rows (slot = position).
     std::unique_ptr<dimoo::cpu::HostKept> reference() const {
-        auto ref = std::make_unique<dimoo::cpu::HostKept>(kKeptSeqs, kKeptMaxT, kKeptMaxT, kKeptCols);
+        auto ref = std::make_unique<dimoo::cpu::HostKept>(kKeptSeqs, kKeptMaxT, kKeptMaxT, kKeptCols, 1 << 18);
         for (int s = 0; s < kKeptSeqs; s++) {
             const Mirror &mi = mirror_[s];
             for (auto &[pos, row] : mi.rows) {

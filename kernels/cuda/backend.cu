@@ -271,28 +271,34 @@ private:
     std::list<GraphKey> seen_;
 };
 
-class CudaCtx : public Ctx {
-public:
-    CudaCtx(const CudaModel &m, const dimoo_ctx_params &p) : m_(m), p_(p) {
-        const auto &S = m.shape_;
+// Every buffer a context of these parameters allocates: computed without a
+// device, so dimoo_estimate reports exactly what dimoo_ctx_bytes will.
+struct CtxPlan {
+    size_t seqs_bytes = 0, meta_bytes = 0, head_ws = 0, kept_stride = 0, step_in = 0, step_work = 0, step_sel = 0,
+           pin_out = 0;
+    std::vector<size_t> sizes; // device buffers, in CudaCtx's buffer order
+
+    CtxPlan(const ModelShape &S, const dimoo_ctx_params &p) {
         const auto &c = S.cfg;
-        DIMOO_CUDA(cudaSetDevice(m.device_));
         // A call batches up to n_seqs sequences of up to max_tokens rows each.
         const size_t T = size_t(p.max_tokens), Mx = size_t(p.n_seqs) * T, d = c.d_model, kv = S.kv_dim,
                      mlp = c.mlp_hidden_size, E = size_t(c.embedding_size);
         const bool keep = p.keep_cols > 0;
         const size_t cache_rows = (p.flags & DIMOO_CTX_KV_CACHE) ? size_t(p.n_seqs) * c.n_layers * T : 0;
-        seqs_bytes_ = align_up(size_t(p.n_seqs) * sizeof(cuda::AttnSeq));
-        meta_bytes_ = seqs_bytes_ + Mx * 5 * 4;
-        head_ws_ = align_up(std::max(E * 4, std::min(kHeadWorkMax, Mx * E * 4)));
-        kept_stride_ = keep ? align_up(size_t(p.keep_rows) * size_t(p.keep_cols) * 4) : 0;
+        seqs_bytes = align_up(size_t(p.n_seqs) * sizeof(cuda::AttnSeq));
+        meta_bytes = seqs_bytes + Mx * 5 * 4;
+        head_ws = align_up(std::max(E * 4, std::min(kHeadWorkMax, Mx * E * 4)));
+        kept_stride = keep ? align_up(size_t(p.keep_rows) * size_t(p.keep_cols) * 4) : 0;
         // Decode steps: uploads (image: a slot array per branch and the
         // Philox positions), work (text: conf, tokens, then the selection),
         // the image selection (conf, index, code).
-        step_in_ = align_up(T * 5 * 4);
-        step_work_ = align_up(T * 20 + 16);
-        step_sel_ = align_up(T * 16);
-        sizes_ = {
+        step_in = align_up(T * 5 * 4);
+        step_work = align_up(T * 20 + 16);
+        step_sel = align_up(T * 16);
+        // Pinned staging: uploads (the forward's metadata is the largest),
+        // then the decode steps' results.
+        pin_out = align_up(T * 16 + 16);
+        sizes = {
             Mx * d * 4,                                   // x
             Mx * d * 2,                                   // h
             Mx * (d + 2 * kv) * 2,                        // qkv
@@ -303,14 +309,36 @@ public:
             Mx * kv * 2, Mx * kv * 2,                     // K, V scratch (cache mode NONE)
             cache_rows * kv * 2, cache_rows * kv * 2,     // K, V caches
             T * S.head_dim * 4,                           // RoPE table
-            meta_bytes_,                                  // seqs, then tok | pos | seq | out rows | keep slots
+            meta_bytes,                                   // seqs, then tok | pos | seq | out rows | keep slots
             Mx * 4,                                       // row maxima of the head's rows
-            head_ws_,                                     // the head's work rows
-            keep ? size_t(p.n_seqs) * kept_stride_ : 0,   // kept logits
+            head_ws,                                      // the head's work rows
+            keep ? size_t(p.n_seqs) * kept_stride : 0,    // kept logits
             keep ? size_t(p.n_seqs) * size_t(p.max_tokens) * 4 : 0, // their row maxima (one per slot)
-            keep ? step_in_ + step_work_ + step_sel_ : 0, // decode step buffers
+            keep ? step_in + step_work + step_sel : 0,    // decode step buffers
             keep ? E : 0,                                 // token mask
         };
+    }
+    // What dimoo_ctx_bytes reports: the device buffers, the cuBLASLt
+    // workspace and the pinned host staging.
+    size_t bytes() const {
+        size_t b = kLtWorkspace + meta_bytes + pin_out;
+        for (size_t v : sizes) b += v;
+        return b;
+    }
+};
+
+class CudaCtx : public Ctx {
+public:
+    CudaCtx(const CudaModel &m, const dimoo_ctx_params &p) : m_(m), p_(p) {
+        const auto &S = m.shape_;
+        const auto &c = S.cfg;
+        DIMOO_CUDA(cudaSetDevice(m.device_));
+        const bool keep = p.keep_cols > 0;
+        const CtxPlan plan(S, p);
+        seqs_bytes_ = plan.seqs_bytes, meta_bytes_ = plan.meta_bytes, head_ws_ = plan.head_ws;
+        kept_stride_ = plan.kept_stride, step_in_ = plan.step_in, step_work_ = plan.step_work;
+        step_sel_ = plan.step_sel, pin_out_ = plan.pin_out;
+        sizes_ = plan.sizes;
         size_t need = kLtWorkspace;
         for (size_t b : sizes_) need += align_up(b);
         check_device_room(m.device_, need, "a context of " + std::to_string(p.n_seqs) + " x " +
@@ -319,9 +347,6 @@ public:
                                                            std::to_string(p.keep_cols) + " kept logits per seq"
                                                      : std::string()));
         for (size_t b : sizes_) bufs_.push_back(std::make_unique<DeviceBuffer>(b));
-        // Pinned staging: uploads (the forward's metadata is the largest),
-        // then the decode steps' results.
-        pin_out_ = align_up(T * 16 + 16);
         pinned_ = std::make_unique<PinnedBuffer>(meta_bytes_ + pin_out_);
         DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_.s, cudaStreamNonBlocking));
         nvtx_name_stream(stream_.s, "dimoo ctx");
@@ -793,6 +818,17 @@ private:
 };
 
 std::unique_ptr<Ctx> CudaModel::create_ctx(const dimoo_ctx_params &p) { return std::make_unique<CudaCtx>(*this, p); }
+
+} // namespace
+
+Estimate cuda_estimate(const ModelShape &s, const dimoo_ctx_params *p) {
+    Estimate e;
+    e.model = int64_t(WeightLayout(s).total);
+    if (p) e.ctx = int64_t(CtxPlan(s, *p).bytes());
+    return e;
+}
+
+namespace {
 
 class CudaBackend : public Backend {
 public:
