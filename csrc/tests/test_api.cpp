@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "dimoo.h"
+#include "test_tensors.h"
 
 namespace {
 
@@ -26,31 +27,6 @@ dimoo_model_config tiny_config() {
     c.rope_theta = 10000.f;
     c.rms_norm_eps = 1e-5f;
     return c;
-}
-
-struct Tensor {
-    std::string name;
-    std::vector<int64_t> shape;
-};
-
-std::vector<Tensor> tensors_of(const dimoo_model_config &c) {
-    const int64_t d = c.d_model, kv = d / c.n_heads * c.n_kv_heads, mlp = c.mlp_hidden_size, e = c.embedding_size;
-    std::vector<Tensor> t = {{"model.transformer.wte.weight", {e, d}},
-                             {"model.transformer.ln_f.weight", {d}},
-                             {"model.transformer.ff_out.weight", {e, d}}};
-    for (int l = 0; l < c.n_layers; l++) {
-        std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
-        t.push_back({p + "attn_norm.weight", {d}});
-        t.push_back({p + "q_proj.weight", {d, d}});
-        t.push_back({p + "k_proj.weight", {kv, d}});
-        t.push_back({p + "v_proj.weight", {kv, d}});
-        t.push_back({p + "attn_out.weight", {d, d}});
-        t.push_back({p + "ff_norm.weight", {d}});
-        t.push_back({p + "ff_proj.weight", {mlp, d}});
-        t.push_back({p + "up_proj.weight", {mlp, d}});
-        t.push_back({p + "ff_out.weight", {d, mlp}});
-    }
-    return t;
 }
 
 struct Fixture : ::testing::Test {
@@ -72,13 +48,13 @@ struct Fixture : ::testing::Test {
     void load_random(uint32_t seed) {
         std::mt19937 rng(seed);
         std::normal_distribution<float> nd(0.f, 1.f);
-        for (const auto &t : tensors_of(cfg)) {
+        for (const auto &[name, shape] : dimoo::test::checkpoint_tensors(cfg)) {
             size_t n = 1;
-            for (auto s : t.shape) n *= size_t(s);
+            for (auto s : shape) n *= size_t(s);
             std::vector<float> v(n);
-            float scale = t.shape.size() == 2 ? 1.f / std::sqrt(float(t.shape[1])) : 0.1f;
-            for (auto &x : v) x = nd(rng) * scale + (t.shape.size() == 1 ? 1.f : 0.f);
-            ASSERT_EQ(dimoo_model_set_weight(m, t.name.c_str(), DIMOO_F32, t.shape.data(), int32_t(t.shape.size()),
+            float scale = shape.size() == 2 ? 1.f / std::sqrt(float(shape[1])) : 0.1f;
+            for (auto &x : v) x = nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f);
+            ASSERT_EQ(dimoo_model_set_weight(m, name.c_str(), DIMOO_F32, shape.data(), int32_t(shape.size()),
                                              v.data(), n * 4),
                       DIMOO_OK)
                 << dimoo_model_error(m);

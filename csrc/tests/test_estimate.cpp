@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "dimoo.h"
+#include "test_tensors.h"
 
 namespace {
 
@@ -34,22 +35,7 @@ dimoo_model *make_model(dimoo_runtime *rt, const dimoo_model_config &c, int32_t 
     char err[256];
     EXPECT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_OK) << err;
     if (!m) return nullptr;
-    const int64_t d = c.d_model, kv = d / c.n_heads * c.n_kv_heads, mlp = c.mlp_hidden_size, e = c.embedding_size;
-    std::vector<std::pair<std::string, std::vector<int64_t>>> t = {{"model.transformer.wte.weight", {e, d}},
-                                                                   {"model.transformer.ln_f.weight", {d}},
-                                                                   {"model.transformer.ff_out.weight", {e, d}}};
-    for (int l = 0; l < c.n_layers; l++) {
-        const std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
-        t.push_back({p + "attn_norm.weight", {d}});
-        t.push_back({p + "q_proj.weight", {d, d}});
-        t.push_back({p + "k_proj.weight", {kv, d}});
-        t.push_back({p + "v_proj.weight", {kv, d}});
-        t.push_back({p + "attn_out.weight", {d, d}});
-        t.push_back({p + "ff_norm.weight", {d}});
-        t.push_back({p + "ff_proj.weight", {mlp, d}});
-        t.push_back({p + "up_proj.weight", {mlp, d}});
-        t.push_back({p + "ff_out.weight", {d, mlp}});
-    }
+    const auto t = dimoo::test::checkpoint_tensors(c);
     std::mt19937 rng(3);
     std::normal_distribution<float> nd(0.f, 0.1f);
     for (const auto &[name, shape] : t) {

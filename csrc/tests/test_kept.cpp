@@ -13,6 +13,7 @@
 
 #include "cpu/kept.h"
 #include "dimoo.h"
+#include "test_tensors.h"
 
 namespace {
 
@@ -39,19 +40,7 @@ struct Kept : ::testing::Test {
         ASSERT_EQ(dimoo_model_create(rt, &cfg, &m, err, sizeof err), DIMOO_OK) << err;
         std::mt19937 rng(11);
         std::normal_distribution<float> nd(0.f, 1.f);
-        const int64_t d = cfg.d_model, kv = d / cfg.n_heads * cfg.n_kv_heads, mlp = cfg.mlp_hidden_size,
-                      e = cfg.embedding_size;
-        std::vector<std::pair<std::string, std::vector<int64_t>>> t = {{"model.transformer.wte.weight", {e, d}},
-                                                                       {"model.transformer.ln_f.weight", {d}},
-                                                                       {"model.transformer.ff_out.weight", {e, d}}};
-        for (int l = 0; l < cfg.n_layers; l++) {
-            std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
-            for (auto [n, s] : std::vector<std::pair<const char *, std::vector<int64_t>>>{
-                     {"attn_norm.weight", {d}}, {"q_proj.weight", {d, d}}, {"k_proj.weight", {kv, d}},
-                     {"v_proj.weight", {kv, d}}, {"attn_out.weight", {d, d}}, {"ff_norm.weight", {d}},
-                     {"ff_proj.weight", {mlp, d}}, {"up_proj.weight", {mlp, d}}, {"ff_out.weight", {d, mlp}}})
-                t.push_back({p + n, s});
-        }
+        const auto t = dimoo::test::checkpoint_tensors(cfg);
         for (const auto &[name, shape] : t) {
             size_t n = 1;
             for (auto s : shape) n *= size_t(s);
