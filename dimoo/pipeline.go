@@ -463,7 +463,9 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	if o.CFGScale > 0 {
 		seqs = 2
 	}
-	s, err := p.Model.NewSession(SessionOptions{MaxTokens: len(seq), Seqs: seqs})
+	// A block of full-vocabulary logits stays in the library per step.
+	s, err := p.Model.NewSession(SessionOptions{MaxTokens: len(seq), Seqs: seqs, KeepRows: min(o.BlockLength, len(seq)),
+		KeepCols: p.Model.Config.EmbeddingRows()})
 	if err != nil {
 		return "", err
 	}
