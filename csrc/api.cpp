@@ -807,4 +807,5 @@ int32_t dimoo_cache_select(dimoo_ctx *c, int32_t seq, int32_t n_tokens, double q
 namespace dimoo {
 int32_t runtime_backend_id(const dimoo_runtime *rt) { return rt->backend; }
 int32_t runtime_threads(const dimoo_runtime *rt) { return rt->n_threads; }
+Backend *runtime_backend(dimoo_runtime *rt) { return rt->impl.get(); }
 } // namespace dimoo

@@ -11,6 +11,10 @@
 
 namespace dimoo {
 
+namespace vq {
+class Model;
+}
+
 // Which tensor of the checkpoint a weight is.
 enum class WeightKind {
     Embedding,  // model.transformer.wte.weight            (embedding_size, d_model)
@@ -109,11 +113,32 @@ public:
     virtual std::unique_ptr<Ctx> create_ctx(const dimoo_ctx_params &p) = 0;
 };
 
+// The VQ-VAE's decoder on a backend's device (the encoder stays on the
+// host CPU). A backend that has one returns it for a finalized vq::Model;
+// it copies what it needs (the decoder's weights and the codebook) at
+// creation and never reads the vq::Model again. Arguments are validated by
+// vq_api.cpp (grid sides, codes in range, non-null buffers); both calls
+// write the whole of out (h*f x w*f x out_channels floats, host memory) or
+// throw, and poll `cancel` between blocks (CANCELLED).
+class VqDevice {
+public:
+    virtual ~VqDevice() = default;
+    virtual void decode(const int32_t *codes, int h, int w, float *out, const std::atomic<bool> &cancel) = 0;
+    virtual void decode_latent(const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) = 0;
+    virtual int64_t device_bytes() const = 0; // the device copy of the weights
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
     virtual std::string describe() const = 0;
     virtual std::unique_ptr<Model> create_model(const ModelShape &shape) = 0;
+    // The VQ decoder on this backend's device, or null where the host CPU
+    // decodes (the CPU backend). m is finalized.
+    virtual std::unique_ptr<VqDevice> create_vq(const vq::Model &m) {
+        (void)m;
+        return nullptr;
+    }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads);

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.h"
 #include "common.h"
 #include "guard.h"
 #include "dimoo.h"
@@ -20,12 +21,17 @@ namespace dimoo {
 // Defined in api.cpp, which owns struct dimoo_runtime.
 int32_t runtime_backend_id(const dimoo_runtime *rt);
 int32_t runtime_threads(const dimoo_runtime *rt);
+Backend *runtime_backend(dimoo_runtime *rt);
 } // namespace dimoo
 
 struct dimoo_vq {
     dimoo_runtime *rt = nullptr;
     int32_t n_threads = 0; // 0: every core
     std::unique_ptr<dimoo::vq::Model> impl;
+    // The decoder on the runtime's device (made at finalize), or null: the
+    // host CPU decodes.
+    std::unique_ptr<dimoo::VqDevice> dev;
+    bool ready = false; // finalized, and the device decoder (if any) made
     std::atomic<bool> cancel{false};
     std::string err;
 };
@@ -53,7 +59,7 @@ private:
 constexpr int64_t kMaxSide = 1 << 15;
 constexpr int64_t kMaxPixels = int64_t(1) << 28;
 
-void check_ready(const dimoo_vq *vq) { DIMOO_CHECK_ARG(vq->impl->finalized(), "the VQ model is not finalized"); }
+void check_ready(const dimoo_vq *vq) { DIMOO_CHECK_ARG(vq->ready, "the VQ model is not finalized"); }
 
 // h x w grid decoding to (h*f) x (w*f) pixels.
 void check_grid(const dimoo_vq *vq, const char *who, int32_t h, int32_t w) {
@@ -114,7 +120,15 @@ int32_t dimoo_vq_set_weight(dimoo_vq *vq, const char *name, int32_t dtype, const
 
 int32_t dimoo_vq_finalize(dimoo_vq *vq) {
     if (!vq) return DIMOO_ERR_INVALID_ARGUMENT;
-    return guard(&vq->err, [&] { vq->impl->finalize(); });
+    return guard(&vq->err, [&] {
+        if (vq->ready) return;
+        vq->impl->finalize(); // a no-op when an earlier call got this far
+        // A device that cannot take the decoder (DEVICE_OUT_OF_MEMORY, ...)
+        // fails the call and leaves the handle unfinalized; a retry tries
+        // the device again.
+        if (dimoo::Backend *be = dimoo::runtime_backend(vq->rt)) vq->dev = be->create_vq(*vq->impl);
+        vq->ready = true;
+    });
 }
 
 int64_t dimoo_vq_weight_bytes(const dimoo_vq *vq) { return vq ? vq->impl->weight_bytes() : 0; }
@@ -137,6 +151,7 @@ int32_t dimoo_vq_decode(dimoo_vq *vq, const int32_t *codes, int32_t h, int32_t w
                             "decode: code " + std::to_string(codes[i]) + " at row " + std::to_string(i / w) +
                                 ", column " + std::to_string(i % w) + " is outside the codebook [0, " +
                                 std::to_string(n) + ")");
+        if (vq->dev) return vq->dev->decode(codes, h, w, out, vq->cancel);
         ThreadScope ts(vq->n_threads);
         vq->impl->decode(codes, h, w, out, vq->cancel);
     });
@@ -149,6 +164,7 @@ int32_t dimoo_vq_decode_latent(dimoo_vq *vq, const float *latent, int32_t h, int
         check_ready(vq);
         DIMOO_CHECK_ARG(latent && out, "decode_latent: NULL buffer");
         check_grid(vq, "decode_latent", h, w);
+        if (vq->dev) return vq->dev->decode_latent(latent, h, w, out, vq->cancel);
         ThreadScope ts(vq->n_threads);
         vq->impl->decode_latent(latent, h, w, out, vq->cancel);
     });

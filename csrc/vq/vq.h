@@ -158,6 +158,16 @@ public:
     std::vector<std::string> weight_names() const;
     std::vector<int64_t> weight_shape(const std::string &name) const;
 
+    // The decoder's weights, for a backend copying them to its device
+    // (backend.h's VqDevice); valid once finalized.
+    const std::vector<float> &codebook() const { return codebook_; }
+    const Conv2d &post_quant_conv() const { return post_quant_conv_; }
+    const Conv2d &dec_conv_in() const { return dec_in_; }
+    const MidBlock &dec_mid() const { return dec_mid_; }
+    const std::vector<Stage> &dec_up() const { return dec_up_; }
+    const GroupNorm &dec_norm_out() const { return dec_norm_out_; }
+    const Conv2d &dec_conv_out() const { return dec_out_; }
+
 private:
     struct Slot {
         std::vector<int64_t> shape;

@@ -33,6 +33,7 @@
 #include "cuda/rowmax.cuh"
 #include "cuda/sampler.cuh"
 #include "cuda/swiglu.cuh"
+#include "cuda/vq.cuh"
 
 namespace dimoo {
 
@@ -852,6 +853,11 @@ public:
     std::unique_ptr<Model> create_model(const ModelShape &shape) override {
         DIMOO_CUDA(cudaSetDevice(device_));
         return std::make_unique<CudaModel>(shape, device_);
+    }
+
+    std::unique_ptr<VqDevice> create_vq(const vq::Model &m) override {
+        DIMOO_CUDA(cudaSetDevice(device_));
+        return make_cuda_vq(m, device_);
     }
 
 private:

@@ -1,0 +1,429 @@
+// test_cuda_vq.cpp - the VQ-VAE decoder on the GPU (kernels/cuda/vq.cu)
+// against the CPU decoder (csrc/vq), through the C ABI: the same weights on a
+// CPU runtime and on a CUDA runtime, decode and decode_latent over several
+// grids, relative error ||gpu - cpu|| / ||cpu|| within 1e-4 (fp32 GEMMs with
+// TF32 off; only the summation order differs). Also: NaN-poisoned outputs
+// fully overwritten, out-of-range codes refused before anything runs,
+// cancel honoured. Skips with a reason where the CUDA backend is not built
+// or no GPU is present.
+//
+// The timing benchmark (not a test): aMUSEd-size decode, 32x32 -> 512² and
+// 64x64 -> 1024², GPU next to CPU:
+//   ./build-cuda/dimoo_tests --gtest_also_run_disabled_tests --gtest_filter='CudaVQTiming.*'
+#include <gtest/gtest.h>
+
+#ifndef DIMOO_WITH_CUDA
+TEST(CudaVQ, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
+#else
+
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend.h"
+#include "common.h"
+#include "cuda/vq.cuh"
+#include "dimoo.h"
+#include "vq/vq.h"
+
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                                                   \
+    do {                                                                                                     \
+        if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";                               \
+    } while (0)
+
+constexpr double kTol = 1e-4; // fp32 GEMMs (no TF32), double statistics
+
+std::string src(const std::string &rel) { return std::string(DIMOO_SOURCE_DIR) + "/" + rel; }
+
+// ---- a minimal safetensors reader (as test_cuda_forward.cpp's) -------------------------------
+
+struct StTensor {
+    std::string dtype;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> data;
+};
+
+struct Json {
+    std::string s;
+    size_t i = 0;
+    void ws() {
+        while (i < s.size() && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++;
+    }
+    std::string str() {
+        ws();
+        std::string o;
+        i++;
+        while (s[i] != '"') {
+            if (s[i] == '\\') i++;
+            o += s[i++];
+        }
+        i++;
+        return o;
+    }
+    double num() {
+        ws();
+        size_t n = 0;
+        double v = std::stod(s.substr(i, 40), &n);
+        i += n;
+        return v;
+    }
+    void skip() {
+        ws();
+        if (s[i] == '"') str();
+        else if (s[i] == '{') obj([&](const std::string &) { skip(); });
+        else if (s[i] == '[') arr([&] { skip(); });
+        else while (i < s.size() && s[i] != ',' && s[i] != '}' && s[i] != ']') i++;
+    }
+    template <class F> void obj(F f) {
+        ws();
+        i++;
+        ws();
+        if (s[i] == '}') {
+            i++;
+            return;
+        }
+        for (;;) {
+            std::string k = str();
+            ws();
+            i++;
+            f(k);
+            ws();
+            if (s[i++] == '}') return;
+        }
+    }
+    template <class F> void arr(F f) {
+        ws();
+        i++;
+        ws();
+        if (s[i] == ']') {
+            i++;
+            return;
+        }
+        for (;;) {
+            f();
+            ws();
+            if (s[i++] == ']') return;
+        }
+    }
+};
+
+bool read_file(const std::string &path, std::string &out) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) return false;
+    out.assign(std::istreambuf_iterator<char>(f), {});
+    return true;
+}
+
+bool read_safetensors(const std::string &path, std::map<std::string, StTensor> &out) {
+    std::string raw;
+    if (!read_file(path, raw) || raw.size() < 8) return false;
+    uint64_t hl = 0;
+    std::memcpy(&hl, raw.data(), 8);
+    Json j{raw.substr(8, hl)};
+    const size_t base = 8 + hl;
+    j.obj([&](const std::string &name) {
+        if (name == "__metadata__") {
+            j.skip();
+            return;
+        }
+        StTensor t;
+        size_t b = 0, e = 0;
+        j.obj([&](const std::string &k) {
+            if (k == "dtype") t.dtype = j.str();
+            else if (k == "shape") j.arr([&] { t.shape.push_back(int64_t(j.num())); });
+            else if (k == "data_offsets") {
+                int n = 0;
+                j.arr([&] { (n++ == 0 ? b : e) = size_t(j.num()); });
+            } else j.skip();
+        });
+        t.data.assign(raw.begin() + long(base + b), raw.begin() + long(base + e));
+        out[name] = std::move(t);
+    });
+    return true;
+}
+
+// ---- configs ---------------------------------------------------------------------------------
+
+dimoo_vq_config make_cfg(int lat, int E, int D, int groups, int lp, std::vector<int> ch, int attn) {
+    dimoo_vq_config c{};
+    c.in_channels = 3, c.out_channels = 3, c.latent_channels = lat, c.num_vq_embeddings = E;
+    c.vq_embed_dim = D, c.norm_num_groups = groups, c.layers_per_block = lp, c.n_levels = int(ch.size());
+    for (size_t i = 0; i < ch.size(); i++) c.block_out_channels[i] = ch[i];
+    c.mid_block_add_attention = attn;
+    c.norm_type = DIMOO_VQ_NORM_GROUP;
+    return c;
+}
+
+// testdata/vq's checkpoints (their config.json, written out).
+struct Checkpoint {
+    const char *dir;
+    dimoo_vq_config cfg;
+};
+std::vector<Checkpoint> checkpoints() {
+    return {{"testdata/vq/tiny-f32", make_cfg(8, 64, 0, 8, 1, {16, 32}, 0)},
+            {"testdata/vq/attn3-f32", make_cfg(4, 32, 6, 8, 2, {16, 32, 32}, 1)},
+            {"testdata/vq/attn2-bf16", make_cfg(8, 48, 0, 16, 1, {32, 32}, 1)}};
+}
+
+std::vector<float> randn(size_t n, uint32_t seed, float scale) {
+    std::mt19937 g(seed);
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto &x : v) x = d(g);
+    return v;
+}
+
+double rel_err(const std::vector<float> &got, const std::vector<float> &want) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); i++) {
+        const double d = double(got[i]) - double(want[i]);
+        num += d * d;
+        den += double(want[i]) * want[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-30));
+}
+
+bool all_finite(const std::vector<float> &v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return false;
+    return true;
+}
+
+// One VQ on a runtime of `backend`, weights from a checkpoint or random.
+struct Handle {
+    dimoo_runtime *rt = nullptr;
+    dimoo_vq *vq = nullptr;
+    ~Handle() {
+        dimoo_vq_destroy(vq);
+        dimoo_runtime_destroy(rt);
+    }
+};
+
+// Random weights of fan-in scale (norm gains around 1), deterministic per name order.
+std::map<std::string, std::vector<float>> random_weights(const dimoo_vq_config &c) {
+    dimoo::vq::Model shape(c);
+    std::map<std::string, std::vector<float>> w;
+    uint32_t seed = 7;
+    for (const auto &name : shape.weight_names()) {
+        auto s = shape.weight_shape(name);
+        size_t n = 1;
+        for (auto d : s) n *= size_t(d);
+        const float fan_in = s.size() > 1 ? float(n / size_t(s[0])) : 1.0f;
+        auto v = randn(n, seed++, s.size() > 1 ? 1.0f / std::sqrt(fan_in) : 0.1f);
+        if (name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos)
+            for (auto &x : v) x += 1.0f;
+        w[name] = std::move(v);
+    }
+    return w;
+}
+
+void open_handle(Handle &h, int32_t backend, const dimoo_vq_config &c, const std::map<std::string, StTensor> *st,
+                 const std::map<std::string, std::vector<float>> *rnd) {
+    char err[512];
+    ASSERT_EQ(dimoo_runtime_create(backend, 0, 0, &h.rt, err, sizeof err), DIMOO_OK) << err;
+    ASSERT_EQ(dimoo_vq_create(h.rt, &c, &h.vq, err, sizeof err), DIMOO_OK) << err;
+    dimoo::vq::Model shape(c);
+    for (const auto &name : shape.weight_names()) {
+        auto s = shape.weight_shape(name);
+        int32_t st_code = 0;
+        if (st) {
+            auto it = st->find(name);
+            ASSERT_NE(it, st->end()) << name;
+            st_code = it->second.dtype == "F32" ? DIMOO_F32 : it->second.dtype == "BF16" ? DIMOO_BF16 : DIMOO_F16;
+            ASSERT_EQ(dimoo_vq_set_weight(h.vq, name.c_str(), st_code, it->second.shape.data(),
+                                          int32_t(it->second.shape.size()), it->second.data.data(),
+                                          it->second.data.size()),
+                      DIMOO_OK)
+                << dimoo_vq_error(h.vq);
+        } else {
+            const auto &v = rnd->at(name);
+            ASSERT_EQ(dimoo_vq_set_weight(h.vq, name.c_str(), DIMOO_F32, s.data(), int32_t(s.size()), v.data(),
+                                          v.size() * 4),
+                      DIMOO_OK)
+                << dimoo_vq_error(h.vq);
+        }
+    }
+    ASSERT_EQ(dimoo_vq_finalize(h.vq), DIMOO_OK) << dimoo_vq_error(h.vq);
+}
+
+struct Grid {
+    int h, w;
+};
+const Grid kGrids[] = {{1, 1}, {2, 3}, {5, 4}, {8, 8}, {3, 7}, {9, 2}};
+
+// decode and decode_latent on both, every grid.
+void compare(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::string &what) {
+    dimoo::vq::Model shape(c);
+    const int f = shape.factor(), D = shape.embed_dim();
+    uint32_t seed = 100;
+    for (const Grid &g : kGrids) {
+        SCOPED_TRACE(what + " grid " + std::to_string(g.h) + "x" + std::to_string(g.w));
+        const size_t n = size_t(g.h) * g.w, px = n * size_t(f) * f * size_t(c.out_channels);
+        std::vector<int32_t> codes(n);
+        std::mt19937 r(seed++);
+        for (auto &x : codes) x = int32_t(r() % uint32_t(c.num_vq_embeddings));
+        std::vector<float> want(px), got(px, std::numeric_limits<float>::quiet_NaN());
+        ASSERT_EQ(dimoo_vq_decode(cpu.vq, codes.data(), g.h, g.w, want.data()), DIMOO_OK) << dimoo_vq_error(cpu.vq);
+        ASSERT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), g.h, g.w, got.data()), DIMOO_OK) << dimoo_vq_error(gpu.vq);
+        EXPECT_TRUE(all_finite(got)) << "NaN-poisoned output not fully overwritten";
+        EXPECT_LT(rel_err(got, want), kTol);
+        // Twice: the same bits (no races, nothing left from the last call).
+        std::vector<float> again(px, std::numeric_limits<float>::quiet_NaN());
+        ASSERT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), g.h, g.w, again.data()), DIMOO_OK);
+        EXPECT_EQ(std::memcmp(again.data(), got.data(), px * 4), 0);
+
+        auto z = randn(n * size_t(D), seed++, 1.0f);
+        std::fill(got.begin(), got.end(), std::numeric_limits<float>::quiet_NaN());
+        ASSERT_EQ(dimoo_vq_decode_latent(cpu.vq, z.data(), g.h, g.w, want.data()), DIMOO_OK)
+            << dimoo_vq_error(cpu.vq);
+        ASSERT_EQ(dimoo_vq_decode_latent(gpu.vq, z.data(), g.h, g.w, got.data()), DIMOO_OK)
+            << dimoo_vq_error(gpu.vq);
+        EXPECT_TRUE(all_finite(got)) << "NaN-poisoned output not fully overwritten (latent)";
+        EXPECT_LT(rel_err(got, want), kTol);
+    }
+}
+
+TEST(CudaVQ, CheckpointsMatchCpu) {
+    SKIP_WITHOUT_GPU();
+    for (const auto &ck : checkpoints()) {
+        std::map<std::string, StTensor> st;
+        ASSERT_TRUE(read_safetensors(src(std::string(ck.dir) + "/diffusion_pytorch_model.safetensors"), st))
+            << ck.dir;
+        Handle cpu, gpu;
+        open_handle(cpu, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
+        open_handle(gpu, DIMOO_BACKEND_CUDA, ck.cfg, &st, nullptr);
+        compare(cpu, gpu, ck.cfg, ck.dir);
+    }
+}
+
+TEST(CudaVQ, RandomWithAttentionMatchesCpu) {
+    SKIP_WITHOUT_GPU();
+    // Shortcut convs (16 -> 24 -> 8), three levels, attention, 12 channels of latent.
+    const auto c = make_cfg(12, 40, 7, 4, 2, {8, 24, 16}, 1);
+    const auto w = random_weights(c);
+    Handle cpu, gpu;
+    open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
+    open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
+    compare(cpu, gpu, c, "random");
+}
+
+TEST(CudaVQ, RefusesBadCodesBeforeRunning) {
+    SKIP_WITHOUT_GPU();
+    const auto c = make_cfg(4, 20, 5, 4, 1, {8, 16}, 1);
+    const auto w = random_weights(c);
+    Handle gpu;
+    open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
+    for (int32_t bad : {-1, 20, 1 << 30}) {
+        std::vector<int32_t> codes(6, 3);
+        codes[4] = bad;
+        std::vector<float> out(6 * 4 * 3, std::numeric_limits<float>::quiet_NaN());
+        EXPECT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), 2, 3, out.data()), DIMOO_ERR_INVALID_ARGUMENT);
+        EXPECT_NE(std::string(dimoo_vq_error(gpu.vq)).find("outside the codebook"), std::string::npos)
+            << dimoo_vq_error(gpu.vq);
+        for (float v : out) ASSERT_TRUE(std::isnan(v)) << "output written by a refused call";
+    }
+    std::vector<int32_t> codes(6, 3);
+    std::vector<float> out(6 * 4 * 3);
+    EXPECT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), 2, 3, out.data()), DIMOO_OK) << dimoo_vq_error(gpu.vq);
+}
+
+TEST(CudaVQ, CancelHonoured) {
+    SKIP_WITHOUT_GPU();
+    const auto c = make_cfg(4, 20, 5, 4, 1, {8, 16}, 1);
+    const auto w = random_weights(c);
+    // The device decoder itself: a raised flag stops it at the first poll.
+    dimoo::vq::Model m(c);
+    for (const auto &kv : w) {
+        auto s = m.weight_shape(kv.first);
+        m.set_weight(kv.first, DIMOO_F32, s, kv.second.data(), kv.second.size() * 4);
+    }
+    m.finalize();
+    auto dev = dimoo::make_cuda_vq(m, 0);
+    EXPECT_GT(dev->device_bytes(), 0);
+    std::atomic<bool> cancel{true};
+    std::vector<int32_t> codes(16, 1);
+    std::vector<float> out(16 * 4 * 3);
+    try {
+        dev->decode(codes.data(), 4, 4, out.data(), cancel);
+        ADD_FAILURE() << "not cancelled";
+    } catch (const dimoo::Error &e) {
+        EXPECT_EQ(e.status(), DIMOO_ERR_CANCELLED) << e.what();
+    }
+    // And it decodes after, as the CPU does.
+    cancel = false;
+    std::vector<float> want(out.size());
+    ASSERT_NO_THROW(dev->decode(codes.data(), 4, 4, out.data(), cancel));
+    std::atomic<bool> no{false};
+    m.decode(codes.data(), 4, 4, want.data(), no);
+    EXPECT_LT(rel_err(out, want), kTol);
+
+    // Through the C ABI: a cancel from another thread during a large decode
+    // ends it with CANCELLED (or it finished first); the handle works after.
+    Handle gpu;
+    open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
+    std::vector<int32_t> big(256 * 256, 2);
+    std::vector<float> img(size_t(512) * 512 * 3);
+    std::atomic<bool> stop{false};
+    std::thread t([&] {
+        while (!stop.load()) {
+            dimoo_vq_cancel(gpu.vq);
+            std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+    });
+    const int32_t st = dimoo_vq_decode(gpu.vq, big.data(), 256, 256, img.data());
+    stop = true;
+    t.join();
+    EXPECT_TRUE(st == DIMOO_ERR_CANCELLED || st == DIMOO_OK) << st << " " << dimoo_vq_error(gpu.vq);
+    EXPECT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), 4, 4, out.data()), DIMOO_OK) << dimoo_vq_error(gpu.vq);
+    EXPECT_LT(rel_err(out, want), kTol);
+}
+
+// aMUSEd's VQ-GAN shape (random weights): decode 32x32 -> 512² and 64x64 ->
+// 1024², GPU ms (best of 3 after a warm-up) next to the CPU (one run).
+TEST(CudaVQTiming, DISABLED_AmusedSize) {
+    SKIP_WITHOUT_GPU();
+    const auto c = make_cfg(64, 8192, 64, 32, 2, {128, 256, 256, 512, 768}, 1);
+    const auto w = random_weights(c);
+    Handle cpu, gpu;
+    open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
+    open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
+    for (int side : {32, 64}) {
+        std::vector<int32_t> codes(size_t(side) * side);
+        std::mt19937 g(1);
+        for (auto &x : codes) x = int32_t(g() % 8192);
+        const size_t px = size_t(side * 16) * (side * 16) * 3;
+        std::vector<float> want(px), got(px);
+        auto t0 = std::chrono::steady_clock::now();
+        ASSERT_EQ(dimoo_vq_decode(cpu.vq, codes.data(), side, side, want.data()), DIMOO_OK) << dimoo_vq_error(cpu.vq);
+        const double cpu_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        ASSERT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), side, side, got.data()), DIMOO_OK) << dimoo_vq_error(gpu.vq);
+        double best = 1e30;
+        for (int i = 0; i < 3; i++) {
+            auto t1 = std::chrono::steady_clock::now();
+            ASSERT_EQ(dimoo_vq_decode(gpu.vq, codes.data(), side, side, got.data()), DIMOO_OK);
+            best = std::min(best,
+                            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t1).count());
+        }
+        std::printf("aMUSEd-size VQ decode %dx%d -> %dx%d: GPU %.1f ms, CPU (%d threads) %.1f ms, rel err %.2e\n",
+                    side, side, side * 16, side * 16, best, omp_get_max_threads(), cpu_ms, rel_err(got, want));
+        EXPECT_LT(rel_err(got, want), kTol);
+    }
+}
+
+} // namespace
+
+#endif // DIMOO_WITH_CUDA

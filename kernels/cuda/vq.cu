@@ -1,0 +1,638 @@
+// vq.cu - the VQ-VAE decoder on the GPU, op for op the CPU network of
+// csrc/vq/vq_model.cpp: codebook gather (or the given latent) ->
+// post_quant_conv -> decoder.conv_in -> mid block (resnet, attention,
+// resnet) -> up blocks (resnets, nearest x2 upsample then 3x3 conv) ->
+// conv_norm_out + SiLU -> conv_out.
+//
+// Activations are the CPU's "padded" layout: (H + 2) x (W + 2) rows of C
+// fp32 with a zero border, so a 3x3 "same" conv is nine accumulating GEMMs
+// over the input shifted by whole rows (the CPU's shifted-GEMM path), a
+// 1x1 conv one GEMM; the rows that land on the border are zeroed after.
+// The upsampler runs as upsample-then-conv (the CPU folds it into four 2x2
+// sub-pixel convs: the same sums in another order). GEMMs are cuBLAS
+// SGEMM in fp32 (CUBLAS_DEFAULT_MATH: no TF32), GroupNorm statistics are
+// summed in double, the attention's softmax sums in double: the result is
+// the CPU's up to fp32 rounding in a different order (relative error
+// ~1e-5; the tests allow 1e-4).
+//
+// Weights are copied to the device once (make_cuda_vq, at dimoo_vq_finalize);
+// every decode allocates its activations in one buffer after checking the
+// device's free memory, and polls cancel between blocks.
+#include "cuda/vq.cuh"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cuda/cuda_common.cuh"
+
+namespace dimoo {
+namespace {
+
+constexpr size_t kAlign = 256;
+constexpr size_t kReserve = size_t(256) << 20; // left free for cuBLAS and the runtime
+// Attention scores held at once: this many floats (256 MiB), in blocks of query rows.
+constexpr int64_t kScoreFloats = int64_t(1) << 26;
+constexpr int kThreads = 256;
+
+size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+std::string mib(size_t b) { return std::to_string(b >> 20) + " MiB"; }
+
+void check_room(int device, size_t need, const std::string &what) {
+    size_t free_b = 0, total_b = 0;
+    DIMOO_CUDA(cudaMemGetInfo(&free_b, &total_b));
+    if (need + kReserve > free_b)
+        fail(DIMOO_ERR_DEVICE_OUT_OF_MEMORY, what + " needs " + mib(need) + " of device memory but cuda:" +
+                                                 std::to_string(device) + " has " + mib(free_b) + " free of " +
+                                                 mib(total_b));
+}
+
+void blas_check(cublasStatus_t st, const char *what) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    fail(st == CUBLAS_STATUS_ALLOC_FAILED ? DIMOO_ERR_DEVICE_OUT_OF_MEMORY : DIMOO_ERR_DEVICE,
+         std::string(what) + " failed with cuBLAS status " + std::to_string(int(st)));
+}
+#define BLAS(call) blas_check((call), #call)
+
+int blocks_for(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20)); }
+
+__device__ inline float silu1(float v) { return v / (1.0f + expf(-v)); }
+
+__device__ inline bool on_border(int64_t row, int H, int W) {
+    const int64_t Wp = W + 2;
+    const int64_t y = row / Wp, x = row % Wp;
+    return y == 0 || y == H + 1 || x == 0 || x == W + 1;
+}
+
+// ---- kernels (grid-stride over int64 element counts) -------------------------------------
+
+// out[r][j] = (accumulate ? out[r][j] : 0) + b[j], rows [0, rows).
+__global__ void k_bias(float *out, int64_t rows, int n, const float *b, bool accumulate) {
+    const int64_t total = rows * n;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const float v = b[i % n];
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
+__global__ void k_zero_border(float *p, int H, int W, int C) {
+    const int64_t Wp = W + 2;
+    const int64_t top = Wp * C, side = int64_t(H) * C; // per border row / per side column
+    const int64_t total = 2 * top + 2 * side;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        int64_t at;
+        if (i < top) {
+            at = i;
+        } else if (i < 2 * top) {
+            at = (int64_t(H) + 1) * Wp * C + (i - top);
+        } else {
+            const int64_t j = i - 2 * top;
+            const int64_t s = j / side, k = j % side; // s: 0 left, 1 right
+            const int64_t y = k / C + 1, c = k % C;
+            at = (y * Wp + (s ? W + 1 : 0)) * C + c;
+        }
+        p[at] = 0.0f;
+    }
+}
+
+// Compact (H*W, C) -> padded (writes the border too).
+__global__ void k_pad(const float *x, int H, int W, int C, float *p) {
+    const int64_t Wp = W + 2, total = int64_t(H + 2) * Wp * C;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t row = i / C, c = i % C;
+        const int64_t y = row / Wp, xx = row % Wp;
+        p[i] = (y == 0 || y == H + 1 || xx == 0 || xx == W + 1) ? 0.0f : x[((y - 1) * W + xx - 1) * C + c];
+    }
+}
+
+__global__ void k_unpad(const float *p, int H, int W, int C, float *x) {
+    const int64_t Wp = W + 2, total = int64_t(H) * W * C;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t pix = i / C, c = i % C;
+        const int64_t y = pix / W, xx = pix % W;
+        x[i] = p[((y + 1) * Wp + xx + 1) * C + c];
+    }
+}
+
+// Codebook rows of the codes into a padded (H, W, D) activation.
+__global__ void k_gather(const int32_t *codes, const float *book, int H, int W, int D, float *p) {
+    const int64_t Wp = W + 2, total = int64_t(H + 2) * Wp * D;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t row = i / D, d = i % D;
+        const int64_t y = row / Wp, xx = row % Wp;
+        p[i] = (y == 0 || y == H + 1 || xx == 0 || xx == W + 1)
+                   ? 0.0f
+                   : book[int64_t(codes[(y - 1) * W + xx - 1]) * D + d];
+    }
+}
+
+// Nearest x2: padded (H, W, C) -> padded (2H, 2W, C).
+__global__ void k_upsample(const float *x, int H, int W, int C, float *y) {
+    const int Ho = 2 * H, Wo = 2 * W;
+    const int64_t Wpo = Wo + 2, Wpi = W + 2, total = int64_t(Ho + 2) * Wpo * C;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t row = i / C, c = i % C;
+        const int64_t oy = row / Wpo, ox = row % Wpo;
+        y[i] = (oy == 0 || oy == Ho + 1 || ox == 0 || ox == Wo + 1)
+                   ? 0.0f
+                   : x[(((oy - 1) / 2 + 1) * Wpi + (ox - 1) / 2 + 1) * C + c];
+    }
+}
+
+// GroupNorm statistics: stats[2g] += sum, stats[2g + 1] += sum of squares
+// of group g over `rows` rows of C (the zero border adds nothing). Grid
+// (groups, chunks); each block sums its chunk of rows in double.
+__global__ void k_gn_stats(const float *x, int64_t rows, int C, int cg, int64_t chunk_rows, double *stats) {
+    const int g = blockIdx.x;
+    const int64_t r0 = blockIdx.y * chunk_rows, r1 = min(rows, r0 + chunk_rows);
+    double s1 = 0, s2 = 0;
+    const int64_t n = (r1 - r0) * cg;
+    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
+        const float v = x[(r0 + e / cg) * C + int64_t(g) * cg + e % cg];
+        s1 += v;
+        s2 += double(v) * v;
+    }
+    __shared__ double a[kThreads], b[kThreads];
+    a[threadIdx.x] = s1;
+    b[threadIdx.x] = s2;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            a[threadIdx.x] += a[threadIdx.x + s];
+            b[threadIdx.x] += b[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && n > 0) {
+        atomicAdd(stats + 2 * g, a[0]);
+        atomicAdd(stats + 2 * g + 1, b[0]);
+    }
+}
+
+// out = x * scale + shift (then SiLU) per channel, from the statistics, as
+// the CPU computes them; border rows written zero. out may equal x.
+__global__ void k_gn_apply(const float *x, float *out, int H, int W, int C, int cg, const double *stats,
+                           const float *gamma, const float *beta, float eps, bool silu, double count) {
+    const int64_t total = int64_t(H + 2) * (W + 2) * C;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t row = i / C;
+        const int c = int(i % C);
+        if (on_border(row, H, W)) {
+            out[i] = 0.0f;
+            continue;
+        }
+        const int g = c / cg;
+        const double m = stats[2 * g] / count;
+        const double var = fmax(0.0, stats[2 * g + 1] / count - m * m);
+        const double rstd = 1.0 / sqrt(var + double(eps));
+        const float a = float(double(gamma[c]) * rstd);
+        const float b = float(double(beta[c]) - m * double(gamma[c]) * rstd);
+        const float v = x[i] * a + b;
+        out[i] = silu ? silu1(v) : v;
+    }
+}
+
+// x (padded H x W x C) interior += r (compact H*W x C).
+__global__ void k_add_compact(const float *r, int H, int W, int C, float *x) {
+    const int64_t Wp = W + 2, total = int64_t(H) * W * C;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t pix = i / C, c = i % C;
+        const int64_t y = pix / W, xx = pix % W;
+        x[((y + 1) * Wp + xx + 1) * C + c] += r[i];
+    }
+}
+
+// Row softmax of scores s (rows x n) scaled by `scale`, as the CPU: max,
+// exp((s - max) * scale), sum in double, times 1 / sum. One block per row.
+__global__ void k_softmax(float *s, int n, float scale) {
+    float *row = s + int64_t(blockIdx.x) * n;
+    __shared__ float mx[kThreads];
+    __shared__ double sm[kThreads];
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, row[j]);
+    mx[threadIdx.x] = m;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) mx[threadIdx.x] = fmaxf(mx[threadIdx.x], mx[threadIdx.x + k]);
+        __syncthreads();
+    }
+    m = mx[0];
+    double sum = 0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = expf((row[j] - m) * scale);
+        row[j] = e;
+        sum += e;
+    }
+    sm[threadIdx.x] = sum;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) sm[threadIdx.x] += sm[threadIdx.x + k];
+        __syncthreads();
+    }
+    const float inv = float(1.0 / sm[0]);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) row[j] *= inv;
+}
+
+// ---- device weights ------------------------------------------------------------------------
+
+struct DConv {
+    int cin = 0, cout = 0, k = 1;
+    const float *w = nullptr, *b = nullptr; // w (cout, k, k, cin) as the CPU stores it
+};
+struct DNorm {
+    int c = 0, groups = 1;
+    float eps = 1e-6f;
+    const float *gamma = nullptr, *beta = nullptr;
+};
+struct DLinear {
+    int in = 0, out = 0;
+    const float *w = nullptr, *b = nullptr;
+};
+struct DResnet {
+    DNorm norm1, norm2;
+    DConv conv1, conv2, shortcut;
+    bool has_shortcut = false;
+};
+struct DMid {
+    DResnet r0, r1;
+    bool has_attn = false;
+    DNorm anorm;
+    DLinear q, k, v, o;
+};
+struct DStage {
+    std::vector<DResnet> resnets;
+    bool has_up = false;
+    DConv up;
+};
+
+void check_cancel(const std::atomic<bool> &cancel) {
+    if (cancel.load(std::memory_order_relaxed)) fail(DIMOO_ERR_CANCELLED, "cancelled");
+}
+
+class CudaVq : public VqDevice {
+public:
+    CudaVq(const vq::Model &m, int device) : device_(device), cfg_(m.config()) {
+        DIMOO_CUDA(cudaSetDevice(device_));
+        // Lay out every decoder tensor in one allocation.
+        std::vector<std::pair<const std::vector<float> *, size_t>> parts;
+        size_t total = 0;
+        auto take = [&](const std::vector<float> &v) {
+            parts.emplace_back(&v, total);
+            total = align_up(total + v.size() * sizeof(float));
+        };
+        auto conv = [&](const vq::Conv2d &c) { take(c.w), take(c.b); };
+        auto norm = [&](const vq::GroupNorm &g) { take(g.gamma), take(g.beta); };
+        auto lin = [&](const vq::Linear &l) { take(l.w), take(l.b); };
+        auto resnet = [&](const vq::Resnet &r) {
+            norm(r.norm1), conv(r.conv1), norm(r.norm2), conv(r.conv2);
+            if (r.has_shortcut) conv(r.shortcut);
+        };
+        take(m.codebook());
+        conv(m.post_quant_conv());
+        conv(m.dec_conv_in());
+        resnet(m.dec_mid().r0);
+        if (m.dec_mid().has_attn) {
+            const auto &a = m.dec_mid().attn;
+            norm(a.norm), lin(a.q), lin(a.k), lin(a.v), lin(a.o);
+        }
+        resnet(m.dec_mid().r1);
+        for (const auto &s : m.dec_up()) {
+            for (const auto &r : s.resnets) resnet(r);
+            if (s.has_resample) conv(s.resample);
+        }
+        norm(m.dec_norm_out());
+        conv(m.dec_conv_out());
+        check_room(device_, total, "the VQ decoder's weights in fp32");
+        weights_ = std::make_unique<DeviceBuffer>(total);
+        bytes_ = int64_t(total);
+        char *base = static_cast<char *>(weights_->get());
+        for (const auto &p : parts)
+            if (!p.first->empty())
+                DIMOO_CUDA(cudaMemcpy(base + p.second, p.first->data(), p.first->size() * sizeof(float),
+                                      cudaMemcpyHostToDevice));
+        // Point the device structs at their tensors, in the same order.
+        size_t at = 0;
+        auto ptr = [&]() { return reinterpret_cast<const float *>(base + parts[at++].second); };
+        auto dconv = [&](const vq::Conv2d &c) {
+            DConv d;
+            d.cin = c.cin, d.cout = c.cout, d.k = c.k;
+            d.w = ptr(), d.b = ptr();
+            return d;
+        };
+        auto dnorm = [&](const vq::GroupNorm &g) {
+            DNorm d;
+            d.c = g.c, d.groups = g.groups, d.eps = g.eps;
+            d.gamma = ptr(), d.beta = ptr();
+            return d;
+        };
+        auto dlin = [&](const vq::Linear &l) {
+            DLinear d;
+            d.in = l.in, d.out = l.out;
+            d.w = ptr(), d.b = ptr();
+            return d;
+        };
+        auto dres = [&](const vq::Resnet &r) {
+            DResnet d;
+            d.norm1 = dnorm(r.norm1), d.conv1 = dconv(r.conv1), d.norm2 = dnorm(r.norm2), d.conv2 = dconv(r.conv2);
+            d.has_shortcut = r.has_shortcut;
+            if (r.has_shortcut) d.shortcut = dconv(r.shortcut);
+            return d;
+        };
+        book_ = ptr();
+        post_quant_ = dconv(m.post_quant_conv());
+        conv_in_ = dconv(m.dec_conv_in());
+        mid_.r0 = dres(m.dec_mid().r0);
+        mid_.has_attn = m.dec_mid().has_attn;
+        if (mid_.has_attn) {
+            const auto &a = m.dec_mid().attn;
+            mid_.anorm = dnorm(a.norm);
+            mid_.q = dlin(a.q), mid_.k = dlin(a.k), mid_.v = dlin(a.v), mid_.o = dlin(a.o);
+        }
+        mid_.r1 = dres(m.dec_mid().r1);
+        for (const auto &s : m.dec_up()) {
+            DStage d;
+            for (const auto &r : s.resnets) d.resnets.push_back(dres(r));
+            d.has_up = s.has_resample;
+            if (s.has_resample) d.up = dconv(s.resample);
+            up_.push_back(std::move(d));
+        }
+        norm_out_ = dnorm(m.dec_norm_out());
+        conv_out_ = dconv(m.dec_conv_out());
+        DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS) {
+            blas_ = nullptr;
+            cudaStreamDestroy(stream_);
+            stream_ = nullptr;
+            fail(DIMOO_ERR_DEVICE, "cublasCreate failed");
+        }
+        BLAS(cublasSetStream(blas_, stream_));
+        BLAS(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH)); // fp32, no TF32
+        DIMOO_CUDA(cudaDeviceSynchronize());
+    }
+
+    ~CudaVq() override {
+        if (stream_) cudaStreamSynchronize(stream_);
+        if (blas_) cublasDestroy(blas_);
+        if (stream_) cudaStreamDestroy(stream_);
+    }
+
+    int64_t device_bytes() const override { return bytes_; }
+
+    void decode(const int32_t *codes, int h, int w, float *out, const std::atomic<bool> &cancel) override {
+        run(codes, nullptr, h, w, out, cancel);
+    }
+    void decode_latent(const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) override {
+        run(nullptr, z, h, w, out, cancel);
+    }
+
+private:
+    // Waits for the stream on every exit, so buffers freed by an exception
+    // are no longer in use.
+    struct Drain {
+        cudaStream_t s;
+        ~Drain() {
+            if (cudaStreamSynchronize(s) != cudaSuccess) cudaGetLastError();
+        }
+    };
+
+    void launch_check(const char *what) { cuda_check(cudaGetLastError(), what); }
+
+    // Y[M, N] (beta: +=) X[M, K] W[N, K]^T, row-major, W with leading dimension ldw.
+    void gemm_nt(int64_t M, int N, int K, const float *X, int ldx, const float *W, int ldw, float *Y, int ldy,
+                 float beta) {
+        const float alpha = 1.0f;
+        BLAS(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, int(M), K, &alpha, W, ldw, X, ldx, &beta, Y, ldy));
+    }
+    // Y[M, N] = X[M, K] V[K, N], row-major.
+    void gemm_nn(int64_t M, int N, int K, const float *X, int ldx, const float *V, int ldv, float *Y, int ldy) {
+        const float alpha = 1.0f, beta = 0.0f;
+        BLAS(cublasSgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, N, int(M), K, &alpha, V, ldv, X, ldx, &beta, Y, ldy));
+    }
+
+    void zero_border(float *p, int H, int W, int C) {
+        k_zero_border<<<blocks_for(2 * int64_t(W + 2) * C + 2 * int64_t(H) * C), kThreads, 0, stream_>>>(p, H, W, C);
+        launch_check("zero_border");
+    }
+    void bias(float *o, int64_t rows, int n, const float *b, bool accumulate) {
+        k_bias<<<blocks_for(rows * n), kThreads, 0, stream_>>>(o, rows, n, b, accumulate);
+        launch_check("bias");
+    }
+
+    // Same-size conv (1x1 or 3x3 pad 1), both padded; out must not overlap x.
+    void conv_same(const DConv &c, const float *x, int H, int W, float *out, bool accumulate) {
+        const int cin = c.cin, cout = c.cout, Wp = W + 2;
+        if (c.k == 1) {
+            const int64_t M = int64_t(H + 2) * Wp;
+            bias(out, M, cout, c.b, accumulate);
+            gemm_nt(M, cout, cin, x, cin, c.w, cin, out, cout, 1.0f);
+        } else {
+            // Output pixel at padded row q + Wp + 1 reads tap (ky, kx) at row q + ky * Wp + kx.
+            const int64_t M = int64_t(H - 1) * Wp + W;
+            float *o = out + int64_t(Wp + 1) * cout;
+            bias(o, M, cout, c.b, accumulate);
+            for (int ky = 0; ky < 3; ky++)
+                for (int kx = 0; kx < 3; kx++)
+                    gemm_nt(M, cout, cin, x + (int64_t(ky) * Wp + kx) * cin, cin, c.w + (ky * 3 + kx) * cin, 9 * cin,
+                            o, cout, 1.0f);
+        }
+        zero_border(out, H, W, cout);
+    }
+
+    void group_norm(const DNorm &g, const float *x, int H, int W, float *out, bool silu) {
+        const int C = g.c, cg = C / g.groups;
+        const int64_t rows = int64_t(H + 2) * (W + 2);
+        DIMOO_CUDA(cudaMemsetAsync(stats_, 0, sizeof(double) * 2 * size_t(g.groups), stream_));
+        // About 8 blocks per SM in all, at least 64 rows each.
+        const int64_t want = std::max<int64_t>(1, 1024 / g.groups);
+        const int64_t chunk = std::max<int64_t>(64, (rows + want - 1) / want);
+        dim3 grid(unsigned(g.groups), unsigned((rows + chunk - 1) / chunk)); // at most ~1024 chunks
+        k_gn_stats<<<grid, kThreads, 0, stream_>>>(x, rows, C, cg, chunk, stats_);
+        launch_check("group_norm stats");
+        k_gn_apply<<<blocks_for(rows * C), kThreads, 0, stream_>>>(x, out, H, W, C, cg, stats_, g.gamma, g.beta,
+                                                                   g.eps, silu, double(H) * double(W) * cg);
+        launch_check("group_norm apply");
+    }
+
+    // Returns the buffer index holding the output; x is buffer xi, the
+    // other two (ti, hi) are scratch.
+    int resnet(const DResnet &r, int xi, int ti, int hi, int H, int W) {
+        float *x = buf_[xi], *t = buf_[ti], *h = buf_[hi];
+        const int cout = r.conv1.cout;
+        group_norm(r.norm1, x, H, W, t, true);
+        conv_same(r.conv1, t, H, W, h, false);
+        group_norm(r.norm2, h, H, W, h, true);
+        float *out = t; // t is free again
+        if (r.has_shortcut) {
+            conv_same(r.shortcut, x, H, W, out, false);
+        } else {
+            DIMOO_CUDA(cudaMemcpyAsync(out, x, sizeof(float) * size_t(H + 2) * (W + 2) * cout,
+                                       cudaMemcpyDeviceToDevice, stream_));
+        }
+        conv_same(r.conv2, h, H, W, out, true);
+        return ti;
+    }
+
+    // x (padded, buffer xi) += attention of its pixels, in place.
+    void attention(float *x, int H, int W) {
+        const int C = mid_.anorm.c;
+        const int64_t n = int64_t(H) * W;
+        float *hc = att_, *q = hc + n * C, *k = q + n * C, *v = k + n * C, *r = v + n * C, *s = r + n * C;
+        float *o = s + att_block_ * n;
+        // GroupNorm of x into the scratch as padded, then compact.
+        group_norm(mid_.anorm, x, H, W, gn_, false);
+        k_unpad<<<blocks_for(n * C), kThreads, 0, stream_>>>(gn_, H, W, C, hc);
+        launch_check("unpad");
+        auto linear = [&](const DLinear &l, const float *in, float *dst) {
+            bias(dst, n, l.out, l.b, false);
+            gemm_nt(n, l.out, l.in, in, l.in, l.w, l.in, dst, l.out, 1.0f);
+        };
+        linear(mid_.q, hc, q);
+        linear(mid_.k, hc, k);
+        linear(mid_.v, hc, v);
+        bias(r, n, C, mid_.o.b, false);
+        const float scale = 1.0f / std::sqrt(float(C));
+        for (int64_t q0 = 0; q0 < n; q0 += att_block_) {
+            const int64_t rows = std::min<int64_t>(att_block_, n - q0);
+            gemm_nt(rows, int(n), C, q + q0 * C, C, k, C, s, int(n), 0.0f);
+            k_softmax<<<unsigned(rows), kThreads, 0, stream_>>>(s, int(n), scale);
+            launch_check("softmax");
+            gemm_nn(rows, C, int(n), s, int(n), v, C, o, C);
+            gemm_nt(rows, C, C, o, C, mid_.o.w, C, r + q0 * C, C, 1.0f);
+        }
+        k_add_compact<<<blocks_for(n * C), kThreads, 0, stream_>>>(r, H, W, C, x);
+        launch_check("attention residual");
+    }
+
+    void run(const int32_t *codes, const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) {
+        DIMOO_CUDA(cudaSetDevice(device_));
+        const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels;
+        const int Cm = cfg_.block_out_channels[L - 1];
+        auto padded = [](int H, int W) { return int64_t(H + 2) * (W + 2); };
+        // The largest activation of the walk (floats).
+        int64_t big = padded(h, w) * std::max({D, Cl, Cm});
+        int H = h, W = w;
+        for (const DStage &s : up_) {
+            for (const DResnet &r : s.resnets) big = std::max(big, padded(H, W) * std::max(r.conv1.cin, r.conv1.cout));
+            if (s.has_up) {
+                H *= 2, W *= 2;
+                big = std::max(big, padded(H, W) * s.up.cout);
+            }
+        }
+        big = std::max(big, padded(H, W) * int64_t(cfg_.out_channels));
+        const int Hf = H, Wf = W;
+        const int64_t out_n = int64_t(Hf) * Wf * cfg_.out_channels;
+        // Attention scratch: hc, q, k, v, r (n x C each), scores (block x n), o (block x C), the padded norm.
+        const int64_t n = int64_t(h) * w;
+        att_block_ = std::max<int64_t>(1, std::min<int64_t>(n, kScoreFloats / n));
+        const int64_t att = mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm + padded(h, w) * Cm : 0;
+        const int64_t in_n = codes ? n : n * D; // codes (int32) or the latent
+        size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(att) * 4) + align_up(size_t(in_n) * 4) +
+                      align_up(size_t(out_n) * 4) + align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups));
+        check_room(device_, need,
+                   "decoding a " + std::to_string(h) + "x" + std::to_string(w) + " grid (its activations)");
+        DeviceBuffer mem(need);
+        Drain drain{stream_};
+        char *p = static_cast<char *>(mem.get());
+        auto carve = [&](size_t bytes) {
+            char *at = p;
+            p += align_up(bytes);
+            return at;
+        };
+        for (int i = 0; i < 3; i++) buf_[i] = reinterpret_cast<float *>(carve(size_t(big) * 4));
+        att_ = reinterpret_cast<float *>(carve(size_t(att) * 4));
+        gn_ = att_ + (mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm : 0);
+        void *in = carve(size_t(in_n) * 4);
+        float *out_d = reinterpret_cast<float *>(carve(size_t(out_n) * 4));
+        stats_ = reinterpret_cast<double *>(carve(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)));
+
+        // Latent: codebook rows or the given z, padded, in buffer 0.
+        H = h, W = w;
+        if (codes) {
+            DIMOO_CUDA(cudaMemcpyAsync(in, codes, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice, stream_));
+            k_gather<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const int32_t *>(in), book_,
+                                                                             H, W, D, buf_[0]);
+            launch_check("gather");
+        } else {
+            DIMOO_CUDA(cudaMemcpyAsync(in, z, sizeof(float) * size_t(n) * D, cudaMemcpyHostToDevice, stream_));
+            k_pad<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const float *>(in), H, W, D,
+                                                                          buf_[0]);
+            launch_check("pad");
+        }
+        conv_same(post_quant_, buf_[0], H, W, buf_[1], false);
+        conv_same(conv_in_, buf_[1], H, W, buf_[2], false);
+        check_cancel(cancel);
+        int x = 2;
+        auto others = [](int i, int *a, int *b) { *a = (i + 1) % 3, *b = (i + 2) % 3; };
+        auto step_resnet = [&](const DResnet &r) {
+            int a, b;
+            others(x, &a, &b);
+            x = resnet(r, x, a, b, H, W);
+        };
+        // Mid block.
+        step_resnet(mid_.r0);
+        check_cancel(cancel);
+        if (mid_.has_attn) {
+            attention(buf_[x], H, W);
+            check_cancel(cancel);
+        }
+        step_resnet(mid_.r1);
+        check_cancel(cancel);
+        for (const DStage &s : up_) {
+            for (const DResnet &r : s.resnets) {
+                step_resnet(r);
+                check_cancel(cancel);
+            }
+            if (s.has_up) {
+                int a, b;
+                others(x, &a, &b);
+                k_upsample<<<blocks_for(padded(2 * H, 2 * W) * s.up.cin), kThreads, 0, stream_>>>(buf_[x], H, W,
+                                                                                                   s.up.cin, buf_[a]);
+                launch_check("upsample");
+                H *= 2, W *= 2;
+                conv_same(s.up, buf_[a], H, W, buf_[b], false);
+                x = b;
+                check_cancel(cancel);
+            }
+        }
+        group_norm(norm_out_, buf_[x], H, W, buf_[x], true);
+        int a, b;
+        others(x, &a, &b);
+        (void)b;
+        conv_same(conv_out_, buf_[x], H, W, buf_[a], false);
+        k_unpad<<<blocks_for(out_n), kThreads, 0, stream_>>>(buf_[a], H, W, cfg_.out_channels, out_d);
+        launch_check("unpad");
+        DIMOO_CUDA(cudaMemcpyAsync(out, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
+        DIMOO_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    int device_;
+    dimoo_vq_config cfg_;
+    std::unique_ptr<DeviceBuffer> weights_;
+    int64_t bytes_ = 0;
+    const float *book_ = nullptr;
+    DConv post_quant_, conv_in_, conv_out_;
+    DMid mid_;
+    std::vector<DStage> up_;
+    DNorm norm_out_;
+    cudaStream_t stream_ = nullptr;
+    cublasHandle_t blas_ = nullptr;
+    // Per call (valid during run()).
+    float *buf_[3] = {};
+    float *att_ = nullptr, *gn_ = nullptr;
+    double *stats_ = nullptr;
+    int64_t att_block_ = 1;
+};
+
+} // namespace
+
+std::unique_ptr<VqDevice> make_cuda_vq(const vq::Model &m, int device) {
+    DIMOO_CHECK_ARG(m.finalized(), "make_cuda_vq: the VQ model is not finalized");
+    return std::make_unique<CudaVq>(m, device);
+}
+
+} // namespace dimoo
