@@ -369,8 +369,17 @@ DIMOO_API int32_t dimoo_cache_select(dimoo_ctx *c, int32_t seq, int32_t n_tokens
  * GroupNorm (eps 1e-6) and SiLU; the optional mid-block attention is one head
  * of all channels. The downsampling factor is f = 2^(n_levels - 1).
  *
- * It runs on the host CPU in fp32 whatever the runtime's backend: the
- * runtime's n_threads on a CPU runtime, every core on any other.
+ * Everything is fp32. On a CPU runtime it all runs on the host with the
+ * runtime's n_threads. On a CUDA runtime the decoder (dimoo_vq_decode and
+ * dimoo_vq_decode_latent) runs on the runtime's GPU: dimoo_vq_finalize
+ * copies the decoder's weights and the codebook there (fp32; refused with
+ * DIMOO_ERR_DEVICE_OUT_OF_MEMORY when they do not fit), and each decode
+ * allocates its activations on the device for the call (checked against the
+ * free memory first, DIMOO_ERR_DEVICE_OUT_OF_MEMORY with the sizes). The
+ * GPU decode equals the CPU's up to fp32 rounding in another order (fp32
+ * GEMMs, no TF32; relative error well under 1e-4). The encoder
+ * (dimoo_vq_encode, dimoo_vq_encode_latent) stays on the host CPU, every
+ * core, on any runtime other than CPU.
  *
  * Images cross the ABI as float pixels, channels last (HWC): the value of
  * channel c at row y, column x of an H x W image is at (y * W + x) * C + c.
@@ -379,7 +388,8 @@ DIMOO_API int32_t dimoo_cache_select(dimoo_ctx *c, int32_t seq, int32_t n_tokens
  * channels, unclamped (DiMOO clamps it to [0, 1]). Code grids are row-major
  * h x w int32. Images may have sides up to 32768 and 2^28 pixels, memory
  * permitting: activations grow with the pixels (a 512 x 512 decode with
- * aMUSEd's config peaks near 1 GB besides the weights). config.json's
+ * aMUSEd's config peaks near 1 GB besides the weights, on the host or the
+ * device). config.json's
  * scaling_factor and force_upcast change nothing here: VQModel.decode does
  * not scale, and everything is fp32.
  *
@@ -424,10 +434,14 @@ DIMOO_API const char *dimoo_vq_error(const dimoo_vq *vq);
  * does not imply or a wrong byte count is DIMOO_ERR_BAD_WEIGHTS. */
 DIMOO_API int32_t dimoo_vq_set_weight(dimoo_vq *vq, const char *name, int32_t dtype, const int64_t *shape,
                                       int32_t ndim, const void *data, uint64_t nbytes);
-/* Check that every tensor is present (BAD_WEIGHTS naming the missing ones). */
+/* Check that every tensor is present (BAD_WEIGHTS naming the missing ones).
+ * On a CUDA runtime, also copy the decoder to the GPU (see above); a failure
+ * there leaves the handle unfinalized, and a later call tries again. */
 DIMOO_API int32_t dimoo_vq_finalize(dimoo_vq *vq);
-/* Bytes the weights occupy (fp32; once finalized, plus the upsampling convs'
- * sub-pixel kernels). */
+/* Bytes the weights occupy in host memory (fp32; once finalized, plus the
+ * upsampling convs' sub-pixel kernels). Not counted: on a CUDA runtime, the
+ * device copy finalize makes of the decoder's weights and the codebook
+ * (fp32, without the sub-pixel kernels: a little over half the total). */
 DIMOO_API int64_t dimoo_vq_weight_bytes(const dimoo_vq *vq);
 /* Ask a running encode/decode to stop between layers (DIMOO_ERR_CANCELLED).
  * Any thread. The flag is cleared when the next encode/decode starts. */

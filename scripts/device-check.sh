@@ -86,6 +86,9 @@ step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_test
   --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
 # The sm_90a wgmma attention (not yet verified): its kernel test, then the
 # forward with it, each in its own process.
+# The VQ-VAE decoder on the GPU against the CPU (also in cpp-tests; alone
+# here so its line in the table says whether it ran).
+step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaVQ.*'
 step cpp-sm90-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*'
 step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 # The CUDA forward again with the reference attention kernel: if the flash
@@ -93,7 +96,7 @@ step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo
 step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 if command -v compute-sanitizer >/dev/null; then
   step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:-*Sm90*'
+    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:CudaVQ.RandomWithAttentionMatchesCpu:CudaVQ.RefusesBadCodesBeforeRunning:-*Sm90*'
   step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
     --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
 fi
@@ -106,6 +109,9 @@ fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   step bench-cuda timeout 240 ./build-device/dimoo_bench_cuda
+  # aMUSEd-size VQ decode, 32x32 -> 512² and 64x64 -> 1024², GPU ms next to the CPU.
+  step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
+    --gtest_filter='CudaVQTiming.*'
   [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
   if python3 -c 'import torch' 2>/dev/null; then
     step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
@@ -146,6 +152,7 @@ echo "GPU: $(cat "$OUT/gpu.txt")"
 for f in bench-cuda bench-torch; do
   [ -f "$OUT/$f.log" ] && sed -n '/== .*summary/,$p' "$OUT/$f.log"
 done
+[ -f "$OUT/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$OUT/bench-vq.log"
 printf '%-22s %-5s %8s  %s\n' check result time "last line"
 printf '%s\n' "${rows[@]}"
 if ls "$OUT"/e2e-* >/dev/null 2>&1; then

@@ -11,11 +11,6 @@
 // 64x64 -> 1024², GPU next to CPU:
 //   ./build-cuda/dimoo_tests --gtest_also_run_disabled_tests --gtest_filter='CudaVQTiming.*'
 #include <gtest/gtest.h>
-
-#ifndef DIMOO_WITH_CUDA
-TEST(CudaVQ, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
-#else
-
 #include <omp.h>
 
 #include <atomic>
@@ -34,16 +29,20 @@ TEST(CudaVQ, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 
 #include "backend.h"
 #include "common.h"
-#include "cuda/vq.cuh"
 #include "dimoo.h"
 #include "vq/vq.h"
+#ifdef DIMOO_WITH_CUDA
+#include "cuda/vq.cuh"
+#endif
 
 namespace {
 
+#ifdef DIMOO_WITH_CUDA
 #define SKIP_WITHOUT_GPU()                                                                                   \
     do {                                                                                                     \
         if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";                               \
     } while (0)
+#endif
 
 constexpr double kTol = 1e-4; // fp32 GEMMs (no TF32), double statistics
 
@@ -297,6 +296,30 @@ void compare(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::stri
     }
 }
 
+// The harness itself, CPU against CPU on every build: the checkpoints'
+// configs above match their tensors, and two CPU handles agree.
+TEST(CudaVQ, HarnessCpuAgainstCpu) {
+    for (const auto &ck : checkpoints()) {
+        std::map<std::string, StTensor> st;
+        ASSERT_TRUE(read_safetensors(src(std::string(ck.dir) + "/diffusion_pytorch_model.safetensors"), st))
+            << ck.dir;
+        Handle a, b;
+        open_handle(a, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
+        open_handle(b, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
+        compare(a, b, ck.cfg, ck.dir);
+    }
+    const auto c = make_cfg(12, 40, 7, 4, 2, {8, 24, 16}, 1);
+    const auto w = random_weights(c);
+    Handle a, b;
+    open_handle(a, DIMOO_BACKEND_CPU, c, nullptr, &w);
+    open_handle(b, DIMOO_BACKEND_CPU, c, nullptr, &w);
+    compare(a, b, c, "random");
+}
+
+#ifndef DIMOO_WITH_CUDA
+TEST(CudaVQ, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
+#else
+
 TEST(CudaVQ, CheckpointsMatchCpu) {
     SKIP_WITHOUT_GPU();
     for (const auto &ck : checkpoints()) {
@@ -424,6 +447,6 @@ TEST(CudaVQTiming, DISABLED_AmusedSize) {
     }
 }
 
-} // namespace
-
 #endif // DIMOO_WITH_CUDA
+
+} // namespace

@@ -174,10 +174,24 @@ __global__ void k_gn_stats(const float *x, int64_t rows, int C, int cg, int64_t 
     }
 }
 
-// out = x * scale + shift (then SiLU) per channel, from the statistics, as
-// the CPU computes them; border rows written zero. out may equal x.
-__global__ void k_gn_apply(const float *x, float *out, int H, int W, int C, int cg, const double *stats,
-                           const float *gamma, const float *beta, float eps, bool silu, double count) {
+// Per channel: scale = gamma * rstd, shift = beta - mean * gamma * rstd of
+// its group, in double and then rounded, as the CPU computes them.
+__global__ void k_gn_coeffs(int C, int cg, const double *stats, const float *gamma, const float *beta, float eps,
+                            double count, float *scale, float *shift) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int g = c / cg;
+    const double m = stats[2 * g] / count;
+    const double var = fmax(0.0, stats[2 * g + 1] / count - m * m);
+    const double rstd = 1.0 / sqrt(var + double(eps));
+    scale[c] = float(double(gamma[c]) * rstd);
+    shift[c] = float(double(beta[c]) - m * double(gamma[c]) * rstd);
+}
+
+// out = x * scale + shift (then SiLU) per channel; border rows written zero.
+// out may equal x.
+__global__ void k_gn_apply(const float *x, float *out, int H, int W, int C, const float *scale, const float *shift,
+                           bool silu) {
     const int64_t total = int64_t(H + 2) * (W + 2) * C;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t row = i / C;
@@ -186,13 +200,7 @@ __global__ void k_gn_apply(const float *x, float *out, int H, int W, int C, int 
             out[i] = 0.0f;
             continue;
         }
-        const int g = c / cg;
-        const double m = stats[2 * g] / count;
-        const double var = fmax(0.0, stats[2 * g + 1] / count - m * m);
-        const double rstd = 1.0 / sqrt(var + double(eps));
-        const float a = float(double(gamma[c]) * rstd);
-        const float b = float(double(beta[c]) - m * double(gamma[c]) * rstd);
-        const float v = x[i] * a + b;
+        const float v = x[i] * scale[c] + shift[c];
         out[i] = silu ? silu1(v) : v;
     }
 }
@@ -453,8 +461,10 @@ private:
         dim3 grid(unsigned(g.groups), unsigned((rows + chunk - 1) / chunk)); // at most ~1024 chunks
         k_gn_stats<<<grid, kThreads, 0, stream_>>>(x, rows, C, cg, chunk, stats_);
         launch_check("group_norm stats");
-        k_gn_apply<<<blocks_for(rows * C), kThreads, 0, stream_>>>(x, out, H, W, C, cg, stats_, g.gamma, g.beta,
-                                                                   g.eps, silu, double(H) * double(W) * cg);
+        k_gn_coeffs<<<unsigned((C + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(
+            C, cg, stats_, g.gamma, g.beta, g.eps, double(H) * double(W) * cg, coef_, coef_ + C);
+        launch_check("group_norm coefficients");
+        k_gn_apply<<<blocks_for(rows * C), kThreads, 0, stream_>>>(x, out, H, W, C, coef_, coef_ + C, silu);
         launch_check("group_norm apply");
     }
 
@@ -512,6 +522,8 @@ private:
         DIMOO_CUDA(cudaSetDevice(device_));
         const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels;
         const int Cm = cfg_.block_out_channels[L - 1];
+        int max_c = 0; // the widest GroupNorm
+        for (int i = 0; i < L; i++) max_c = std::max(max_c, cfg_.block_out_channels[i]);
         auto padded = [](int H, int W) { return int64_t(H + 2) * (W + 2); };
         // The largest activation of the walk (floats).
         int64_t big = padded(h, w) * std::max({D, Cl, Cm});
@@ -532,7 +544,8 @@ private:
         const int64_t att = mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm + padded(h, w) * Cm : 0;
         const int64_t in_n = codes ? n : n * D; // codes (int32) or the latent
         size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(att) * 4) + align_up(size_t(in_n) * 4) +
-                      align_up(size_t(out_n) * 4) + align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups));
+                      align_up(size_t(out_n) * 4) + align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)) +
+                      align_up(sizeof(float) * 2 * size_t(max_c));
         check_room(device_, need,
                    "decoding a " + std::to_string(h) + "x" + std::to_string(w) + " grid (its activations)");
         DeviceBuffer mem(need);
@@ -549,6 +562,7 @@ private:
         void *in = carve(size_t(in_n) * 4);
         float *out_d = reinterpret_cast<float *>(carve(size_t(out_n) * 4));
         stats_ = reinterpret_cast<double *>(carve(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)));
+        coef_ = reinterpret_cast<float *>(carve(sizeof(float) * 2 * size_t(max_c)));
 
         // Latent: codebook rows or the given z, padded, in buffer 0.
         H = h, W = w;
@@ -625,6 +639,7 @@ private:
     float *buf_[3] = {};
     float *att_ = nullptr, *gn_ = nullptr;
     double *stats_ = nullptr;
+    float *coef_ = nullptr; // GroupNorm scale | shift, per channel
     int64_t att_block_ = 1;
 };
 
