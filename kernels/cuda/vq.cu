@@ -31,6 +31,13 @@
 #include "common.h"
 #include "cuda/cuda_common.cuh"
 
+// A kernel launch on a stream; _SYNC for kernels that use __syncthreads
+// (the tests' host emulation, csrc/tests/emu, defines both its own way).
+#ifndef VQ_LAUNCH
+#define VQ_LAUNCH(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
+#define VQ_LAUNCH_SYNC(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace dimoo {
 namespace {
 
@@ -38,7 +45,13 @@ constexpr size_t kAlign = 256;
 constexpr size_t kReserve = size_t(256) << 20; // left free for cuBLAS and the runtime
 // Attention scores held at once: this many floats (256 MiB), in blocks of query rows.
 constexpr int64_t kScoreFloats = int64_t(1) << 26;
+// Threads per block (a power of two). The host emulation of the tests
+// (csrc/tests/emu) runs with fewer.
+#ifdef DIMOO_VQ_EMU_THREADS
+constexpr int kThreads = DIMOO_VQ_EMU_THREADS;
+#else
 constexpr int kThreads = 256;
+#endif
 
 size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 std::string mib(size_t b) { return std::to_string(b >> 20) + " MiB"; }
@@ -423,11 +436,11 @@ private:
     }
 
     void zero_border(float *p, int H, int W, int C) {
-        k_zero_border<<<blocks_for(2 * int64_t(W + 2) * C + 2 * int64_t(H) * C), kThreads, 0, stream_>>>(p, H, W, C);
+        VQ_LAUNCH(k_zero_border, blocks_for(2 * int64_t(W + 2) * C + 2 * int64_t(H) * C), kThreads, stream_)(p, H, W, C);
         launch_check("zero_border");
     }
     void bias(float *o, int64_t rows, int n, const float *b, bool accumulate) {
-        k_bias<<<blocks_for(rows * n), kThreads, 0, stream_>>>(o, rows, n, b, accumulate);
+        VQ_LAUNCH(k_bias, blocks_for(rows * n), kThreads, stream_)(o, rows, n, b, accumulate);
         launch_check("bias");
     }
 
@@ -459,12 +472,12 @@ private:
         const int64_t want = std::max<int64_t>(1, 1024 / g.groups);
         const int64_t chunk = std::max<int64_t>(64, (rows + want - 1) / want);
         dim3 grid(unsigned(g.groups), unsigned((rows + chunk - 1) / chunk)); // at most ~1024 chunks
-        k_gn_stats<<<grid, kThreads, 0, stream_>>>(x, rows, C, cg, chunk, stats_);
+        VQ_LAUNCH_SYNC(k_gn_stats, grid, kThreads, stream_)(x, rows, C, cg, chunk, stats_);
         launch_check("group_norm stats");
-        k_gn_coeffs<<<unsigned((C + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(
+        VQ_LAUNCH(k_gn_coeffs, unsigned((C + kThreads - 1) / kThreads), kThreads, stream_)(
             C, cg, stats_, g.gamma, g.beta, g.eps, double(H) * double(W) * cg, coef_, coef_ + C);
         launch_check("group_norm coefficients");
-        k_gn_apply<<<blocks_for(rows * C), kThreads, 0, stream_>>>(x, out, H, W, C, coef_, coef_ + C, silu);
+        VQ_LAUNCH(k_gn_apply, blocks_for(rows * C), kThreads, stream_)(x, out, H, W, C, coef_, coef_ + C, silu);
         launch_check("group_norm apply");
     }
 
@@ -495,7 +508,7 @@ private:
         float *o = s + att_block_ * n;
         // GroupNorm of x into the scratch as padded, then compact.
         group_norm(mid_.anorm, x, H, W, gn_, false);
-        k_unpad<<<blocks_for(n * C), kThreads, 0, stream_>>>(gn_, H, W, C, hc);
+        VQ_LAUNCH(k_unpad, blocks_for(n * C), kThreads, stream_)(gn_, H, W, C, hc);
         launch_check("unpad");
         auto linear = [&](const DLinear &l, const float *in, float *dst) {
             bias(dst, n, l.out, l.b, false);
@@ -509,12 +522,12 @@ private:
         for (int64_t q0 = 0; q0 < n; q0 += att_block_) {
             const int64_t rows = std::min<int64_t>(att_block_, n - q0);
             gemm_nt(rows, int(n), C, q + q0 * C, C, k, C, s, int(n), 0.0f);
-            k_softmax<<<unsigned(rows), kThreads, 0, stream_>>>(s, int(n), scale);
+            VQ_LAUNCH_SYNC(k_softmax, unsigned(rows), kThreads, stream_)(s, int(n), scale);
             launch_check("softmax");
             gemm_nn(rows, C, int(n), s, int(n), v, C, o, C);
             gemm_nt(rows, C, C, o, C, mid_.o.w, C, r + q0 * C, C, 1.0f);
         }
-        k_add_compact<<<blocks_for(n * C), kThreads, 0, stream_>>>(r, H, W, C, x);
+        VQ_LAUNCH(k_add_compact, blocks_for(n * C), kThreads, stream_)(r, H, W, C, x);
         launch_check("attention residual");
     }
 
@@ -568,12 +581,12 @@ private:
         H = h, W = w;
         if (codes) {
             DIMOO_CUDA(cudaMemcpyAsync(in, codes, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice, stream_));
-            k_gather<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const int32_t *>(in), book_,
+            VQ_LAUNCH(k_gather, blocks_for(padded(H, W) * D), kThreads, stream_)(static_cast<const int32_t *>(in), book_,
                                                                              H, W, D, buf_[0]);
             launch_check("gather");
         } else {
             DIMOO_CUDA(cudaMemcpyAsync(in, z, sizeof(float) * size_t(n) * D, cudaMemcpyHostToDevice, stream_));
-            k_pad<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const float *>(in), H, W, D,
+            VQ_LAUNCH(k_pad, blocks_for(padded(H, W) * D), kThreads, stream_)(static_cast<const float *>(in), H, W, D,
                                                                           buf_[0]);
             launch_check("pad");
         }
@@ -604,7 +617,7 @@ private:
             if (s.has_up) {
                 int a, b;
                 others(x, &a, &b);
-                k_upsample<<<blocks_for(padded(2 * H, 2 * W) * s.up.cin), kThreads, 0, stream_>>>(buf_[x], H, W,
+                VQ_LAUNCH(k_upsample, blocks_for(padded(2 * H, 2 * W) * s.up.cin), kThreads, stream_)(buf_[x], H, W,
                                                                                                    s.up.cin, buf_[a]);
                 launch_check("upsample");
                 H *= 2, W *= 2;
@@ -618,7 +631,7 @@ private:
         others(x, &a, &b);
         (void)b;
         conv_same(conv_out_, buf_[x], H, W, buf_[a], false);
-        k_unpad<<<blocks_for(out_n), kThreads, 0, stream_>>>(buf_[a], H, W, cfg_.out_channels, out_d);
+        VQ_LAUNCH(k_unpad, blocks_for(out_n), kThreads, stream_)(buf_[a], H, W, cfg_.out_channels, out_d);
         launch_check("unpad");
         DIMOO_CUDA(cudaMemcpyAsync(out, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
         DIMOO_CUDA(cudaStreamSynchronize(stream_));
