@@ -44,7 +44,11 @@ namespace {
 constexpr size_t kAlign = 256;
 constexpr size_t kReserve = size_t(256) << 20; // left free for cuBLAS and the runtime
 // Attention scores held at once: this many floats (256 MiB), in blocks of query rows.
+#ifdef DIMOO_VQ_EMU_SCORE_FLOATS
+constexpr int64_t kScoreFloats = DIMOO_VQ_EMU_SCORE_FLOATS; // the host emulation: many blocks
+#else
 constexpr int64_t kScoreFloats = int64_t(1) << 26;
+#endif
 // Threads per block (a power of two). The host emulation of the tests
 // (csrc/tests/emu) runs with fewer.
 #ifdef DIMOO_VQ_EMU_THREADS

@@ -5,6 +5,8 @@
 // NaN, so a value read before it is written shows in the output. Nothing
 // here says the CUDA code runs on a GPU: test_cuda_vq.cpp does that.
 #define DIMOO_VQ_EMU_THREADS 8
+// Attention scores in blocks of a few query rows (a remainder block too).
+#define DIMOO_VQ_EMU_SCORE_FLOATS 100
 #include "cuda/vq.cu"
 
 #include <gtest/gtest.h>
@@ -94,6 +96,18 @@ TEST(CudaVQEmu, MatchesCpu) {
             dev->decode_latent(z.data(), g[0], g[1], got.data(), no);
             EXPECT_TRUE(finite(got));
             EXPECT_LT(rel_err(got, want), 1e-5);
+        }
+        // A grid whose activations cannot fit (the emulation reports 8 GiB
+        // free): refused before anything is read or allocated.
+        try {
+            int32_t one = 0;
+            float sink = 0;
+            const int side = 16384 / f; // 2^28 pixels, 1 GiB a channel
+            dev->decode(&one, side, side, &sink, no);
+            ADD_FAILURE() << "a " << side << "x" << side << " grid was not refused";
+        } catch (const dimoo::Error &e) {
+            EXPECT_EQ(e.status(), DIMOO_ERR_DEVICE_OUT_OF_MEMORY);
+            EXPECT_NE(std::string(e.what()).find("free of"), std::string::npos) << e.what();
         }
         std::atomic<bool> yes{true};
         std::vector<int32_t> codes(4, 0);
