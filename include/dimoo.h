@@ -441,7 +441,8 @@ DIMOO_API int32_t dimoo_vq_finalize(dimoo_vq *vq);
 /* Bytes the weights occupy in host memory (fp32; once finalized, plus the
  * upsampling convs' sub-pixel kernels). Not counted: on a CUDA runtime, the
  * device copy finalize makes of the decoder's weights and the codebook
- * (fp32, without the sub-pixel kernels: a little over half the total). */
+ * (fp32, the upsamplers as their sub-pixel kernels: a little over half the
+ * total). */
 DIMOO_API int64_t dimoo_vq_weight_bytes(const dimoo_vq *vq);
 /* Ask a running encode/decode to stop between layers (DIMOO_ERR_CANCELLED).
  * Any thread. The flag is cleared when the next encode/decode starts. */

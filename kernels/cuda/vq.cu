@@ -8,8 +8,9 @@
 // fp32 with a zero border, so a 3x3 "same" conv is nine accumulating GEMMs
 // over the input shifted by whole rows (the CPU's shifted-GEMM path), a
 // 1x1 conv one GEMM; the rows that land on the border are zeroed after.
-// The upsampler runs as upsample-then-conv (the CPU folds it into four 2x2
-// sub-pixel convs: the same sums in another order). GEMMs are cuBLAS
+// The upsampler (nearest x2, then 3x3) runs as the CPU's four 2x2 sub-pixel
+// convs (prepare_upsample's kernels): per output parity, four GEMMs into a
+// scratch buffer, then scattered to its pixels. GEMMs are cuBLAS
 // SGEMM in fp32 (CUBLAS_DEFAULT_MATH: no TF32), GroupNorm statistics are
 // summed in double, the attention's softmax sums in double: the result is
 // the CPU's up to fp32 rounding in a different order (relative error
@@ -148,16 +149,18 @@ __global__ void k_gather(const int32_t *codes, const float *book, int H, int W, 
     }
 }
 
-// Nearest x2: padded (H, W, C) -> padded (2H, 2W, C).
-__global__ void k_upsample(const float *x, int H, int W, int C, float *y) {
-    const int Ho = 2 * H, Wo = 2 * W;
-    const int64_t Wpo = Wo + 2, Wpi = W + 2, total = int64_t(Ho + 2) * Wpo * C;
+// Output parity (py, px) of the sub-pixel upsampling conv: row r of tmp
+// (r = i * (W + 2) + j, the GEMM's rows over the input) is output pixel
+// (2i + py, 2j + px) of the padded (2H, 2W, C) out; rows with j >= W are
+// the input's border and dropped.
+__global__ void k_scatter_parity(const float *tmp, int64_t M, int H, int W, int C, int py, int px, float *out) {
+    const int64_t Wp = W + 2, Wo = 2 * int64_t(W) + 2, total = M * C;
+    (void)H;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t row = i / C, c = i % C;
-        const int64_t oy = row / Wpo, ox = row % Wpo;
-        y[i] = (oy == 0 || oy == Ho + 1 || ox == 0 || ox == Wo + 1)
-                   ? 0.0f
-                   : x[(((oy - 1) / 2 + 1) * Wpi + (ox - 1) / 2 + 1) * C + c];
+        const int64_t r = i / C, c = i % C;
+        const int64_t y = r / Wp, x = r % Wp;
+        if (x >= W) continue;
+        out[((2 * y + py + 1) * Wo + 2 * x + px + 1) * C + c] = tmp[i];
     }
 }
 
@@ -268,6 +271,9 @@ __global__ void k_softmax(float *s, int n, float scale) {
 struct DConv {
     int cin = 0, cout = 0, k = 1;
     const float *w = nullptr, *b = nullptr; // w (cout, k, k, cin) as the CPU stores it
+    // An upsampler's: the 16 (cout, cin) sub-pixel kernels of prepare_upsample
+    // in place of w, [(py * 2 + px) * 4 + dy * 2 + dx].
+    const float *up = nullptr;
 };
 struct DNorm {
     int c = 0, groups = 1;
@@ -328,7 +334,7 @@ public:
         resnet(m.dec_mid().r1);
         for (const auto &s : m.dec_up()) {
             for (const auto &r : s.resnets) resnet(r);
-            if (s.has_resample) conv(s.resample);
+            if (s.has_resample) take(s.resample.up), take(s.resample.b);
         }
         norm(m.dec_norm_out());
         conv(m.dec_conv_out());
@@ -383,7 +389,10 @@ public:
             DStage d;
             for (const auto &r : s.resnets) d.resnets.push_back(dres(r));
             d.has_up = s.has_resample;
-            if (s.has_resample) d.up = dconv(s.resample);
+            if (s.has_resample) {
+                d.up.cin = s.resample.cin, d.up.cout = s.resample.cout, d.up.k = s.resample.k;
+                d.up.up = ptr(), d.up.b = ptr();
+            }
             up_.push_back(std::move(d));
         }
         norm_out_ = dnorm(m.dec_norm_out());
@@ -466,6 +475,25 @@ private:
                             o, cout, 1.0f);
         }
         zero_border(out, H, W, cout);
+    }
+
+    // Nearest x2 then the 3x3 conv, as four 2x2 convs per output parity (the
+    // CPU's conv_up): x padded (H, W, cin) -> out padded (2H, 2W, cout); tmp
+    // holds ((H - 1) * (W + 2) + W) x cout floats.
+    void conv_up(const DConv &c, const float *x, int H, int W, float *out, float *tmp) {
+        const int cin = c.cin, cout = c.cout, Wp = W + 2;
+        const int64_t M = int64_t(H - 1) * Wp + W;
+        for (int py = 0; py < 2; py++)
+            for (int px = 0; px < 2; px++) {
+                bias(tmp, M, cout, c.b, false);
+                for (int dy = 0; dy < 2; dy++)
+                    for (int dx = 0; dx < 2; dx++)
+                        gemm_nt(M, cout, cin, x + (int64_t(py + dy) * Wp + (px + dx)) * cin, cin,
+                                c.up + size_t((py * 2 + px) * 4 + dy * 2 + dx) * cout * cin, cin, tmp, cout, 1.0f);
+                VQ_LAUNCH(k_scatter_parity, blocks_for(M * cout), kThreads, stream_)(tmp, M, H, W, cout, py, px, out);
+                launch_check("scatter parity");
+            }
+        zero_border(out, 2 * H, 2 * W, cout);
     }
 
     void group_norm(const DNorm &g, const float *x, int H, int W, float *out, bool silu) {
@@ -621,12 +649,9 @@ private:
             if (s.has_up) {
                 int a, b;
                 others(x, &a, &b);
-                VQ_LAUNCH(k_upsample, blocks_for(padded(2 * H, 2 * W) * s.up.cin), kThreads, stream_)(buf_[x], H, W,
-                                                                                                   s.up.cin, buf_[a]);
-                launch_check("upsample");
+                conv_up(s.up, buf_[x], H, W, buf_[a], buf_[b]); // b: scratch, M x cout <= big
                 H *= 2, W *= 2;
-                conv_same(s.up, buf_[a], H, W, buf_[b], false);
-                x = b;
+                x = a;
                 check_cancel(cancel);
             }
         }
