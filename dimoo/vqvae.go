@@ -2,8 +2,9 @@ package dimoo
 
 // The VQ-VAE: diffusers' VQModel as stored under a DiMOO checkpoint's vqvae/
 // folder (config.json + diffusion_pytorch_model.safetensors), loaded into
-// libdimoo, which runs it on the CPU in fp32. Decode turns a grid of codes
-// into pixels, Encode an image into codes.
+// libdimoo, in fp32: the decoder on the GPU of a CUDA runtime (on the CPU
+// otherwise), the encoder on the CPU. Decode turns a grid of codes into
+// pixels, Encode an image into codes.
 
 import (
 	"context"
