@@ -33,113 +33,16 @@ TEST(CudaForward, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 #include "cpu/kept.h"
 #include "cuda/cuda_model.h"
 #include "dimoo.h"
+#include "test_checkpoint.h"
 
 namespace {
 
-// ---- a minimal safetensors reader (header JSON: name -> dtype, shape, offsets)
+using dimoo::test::Json;
+using dimoo::test::read_file;
+using dimoo::test::StTensor;
 
-struct StTensor {
-    std::string dtype;
-    std::vector<int64_t> shape;
-    std::vector<uint8_t> data;
-};
-
-struct Json { // just enough JSON for safetensors headers and config.json
-    std::string s;
-    size_t i = 0;
-    void ws() {
-        while (i < s.size() && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++;
-    }
-    std::string str() {
-        ws();
-        std::string o;
-        i++; // "
-        while (s[i] != '"') {
-            if (s[i] == '\\') i++;
-            o += s[i++];
-        }
-        i++;
-        return o;
-    }
-    double num() {
-        ws();
-        size_t n = 0;
-        double v = std::stod(s.substr(i, 40), &n);
-        i += n;
-        return v;
-    }
-    void skip() { // any value
-        ws();
-        if (s[i] == '"') str();
-        else if (s[i] == '{') obj([&](const std::string &) { skip(); });
-        else if (s[i] == '[') arr([&] { skip(); });
-        else while (i < s.size() && s[i] != ',' && s[i] != '}' && s[i] != ']') i++;
-    }
-    template <class F> void obj(F f) {
-        ws();
-        i++; // {
-        ws();
-        if (s[i] == '}') {
-            i++;
-            return;
-        }
-        for (;;) {
-            std::string k = str();
-            ws();
-            i++; // :
-            f(k);
-            ws();
-            if (s[i++] == '}') return;
-        }
-    }
-    template <class F> void arr(F f) {
-        ws();
-        i++; // [
-        ws();
-        if (s[i] == ']') {
-            i++;
-            return;
-        }
-        for (;;) {
-            f();
-            ws();
-            if (s[i++] == ']') return;
-        }
-    }
-};
-
-bool read_file(const std::string &path, std::string &out) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) return false;
-    out.assign(std::istreambuf_iterator<char>(f), {});
-    return true;
-}
-
-void read_safetensors(const std::string &path, std::map<std::string, StTensor> &out) {
-    std::string raw;
-    ASSERT_TRUE(read_file(path, raw)) << path;
-    uint64_t hl = 0;
-    std::memcpy(&hl, raw.data(), 8);
-    Json j{raw.substr(8, hl)};
-    const size_t base = 8 + hl;
-    j.obj([&](const std::string &name) {
-        if (name == "__metadata__") {
-            j.skip();
-            return;
-        }
-        StTensor t;
-        size_t b = 0, e = 0;
-        j.obj([&](const std::string &k) {
-            if (k == "dtype") t.dtype = j.str();
-            else if (k == "shape") j.arr([&] { t.shape.push_back(int64_t(j.num())); });
-            else if (k == "data_offsets") {
-                int n = 0;
-                j.arr([&] { (n++ == 0 ? b : e) = size_t(j.num()); });
-            } else j.skip();
-        });
-        t.data.assign(raw.begin() + long(base + b), raw.begin() + long(base + e));
-        out[name] = std::move(t);
-    });
+void load_safetensors(const std::string &path, std::map<std::string, StTensor> &out) {
+    ASSERT_TRUE(dimoo::test::read_safetensors(path, out)) << path;
 }
 
 bool load_config(const std::string &dir, dimoo_model_config &c) {
@@ -195,11 +98,11 @@ void read_checkpoint(const std::string &dir, std::map<std::string, StTensor> &ts
             for (int n = 1; n <= 16; n++) {
                 std::snprintf(name, sizeof name, "/model-%05d-of-%05d.safetensors", s, n);
                 std::ifstream f(dir + name);
-                if (f) read_safetensors(dir + name, ts);
+                if (f) load_safetensors(dir + name, ts);
             }
         }
     } else {
-        read_safetensors(dir + "/model.safetensors", ts);
+        load_safetensors(dir + "/model.safetensors", ts);
     }
     ASSERT_FALSE(ts.empty()) << dir;
 }
@@ -885,7 +788,7 @@ TEST(CudaForward, ReaderParsesCheckpoints) {
     std::map<std::string, StTensor> ts;
     std::string idx;
     ASSERT_TRUE(read_file(src("models/dimoo-small/config.json"), idx));
-    read_safetensors(src("models/dimoo-small/model.safetensors"), ts);
+    load_safetensors(src("models/dimoo-small/model.safetensors"), ts);
     ASSERT_TRUE(ts.count("model.transformer.wte.weight"));
     const auto &w = ts["model.transformer.wte.weight"];
     ASSERT_EQ(w.shape.size(), 2u);
