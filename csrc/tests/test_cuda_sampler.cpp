@@ -1022,37 +1022,6 @@ TEST(CudaSampler, CacheSelectEqualsGo) {
     }
 }
 
-TEST(CudaSampler, CacheUpdateScattersRows) {
-    if (!have_device()) GTEST_SKIP() << "no CUDA device";
-    const int T = 50, C = 77, P = 10, A = 30;
-    std::vector<float> cache(T * C), rmax(T), out;
-    for (int q = 0; q < T * C; q++) cache[q] = float(q);
-    for (int p = 0; p < T; p++) rmax[p] = float(-p);
-    const std::vector<int32_t> compute = {0, 3, 11, 39, 40, 49};
-    std::vector<float> omax;
-    for (size_t i = 0; i < compute.size(); i++) {
-        for (int c = 0; c < C; c++) out.push_back(1e6f + float(i * C + c));
-        omax.push_back(1e7f + float(i));
-    }
-    std::vector<uint8_t> valid(A, 1);
-    Dev<float> dc(cache), dr(rmax), dout(out), dom(omax);
-    Dev<int32_t> dcomp(compute);
-    Dev<uint8_t> dv(valid);
-    ASSERT_EQ(dimoo::cuda_cache_update(dout.p, dom.p, dcomp.p, int32_t(compute.size()), C, dc.p, dr.p, dv.p, P, A,
-                                       nullptr),
-              cudaSuccess);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    for (size_t i = 0; i < compute.size(); i++) {
-        const int p = compute[i];
-        std::copy(out.begin() + i * C, out.begin() + (i + 1) * C, cache.begin() + p * C);
-        rmax[p] = omax[i];
-        if (p - P >= 0 && p - P < A) valid[p - P] = 0;
-    }
-    EXPECT_EQ(dc.get(), cache);
-    EXPECT_EQ(dr.get(), rmax);
-    EXPECT_EQ(dv.get(), valid);
-}
-
 // The same kept rows in a CPU and a CUDA context: identical decisions, run
 // twice on the device (bitwise the same).
 TEST(CudaKept, CtxDecidesAsCpu) {

@@ -48,10 +48,7 @@ int cuda_device_count() {
 
 namespace {
 
-constexpr size_t kAlign = 256;
 constexpr size_t kLtWorkspace = size_t(32) << 20;
-// Kept free for cuBLAS, the CUDA context's own allocations and fragmentation.
-constexpr size_t kReserve = size_t(256) << 20;
 // The LM head's work buffer (rows on their way to a host copy or to
 // scattered kept slots) holds at most this much; larger outputs go through
 // it in chunks of rows.
@@ -60,18 +57,6 @@ constexpr size_t kHeadWorkMax = size_t(64) << 20;
 constexpr size_t kGraphsHeld = 8;
 constexpr size_t kGraphKeysSeen = 32;
 
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-std::string mib(size_t b) { return std::to_string(b >> 20) + " MiB"; }
-
-// Refuses an allocation the device cannot hold, with the numbers.
-void check_device_room(int device, size_t need, const std::string &what) {
-    size_t free_b = 0, total_b = 0;
-    DIMOO_CUDA(cudaMemGetInfo(&free_b, &total_b));
-    if (need + kReserve > free_b)
-        fail(DIMOO_ERR_DEVICE_OUT_OF_MEMORY, what + " needs " + mib(need) + " of device memory but cuda:" +
-                                                 std::to_string(device) + " has " + mib(free_b) + " free of " +
-                                                 mib(total_b));
-}
 
 // Offsets of every weight in one device allocation.
 struct WeightLayout {

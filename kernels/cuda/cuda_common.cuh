@@ -19,6 +19,24 @@ inline void cuda_check(cudaError_t e, const char *what) {
 
 #define DIMOO_CUDA(call) ::dimoo::cuda_check((call), #call)
 
+// Device allocations are carved at this alignment.
+constexpr size_t kDeviceAlign = 256;
+inline size_t align_up(size_t v) { return (v + kDeviceAlign - 1) / kDeviceAlign * kDeviceAlign; }
+inline std::string mib(size_t b) { return std::to_string(b >> 20) + " MiB"; }
+
+// Refuses an allocation the device cannot hold, with the numbers, keeping
+// 256 MiB free for cuBLAS, the CUDA context's own allocations and
+// fragmentation.
+inline void check_device_room(int device, size_t need, const std::string &what) {
+    constexpr size_t kReserve = size_t(256) << 20;
+    size_t free_b = 0, total_b = 0;
+    DIMOO_CUDA(cudaMemGetInfo(&free_b, &total_b));
+    if (need + kReserve > free_b)
+        fail(DIMOO_ERR_DEVICE_OUT_OF_MEMORY, what + " needs " + mib(need) + " of device memory but cuda:" +
+                                                 std::to_string(device) + " has " + mib(free_b) + " free of " +
+                                                 mib(total_b));
+}
+
 // A device buffer that frees itself; allocation failure is an error, not an abort.
 class DeviceBuffer {
 public:

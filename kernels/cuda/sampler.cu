@@ -345,20 +345,6 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
 }
 
-__global__ void cache_update_kernel(const float *out, const float *out_max, const int32_t *compute, int32_t n_codes,
-                                    float *cache, float *row_max, uint8_t *top_valid, int32_t answer_begin,
-                                    int32_t answer_len) {
-    const int32_t i = blockIdx.x, p = compute[i];
-    const float *src = out + int64_t(i) * n_codes;
-    float *dst = cache + int64_t(p) * n_codes;
-    for (int32_t c = threadIdx.x; c < n_codes; c += blockDim.x) dst[c] = src[c];
-    if (threadIdx.x == 0) {
-        row_max[p] = out_max[i];
-        const int32_t q = p - answer_begin;
-        if (top_valid && q >= 0 && q < answer_len) top_valid[q] = 0;
-    }
-}
-
 }  // namespace
 
 cudaError_t cuda_sample_image(const SampleDeviceArgs &a, cudaStream_t stream) {
@@ -425,17 +411,6 @@ cudaError_t cuda_cache_select(const float *row_max, int32_t n, double q, int32_t
                               float *threshold, cudaStream_t stream) {
     if (n < 1 || !row_max || !to_compute || !n_compute || !(q >= 0 && q <= 1)) return cudaErrorInvalidValue;
     cache_select_kernel<<<1, kSelectThreads, 0, stream>>>(row_max, n, float(q), to_compute, n_compute, threshold);
-    return cudaGetLastError();
-}
-
-cudaError_t cuda_cache_update(const float *out, const float *out_max, const int32_t *compute, int32_t n_compute,
-                              int32_t n_codes, float *cache, float *row_max, uint8_t *top_valid,
-                              int32_t answer_begin, int32_t answer_len, cudaStream_t stream) {
-    if (n_compute < 0 || n_codes < 1 || (n_compute > 0 && (!out || !out_max || !compute || !cache || !row_max)))
-        return cudaErrorInvalidValue;
-    if (n_compute == 0) return cudaSuccess;
-    cache_update_kernel<<<n_compute, 256, 0, stream>>>(out, out_max, compute, n_codes, cache, row_max, top_valid,
-                                                       answer_begin, answer_len);
     return cudaGetLastError();
 }
 

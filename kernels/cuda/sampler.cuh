@@ -101,12 +101,4 @@ cudaError_t cuda_sample_text(const TextSampleDeviceArgs &a, cudaStream_t stream)
 cudaError_t cuda_cache_select(const float *row_max, int32_t n, double q, int32_t *to_compute, int32_t *n_compute,
                               float *threshold, cudaStream_t stream);
 
-// ML-Cache's update after a cached forward: row i of `out` (n_compute rows of
-// n_codes) replaces cache row compute[i], out_max[i] its row max, and the
-// answer position compute[i] - answer_begin (when in [0, answer_len)) loses
-// its top_valid flag (null: none kept).
-cudaError_t cuda_cache_update(const float *out, const float *out_max, const int32_t *compute, int32_t n_compute,
-                              int32_t n_codes, float *cache, float *row_max, uint8_t *top_valid,
-                              int32_t answer_begin, int32_t answer_len, cudaStream_t stream);
-
 }  // namespace dimoo

@@ -42,8 +42,6 @@
 namespace dimoo {
 namespace {
 
-constexpr size_t kAlign = 256;
-constexpr size_t kReserve = size_t(256) << 20; // left free for cuBLAS and the runtime
 // Attention scores held at once: this many floats (256 MiB), in blocks of query rows.
 #ifdef DIMOO_VQ_EMU_SCORE_FLOATS
 constexpr int64_t kScoreFloats = DIMOO_VQ_EMU_SCORE_FLOATS; // the host emulation: many blocks
@@ -57,18 +55,6 @@ constexpr int kThreads = DIMOO_VQ_EMU_THREADS;
 #else
 constexpr int kThreads = 256;
 #endif
-
-size_t align_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-std::string mib(size_t b) { return std::to_string(b >> 20) + " MiB"; }
-
-void check_room(int device, size_t need, const std::string &what) {
-    size_t free_b = 0, total_b = 0;
-    DIMOO_CUDA(cudaMemGetInfo(&free_b, &total_b));
-    if (need + kReserve > free_b)
-        fail(DIMOO_ERR_DEVICE_OUT_OF_MEMORY, what + " needs " + mib(need) + " of device memory but cuda:" +
-                                                 std::to_string(device) + " has " + mib(free_b) + " free of " +
-                                                 mib(total_b));
-}
 
 void blas_check(cublasStatus_t st, const char *what) {
     if (st == CUBLAS_STATUS_SUCCESS) return;
@@ -338,7 +324,7 @@ public:
         }
         norm(m.dec_norm_out());
         conv(m.dec_conv_out());
-        check_room(device_, total, "the VQ decoder's weights in fp32");
+        check_device_room(device_, total, "the VQ decoder's weights in fp32");
         weights_ = std::make_unique<DeviceBuffer>(total);
         bytes_ = int64_t(total);
         char *base = static_cast<char *>(weights_->get());
@@ -591,7 +577,7 @@ private:
         size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(att) * 4) + align_up(size_t(in_n) * 4) +
                       align_up(size_t(out_n) * 4) + align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)) +
                       align_up(sizeof(float) * 2 * size_t(max_c));
-        check_room(device_, need,
+        check_device_room(device_, need,
                    "decoding a " + std::to_string(h) + "x" + std::to_string(w) + " grid (its activations)");
         DeviceBuffer mem(need);
         Drain drain{stream_};
