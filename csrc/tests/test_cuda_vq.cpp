@@ -31,6 +31,7 @@
 #include "common.h"
 #include "dimoo.h"
 #include "test_checkpoint.h"
+#include "vq_testing.h"
 #include "vq/vq.h"
 #ifdef DIMOO_WITH_CUDA
 #include "cuda/vq.cuh"
@@ -49,20 +50,13 @@ constexpr double kTol = 1e-4; // fp32 GEMMs (no TF32), double statistics
 
 std::string src(const std::string &rel) { return std::string(DIMOO_SOURCE_DIR) + "/" + rel; }
 
+using dimoo::test::all_finite;
 using dimoo::test::read_safetensors;
+using dimoo::test::rel_err;
+using dimoo::test::vq_config;
 using dimoo::test::StTensor;
 
 // ---- configs ---------------------------------------------------------------------------------
-
-dimoo_vq_config make_cfg(int lat, int E, int D, int groups, int lp, std::vector<int> ch, int attn) {
-    dimoo_vq_config c{};
-    c.in_channels = 3, c.out_channels = 3, c.latent_channels = lat, c.num_vq_embeddings = E;
-    c.vq_embed_dim = D, c.norm_num_groups = groups, c.layers_per_block = lp, c.n_levels = int(ch.size());
-    for (size_t i = 0; i < ch.size(); i++) c.block_out_channels[i] = ch[i];
-    c.mid_block_add_attention = attn;
-    c.norm_type = DIMOO_VQ_NORM_GROUP;
-    return c;
-}
 
 // testdata/vq's checkpoints (their config.json, written out).
 struct Checkpoint {
@@ -70,9 +64,9 @@ struct Checkpoint {
     dimoo_vq_config cfg;
 };
 std::vector<Checkpoint> checkpoints() {
-    return {{"testdata/vq/tiny-f32", make_cfg(8, 64, 0, 8, 1, {16, 32}, 0)},
-            {"testdata/vq/attn3-f32", make_cfg(4, 32, 6, 8, 2, {16, 32, 32}, 1)},
-            {"testdata/vq/attn2-bf16", make_cfg(8, 48, 0, 16, 1, {32, 32}, 1)}};
+    return {{"testdata/vq/tiny-f32", vq_config(8, 64, 0, 8, 1, {16, 32}, 0)},
+            {"testdata/vq/attn3-f32", vq_config(4, 32, 6, 8, 2, {16, 32, 32}, 1)},
+            {"testdata/vq/attn2-bf16", vq_config(8, 48, 0, 16, 1, {32, 32}, 1)}};
 }
 
 std::vector<float> randn(size_t n, uint32_t seed, float scale) {
@@ -81,22 +75,6 @@ std::vector<float> randn(size_t n, uint32_t seed, float scale) {
     std::vector<float> v(n);
     for (auto &x : v) x = d(g);
     return v;
-}
-
-double rel_err(const std::vector<float> &got, const std::vector<float> &want) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < want.size(); i++) {
-        const double d = double(got[i]) - double(want[i]);
-        num += d * d;
-        den += double(want[i]) * want[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
-}
-
-bool all_finite(const std::vector<float> &v) {
-    for (float x : v)
-        if (!std::isfinite(x)) return false;
-    return true;
 }
 
 // One VQ on a runtime of `backend`, weights from a checkpoint or random.
@@ -205,7 +183,7 @@ TEST(CudaVQ, HarnessCpuAgainstCpu) {
         open_handle(b, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
         compare(a, b, ck.cfg, ck.dir);
     }
-    const auto c = make_cfg(12, 40, 7, 4, 2, {8, 24, 16}, 1);
+    const auto c = vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1);
     const auto w = random_weights(c);
     Handle a, b;
     open_handle(a, DIMOO_BACKEND_CPU, c, nullptr, &w);
@@ -233,7 +211,7 @@ TEST(CudaVQ, CheckpointsMatchCpu) {
 TEST(CudaVQ, RandomWithAttentionMatchesCpu) {
     SKIP_WITHOUT_GPU();
     // Shortcut convs (16 -> 24 -> 8), three levels, attention, 12 channels of latent.
-    const auto c = make_cfg(12, 40, 7, 4, 2, {8, 24, 16}, 1);
+    const auto c = vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1);
     const auto w = random_weights(c);
     Handle cpu, gpu;
     open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
@@ -243,7 +221,7 @@ TEST(CudaVQ, RandomWithAttentionMatchesCpu) {
 
 TEST(CudaVQ, RefusesBadCodesBeforeRunning) {
     SKIP_WITHOUT_GPU();
-    const auto c = make_cfg(4, 20, 5, 4, 1, {8, 16}, 1);
+    const auto c = vq_config(4, 20, 5, 4, 1, {8, 16}, 1);
     const auto w = random_weights(c);
     Handle gpu;
     open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
@@ -263,7 +241,7 @@ TEST(CudaVQ, RefusesBadCodesBeforeRunning) {
 
 TEST(CudaVQ, CancelHonoured) {
     SKIP_WITHOUT_GPU();
-    const auto c = make_cfg(4, 20, 5, 4, 1, {8, 16}, 1);
+    const auto c = vq_config(4, 20, 5, 4, 1, {8, 16}, 1);
     const auto w = random_weights(c);
     // The device decoder itself: a raised flag stops it at the first poll.
     dimoo::vq::Model m(c);
@@ -316,7 +294,7 @@ TEST(CudaVQ, CancelHonoured) {
 // 1024², GPU ms (best of 3 after a warm-up) next to the CPU (one run).
 TEST(CudaVQTiming, DISABLED_AmusedSize) {
     SKIP_WITHOUT_GPU();
-    const auto c = make_cfg(64, 8192, 64, 32, 2, {128, 256, 256, 512, 768}, 1);
+    const auto c = vq_config(64, 8192, 64, 32, 2, {128, 256, 256, 512, 768}, 1);
     const auto w = random_weights(c);
     Handle cpu, gpu;
     open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);

@@ -11,21 +11,17 @@
 
 #include <gtest/gtest.h>
 
+#include "../vq_testing.h"
+
 #include <atomic>
 #include <limits>
 #include <random>
 
 namespace {
 
-dimoo_vq_config cfg(int lat, int E, int D, int groups, int lp, std::vector<int> ch, int attn) {
-    dimoo_vq_config c{};
-    c.in_channels = 3, c.out_channels = 3, c.latent_channels = lat, c.num_vq_embeddings = E;
-    c.vq_embed_dim = D, c.norm_num_groups = groups, c.layers_per_block = lp, c.n_levels = int(ch.size());
-    for (size_t i = 0; i < ch.size(); i++) c.block_out_channels[i] = ch[i];
-    c.mid_block_add_attention = attn;
-    c.norm_type = DIMOO_VQ_NORM_GROUP;
-    return c;
-}
+using dimoo::test::all_finite;
+using dimoo::test::rel_err;
+using dimoo::test::vq_config;
 
 void load_random(dimoo::vq::Model &m) {
     uint32_t seed = 3;
@@ -45,27 +41,11 @@ void load_random(dimoo::vq::Model &m) {
     m.finalize();
 }
 
-double rel_err(const std::vector<float> &got, const std::vector<float> &want) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < want.size(); i++) {
-        const double d = double(got[i]) - double(want[i]);
-        num += d * d;
-        den += double(want[i]) * want[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
-}
-
-bool finite(const std::vector<float> &v) {
-    for (float x : v)
-        if (!std::isfinite(x)) return false;
-    return true;
-}
-
 TEST(CudaVQEmu, MatchesCpu) {
     const dimoo_vq_config cfgs[] = {
-        cfg(12, 40, 7, 4, 2, {8, 24, 16}, 1), // shortcuts, attention, vq_embed_dim != latent_channels
-        cfg(8, 64, 0, 8, 1, {16, 32}, 0),     // testdata/vq/tiny-f32's shape
-        cfg(4, 10, 4, 2, 1, {6}, 1),          // one level: no upsampler
+        vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1), // shortcuts, attention, vq_embed_dim != latent_channels
+        vq_config(8, 64, 0, 8, 1, {16, 32}, 0),     // testdata/vq/tiny-f32's shape
+        vq_config(4, 10, 4, 2, 1, {6}, 1),          // one level: no upsampler
     };
     const int grids[][2] = {{1, 1}, {2, 3}, {5, 4}, {8, 8}, {3, 7}};
     for (const auto &c : cfgs) {
@@ -86,7 +66,7 @@ TEST(CudaVQEmu, MatchesCpu) {
             std::vector<float> want(px), got(px, std::numeric_limits<float>::quiet_NaN());
             m.decode(codes.data(), g[0], g[1], want.data(), no);
             dev->decode(codes.data(), g[0], g[1], got.data(), no);
-            EXPECT_TRUE(finite(got));
+            EXPECT_TRUE(all_finite(got));
             EXPECT_LT(rel_err(got, want), 1e-5);
             std::vector<float> z(n * size_t(D));
             std::normal_distribution<float> nd;
@@ -94,7 +74,7 @@ TEST(CudaVQEmu, MatchesCpu) {
             std::fill(got.begin(), got.end(), std::numeric_limits<float>::quiet_NaN());
             m.decode_latent(z.data(), g[0], g[1], want.data(), no);
             dev->decode_latent(z.data(), g[0], g[1], got.data(), no);
-            EXPECT_TRUE(finite(got));
+            EXPECT_TRUE(all_finite(got));
             EXPECT_LT(rel_err(got, want), 1e-5);
         }
         // A grid whose activations cannot fit (the emulation reports 8 GiB
