@@ -16,7 +16,7 @@ ifeq ($(origin CUDACXX),undefined)
   endif
 endif
 
-.PHONY: all lib cli test test-cpp test-go bench fuzz clean testdata
+.PHONY: all lib cli test test-cpp test-go test-emu bench fuzz clean testdata
 
 all: lib cli
 
@@ -38,6 +38,19 @@ test-go: lib
 	$(GO) vet ./...
 	$(GO) test -count=1 ./...
 
+# The CUDA backend's own code (kernels/cuda) run on the host through the
+# emulated CUDA of csrc/tests/emu: every CUDA test, on a machine without a GPU,
+# with the threads between barriers in order and in reverse (a race shows as
+# a difference). A separate CPU-only build; nothing here says the code runs
+# on a GPU.
+EMU_BUILD ?= build-emu
+EMU_TESTS ?= Cuda*:Estimate.*:KeptCtx.*
+test-emu:
+	cmake -S . -B $(EMU_BUILD) -G Ninja -DDIMOO_CUDA=OFF -DDIMOO_CUDA_EMU=ON $(CMAKE_ARGS) >/dev/null
+	cmake --build $(EMU_BUILD) --target dimoo_tests -j $(JOBS)
+	./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
+	DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
+
 bench: all
 	$(GO) test -run '^$$' -bench . ./bench/
 
@@ -56,4 +69,4 @@ testdata:
 	bash scripts/gen_testdata.sh
 
 clean:
-	rm -rf $(BUILD) lib bin
+	rm -rf $(BUILD) $(EMU_BUILD) lib bin

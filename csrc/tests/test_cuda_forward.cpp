@@ -4,7 +4,8 @@
 // random lengths (1 .. ~600, most not multiples of 64), chosen output rows
 // and column ranges, row maxima, NaN-poisoned outputs. The weights are
 // computed in bf16 on the GPU whatever the checkpoint's dtype, so the bound
-// is bf16's: ||gpu - cpu|| / ||cpu|| <= 2e-2 per forward. ABI 4: forwards
+// is bf16's: ||gpu - cpu|| / ||cpu|| <= 2e-2 per forward (more for the two
+// checkpoints whose bf16 forward is measured to be further off; see below). ABI 4: forwards
 // with kept logits and the decode steps over them through the C ABI, each
 // backend against the CPU statements over its own rows (the CPU backend runs
 // it alone without a GPU); CUDA graphs against the eager forward, bitwise.
@@ -149,7 +150,7 @@ struct Req {
     std::vector<float> logits[2], rmax[2];
 };
 
-void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs, bool twice = false) {
+void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs, double bound, bool twice = false) {
     for (int b = 0; b < 2; b++) {
         std::vector<dimoo_forward_args> args;
         for (auto &r : reqs) {
@@ -203,12 +204,12 @@ void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs, bool twice = f
     for (auto &r : reqs) {
         SCOPED_TRACE("seq " + std::to_string(r.seq) + " mode " + std::to_string(r.mode) + " T " +
                      std::to_string(r.tokens.size()));
-        EXPECT_LT(rel_err(r.logits[1], r.logits[0]), 2e-2);
-        if (r.want_max) EXPECT_LT(rel_err(r.rmax[1], r.rmax[0]), 2e-2);
+        EXPECT_LT(rel_err(r.logits[1], r.logits[0]), bound);
+        if (r.want_max) EXPECT_LT(rel_err(r.rmax[1], r.rmax[0]), bound);
     }
 }
 
-void check_model(const std::string &dir, int max_t) {
+void check_model(const std::string &dir, int max_t, double bound = 2e-2) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
     Pair p;
     load_pair(dir, p);
@@ -230,7 +231,7 @@ void check_model(const std::string &dir, int max_t) {
     for (int T : {1, 7, 64, 65, 129, len(rng)}) { // one sequence, all rows and columns
         std::vector<Req> r(1);
         r[0] = Req{0, DIMOO_CACHE_NONE, tokens(T), {}, {}};
-        run_both(p, ctx, r, /*twice=*/true);
+        run_both(p, ctx, r, bound, /*twice=*/true);
     }
     // Three sequences in one call: STORE, NONE and STORE, random lengths,
     // chosen rows and a column range on one.
@@ -241,7 +242,7 @@ void check_model(const std::string &dir, int max_t) {
     for (int i = 0; i < int(store[1].tokens.size()); i += 3) store[1].out.push_back(i);
     store[1].vb = p.cfg.embedding_size / 3;
     store[1].ve = p.cfg.embedding_size - 5;
-    run_both(p, ctx, store);
+    run_both(p, ctx, store, bound);
     // USE on seqs 0 and 2: about 10% of the positions, changed tokens there.
     std::vector<Req> use(2);
     for (int k = 0; k < 2; k++) {
@@ -254,9 +255,11 @@ void check_model(const std::string &dir, int max_t) {
                 r.compute.push_back(i);
                 r.tokens[size_t(i)] = int32_t(rng() % p.cfg.vocab_size);
             }
-        if (k == 1) r.out.assign(r.compute.begin(), r.compute.begin() + long(std::max<size_t>(1, r.compute.size() / 2)));
+        // Under USE only computed positions have logits: all of them, or some.
+        if (k == 0) r.out = r.compute;
+        else r.out.assign(r.compute.begin(), r.compute.begin() + long(std::max<size_t>(1, r.compute.size() / 2)));
     }
-    run_both(p, ctx, use);
+    run_both(p, ctx, use, bound);
     for (int b = 0; b < 2; b++) dimoo_ctx_destroy(ctx[b]);
 }
 
@@ -265,8 +268,12 @@ std::string src(const char *rel) { return std::string(DIMOO_SOURCE_DIR) + "/" + 
 TEST(CudaForward, SmallF32) { check_model(src("testdata/small-f32"), 600); }
 TEST(CudaForward, SmallBF16) { check_model(src("testdata/small-bf16"), 600); }
 TEST(CudaForward, SmallGqaF16) { check_model(src("testdata/small-gqa-f16"), 600); }
-TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600); }
-TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512); }
+// A correct bf16 forward is this far from float64 (PyTorch, the GPU's
+// rounding pattern, scripts/bf16_forward_error.py, max over 8 token draws at
+// T = 1..500): small-f32/bf16/gqa-f16 <= 0.7%; the official code's random
+// small checkpoint 3.7%; the shipped model 2.3%. The bounds: 2e-2, 5e-2, 3.5e-2.
+TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600, 5e-2); }
+TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512, 3.5e-2); }
 
 // ---- kept logits through the C ABI (ABI 4) ----------------------------------------
 //

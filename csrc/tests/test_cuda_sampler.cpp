@@ -1057,13 +1057,18 @@ TEST(CudaKept, LoadKeptChecksItsArguments) {
     auto m = be->create_model(dimoo::ModelShape(kept::config()));
     auto ctx = m->create_ctx(kept::params());
     std::vector<float> row(kept::kVocab, 1.0f);
-    const int32_t bad_slot = kept::kKeepRows, slot = 0;
-    try {
-        ctx->load_kept(0, &bad_slot, 1, 10, row.data());
-        ADD_FAILURE() << "slot beyond keep_rows accepted";
-    } catch (const dimoo::Error &e) {
-        EXPECT_EQ(e.status(), DIMOO_ERR_INVALID_ARGUMENT);
+    // Full-width rows: keep_rows of them. Narrow rows: as many as fit, up to max_tokens.
+    const int32_t slot = 0;
+    for (auto [bad_slot, width] : {std::pair<int32_t, int>{kept::kKeepRows, kept::kVocab}, {kept::kMaxT, 10}}) {
+        try {
+            ctx->load_kept(0, &bad_slot, 1, width, row.data());
+            ADD_FAILURE() << "slot " << bad_slot << " beyond the capacity for rows of " << width << " accepted";
+        } catch (const dimoo::Error &e) {
+            EXPECT_EQ(e.status(), DIMOO_ERR_INVALID_ARGUMENT);
+        }
     }
+    const int32_t last_narrow = kept::kMaxT - 1;
+    ctx->load_kept(0, &last_narrow, 1, 10, row.data()); // within the capacity for narrow rows
     ctx->load_kept(0, &slot, 1, kept::kVocab, row.data()); // a full-width row is fine
     dimoo_image_step_args a{};
     const int32_t masked = 0;

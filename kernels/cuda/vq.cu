@@ -32,13 +32,6 @@
 #include "common.h"
 #include "cuda/cuda_common.cuh"
 
-// A kernel launch on a stream; _SYNC for kernels that use __syncthreads
-// (the tests' host emulation, csrc/tests/emu, defines both its own way).
-#ifndef VQ_LAUNCH
-#define VQ_LAUNCH(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
-#define VQ_LAUNCH_SYNC(k, grid, block, stream) k<<<(grid), (block), 0, (stream)>>>
-#endif
-
 namespace dimoo {
 namespace {
 
@@ -48,13 +41,8 @@ constexpr int64_t kScoreFloats = DIMOO_VQ_EMU_SCORE_FLOATS; // the host emulatio
 #else
 constexpr int64_t kScoreFloats = int64_t(1) << 26;
 #endif
-// Threads per block (a power of two). The host emulation of the tests
-// (csrc/tests/emu) runs with fewer.
-#ifdef DIMOO_VQ_EMU_THREADS
-constexpr int kThreads = DIMOO_VQ_EMU_THREADS;
-#else
+// Threads per block (a power of two).
 constexpr int kThreads = 256;
-#endif
 
 void blas_check(cublasStatus_t st, const char *what) {
     if (st == CUBLAS_STATUS_SUCCESS) return;
@@ -435,11 +423,11 @@ private:
     }
 
     void zero_border(float *p, int H, int W, int C) {
-        VQ_LAUNCH(k_zero_border, blocks_for(2 * int64_t(W + 2) * C + 2 * int64_t(H) * C), kThreads, stream_)(p, H, W, C);
+        k_zero_border<<<blocks_for(2 * int64_t(W + 2) * C + 2 * int64_t(H) * C), kThreads, 0, stream_>>>(p, H, W, C);
         launch_check("zero_border");
     }
     void bias(float *o, int64_t rows, int n, const float *b, bool accumulate) {
-        VQ_LAUNCH(k_bias, blocks_for(rows * n), kThreads, stream_)(o, rows, n, b, accumulate);
+        k_bias<<<blocks_for(rows * n), kThreads, 0, stream_>>>(o, rows, n, b, accumulate);
         launch_check("bias");
     }
 
@@ -476,7 +464,7 @@ private:
                     for (int dx = 0; dx < 2; dx++)
                         gemm_nt(M, cout, cin, x + (int64_t(py + dy) * Wp + (px + dx)) * cin, cin,
                                 c.up + size_t((py * 2 + px) * 4 + dy * 2 + dx) * cout * cin, cin, tmp, cout, 1.0f);
-                VQ_LAUNCH(k_scatter_parity, blocks_for(M * cout), kThreads, stream_)(tmp, M, H, W, cout, py, px, out);
+                k_scatter_parity<<<blocks_for(M * cout), kThreads, 0, stream_>>>(tmp, M, H, W, cout, py, px, out);
                 launch_check("scatter parity");
             }
         zero_border(out, 2 * H, 2 * W, cout);
@@ -490,12 +478,12 @@ private:
         const int64_t want = std::max<int64_t>(1, 1024 / g.groups);
         const int64_t chunk = std::max<int64_t>(64, (rows + want - 1) / want);
         dim3 grid(unsigned(g.groups), unsigned((rows + chunk - 1) / chunk)); // at most ~1024 chunks
-        VQ_LAUNCH_SYNC(k_gn_stats, grid, kThreads, stream_)(x, rows, C, cg, chunk, stats_);
+        k_gn_stats<<<grid, kThreads, 0, stream_>>>(x, rows, C, cg, chunk, stats_);
         launch_check("group_norm stats");
-        VQ_LAUNCH(k_gn_coeffs, unsigned((C + kThreads - 1) / kThreads), kThreads, stream_)(
+        k_gn_coeffs<<<unsigned((C + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(
             C, cg, stats_, g.gamma, g.beta, g.eps, double(H) * double(W) * cg, coef_, coef_ + C);
         launch_check("group_norm coefficients");
-        VQ_LAUNCH(k_gn_apply, blocks_for(rows * C), kThreads, stream_)(x, out, H, W, C, coef_, coef_ + C, silu);
+        k_gn_apply<<<blocks_for(rows * C), kThreads, 0, stream_>>>(x, out, H, W, C, coef_, coef_ + C, silu);
         launch_check("group_norm apply");
     }
 
@@ -526,7 +514,7 @@ private:
         float *o = s + att_block_ * n;
         // GroupNorm of x into the scratch as padded, then compact.
         group_norm(mid_.anorm, x, H, W, gn_, false);
-        VQ_LAUNCH(k_unpad, blocks_for(n * C), kThreads, stream_)(gn_, H, W, C, hc);
+        k_unpad<<<blocks_for(n * C), kThreads, 0, stream_>>>(gn_, H, W, C, hc);
         launch_check("unpad");
         auto linear = [&](const DLinear &l, const float *in, float *dst) {
             bias(dst, n, l.out, l.b, false);
@@ -540,12 +528,12 @@ private:
         for (int64_t q0 = 0; q0 < n; q0 += att_block_) {
             const int64_t rows = std::min<int64_t>(att_block_, n - q0);
             gemm_nt(rows, int(n), C, q + q0 * C, C, k, C, s, int(n), 0.0f);
-            VQ_LAUNCH_SYNC(k_softmax, unsigned(rows), kThreads, stream_)(s, int(n), scale);
+            k_softmax<<<unsigned(rows), kThreads, 0, stream_>>>(s, int(n), scale);
             launch_check("softmax");
             gemm_nn(rows, C, int(n), s, int(n), v, C, o, C);
             gemm_nt(rows, C, C, o, C, mid_.o.w, C, r + q0 * C, C, 1.0f);
         }
-        VQ_LAUNCH(k_add_compact, blocks_for(n * C), kThreads, stream_)(r, H, W, C, x);
+        k_add_compact<<<blocks_for(n * C), kThreads, 0, stream_>>>(r, H, W, C, x);
         launch_check("attention residual");
     }
 
@@ -599,12 +587,12 @@ private:
         H = h, W = w;
         if (codes) {
             DIMOO_CUDA(cudaMemcpyAsync(in, codes, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice, stream_));
-            VQ_LAUNCH(k_gather, blocks_for(padded(H, W) * D), kThreads, stream_)(static_cast<const int32_t *>(in), book_,
+            k_gather<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const int32_t *>(in), book_,
                                                                              H, W, D, buf_[0]);
             launch_check("gather");
         } else {
             DIMOO_CUDA(cudaMemcpyAsync(in, z, sizeof(float) * size_t(n) * D, cudaMemcpyHostToDevice, stream_));
-            VQ_LAUNCH(k_pad, blocks_for(padded(H, W) * D), kThreads, stream_)(static_cast<const float *>(in), H, W, D,
+            k_pad<<<blocks_for(padded(H, W) * D), kThreads, 0, stream_>>>(static_cast<const float *>(in), H, W, D,
                                                                           buf_[0]);
             launch_check("pad");
         }
@@ -646,7 +634,7 @@ private:
         others(x, &a, &b);
         (void)b;
         conv_same(conv_out_, buf_[x], H, W, buf_[a], false);
-        VQ_LAUNCH(k_unpad, blocks_for(out_n), kThreads, stream_)(buf_[a], H, W, cfg_.out_channels, out_d);
+        k_unpad<<<blocks_for(out_n), kThreads, 0, stream_>>>(buf_[a], H, W, cfg_.out_channels, out_d);
         launch_check("unpad");
         DIMOO_CUDA(cudaMemcpyAsync(out, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
         DIMOO_CUDA(cudaStreamSynchronize(stream_));

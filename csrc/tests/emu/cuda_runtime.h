@@ -1,171 +1,193 @@
-// cuda_runtime.h (host emulation) - just enough of the CUDA runtime for
-// kernels/cuda/vq.cu to compile and run on the host, for test_vq_emu.cpp in
-// builds without CUDA: "device" memory is host memory, streams run
-// synchronously, a kernel launch runs every block and thread on the host
-// (sequentially; kernels with __syncthreads on one std::thread per block
-// thread with a barrier). Not a CUDA implementation: it checks the decoder's
-// walk, indexing and GEMM parameters, not device behaviour.
+// cuda_runtime.h (host emulation; see emu.h) - the part of the CUDA runtime
+// API that dimoo's CUDA backend and its tests use. "Device" memory is host
+// memory that starts as 0xff bytes (NaN in every float format), so a value
+// read before anything wrote it shows. Streams run their work at once, in
+// order; a stream being captured records it instead, and a graph replays the
+// record. One emulated device, compute capability 8.0 (the sm_80 code
+// paths), with DIMOO_EMU_DEVICE_MIB MiB of memory (default 16384).
 #pragma once
+
+#include "emu.h"
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <thread>
-#include <vector>
 
-#define __global__
-#define __device__
-#define __host__
-#define __shared__ static
-
-enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
-enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-typedef void *cudaStream_t;
-constexpr unsigned cudaStreamNonBlocking = 1, cudaHostAllocDefault = 0;
-
-struct dim3 {
-    unsigned x, y, z;
-    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevicePointer = 17,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorLaunchOutOfResources = 701,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
 };
-inline thread_local dim3 threadIdx(0, 0, 0);
-inline thread_local dim3 blockIdx(0, 0, 0);
-inline dim3 blockDim, gridDim;
+typedef cudaError_t cudaError;
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4
+};
+enum cudaDeviceAttr {
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2
+};
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+constexpr unsigned cudaStreamDefault = 0, cudaStreamNonBlocking = 1;
+constexpr unsigned cudaHostAllocDefault = 0;
 
-template <class T> inline T min(T a, T b) { return a < b ? a : b; }
-template <class T> inline T max(T a, T b) { return a < b ? b : a; }
+struct cudaDeviceProp {
+    char name[256];
+    size_t totalGlobalMem;
+    size_t sharedMemPerBlock;
+    size_t sharedMemPerBlockOptin;
+    int major, minor;
+    int multiProcessorCount;
+    int maxThreadsPerBlock;
+    int warpSize_;
+};
 
-inline double atomicAdd(double *p, double v) { // only ever one block at a time
-    static std::mutex m;
-    std::lock_guard<std::mutex> l(m);
-    double o = *p;
-    *p += v;
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
+
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+const char *cudaGetErrorName(cudaError_t e);
+const char *cudaGetErrorString(cudaError_t e);
+
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int d);
+cudaError_t cudaGetDevice(int *d);
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d);
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d);
+cudaError_t cudaDeviceSynchronize();
+cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b);
+
+cudaError_t cudaMalloc(void **p, size_t n);
+template <class T> cudaError_t cudaMalloc(T **p, size_t n) { return cudaMalloc(reinterpret_cast<void **>(p), n); }
+cudaError_t cudaFree(void *p);
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags);
+template <class T> cudaError_t cudaHostAlloc(T **p, size_t n, unsigned f) {
+    return cudaHostAlloc(reinterpret_cast<void **>(p), n, f);
+}
+cudaError_t cudaMallocHost(void **p, size_t n);
+cudaError_t cudaFreeHost(void *p);
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k);
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st = nullptr);
+cudaError_t cudaMemset(void *d, int v, size_t n);
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st = nullptr);
+
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode m);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *st);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
+cudaError_t cudaGraphDestroy(cudaGraph_t g);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
+
+namespace emu {
+cudaError_t func_set_max_dynamic_smem(const void *kernel, int bytes);
+// Whether [p, p + n) lies in one live device allocation (tests of the emulator).
+bool is_device_range(const void *p, size_t n);
+size_t live_device_bytes();
+} // namespace emu
+
+template <class F> cudaError_t cudaFuncSetAttribute(F *kernel, cudaFuncAttribute a, int v) {
+    if (a != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+    return emu::func_set_max_dynamic_smem(reinterpret_cast<const void *>(kernel), v);
+}
+
+// ---- device functions -------------------------------------------------------------
+
+inline void __syncthreads() { emu::block_sync(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int m) { return emu::shfl_exchange(v, emu::lane_id() ^ unsigned(m)); }
+template <class T> T __shfl_sync(unsigned, T v, int src) { return emu::shfl_exchange(v, unsigned(src)); }
+template <class T> T __shfl_down_sync(unsigned, T v, unsigned d) {
+    const unsigned l = emu::lane_id();
+    return emu::shfl_exchange(v, l + d < 32 ? l + d : l);
+}
+template <class T> T __shfl_up_sync(unsigned, T v, unsigned d) {
+    const unsigned l = emu::lane_id();
+    return emu::shfl_exchange(v, l >= d ? l - d : l);
+}
+
+// One block runs at a time on one host thread: atomics are plain updates.
+template <class T> T atomicAdd(T *p, T v) {
+    const T o = *p;
+    *p = o + v;
+    return o;
+}
+template <class T> T atomicMax(T *p, T v) {
+    const T o = *p;
+    *p = std::max(o, v);
+    return o;
+}
+template <class T> T atomicMin(T *p, T v) {
+    const T o = *p;
+    *p = std::min(o, v);
+    return o;
+}
+template <class T> T atomicExch(T *p, T v) {
+    const T o = *p;
+    *p = v;
     return o;
 }
 
-namespace vqemu {
+// Shared-memory "addresses" are the generic ones (only the PTX emulation reads them).
+inline size_t __cvta_generic_to_shared(const void *p) { return reinterpret_cast<size_t>(p); }
 
-inline std::size_t &live_bytes() {
-    static std::size_t b = 0;
-    return b;
-}
+template <class T> T __ldg(const T *p) { return *p; }
 
-// A reusable barrier for the threads of one block.
-class Barrier {
-public:
-    explicit Barrier(unsigned n) : n_(n) {}
-    void wait() {
-        std::unique_lock<std::mutex> l(m_);
-        const unsigned gen = gen_;
-        if (++count_ == n_) {
-            count_ = 0;
-            gen_++;
-            cv_.notify_all();
-        } else {
-            cv_.wait(l, [&] { return gen != gen_; });
-        }
-    }
-
-private:
-    std::mutex m_;
-    std::condition_variable cv_;
-    unsigned n_, count_ = 0, gen_ = 0;
-};
-inline Barrier *&barrier() {
-    static Barrier *b = nullptr;
-    return b;
-}
-
-template <bool Sync, class F> struct Launch {
-    dim3 g, b;
-    F k;
-    template <class... A> void operator()(A... a) const {
-        gridDim = g, blockDim = b;
-        if (!Sync) {
-            for (unsigned by = 0; by < g.y; by++)
-                for (unsigned bx = 0; bx < g.x; bx++)
-                    for (unsigned t = 0; t < b.x; t++) {
-                        blockIdx = dim3(bx, by, 0);
-                        threadIdx = dim3(t, 0, 0);
-                        k(a...);
-                    }
-            return;
-        }
-        // One thread per block thread; every block in turn, a barrier between blocks.
-        Barrier bar(b.x);
-        barrier() = &bar;
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < b.x; t++)
-            ts.emplace_back([&, t] {
-                threadIdx = dim3(t, 0, 0);
-                for (unsigned by = 0; by < g.y; by++)
-                    for (unsigned bx = 0; bx < g.x; bx++) {
-                        blockIdx = dim3(bx, by, 0);
-                        k(a...);
-                        bar.wait();
-                    }
-            });
-        for (auto &t : ts) t.join();
-        barrier() = nullptr;
-    }
-};
-template <bool Sync, class F> Launch<Sync, F> launch(dim3 g, dim3 b, F k) { return Launch<Sync, F>{g, b, k}; }
-
-} // namespace vqemu
-
-inline void __syncthreads() { vqemu::barrier()->wait(); }
-
-#define VQ_LAUNCH(k, grid, block, stream) ::vqemu::launch<false>(dim3(grid), dim3(block), &k)
-#define VQ_LAUNCH_SYNC(k, grid, block, stream) ::vqemu::launch<true>(dim3(grid), dim3(block), &k)
-
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char *cudaGetErrorName(cudaError_t) { return "cudaErrorEmulated"; }
-inline const char *cudaGetErrorString(cudaError_t) { return "emulated error"; }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-inline cudaError_t cudaMalloc(void **p, std::size_t n) {
-    // NaN-filled, so reading what was never written shows.
-    float *f = static_cast<float *>(std::malloc((n + 3) / 4 * 4));
-    if (!f) return cudaErrorMemoryAllocation;
-    for (std::size_t i = 0; i < (n + 3) / 4; i++) f[i] = std::nanf("");
-    *p = f;
-    return cudaSuccess;
-}
-inline cudaError_t cudaFree(void *p) {
-    std::free(p);
-    return cudaSuccess;
-}
-inline cudaError_t cudaHostAlloc(void **p, std::size_t n, unsigned) {
-    *p = std::malloc(n);
-    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
-}
-inline cudaError_t cudaFreeHost(void *p) {
-    std::free(p);
-    return cudaSuccess;
-}
-inline cudaError_t cudaMemGetInfo(std::size_t *free_b, std::size_t *total_b) {
-    *free_b = std::size_t(8) << 30;
-    *total_b = std::size_t(8) << 30;
-    return cudaSuccess;
-}
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) {
-    static int dummy;
-    *s = &dummy;
-    return cudaSuccess;
-}
-inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-inline cudaError_t cudaMemcpy(void *d, const void *s, std::size_t n, cudaMemcpyKind) {
-    std::memmove(d, s, n);
-    return cudaSuccess;
-}
-inline cudaError_t cudaMemcpyAsync(void *d, const void *s, std::size_t n, cudaMemcpyKind k, cudaStream_t) {
-    return cudaMemcpy(d, s, n, k);
-}
-inline cudaError_t cudaMemsetAsync(void *d, int v, std::size_t n, cudaStream_t) {
-    std::memset(d, v, n);
-    return cudaSuccess;
-}
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __frsqrt_rn(float x) { return 1.0f / std::sqrt(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x ? __builtin_clz(unsigned(x)) : 32; }
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::max;
+using std::min;

@@ -1,0 +1,300 @@
+// cuda_runtime.cpp - the emulated CUDA runtime (see cuda_runtime.h): device
+// allocations tracked (copies outside them are errors), streams that run
+// work at once or record it while captured, graphs that replay a record.
+#include "cuda_runtime.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+struct CUstream_st {
+    bool capturing = false;
+    bool invalidated = false;
+    std::vector<std::function<void()>> record;
+};
+struct CUgraph_st {
+    std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+    std::vector<std::function<void()>> ops;
+};
+
+namespace emu {
+namespace {
+
+std::mutex g_mem_mutex;
+std::map<uintptr_t, size_t> g_allocs; // device allocations: start -> bytes
+size_t g_live = 0;
+std::map<const void *, int> g_max_dyn_smem;
+thread_local cudaError_t g_last = cudaSuccess;
+int g_device = 0;
+
+size_t total_bytes() {
+    static const size_t t = [] {
+        const char *e = std::getenv("DIMOO_EMU_DEVICE_MIB");
+        const long mib = e ? std::atol(e) : 16384;
+        return size_t(mib > 0 ? mib : 16384) << 20;
+    }();
+    return t;
+}
+
+cudaError_t set(cudaError_t e) {
+    if (e != cudaSuccess) g_last = e;
+    return e;
+}
+
+bool in_device(const void *p, size_t n) {
+    std::lock_guard<std::mutex> l(g_mem_mutex);
+    const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+    auto it = g_allocs.upper_bound(u);
+    if (it == g_allocs.begin()) return false;
+    --it;
+    return u >= it->first && u + n <= it->first + it->second;
+}
+
+cudaError_t check_copy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    if (n == 0) return cudaSuccess;
+    if (!d || !s) return cudaErrorInvalidValue;
+    const bool dd = k == cudaMemcpyHostToDevice || k == cudaMemcpyDeviceToDevice;
+    const bool sd = k == cudaMemcpyDeviceToHost || k == cudaMemcpyDeviceToDevice;
+    if ((dd && !in_device(d, n)) || (sd && !in_device(s, n))) {
+        std::fprintf(stderr, "dimoo emu: a %zu-byte copy (kind %d) reaches outside a device allocation\n", n, int(k));
+        return cudaErrorInvalidValue;
+    }
+    return cudaSuccess;
+}
+
+} // namespace
+
+void submit(cudaStream_t s, std::function<void()> op) {
+    if (s && s->capturing) {
+        s->record.push_back(std::move(op));
+        return;
+    }
+    op();
+}
+
+bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem) {
+    const size_t threads = size_t(block.x) * block.y * block.z;
+    cudaError_t e = cudaSuccess;
+    if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+        grid.y > 65535 || grid.z > 65535)
+        e = cudaErrorInvalidConfiguration;
+    if (smem > 48 * 1024) {
+        std::lock_guard<std::mutex> l(g_mem_mutex);
+        auto it = g_max_dyn_smem.find(kernel);
+        if (it == g_max_dyn_smem.end() || size_t(it->second) < smem) e = cudaErrorInvalidValue; // no opt-in
+    }
+    if (smem > 163 * 1024) e = cudaErrorInvalidValue; // sm_80's limit
+    if (e != cudaSuccess) {
+        std::fprintf(stderr, "dimoo emu: launch refused (grid %u,%u,%u block %u,%u,%u smem %zu)\n", grid.x, grid.y,
+                     grid.z, block.x, block.y, block.z, smem);
+        set(e);
+        return false;
+    }
+    return true;
+}
+
+cudaError_t func_set_max_dynamic_smem(const void *kernel, int bytes) {
+    if (bytes < 0 || bytes > 163 * 1024) return set(cudaErrorInvalidValue);
+    std::lock_guard<std::mutex> l(g_mem_mutex);
+    g_max_dyn_smem[kernel] = bytes;
+    return cudaSuccess;
+}
+
+bool is_device_range(const void *p, size_t n) { return in_device(p, n); }
+size_t live_device_bytes() {
+    std::lock_guard<std::mutex> l(g_mem_mutex);
+    return g_live;
+}
+
+} // namespace emu
+
+using emu::set;
+
+cudaError_t cudaGetLastError() {
+    const cudaError_t e = emu::g_last;
+    emu::g_last = cudaSuccess;
+    return e;
+}
+cudaError_t cudaPeekAtLastError() { return emu::g_last; }
+const char *cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    default: return "cudaErrorEmulated";
+    }
+}
+const char *cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+
+cudaError_t cudaGetDeviceCount(int *n) {
+    *n = 1;
+    return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) {
+    if (d != 0) return set(cudaErrorInvalidDevice);
+    emu::g_device = d;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int *d) {
+    *d = emu::g_device;
+    return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
+    if (d != 0) return set(cudaErrorInvalidDevice);
+    std::memset(p, 0, sizeof *p);
+    std::snprintf(p->name, sizeof p->name, "dimoo host emulation");
+    p->totalGlobalMem = emu::total_bytes();
+    p->sharedMemPerBlock = 48 * 1024;
+    p->sharedMemPerBlockOptin = 163 * 1024;
+    p->major = 8;
+    p->minor = 0;
+    p->multiProcessorCount = 1;
+    p->maxThreadsPerBlock = 1024;
+    p->warpSize_ = 32;
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
+    if (d != 0) return set(cudaErrorInvalidDevice);
+    switch (a) {
+    case cudaDevAttrMultiProcessorCount: *v = 1; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = 8; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 163 * 1024; break;
+    default: return set(cudaErrorInvalidValue);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
+    *total_b = emu::total_bytes();
+    *free_b = *total_b - emu::live_device_bytes();
+    return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void **p, size_t n) {
+    *p = nullptr;
+    if (n == 0) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> l(emu::g_mem_mutex);
+        if (emu::g_live + n > emu::total_bytes()) return set(cudaErrorMemoryAllocation);
+    }
+    void *m = std::aligned_alloc(256, (n + 255) / 256 * 256);
+    if (!m) return set(cudaErrorMemoryAllocation);
+    std::memset(m, 0xff, n); // never-written memory reads as NaN
+    std::lock_guard<std::mutex> l(emu::g_mem_mutex);
+    emu::g_allocs[reinterpret_cast<uintptr_t>(m)] = n;
+    emu::g_live += n;
+    *p = m;
+    return cudaSuccess;
+}
+cudaError_t cudaFree(void *p) {
+    if (!p) return cudaSuccess;
+    {
+        std::lock_guard<std::mutex> l(emu::g_mem_mutex);
+        auto it = emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
+        if (it == emu::g_allocs.end()) {
+            std::fprintf(stderr, "dimoo emu: cudaFree of a pointer that is not a device allocation\n");
+            return set(cudaErrorInvalidDevicePointer);
+        }
+        emu::g_live -= it->second;
+        emu::g_allocs.erase(it);
+    }
+    std::free(p);
+    return cudaSuccess;
+}
+cudaError_t cudaHostAlloc(void **p, size_t n, unsigned) {
+    *p = std::malloc(n ? n : 1);
+    return *p ? cudaSuccess : set(cudaErrorMemoryAllocation);
+}
+cudaError_t cudaMallocHost(void **p, size_t n) { return cudaHostAlloc(p, n, 0); }
+cudaError_t cudaFreeHost(void *p) {
+    std::free(p);
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
+    if (cudaError_t e = emu::check_copy(d, s, n, k)) return set(e);
+    if (n) std::memmove(d, s, n);
+    return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
+    if (cudaError_t e = emu::check_copy(d, s, n, k)) return set(e);
+    if (n) emu::submit(st, [d, s, n] { std::memmove(d, s, n); });
+    return cudaSuccess;
+}
+cudaError_t cudaMemset(void *d, int v, size_t n) {
+    if (n && !emu::in_device(d, n)) return set(cudaErrorInvalidValue);
+    if (n) std::memset(d, v, n);
+    return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
+    if (n && !emu::in_device(d, n)) return set(cudaErrorInvalidValue);
+    if (n) emu::submit(st, [d, v, n] { std::memset(d, v, n); });
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *s) {
+    *s = new CUstream_st;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    delete s;
+    return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+    if (s && s->capturing) { // not allowed while capturing; the capture is lost
+        s->invalidated = true;
+        return set(cudaErrorStreamCaptureUnsupported);
+    }
+    return cudaSuccess;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
+    if (!s || s->capturing) return set(cudaErrorInvalidValue);
+    s->capturing = true;
+    s->invalidated = false;
+    s->record.clear();
+    return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *g) {
+    *g = nullptr;
+    if (!s || !s->capturing) return set(cudaErrorInvalidValue);
+    s->capturing = false;
+    if (s->invalidated) {
+        s->record.clear();
+        return set(cudaErrorStreamCaptureInvalidated);
+    }
+    *g = new CUgraph_st{std::move(s->record)};
+    s->record.clear();
+    return cudaSuccess;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *st) {
+    *st = s && s->capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+    return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *e, cudaGraph_t g, unsigned long long) {
+    if (!g) return set(cudaErrorInvalidValue);
+    *e = new CUgraphExec_st{g->ops};
+    return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s) {
+    if (!e) return set(cudaErrorInvalidValue);
+    for (auto &op : e->ops) emu::submit(s, op);
+    return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+    delete g;
+    return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+    delete e;
+    return cudaSuccess;
+}

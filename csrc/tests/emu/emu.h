@@ -1,0 +1,131 @@
+// emu.h - the core of dimoo's host emulation of CUDA, for running the CUDA
+// backend's own code (kernels/cuda/*.cu) on machines without a GPU (CMake
+// option DIMOO_CUDA_EMU; see README.md here).
+//
+// A kernel launch runs its blocks one after another on the calling thread.
+// Inside a block every CUDA thread is a fiber with its own stack, switched
+// cooperatively at the only points where CUDA threads can observe each
+// other: __syncthreads, and the warp collectives (shuffles, ldmatrix, mma),
+// which exchange values through per-lane slots between two warp barriers.
+// So block-level shared memory, barriers and warp data flow behave as on a
+// GPU, and missing barriers show: DIMOO_EMU_SCHEDULE=reverse (or random)
+// runs the threads between two barriers in another order, and a kernel whose
+// result depends on that order has a race. A barrier some threads never
+// reach is reported as a deadlock (the process aborts with the kernel's
+// block and the threads stuck).
+//
+// What it is not: a model of timing, memory coherence between blocks that
+// run concurrently on a GPU, or of the instructions' rounding (host floats;
+// no FMA contraction unless the compiler adds it).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+// ---- CUDA C++ qualifiers -----------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// One block at a time runs, so a function-static variable is the block's shared memory.
+#define __shared__ static
+#define __constant__ static
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint3 {
+    unsigned x, y, z;
+};
+
+typedef struct CUstream_st *cudaStream_t;
+
+namespace emu {
+
+// The running thread's coordinates (set by the scheduler at every switch).
+extern uint3 g_thread, g_block;
+extern dim3 g_block_dim, g_grid_dim;
+
+} // namespace emu
+
+#define threadIdx (::emu::g_thread)
+#define blockIdx (::emu::g_block)
+#define blockDim (::emu::g_block_dim)
+#define gridDim (::emu::g_grid_dim)
+constexpr int warpSize = 32;
+
+namespace emu {
+
+// ---- inside a kernel ---------------------------------------------------------
+
+void block_sync();           // __syncthreads
+void warp_sync();            // __syncwarp: the lanes of this thread's warp
+unsigned lane_id();
+unsigned thread_linear();    // threadIdx as one index, as the scheduler counts threads
+unsigned long block_epoch(); // changes at every block start
+// This lane's 64-byte exchange slot, and another lane's of the same warp.
+void *lane_slot();
+void *lane_slot_of(unsigned lane);
+// Dynamic shared memory of the running block (poisoned with 0xff bytes at block start).
+void *dyn_smem();
+
+template <class T> T shfl_exchange(T v, unsigned src_lane) {
+    static_assert(sizeof(T) <= 64, "shuffle of a value larger than a lane slot");
+    std::memcpy(lane_slot(), &v, sizeof(T));
+    warp_sync();
+    T r;
+    std::memcpy(&r, lane_slot_of(src_lane & 31), sizeof(T));
+    warp_sync(); // nobody overwrites a slot before everyone read it
+    return r;
+}
+
+// ---- launching ---------------------------------------------------------------
+
+// The order threads take turns between barriers: DIMOO_EMU_SCHEDULE
+// (forward, reverse, random) at start; tests may change it.
+enum class Schedule { Forward, Reverse, Random };
+void set_schedule(Schedule s);
+Schedule schedule();
+
+// A stream operation: run now, or recorded while the stream is being captured.
+void submit(cudaStream_t s, std::function<void()> op);
+// Runs every block of the grid; body runs once per CUDA thread.
+void run_grid(const void *kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()> &body);
+// Launch checks (block size, shared memory opt-in); records the error and returns false on failure.
+bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem);
+
+template <class... P> struct Launcher {
+    void (*k)(P...);
+    dim3 grid, block;
+    size_t smem;
+    cudaStream_t stream;
+    template <class... A> void operator()(A &&...a) const {
+        if (!check_launch(reinterpret_cast<const void *>(k), grid, block, smem)) return;
+        // Arguments are copied at launch, as the CUDA runtime copies them.
+        auto args = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(a)...);
+        auto kk = k;
+        const dim3 g = grid, b = block;
+        const size_t sm = smem;
+        submit(stream, [kk, args, g, b, sm] {
+            run_grid(reinterpret_cast<const void *>(kk), g, b, sm, [&] { std::apply(kk, *args); });
+        });
+    }
+};
+
+template <class... P>
+Launcher<P...> launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = nullptr) {
+    return Launcher<P...>{k, grid, block, smem, stream};
+}
+
+} // namespace emu

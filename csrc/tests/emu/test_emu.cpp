@@ -1,0 +1,234 @@
+// test_emu.cpp - the host emulation of CUDA itself (emu.h), in
+// DIMOO_CUDA_EMU builds: barriers, shuffles, ldmatrix + mma.sync against a
+// plain matrix product, cp.async landing only at its wait, races showing as
+// schedule-dependent results, deadlocks reported, graph capture and replay,
+// and the runtime's refusals (copies outside an allocation, launches beyond
+// the limits). The CUDA tests' results on the emulation mean something only
+// if these hold.
+#include <gtest/gtest.h>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "cuda/ptx_sm80.cuh"
+
+namespace {
+
+struct ScheduleGuard {
+    emu::Schedule saved = emu::schedule();
+    ~ScheduleGuard() { emu::set_schedule(saved); }
+};
+const emu::Schedule kAll[] = {emu::Schedule::Forward, emu::Schedule::Reverse, emu::Schedule::Random};
+
+template <class T> struct Dev {
+    T *p = nullptr;
+    size_t n;
+    explicit Dev(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&p, n * sizeof(T)), cudaSuccess); }
+    ~Dev() { cudaFree(p); }
+    std::vector<T> get() const {
+        std::vector<T> h(n);
+        EXPECT_EQ(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+        return h;
+    }
+};
+
+// ---- kernels -------------------------------------------------------------------
+
+// Block sum of threadIdx.x: warp butterflies, then the warps' partials.
+__global__ void block_sum(int *out) {
+    int v = int(threadIdx.x);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __shared__ int part[32];
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int s = 0;
+        for (unsigned w = 0; w < blockDim.x / 32; w++) s += part[w];
+        out[blockIdx.x] = s;
+    }
+}
+
+// Each thread writes its slot and reads its neighbour's, with or without the barrier between.
+__global__ void neighbour(int *out, bool barrier) {
+    __shared__ int s[64];
+    s[threadIdx.x] = int(threadIdx.x) + 1000 * int(blockIdx.x);
+    if (barrier) __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = s[(threadIdx.x + 1) % 64];
+}
+
+// Half a warp at __syncwarp, the other half at __syncthreads: never meets.
+__global__ void divergent_barriers() {
+    if (threadIdx.x < 16) __syncwarp();
+    else __syncthreads();
+}
+
+// D (16x8, fp32) = A (16x16 row-major) B, with B given as Bt (8x16: n rows of k)
+// through ldmatrix, and E (16x8) = A V with V (16x8, k rows of n) through ldmatrix.trans.
+__global__ void mma_tile(const uint16_t *a, const uint16_t *bt, const uint16_t *v, float *d, float *e) {
+    __shared__ uint16_t sa[16 * 16], sb[8 * 16], sv[16 * 8];
+    const int lane = int(threadIdx.x);
+    for (int i = lane; i < 256; i += 32) sa[i] = a[i];
+    for (int i = lane; i < 128; i += 32) sb[i] = bt[i], sv[i] = v[i];
+    __syncwarp();
+    uint32_t af[4], bf[4], vf[4];
+    // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+    dimoo::ldmatrix_x4(af, sa + ((lane & 7) + ((lane >> 3) & 1) * 8) * 16 + (lane >> 4) * 8);
+    // B: (n 0-7, k 0-7), (n 0-7, k 8-15); lanes 16-31 repeat them.
+    dimoo::ldmatrix_x4(bf, sb + (lane & 7) * 16 + ((lane >> 3) & 1) * 8);
+    // V transposed: (k 0-7, n 0-7), (k 8-15, n 0-7); lanes 16-31 repeat them.
+    dimoo::ldmatrix_x4_trans(vf, sv + ((lane & 7) + ((lane >> 3) & 1) * 8) * 8);
+    float acc[4] = {0, 0, 0, 0}, acc2[4] = {0, 0, 0, 0};
+    dimoo::mma_bf16(acc, af, bf[0], bf[1]);
+    dimoo::mma_bf16(acc2, af, vf[0], vf[1]);
+    const int g = lane >> 2, t = lane & 3;
+    for (int k = 0; k < 4; k++) {
+        const int row = g + (k >= 2 ? 8 : 0), col = 2 * t + (k & 1);
+        d[row * 8 + col] = acc[k];
+        e[row * 8 + col] = acc2[k];
+    }
+}
+
+// cp.async: before the wait the destination holds what it held; after, the source.
+__global__ void cp_async_probe(const uint32_t *src, uint32_t *out) {
+    __shared__ uint32_t s[8];
+    s[threadIdx.x * 4] = 7; // threads 0 and 1 each own 16 bytes
+    dimoo::cp_async16(&s[threadIdx.x * 4], src + threadIdx.x * 4, threadIdx.x == 0 ? 16 : 0);
+    dimoo::cp_async_commit();
+    out[threadIdx.x * 2] = s[threadIdx.x * 4];
+    dimoo::cp_async_wait<0>();
+    out[threadIdx.x * 2 + 1] = s[threadIdx.x * 4];
+}
+
+__global__ void add_one(int *p) { p[threadIdx.x] += 1; }
+__global__ void big_smem(int *p) { p[0] = 1; }
+
+float bf16(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
+
+// ---- tests ---------------------------------------------------------------------
+
+TEST(CudaEmu, ShuffleReductionInEverySchedule) {
+    ScheduleGuard g;
+    for (auto s : kAll) {
+        emu::set_schedule(s);
+        Dev<int> out(3);
+        emu::launch(block_sum, 3, 256)(out.p);
+        ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+        for (int v : out.get()) EXPECT_EQ(v, 255 * 256 / 2);
+    }
+}
+
+TEST(CudaEmu, MissingBarrierShowsAsScheduleDependence) {
+    ScheduleGuard g;
+    std::vector<int> with[2], without[2];
+    for (int k = 0; k < 2; k++) {
+        emu::set_schedule(k ? emu::Schedule::Reverse : emu::Schedule::Forward);
+        Dev<int> a(128), b(128);
+        emu::launch(neighbour, 2, 64)(a.p, true);
+        emu::launch(neighbour, 2, 64)(b.p, false);
+        with[k] = a.get();
+        without[k] = b.get();
+    }
+    EXPECT_EQ(with[0], with[1]);
+    for (int t = 0; t < 64; t++) EXPECT_EQ(with[0][64 + t], 1000 + (t + 1) % 64);
+    EXPECT_NE(without[0], without[1]) << "a race went unseen";
+}
+
+TEST(CudaEmuDeathTest, DivergentBarriersAreADeadlock) {
+    EXPECT_DEATH(emu::launch(divergent_barriers, 1, 32)(), "deadlock");
+}
+
+TEST(CudaEmu, LdmatrixAndMmaAreAMatrixProduct) {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd;
+    auto rnd = [&](size_t n) {
+        std::vector<uint16_t> v(n);
+        for (auto &x : v) x = __float2bfloat16_rn(nd(rng)).__x;
+        return v;
+    };
+    const auto a = rnd(256), bt = rnd(128), v = rnd(128);
+    Dev<uint16_t> da(256), db(128), dv(128);
+    Dev<float> dd(128), de(128);
+    cudaMemcpy(da.p, a.data(), 512, cudaMemcpyHostToDevice);
+    cudaMemcpy(db.p, bt.data(), 256, cudaMemcpyHostToDevice);
+    cudaMemcpy(dv.p, v.data(), 256, cudaMemcpyHostToDevice);
+    emu::launch(mma_tile, 1, 32)(da.p, db.p, dv.p, dd.p, de.p);
+    const auto d = dd.get(), e = de.get();
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 8; j++) {
+            double s = 0, s2 = 0;
+            for (int k = 0; k < 16; k++) {
+                s += double(bf16(a[i * 16 + k])) * bf16(bt[j * 16 + k]);
+                s2 += double(bf16(a[i * 16 + k])) * bf16(v[k * 8 + j]);
+            }
+            EXPECT_NEAR(d[i * 8 + j], s, 1e-4) << i << "," << j;
+            EXPECT_NEAR(e[i * 8 + j], s2, 1e-4) << i << "," << j;
+        }
+}
+
+TEST(CudaEmu, CpAsyncLandsAtItsWait) {
+    const uint32_t src[8] = {11, 12, 13, 14, 21, 22, 23, 24};
+    Dev<uint32_t> ds(8), out(4);
+    cudaMemcpy(ds.p, src, 32, cudaMemcpyHostToDevice);
+    emu::launch(cp_async_probe, 1, 2)(ds.p, out.p);
+    const auto o = out.get();
+    EXPECT_EQ(o[0], 7u);  // before the wait: the old contents
+    EXPECT_EQ(o[1], 11u); // after: the source
+    EXPECT_EQ(o[2], 7u);
+    EXPECT_EQ(o[3], 0u); // src_bytes 0: zeros
+}
+
+TEST(CudaEmu, GraphsReplayWhatWasCaptured) {
+    cudaStream_t s;
+    ASSERT_EQ(cudaStreamCreate(&s), cudaSuccess);
+    Dev<int> d(32);
+    ASSERT_EQ(cudaMemsetAsync(d.p, 0, 32 * 4, s), cudaSuccess);
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), cudaSuccess);
+    emu::launch(add_one, 1, 32, 0, s)(d.p);
+    emu::launch(add_one, 1, 32, 0, s)(d.p);
+    cudaGraph_t graph;
+    ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+    EXPECT_EQ(d.get()[5], 0) << "captured work ran at capture";
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0ULL), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+    EXPECT_EQ(d.get()[5], 4);
+    // Synchronizing a capturing stream is refused and spoils the capture.
+    ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), cudaSuccess);
+    EXPECT_NE(cudaStreamSynchronize(s), cudaSuccess);
+    cudaGraph_t bad;
+    EXPECT_NE(cudaStreamEndCapture(s, &bad), cudaSuccess);
+    EXPECT_EQ(bad, nullptr);
+    cudaGetLastError();
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(s);
+}
+
+TEST(CudaEmu, RuntimeRefusesWhatAGpuRefuses) {
+    Dev<int> d(16);
+    std::vector<int> h(32);
+    EXPECT_EQ(cudaMemcpy(d.p, h.data(), 32 * 4, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+    EXPECT_EQ(cudaMemcpy(h.data(), d.p + 8, 9 * 4, cudaMemcpyDeviceToHost), cudaErrorInvalidValue);
+    EXPECT_EQ(cudaMemcpy(h.data(), d.p + 8, 8 * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(h[0], -1) << "device memory starts as 0xff bytes";
+    cudaGetLastError();
+    emu::launch(add_one, 1, 2048)(d.p); // more than 1024 threads
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+    emu::launch(big_smem, 1, 32, 64 * 1024)(d.p); // > 48 KB without opting in
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+    ASSERT_EQ(cudaFuncSetAttribute(big_smem, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024), cudaSuccess);
+    emu::launch(big_smem, 1, 32, 64 * 1024)(d.p);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    void *p = nullptr;
+    EXPECT_EQ(cudaMalloc(&p, total_b), cudaErrorMemoryAllocation);
+    cudaGetLastError();
+}
+
+} // namespace
