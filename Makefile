@@ -50,6 +50,8 @@ test-emu:
 	cmake --build $(EMU_BUILD) --target dimoo_tests -j $(JOBS)
 	./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
+	cmake --build $(EMU_BUILD) --target dimoo -j $(JOBS)
+	DIMOO_LIBRARY=$(CURDIR)/$(EMU_BUILD)/lib/libdimoo.so $(GO) test -count=1 -run 'CUDA' ./dimoo/
 
 bench: all
 	$(GO) test -run '^$$' -bench . ./bench/
