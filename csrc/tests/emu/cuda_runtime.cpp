@@ -187,8 +187,9 @@ cudaError_t cudaMalloc(void **p, size_t n) {
         std::lock_guard<std::mutex> l(emu::g_mem_mutex);
         if (emu::g_live + n > emu::total_bytes()) return set(cudaErrorMemoryAllocation);
     }
-    void *m = std::aligned_alloc(256, (n + 255) / 256 * 256);
-    if (!m) return set(cudaErrorMemoryAllocation);
+    // Exactly n bytes, so that AddressSanitizer builds see a kernel overrun.
+    void *m = nullptr;
+    if (posix_memalign(&m, 256, n) != 0) return set(cudaErrorMemoryAllocation);
     std::memset(m, 0xff, n); // never-written memory reads as NaN
     std::lock_guard<std::mutex> l(emu::g_mem_mutex);
     emu::g_allocs[reinterpret_cast<uintptr_t>(m)] = n;

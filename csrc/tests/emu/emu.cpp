@@ -17,6 +17,19 @@
 #include <ucontext.h>
 #endif
 
+// Under AddressSanitizer every switch is announced, so that it tracks which
+// stack is live (fiber API of sanitizer/common_interface_defs.h).
+#if defined(__SANITIZE_ADDRESS__)
+#define DIMOO_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DIMOO_EMU_ASAN 1
+#endif
+#endif
+#ifdef DIMOO_EMU_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace emu {
 
 uint3 g_thread{0, 0, 0}, g_block{0, 0, 0};
@@ -68,6 +81,9 @@ extern "C" void dimoo_emu_entry();
 
 struct Context {
     void *sp = nullptr;
+    const void *bottom = nullptr; // the stack, for AddressSanitizer
+    size_t size = 0;
+    void *fake = nullptr;
 };
 void ctx_make(Context &c, char *stack, size_t size, void (*fn)(void *), void *arg) {
     uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
@@ -82,11 +98,16 @@ void ctx_make(Context &c, char *stack, size_t size, void (*fn)(void *), void *ar
     s[-6] = 0;                                  // r14
     s[-7] = 0;                                  // r15
     c.sp = s - 7;
+    c.bottom = stack;
+    c.size = size;
 }
-void ctx_switch(Context &from, Context &to) { dimoo_emu_switch(&from.sp, to.sp); }
+void raw_switch(Context &from, Context &to) { dimoo_emu_switch(&from.sp, to.sp); }
 #else
 struct Context {
     ucontext_t uc;
+    const void *bottom = nullptr;
+    size_t size = 0;
+    void *fake = nullptr;
 };
 void ctx_make(Context &c, char *stack, size_t size, void (*fn)(void *), void *arg) {
     getcontext(&c.uc);
@@ -94,9 +115,24 @@ void ctx_make(Context &c, char *stack, size_t size, void (*fn)(void *), void *ar
     c.uc.uc_stack.ss_size = size;
     c.uc.uc_link = nullptr;
     makecontext(&c.uc, reinterpret_cast<void (*)()>(fn), 1, arg);
+    c.bottom = stack;
+    c.size = size;
 }
-void ctx_switch(Context &from, Context &to) { swapcontext(&from.uc, &to.uc); }
+void raw_switch(Context &from, Context &to) { swapcontext(&from.uc, &to.uc); }
 #endif
+
+// `exiting`: `from` never runs again.
+void ctx_switch(Context &from, Context &to, bool exiting = false) {
+#ifdef DIMOO_EMU_ASAN
+    __sanitizer_start_switch_fiber(exiting ? nullptr : &from.fake, to.bottom, to.size);
+#else
+    (void)exiting;
+#endif
+    raw_switch(from, to);
+#ifdef DIMOO_EMU_ASAN
+    __sanitizer_finish_switch_fiber(from.fake, nullptr, nullptr);
+#endif
+}
 
 // ---- fibers and blocks ----------------------------------------------------------
 
@@ -140,7 +176,8 @@ struct Block {
 };
 
 Block *g_run = nullptr;
-std::vector<unsigned char> g_dyn; // dynamic shared memory
+std::unique_ptr<unsigned char[]> g_dyn; // dynamic shared memory, exactly the launch's size
+size_t g_dyn_size = 0;
 std::mutex g_kernel_mutex;
 
 // Stacks, reused across launches.
@@ -183,13 +220,13 @@ unsigned next_live(Block &b) {
 [[noreturn]] void deadlock(const Block &b);
 
 // Hands the host thread to the next live CUDA thread, fiber to fiber.
-void switch_to_next(Block &b, Context &from) {
+void switch_to_next(Block &b, Context &from, bool exiting = false) {
     const unsigned t = next_live(b);
     if (t == b.cur) return; // its own turn again (random order, or the last one live)
     b.cur = t;
     Fiber &f = (*b.fibers)[t];
     g_thread = f.idx;
-    ctx_switch(from, f.ctx);
+    ctx_switch(from, f.ctx, exiting);
 }
 
 // A waiting thread resumed with its barrier still closed: pass the turn on.
@@ -202,6 +239,13 @@ void yield() {
 
 void fiber_main(void *arg) {
     Block &b = *static_cast<Block *>(arg);
+#ifdef DIMOO_EMU_ASAN
+    // The first thread of a block starts from the scheduler: learn its stack.
+    const void *old_bottom = nullptr;
+    size_t old_size = 0;
+    __sanitizer_finish_switch_fiber(nullptr, &old_bottom, &old_size);
+    if (!b.sched.bottom) b.sched.bottom = old_bottom, b.sched.size = old_size;
+#endif
     (*b.body)();
     Fiber &f = (*b.fibers)[b.cur];
     f.state = State::Done;
@@ -212,8 +256,8 @@ void fiber_main(void *arg) {
     if (b.bar_count && b.bar_count == b.live) b.bar_count = 0, b.bar_gen++;
     const unsigned w = f.tid / 32;
     if (b.warp_count[w] && b.warp_count[w] == b.warp_live[w]) b.warp_count[w] = 0, b.warp_gen[w]++;
-    if (b.live == 0) ctx_switch(f.ctx, b.sched);
-    else switch_to_next(b, f.ctx);
+    if (b.live == 0) ctx_switch(f.ctx, b.sched, true);
+    else switch_to_next(b, f.ctx, true);
     std::abort(); // never resumed
 }
 
@@ -288,7 +332,7 @@ unsigned long g_epoch = 0;
 unsigned long block_epoch() { return g_epoch; }
 void *lane_slot() { return g_run->slots.data() + size_t(g_run->cur) * kSlot; }
 void *lane_slot_of(unsigned lane) { return g_run->slots.data() + size_t((g_run->cur & ~31u) | lane) * kSlot; }
-void *dyn_smem() { return g_dyn.data(); }
+void *dyn_smem() { return g_dyn.get(); }
 
 void set_schedule(Schedule s) {
     std::lock_guard<std::mutex> lock(g_kernel_mutex);
@@ -309,12 +353,13 @@ void run_grid(const void *, dim3 grid, dim3 block, size_t smem, const std::funct
     g_run = &b;
     g_block_dim = block;
     g_grid_dim = grid;
-    g_dyn.resize(smem + 16);
+    g_dyn.reset(new unsigned char[smem ? smem : 1]);
+    g_dyn_size = smem;
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
                 g_block = uint3{x, y, z};
-                std::memset(g_dyn.data(), 0xff, g_dyn.size()); // shared memory starts as garbage
+                std::memset(g_dyn.get(), 0xff, g_dyn_size); // shared memory starts as garbage
                 g_epoch++;
                 run_block(b);
             }
