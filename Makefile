@@ -41,7 +41,7 @@ test-go: lib
 # The CUDA backend's own code (kernels/cuda) run on the host through the
 # emulated CUDA of csrc/tests/emu: every CUDA test, on a machine without a GPU,
 # with the threads between barriers in order and in reverse (a race shows as
-# a difference). A separate CPU-only build; nothing here says the code runs
+# a difference), and the attention kernels on an emulated sm_90 (wgmma). A separate CPU-only build; nothing here says the code runs
 # on a GPU.
 EMU_BUILD ?= build-emu
 EMU_TESTS ?= Cuda*:Estimate.*:KeptCtx.*
@@ -50,6 +50,7 @@ test-emu:
 	cmake --build $(EMU_BUILD) --target dimoo_tests -j $(JOBS)
 	./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
+	DIMOO_EMU_SM=90 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
 	cmake --build $(EMU_BUILD) --target dimoo -j $(JOBS)
 	DIMOO_LIBRARY=$(CURDIR)/$(EMU_BUILD)/lib/libdimoo.so $(GO) test -count=1 -run 'CUDA' ./dimoo/
 

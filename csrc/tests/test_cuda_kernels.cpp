@@ -367,7 +367,9 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
     cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
     cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+#ifndef DIMOO_CUDA_EMU // a minute of emulated wgmma
     cases.push_back({128, 1, 1, {{4228, 4228}}});
+#endif
     for (const auto &c : cases) {
         SCOPED_TRACE("first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) +
                      ")");

@@ -41,6 +41,17 @@ size_t total_bytes() {
     return t;
 }
 
+// The emulated device: an sm_80 unless DIMOO_EMU_SM=90 (then the sm_90a
+// kernels run too, through the emulated wgmma).
+int sm() {
+    static const int v = [] {
+        const char *e = std::getenv("DIMOO_EMU_SM");
+        return e && std::atoi(e) == 90 ? 90 : 80;
+    }();
+    return v;
+}
+size_t smem_optin() { return sm() == 90 ? 227 * 1024 : 163 * 1024; }
+
 cudaError_t set(cudaError_t e) {
     if (e != cudaSuccess) g_last = e;
     return e;
@@ -88,7 +99,7 @@ bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem) {
         auto it = g_max_dyn_smem.find(kernel);
         if (it == g_max_dyn_smem.end() || size_t(it->second) < smem) e = cudaErrorInvalidValue; // no opt-in
     }
-    if (smem > 163 * 1024) e = cudaErrorInvalidValue; // sm_80's limit
+    if (smem > smem_optin()) e = cudaErrorInvalidValue;
     if (e != cudaSuccess) {
         std::fprintf(stderr, "dimoo emu: launch refused (grid %u,%u,%u block %u,%u,%u smem %zu)\n", grid.x, grid.y,
                      grid.z, block.x, block.y, block.z, smem);
@@ -99,7 +110,7 @@ bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem) {
 }
 
 cudaError_t func_set_max_dynamic_smem(const void *kernel, int bytes) {
-    if (bytes < 0 || bytes > 163 * 1024) return set(cudaErrorInvalidValue);
+    if (bytes < 0 || size_t(bytes) > smem_optin()) return set(cudaErrorInvalidValue);
     std::lock_guard<std::mutex> l(g_mem_mutex);
     g_max_dyn_smem[kernel] = bytes;
     return cudaSuccess;
@@ -154,8 +165,8 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
     std::snprintf(p->name, sizeof p->name, "dimoo host emulation");
     p->totalGlobalMem = emu::total_bytes();
     p->sharedMemPerBlock = 48 * 1024;
-    p->sharedMemPerBlockOptin = 163 * 1024;
-    p->major = 8;
+    p->sharedMemPerBlockOptin = emu::smem_optin();
+    p->major = emu::sm() / 10;
     p->minor = 0;
     p->multiProcessorCount = 1;
     p->maxThreadsPerBlock = 1024;
@@ -166,9 +177,9 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
     if (d != 0) return set(cudaErrorInvalidDevice);
     switch (a) {
     case cudaDevAttrMultiProcessorCount: *v = 1; break;
-    case cudaDevAttrComputeCapabilityMajor: *v = 8; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = emu::sm() / 10; break;
     case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 163 * 1024; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(emu::smem_optin()); break;
     default: return set(cudaErrorInvalidValue);
     }
     return cudaSuccess;

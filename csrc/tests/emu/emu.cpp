@@ -333,6 +333,7 @@ unsigned long block_epoch() { return g_epoch; }
 void *lane_slot() { return g_run->slots.data() + size_t(g_run->cur) * kSlot; }
 void *lane_slot_of(unsigned lane) { return g_run->slots.data() + size_t((g_run->cur & ~31u) | lane) * kSlot; }
 void *dyn_smem() { return g_dyn.get(); }
+size_t dyn_smem_size() { return g_dyn_size; }
 
 void set_schedule(Schedule s) {
     std::lock_guard<std::mutex> lock(g_kernel_mutex);

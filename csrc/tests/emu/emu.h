@@ -79,6 +79,7 @@ void *lane_slot();
 void *lane_slot_of(unsigned lane);
 // Dynamic shared memory of the running block (poisoned with 0xff bytes at block start).
 void *dyn_smem();
+size_t dyn_smem_size();
 
 template <class T> T shfl_exchange(T v, unsigned src_lane) {
     static_assert(sizeof(T) <= 64, "shuffle of a value larger than a lane slot");
