@@ -104,6 +104,7 @@ __global__ void cp_async_probe(const uint32_t *src, uint32_t *out) {
 }
 
 __global__ void add_one(int *p) { p[threadIdx.x] += 1; }
+__global__ void write_past(int *p, int n) { p[n + int(threadIdx.x)] = 1; }
 __global__ void big_smem(int *p) { p[0] = 1; }
 
 float bf16(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
@@ -230,5 +231,17 @@ TEST(CudaEmu, RuntimeRefusesWhatAGpuRefuses) {
     EXPECT_EQ(cudaMalloc(&p, total_b), cudaErrorMemoryAllocation);
     cudaGetLastError();
 }
+
+#if defined(__SANITIZE_ADDRESS__)
+// Under AddressSanitizer a kernel writing past its allocation stops the run.
+TEST(CudaEmuDeathTest, OverrunCaughtUnderAddressSanitizer) {
+    EXPECT_DEATH(
+        {
+            Dev<int> d(100);
+            emu::launch(write_past, 1, 32)(d.p, 100);
+        },
+        "AddressSanitizer");
+}
+#endif
 
 } // namespace
