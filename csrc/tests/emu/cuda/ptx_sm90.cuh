@@ -9,14 +9,16 @@
 //    address bits 4-6 XOR bits 7-9), K-major or MN-major, and A from
 //    registers in the m16n8k16 fragment layout per warp; the accumulators
 //    of thread (warp w, lane) are rows 16w + lane/4 (+8), columns
-//    8i + 2 (lane % 4) (+1). It runs at issue; fence, commit and wait are
-//    no-ops. A descriptor reaching outside the shared memory aborts.
+//    8i + 2 (lane % 4) (+1). A wgmma runs when the wait_group that
+//    completes it is reached (operands read then; register A at issue).
+//    A descriptor reaching outside the shared memory aborts.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "ptx_sm80.cuh"
 
@@ -72,28 +74,55 @@ using dimoo::cp_async_commit;
 using dimoo::cp_async_wait;
 __device__ __forceinline__ void fence_proxy_async() {}
 __device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() {}
-template <int N> __device__ __forceinline__ void wgmma_wait() {}
+
+namespace emu_detail {
+
+// An issued wgmma, run when a wgmma.wait_group completes its group: the
+// accumulators (registers the kernel must leave alone until then) are
+// written at that point, and the shared operands are read then, so a kernel
+// that overwrites an operand or reads the accumulators too early computes
+// something else.
+struct Mma {
+    bool is_o;
+    float *acc;
+    uint64_t da, db;
+    uint32_t a[4]; // register A (wgmma_o), read at issue
+    bool accumulate;
+    int group;
+};
+struct MmaQueue {
+    unsigned long epoch = ~0ul;
+    int next_group = 0;
+    std::vector<Mma> q;
+};
+inline MmaQueue &mma_queue() {
+    static std::vector<MmaQueue> qs(1024);
+    MmaQueue &q = qs[::emu::thread_linear()];
+    if (q.epoch != ::emu::block_epoch()) q = MmaQueue{::emu::block_epoch(), 0, {}};
+    return q;
+}
 
 // S[64 x 64] (+)= A B^T, A and B K-major in shared memory (k16).
-__device__ __forceinline__ void wgmma_s(float (&s)[32], uint64_t da, uint64_t db, int accumulate) {
-    const emu_detail::Desc A = emu_detail::decode(da), B = emu_detail::decode(db);
+inline void run_s(const Mma &m) {
+    const Desc A = decode(m.da), B = decode(m.db);
     const int t = int(::emu::thread_linear() % 128), w = t / 32, lane = t % 32;
+    float *s = m.acc;
     for (int j = 0; j < 8; j++)
         for (int e = 0; e < 4; e++) {
             const int row = 16 * w + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + (e % 2);
             float v = 0.f;
-            for (int k = 0; k < 16; k++) v += emu_detail::kmajor(A, row, k) * emu_detail::kmajor(B, col, k);
-            s[4 * j + e] = accumulate ? s[4 * j + e] + v : v;
+            for (int k = 0; k < 16; k++) v += kmajor(A, row, k) * kmajor(B, col, k);
+            s[4 * j + e] = m.accumulate ? s[4 * j + e] + v : v;
         }
 }
 
 // O[64 x 128] += P V: P from registers (per warp, the m16n8k16 A layout), V
-// MN-major in shared memory.
-__device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
-    const emu_detail::Desc B = emu_detail::decode(db);
+// MN-major in shared memory. A warp collective: every lane runs it in the
+// same wait.
+inline void run_o(const Mma &m) {
+    const Desc B = decode(m.db);
     const unsigned lane = ::emu::lane_id();
-    std::memcpy(::emu::lane_slot(), a, 16);
+    std::memcpy(::emu::lane_slot(), m.a, 16);
     ::emu::warp_sync();
     auto A = [](int r, int k) {
         uint32_t v[4];
@@ -106,11 +135,35 @@ __device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], 
         for (int e = 0; e < 4; e++) {
             const int row = int(lane / 4) + 8 * (e / 2), col = 8 * i + 2 * int(lane % 4) + (e % 2);
             float v = 0.f;
-            for (int k = 0; k < 16; k++) v += A(row, k) * emu_detail::mnmajor(B, k, col);
-            out[4 * i + e] = o[4 * i + e] + v;
+            for (int k = 0; k < 16; k++) v += A(row, k) * mnmajor(B, k, col);
+            out[4 * i + e] = m.acc[4 * i + e] + v;
         }
     ::emu::warp_sync();
-    std::memcpy(o, out, sizeof out);
+    std::memcpy(m.acc, out, sizeof out);
+}
+
+} // namespace emu_detail
+
+__device__ __forceinline__ void wgmma_s(float (&s)[32], uint64_t da, uint64_t db, int accumulate) {
+    emu_detail::mma_queue().q.push_back({false, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+}
+__device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
+    emu_detail::mma_queue().q.push_back({true, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
+}
+__device__ __forceinline__ void wgmma_commit() {
+    emu_detail::MmaQueue &q = emu_detail::mma_queue();
+    for (auto &m : q.q)
+        if (m.group < 0) m.group = q.next_group;
+    q.next_group++;
+}
+// Every committed group but the N most recent completes, in issue order.
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    emu_detail::MmaQueue &q = emu_detail::mma_queue();
+    const int done_below = q.next_group - N;
+    std::vector<emu_detail::Mma> keep, run;
+    for (auto &m : q.q) (m.group >= 0 && m.group < done_below ? run : keep).push_back(m);
+    q.q.swap(keep);
+    for (const auto &m : run) m.is_o ? emu_detail::run_o(m) : emu_detail::run_s(m);
 }
 
 } // namespace sm90
