@@ -357,7 +357,7 @@ TEST(CudaKernels, AttentionMatchesFloat64) {
     }
 }
 
-// The wgmma kernel (sm_90a, head dim 128) on the same cases. Its own test, so
+// The wgmma kernels (sm_90a, head dim 128; plain and pipelined) on the same cases. Its own test, so
 // device-check can run it apart: a fault there must not take the others down.
 TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     SKIP_WITHOUT_GPU();
@@ -370,11 +370,12 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
 #ifndef DIMOO_CUDA_EMU // a minute of emulated wgmma
     cases.push_back({128, 1, 1, {{4228, 4228}}});
 #endif
-    for (const auto &c : cases) {
-        SCOPED_TRACE("first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) +
-                     ")");
-        check_attention(c, dimoo::AttnImpl::Sm90, rng);
-    }
+    for (const auto &c : cases)
+        for (auto impl : {dimoo::AttnImpl::Sm90, dimoo::AttnImpl::Sm90Pipe}) {
+            SCOPED_TRACE(std::string(impl == dimoo::AttnImpl::Sm90 ? "sm90" : "sm90p") + " first (q, kv) = (" +
+                         std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) + ")");
+            check_attention(c, impl, rng);
+        }
 }
 
 TEST(CudaKernels, AttentionRejectsUnsupportedShapes) {

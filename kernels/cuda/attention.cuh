@@ -30,6 +30,7 @@ enum class AttnImpl {
     Sm80,      // flash attention with mma.sync m16n8k16 (head_dim 32, 64, 128), sm_80 and later
     Sm90,      // flash attention with wgmma (head_dim 128, sm_90a); not yet verified on a device,
                // so only chosen by DIMOO_CUDA_ATTN=sm90
+    Sm90Pipe,  // the same with S_{j+1} and P V_j overlapping the softmax (DIMOO_CUDA_ATTN=sm90p)
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90 in
@@ -40,7 +41,7 @@ cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
 
 // attention_sm90.cu: whether the current device runs the sm_90a code, and its launcher.
 bool attention_sm90_available();
-cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s);
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, bool pipelined);
 
 // Flash kernel tile sizes (for tests and the benchmark's FLOP count).
 constexpr int kAttnBlockM = 64, kAttnBlockN = 64;

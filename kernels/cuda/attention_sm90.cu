@@ -1,6 +1,8 @@
 // attention_sm90.cu - flash attention forward with Hopper's wgmma (sm_90a),
-// head dim 128. NOT YET RUN ON A GPU: selected only by DIMOO_CUDA_ATTN=sm90
-// until a device has checked it against the reference kernel.
+// head dim 128, two kernels. NOT YET RUN ON A GPU (both pass the float64
+// comparison on the host emulation of csrc/tests/emu, DIMOO_EMU_SM=90):
+// selected only by DIMOO_CUDA_ATTN=sm90 / sm90p until a device has checked
+// them and the benchmark has picked one.
 //
 // Same algorithm and pipeline as flash_sm80 in attention.cu (one CTA = one
 // warpgroup of 128 threads owns 64 query rows of one (sequence, head); K/V
@@ -16,6 +18,10 @@
 // blocks 1024-byte aligned. Descriptors: K-major LBO 16 B (unused), SBO
 // 1024 B (8 rows), +32 B per k16 step; MN-major (V) LBO = the 64-column
 // block stride (8 KB), SBO 1024 B (8 keys), +2 KB per 16 keys.
+// flash_wgmma_sm90_pipe_kernel keeps the tiles and orders the work as FA3
+// does within one warpgroup (S_j issued before O's rescale, the softmax of
+// S_j under P_{j-1} V_j), descriptors computed before each wgmma_fence and
+// registers pinned (fence_regs) so ptxas does not serialize the wgmmas.
 // Not yet: TMA loads, warp specialization, ping-pong of two warpgroups.
 #include <cuda_bf16.h>
 
@@ -65,6 +71,109 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     uint32_t u;
     memcpy(&u, &v, 4);
     return u;
+}
+
+// ---- the pipelined variant (FA3-style overlap within one warpgroup) -----------
+
+struct RowState {
+    float m[2], l[2]; // running max (raw scores) and partial sum of this lane's columns, rows r0 and r0 + 8
+};
+
+// The eight k16 descriptors of a K-major 64 x 128 tile at shared address t
+// (two 64-column blocks): computed before a wgmma_fence, so the wgmmas of a
+// stage issue back to back (ptxas serializes a stage with other instructions
+// defining its inputs).
+__device__ __forceinline__ void tile_descs(uint64_t (&d)[kHD / 16], uint32_t t) {
+#pragma unroll
+    for (int kk = 0; kk < kHD / 16; kk++) d[kk] = make_desc(t + (kk >> 2) * kBlockBytes + (kk & 3) * 32, 16, 1024);
+}
+
+// Online softmax of block j in place: s becomes P (fp32), alpha the factor
+// the running output must be scaled by.
+__device__ __forceinline__ void softmax_block(float (&s)[32], RowState &st, float (&alpha)[2], int j, int kv_len,
+                                              int lane, float sl2) {
+    if ((j + 1) * kBN > kv_len) {
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (j * kBN + t * 8 + 2 * (lane & 3) + (e & 1) >= kv_len) s[4 * t + e] = -INFINITY;
+    }
+    float mx[2] = {st.m[0], st.m[1]}, rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 32; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        alpha[r] = exp2f((st.m[r] - mx[r]) * sl2);
+        st.m[r] = mx[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const int r = (i >> 1) & 1;
+        s[i] = exp2f(s[i] * sl2 - mx[r] * sl2);
+        rs[r] += s[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) st.l[r] = st.l[r] * alpha[r] + rs[r];
+}
+
+// P (fp32, the S accumulator layout) as the bf16 A fragments of P V.
+__device__ __forceinline__ void pack_p(uint32_t (&a)[kBN / 16][4], const float (&s)[32]) {
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ks++)
+#pragma unroll
+        for (int u = 0; u < 4; u++) a[ks][u] = pack_bf16(s[8 * ks + 2 * u], s[8 * ks + 2 * u + 1]);
+}
+
+// O += P V for the V tile at shared address v (MN-major, 16 keys per k16 step).
+__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&a)[kBN / 16][4], uint32_t v) {
+    uint64_t d[kBN / 16];
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ks++) d[ks] = make_desc(v + ks * 16 * 128, kBlockBytes, 1024);
+    fence_regs(o);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ks++) wgmma_o(o, a[ks], d[ks]);
+    wgmma_commit();
+    fence_regs(o);
+}
+
+__device__ __forceinline__ void issue_s(float (&s)[32], const uint64_t (&dq)[kHD / 16], uint32_t k_tile) {
+    uint64_t dk[kHD / 16];
+    tile_descs(dk, k_tile);
+    fence_regs(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHD / 16; kk++) wgmma_s(s, dq[kk], dk[kk], kk > 0);
+    wgmma_commit();
+    fence_regs(s);
+}
+
+// Normalizes O by the row sums and writes rows below q_len as bf16.
+__device__ __forceinline__ void store_o(const AttnArgs &p, const cuda::AttnSeq &sd, int m0, int h, int warp, int lane,
+                                        const float (&o)[64], const RowState &st) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = st.l[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv[r] = l > 0.f ? 1.f / l : 0.f;
+    }
+    const int r0 = m0 + warp * 16 + (lane >> 2), r1 = r0 + 8;
+    __nv_bfloat16 *Og = reinterpret_cast<__nv_bfloat16 *>(p.o) + size_t(sd.q_begin) * p.o_stride + h * kHD;
+#pragma unroll
+    for (int t = 0; t < 16; t++) {
+        const int c = t * 8 + 2 * (lane & 3);
+        if (r0 < sd.q_len)
+            *reinterpret_cast<__nv_bfloat162 *>(Og + size_t(r0) * p.o_stride + c) =
+                __floats2bfloat162_rn(o[4 * t] * inv[0], o[4 * t + 1] * inv[0]);
+        if (r1 < sd.q_len)
+            *reinterpret_cast<__nv_bfloat162 *>(Og + size_t(r1) * p.o_stride + c) =
+                __floats2bfloat162_rn(o[4 * t + 2] * inv[1], o[4 * t + 3] * inv[1]);
+    }
 }
 #endif // DIMOO_SM90A_KERNEL
 
@@ -193,6 +302,84 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
 #endif // DIMOO_SM90A_KERNEL
 }
 
+
+// The pipelined variant: same tiles and shared layout, the FA3 order within
+// one warpgroup. Per block j >= 1: S_j = Q K_j^T is issued, O is rescaled
+// under it, O += P_{j-1} V_{j-1} is issued, and the softmax of S_j runs while
+// that product is still on the tensor cores (wait_group 1, then 0). The loads
+// of K_{j+1} and V_j go out at the start of block j and are waited for at the
+// start of block j + 1.
+__global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_pipe_kernel(AttnArgs p) {
+#ifdef DIMOO_SM90A_KERNEL
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t sQ = base, sK = base + kTileBytes, sV = base + 3 * kTileBytes;
+    const cuda::AttnSeq sd = p.seqs[blockIdx.z];
+    const int m0 = blockIdx.x * kBM;
+    if (m0 >= sd.q_len) return;
+    const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
+    const size_t kv_off = size_t(p.layer) * sd.layer_stride + size_t(kvh) * kHD;
+    const uint16_t *Kg = sd.k + kv_off, *Vg = sd.v + kv_off;
+    const int kv_len = sd.kv_len, nb = (kv_len + kBN - 1) / kBN;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float sl2 = p.scale * 1.4426950408889634f;
+
+    // Groups: [Q, K_0], [K_1, V_0].
+    load_tile(sQ, p.q + size_t(sd.q_begin + m0) * p.q_stride + h * kHD, p.q_stride, 0, sd.q_len - m0);
+    load_tile(sK, Kg, p.kv_stride, 0, kv_len);
+    cp_async_commit();
+    if (nb > 1) load_tile(sK + kTileBytes, Kg, p.kv_stride, kBN, kv_len);
+    load_tile(sV, Vg, p.kv_stride, 0, kv_len);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+
+    uint64_t dq[kHD / 16];
+    tile_descs(dq, sQ);
+    float s[32], o[64], alpha[2];
+    uint32_t pa[kBN / 16][4];
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.f;
+    RowState st{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+    issue_s(s, dq, sK);
+    wgmma_wait<0>();
+    fence_regs(s);
+    softmax_block(s, st, alpha, 0, kv_len, lane, sl2);
+    pack_p(pa, s);
+
+    for (int j = 1; j < nb; j++) {
+        cp_async_wait<0>(); // K_j and V_{j-1}
+        fence_proxy_async();
+        __syncthreads();
+        // K_{j+1} into K_{j-1}'s buffer, V_j into V_{j-2}'s: both read by
+        // products every thread waited for in block j - 1.
+        if (j + 1 < nb) load_tile(sK + ((j + 1) & 1) * kTileBytes, Kg, p.kv_stride, (j + 1) * kBN, kv_len);
+        load_tile(sV + (j & 1) * kTileBytes, Vg, p.kv_stride, j * kBN, kv_len);
+        cp_async_commit();
+        issue_s(s, dq, sK + (j & 1) * kTileBytes);
+#pragma unroll
+        for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+        issue_pv(o, pa, sV + ((j - 1) & 1) * kTileBytes);
+        wgmma_wait<1>(); // S_j
+        fence_regs(s);
+        softmax_block(s, st, alpha, j, kv_len, lane, sl2);
+        wgmma_wait<0>(); // P_{j-1} V_{j-1}: its A registers may now be rewritten
+        fence_regs(o);
+        pack_p(pa, s);
+    }
+    cp_async_wait<0>(); // V_{nb-1}
+    fence_proxy_async();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+    issue_pv(o, pa, sV + ((nb - 1) & 1) * kTileBytes);
+    wgmma_wait<0>();
+    fence_regs(o);
+    store_o(p, sd, m0, h, warp, lane, o, st);
+#endif // DIMOO_SM90A_KERNEL
+}
+
 } // namespace
 
 bool attention_sm90_available() {
@@ -202,12 +389,14 @@ bool attention_sm90_available() {
     return major == 9;
 }
 
-cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s) {
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, bool pipelined) {
     if (a.head_dim != kHD || !attention_sm90_available()) return cudaErrorInvalidValue;
-    cudaError_t e = cudaFuncSetAttribute(flash_wgmma_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    auto *k = pipelined ? flash_wgmma_sm90_pipe_kernel : flash_wgmma_sm90_kernel;
+    cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (e != cudaSuccess) return e;
     dim3 grid(unsigned((a.max_q + kBM - 1) / kBM), unsigned(a.n_heads), unsigned(a.n_seqs));
-    flash_wgmma_sm90_kernel<<<grid, kThreads, kSmem, s>>>(a);
+    if (pipelined) flash_wgmma_sm90_pipe_kernel<<<grid, kThreads, kSmem, s>>>(a);
+    else flash_wgmma_sm90_kernel<<<grid, kThreads, kSmem, s>>>(a);
     return cudaGetLastError();
 }
 

@@ -68,6 +68,15 @@ __device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 
+// Pins registers in place around the asynchronous wgmma: the compiler may not
+// move their reads or writes across this point (the wgmma asm statements name
+// them, but the arithmetic on them elsewhere could otherwise slide past a
+// wait_group, which ptxas then answers by serializing every wgmma).
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+
 } // namespace sm90
 } // namespace dimoo
 #endif

@@ -168,7 +168,24 @@ struct Block {
     unsigned cur = 0;
     unsigned live = 0;          // threads not done
     unsigned bar_count = 0, bar_gen = 0;
-    std::vector<unsigned> warp_count, warp_gen, warp_live;
+    // Barriers of aligned thread groups: warps (32) and warpgroups (128).
+    struct Groups {
+        unsigned size;
+        std::vector<unsigned> count, gen, live;
+        void reset(unsigned n) {
+            const unsigned g = (n + size - 1) / size;
+            count.assign(g, 0);
+            gen.assign(g, 0);
+            live.assign(g, 0);
+            for (unsigned t = 0; t < n; t++) live[t / size]++;
+        }
+        void exit(unsigned tid) { // an exited thread no longer holds its group back
+            const unsigned w = tid / size;
+            live[w]--;
+            if (count[w] && count[w] == live[w]) count[w] = 0, gen[w]++;
+        }
+    };
+    Groups warps{32, {}, {}, {}}, warpgroups{128, {}, {}, {}};
     unsigned idle = 0;          // turns passed on by waiting threads since someone arrived or finished
     Order order = Order::Forward;
     std::mt19937 rng{12345};
@@ -250,12 +267,11 @@ void fiber_main(void *arg) {
     Fiber &f = (*b.fibers)[b.cur];
     f.state = State::Done;
     b.live--;
-    b.warp_live[f.tid / 32]--;
     b.idle = 0;
     // Exited threads no longer hold a barrier back.
     if (b.bar_count && b.bar_count == b.live) b.bar_count = 0, b.bar_gen++;
-    const unsigned w = f.tid / 32;
-    if (b.warp_count[w] && b.warp_count[w] == b.warp_live[w]) b.warp_count[w] = 0, b.warp_gen[w]++;
+    b.warps.exit(f.tid);
+    b.warpgroups.exit(f.tid);
     if (b.live == 0) ctx_switch(f.ctx, b.sched, true);
     else switch_to_next(b, f.ctx, true);
     std::abort(); // never resumed
@@ -284,11 +300,8 @@ void run_block(Block &b) {
     b.bar_count = 0;
     b.bar_gen = 0;
     b.idle = 0;
-    const unsigned warps = (b.n + 31) / 32;
-    b.warp_count.assign(warps, 0);
-    b.warp_gen.assign(warps, 0);
-    b.warp_live.assign(warps, 0);
-    for (unsigned t = 0; t < b.n; t++) b.warp_live[t / 32]++;
+    b.warps.reset(b.n);
+    b.warpgroups.reset(b.n);
     b.slots.assign(size_t(b.n) * kSlot, 0xff);
     // Threads hand the host thread to each other; the last one to finish comes back here.
     b.cur = b.order == Order::Reverse ? b.n - 1 : 0;
@@ -312,17 +325,22 @@ void block_sync() {
     while (b.bar_gen == gen) yield();
 }
 
-void warp_sync() {
+namespace {
+void group_sync(Block::Groups &g) {
     Block &b = *g_run;
-    const unsigned w = b.cur / 32, gen = b.warp_gen[w];
+    const unsigned w = b.cur / g.size, gen = g.gen[w];
     b.idle = 0;
-    if (++b.warp_count[w] == b.warp_live[w]) {
-        b.warp_count[w] = 0;
-        b.warp_gen[w]++;
+    if (++g.count[w] == g.live[w]) {
+        g.count[w] = 0;
+        g.gen[w]++;
         return;
     }
-    while (b.warp_gen[w] == gen) yield();
+    while (g.gen[w] == gen) yield();
 }
+} // namespace
+
+void warp_sync() { group_sync(g_run->warps); }
+void warpgroup_sync() { group_sync(g_run->warpgroups); }
 
 unsigned lane_id() { return g_run->cur & 31; }
 unsigned thread_linear() { return g_run->cur; }

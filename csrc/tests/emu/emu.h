@@ -71,6 +71,7 @@ namespace emu {
 
 void block_sync();           // __syncthreads
 void warp_sync();            // __syncwarp: the lanes of this thread's warp
+void warpgroup_sync();       // the 128 threads of this thread's warpgroup (wgmma's collectives)
 unsigned lane_id();
 unsigned thread_linear();    // threadIdx as one index, as the scheduler counts threads
 unsigned long block_epoch(); // changes at every block start

@@ -73,6 +73,7 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int sr
 using dimoo::cp_async_commit;
 using dimoo::cp_async_wait;
 __device__ __forceinline__ void fence_proxy_async() {}
+template <int N> __device__ __forceinline__ void fence_regs(float (&)[N]) {} // compiler ordering only
 __device__ __forceinline__ void wgmma_fence() {}
 
 namespace emu_detail {
@@ -156,14 +157,19 @@ __device__ __forceinline__ void wgmma_commit() {
         if (m.group < 0) m.group = q.next_group;
     q.next_group++;
 }
-// Every committed group but the N most recent completes, in issue order.
+// Every committed group but the N most recent completes, in issue order. A
+// wgmma is one operation of the whole warpgroup, so it completes for every
+// thread at once: the warpgroup meets, runs its parts, and meets again
+// before anyone goes on.
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     emu_detail::MmaQueue &q = emu_detail::mma_queue();
     const int done_below = q.next_group - N;
     std::vector<emu_detail::Mma> keep, run;
     for (auto &m : q.q) (m.group >= 0 && m.group < done_below ? run : keep).push_back(m);
     q.q.swap(keep);
+    ::emu::warpgroup_sync();
     for (const auto &m : run) m.is_o ? emu_detail::run_o(m) : emu_detail::run_s(m);
+    ::emu::warpgroup_sync();
 }
 
 } // namespace sm90
