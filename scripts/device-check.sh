@@ -84,13 +84,15 @@ step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_fi
 # The forward and the decode steps again without CUDA graphs (eager launches).
 step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
   --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
-# The sm_90a wgmma attention (not yet verified): its kernel test, then the
-# forward with it, each in its own process.
+# The sm_90a wgmma attention kernels (plain and pipelined; verified on the
+# host emulation only): their kernel test, then the forward with each, each
+# in its own process. dimoo_bench_cuda times both, and the forward with each.
 # The VQ-VAE decoder on the GPU against the CPU (also in cpp-tests; alone
 # here so its line in the table says whether it ran).
 step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaVQ.*'
 step cpp-sm90-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*'
 step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 # The CUDA forward again with the reference attention kernel: if the flash
 # kernel is wrong, this tells whether the rest of the forward is right.
 step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'

@@ -280,12 +280,13 @@ void bench_forward(bool quick) {
     // The real shape end to end: the same forward with the reference
     // attention kernel (a context made under DIMOO_CUDA_ATTN=ref) gives the
     // same logits up to bf16 rounding.
+    const int Tc = quick ? 300 : 1124, n_out_c = 64;
+    std::vector<float> lg[2];
     {
-        const int T = quick ? 300 : 1124, n_out = 64;
+        const int T = Tc, n_out = n_out_c;
         std::vector<int32_t> toks(static_cast<size_t>(T)), outp(static_cast<size_t>(n_out));
         for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 104729) % cfg.vocab_size);
         for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
-        std::vector<float> lg[2];
         for (int v = 0; v < 2; v++) {
             setenv("DIMOO_CUDA_ATTN", v == 0 ? "sm80" : "ref", 1);
             auto c2 = model->create_ctx(dimoo_ctx_params{1, T, 0});
@@ -312,6 +313,74 @@ void bench_forward(bool quick) {
         if (!(std::sqrt(num / den) < 5e-2)) check_failed = true; // 32 random layers amplify rounding: looser than the tests
         line(buf);
         summary.push_back(buf);
+    }
+    // The forward with each sm_90a attention kernel, where the device has
+    // them: the real-shape logits against the reference attention's, then one
+    // and two branches at the longest T with the image head (as above).
+    if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
+    for (const char *impl : {"sm90", "sm90p"}) {
+        setenv("DIMOO_CUDA_ATTN", impl, 1);
+        auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
+        unsetenv("DIMOO_CUDA_ATTN");
+        {
+            std::vector<int32_t> toks(static_cast<size_t>(Tc)), outp(static_cast<size_t>(n_out_c));
+            for (int i = 0; i < Tc; i++) toks[size_t(i)] = int32_t((i * 104729) % cfg.vocab_size);
+            for (int i = 0; i < n_out_c; i++) outp[size_t(i)] = Tc - n_out_c + i;
+            std::vector<float> got(size_t(n_out_c) * 8192, NAN);
+            dimoo_forward_args a{};
+            a.n_tokens = Tc;
+            a.tokens = toks.data();
+            a.n_out = n_out_c;
+            a.out_positions = outp.data();
+            a.vocab_begin = codes_begin;
+            a.vocab_end = cfg.vocab_size;
+            a.logits = got.data();
+            c3->forward(&a, 1, cancel, nullptr);
+            double num = 0, den = 0;
+            for (size_t i = 0; i < got.size(); i++) {
+                num += (double(got[i]) - lg[1][i]) * (double(got[i]) - lg[1][i]);
+                den += double(lg[1][i]) * lg[1][i];
+            }
+            const double e = std::sqrt(num / den);
+            char buf[200];
+            std::snprintf(buf, sizeof buf, "check T=%d real shape: logits with %s vs reference attention, rel.diff %.2e%s",
+                          Tc, impl, e, e < 5e-2 ? "" : "  FAIL");
+            if (!(e < 5e-2)) check_failed = true;
+            line(buf);
+            summary.push_back(buf);
+        }
+        const int T = Tmax, n_out = T - T / 32;
+        std::vector<int32_t> toks(static_cast<size_t>(T)), outp(static_cast<size_t>(n_out));
+        for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 7919) % cfg.vocab_size);
+        for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
+        std::vector<float> logits[2];
+        for (int nb : {1, 2}) {
+            dimoo_forward_args a[2] = {};
+            for (int b = 0; b < nb; b++) {
+                logits[b].assign(size_t(n_out) * 8192, NAN);
+                a[b].seq = b;
+                a[b].n_tokens = T;
+                a[b].tokens = toks.data();
+                a[b].n_out = n_out;
+                a[b].out_positions = outp.data();
+                a[b].vocab_begin = codes_begin;
+                a[b].vocab_end = cfg.vocab_size;
+                a[b].logits = logits[b].data();
+            }
+            std::vector<double> ms;
+            for (int r = 0; r < 6; r++) {
+                auto t0 = std::chrono::steady_clock::now();
+                c3->forward(a, nb, cancel, nullptr);
+                auto t1 = std::chrono::steady_clock::now();
+                if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+            }
+            std::sort(ms.begin(), ms.end());
+            char buf[200];
+            std::snprintf(buf, sizeof buf, "fwd   T=%-5d branches=%d attn %-5s + head 8192 cols + D2H %9.2f ms", T, nb,
+                          impl, ms[ms.size() / 2]);
+            line(buf);
+            summary.push_back(buf);
+        }
     }
 }
 
