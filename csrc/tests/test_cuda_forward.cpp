@@ -35,6 +35,7 @@ TEST(CudaForward, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 #include "cuda/cuda_model.h"
 #include "dimoo.h"
 #include "test_checkpoint.h"
+#include "test_tensors.h"
 
 namespace {
 
@@ -108,11 +109,8 @@ void read_checkpoint(const std::string &dir, std::map<std::string, StTensor> &ts
     ASSERT_FALSE(ts.empty()) << dir;
 }
 
-void load_pair(const std::string &dir, Pair &p) {
-    ASSERT_TRUE(load_config(dir, p.cfg)) << dir;
-    std::map<std::string, StTensor> ts;
-    read_checkpoint(dir, ts);
-    if (::testing::Test::HasFatalFailure()) return;
+// Both backends loaded with the tensors ts under p.cfg.
+void load_tensors(const std::map<std::string, StTensor> &ts, Pair &p) {
     char err[256];
     for (int b = 0; b < 2; b++) {
         ASSERT_EQ(dimoo_runtime_create(b == 0 ? DIMOO_BACKEND_CPU : DIMOO_BACKEND_CUDA, 0, 0, &p.rt[b], err, sizeof err),
@@ -129,6 +127,36 @@ void load_pair(const std::string &dir, Pair &p) {
         }
         ASSERT_EQ(dimoo_model_finalize(p.m[b]), DIMOO_OK) << dimoo_model_error(p.m[b]);
     }
+}
+
+void load_pair(const std::string &dir, Pair &p) {
+    ASSERT_TRUE(load_config(dir, p.cfg)) << dir;
+    std::map<std::string, StTensor> ts;
+    read_checkpoint(dir, ts);
+    if (::testing::Test::HasFatalFailure()) return;
+    load_tensors(ts, p);
+}
+
+// Random bf16 weights for p.cfg (matrices N(0, 1/fan_in), norms 1 + N(0, 0.1)).
+void random_pair(Pair &p, uint32_t seed) {
+    std::map<std::string, StTensor> ts;
+    std::mt19937 rng(seed);
+    for (const auto &[name, shape] : dimoo::test::checkpoint_tensors(p.cfg)) {
+        StTensor t;
+        t.dtype = "BF16";
+        t.shape = shape;
+        size_t n = 1;
+        for (auto d : shape) n *= size_t(d);
+        const bool norm = shape.size() == 1;
+        std::normal_distribution<float> nd(norm ? 1.0f : 0.0f, norm ? 0.1f : 1.0f / std::sqrt(float(shape.back())));
+        t.data.resize(n * 2);
+        for (size_t i = 0; i < n; i++) {
+            const uint16_t h = dimoo::f32_to_bf16(nd(rng));
+            std::memcpy(&t.data[i * 2], &h, 2);
+        }
+        ts[name] = std::move(t);
+    }
+    load_tensors(ts, p);
 }
 
 double rel_err(const std::vector<float> &a, const std::vector<float> &ref) {
@@ -209,11 +237,17 @@ void run_both(Pair &p, dimoo_ctx *ctx[2], std::vector<Req> &reqs, double bound, 
     }
 }
 
+void check_pair(Pair &p, int max_t, double bound);
+
 void check_model(const std::string &dir, int max_t, double bound = 2e-2) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
     Pair p;
     load_pair(dir, p);
     if (::testing::Test::HasFatalFailure()) return;
+    check_pair(p, max_t, bound);
+}
+
+void check_pair(Pair &p, int max_t, double bound) {
     max_t = std::min(max_t, p.cfg.max_sequence_length);
     const unsigned seed = std::random_device{}(); // fresh inputs every run; the seed reproduces a failure
     SCOPED_TRACE("seed " + std::to_string(seed));
@@ -273,6 +307,29 @@ TEST(CudaForward, SmallGqaF16) { check_model(src("testdata/small-gqa-f16"), 600)
 // T = 1..500): small-f32/bf16/gqa-f16 <= 0.7%; the official code's random
 // small checkpoint 3.7%; the shipped model 2.3%. The bounds: 2e-2, 5e-2, 3.5e-2.
 TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600, 5e-2); }
+// Head dim 128, the real model's, which the sm_90a attention kernels serve
+// (DIMOO_CUDA_ATTN=sm90|sm90p; device-check runs this file under each):
+// random bf16 weights, two heads of 128, grouped K/V in a second config.
+TEST(CudaForward, RandomHeadDim128) {
+    if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+    for (int kv_heads : {2, 1}) {
+        SCOPED_TRACE("kv heads " + std::to_string(kv_heads));
+        Pair p;
+        p.cfg.d_model = 256;
+        p.cfg.n_heads = 2;
+        p.cfg.n_kv_heads = kv_heads;
+        p.cfg.n_layers = 2;
+        p.cfg.mlp_hidden_size = 512;
+        p.cfg.vocab_size = p.cfg.embedding_size = 640;
+        p.cfg.max_sequence_length = 1024;
+        p.cfg.rope_theta = 500000.f;
+        p.cfg.rms_norm_eps = 1e-5f;
+        random_pair(p, 17 + uint32_t(kv_heads));
+        if (::testing::Test::HasFatalFailure()) return;
+        check_pair(p, 300, 2e-2);
+    }
+}
+
 TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512, 3.5e-2); }
 
 // ---- kept logits through the C ABI (ABI 4) ----------------------------------------
