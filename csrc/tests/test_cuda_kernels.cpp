@@ -13,6 +13,7 @@ TEST(CudaKernels, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -376,6 +377,18 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
                          std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) + ")");
             check_attention(c, impl, rng);
         }
+}
+
+// On an sm_90 device the forward's default is the pipelined wgmma kernel,
+// chosen only after it agreed with the reference kernel there; elsewhere sm80.
+TEST(CudaKernels, DefaultAttentionIsCheckedOnTheDevice) {
+    SKIP_WITHOUT_GPU();
+    if (std::getenv("DIMOO_CUDA_ATTN")) GTEST_SKIP() << "DIMOO_CUDA_ATTN is set";
+    const auto want = dimoo::attention_supported(dimoo::AttnImpl::Sm90Pipe, 128) ? dimoo::AttnImpl::Sm90Pipe
+                                                                                 : dimoo::AttnImpl::Sm80;
+    EXPECT_EQ(int(dimoo::attention_default_impl(128)), int(want))
+        << "the sm_90a kernel failed its start-up check on this device";
+    EXPECT_EQ(int(dimoo::attention_default_impl(64)), int(dimoo::AttnImpl::Sm80));
 }
 
 TEST(CudaKernels, AttentionRejectsUnsupportedShapes) {

@@ -15,11 +15,15 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "cuda/attention.cuh"
 #include "cuda/ptx_sm80.cuh"
+#include "cuda/random.cuh"
 
 namespace dimoo {
 namespace {
@@ -283,12 +287,78 @@ bool attention_supported(AttnImpl impl, int head_dim) {
     return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
+namespace {
+
+// A small problem through `impl` and through the reference kernel on the
+// current device: two sequences (130 queries and keys; 5 queries against 70
+// keys, the ML-Cache shape), two query heads sharing one K/V head, head dim
+// 128. True when both outputs are finite and agree to bf16 rounding.
+bool attention_selfcheck(AttnImpl impl) {
+    const int hd = 128, H = 2, Hkv = 1, d = H * hd, kv = Hkv * hd, maxkv = 130, M = 135;
+    const cuda::AttnSeq host_seqs[2] = {{0, 130, 130, 0, nullptr, nullptr, 0}, {130, 5, 70, 0, nullptr, nullptr, 0}};
+    const size_t nq = size_t(M) * d, nkv = size_t(2) * maxkv * kv;
+    void *mem = nullptr;
+    const size_t bytes = (nq * 3 + nkv * 2) * 2 + sizeof host_seqs;
+    if (cudaMalloc(&mem, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    uint16_t *q = static_cast<uint16_t *>(mem), *o1 = q + nq, *o2 = o1 + nq, *k = o2 + nq, *v = k + nkv;
+    auto *seqs = reinterpret_cast<cuda::AttnSeq *>(v + nkv);
+    cuda::AttnSeq hs[2] = {host_seqs[0], host_seqs[1]};
+    for (int i = 0; i < 2; i++) hs[i].k = k + size_t(i) * maxkv * kv, hs[i].v = v + size_t(i) * maxkv * kv;
+    std::vector<uint16_t> a(nq), b(nq);
+    bool ok = fill_uniform_bf16_launch(q, nq, 71, -2, 2, nullptr) == cudaSuccess &&
+              fill_uniform_bf16_launch(k, nkv, 72, -2, 2, nullptr) == cudaSuccess &&
+              fill_uniform_bf16_launch(v, nkv, 73, -1, 1, nullptr) == cudaSuccess &&
+              cudaMemcpy(seqs, hs, sizeof hs, cudaMemcpyHostToDevice) == cudaSuccess &&
+              cudaMemset(o1, 0xff, nq * 4) == cudaSuccess; // both outputs NaN until written
+    const AttnArgs args1{q, d, o1, d, seqs, 2, 130, 0, H, Hkv, hd, kv, 1.f / std::sqrt(float(hd))};
+    AttnArgs args2 = args1;
+    args2.o = o2;
+    ok = ok && attention_launch(args1, impl, nullptr) == cudaSuccess &&
+         attention_launch(args2, AttnImpl::Reference, nullptr) == cudaSuccess &&
+         cudaMemcpy(a.data(), o1, nq * 2, cudaMemcpyDeviceToHost) == cudaSuccess &&
+         cudaMemcpy(b.data(), o2, nq * 2, cudaMemcpyDeviceToHost) == cudaSuccess;
+    cudaGetLastError();
+    cudaFree(mem);
+    if (!ok) return false;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < nq; i++) {
+        float x, y;
+        const uint32_t ux = uint32_t(a[i]) << 16, uy = uint32_t(b[i]) << 16;
+        std::memcpy(&x, &ux, 4);
+        std::memcpy(&y, &uy, 4);
+        if (!std::isfinite(x) || !std::isfinite(y)) return false;
+        num += double(x - y) * (x - y);
+        den += double(y) * y;
+    }
+    return num <= 1e-4 * den; // relative L2 error 1e-2
+}
+
+} // namespace
+
 AttnImpl attention_default_impl(int head_dim) {
     const char *env = std::getenv("DIMOO_CUDA_ATTN");
     if (env && std::strcmp(env, "ref") == 0) return AttnImpl::Reference;
+    if (env && std::strcmp(env, "sm80") == 0)
+        return attention_supported(AttnImpl::Sm80, head_dim) ? AttnImpl::Sm80 : AttnImpl::Reference;
     if (env && std::strcmp(env, "sm90") == 0 && attention_supported(AttnImpl::Sm90, head_dim)) return AttnImpl::Sm90;
     if (env && std::strcmp(env, "sm90p") == 0 && attention_supported(AttnImpl::Sm90Pipe, head_dim))
         return AttnImpl::Sm90Pipe;
+    // On sm_90 the pipelined wgmma kernel, once it has agreed with the
+    // reference kernel on this device (checked once per process).
+    if (!env && attention_supported(AttnImpl::Sm90Pipe, head_dim)) {
+        static std::once_flag once;
+        static bool sm90_ok = false;
+        std::call_once(once, [] {
+            sm90_ok = attention_selfcheck(AttnImpl::Sm90Pipe);
+            if (!sm90_ok)
+                std::fprintf(stderr, "dimoo: the sm_90a attention kernel disagreed with the reference kernel on this "
+                                     "device; using the sm_80 kernel\n");
+        });
+        if (sm90_ok) return AttnImpl::Sm90Pipe;
+    }
     return attention_supported(AttnImpl::Sm80, head_dim) ? AttnImpl::Sm80 : AttnImpl::Reference;
 }
 
