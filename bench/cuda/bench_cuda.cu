@@ -173,7 +173,11 @@ void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
             }
             char b[200];
             std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s",
-                          impl == AttnImpl::Sm80 ? "sm80" : impl == AttnImpl::Sm90 ? "sm90" : "sm90p", c.B, H, c.Tq,
+                          impl == AttnImpl::Sm80       ? "sm80"
+                          : impl == AttnImpl::Sm90     ? "sm90"
+                          : impl == AttnImpl::Sm90Pipe ? "sm90p"
+                                                       : "sm90p2",
+                          c.B, H, c.Tq,
                           c.Tk, ms,
                           flop / (ms * 1e-3) / 1e12, check.c_str());
             line(b);
@@ -319,7 +323,7 @@ void bench_forward(bool quick) {
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
-    for (const char *impl : {"sm80", "sm90", "sm90p"}) {
+    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2"}) {
         setenv("DIMOO_CUDA_ATTN", impl, 1);
         auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
         unsetenv("DIMOO_CUDA_ATTN");
@@ -405,6 +409,7 @@ int main(int argc, char **argv) {
         if (attention_supported(AttnImpl::Sm90, 128)) {
             bench_attention(s, quick, AttnImpl::Sm90);
             bench_attention(s, quick, AttnImpl::Sm90Pipe);
+            bench_attention(s, quick, AttnImpl::Sm90Pipe2);
         }
         cudaStreamDestroy(s);
     } catch (const Error &e) {

@@ -31,6 +31,7 @@ enum class AttnImpl {
     Sm90,      // flash attention with wgmma (head_dim 128, sm_90a), chosen by DIMOO_CUDA_ATTN=sm90
     Sm90Pipe,  // the same in FA3's order (S_j and P_{j-1} V_{j-1} under the softmax): the
                // default on sm_90 once its start-up check passes (see attention_default_impl)
+    Sm90Pipe2, // the same with two warpgroups (128 query rows) sharing each K/V tile (DIMOO_CUDA_ATTN=sm90p2)
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p
@@ -43,7 +44,7 @@ cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
 
 // attention_sm90.cu: whether the current device runs the sm_90a code, and its launcher.
 bool attention_sm90_available();
-cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, bool pipelined);
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl impl);
 
 // Flash kernel tile sizes (for tests and the benchmark's FLOP count).
 constexpr int kAttnBlockM = 64, kAttnBlockN = 64;

@@ -57,8 +57,9 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo_bytes,
 
 // 64 rows x 128 bf16 from global (row stride `stride` elements, rows >= n_rows
 // zero) into the swizzled two-block layout at shared address `s`.
+template <int NT = kThreads>
 __device__ __forceinline__ void load_tile(uint32_t s, const uint16_t *g, int stride, int row0, int n_rows) {
-    for (int c = threadIdx.x; c < 64 * 16; c += kThreads) {
+    for (int c = threadIdx.x; c < 64 * 16; c += NT) {
         const int r = c >> 4, ch = c & 15, blk = ch >> 3, cc = ch & 7, gr = row0 + r;
         const bool ok = gr < n_rows;
         const uint32_t dst = s + blk * kBlockBytes + sm90::sw128_chunk(r, cc);
@@ -308,28 +309,35 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
 // under it, O += P_{j-1} V_{j-1} is issued, and the softmax of S_j runs while
 // that product is still on the tensor cores (wait_group 1, then 0). The loads
 // of K_{j+1} and V_j go out at the start of block j and are waited for at the
-// start of block j + 1.
-__global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_pipe_kernel(AttnArgs p) {
+// start of block j + 1. WG warpgroups per CTA (1 or 2), each with its own 64
+// query rows and the same K/V tiles: with two, a K/V tile is loaded once for
+// 128 rows, and one warpgroup's softmax can run under the other's products.
+template <int WG> __global__ void __launch_bounds__(WG * kThreads, 1) flash_wgmma_sm90_pipe_kernel(AttnArgs p) {
 #ifdef DIMOO_SM90A_KERNEL
+    constexpr int NT = WG * kThreads;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const uint32_t sQ = base, sK = base + kTileBytes, sV = base + 3 * kTileBytes;
+    const uint32_t sK = base + WG * kTileBytes, sV = sK + 2 * kTileBytes;
     const cuda::AttnSeq sd = p.seqs[blockIdx.z];
-    const int m0 = blockIdx.x * kBM;
+    const int m0 = blockIdx.x * (WG * kBM);
     if (m0 >= sd.q_len) return;
     const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
     const size_t kv_off = size_t(p.layer) * sd.layer_stride + size_t(kvh) * kHD;
     const uint16_t *Kg = sd.k + kv_off, *Vg = sd.v + kv_off;
     const int kv_len = sd.kv_len, nb = (kv_len + kBN - 1) / kBN;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wg = threadIdx.x / kThreads, warp = (threadIdx.x % kThreads) >> 5, lane = threadIdx.x & 31;
+    const uint32_t sQ = base + wg * kTileBytes; // this warpgroup's 64 query rows
     const float sl2 = p.scale * 1.4426950408889634f;
 
-    // Groups: [Q, K_0], [K_1, V_0].
-    load_tile(sQ, p.q + size_t(sd.q_begin + m0) * p.q_stride + h * kHD, p.q_stride, 0, sd.q_len - m0);
-    load_tile(sK, Kg, p.kv_stride, 0, kv_len);
+    // Groups: [Q, K_0], [K_1, V_0]. Rows past q_len load as zeros (a
+    // warpgroup with none still takes part in the barriers).
+    for (int w = 0; w < WG; w++)
+        load_tile<NT>(base + w * kTileBytes, p.q + size_t(sd.q_begin + m0 + w * kBM) * p.q_stride + h * kHD, p.q_stride,
+                      0, sd.q_len - m0 - w * kBM);
+    load_tile<NT>(sK, Kg, p.kv_stride, 0, kv_len);
     cp_async_commit();
-    if (nb > 1) load_tile(sK + kTileBytes, Kg, p.kv_stride, kBN, kv_len);
-    load_tile(sV, Vg, p.kv_stride, 0, kv_len);
+    if (nb > 1) load_tile<NT>(sK + kTileBytes, Kg, p.kv_stride, kBN, kv_len);
+    load_tile<NT>(sV, Vg, p.kv_stride, 0, kv_len);
     cp_async_commit();
     cp_async_wait<1>();
     fence_proxy_async();
@@ -354,8 +362,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_pipe_kernel(Attn
         __syncthreads();
         // K_{j+1} into K_{j-1}'s buffer, V_j into V_{j-2}'s: both read by
         // products every thread waited for in block j - 1.
-        if (j + 1 < nb) load_tile(sK + ((j + 1) & 1) * kTileBytes, Kg, p.kv_stride, (j + 1) * kBN, kv_len);
-        load_tile(sV + (j & 1) * kTileBytes, Vg, p.kv_stride, j * kBN, kv_len);
+        if (j + 1 < nb) load_tile<NT>(sK + ((j + 1) & 1) * kTileBytes, Kg, p.kv_stride, (j + 1) * kBN, kv_len);
+        load_tile<NT>(sV + (j & 1) * kTileBytes, Vg, p.kv_stride, j * kBN, kv_len);
         cp_async_commit();
         issue_s(s, dq, sK + (j & 1) * kTileBytes);
 #pragma unroll
@@ -376,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_pipe_kernel(Attn
     issue_pv(o, pa, sV + ((nb - 1) & 1) * kTileBytes);
     wgmma_wait<0>();
     fence_regs(o);
-    store_o(p, sd, m0, h, warp, lane, o, st);
+    store_o(p, sd, m0 + wg * kBM, h, warp, lane, o, st);
 #endif // DIMOO_SM90A_KERNEL
 }
 
@@ -389,14 +397,32 @@ bool attention_sm90_available() {
     return major == 9;
 }
 
-cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, bool pipelined) {
+cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl impl) {
     if (a.head_dim != kHD || !attention_sm90_available()) return cudaErrorInvalidValue;
-    auto *k = pipelined ? flash_wgmma_sm90_pipe_kernel : flash_wgmma_sm90_kernel;
-    cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (e != cudaSuccess) return e;
-    dim3 grid(unsigned((a.max_q + kBM - 1) / kBM), unsigned(a.n_heads), unsigned(a.n_seqs));
-    if (pipelined) flash_wgmma_sm90_pipe_kernel<<<grid, kThreads, kSmem, s>>>(a);
-    else flash_wgmma_sm90_kernel<<<grid, kThreads, kSmem, s>>>(a);
+    const int wgs = impl == AttnImpl::Sm90Pipe2 ? 2 : 1, rows = wgs * kBM;
+    const int smem = impl == AttnImpl::Sm90 ? kSmem : (wgs + 4) * kTileBytes + 1024;
+    dim3 grid(unsigned((a.max_q + rows - 1) / rows), unsigned(a.n_heads), unsigned(a.n_seqs));
+    cudaError_t e = cudaSuccess;
+    switch (impl) {
+    case AttnImpl::Sm90:
+        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)))
+            return e;
+        flash_wgmma_sm90_kernel<<<grid, kThreads, smem, s>>>(a);
+        break;
+    case AttnImpl::Sm90Pipe:
+        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_pipe_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      smem)))
+            return e;
+        flash_wgmma_sm90_pipe_kernel<1><<<grid, kThreads, smem, s>>>(a);
+        break;
+    case AttnImpl::Sm90Pipe2:
+        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_pipe_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      smem)))
+            return e;
+        flash_wgmma_sm90_pipe_kernel<2><<<grid, 2 * kThreads, smem, s>>>(a);
+        break;
+    default: return cudaErrorInvalidValue;
+    }
     return cudaGetLastError();
 }
 
