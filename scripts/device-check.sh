@@ -100,6 +100,7 @@ step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filt
 step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 step cuda-fwd-sm90p2 timeout 120 env DIMOO_CUDA_ATTN=sm90p2 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+step cuda-fwd-sm90w timeout 120 env DIMOO_CUDA_ATTN=sm90w ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
 # The CUDA forward again with the reference attention kernel: if the flash
 # kernel is wrong, this tells whether the rest of the forward is right.
 step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'

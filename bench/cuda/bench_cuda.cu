@@ -176,7 +176,8 @@ void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
                           impl == AttnImpl::Sm80       ? "sm80"
                           : impl == AttnImpl::Sm90     ? "sm90"
                           : impl == AttnImpl::Sm90Pipe ? "sm90p"
-                                                       : "sm90p2",
+                          : impl == AttnImpl::Sm90Pipe2 ? "sm90p2"
+                                                        : "sm90w",
                           c.B, H, c.Tq,
                           c.Tk, ms,
                           flop / (ms * 1e-3) / 1e12, check.c_str());
@@ -323,7 +324,7 @@ void bench_forward(bool quick) {
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
-    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2"}) {
+    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w"}) {
         setenv("DIMOO_CUDA_ATTN", impl, 1);
         auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
         unsetenv("DIMOO_CUDA_ATTN");
@@ -410,6 +411,7 @@ int main(int argc, char **argv) {
             bench_attention(s, quick, AttnImpl::Sm90);
             bench_attention(s, quick, AttnImpl::Sm90Pipe);
             bench_attention(s, quick, AttnImpl::Sm90Pipe2);
+            bench_attention(s, quick, AttnImpl::Sm90Wide);
         }
         cudaStreamDestroy(s);
     } catch (const Error &e) {

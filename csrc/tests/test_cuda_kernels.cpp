@@ -372,8 +372,12 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     cases.push_back({128, 1, 1, {{4228, 4228}}});
 #endif
     for (const auto &c : cases)
-        for (auto impl : {dimoo::AttnImpl::Sm90, dimoo::AttnImpl::Sm90Pipe, dimoo::AttnImpl::Sm90Pipe2}) {
-            const char *name = impl == dimoo::AttnImpl::Sm90 ? "sm90" : impl == dimoo::AttnImpl::Sm90Pipe ? "sm90p" : "sm90p2";
+        for (auto impl : {dimoo::AttnImpl::Sm90, dimoo::AttnImpl::Sm90Pipe, dimoo::AttnImpl::Sm90Pipe2,
+                          dimoo::AttnImpl::Sm90Wide}) {
+            const char *name = impl == dimoo::AttnImpl::Sm90        ? "sm90"
+                               : impl == dimoo::AttnImpl::Sm90Pipe  ? "sm90p"
+                               : impl == dimoo::AttnImpl::Sm90Pipe2 ? "sm90p2"
+                                                                    : "sm90w";
             SCOPED_TRACE(std::string(name) + " first (q, kv) = (" +
                          std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) + ")");
             check_attention(c, impl, rng);

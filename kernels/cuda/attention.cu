@@ -283,7 +283,8 @@ __global__ void attention_ref_kernel(AttnArgs p) {
 
 bool attention_supported(AttnImpl impl, int head_dim) {
     if (impl == AttnImpl::Reference) return head_dim > 0 && head_dim <= 32 * kRefMaxPerLane;
-    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2)
+    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
+        impl == AttnImpl::Sm90Wide)
         return head_dim == 128 && attention_sm90_available();
     return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
@@ -349,6 +350,8 @@ AttnImpl attention_default_impl(int head_dim) {
         return AttnImpl::Sm90Pipe;
     if (env && std::strcmp(env, "sm90p2") == 0 && attention_supported(AttnImpl::Sm90Pipe2, head_dim))
         return AttnImpl::Sm90Pipe2;
+    if (env && std::strcmp(env, "sm90w") == 0 && attention_supported(AttnImpl::Sm90Wide, head_dim))
+        return AttnImpl::Sm90Wide;
     // On sm_90 the pipelined wgmma kernel, once it has agreed with the
     // reference kernel on this device (checked once per process).
     if (!env && attention_supported(AttnImpl::Sm90Pipe, head_dim)) {
@@ -376,7 +379,8 @@ cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s) {
     }
     // 16-byte cp.async needs 16-byte aligned rows.
     if (a.q_stride % 8 || a.kv_stride % 8 || (reinterpret_cast<uintptr_t>(a.q) & 15)) return cudaErrorInvalidValue;
-    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2)
+    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
+        impl == AttnImpl::Sm90Wide)
         return attention_sm90_launch(a, s, impl);
     switch (a.head_dim) {
     case 32: return launch_flash<32>(a, s);

@@ -32,6 +32,7 @@ enum class AttnImpl {
     Sm90Pipe,  // the same in FA3's order (S_j and P_{j-1} V_{j-1} under the softmax): the
                // default on sm_90 once its start-up check passes (see attention_default_impl)
     Sm90Pipe2, // the same with two warpgroups (128 query rows) sharing each K/V tile (DIMOO_CUDA_ATTN=sm90p2)
+    Sm90Wide,  // two warpgroups and 128-key blocks (DIMOO_CUDA_ATTN=sm90w)
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p

@@ -55,14 +55,15 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo_bytes,
     return sm90::desc_sw128(addr, lbo_bytes, sbo_bytes);
 }
 
-// 64 rows x 128 bf16 from global (row stride `stride` elements, rows >= n_rows
-// zero) into the swizzled two-block layout at shared address `s`.
-template <int NT = kThreads>
+// ROWS rows x 128 bf16 from global (row stride `stride` elements, rows >=
+// n_rows zero) into the swizzled two-block layout at shared address `s`: two
+// 64-column blocks of ROWS rows of 128 bytes.
+template <int NT = kThreads, int ROWS = 64>
 __device__ __forceinline__ void load_tile(uint32_t s, const uint16_t *g, int stride, int row0, int n_rows) {
-    for (int c = threadIdx.x; c < 64 * 16; c += NT) {
+    for (int c = threadIdx.x; c < ROWS * 16; c += NT) {
         const int r = c >> 4, ch = c & 15, blk = ch >> 3, cc = ch & 7, gr = row0 + r;
         const bool ok = gr < n_rows;
-        const uint32_t dst = s + blk * kBlockBytes + sm90::sw128_chunk(r, cc);
+        const uint32_t dst = s + blk * (ROWS * 128) + sm90::sw128_chunk(r, cc);
         cp_async16(dst, g + size_t(ok ? gr : 0) * stride + ch * 8, ok ? 16 : 0);
     }
 }
@@ -74,35 +75,36 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return u;
 }
 
-// ---- the pipelined variant (FA3-style overlap within one warpgroup) -----------
+// ---- the pipelined variants (FA3-style overlap within each warpgroup) ---------
 
 struct RowState {
     float m[2], l[2]; // running max (raw scores) and partial sum of this lane's columns, rows r0 and r0 + 8
 };
 
-// The eight k16 descriptors of a K-major 64 x 128 tile at shared address t
-// (two 64-column blocks): computed before a wgmma_fence, so the wgmmas of a
-// stage issue back to back (ptxas serializes a stage with other instructions
-// defining its inputs).
-__device__ __forceinline__ void tile_descs(uint64_t (&d)[kHD / 16], uint32_t t) {
+// The eight k16 descriptors of a K-major ROWS x 128 tile at shared address t
+// (two 64-column blocks of ROWS rows): computed before a wgmma_fence, so the
+// wgmmas of a stage issue back to back (ptxas serializes a stage with other
+// instructions defining its inputs).
+template <int ROWS> __device__ __forceinline__ void tile_descs(uint64_t (&d)[kHD / 16], uint32_t t) {
 #pragma unroll
-    for (int kk = 0; kk < kHD / 16; kk++) d[kk] = make_desc(t + (kk >> 2) * kBlockBytes + (kk & 3) * 32, 16, 1024);
+    for (int kk = 0; kk < kHD / 16; kk++) d[kk] = make_desc(t + (kk >> 2) * (ROWS * 128) + (kk & 3) * 32, 16, 1024);
 }
 
-// Online softmax of block j in place: s becomes P (fp32), alpha the factor
-// the running output must be scaled by.
-__device__ __forceinline__ void softmax_block(float (&s)[32], RowState &st, float (&alpha)[2], int j, int kv_len,
+// Online softmax of a block of BN keys (block j) in place: s becomes P
+// (fp32), alpha the factor the running output must be scaled by.
+template <int BN>
+__device__ __forceinline__ void softmax_block(float (&s)[BN / 2], RowState &st, float (&alpha)[2], int j, int kv_len,
                                               int lane, float sl2) {
-    if ((j + 1) * kBN > kv_len) {
+    if ((j + 1) * BN > kv_len) {
 #pragma unroll
-        for (int t = 0; t < 8; t++)
+        for (int t = 0; t < BN / 8; t++)
 #pragma unroll
             for (int e = 0; e < 4; e++)
-                if (j * kBN + t * 8 + 2 * (lane & 3) + (e & 1) >= kv_len) s[4 * t + e] = -INFINITY;
+                if (j * BN + t * 8 + 2 * (lane & 3) + (e & 1) >= kv_len) s[4 * t + e] = -INFINITY;
     }
     float mx[2] = {st.m[0], st.m[1]}, rs[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < 32; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+    for (int i = 0; i < BN / 2; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -111,7 +113,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[32], RowState &st, floa
         st.m[r] = mx[r];
     }
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < BN / 2; i++) {
         const int r = (i >> 1) & 1;
         s[i] = exp2f(s[i] * sl2 - mx[r] * sl2);
         rs[r] += s[i];
@@ -121,33 +123,39 @@ __device__ __forceinline__ void softmax_block(float (&s)[32], RowState &st, floa
 }
 
 // P (fp32, the S accumulator layout) as the bf16 A fragments of P V.
-__device__ __forceinline__ void pack_p(uint32_t (&a)[kBN / 16][4], const float (&s)[32]) {
+template <int BN> __device__ __forceinline__ void pack_p(uint32_t (&a)[BN / 16][4], const float (&s)[BN / 2]) {
 #pragma unroll
-    for (int ks = 0; ks < kBN / 16; ks++)
+    for (int ks = 0; ks < BN / 16; ks++)
 #pragma unroll
         for (int u = 0; u < 4; u++) a[ks][u] = pack_bf16(s[8 * ks + 2 * u], s[8 * ks + 2 * u + 1]);
 }
 
-// O += P V for the V tile at shared address v (MN-major, 16 keys per k16 step).
-__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&a)[kBN / 16][4], uint32_t v) {
-    uint64_t d[kBN / 16];
+// O += P V for the V tile of BN keys at shared address v (MN-major: 16 keys
+// per k16 step, 64-column blocks BN * 128 bytes apart).
+template <int BN>
+__device__ __forceinline__ void issue_pv(float (&o)[64], const uint32_t (&a)[BN / 16][4], uint32_t v) {
+    uint64_t d[BN / 16];
 #pragma unroll
-    for (int ks = 0; ks < kBN / 16; ks++) d[ks] = make_desc(v + ks * 16 * 128, kBlockBytes, 1024);
+    for (int ks = 0; ks < BN / 16; ks++) d[ks] = make_desc(v + ks * 16 * 128, BN * 128, 1024);
     fence_regs(o);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kBN / 16; ks++) wgmma_o(o, a[ks], d[ks]);
+    for (int ks = 0; ks < BN / 16; ks++) wgmma_o(o, a[ks], d[ks]);
     wgmma_commit();
     fence_regs(o);
 }
 
-__device__ __forceinline__ void issue_s(float (&s)[32], const uint64_t (&dq)[kHD / 16], uint32_t k_tile) {
+template <int BN>
+__device__ __forceinline__ void issue_s(float (&s)[BN / 2], const uint64_t (&dq)[kHD / 16], uint32_t k_tile) {
     uint64_t dk[kHD / 16];
-    tile_descs(dk, k_tile);
+    tile_descs<BN>(dk, k_tile);
     fence_regs(s);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kHD / 16; kk++) wgmma_s(s, dq[kk], dk[kk], kk > 0);
+    for (int kk = 0; kk < kHD / 16; kk++) {
+        if constexpr (BN == 64) wgmma_s(s, dq[kk], dk[kk], kk > 0);
+        else wgmma_s128(s, dq[kk], dk[kk], kk > 0);
+    }
     wgmma_commit();
     fence_regs(s);
 }
@@ -304,27 +312,31 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
 }
 
 
-// The pipelined variant: same tiles and shared layout, the FA3 order within
-// one warpgroup. Per block j >= 1: S_j = Q K_j^T is issued, O is rescaled
-// under it, O += P_{j-1} V_{j-1} is issued, and the softmax of S_j runs while
-// that product is still on the tensor cores (wait_group 1, then 0). The loads
-// of K_{j+1} and V_j go out at the start of block j and are waited for at the
-// start of block j + 1. WG warpgroups per CTA (1 or 2), each with its own 64
-// query rows and the same K/V tiles: with two, a K/V tile is loaded once for
-// 128 rows, and one warpgroup's softmax can run under the other's products.
-template <int WG> __global__ void __launch_bounds__(WG * kThreads, 1) flash_wgmma_sm90_pipe_kernel(AttnArgs p) {
+// The pipelined variants: the FA3 order within each warpgroup. Per block
+// j >= 1: S_j = Q K_j^T is issued, O is rescaled under it, O += P_{j-1} V_{j-1}
+// is issued, and the softmax of S_j runs while that product is still on the
+// tensor cores (wait_group 1, then 0). The loads of K_{j+1} and V_j go out at
+// the start of block j and are waited for at the start of block j + 1. WG
+// warpgroups per CTA (1 or 2), each with its own 64 query rows and the same
+// K/V tiles (with two, a tile is loaded once for 128 rows, and one
+// warpgroup's softmax can run under the other's products); BN keys per block
+// (64, or 128: half the blocks, barriers and waits per key).
+template <int WG, int BN> constexpr int pipe_smem() { return WG * kTileBytes + 4 * BN * 256 + 1024; }
+
+template <int WG, int BN>
+__global__ void __launch_bounds__(WG * kThreads, 1) flash_wgmma_sm90_pipe_kernel(AttnArgs p) {
 #ifdef DIMOO_SM90A_KERNEL
-    constexpr int NT = WG * kThreads;
+    constexpr int NT = WG * kThreads, KV_TILE = BN * 256; // BN rows x 128 bf16
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const uint32_t sK = base + WG * kTileBytes, sV = sK + 2 * kTileBytes;
+    const uint32_t sK = base + WG * kTileBytes, sV = sK + 2 * KV_TILE;
     const cuda::AttnSeq sd = p.seqs[blockIdx.z];
     const int m0 = blockIdx.x * (WG * kBM);
     if (m0 >= sd.q_len) return;
     const int h = blockIdx.y, kvh = h / (p.n_heads / p.n_kv_heads);
     const size_t kv_off = size_t(p.layer) * sd.layer_stride + size_t(kvh) * kHD;
     const uint16_t *Kg = sd.k + kv_off, *Vg = sd.v + kv_off;
-    const int kv_len = sd.kv_len, nb = (kv_len + kBN - 1) / kBN;
+    const int kv_len = sd.kv_len, nb = (kv_len + BN - 1) / BN;
     const int wg = threadIdx.x / kThreads, warp = (threadIdx.x % kThreads) >> 5, lane = threadIdx.x & 31;
     const uint32_t sQ = base + wg * kTileBytes; // this warpgroup's 64 query rows
     const float sl2 = p.scale * 1.4426950408889634f;
@@ -334,27 +346,27 @@ template <int WG> __global__ void __launch_bounds__(WG * kThreads, 1) flash_wgmm
     for (int w = 0; w < WG; w++)
         load_tile<NT>(base + w * kTileBytes, p.q + size_t(sd.q_begin + m0 + w * kBM) * p.q_stride + h * kHD, p.q_stride,
                       0, sd.q_len - m0 - w * kBM);
-    load_tile<NT>(sK, Kg, p.kv_stride, 0, kv_len);
+    load_tile<NT, BN>(sK, Kg, p.kv_stride, 0, kv_len);
     cp_async_commit();
-    if (nb > 1) load_tile<NT>(sK + kTileBytes, Kg, p.kv_stride, kBN, kv_len);
-    load_tile<NT>(sV, Vg, p.kv_stride, 0, kv_len);
+    if (nb > 1) load_tile<NT, BN>(sK + KV_TILE, Kg, p.kv_stride, BN, kv_len);
+    load_tile<NT, BN>(sV, Vg, p.kv_stride, 0, kv_len);
     cp_async_commit();
     cp_async_wait<1>();
     fence_proxy_async();
     __syncthreads();
 
     uint64_t dq[kHD / 16];
-    tile_descs(dq, sQ);
-    float s[32], o[64], alpha[2];
-    uint32_t pa[kBN / 16][4];
+    tile_descs<kBM>(dq, sQ);
+    float s[BN / 2], o[64], alpha[2];
+    uint32_t pa[BN / 16][4];
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.f;
     RowState st{{-INFINITY, -INFINITY}, {0.f, 0.f}};
-    issue_s(s, dq, sK);
+    issue_s<BN>(s, dq, sK);
     wgmma_wait<0>();
     fence_regs(s);
-    softmax_block(s, st, alpha, 0, kv_len, lane, sl2);
-    pack_p(pa, s);
+    softmax_block<BN>(s, st, alpha, 0, kv_len, lane, sl2);
+    pack_p<BN>(pa, s);
 
     for (int j = 1; j < nb; j++) {
         cp_async_wait<0>(); // K_j and V_{j-1}
@@ -362,30 +374,41 @@ template <int WG> __global__ void __launch_bounds__(WG * kThreads, 1) flash_wgmm
         __syncthreads();
         // K_{j+1} into K_{j-1}'s buffer, V_j into V_{j-2}'s: both read by
         // products every thread waited for in block j - 1.
-        if (j + 1 < nb) load_tile<NT>(sK + ((j + 1) & 1) * kTileBytes, Kg, p.kv_stride, (j + 1) * kBN, kv_len);
-        load_tile<NT>(sV + (j & 1) * kTileBytes, Vg, p.kv_stride, j * kBN, kv_len);
+        if (j + 1 < nb) load_tile<NT, BN>(sK + ((j + 1) & 1) * KV_TILE, Kg, p.kv_stride, (j + 1) * BN, kv_len);
+        load_tile<NT, BN>(sV + (j & 1) * KV_TILE, Vg, p.kv_stride, j * BN, kv_len);
         cp_async_commit();
-        issue_s(s, dq, sK + (j & 1) * kTileBytes);
+        issue_s<BN>(s, dq, sK + (j & 1) * KV_TILE);
 #pragma unroll
         for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
-        issue_pv(o, pa, sV + ((j - 1) & 1) * kTileBytes);
+        issue_pv<BN>(o, pa, sV + ((j - 1) & 1) * KV_TILE);
         wgmma_wait<1>(); // S_j
         fence_regs(s);
-        softmax_block(s, st, alpha, j, kv_len, lane, sl2);
+        softmax_block<BN>(s, st, alpha, j, kv_len, lane, sl2);
         wgmma_wait<0>(); // P_{j-1} V_{j-1}: its A registers may now be rewritten
         fence_regs(o);
-        pack_p(pa, s);
+        pack_p<BN>(pa, s);
     }
     cp_async_wait<0>(); // V_{nb-1}
     fence_proxy_async();
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
-    issue_pv(o, pa, sV + ((nb - 1) & 1) * kTileBytes);
+    issue_pv<BN>(o, pa, sV + ((nb - 1) & 1) * KV_TILE);
     wgmma_wait<0>();
     fence_regs(o);
     store_o(p, sd, m0 + wg * kBM, h, warp, lane, o, st);
 #endif // DIMOO_SM90A_KERNEL
+}
+
+template <int WG, int BN> cudaError_t launch_pipe(const AttnArgs &a, cudaStream_t s) {
+    constexpr int smem = pipe_smem<WG, BN>();
+    static_assert(smem <= 227 * 1024, "wgmma attention tiles exceed shared memory");
+    cudaError_t e = cudaFuncSetAttribute(flash_wgmma_sm90_pipe_kernel<WG, BN>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    dim3 grid(unsigned((a.max_q + WG * kBM - 1) / (WG * kBM)), unsigned(a.n_heads), unsigned(a.n_seqs));
+    flash_wgmma_sm90_pipe_kernel<WG, BN><<<grid, WG * kThreads, smem, s>>>(a);
+    return cudaGetLastError();
 }
 
 } // namespace
@@ -399,31 +422,19 @@ bool attention_sm90_available() {
 
 cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl impl) {
     if (a.head_dim != kHD || !attention_sm90_available()) return cudaErrorInvalidValue;
-    const int wgs = impl == AttnImpl::Sm90Pipe2 ? 2 : 1, rows = wgs * kBM;
-    const int smem = impl == AttnImpl::Sm90 ? kSmem : (wgs + 4) * kTileBytes + 1024;
-    dim3 grid(unsigned((a.max_q + rows - 1) / rows), unsigned(a.n_heads), unsigned(a.n_seqs));
-    cudaError_t e = cudaSuccess;
     switch (impl) {
-    case AttnImpl::Sm90:
-        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)))
-            return e;
-        flash_wgmma_sm90_kernel<<<grid, kThreads, smem, s>>>(a);
-        break;
-    case AttnImpl::Sm90Pipe:
-        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_pipe_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem)))
-            return e;
-        flash_wgmma_sm90_pipe_kernel<1><<<grid, kThreads, smem, s>>>(a);
-        break;
-    case AttnImpl::Sm90Pipe2:
-        if ((e = cudaFuncSetAttribute(flash_wgmma_sm90_pipe_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem)))
-            return e;
-        flash_wgmma_sm90_pipe_kernel<2><<<grid, 2 * kThreads, smem, s>>>(a);
-        break;
+    case AttnImpl::Sm90: {
+        cudaError_t e = cudaFuncSetAttribute(flash_wgmma_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        if (e != cudaSuccess) return e;
+        dim3 grid(unsigned((a.max_q + kBM - 1) / kBM), unsigned(a.n_heads), unsigned(a.n_seqs));
+        flash_wgmma_sm90_kernel<<<grid, kThreads, kSmem, s>>>(a);
+        return cudaGetLastError();
+    }
+    case AttnImpl::Sm90Pipe: return launch_pipe<1, 64>(a, s);
+    case AttnImpl::Sm90Pipe2: return launch_pipe<2, 64>(a, s);
+    case AttnImpl::Sm90Wide: return launch_pipe<2, 128>(a, s);
     default: return cudaErrorInvalidValue;
     }
-    return cudaGetLastError();
 }
 
 } // namespace dimoo

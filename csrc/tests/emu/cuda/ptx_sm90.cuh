@@ -85,6 +85,7 @@ namespace emu_detail {
 // something else.
 struct Mma {
     bool is_o;
+    int n8; // S: columns / 8
     float *acc;
     uint64_t da, db;
     uint32_t a[4]; // register A (wgmma_o), read at issue
@@ -103,12 +104,12 @@ inline MmaQueue &mma_queue() {
     return q;
 }
 
-// S[64 x 64] (+)= A B^T, A and B K-major in shared memory (k16).
+// S[64 x N] (+)= A B^T, A and B K-major in shared memory (k16); N = 8 * n8.
 inline void run_s(const Mma &m) {
     const Desc A = decode(m.da), B = decode(m.db);
     const int t = int(::emu::thread_linear() % 128), w = t / 32, lane = t % 32;
     float *s = m.acc;
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < m.n8; j++)
         for (int e = 0; e < 4; e++) {
             const int row = 16 * w + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + (e % 2);
             float v = 0.f;
@@ -146,10 +147,13 @@ inline void run_o(const Mma &m) {
 } // namespace emu_detail
 
 __device__ __forceinline__ void wgmma_s(float (&s)[32], uint64_t da, uint64_t db, int accumulate) {
-    emu_detail::mma_queue().q.push_back({false, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+    emu_detail::mma_queue().q.push_back({false, 8, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+}
+__device__ __forceinline__ void wgmma_s128(float (&s)[64], uint64_t da, uint64_t db, int accumulate) {
+    emu_detail::mma_queue().q.push_back({false, 16, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
 }
 __device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
-    emu_detail::mma_queue().q.push_back({true, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
+    emu_detail::mma_queue().q.push_back({true, 16, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
 }
 __device__ __forceinline__ void wgmma_commit() {
     emu_detail::MmaQueue &q = emu_detail::mma_queue();
