@@ -82,8 +82,8 @@ step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
 # that only benchmarks.
 if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 # The sm_90a wgmma attention kernels first, alone (verified on the host
-# emulation only so far). The forward picks the pipelined one by default on
-# sm_90 after a start-up check against the reference kernel; should the
+# emulation only so far). The forward picks the wide pipelined one (sm90w) by
+# default on sm_90 after a start-up check against the reference kernel; should the
 # kernel test fail here, everything after runs with the sm_80 kernel.
 step cpp-sm90-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*'
 if [ "$last" = FAIL ]; then export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$OUT/cpp-sm90-attn.log"; fi

@@ -320,7 +320,7 @@ void bench_forward(bool quick) {
         summary.push_back(buf);
     }
     // On an sm_90 device, the forward with each attention kernel (the default
-    // above is sm90p once its start-up check passed): the real-shape logits
+    // above is sm90w once its start-up check passed): the real-shape logits
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;

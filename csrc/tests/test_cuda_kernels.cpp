@@ -384,12 +384,12 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
         }
 }
 
-// On an sm_90 device the forward's default is the pipelined wgmma kernel,
+// On an sm_90 device the forward's default is the wide pipelined wgmma kernel,
 // chosen only after it agreed with the reference kernel there; elsewhere sm80.
 TEST(CudaKernels, DefaultAttentionIsCheckedOnTheDevice) {
     SKIP_WITHOUT_GPU();
     if (std::getenv("DIMOO_CUDA_ATTN")) GTEST_SKIP() << "DIMOO_CUDA_ATTN is set";
-    const auto want = dimoo::attention_supported(dimoo::AttnImpl::Sm90Pipe, 128) ? dimoo::AttnImpl::Sm90Pipe
+    const auto want = dimoo::attention_supported(dimoo::AttnImpl::Sm90Wide, 128) ? dimoo::AttnImpl::Sm90Wide
                                                                                  : dimoo::AttnImpl::Sm80;
     EXPECT_EQ(int(dimoo::attention_default_impl(128)), int(want))
         << "the sm_90a kernel failed its start-up check on this device";

@@ -352,18 +352,20 @@ AttnImpl attention_default_impl(int head_dim) {
         return AttnImpl::Sm90Pipe2;
     if (env && std::strcmp(env, "sm90w") == 0 && attention_supported(AttnImpl::Sm90Wide, head_dim))
         return AttnImpl::Sm90Wide;
-    // On sm_90 the pipelined wgmma kernel, once it has agreed with the
-    // reference kernel on this device (checked once per process).
-    if (!env && attention_supported(AttnImpl::Sm90Pipe, head_dim)) {
+    // On sm_90 the wide pipelined wgmma kernel (FA3's tile shape: two
+    // warpgroups, 128-key blocks), once it has agreed with the reference
+    // kernel on this device (checked once per process). Which sm_90 kernel is
+    // fastest is for dimoo_bench_cuda on the device to say.
+    if (!env && attention_supported(AttnImpl::Sm90Wide, head_dim)) {
         static std::once_flag once;
         static bool sm90_ok = false;
         std::call_once(once, [] {
-            sm90_ok = attention_selfcheck(AttnImpl::Sm90Pipe);
+            sm90_ok = attention_selfcheck(AttnImpl::Sm90Wide);
             if (!sm90_ok)
                 std::fprintf(stderr, "dimoo: the sm_90a attention kernel disagreed with the reference kernel on this "
                                      "device; using the sm_80 kernel\n");
         });
-        if (sm90_ok) return AttnImpl::Sm90Pipe;
+        if (sm90_ok) return AttnImpl::Sm90Wide;
     }
     return attention_supported(AttnImpl::Sm80, head_dim) ? AttnImpl::Sm80 : AttnImpl::Reference;
 }

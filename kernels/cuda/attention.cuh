@@ -29,16 +29,17 @@ enum class AttnImpl {
     Reference, // one warp per query row, any head_dim <= 256: slow, simple, the device-side check
     Sm80,      // flash attention with mma.sync m16n8k16 (head_dim 32, 64, 128), sm_80 and later
     Sm90,      // flash attention with wgmma (head_dim 128, sm_90a), chosen by DIMOO_CUDA_ATTN=sm90
-    Sm90Pipe,  // the same in FA3's order (S_j and P_{j-1} V_{j-1} under the softmax): the
-               // default on sm_90 once its start-up check passes (see attention_default_impl)
+    Sm90Pipe,  // the same in FA3's order (S_j and P_{j-1} V_{j-1} under the softmax), DIMOO_CUDA_ATTN=sm90p
     Sm90Pipe2, // the same with two warpgroups (128 query rows) sharing each K/V tile (DIMOO_CUDA_ATTN=sm90p2)
-    Sm90Wide,  // two warpgroups and 128-key blocks (DIMOO_CUDA_ATTN=sm90w)
+    Sm90Wide,  // two warpgroups and 128-key blocks (DIMOO_CUDA_ATTN=sm90w): the default on sm_90
+               // once its start-up check passes (see attention_default_impl)
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p
-// in the environment; else, on an sm_90 device at head dim 128, Sm90Pipe
-// once it has passed a start-up check against the reference kernel on the
-// device; else Sm80 where the head dim has a flash instantiation.
+// (or sm90p2, sm90w) in the environment; else, on an sm_90 device at head
+// dim 128, Sm90Wide once it has passed a start-up check against the
+// reference kernel on the device; else Sm80 where the head dim has a flash
+// instantiation.
 AttnImpl attention_default_impl(int head_dim);
 bool attention_supported(AttnImpl impl, int head_dim);
 cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
