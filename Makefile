@@ -16,7 +16,7 @@ ifeq ($(origin CUDACXX),undefined)
   endif
 endif
 
-.PHONY: all lib cli test test-cpp test-go test-emu test-emu-asan bench fuzz clean testdata
+.PHONY: all lib cli test test-cpp test-go test-emu test-emu-asan bench-emu bench fuzz clean testdata
 
 all: lib cli
 
@@ -56,7 +56,14 @@ test-emu:
 	cmake --build $(EMU_BUILD) --target dimoo -j $(JOBS)
 	DIMOO_LIBRARY=$(CURDIR)/$(EMU_BUILD)/lib/libdimoo.so $(GO) test -count=1 -run 'CUDA' ./dimoo/
 
-# The same under AddressSanitizer: a kernel reading or writing outside a
+# The device benchmark (bench/cuda) at toy sizes on an emulated sm_90: every
+# code path and correctness check it will run on the GPU, no meaningful times.
+bench-emu:
+	cmake -S . -B $(EMU_BUILD) -G Ninja -DDIMOO_CUDA=OFF -DDIMOO_CUDA_EMU=ON $(CMAKE_ARGS) >/dev/null
+	cmake --build $(EMU_BUILD) --target dimoo_bench_cuda -j $(JOBS)
+	DIMOO_EMU_SM=90 ./$(EMU_BUILD)/dimoo_bench_cuda --tiny
+
+# The emulated CUDA tests under AddressSanitizer: a kernel reading or writing outside a
 # device allocation or a shared array stops the run (about 5 min to build,
 # 5 min to run on 2 cores; not part of CI).
 ASAN_BUILD ?= build-emu-asan

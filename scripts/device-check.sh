@@ -118,7 +118,7 @@ fi
 fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
-  step bench-cuda timeout 240 ./build-device/dimoo_bench_cuda
+  step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
   # aMUSEd-size VQ decode, 32x32 -> 512² and 64x64 -> 1024², GPU ms next to the CPU.
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
     --gtest_filter='CudaVQTiming.*'

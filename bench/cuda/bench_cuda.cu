@@ -7,7 +7,10 @@
 // zeros; timings are CUDA events (kernels) or host clocks around a
 // synchronous forward, the median of several runs after warm-up.
 //
-//   dimoo_bench_cuda [--quick]    (--quick: smaller shapes, a smoke test)
+//   dimoo_bench_cuda [--quick|--tiny]
+//     --quick: smaller shapes, a smoke test on a GPU; --tiny: toy shapes with
+//     the same code paths, for the host emulation (make bench-emu), where
+//     only the checks mean anything, never the times.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -35,10 +38,14 @@ using namespace dimoo;
 namespace {
 
 std::vector<std::string> summary;
+// Problem sizes: 0 the real ones, 1 --quick, 2 --tiny.
+int g_size = 0;
+int pick(int full, int quick, int tiny) { return g_size == 0 ? full : g_size == 1 ? quick : tiny; }
 bool check_failed = false; // a correctness check inside the benchmark failed
 
 // Median milliseconds of `reps` runs of f on stream s, after `warm` runs.
 double time_events(cudaStream_t s, int warm, int reps, const std::function<void()> &f) {
+    if (g_size == 2) warm = 0, reps = 1; // --tiny: the code paths, not the times
     for (int i = 0; i < warm; i++) f();
     cudaEvent_t a, b;
     DIMOO_CUDA(cudaEventCreate(&a));
@@ -72,9 +79,9 @@ void line(const std::string &s) {
     std::fflush(stdout);
 }
 
-double bench_gemms(cudaStream_t s, bool quick) {
+double bench_gemms(cudaStream_t s) {
     LtGemm lt(s, size_t(32) << 20);
-    const int C = quick ? 2048 : 8192;
+    const int C = pick(8192, 2048, 256);
     double ceiling = 0;
     {
         DevMem A(size_t(C) * C * 2), B(size_t(C) * C * 2), Y(size_t(C) * C * 2);
@@ -92,12 +99,12 @@ double bench_gemms(cudaStream_t s, bool quick) {
         int N, K;
         bool f32_acc;
     };
-    const int d = quick ? 1024 : 4096, mlp = quick ? 3072 : 12288;
+    const int d = pick(4096, 1024, 256), mlp = pick(12288, 3072, 512);
     const G gs[] = {{"qkv", 3 * d, d, false}, {"o+res", d, d, true}, {"gate_up", 2 * mlp, d, false},
                     {"down+res", d, mlp, true}, {"head8192", 8192, d, true}};
-    for (int M : {quick ? 512 : 4228, quick ? 1024 : 8456, quick ? 128 : 846}) {
+    for (int M : {pick(4228, 512, 130), pick(8456, 1024, 260), pick(846, 128, 26)}) {
         for (const G &g : gs) {
-            const int Mg = (std::strcmp(g.name, "head8192") == 0) ? std::min(M, quick ? 512 : 4096) : M;
+            const int Mg = (std::strcmp(g.name, "head8192") == 0) ? std::min(M, pick(4096, 512, 130)) : M;
             DevMem X(size_t(Mg) * g.K * 2), W(size_t(g.N) * g.K * 2), Y(size_t(Mg) * g.N * 4);
             DIMOO_CUDA(fill_uniform_bf16_launch(X.bf(), size_t(Mg) * g.K, 3, -1, 1, s));
             DIMOO_CUDA(fill_uniform_bf16_launch(W.bf(), size_t(g.N) * g.K, 4, -0.02f, 0.02f, s));
@@ -111,7 +118,7 @@ double bench_gemms(cudaStream_t s, bool quick) {
             std::snprintf(b, sizeof b, "gemm  %-9s M=%-5d N=%-5d K=%-5d %8.3f ms %7.1f TFLOP/s (%3.0f%% of ceiling)",
                           g.name, Mg, g.N, g.K, ms, tf, 100 * tf / ceiling);
             line(b);
-            if (M == (quick ? 1024 : 8456)) summary.push_back(b);
+            if (M == pick(8456, 1024, 260)) summary.push_back(b);
         }
     }
     return ceiling;
@@ -120,15 +127,15 @@ double bench_gemms(cudaStream_t s, bool quick) {
 // impls Sm90 and Sm90Pipe (the wgmma kernels, checked only on the host
 // emulation so far) run last in main, so a fault
 // there cannot spoil the other numbers; its output is compared with sm80's.
-void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
-    const int H = 32, hd = 128, d = H * hd;
+void bench_attention(cudaStream_t s, AttnImpl impl) {
+    const int H = pick(32, 32, 2), hd = 128, d = H * hd;
     struct Case {
         int B, Tq, Tk;
     };
     std::vector<Case> cases;
-    for (int T : quick ? std::vector<int>{1124} : std::vector<int>{1124, 4228, 8320})
+    for (int T : g_size == 0 ? std::vector<int>{1124, 4228, 8320} : std::vector<int>{pick(0, 1124, 200)})
         for (int B : {1, 2}) cases.push_back({B, T, T});
-    cases.push_back({2, quick ? 112 : 423, quick ? 1124 : 4228}); // ML-Cache: compact queries vs all keys
+    cases.push_back({2, pick(423, 112, 20), pick(4228, 1124, 200)}); // ML-Cache: compact queries vs all keys
     for (const Case &c : cases) {
         const size_t rows_q = size_t(c.B) * c.Tq, rows_k = size_t(c.B) * c.Tk;
         DevMem Q(rows_q * d * 2), O(rows_q * d * 2), K(rows_k * d * 2), V(rows_k * d * 2);
@@ -187,19 +194,19 @@ void bench_attention(cudaStream_t s, bool quick, AttnImpl impl) {
     }
 }
 
-void bench_forward(bool quick) {
+void bench_forward() {
     dimoo_model_config cfg{};
-    cfg.d_model = quick ? 1024 : 4096;
-    cfg.n_layers = quick ? 4 : 32;
-    cfg.n_heads = quick ? 8 : 32;
+    cfg.d_model = pick(4096, 1024, 256);
+    cfg.n_layers = pick(32, 4, 2);
+    cfg.n_heads = pick(32, 8, 2);
     cfg.n_kv_heads = cfg.n_heads;
-    cfg.mlp_hidden_size = quick ? 3072 : 12288;
-    cfg.vocab_size = quick ? 16384 : 134548;
+    cfg.mlp_hidden_size = pick(12288, 3072, 512);
+    cfg.vocab_size = pick(134548, 16384, 8448);
     cfg.embedding_size = cfg.vocab_size;
     cfg.max_sequence_length = 8320;
     cfg.rope_theta = 500000.f;
     cfg.rms_norm_eps = 1e-5f;
-    const int Tmax = quick ? 1124 : 4228;
+    const int Tmax = pick(4228, 1124, 200);
     auto be = make_cuda_backend(0);
     ModelShape shape(cfg);
     auto model = be->create_model(shape);
@@ -209,7 +216,7 @@ void bench_forward(bool quick) {
     auto ctx = model->create_ctx(cp);
     std::atomic<bool> cancel{false};
     const int codes_begin = cfg.vocab_size - 8192;
-    for (int T : quick ? std::vector<int>{1124} : std::vector<int>{1124, 4228}) {
+    for (int T : g_size == 0 ? std::vector<int>{1124, 4228} : std::vector<int>{Tmax}) {
         std::vector<int32_t> toks(static_cast<size_t>(T));
         for (int i = 0; i < T; i++) toks[size_t(i)] = int32_t((i * 7919) % cfg.vocab_size);
         // The image part: the last ~97% of the positions, 8192 code columns.
@@ -236,7 +243,7 @@ void bench_forward(bool quick) {
                     }
                 }
                 std::vector<double> ms;
-                for (int r = 0; r < 6; r++) {
+                for (int r = 0; r < pick(6, 6, 2); r++) {
                     auto t0 = std::chrono::steady_clock::now();
                     ctx->forward(a, nb, cancel, nullptr);
                     auto t1 = std::chrono::steady_clock::now();
@@ -269,7 +276,7 @@ void bench_forward(bool quick) {
         }
         ctx->forward(st, 2, cancel, nullptr);
         std::vector<double> ms;
-        for (int r = 0; r < 6; r++) {
+        for (int r = 0; r < pick(6, 6, 2); r++) {
             auto t0 = std::chrono::steady_clock::now();
             ctx->forward(us, 2, cancel, nullptr);
             auto t1 = std::chrono::steady_clock::now();
@@ -285,7 +292,7 @@ void bench_forward(bool quick) {
     // The real shape end to end: the same forward with the reference
     // attention kernel (a context made under DIMOO_CUDA_ATTN=ref) gives the
     // same logits up to bf16 rounding.
-    const int Tc = quick ? 300 : 1124, n_out_c = 64;
+    const int Tc = pick(1124, 300, 150), n_out_c = 64;
     std::vector<float> lg[2];
     {
         const int T = Tc, n_out = n_out_c;
@@ -374,7 +381,7 @@ void bench_forward(bool quick) {
                 a[b].logits = logits[b].data();
             }
             std::vector<double> ms;
-            for (int r = 0; r < 6; r++) {
+            for (int r = 0; r < pick(6, 6, 2); r++) {
                 auto t0 = std::chrono::steady_clock::now();
                 c3->forward(a, nb, cancel, nullptr);
                 auto t1 = std::chrono::steady_clock::now();
@@ -393,7 +400,8 @@ void bench_forward(bool quick) {
 } // namespace
 
 int main(int argc, char **argv) {
-    const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+    if (argc > 1 && std::strcmp(argv[1], "--quick") == 0) g_size = 1;
+    if (argc > 1 && std::strcmp(argv[1], "--tiny") == 0) g_size = 2;
     try {
         if (cuda_device_count() == 0) {
             std::printf("no CUDA device\n");
@@ -404,14 +412,14 @@ int main(int argc, char **argv) {
         std::printf("device: %s, sm_%d%d, %d SMs\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
         cudaStream_t s;
         DIMOO_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-        bench_gemms(s, quick);
-        bench_attention(s, quick, AttnImpl::Sm80);
-        bench_forward(quick);
+        bench_gemms(s);
+        bench_attention(s, AttnImpl::Sm80);
+        bench_forward();
         if (attention_supported(AttnImpl::Sm90, 128)) {
-            bench_attention(s, quick, AttnImpl::Sm90);
-            bench_attention(s, quick, AttnImpl::Sm90Pipe);
-            bench_attention(s, quick, AttnImpl::Sm90Pipe2);
-            bench_attention(s, quick, AttnImpl::Sm90Wide);
+            bench_attention(s, AttnImpl::Sm90);
+            bench_attention(s, AttnImpl::Sm90Pipe);
+            bench_attention(s, AttnImpl::Sm90Pipe2);
+            bench_attention(s, AttnImpl::Sm90Wide);
         }
         cudaStreamDestroy(s);
     } catch (const Error &e) {

@@ -3,6 +3,7 @@
 // work at once or record it while captured, graphs that replay a record.
 #include "cuda_runtime.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -14,6 +15,10 @@ struct CUstream_st {
     bool capturing = false;
     bool invalidated = false;
     std::vector<std::function<void()>> record;
+};
+struct CUevent_st {
+    std::chrono::steady_clock::time_point t{};
+    bool recorded = false;
 };
 struct CUgraph_st {
     std::vector<std::function<void()>> ops;
@@ -308,5 +313,28 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
 }
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
     delete e;
+    return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = new CUevent_st;
+    return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    delete e;
+    return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+    if (!e) return set(cudaErrorInvalidValue);
+    emu::submit(s, [e] {
+        e->t = std::chrono::steady_clock::now();
+        e->recorded = true;
+    });
+    return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : set(cudaErrorInvalidValue); }
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
+    if (!a || !b || !a->recorded || !b->recorded) return set(cudaErrorInvalidValue);
+    *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();
     return cudaSuccess;
 }
