@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
     float o[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] = 0.f;
-    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    RowState st{{-INFINITY, -INFINITY}, {0.f, 0.f}};
     const float sl2 = p.scale * 1.4426950408889634f;
 
     for (int j = 0; j < nb; j++) {
@@ -235,32 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
             load_tile(sK + ((j + 1) & 1) * kTileBytes, Kg, p.kv_stride, (j + 1) * kBN, kv_len);
             cp_async_commit();
         }
-        if ((j + 1) * kBN > kv_len) {
-#pragma unroll
-            for (int t = 0; t < 8; t++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (j * kBN + t * 8 + 2 * (lane & 3) + (e & 1) >= kv_len) s[4 * t + e] = -INFINITY;
-        }
-        float mx[2] = {row_m[0], row_m[1]};
-#pragma unroll
-        for (int i = 0; i < 32; i++) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-        float alpha[2], rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            alpha[r] = exp2f((row_m[r] - mx[r]) * sl2);
-            row_m[r] = mx[r];
-        }
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            const int r = (i >> 1) & 1;
-            s[i] = exp2f(s[i] * sl2 - mx[r] * sl2);
-            rs[r] += s[i];
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) row_l[r] = row_l[r] * alpha[r] + rs[r];
+        float alpha[2];
+        softmax_block<kBN>(s, st, alpha, j, kv_len, lane, sl2);
 #pragma unroll
         for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
         if (j + 1 < nb) cp_async_wait<1>();
@@ -270,10 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
         // P as four k16 A fragments, all written before the fence so the
         // wgmmas issue back to back.
         uint32_t a[kBN / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ks++)
-#pragma unroll
-            for (int u = 0; u < 4; u++) a[ks][u] = pack_bf16(s[8 * ks + 2 * u], s[8 * ks + 2 * u + 1]);
+        pack_p<kBN>(a, s);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kBN / 16; ks++) wgmma_o(o, a[ks], make_desc(v_s + ks * 16 * 128, kBlockBytes, 1024));
@@ -288,26 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_wgmma_sm90_kernel(AttnArgs 
         }
     }
 
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float l = row_l[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv[r] = l > 0.f ? 1.f / l : 0.f;
-    }
-    const int r0 = m0 + warp * 16 + (lane >> 2), r1 = r0 + 8;
-    __nv_bfloat16 *Og = reinterpret_cast<__nv_bfloat16 *>(p.o) + size_t(sd.q_begin) * p.o_stride + h * kHD;
-#pragma unroll
-    for (int t = 0; t < 16; t++) {
-        const int c = t * 8 + 2 * (lane & 3);
-        if (r0 < sd.q_len)
-            *reinterpret_cast<__nv_bfloat162 *>(Og + size_t(r0) * p.o_stride + c) =
-                __floats2bfloat162_rn(o[4 * t] * inv[0], o[4 * t + 1] * inv[0]);
-        if (r1 < sd.q_len)
-            *reinterpret_cast<__nv_bfloat162 *>(Og + size_t(r1) * p.o_stride + c) =
-                __floats2bfloat162_rn(o[4 * t + 2] * inv[1], o[4 * t + 3] * inv[1]);
-    }
+    store_o(p, sd, m0, h, warp, lane, o, st);
 #endif // DIMOO_SM90A_KERNEL
 }
 
