@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(DIMOO_EMU_UCONTEXT)
 #include <ucontext.h>
 #endif
 
@@ -39,7 +39,7 @@ namespace {
 
 // ---- context switching ---------------------------------------------------------
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(DIMOO_EMU_UCONTEXT)
 // Saves the callee-saved registers on the current stack, stores its pointer
 // in *save, loads `load` and pops the other context's registers. A new
 // context starts in ctx_entry with r12 = argument, r13 = function.
@@ -109,12 +109,18 @@ struct Context {
     size_t size = 0;
     void *fake = nullptr;
 };
+// makecontext passes int arguments only: the entry finds its function and
+// argument here instead (one block starts its fibers at a time).
+void (*g_uc_fn)(void *) = nullptr;
+void *g_uc_arg = nullptr;
+void uc_entry() { g_uc_fn(g_uc_arg); }
 void ctx_make(Context &c, char *stack, size_t size, void (*fn)(void *), void *arg) {
     getcontext(&c.uc);
     c.uc.uc_stack.ss_sp = stack;
     c.uc.uc_stack.ss_size = size;
     c.uc.uc_link = nullptr;
-    makecontext(&c.uc, reinterpret_cast<void (*)()>(fn), 1, arg);
+    g_uc_fn = fn, g_uc_arg = arg;
+    makecontext(&c.uc, uc_entry, 0);
     c.bottom = stack;
     c.size = size;
 }
@@ -139,7 +145,7 @@ void ctx_switch(Context &from, Context &to, bool exiting = false) {
 constexpr size_t kStack = size_t(256) << 10; // per CUDA thread; a guard page below
 constexpr size_t kSlot = 64;                  // warp exchange bytes per lane
 
-enum class State { Ready, Waiting, Done };
+enum class State { Ready, Done };
 
 struct Fiber {
     Context ctx;
