@@ -1,14 +1,15 @@
-// test_cuda_vq.cpp - the VQ-VAE decoder on the GPU (kernels/cuda/vq.cu)
-// against the CPU decoder (csrc/vq), through the C ABI: the same weights on a
-// CPU runtime and on a CUDA runtime, decode and decode_latent over several
-// grids, relative error ||gpu - cpu|| / ||cpu|| within 1e-4 (fp32 GEMMs with
-// TF32 off; only the summation order differs). Also: NaN-poisoned outputs
+// test_cuda_vq.cpp - the VQ-VAE on the GPU (kernels/cuda/vq.cu) against the
+// CPU (csrc/vq), through the C ABI: the same weights on a CPU runtime and on a
+// CUDA runtime, decode and decode_latent over several grids, encode_latent
+// and encode over images of those grids, relative error ||gpu - cpu|| /
+// ||cpu|| within 1e-4 (fp32 GEMMs with TF32 off; only the summation order
+// differs; encode's codebook search runs on the host for both). Also: NaN-poisoned outputs
 // fully overwritten, out-of-range codes refused before anything runs,
 // cancel honoured. Skips with a reason where the CUDA backend is not built
 // or no GPU is present.
 //
 // The timing benchmark (not a test): aMUSEd-size decode, 32x32 -> 512² and
-// 64x64 -> 1024², GPU next to CPU:
+// 64x64 -> 1024², and encode back, GPU next to CPU:
 //   ./build-cuda/dimoo_tests --gtest_also_run_disabled_tests --gtest_filter='CudaVQTiming.*'
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -171,6 +172,38 @@ void compare(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::stri
     }
 }
 
+// encode_latent and encode on both, images of several grids (in_channels
+// channels, values in [-1, 1]): the latents within kTol; the codes, found on
+// the host from each side's latent, equal but where a latent sits within
+// rounding of two codebook rows (at most 1% of the cells).
+void compare_encode(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::string &what) {
+    dimoo::vq::Model shape(c);
+    const int f = shape.factor(), D = shape.embed_dim();
+    uint32_t seed = 300;
+    for (const Grid &g : kGrids) {
+        SCOPED_TRACE(what + " encode grid " + std::to_string(g.h) + "x" + std::to_string(g.w));
+        const int H = g.h * f, W = g.w * f;
+        const size_t n = size_t(g.h) * g.w, px = size_t(H) * W * size_t(c.in_channels);
+        std::vector<float> pixels(px);
+        std::mt19937 r(seed++);
+        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+        for (auto &v : pixels) v = u(r);
+        std::vector<float> want(n * size_t(D)), got(n * size_t(D), std::numeric_limits<float>::quiet_NaN());
+        ASSERT_EQ(dimoo_vq_encode_latent(cpu.vq, pixels.data(), H, W, want.data()), DIMOO_OK)
+            << dimoo_vq_error(cpu.vq);
+        ASSERT_EQ(dimoo_vq_encode_latent(gpu.vq, pixels.data(), H, W, got.data()), DIMOO_OK)
+            << dimoo_vq_error(gpu.vq);
+        EXPECT_TRUE(all_finite(got)) << "NaN-poisoned latent not fully overwritten";
+        EXPECT_LT(rel_err(got, want), kTol);
+        std::vector<int32_t> cw(n), cg(n, -1);
+        ASSERT_EQ(dimoo_vq_encode(cpu.vq, pixels.data(), H, W, cw.data()), DIMOO_OK) << dimoo_vq_error(cpu.vq);
+        ASSERT_EQ(dimoo_vq_encode(gpu.vq, pixels.data(), H, W, cg.data()), DIMOO_OK) << dimoo_vq_error(gpu.vq);
+        size_t same = 0;
+        for (size_t i = 0; i < n; i++) same += cw[i] == cg[i];
+        EXPECT_GE(double(same), 0.99 * double(n)) << same << " of " << n << " codes equal";
+    }
+}
+
 // The harness itself, CPU against CPU on every build: the checkpoints'
 // configs above match their tensors, and two CPU handles agree.
 TEST(CudaVQ, HarnessCpuAgainstCpu) {
@@ -182,6 +215,7 @@ TEST(CudaVQ, HarnessCpuAgainstCpu) {
         open_handle(a, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
         open_handle(b, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
         compare(a, b, ck.cfg, ck.dir);
+        compare_encode(a, b, ck.cfg, ck.dir);
     }
     const auto c = vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1);
     const auto w = random_weights(c);
@@ -205,6 +239,7 @@ TEST(CudaVQ, CheckpointsMatchCpu) {
         open_handle(cpu, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
         open_handle(gpu, DIMOO_BACKEND_CUDA, ck.cfg, &st, nullptr);
         compare(cpu, gpu, ck.cfg, ck.dir);
+        compare_encode(cpu, gpu, ck.cfg, ck.dir);
     }
 }
 
@@ -217,6 +252,7 @@ TEST(CudaVQ, RandomWithAttentionMatchesCpu) {
     open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
     open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
     compare(cpu, gpu, c, "random");
+    compare_encode(cpu, gpu, c, "random");
 }
 
 TEST(CudaVQ, RefusesBadCodesBeforeRunning) {
@@ -319,6 +355,31 @@ TEST(CudaVQTiming, DISABLED_AmusedSize) {
         std::printf("aMUSEd-size VQ decode %dx%d -> %dx%d: GPU %.1f ms, CPU (%d threads) %.1f ms, rel err %.2e\n",
                     side, side, side * 16, side * 16, best, omp_get_max_threads(), cpu_ms, rel_err(got, want));
         EXPECT_LT(rel_err(got, want), kTol);
+        // The encoder on the decoded picture (an editing input of that size):
+        // the latent on the device, the codebook search on the host.
+        const size_t nz = size_t(side) * side * 64;
+        std::vector<float> zw(nz), zg(nz);
+        std::vector<int32_t> cw(size_t(side) * side), cg(size_t(side) * side);
+        t0 = std::chrono::steady_clock::now();
+        ASSERT_EQ(dimoo_vq_encode(cpu.vq, want.data(), side * 16, side * 16, cw.data()), DIMOO_OK);
+        const double cpu_enc = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        ASSERT_EQ(dimoo_vq_encode(gpu.vq, want.data(), side * 16, side * 16, cg.data()), DIMOO_OK)
+            << dimoo_vq_error(gpu.vq);
+        best = 1e30;
+        for (int i = 0; i < 3; i++) {
+            auto t1 = std::chrono::steady_clock::now();
+            ASSERT_EQ(dimoo_vq_encode(gpu.vq, want.data(), side * 16, side * 16, cg.data()), DIMOO_OK);
+            best = std::min(best,
+                            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t1).count());
+        }
+        ASSERT_EQ(dimoo_vq_encode_latent(cpu.vq, want.data(), side * 16, side * 16, zw.data()), DIMOO_OK);
+        ASSERT_EQ(dimoo_vq_encode_latent(gpu.vq, want.data(), side * 16, side * 16, zg.data()), DIMOO_OK);
+        size_t same = 0;
+        for (size_t i = 0; i < cw.size(); i++) same += cw[i] == cg[i];
+        std::printf("aMUSEd-size VQ encode %dx%d -> %dx%d: GPU (host codebook search) %.1f ms, CPU %.1f ms, "
+                    "latent rel err %.2e, codes equal %zu of %zu\n",
+                    side * 16, side * 16, side, side, best, cpu_enc, rel_err(zg, zw), same, cw.size());
+        EXPECT_LT(rel_err(zg, zw), kTol);
     }
 }
 

@@ -167,6 +167,13 @@ public:
     const std::vector<Stage> &dec_up() const { return dec_up_; }
     const GroupNorm &dec_norm_out() const { return dec_norm_out_; }
     const Conv2d &dec_conv_out() const { return dec_out_; }
+    // The encoder's, likewise.
+    const Conv2d &enc_conv_in() const { return enc_in_; }
+    const std::vector<Stage> &enc_down() const { return enc_down_; }
+    const MidBlock &enc_mid() const { return enc_mid_; }
+    const GroupNorm &enc_norm_out() const { return enc_norm_out_; }
+    const Conv2d &enc_conv_out() const { return enc_out_; }
+    const Conv2d &quant_conv() const { return quant_conv_; }
 
 private:
     struct Slot {

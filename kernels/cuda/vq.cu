@@ -1,8 +1,12 @@
-// vq.cu - the VQ-VAE decoder on the GPU, op for op the CPU network of
-// csrc/vq/vq_model.cpp: codebook gather (or the given latent) ->
+// vq.cu - the VQ-VAE on the GPU, op for op the CPU network of
+// csrc/vq/vq_model.cpp. Decoder: codebook gather (or the given latent) ->
 // post_quant_conv -> decoder.conv_in -> mid block (resnet, attention,
 // resnet) -> up blocks (resnets, nearest x2 upsample then 3x3 conv) ->
-// conv_norm_out + SiLU -> conv_out.
+// conv_norm_out + SiLU -> conv_out. Encoder: conv_in -> down blocks
+// (resnets, then a 3x3 stride-2 conv over the input padded right and below,
+// as patches and one GEMM) -> mid block -> conv_norm_out + SiLU -> conv_out
+// -> quant_conv; the nearest-codebook search stays on the host
+// (vq_api.cpp), exact as the CPU's.
 //
 // Activations are the CPU's "padded" layout: (H + 2) x (W + 2) rows of C
 // fp32 with a zero border, so a 3x3 "same" conv is nine accumulating GEMMs
@@ -17,7 +21,7 @@
 // ~1e-5; the tests allow 1e-4).
 //
 // Weights are copied to the device once (make_cuda_vq, at dimoo_vq_finalize);
-// every decode allocates its activations in one buffer after checking the
+// every decode or encode allocates its activations in one buffer after checking the
 // device's free memory, and polls cancel between blocks.
 #include "cuda/vq.cuh"
 
@@ -108,6 +112,18 @@ __global__ void k_unpad(const float *p, int H, int W, int C, float *x) {
         const int64_t pix = i / C, c = i % C;
         const int64_t y = pix / W, xx = pix % W;
         x[i] = p[((y + 1) * Wp + xx + 1) * C + c];
+    }
+}
+
+// The encoder's downsampler (pad right and bottom by one, 3x3, stride 2) as
+// patches: row (oy, ox) of col holds taps (ky, kx) of cin channels each, read
+// from the padded input at (2 oy + ky, 2 ox + kx) (its zero border is the pad).
+__global__ void k_im2col_down(const float *x, int W, int cin, int Ho, int Wo, float *col) {
+    const int64_t K = 9 * int64_t(cin), total = int64_t(Ho) * Wo * K, Wp = W + 2;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t m = i / K, k = i % K, tap = k / cin, c = k % cin;
+        const int64_t oy = m / Wo, ox = m % Wo, ky = tap / 3, kx = tap % 3;
+        col[i] = x[((2 * oy + ky + 1) * Wp + 2 * ox + kx + 1) * cin + c];
     }
 }
 
@@ -274,6 +290,11 @@ struct DStage {
     bool has_up = false;
     DConv up;
 };
+struct DDownStage {
+    std::vector<DResnet> resnets;
+    bool has_down = false;
+    DConv down; // 3x3, stride 2
+};
 
 void check_cancel(const std::atomic<bool> &cancel) {
     if (cancel.load(std::memory_order_relaxed)) fail(DIMOO_ERR_CANCELLED, "cancelled");
@@ -312,7 +333,21 @@ public:
         }
         norm(m.dec_norm_out());
         conv(m.dec_conv_out());
-        check_device_room(device_, total, "the VQ decoder's weights in fp32");
+        auto mid = [&](const vq::MidBlock &b) {
+            resnet(b.r0);
+            if (b.has_attn) norm(b.attn.norm), lin(b.attn.q), lin(b.attn.k), lin(b.attn.v), lin(b.attn.o);
+            resnet(b.r1);
+        };
+        conv(m.enc_conv_in());
+        for (const auto &st : m.enc_down()) {
+            for (const auto &r : st.resnets) resnet(r);
+            if (st.has_resample) conv(st.resample);
+        }
+        mid(m.enc_mid());
+        norm(m.enc_norm_out());
+        conv(m.enc_conv_out());
+        conv(m.quant_conv());
+        check_device_room(device_, total, "the VQ-VAE's weights in fp32");
         weights_ = std::make_unique<DeviceBuffer>(total);
         bytes_ = int64_t(total);
         char *base = static_cast<char *>(weights_->get());
@@ -371,6 +406,29 @@ public:
         }
         norm_out_ = dnorm(m.dec_norm_out());
         conv_out_ = dconv(m.dec_conv_out());
+        auto dmid = [&](const vq::MidBlock &b) {
+            DMid d;
+            d.r0 = dres(b.r0);
+            d.has_attn = b.has_attn;
+            if (b.has_attn) {
+                d.anorm = dnorm(b.attn.norm);
+                d.q = dlin(b.attn.q), d.k = dlin(b.attn.k), d.v = dlin(b.attn.v), d.o = dlin(b.attn.o);
+            }
+            d.r1 = dres(b.r1);
+            return d;
+        };
+        enc_in_ = dconv(m.enc_conv_in());
+        for (const auto &st : m.enc_down()) {
+            DDownStage d;
+            for (const auto &r : st.resnets) d.resnets.push_back(dres(r));
+            d.has_down = st.has_resample;
+            if (st.has_resample) d.down = dconv(st.resample);
+            enc_down_.push_back(std::move(d));
+        }
+        enc_mid_ = dmid(m.enc_mid());
+        enc_norm_out_ = dnorm(m.enc_norm_out());
+        enc_out_ = dconv(m.enc_conv_out());
+        quant_conv_ = dconv(m.quant_conv());
         DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS) {
             blas_ = nullptr;
@@ -396,6 +454,9 @@ public:
     }
     void decode_latent(const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) override {
         run(nullptr, z, h, w, out, cancel);
+    }
+    void encode_latent(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) override {
+        encode(pixels, H, W, latent, cancel);
     }
 
 private:
@@ -470,6 +531,20 @@ private:
         zero_border(out, 2 * H, 2 * W, cout);
     }
 
+    // The encoder's downsampler: x padded (H, W, cin) -> out padded (H/2, W/2,
+    // cout) through patches (col, (H/2)(W/2) x 9 cin) and one GEMM into tmp
+    // (compact, (H/2)(W/2) x cout).
+    void conv_down(const DConv &c, const float *x, int H, int W, float *out, float *tmp, float *col) {
+        const int cin = c.cin, cout = c.cout, Ho = (H - 2) / 2 + 1, Wo = (W - 2) / 2 + 1;
+        const int64_t M = int64_t(Ho) * Wo;
+        k_im2col_down<<<blocks_for(M * 9 * cin), kThreads, 0, stream_>>>(x, W, cin, Ho, Wo, col);
+        launch_check("im2col");
+        bias(tmp, M, cout, c.b, false);
+        gemm_nt(M, cout, 9 * cin, col, 9 * cin, c.w, 9 * cin, tmp, cout, 1.0f);
+        k_pad<<<blocks_for(int64_t(Ho + 2) * (Wo + 2) * cout), kThreads, 0, stream_>>>(tmp, Ho, Wo, cout, out);
+        launch_check("pad");
+    }
+
     void group_norm(const DNorm &g, const float *x, int H, int W, float *out, bool silu) {
         const int C = g.c, cg = C / g.groups;
         const int64_t rows = int64_t(H + 2) * (W + 2);
@@ -506,8 +581,8 @@ private:
         return ti;
     }
 
-    // x (padded, buffer xi) += attention of its pixels, in place.
-    void attention(float *x, int H, int W) {
+    // x (padded) += the mid block's attention over its pixels, in place.
+    void attention(const DMid &mid_, float *x, int H, int W) {
         const int C = mid_.anorm.c;
         const int64_t n = int64_t(H) * W;
         float *hc = att_, *q = hc + n * C, *k = q + n * C, *v = k + n * C, *r = v + n * C, *s = r + n * C;
@@ -610,7 +685,7 @@ private:
         step_resnet(mid_.r0);
         check_cancel(cancel);
         if (mid_.has_attn) {
-            attention(buf_[x], H, W);
+            attention(mid_, buf_[x], H, W);
             check_cancel(cancel);
         }
         step_resnet(mid_.r1);
@@ -640,6 +715,96 @@ private:
         DIMOO_CUDA(cudaStreamSynchronize(stream_));
     }
 
+    // The encoder: pixels (H, W, in_channels) -> conv_in -> down stages ->
+    // mid -> norm_out + SiLU -> conv_out -> quant_conv -> latent (H/f, W/f,
+    // vq_embed_dim), the CPU's walk op for op.
+    void encode(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) {
+        DIMOO_CUDA(cudaSetDevice(device_));
+        const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels, Cin = cfg_.in_channels;
+        const int Cm = cfg_.block_out_channels[L - 1];
+        int max_c = 0;
+        for (int i = 0; i < L; i++) max_c = std::max(max_c, cfg_.block_out_channels[i]);
+        auto padded = [](int h, int w) { return int64_t(h + 2) * (w + 2); };
+        // The largest activation and the largest patch matrix of the walk.
+        int64_t big = padded(H, W) * std::max(Cin, enc_in_.cout), col = 1;
+        int h = H, w = W;
+        for (const DDownStage &st : enc_down_) {
+            for (const DResnet &r : st.resnets) big = std::max(big, padded(h, w) * std::max(r.conv1.cin, r.conv1.cout));
+            if (st.has_down) {
+                const int ho = (h - 2) / 2 + 1, wo = (w - 2) / 2 + 1;
+                col = std::max(col, int64_t(ho) * wo * 9 * st.down.cin);
+                big = std::max(big, padded(ho, wo) * st.down.cout);
+                h = ho, w = wo;
+            }
+        }
+        big = std::max(big, padded(h, w) * std::max({Cm, Cl, D}));
+        const int64_t n = int64_t(h) * w, in_n = int64_t(H) * W * Cin, out_n = n * D;
+        att_block_ = std::max<int64_t>(1, std::min<int64_t>(n, kScoreFloats / n));
+        const int64_t att_core = enc_mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm : 0;
+        const int64_t att = enc_mid_.has_attn ? att_core + padded(h, w) * Cm : 0;
+        const size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(col) * 4) + align_up(size_t(att) * 4) +
+                            align_up(size_t(in_n) * 4) + align_up(size_t(out_n) * 4) +
+                            align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)) +
+                            align_up(sizeof(float) * 2 * size_t(max_c));
+        check_device_room(device_, need,
+                          "encoding a " + std::to_string(H) + "x" + std::to_string(W) + " image (its activations)");
+        DeviceBuffer mem(need);
+        Drain drain{stream_};
+        char *p = static_cast<char *>(mem.get());
+        auto carve = [&](size_t bytes) {
+            char *at = p;
+            p += align_up(bytes);
+            return reinterpret_cast<float *>(at);
+        };
+        for (int i = 0; i < 3; i++) buf_[i] = carve(size_t(big) * 4);
+        float *cols = carve(size_t(col) * 4);
+        att_ = carve(size_t(att) * 4);
+        gn_ = att_ + att_core;
+        float *in = carve(size_t(in_n) * 4), *out_d = carve(size_t(out_n) * 4);
+        stats_ = reinterpret_cast<double *>(carve(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)));
+        coef_ = carve(sizeof(float) * 2 * size_t(max_c));
+
+        DIMOO_CUDA(cudaMemcpyAsync(in, pixels, sizeof(float) * size_t(in_n), cudaMemcpyHostToDevice, stream_));
+        k_pad<<<blocks_for(padded(H, W) * Cin), kThreads, 0, stream_>>>(in, H, W, Cin, buf_[0]);
+        launch_check("pad");
+        conv_same(enc_in_, buf_[0], H, W, buf_[1], false);
+        check_cancel(cancel);
+        int x = 1;
+        auto others = [](int i, int *a, int *b) { *a = (i + 1) % 3, *b = (i + 2) % 3; };
+        auto step_resnet = [&](const DResnet &r) {
+            int a, b;
+            others(x, &a, &b);
+            x = resnet(r, x, a, b, H, W);
+            check_cancel(cancel);
+        };
+        for (const DDownStage &st : enc_down_) {
+            for (const DResnet &r : st.resnets) step_resnet(r);
+            if (st.has_down) {
+                int a, b;
+                others(x, &a, &b);
+                conv_down(st.down, buf_[x], H, W, buf_[a], buf_[b], cols);
+                H = (H - 2) / 2 + 1, W = (W - 2) / 2 + 1;
+                x = a;
+                check_cancel(cancel);
+            }
+        }
+        step_resnet(enc_mid_.r0);
+        if (enc_mid_.has_attn) {
+            attention(enc_mid_, buf_[x], H, W);
+            check_cancel(cancel);
+        }
+        step_resnet(enc_mid_.r1);
+        group_norm(enc_norm_out_, buf_[x], H, W, buf_[x], true);
+        int a, b;
+        others(x, &a, &b);
+        conv_same(enc_out_, buf_[x], H, W, buf_[a], false);
+        conv_same(quant_conv_, buf_[a], H, W, buf_[b], false);
+        k_unpad<<<blocks_for(out_n), kThreads, 0, stream_>>>(buf_[b], H, W, D, out_d);
+        launch_check("unpad");
+        DIMOO_CUDA(cudaMemcpyAsync(latent, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
+        DIMOO_CUDA(cudaStreamSynchronize(stream_));
+    }
+
     int device_;
     dimoo_vq_config cfg_;
     std::unique_ptr<DeviceBuffer> weights_;
@@ -649,6 +814,11 @@ private:
     DMid mid_;
     std::vector<DStage> up_;
     DNorm norm_out_;
+    // encoder
+    DConv enc_in_, enc_out_, quant_conv_;
+    std::vector<DDownStage> enc_down_;
+    DMid enc_mid_;
+    DNorm enc_norm_out_;
     cudaStream_t stream_ = nullptr;
     cublasHandle_t blas_ = nullptr;
     // Per call (valid during run()).
