@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -612,12 +613,67 @@ private:
         launch_check("attention residual");
     }
 
+    static void others(int i, int *a, int *b) { *a = (i + 1) % 3, *b = (i + 2) % 3; }
+
+    // The mid block on buffer x (resnet, attention, resnet); returns the
+    // output's buffer.
+    int mid_block(const DMid &m, int x, int H, int W, const std::atomic<bool> &cancel) {
+        int a, b;
+        others(x, &a, &b);
+        x = resnet(m.r0, x, a, b, H, W);
+        check_cancel(cancel);
+        if (m.has_attn) {
+            attention(m, buf_[x], H, W);
+            check_cancel(cancel);
+        }
+        others(x, &a, &b);
+        x = resnet(m.r1, x, a, b, H, W);
+        check_cancel(cancel);
+        return x;
+    }
+
+    // One call's device memory: the three activation buffers (big floats
+    // each), the mid block's attention scratch for an h x w grid, the
+    // GroupNorm statistics and coefficients, then `extra` (bytes per area) in
+    // order. Sets buf_, att_, gn_, att_block_, stats_, coef_; returns the
+    // extra areas.
+    std::vector<float *> carve(std::unique_ptr<DeviceBuffer> &mem, int64_t big, const DMid &m, int h, int w,
+                               const std::vector<size_t> &extra) {
+        int max_c = 0; // the widest GroupNorm
+        for (int i = 0; i < cfg_.n_levels; i++) max_c = std::max(max_c, cfg_.block_out_channels[i]);
+        const int64_t n = int64_t(h) * w, C = m.has_attn ? m.anorm.c : 0;
+        att_block_ = std::max<int64_t>(1, std::min<int64_t>(n, kScoreFloats / n));
+        // hc, q, k, v, r (n x C each), scores (block x n), o (block x C), then the padded norm.
+        const int64_t att_core = m.has_attn ? 5 * n * C + att_block_ * n + att_block_ * C : 0;
+        const int64_t att = m.has_attn ? att_core + int64_t(h + 2) * (w + 2) * C : 0;
+        std::vector<size_t> areas(3, size_t(big) * 4);
+        areas.push_back(size_t(att) * 4);
+        areas.push_back(sizeof(double) * 2 * size_t(cfg_.norm_num_groups));
+        areas.push_back(sizeof(float) * 2 * size_t(max_c));
+        areas.insert(areas.end(), extra.begin(), extra.end());
+        size_t need = 0;
+        for (size_t a : areas) need += align_up(a);
+        check_device_room(device_, need, "the VQ-VAE's activations for a " + std::to_string(h) + "x" +
+                                             std::to_string(w) + " grid");
+        mem = std::make_unique<DeviceBuffer>(need);
+        std::vector<float *> at;
+        char *p = static_cast<char *>(mem->get());
+        for (size_t a : areas) {
+            at.push_back(reinterpret_cast<float *>(p));
+            p += align_up(a);
+        }
+        for (int i = 0; i < 3; i++) buf_[i] = at[size_t(i)];
+        att_ = at[3];
+        gn_ = att_ + att_core;
+        stats_ = reinterpret_cast<double *>(at[4]);
+        coef_ = at[5];
+        return std::vector<float *>(at.begin() + 6, at.end());
+    }
+
     void run(const int32_t *codes, const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) {
         DIMOO_CUDA(cudaSetDevice(device_));
         const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels;
         const int Cm = cfg_.block_out_channels[L - 1];
-        int max_c = 0; // the widest GroupNorm
-        for (int i = 0; i < L; i++) max_c = std::max(max_c, cfg_.block_out_channels[i]);
         auto padded = [](int H, int W) { return int64_t(H + 2) * (W + 2); };
         // The largest activation of the walk (floats).
         int64_t big = padded(h, w) * std::max({D, Cl, Cm});
@@ -632,31 +688,13 @@ private:
         big = std::max(big, padded(H, W) * int64_t(cfg_.out_channels));
         const int Hf = H, Wf = W;
         const int64_t out_n = int64_t(Hf) * Wf * cfg_.out_channels;
-        // Attention scratch: hc, q, k, v, r (n x C each), scores (block x n), o (block x C), the padded norm.
         const int64_t n = int64_t(h) * w;
-        att_block_ = std::max<int64_t>(1, std::min<int64_t>(n, kScoreFloats / n));
-        const int64_t att = mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm + padded(h, w) * Cm : 0;
         const int64_t in_n = codes ? n : n * D; // codes (int32) or the latent
-        size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(att) * 4) + align_up(size_t(in_n) * 4) +
-                      align_up(size_t(out_n) * 4) + align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)) +
-                      align_up(sizeof(float) * 2 * size_t(max_c));
-        check_device_room(device_, need,
-                   "decoding a " + std::to_string(h) + "x" + std::to_string(w) + " grid (its activations)");
-        DeviceBuffer mem(need);
+        std::unique_ptr<DeviceBuffer> mem;
+        auto ext = carve(mem, big, mid_, h, w, {size_t(in_n) * 4, size_t(out_n) * 4});
         Drain drain{stream_};
-        char *p = static_cast<char *>(mem.get());
-        auto carve = [&](size_t bytes) {
-            char *at = p;
-            p += align_up(bytes);
-            return at;
-        };
-        for (int i = 0; i < 3; i++) buf_[i] = reinterpret_cast<float *>(carve(size_t(big) * 4));
-        att_ = reinterpret_cast<float *>(carve(size_t(att) * 4));
-        gn_ = att_ + (mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm : 0);
-        void *in = carve(size_t(in_n) * 4);
-        float *out_d = reinterpret_cast<float *>(carve(size_t(out_n) * 4));
-        stats_ = reinterpret_cast<double *>(carve(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)));
-        coef_ = reinterpret_cast<float *>(carve(sizeof(float) * 2 * size_t(max_c)));
+        void *in = ext[0];
+        float *out_d = ext[1];
 
         // Latent: codebook rows or the given z, padded, in buffer 0.
         H = h, W = w;
@@ -674,25 +712,12 @@ private:
         conv_same(post_quant_, buf_[0], H, W, buf_[1], false);
         conv_same(conv_in_, buf_[1], H, W, buf_[2], false);
         check_cancel(cancel);
-        int x = 2;
-        auto others = [](int i, int *a, int *b) { *a = (i + 1) % 3, *b = (i + 2) % 3; };
-        auto step_resnet = [&](const DResnet &r) {
-            int a, b;
-            others(x, &a, &b);
-            x = resnet(r, x, a, b, H, W);
-        };
-        // Mid block.
-        step_resnet(mid_.r0);
-        check_cancel(cancel);
-        if (mid_.has_attn) {
-            attention(mid_, buf_[x], H, W);
-            check_cancel(cancel);
-        }
-        step_resnet(mid_.r1);
-        check_cancel(cancel);
+        int x = mid_block(mid_, 2, H, W, cancel);
         for (const DStage &s : up_) {
             for (const DResnet &r : s.resnets) {
-                step_resnet(r);
+                int a, b;
+                others(x, &a, &b);
+                x = resnet(r, x, a, b, H, W);
                 check_cancel(cancel);
             }
             if (s.has_up) {
@@ -722,8 +747,6 @@ private:
         DIMOO_CUDA(cudaSetDevice(device_));
         const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels, Cin = cfg_.in_channels;
         const int Cm = cfg_.block_out_channels[L - 1];
-        int max_c = 0;
-        for (int i = 0; i < L; i++) max_c = std::max(max_c, cfg_.block_out_channels[i]);
         auto padded = [](int h, int w) { return int64_t(h + 2) * (w + 2); };
         // The largest activation and the largest patch matrix of the walk.
         int64_t big = padded(H, W) * std::max(Cin, enc_in_.cout), col = 1;
@@ -739,30 +762,10 @@ private:
         }
         big = std::max(big, padded(h, w) * std::max({Cm, Cl, D}));
         const int64_t n = int64_t(h) * w, in_n = int64_t(H) * W * Cin, out_n = n * D;
-        att_block_ = std::max<int64_t>(1, std::min<int64_t>(n, kScoreFloats / n));
-        const int64_t att_core = enc_mid_.has_attn ? 5 * n * Cm + att_block_ * n + att_block_ * Cm : 0;
-        const int64_t att = enc_mid_.has_attn ? att_core + padded(h, w) * Cm : 0;
-        const size_t need = 3 * align_up(size_t(big) * 4) + align_up(size_t(col) * 4) + align_up(size_t(att) * 4) +
-                            align_up(size_t(in_n) * 4) + align_up(size_t(out_n) * 4) +
-                            align_up(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)) +
-                            align_up(sizeof(float) * 2 * size_t(max_c));
-        check_device_room(device_, need,
-                          "encoding a " + std::to_string(H) + "x" + std::to_string(W) + " image (its activations)");
-        DeviceBuffer mem(need);
+        std::unique_ptr<DeviceBuffer> mem;
+        auto ext = carve(mem, big, enc_mid_, h, w, {size_t(col) * 4, size_t(in_n) * 4, size_t(out_n) * 4});
         Drain drain{stream_};
-        char *p = static_cast<char *>(mem.get());
-        auto carve = [&](size_t bytes) {
-            char *at = p;
-            p += align_up(bytes);
-            return reinterpret_cast<float *>(at);
-        };
-        for (int i = 0; i < 3; i++) buf_[i] = carve(size_t(big) * 4);
-        float *cols = carve(size_t(col) * 4);
-        att_ = carve(size_t(att) * 4);
-        gn_ = att_ + att_core;
-        float *in = carve(size_t(in_n) * 4), *out_d = carve(size_t(out_n) * 4);
-        stats_ = reinterpret_cast<double *>(carve(sizeof(double) * 2 * size_t(cfg_.norm_num_groups)));
-        coef_ = carve(sizeof(float) * 2 * size_t(max_c));
+        float *cols = ext[0], *in = ext[1], *out_d = ext[2];
 
         DIMOO_CUDA(cudaMemcpyAsync(in, pixels, sizeof(float) * size_t(in_n), cudaMemcpyHostToDevice, stream_));
         k_pad<<<blocks_for(padded(H, W) * Cin), kThreads, 0, stream_>>>(in, H, W, Cin, buf_[0]);
@@ -770,15 +773,13 @@ private:
         conv_same(enc_in_, buf_[0], H, W, buf_[1], false);
         check_cancel(cancel);
         int x = 1;
-        auto others = [](int i, int *a, int *b) { *a = (i + 1) % 3, *b = (i + 2) % 3; };
-        auto step_resnet = [&](const DResnet &r) {
-            int a, b;
-            others(x, &a, &b);
-            x = resnet(r, x, a, b, H, W);
-            check_cancel(cancel);
-        };
         for (const DDownStage &st : enc_down_) {
-            for (const DResnet &r : st.resnets) step_resnet(r);
+            for (const DResnet &r : st.resnets) {
+                int a, b;
+                others(x, &a, &b);
+                x = resnet(r, x, a, b, H, W);
+                check_cancel(cancel);
+            }
             if (st.has_down) {
                 int a, b;
                 others(x, &a, &b);
@@ -788,12 +789,7 @@ private:
                 check_cancel(cancel);
             }
         }
-        step_resnet(enc_mid_.r0);
-        if (enc_mid_.has_attn) {
-            attention(enc_mid_, buf_[x], H, W);
-            check_cancel(cancel);
-        }
-        step_resnet(enc_mid_.r1);
+        x = mid_block(enc_mid_, x, H, W, cancel);
         group_norm(enc_norm_out_, buf_[x], H, W, buf_[x], true);
         int a, b;
         others(x, &a, &b);
