@@ -125,10 +125,11 @@ public:
     virtual ~VqDevice() = default;
     virtual void decode(const int32_t *codes, int h, int w, float *out, const std::atomic<bool> &cancel) = 0;
     virtual void decode_latent(const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) = 0;
-    // The encoder up to the latent (pixels H*W*in_channels -> latent
-    // (H/f)*(W/f)*vq_embed_dim); the nearest-codebook search stays on the host.
+    // The encoder (pixels H*W*in_channels -> latent (H/f)*(W/f)*vq_embed_dim),
+    // and with the nearest codebook row of each cell (the CPU's exact search).
     virtual void encode_latent(const float *pixels, int H, int W, float *latent,
                                const std::atomic<bool> &cancel) = 0;
+    virtual void encode(const float *pixels, int H, int W, int32_t *codes, const std::atomic<bool> &cancel) = 0;
     virtual int64_t device_bytes() const = 0; // the device copy of the weights
 };
 

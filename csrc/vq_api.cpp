@@ -177,14 +177,7 @@ int32_t dimoo_vq_encode(dimoo_vq *vq, const float *pixels, int32_t H, int32_t W,
         check_ready(vq);
         DIMOO_CHECK_ARG(pixels && codes, "encode: NULL buffer");
         check_image(vq, "encode", H, W);
-        if (vq->dev) { // the network on the device, the codebook search here
-            const int f = vq->impl->factor();
-            const int n = (H / f) * (W / f);
-            std::vector<float> z(size_t(n) * size_t(vq->impl->embed_dim()));
-            vq->dev->encode_latent(pixels, H, W, z.data(), vq->cancel);
-            ThreadScope ts(vq->n_threads);
-            return vq->impl->quantize(z.data(), n, codes);
-        }
+        if (vq->dev) return vq->dev->encode(pixels, H, W, codes, vq->cancel);
         ThreadScope ts(vq->n_threads);
         vq->impl->encode(pixels, H, W, codes, vq->cancel);
     });

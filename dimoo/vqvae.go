@@ -2,8 +2,7 @@ package dimoo
 
 // The VQ-VAE: diffusers' VQModel as stored under a DiMOO checkpoint's vqvae/
 // folder (config.json + diffusion_pytorch_model.safetensors), loaded into
-// libdimoo, in fp32: on the GPU of a CUDA runtime (the encoder's codebook
-// search on the host), on the CPU otherwise. Decode turns a grid of codes
+// libdimoo, in fp32: on the GPU of a CUDA runtime, on the CPU otherwise. Decode turns a grid of codes
 // into pixels, Encode an image into codes.
 
 import (

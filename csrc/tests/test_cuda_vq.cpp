@@ -3,7 +3,7 @@
 // CUDA runtime, decode and decode_latent over several grids, encode_latent
 // and encode over images of those grids, relative error ||gpu - cpu|| /
 // ||cpu|| within 1e-4 (fp32 GEMMs with TF32 off; only the summation order
-// differs; encode's codebook search runs on the host for both). Also: NaN-poisoned outputs
+// differs), and encode's codes equal but at near ties. Also: NaN-poisoned outputs
 // fully overwritten, out-of-range codes refused before anything runs,
 // cancel honoured. Skips with a reason where the CUDA backend is not built
 // or no GPU is present.
@@ -173,9 +173,9 @@ void compare(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::stri
 }
 
 // encode_latent and encode on both, images of several grids (in_channels
-// channels, values in [-1, 1]): the latents within kTol; the codes, found on
-// the host from each side's latent, equal but where a latent sits within
-// rounding of two codebook rows (at most 1% of the cells).
+// channels, values in [-1, 1]): the latents within kTol; the codes equal but
+// where a latent sits within rounding of two codebook rows (at most 1% of
+// the cells).
 void compare_encode(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const std::string &what) {
     dimoo::vq::Model shape(c);
     const int f = shape.factor(), D = shape.embed_dim();
@@ -355,8 +355,7 @@ TEST(CudaVQTiming, DISABLED_AmusedSize) {
         std::printf("aMUSEd-size VQ decode %dx%d -> %dx%d: GPU %.1f ms, CPU (%d threads) %.1f ms, rel err %.2e\n",
                     side, side, side * 16, side * 16, best, omp_get_max_threads(), cpu_ms, rel_err(got, want));
         EXPECT_LT(rel_err(got, want), kTol);
-        // The encoder on the decoded picture (an editing input of that size):
-        // the latent on the device, the codebook search on the host.
+        // The encoder on the decoded picture (an editing input of that size).
         const size_t nz = size_t(side) * side * 64;
         std::vector<float> zw(nz), zg(nz);
         std::vector<int32_t> cw(size_t(side) * side), cg(size_t(side) * side);
@@ -376,7 +375,7 @@ TEST(CudaVQTiming, DISABLED_AmusedSize) {
         ASSERT_EQ(dimoo_vq_encode_latent(gpu.vq, want.data(), side * 16, side * 16, zg.data()), DIMOO_OK);
         size_t same = 0;
         for (size_t i = 0; i < cw.size(); i++) same += cw[i] == cg[i];
-        std::printf("aMUSEd-size VQ encode %dx%d -> %dx%d: GPU (host codebook search) %.1f ms, CPU %.1f ms, "
+        std::printf("aMUSEd-size VQ encode %dx%d -> %dx%d: GPU %.1f ms, CPU %.1f ms, "
                     "latent rel err %.2e, codes equal %zu of %zu\n",
                     side * 16, side * 16, side, side, best, cpu_enc, rel_err(zg, zw), same, cw.size());
         EXPECT_LT(rel_err(zg, zw), kTol);

@@ -5,8 +5,9 @@
 // conv_norm_out + SiLU -> conv_out. Encoder: conv_in -> down blocks
 // (resnets, then a 3x3 stride-2 conv over the input padded right and below,
 // as patches and one GEMM) -> mid block -> conv_norm_out + SiLU -> conv_out
-// -> quant_conv; the nearest-codebook search stays on the host
-// (vq_api.cpp), exact as the CPU's.
+// -> quant_conv -> the nearest codebook row per cell (scores by GEMM, the
+// candidates within float rounding of the best re-ranked by the exact
+// distance in double, as the CPU's Model::quantize).
 //
 // Activations are the CPU's "padded" layout: (H + 2) x (W + 2) rows of C
 // fp32 with a zero border, so a 3x3 "same" conv is nine accumulating GEMMs
@@ -29,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -257,6 +259,68 @@ __global__ void k_softmax(float *s, int n, float scale) {
     for (int j = threadIdx.x; j < n; j += blockDim.x) row[j] *= inv;
 }
 
+// The nearest codebook row of each latent (one block per row), as the CPU's
+// Model::quantize: score_j = |e_j|^2 - 2 z.e_j (s holds z.e_j) ranks the
+// rows; those within the float rounding of the best are re-ranked by the
+// exact distance in double, ties to the lowest index; a row without any
+// candidate (NaN latents) takes the CPU's plain first-minimum scan.
+__global__ void k_nearest(const float *z, const float *s, const float *book, const float *code_sq, float code_sq_max,
+                          int E, int D, int32_t *codes) {
+    const float *x = z + int64_t(blockIdx.x) * D, *sr = s + int64_t(blockIdx.x) * E;
+    __shared__ float fmin_[kThreads];
+    __shared__ double dbest[kThreads];
+    __shared__ int ibest[kThreads];
+    __shared__ double xsq_;
+    if (threadIdx.x == 0) {
+        double q = 0;
+        for (int d = 0; d < D; d++) q += double(x[d]) * x[d];
+        xsq_ = q;
+    }
+    float best = INFINITY;
+    for (int j = threadIdx.x; j < E; j += blockDim.x) best = fminf(best, code_sq[j] - 2.0f * sr[j]);
+    fmin_[threadIdx.x] = best;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) fmin_[threadIdx.x] = fminf(fmin_[threadIdx.x], fmin_[threadIdx.x + k]);
+        __syncthreads();
+    }
+    best = fmin_[0];
+    const float tol = 8.0f * float(D) * FLT_EPSILON * (float(xsq_) + code_sq_max) + FLT_MIN;
+    double bd = 0;
+    int bi = -1;
+    for (int j = threadIdx.x; j < E; j += blockDim.x) {
+        if (!(code_sq[j] - 2.0f * sr[j] <= best + tol)) continue;
+        const float *e = book + int64_t(j) * D;
+        double d2 = 0;
+        for (int d = 0; d < D; d++) {
+            const double t = double(x[d]) - double(e[d]);
+            d2 += t * t;
+        }
+        if (bi < 0 || d2 < bd) bd = d2, bi = j; // j increases: a tie keeps the lower index
+    }
+    dbest[threadIdx.x] = bd;
+    ibest[threadIdx.x] = bi;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) {
+            const int oi = ibest[threadIdx.x + k];
+            const double od = dbest[threadIdx.x + k];
+            const int mi = ibest[threadIdx.x];
+            if (oi >= 0 && (mi < 0 || od < dbest[threadIdx.x] || (od == dbest[threadIdx.x] && oi < mi)))
+                dbest[threadIdx.x] = od, ibest[threadIdx.x] = oi;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
+    int arg = ibest[0];
+    if (arg < 0) { // NaN latents: the CPU's plain scan
+        arg = 0;
+        for (int j = 1; j < E; j++)
+            if (code_sq[j] - 2.0f * sr[j] < code_sq[arg] - 2.0f * sr[arg]) arg = j;
+    }
+    codes[blockIdx.x] = arg;
+}
+
 // ---- device weights ------------------------------------------------------------------------
 
 struct DConv {
@@ -319,7 +383,17 @@ public:
             norm(r.norm1), conv(r.conv1), norm(r.norm2), conv(r.conv2);
             if (r.has_shortcut) conv(r.shortcut);
         };
+        // |e_j|^2 of each codebook row, in double rounded to float (the CPU's).
+        const int E = m.config().num_vq_embeddings, Dq = m.config().vq_embed_dim;
+        code_sq_host_.resize(size_t(E));
+        for (int j = 0; j < E; j++) {
+            double q = 0;
+            for (int d = 0; d < Dq; d++) q += double(m.codebook()[size_t(j) * Dq + d]) * m.codebook()[size_t(j) * Dq + d];
+            code_sq_host_[size_t(j)] = float(q);
+            code_sq_max_ = std::max(code_sq_max_, float(q));
+        }
         take(m.codebook());
+        take(code_sq_host_);
         conv(m.post_quant_conv());
         conv(m.dec_conv_in());
         resnet(m.dec_mid().r0);
@@ -385,6 +459,7 @@ public:
             return d;
         };
         book_ = ptr();
+        code_sq_ = ptr();
         post_quant_ = dconv(m.post_quant_conv());
         conv_in_ = dconv(m.dec_conv_in());
         mid_.r0 = dres(m.dec_mid().r0);
@@ -457,7 +532,10 @@ public:
         run(nullptr, z, h, w, out, cancel);
     }
     void encode_latent(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) override {
-        encode(pixels, H, W, latent, cancel);
+        encode(pixels, H, W, latent, nullptr, cancel);
+    }
+    void encode(const float *pixels, int H, int W, int32_t *codes, const std::atomic<bool> &cancel) override {
+        encode(pixels, H, W, nullptr, codes, cancel);
     }
 
 private:
@@ -743,7 +821,8 @@ private:
     // The encoder: pixels (H, W, in_channels) -> conv_in -> down stages ->
     // mid -> norm_out + SiLU -> conv_out -> quant_conv -> latent (H/f, W/f,
     // vq_embed_dim), the CPU's walk op for op.
-    void encode(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) {
+    // The latent goes to `latent`, or its nearest codebook rows to `codes`.
+    void encode(const float *pixels, int H, int W, float *latent, int32_t *codes, const std::atomic<bool> &cancel) {
         DIMOO_CUDA(cudaSetDevice(device_));
         const int L = cfg_.n_levels, D = cfg_.vq_embed_dim, Cl = cfg_.latent_channels, Cin = cfg_.in_channels;
         const int Cm = cfg_.block_out_channels[L - 1];
@@ -762,10 +841,15 @@ private:
         }
         big = std::max(big, padded(h, w) * std::max({Cm, Cl, D}));
         const int64_t n = int64_t(h) * w, in_n = int64_t(H) * W * Cin, out_n = n * D;
+        // The codebook search's scores in chunks of rows (at most 2^22 floats, as the CPU).
+        const int E = cfg_.num_vq_embeddings;
+        const int64_t chunk = codes ? std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(1) << 22) / E)) : 0;
         std::unique_ptr<DeviceBuffer> mem;
-        auto ext = carve(mem, big, enc_mid_, h, w, {size_t(col) * 4, size_t(in_n) * 4, size_t(out_n) * 4});
+        auto ext = carve(mem, big, enc_mid_, h, w,
+                         {size_t(col) * 4, size_t(in_n) * 4, size_t(out_n) * 4, size_t(chunk) * E * 4, size_t(n) * 4});
         Drain drain{stream_};
-        float *cols = ext[0], *in = ext[1], *out_d = ext[2];
+        float *cols = ext[0], *in = ext[1], *out_d = ext[2], *scores = ext[3];
+        int32_t *codes_d = reinterpret_cast<int32_t *>(ext[4]);
 
         DIMOO_CUDA(cudaMemcpyAsync(in, pixels, sizeof(float) * size_t(in_n), cudaMemcpyHostToDevice, stream_));
         k_pad<<<blocks_for(padded(H, W) * Cin), kThreads, 0, stream_>>>(in, H, W, Cin, buf_[0]);
@@ -797,7 +881,19 @@ private:
         conv_same(quant_conv_, buf_[a], H, W, buf_[b], false);
         k_unpad<<<blocks_for(out_n), kThreads, 0, stream_>>>(buf_[b], H, W, D, out_d);
         launch_check("unpad");
-        DIMOO_CUDA(cudaMemcpyAsync(latent, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
+        if (!codes) {
+            DIMOO_CUDA(cudaMemcpyAsync(latent, out_d, sizeof(float) * size_t(out_n), cudaMemcpyDeviceToHost, stream_));
+            DIMOO_CUDA(cudaStreamSynchronize(stream_));
+            return;
+        }
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t rows = std::min(chunk, n - r0);
+            gemm_nt(rows, E, D, out_d + r0 * D, D, book_, D, scores, E, 0.0f);
+            k_nearest<<<unsigned(rows), kThreads, 0, stream_>>>(out_d + r0 * D, scores, book_, code_sq_, code_sq_max_,
+                                                                E, D, codes_d + r0);
+            launch_check("nearest codebook row");
+        }
+        DIMOO_CUDA(cudaMemcpyAsync(codes, codes_d, sizeof(int32_t) * size_t(n), cudaMemcpyDeviceToHost, stream_));
         DIMOO_CUDA(cudaStreamSynchronize(stream_));
     }
 
@@ -805,7 +901,9 @@ private:
     dimoo_vq_config cfg_;
     std::unique_ptr<DeviceBuffer> weights_;
     int64_t bytes_ = 0;
-    const float *book_ = nullptr;
+    const float *book_ = nullptr, *code_sq_ = nullptr;
+    std::vector<float> code_sq_host_;
+    float code_sq_max_ = 0;
     DConv post_quant_, conv_in_, conv_out_;
     DMid mid_;
     std::vector<DStage> up_;
