@@ -204,25 +204,36 @@ void compare_encode(Handle &cpu, Handle &gpu, const dimoo_vq_config &c, const st
     }
 }
 
-// The harness itself, CPU against CPU on every build: the checkpoints'
-// configs above match their tensors, and two CPU handles agree.
-TEST(CudaVQ, HarnessCpuAgainstCpu) {
+// A CPU handle against a handle on `backend` with the same weights: the
+// testdata checkpoints, then a random config with shortcut convs (16 -> 24
+// -> 8), three levels, attention and 12 channels of latent; decode and encode.
+void checkpoints_match(int32_t backend) {
     for (const auto &ck : checkpoints()) {
         std::map<std::string, StTensor> st;
         ASSERT_TRUE(read_safetensors(src(std::string(ck.dir) + "/diffusion_pytorch_model.safetensors"), st))
             << ck.dir;
-        Handle a, b;
-        open_handle(a, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
-        open_handle(b, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
-        compare(a, b, ck.cfg, ck.dir);
-        compare_encode(a, b, ck.cfg, ck.dir);
+        Handle cpu, other;
+        open_handle(cpu, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
+        open_handle(other, backend, ck.cfg, &st, nullptr);
+        compare(cpu, other, ck.cfg, ck.dir);
+        compare_encode(cpu, other, ck.cfg, ck.dir);
     }
+}
+void random_matches(int32_t backend) {
     const auto c = vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1);
     const auto w = random_weights(c);
-    Handle a, b;
-    open_handle(a, DIMOO_BACKEND_CPU, c, nullptr, &w);
-    open_handle(b, DIMOO_BACKEND_CPU, c, nullptr, &w);
-    compare(a, b, c, "random");
+    Handle cpu, other;
+    open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
+    open_handle(other, backend, c, nullptr, &w);
+    compare(cpu, other, c, "random");
+    compare_encode(cpu, other, c, "random");
+}
+
+// The harness itself, CPU against CPU on every build: the checkpoints'
+// configs above match their tensors, and two CPU handles agree.
+TEST(CudaVQ, HarnessCpuAgainstCpu) {
+    checkpoints_match(DIMOO_BACKEND_CPU);
+    random_matches(DIMOO_BACKEND_CPU);
 }
 
 #ifndef DIMOO_WITH_CUDA
@@ -231,28 +242,12 @@ TEST(CudaVQ, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 
 TEST(CudaVQ, CheckpointsMatchCpu) {
     SKIP_WITHOUT_GPU();
-    for (const auto &ck : checkpoints()) {
-        std::map<std::string, StTensor> st;
-        ASSERT_TRUE(read_safetensors(src(std::string(ck.dir) + "/diffusion_pytorch_model.safetensors"), st))
-            << ck.dir;
-        Handle cpu, gpu;
-        open_handle(cpu, DIMOO_BACKEND_CPU, ck.cfg, &st, nullptr);
-        open_handle(gpu, DIMOO_BACKEND_CUDA, ck.cfg, &st, nullptr);
-        compare(cpu, gpu, ck.cfg, ck.dir);
-        compare_encode(cpu, gpu, ck.cfg, ck.dir);
-    }
+    checkpoints_match(DIMOO_BACKEND_CUDA);
 }
 
 TEST(CudaVQ, RandomWithAttentionMatchesCpu) {
     SKIP_WITHOUT_GPU();
-    // Shortcut convs (16 -> 24 -> 8), three levels, attention, 12 channels of latent.
-    const auto c = vq_config(12, 40, 7, 4, 2, {8, 24, 16}, 1);
-    const auto w = random_weights(c);
-    Handle cpu, gpu;
-    open_handle(cpu, DIMOO_BACKEND_CPU, c, nullptr, &w);
-    open_handle(gpu, DIMOO_BACKEND_CUDA, c, nullptr, &w);
-    compare(cpu, gpu, c, "random");
-    compare_encode(cpu, gpu, c, "random");
+    random_matches(DIMOO_BACKEND_CUDA);
 }
 
 TEST(CudaVQ, RefusesBadCodesBeforeRunning) {

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 // ---- CUDA C++ qualifiers -----------------------------------------------------
 
@@ -81,6 +82,15 @@ void *lane_slot_of(unsigned lane);
 // Dynamic shared memory of the running block (poisoned with 0xff bytes at block start).
 void *dyn_smem();
 size_t dyn_smem_size();
+
+// State a CUDA thread keeps for the length of one block (the PTX emulation's
+// queues of copies and wgmmas): one T per thread, fresh at every block start.
+template <class T> T &block_thread_state() {
+    static std::vector<std::pair<unsigned long, T>> all(1024, {~0ul, T{}});
+    auto &e = all[thread_linear()];
+    if (e.first != block_epoch()) e = {block_epoch(), T{}};
+    return e.second;
+}
 
 template <class T> T shfl_exchange(T v, unsigned src_lane) {
     static_assert(sizeof(T) <= 64, "shuffle of a value larger than a lane slot");

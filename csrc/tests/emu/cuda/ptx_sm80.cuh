@@ -25,16 +25,10 @@ struct Copy {
     int group; // -1: not yet committed
 };
 struct Queue {
-    unsigned long epoch = ~0ul;
     int next_group = 0;
     std::vector<Copy> q;
 };
-inline Queue &queue() {
-    static std::vector<Queue> qs(1024);
-    Queue &q = qs[emu::thread_linear()];
-    if (q.epoch != emu::block_epoch()) q = Queue{emu::block_epoch(), 0, {}}; // a new block: nothing in flight
-    return q;
-}
+inline Queue &queue() { return emu::block_thread_state<Queue>(); } // a new block: nothing in flight
 inline float bf(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
 
 } // namespace ptx_emu

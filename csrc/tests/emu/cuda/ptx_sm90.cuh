@@ -93,16 +93,10 @@ struct Mma {
     int group;
 };
 struct MmaQueue {
-    unsigned long epoch = ~0ul;
     int next_group = 0;
     std::vector<Mma> q;
 };
-inline MmaQueue &mma_queue() {
-    static std::vector<MmaQueue> qs(1024);
-    MmaQueue &q = qs[::emu::thread_linear()];
-    if (q.epoch != ::emu::block_epoch()) q = MmaQueue{::emu::block_epoch(), 0, {}};
-    return q;
-}
+inline MmaQueue &mma_queue() { return ::emu::block_thread_state<MmaQueue>(); }
 
 // S[64 x N] (+)= A B^T, A and B K-major in shared memory (k16); N = 8 * n8.
 inline void run_s(const Mma &m) {
