@@ -271,6 +271,13 @@ void check_attention(const AttnCase &c, dimoo::AttnImpl impl, std::mt19937 &rng)
     }
     auto q = rand_bf16(size_t(M) * d, rng);
     auto K = rand_bf16(size_t(n) * L * maxkv * kv, rng), V = rand_bf16(size_t(n) * L * maxkv * kv, rng);
+    // Rows past a sequence's keys are NaN: a kernel must neither use them nor
+    // multiply them by a zero probability.
+    for (int s = 0; s < n; s++)
+        for (int l = 0; l < L; l++)
+            for (int j = c.lens[s].second; j < maxkv; j++)
+                for (int i = 0; i < kv; i++) K[((size_t(s) * L + l) * maxkv + j) * kv + i] =
+                    V[((size_t(s) * L + l) * maxkv + j) * kv + i] = 0xffff;
     Dev<uint16_t> dq(q), dK(K), dV(V), dO(size_t(M) * d);
     std::vector<dimoo::cuda::AttnSeq> seqs(n);
     int row = 0;
@@ -285,7 +292,7 @@ void check_attention(const AttnCase &c, dimoo::AttnImpl impl, std::mt19937 &rng)
     }
     Dev<dimoo::cuda::AttnSeq> dseqs(seqs);
     const float scale = 1.f / std::sqrt(float(c.hd));
-    dimoo::AttnArgs a{dq.p, d, dO.p, d, dseqs.p, n, maxq, layer, c.H, c.Hkv, c.hd, kv, scale};
+    dimoo::AttnArgs a{dq.p, d, dO.p, d, dseqs.p, n, maxq, layer, c.H, c.Hkv, c.hd, kv, scale, seqs.data()};
     ASSERT_EQ(dimoo::attention_launch(a, impl, 0), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     auto o1 = dO.download();
@@ -358,30 +365,48 @@ TEST(CudaKernels, AttentionMatchesFloat64) {
     }
 }
 
-// The wgmma kernels (sm_90a, head dim 128; plain and pipelined) on the same cases. Its own test, so
-// device-check can run it apart: a fault there must not take the others down.
-TEST(CudaKernels, AttentionSm90MatchesFloat64) {
-    SKIP_WITHOUT_GPU();
-    if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90, 128)) GTEST_SKIP() << "not an sm_90 device";
-    std::mt19937 rng(8);
+// The sm_90a kernels' cases: the tails around 64- and 128-row tiles, the
+// ML-Cache shape, several sequences per launch.
+std::vector<AttnCase> sm90_cases() {
     std::vector<AttnCase> cases;
     for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
     cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
     cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
+    // More sequences than one TMA launch takes (its tensor maps are per sequence).
+    cases.push_back({128, 2, 1, {{30, 30}, {5, 64}, {70, 130}, {1, 1}, {64, 200}, {3, 5}}});
 #ifndef DIMOO_CUDA_EMU // a minute of emulated wgmma
     cases.push_back({128, 1, 1, {{4228, 4228}}});
 #endif
-    for (const auto &c : cases)
-        for (auto impl : {dimoo::AttnImpl::Sm90, dimoo::AttnImpl::Sm90Pipe, dimoo::AttnImpl::Sm90Pipe2,
-                          dimoo::AttnImpl::Sm90Wide}) {
-            const char *name = impl == dimoo::AttnImpl::Sm90        ? "sm90"
-                               : impl == dimoo::AttnImpl::Sm90Pipe  ? "sm90p"
-                               : impl == dimoo::AttnImpl::Sm90Pipe2 ? "sm90p2"
-                                                                    : "sm90w";
-            SCOPED_TRACE(std::string(name) + " first (q, kv) = (" +
-                         std::to_string(c.lens[0].first) + ", " + std::to_string(c.lens[0].second) + ")");
-            check_attention(c, impl, rng);
-        }
+    return cases;
+}
+
+void check_sm90(dimoo::AttnImpl impl, const char *name) {
+    std::mt19937 rng(8);
+    for (const auto &c : sm90_cases()) {
+        SCOPED_TRACE(std::string(name) + " first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " +
+                     std::to_string(c.lens[0].second) + ")");
+        check_attention(c, impl, rng);
+    }
+}
+
+// The wgmma kernels (sm_90a, head dim 128; plain and pipelined). Their own
+// test, so device-check can run them apart: a fault there must not take the
+// others down.
+TEST(CudaKernels, AttentionSm90MatchesFloat64) {
+    SKIP_WITHOUT_GPU();
+    if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90, 128)) GTEST_SKIP() << "not an sm_90 device";
+    check_sm90(dimoo::AttnImpl::Sm90, "sm90");
+    check_sm90(dimoo::AttnImpl::Sm90Pipe, "sm90p");
+    check_sm90(dimoo::AttnImpl::Sm90Pipe2, "sm90p2");
+    check_sm90(dimoo::AttnImpl::Sm90Wide, "sm90w");
+}
+
+// The warp-specialized TMA kernel, apart again (an mbarrier pipeline that is
+// wrong on the device hangs rather than fails).
+TEST(CudaKernels, AttentionSm90TmaMatchesFloat64) {
+    SKIP_WITHOUT_GPU();
+    if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90Tma, 128)) GTEST_SKIP() << "not an sm_90 device";
+    check_sm90(dimoo::AttnImpl::Sm90Tma, "sm90t");
 }
 
 // On an sm_90 device the forward's default is the wide pipelined wgmma kernel,
@@ -403,6 +428,17 @@ TEST(CudaKernels, AttentionRejectsUnsupportedShapes) {
     EXPECT_EQ(dimoo::attention_launch(a, dimoo::AttnImpl::Sm80, 0), cudaErrorInvalidValue);
     a.n_kv_heads = 0;
     EXPECT_EQ(dimoo::attention_launch(a, dimoo::AttnImpl::Reference, 0), cudaErrorInvalidValue);
+    if (dimoo::attention_supported(dimoo::AttnImpl::Sm90Tma, 128)) {
+        // The TMA kernel encodes its tensor maps from the host copy of the sequences.
+        Dev<uint16_t> buf(size_t(64) * 256);
+        dimoo::cuda::AttnSeq hs{0, 64, 64, 0, buf.p, buf.p, 0};
+        Dev<dimoo::cuda::AttnSeq> ds(std::vector<dimoo::cuda::AttnSeq>{hs});
+        dimoo::AttnArgs t{buf.p, 256, buf.p, 256, ds.p, 1, 64, 0, 2, 2, 128, 256, 1.f};
+        EXPECT_EQ(dimoo::attention_launch(t, dimoo::AttnImpl::Sm90Tma, 0), cudaErrorInvalidValue);
+        hs.kv_len = 0; // no keys: nothing for the pipeline to wait for
+        t.host_seqs = &hs;
+        EXPECT_EQ(dimoo::attention_launch(t, dimoo::AttnImpl::Sm90Tma, 0), cudaErrorInvalidValue);
+    }
 }
 
 } // namespace

@@ -23,6 +23,9 @@ struct AttnArgs {
     int n_heads, n_kv_heads, head_dim;
     int kv_stride;     // row stride of K/V in elements (kv_dim)
     float scale;       // softmax scale, 1/sqrt(head_dim)
+    // The same n_seqs sequences in host memory: needed by Sm90Tma, whose
+    // tensor maps are encoded on the host per launch (others ignore it).
+    const cuda::AttnSeq *host_seqs = nullptr;
 };
 
 enum class AttnImpl {
@@ -33,6 +36,8 @@ enum class AttnImpl {
     Sm90Pipe2, // the same with two warpgroups (128 query rows) sharing each K/V tile (DIMOO_CUDA_ATTN=sm90p2)
     Sm90Wide,  // two warpgroups and 128-key blocks (DIMOO_CUDA_ATTN=sm90w): the default on sm_90
                // once its start-up check passes (see attention_default_impl)
+    Sm90Tma,   // warp-specialized: a TMA producer warp and two consumer warpgroups, mbarrier
+               // pipeline, 128-key blocks (DIMOO_CUDA_ATTN=sm90t); needs AttnArgs::host_seqs
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p

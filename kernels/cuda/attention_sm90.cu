@@ -1,8 +1,8 @@
 // attention_sm90.cu - flash attention forward with Hopper's wgmma (sm_90a),
-// head dim 128, two kernels. NOT YET RUN ON A GPU (both pass the float64
-// comparison on the host emulation of csrc/tests/emu, DIMOO_EMU_SM=90):
-// selected only by DIMOO_CUDA_ATTN=sm90 / sm90p until a device has checked
-// them and the benchmark has picked one.
+// head dim 128. NOT YET RUN ON A GPU (all pass the float64 comparison on
+// the host emulation of csrc/tests/emu, DIMOO_EMU_SM=90): the forward uses
+// sm90w on sm_90 only after a start-up check against the reference kernel
+// on the device; the benchmark is to pick the fastest.
 //
 // Same algorithm and pipeline as flash_sm80 in attention.cu (one CTA = one
 // warpgroup of 128 threads owns 64 query rows of one (sequence, head); K/V
@@ -22,7 +22,9 @@
 // does within one warpgroup (S_j issued before O's rescale, the softmax of
 // S_j under P_{j-1} V_j), descriptors computed before each wgmma_fence and
 // registers pinned (fence_regs) so ptxas does not serialize the wgmmas.
-// Not yet: TMA loads, warp specialization, ping-pong of two warpgroups.
+// flash_tma_sm90_kernel (below) adds TMA loads and warp specialization. Not
+// yet: ping-pong scheduling of the two consumer warpgroups, a TMA store.
+#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -365,6 +367,205 @@ template <int WG, int BN> cudaError_t launch_pipe(const AttnArgs &a, cudaStream_
     return cudaGetLastError();
 }
 
+// ---- the warp-specialized kernel: TMA producer, two consumer warpgroups -----
+//
+// Three warpgroups per CTA (384 threads). Warpgroup 0 is the producer: it
+// gives most of its registers away (setmaxnreg) and one thread issues every
+// load as a TMA copy (the two 64-column halves of each tile, 128-byte
+// swizzled by the tensor map, rows past the sequence's end zero-filled),
+// each stage's bytes announced on a "full" mbarrier. Warpgroups 1 and 2 are
+// the consumers, 64 query rows each, with the sm90w kernel's FA3 order per
+// warpgroup (S_j issued, O rescaled, P_{j-1} V_{j-1} issued, the softmax of
+// S_j under it); a consumer warp hands a K or V stage back on its "empty"
+// mbarrier once its wgmmas reading it have completed. No __syncthreads after
+// the split: the producer and the consumers meet only at mbarriers.
+// Tensor maps are per sequence (Q rows q_begin.., K/V of the layer), so a
+// tile never reads another sequence's rows: up to kTmaSeqs sequences per
+// launch, more in further launches.
+constexpr int kTmaSeqs = 4;
+struct TmaParams {
+    CUtensorMap q[kTmaSeqs], k[kTmaSeqs], v[kTmaSeqs];
+    AttnArgs a;
+    int seq0; // first sequence of this launch
+};
+
+template <int BN, int STAGES> struct TmaLayout {
+    static constexpr int kKvTile = BN * 256;              // BN rows x 128 bf16
+    static constexpr int kK = 2 * kTileBytes;             // after the two Q tiles
+    static constexpr int kV = kK + STAGES * kKvTile;
+    static constexpr int kBar = kV + STAGES * kKvTile;    // mbarriers, 8 bytes each
+    static constexpr int kBytes = kBar + 8 * (1 + 4 * STAGES) + 1024; // + alignment slack
+};
+
+template <int BN, int STAGES>
+__global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const __grid_constant__ TmaParams p) {
+#ifdef DIMOO_SM90A_KERNEL
+    using L = TmaLayout<BN, STAGES>;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
+    const uint32_t q_full = base + L::kBar, k_full = q_full + 8, v_full = k_full + 8 * STAGES,
+                   k_empty = v_full + 8 * STAGES, v_empty = k_empty + 8 * STAGES;
+    const int z = int(blockIdx.z);
+    const cuda::AttnSeq sd = p.a.seqs[p.seq0 + z];
+    const int m0 = blockIdx.x * (2 * kBM);
+    if (m0 >= sd.q_len) return; // the whole CTA, before any barrier
+    const int h = blockIdx.y, kvh = h / (p.a.n_heads / p.a.n_kv_heads);
+    const int kv_len = sd.kv_len, nb = (kv_len + BN - 1) / BN;
+    const int wg = threadIdx.x / kThreads, tid = threadIdx.x % kThreads, warp = tid >> 5, lane = threadIdx.x & 31;
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int st = 0; st < STAGES; st++) {
+            mbar_init(k_full + 8 * st, 1);
+            mbar_init(v_full + 8 * st, 1);
+            mbar_init(k_empty + 8 * st, 8); // one arrival per consumer warp
+            mbar_init(v_empty + 8 * st, 8);
+        }
+        fence_mbar_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid != 0) return;
+        const void *qm = &p.q[z], *km = &p.k[z], *vm = &p.v[z];
+        mbar_arrive_expect_tx(q_full, 2 * kTileBytes);
+        for (int w = 0; w < 2; w++)
+            for (int half = 0; half < 2; half++)
+                tma_load_2d(base + w * kTileBytes + half * kBlockBytes, qm, q_full, h * kHD + half * 64, m0 + w * kBM);
+        for (int j = 0; j < nb; j++) {
+            // Stage st's previous tiles (block j - STAGES) handed back; a
+            // fresh mbarrier passes parity 1 at once.
+            const int st = j % STAGES;
+            const uint32_t parity = ((j / STAGES) & 1) ^ 1;
+            const uint32_t ks = base + L::kK + st * L::kKvTile, vs = base + L::kV + st * L::kKvTile;
+            mbar_wait(k_empty + 8 * st, parity);
+            mbar_arrive_expect_tx(k_full + 8 * st, L::kKvTile);
+            for (int half = 0; half < 2; half++)
+                tma_load_2d(ks + half * (BN * 128), km, k_full + 8 * st, kvh * kHD + half * 64, j * BN);
+            mbar_wait(v_empty + 8 * st, parity);
+            mbar_arrive_expect_tx(v_full + 8 * st, L::kKvTile);
+            for (int half = 0; half < 2; half++)
+                tma_load_2d(vs + half * (BN * 128), vm, v_full + 8 * st, kvh * kHD + half * 64, j * BN);
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1; // query rows m0 + 64 cw
+    const uint32_t sK = base + L::kK, sV = base + L::kV;
+    const float sl2 = p.a.scale * 1.4426950408889634f;
+    auto release = [&](uint32_t bar) {
+        if (lane == 0) mbar_arrive(bar);
+    };
+    uint64_t dq[kHD / 16];
+    tile_descs<kBM>(dq, base + cw * kTileBytes);
+    float s[BN / 2], o[64], alpha[2];
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.f;
+    RowState rs{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full, 0);
+    issue_s<BN>(s, dq, sK);
+    wgmma_wait<0>();
+    fence_regs(s);
+    release(k_empty);
+    softmax_block<BN>(s, rs, alpha, 0, kv_len, lane, sl2);
+    pack_p<BN>(pa, s);
+
+    for (int j = 1; j < nb; j++) {
+        const int sj = j % STAGES, sp = (j - 1) % STAGES;
+        mbar_wait(k_full + 8 * sj, (j / STAGES) & 1);
+        issue_s<BN>(s, dq, sK + sj * L::kKvTile);
+#pragma unroll
+        for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+        mbar_wait(v_full + 8 * sp, ((j - 1) / STAGES) & 1);
+        issue_pv<BN>(o, pa, sV + sp * L::kKvTile);
+        wgmma_wait<1>(); // S_j
+        fence_regs(s);
+        release(k_empty + 8 * sj);
+        softmax_block<BN>(s, rs, alpha, j, kv_len, lane, sl2);
+        wgmma_wait<0>(); // P_{j-1} V_{j-1}
+        fence_regs(o);
+        release(v_empty + 8 * sp);
+        pack_p<BN>(pa, s);
+    }
+    const int sl = (nb - 1) % STAGES;
+    mbar_wait(v_full + 8 * sl, ((nb - 1) / STAGES) & 1);
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+    issue_pv<BN>(o, pa, sV + sl * L::kKvTile);
+    wgmma_wait<0>();
+    fence_regs(o);
+    store_o(p.a, sd, m0 + cw * kBM, h, warp, lane, o, rs);
+#endif // DIMOO_SM90A_KERNEL
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link
+// against libcuda), looked up once.
+using EncodeTiled = decltype(&cuTensorMapEncodeTiled);
+EncodeTiled encode_tiled() {
+    static const EncodeTiled fn = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q{};
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+                cudaSuccess ||
+            q != cudaDriverEntryPointSuccess)
+            return EncodeTiled(nullptr);
+        return reinterpret_cast<EncodeTiled>(f);
+    }();
+    return fn;
+}
+
+// `rows` rows of `cols` bf16 (row stride `stride` elements) at `ptr`, read
+// as boxes of 64 columns x box_rows rows, 128-byte swizzled: what load_tile
+// writes with cp.async, rows past the end as zeros.
+bool encode_rows(CUtensorMap *m, const uint16_t *ptr, int cols, int rows, int stride, int box_rows) {
+    const EncodeTiled f = encode_tiled();
+    if (!f) return false;
+    const cuuint64_t dim[2] = {cuuint64_t(cols), cuuint64_t(rows > 0 ? rows : 1)};
+    const cuuint64_t strides[1] = {cuuint64_t(stride) * 2};
+    const cuuint32_t box[2] = {64, cuuint32_t(box_rows)}, elem[2] = {1, 1};
+    return f(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<uint16_t *>(ptr), dim, strides, box, elem,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int STAGES> cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
+    using L = TmaLayout<BN, STAGES>;
+    static_assert(L::kBytes <= 227 * 1024, "TMA attention tiles exceed shared memory");
+    // The maps are built on the host from the sequences' lengths and addresses.
+    if (!a.host_seqs) return cudaErrorInvalidValue;
+    cudaError_t e = cudaFuncSetAttribute(flash_tma_sm90_kernel<BN, STAGES>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+    if (e != cudaSuccess) return e;
+    for (int s0 = 0; s0 < a.n_seqs; s0 += kTmaSeqs) {
+        TmaParams p{};
+        p.a = a;
+        p.seq0 = s0;
+        const int n = a.n_seqs - s0 < kTmaSeqs ? a.n_seqs - s0 : kTmaSeqs;
+        int max_q = 0;
+        for (int i = 0; i < n; i++) {
+            const cuda::AttnSeq &sd = a.host_seqs[s0 + i];
+            if (sd.kv_len < 1 || sd.q_len < 0) return cudaErrorInvalidValue;
+            max_q = sd.q_len > max_q ? sd.q_len : max_q;
+            const size_t kv_off = size_t(a.layer) * size_t(sd.layer_stride);
+            if (!encode_rows(&p.q[i], a.q + size_t(sd.q_begin) * a.q_stride, a.n_heads * kHD, sd.q_len, a.q_stride,
+                             kBM) ||
+                !encode_rows(&p.k[i], sd.k + kv_off, a.n_kv_heads * kHD, sd.kv_len, a.kv_stride, BN) ||
+                !encode_rows(&p.v[i], sd.v + kv_off, a.n_kv_heads * kHD, sd.kv_len, a.kv_stride, BN))
+                return cudaErrorInvalidValue;
+        }
+        if (max_q == 0) continue;
+        dim3 grid(unsigned((max_q + 2 * kBM - 1) / (2 * kBM)), unsigned(a.n_heads), unsigned(n));
+        flash_tma_sm90_kernel<BN, STAGES><<<grid, 3 * kThreads, L::kBytes, s>>>(p);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
+
 } // namespace
 
 bool attention_sm90_available() {
@@ -387,6 +588,7 @@ cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl im
     case AttnImpl::Sm90Pipe: return launch_pipe<1, 64>(a, s);
     case AttnImpl::Sm90Pipe2: return launch_pipe<2, 64>(a, s);
     case AttnImpl::Sm90Wide: return launch_pipe<2, 128>(a, s);
+    case AttnImpl::Sm90Tma: return launch_tma<128, 2>(a, s);
     default: return cudaErrorInvalidValue;
     }
 }

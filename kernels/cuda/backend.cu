@@ -195,9 +195,10 @@ private:
 
 // The shape of a forward's layer stack, which a captured graph bakes in
 // (row count, sequence count, grid sizes): the call's sequence count, then
-// per sequence its query rows, key rows and cache mode. Everything else the
-// stack reads (token ids, positions, where each sequence's K/V live) is in
-// fixed device buffers written before the stack runs.
+// per sequence its query rows, key rows, cache mode and cache slot (the TMA
+// attention kernel's tensor maps hold the slot's K/V addresses). Everything
+// else the stack reads (token ids, positions) is in fixed device buffers
+// written before the stack runs.
 using GraphKey = std::vector<int32_t>;
 
 GraphKey graph_key(const dimoo_forward_args *args, int n, const cuda::BatchPlan &p) {
@@ -206,6 +207,7 @@ GraphKey graph_key(const dimoo_forward_args *args, int n, const cuda::BatchPlan 
         k.push_back(p.seqs[size_t(i)].q_len);
         k.push_back(p.seqs[size_t(i)].kv_len);
         k.push_back(args[i].cache_mode);
+        k.push_back(args[i].cache_mode == DIMOO_CACHE_NONE ? -1 : args[i].seq);
     }
     return k;
 }
@@ -458,6 +460,7 @@ private:
         int M, n, max_q;
         const int32_t *tok, *pos, *seq;
         const cuda::AttnSeq *seqs;
+        const cuda::AttnSeq *host_seqs; // the same, on the host (the TMA kernel's maps)
     };
 
     // Embedding and every layer, enqueued on the stream; `cancel` (null while
@@ -485,7 +488,7 @@ private:
                              st.seqs, l,      M,               d,             kv,     S.head_dim};
                 DIMOO_CUDA(rope_kv_launch(ra_, stream_.s));
                 AttnArgs aa{b(kQ), d,          b(kAtt),      d,          st.seqs, st.n, st.max_q, l, c.n_heads,
-                            c.n_kv_heads, S.head_dim, kv, 1.0f / std::sqrt(float(S.head_dim))};
+                            c.n_kv_heads, S.head_dim, kv, 1.0f / std::sqrt(float(S.head_dim)), st.host_seqs};
                 DIMOO_CUDA(attention_launch(aa, attn_, stream_.s));
                 lt_->run(M, d, d, b(kAtt), d, m_.bf(Lw.wo), d, x, d, DIMOO_F32, true);
             }
@@ -564,7 +567,7 @@ private:
         const auto *dseqs = reinterpret_cast<const cuda::AttnSeq *>(b<uint8_t>(kMeta));
         const int32_t *d_tok = reinterpret_cast<const int32_t *>(b<uint8_t>(kMeta) + seqs_bytes_);
         const int32_t *d_pos = d_tok + M, *d_seq = d_tok + 2 * M, *d_out = d_tok + 3 * M, *d_keep = d_out + O;
-        const Stack st{M, n, plan.max_q, d_tok, d_pos, d_seq, dseqs};
+        const Stack st{M, n, plan.max_q, d_tok, d_pos, d_seq, dseqs, plan.seqs.data()};
 
         if (cancel.load(std::memory_order_relaxed)) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
         cudaGraphExec_t g = nullptr;

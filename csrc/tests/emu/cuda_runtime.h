@@ -118,6 +118,16 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
 
+// The driver entry points the backend asks for (cuTensorMapEncodeTiled; tma.cpp).
+enum cudaDriverEntryPointQueryResult {
+    cudaDriverEntryPointSuccess = 0,
+    cudaDriverEntryPointSymbolNotFound = 1,
+    cudaDriverEntryPointVersionNotSufficent = 2
+};
+constexpr unsigned long long cudaEnableDefault = 0;
+cudaError_t cudaGetDriverEntryPointByVersion(const char *symbol, void **fn, unsigned int version,
+                                             unsigned long long flags, cudaDriverEntryPointQueryResult *status);
+
 namespace emu {
 cudaError_t func_set_max_dynamic_smem(const void *kernel, int bytes);
 // Whether [p, p + n) lies in one live device allocation (tests of the emulator).

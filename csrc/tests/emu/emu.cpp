@@ -346,6 +346,8 @@ void group_sync(Block::Groups &g) {
 } // namespace
 
 void warp_sync() { group_sync(g_run->warps); }
+void spin_wait() { yield(); }
+void progress() { g_run->idle = 0; }
 void warpgroup_sync() { group_sync(g_run->warpgroups); }
 
 unsigned lane_id() { return g_run->cur & 31; }

@@ -41,6 +41,7 @@
 // One block at a time runs, so a function-static variable is the block's shared memory.
 #define __shared__ static
 #define __constant__ static
+#define __grid_constant__
 
 struct dim3 {
     unsigned x, y, z;
@@ -91,6 +92,31 @@ template <class T> T &block_thread_state() {
     if (e.first != block_epoch()) e = {block_epoch(), T{}};
     return e.second;
 }
+
+// One T per block (the emulated mbarriers), fresh at every block start.
+template <class T> T &block_state() {
+    static std::pair<unsigned long, T> s{~0ul, T{}};
+    if (s.first != block_epoch()) s = {block_epoch(), T{}};
+    return s.second;
+}
+
+// A thread polling for something another thread will do (an mbarrier
+// phase): passes the turn on. Every live thread polling or waiting without
+// anyone making progress is a deadlock.
+void spin_wait();
+// Something another thread may be polling for has happened.
+void progress();
+
+// The asynchronous proxy of sm_90 (tma.cpp): mbarriers in shared memory and
+// TMA tile loads through a tensor map (cuda.h). Shared addresses are offsets
+// into the block's dynamic shared memory, as in cuda/ptx_sm90.cuh.
+void mbar_init(uint32_t bar, uint32_t count);
+// mbarrier.arrive with expect_tx(tx_bytes) first (0: a plain arrive).
+void mbar_arrive(uint32_t bar, uint32_t tx_bytes);
+// mbarrier.try_wait.parity: whether the phase of that parity has completed.
+bool mbar_try_wait(uint32_t bar, uint32_t parity);
+// cp.async.bulk.tensor.{rank}d.shared.global.mbarrier::complete_tx::bytes.
+void tma_load(uint32_t dst, const void *tensor_map, uint32_t bar, const int *coords, int rank);
 
 template <class T> T shfl_exchange(T v, unsigned src_lane) {
     static_assert(sizeof(T) <= 64, "shuffle of a value larger than a lane slot");

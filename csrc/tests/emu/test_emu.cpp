@@ -14,7 +14,10 @@
 #include <random>
 #include <vector>
 
+#include <cuda.h>
+
 #include "cuda/ptx_sm80.cuh"
+#include "cuda/ptx_sm90.cuh"
 
 namespace {
 
@@ -89,6 +92,31 @@ __global__ void mma_tile(const uint16_t *a, const uint16_t *bt, const uint16_t *
         const int row = g + (k >= 2 ? 8 : 0), col = 2 * t + (k & 1);
         d[row * 8 + col] = acc[k];
         e[row * 8 + col] = acc2[k];
+    }
+}
+
+// TMA: thread 0 loads one box (64 columns x 8 rows of bf16, 128-byte
+// swizzled) at (c0, c1) onto an mbarrier announcing `tx` bytes; every
+// thread then reads its elements of the box (after the mbarrier's phase when
+// `wait`) and writes them out unswizzled.
+__global__ void tma_box(const __grid_constant__ CUtensorMap map, int c0, int c1, uint32_t tx, bool wait,
+                        uint16_t *out) {
+    const uint32_t bar = 1024; // the box fills bytes 0-1023
+    if (threadIdx.x == 0) {
+        dimoo::sm90::mbar_init(bar, 1);
+        dimoo::sm90::fence_mbar_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        dimoo::sm90::mbar_arrive_expect_tx(bar, tx);
+        dimoo::sm90::tma_load_2d(0, &map, bar, c0, c1);
+    }
+    if (wait) dimoo::sm90::mbar_wait(bar, 0);
+    const auto *smem = static_cast<const unsigned char *>(emu::dyn_smem());
+    for (unsigned i = threadIdx.x; i < 64 * 8; i += blockDim.x) {
+        uint16_t v;
+        std::memcpy(&v, smem + dimoo::sm90::emu_detail::swizzled(i * 2), 2);
+        out[i] = v;
     }
 }
 
@@ -230,6 +258,82 @@ TEST(CudaEmu, RuntimeRefusesWhatAGpuRefuses) {
     void *p = nullptr;
     EXPECT_EQ(cudaMalloc(&p, total_b), cudaErrorMemoryAllocation);
     cudaGetLastError();
+}
+
+// A 20 x 100 bf16 tensor (row stride 128 elements) as 64 x 8 boxes.
+struct TmaFixture {
+    std::vector<uint16_t> host = std::vector<uint16_t>(20 * 128);
+    Dev<uint16_t> dev{20 * 128};
+    CUtensorMap map{};
+    TmaFixture() {
+        for (size_t i = 0; i < host.size(); i++) host[i] = uint16_t(i + 1);
+        cudaMemcpy(dev.p, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
+        EXPECT_EQ(encode(dev.p, 100, 20, 256, 64, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_SUCCESS);
+    }
+    CUresult encode(void *p, uint64_t cols, uint64_t rows, uint64_t stride, uint32_t bc, uint32_t br,
+                    CUtensorMapSwizzle sw) {
+        const cuuint64_t dim[2] = {cols, rows}, st[1] = {stride};
+        const cuuint32_t box[2] = {bc, br}, es[2] = {1, 1};
+        return cuTensorMapEncodeTiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p, dim, st, box, es,
+                                      CU_TENSOR_MAP_INTERLEAVE_NONE, sw, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    }
+    std::vector<uint16_t> run(int c0, int c1, uint32_t tx, bool wait) {
+        Dev<uint16_t> out(64 * 8);
+        emu::launch(tma_box, 1, 64, 2048)(map, c0, c1, tx, wait, out.p);
+        EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+        return out.get();
+    }
+};
+
+TEST(CudaEmu, TmaLoadsTheBoxWithZerosOutside) {
+    ScheduleGuard g;
+    for (auto s : kAll) {
+        emu::set_schedule(s);
+        TmaFixture f;
+        // Columns 64-127 (100 and on outside), rows 16-23 (20 and on outside).
+        const auto got = f.run(64, 16, 1024, true);
+        for (int r = 0; r < 8; r++)
+            for (int c = 0; c < 64; c++) {
+                const int gr = 16 + r, gc = 64 + c;
+                const uint16_t want = gr < 20 && gc < 100 ? f.host[size_t(gr) * 128 + gc] : 0;
+                ASSERT_EQ(got[size_t(r) * 64 + c], want) << "row " << r << " col " << c;
+            }
+    }
+}
+
+TEST(CudaEmu, TmaLandsNoEarlierThanItsMbarrierSays) {
+    ScheduleGuard g;
+    emu::set_schedule(emu::Schedule::Forward);
+    TmaFixture f;
+    const auto got = f.run(0, 0, 1024, false); // reads without waiting
+    EXPECT_EQ(got[0], 0xffff) << "read before the phase completed, yet the data was there";
+}
+
+TEST(CudaEmu, TensorMapEncodeRefusesWhatTheDriverRefuses) {
+    TmaFixture f;
+    EXPECT_EQ(f.encode(f.dev.p + 1, 100, 20, 256, 64, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_ERROR_INVALID_VALUE)
+        << "address not 16-byte aligned";
+    EXPECT_EQ(f.encode(f.dev.p, 100, 20, 200, 64, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_ERROR_INVALID_VALUE)
+        << "row stride smaller than a row";
+    EXPECT_EQ(f.encode(f.dev.p, 100, 20, 264, 64, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_ERROR_INVALID_VALUE)
+        << "row stride not a multiple of 16 bytes";
+    EXPECT_EQ(f.encode(f.dev.p, 100, 20, 256, 128, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_ERROR_INVALID_VALUE)
+        << "inner box wider than the 128-byte swizzle";
+    EXPECT_EQ(f.encode(f.dev.p, 100, 20, 256, 64, 257, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_ERROR_INVALID_VALUE)
+        << "box of more than 256 rows";
+    EXPECT_EQ(f.encode(f.dev.p, 100, 20, 256, 64, 8, CU_TENSOR_MAP_SWIZZLE_128B), CUDA_SUCCESS);
+    void *fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    ASSERT_EQ(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q),
+              cudaSuccess);
+    EXPECT_EQ(q, cudaDriverEntryPointSuccess);
+    EXPECT_EQ(fn, reinterpret_cast<void *>(&cuTensorMapEncodeTiled));
+}
+
+TEST(CudaEmuDeathTest, TmaBytesBeyondTheAnnouncedAbort) {
+    TmaFixture f;
+    EXPECT_DEATH(f.run(0, 0, 512, true), "more TMA bytes");
 }
 
 #if defined(__SANITIZE_ADDRESS__)

@@ -27,9 +27,11 @@ namespace sm90 {
 namespace emu_detail {
 
 
+// The 128-byte swizzle is a function of the shared address itself.
+inline uint32_t swizzled(uint32_t addr) { return addr ^ ((addr & 0x380u) >> 3); }
+
 inline uint16_t load_shared(uint32_t addr) {
-    // The swizzle is a function of the address itself.
-    const uint32_t a = addr ^ ((addr & 0x380u) >> 3);
+    const uint32_t a = swizzled(addr);
     const size_t limit = ::emu::dyn_smem_size();
     if (size_t(a) + 2 > limit) {
         std::fprintf(stderr, "dimoo emu: a wgmma operand reads shared byte %u of %zu\n", a, limit);
@@ -75,6 +77,22 @@ using dimoo::cp_async_wait;
 __device__ __forceinline__ void fence_proxy_async() {}
 template <int N> __device__ __forceinline__ void fence_regs(float (&)[N]) {} // compiler ordering only
 __device__ __forceinline__ void wgmma_fence() {}
+
+// The asynchronous proxy (mbarriers, TMA): ../tma.cpp.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) { ::emu::mbar_init(bar, count); }
+__device__ __forceinline__ void fence_mbar_init() {}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { ::emu::mbar_arrive(bar, bytes); }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) { ::emu::mbar_arrive(bar, 0); }
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    while (!::emu::mbar_try_wait(bar, parity)) ::emu::spin_wait();
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void *map, uint32_t bar, int c0, int c1) {
+    const int c[2] = {c0, c1};
+    ::emu::tma_load(dst, map, bar, c, 2);
+}
+// Register reallocation only moves registers between warpgroups: nothing to emulate.
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {}
 
 namespace emu_detail {
 
