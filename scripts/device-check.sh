@@ -87,8 +87,8 @@ if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 # kernel test fail here, everything after runs with the sm_80 kernel.
 step cpp-sm90-attn timeout 90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*:-*Sm90Tma*'
 if [ "$last" = FAIL ]; then export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$OUT/cpp-sm90-attn.log"; fi
-# The warp-specialized TMA kernel (sm90t) alone: a wrong mbarrier pipeline
-# hangs, hence the short timeout.
+# The warp-specialized TMA kernels (sm90t, and sm90tp with ping-pong) alone:
+# a wrong mbarrier pipeline hangs, hence the short timeout.
 step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
 sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
 step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
@@ -105,7 +105,10 @@ step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo
 step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 step cuda-fwd-sm90p2 timeout 120 env DIMOO_CUDA_ATTN=sm90p2 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
 step cuda-fwd-sm90w timeout 120 env DIMOO_CUDA_ATTN=sm90w ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
-[ "$sm90t_ok" = 1 ] && step cuda-fwd-sm90t timeout 120 env DIMOO_CUDA_ATTN=sm90t ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+if [ "$sm90t_ok" = 1 ]; then
+  step cuda-fwd-sm90t timeout 120 env DIMOO_CUDA_ATTN=sm90t ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+  step cuda-fwd-sm90tp timeout 120 env DIMOO_CUDA_ATTN=sm90tp ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+fi
 # The CUDA forward again with the reference attention kernel: if the flash
 # kernel is wrong, this tells whether the rest of the forward is right.
 step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
@@ -124,7 +127,7 @@ fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   # The TMA kernel is left out of the benchmark when its test failed or hung above.
-  [ "${sm90t_ok:-1}" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t"
+  [ "${sm90t_ok:-1}" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp"
   step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
   # aMUSEd-size VQ decode, 32x32 -> 512² and 64x64 -> 1024², GPU ms next to the CPU.
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \

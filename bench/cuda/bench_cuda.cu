@@ -193,7 +193,8 @@ void bench_attention(cudaStream_t s, AttnImpl impl) {
                           : impl == AttnImpl::Sm90Pipe ? "sm90p"
                           : impl == AttnImpl::Sm90Pipe2 ? "sm90p2"
                           : impl == AttnImpl::Sm90Wide ? "sm90w"
-                                                        : "sm90t",
+                          : impl == AttnImpl::Sm90Tma  ? "sm90t"
+                                                        : "sm90tp",
                           c.B, H, c.Tq,
                           c.Tk, ms,
                           flop / (ms * 1e-3) / 1e12, check.c_str());
@@ -340,7 +341,7 @@ void bench_forward() {
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
-    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w", "sm90t"}) {
+    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w", "sm90t", "sm90tp"}) {
         if (skipped(impl)) continue;
         setenv("DIMOO_CUDA_ATTN", impl, 1);
         auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
@@ -431,6 +432,7 @@ int main(int argc, char **argv) {
             bench_attention(s, AttnImpl::Sm90Pipe2);
             bench_attention(s, AttnImpl::Sm90Wide);
             if (!skipped("sm90t")) bench_attention(s, AttnImpl::Sm90Tma);
+            if (!skipped("sm90tp")) bench_attention(s, AttnImpl::Sm90TmaPingPong);
         }
         cudaStreamDestroy(s);
     } catch (const Error &e) {

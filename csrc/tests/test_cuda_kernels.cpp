@@ -401,12 +401,13 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     check_sm90(dimoo::AttnImpl::Sm90Wide, "sm90w");
 }
 
-// The warp-specialized TMA kernel, apart again (an mbarrier pipeline that is
+// The warp-specialized TMA kernels (without and with ping-pong), apart again (an mbarrier pipeline that is
 // wrong on the device hangs rather than fails).
 TEST(CudaKernels, AttentionSm90TmaMatchesFloat64) {
     SKIP_WITHOUT_GPU();
     if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90Tma, 128)) GTEST_SKIP() << "not an sm_90 device";
     check_sm90(dimoo::AttnImpl::Sm90Tma, "sm90t");
+    check_sm90(dimoo::AttnImpl::Sm90TmaPingPong, "sm90tp");
 }
 
 // On an sm_90 device the forward's default is the wide pipelined wgmma kernel,

@@ -284,7 +284,8 @@ __global__ void attention_ref_kernel(AttnArgs p) {
 bool attention_supported(AttnImpl impl, int head_dim) {
     if (impl == AttnImpl::Reference) return head_dim > 0 && head_dim <= 32 * kRefMaxPerLane;
     if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
-        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma)
+        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma ||
+        impl == AttnImpl::Sm90TmaPingPong)
         return head_dim == 128 && attention_sm90_available();
     return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
@@ -354,6 +355,8 @@ AttnImpl attention_default_impl(int head_dim) {
         return AttnImpl::Sm90Wide;
     if (env && std::strcmp(env, "sm90t") == 0 && attention_supported(AttnImpl::Sm90Tma, head_dim))
         return AttnImpl::Sm90Tma;
+    if (env && std::strcmp(env, "sm90tp") == 0 && attention_supported(AttnImpl::Sm90TmaPingPong, head_dim))
+        return AttnImpl::Sm90TmaPingPong;
     // On sm_90 the wide pipelined wgmma kernel (FA3's tile shape: two
     // warpgroups, 128-key blocks), once it has agreed with the reference
     // kernel on this device (checked once per process). Which sm_90 kernel is
@@ -384,7 +387,8 @@ cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s) {
     // 16-byte cp.async needs 16-byte aligned rows.
     if (a.q_stride % 8 || a.kv_stride % 8 || (reinterpret_cast<uintptr_t>(a.q) & 15)) return cudaErrorInvalidValue;
     if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
-        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma)
+        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma ||
+        impl == AttnImpl::Sm90TmaPingPong)
         return attention_sm90_launch(a, s, impl);
     switch (a.head_dim) {
     case 32: return launch_flash<32>(a, s);

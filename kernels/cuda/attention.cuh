@@ -38,6 +38,7 @@ enum class AttnImpl {
                // once its start-up check passes (see attention_default_impl)
     Sm90Tma,   // warp-specialized: a TMA producer warp and two consumer warpgroups, mbarrier
                // pipeline, 128-key blocks (DIMOO_CUDA_ATTN=sm90t); needs AttnArgs::host_seqs
+    Sm90TmaPingPong, // the same, the two consumers taking turns at the tensor cores (DIMOO_CUDA_ATTN=sm90tp)
 };
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p

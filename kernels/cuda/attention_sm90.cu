@@ -379,6 +379,10 @@ template <int WG, int BN> cudaError_t launch_pipe(const AttnArgs &a, cudaStream_
 // S_j under it); a consumer warp hands a K or V stage back on its "empty"
 // mbarrier once its wgmmas reading it have completed. No __syncthreads after
 // the split: the producer and the consumers meet only at mbarriers.
+// PINGPONG: the consumers take turns issuing their products (named
+// barriers 1 and 2, FA3's ping-pong), so that one warpgroup's softmax runs
+// while the other's GEMMs hold the tensor cores; the first turn is
+// consumer 0's.
 // Tensor maps are per sequence (Q rows q_begin.., K/V of the layer), so a
 // tile never reads another sequence's rows: up to kTmaSeqs sequences per
 // launch, more in further launches.
@@ -397,7 +401,7 @@ template <int BN, int STAGES> struct TmaLayout {
     static constexpr int kBytes = kBar + 8 * (1 + 4 * STAGES) + 1024; // + alignment slack
 };
 
-template <int BN, int STAGES>
+template <int BN, int STAGES, bool PINGPONG>
 __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const __grid_constant__ TmaParams p) {
 #ifdef DIMOO_SM90A_KERNEL
     using L = TmaLayout<BN, STAGES>;
@@ -458,6 +462,19 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     auto release = [&](uint32_t bar) {
         if (lane == 0) mbar_arrive(bar);
     };
+    // Turns: wait for this consumer's barrier (opened by the other's 128
+    // arrivals and this one's 128), issue, then open the other's. Consumer
+    // 1 opens consumer 0's first turn, and skips its arrival after its last
+    // turn, so each barrier gets as many arrivals as syncs.
+    auto turn_begin = [&] {
+        if constexpr (PINGPONG) named_bar_sync(1 + cw, 2 * kThreads);
+    };
+    auto turn_end = [&](bool last) {
+        if constexpr (PINGPONG)
+            if (!(last && cw == 1)) named_bar_arrive(2 - cw, 2 * kThreads);
+    };
+    if constexpr (PINGPONG)
+        if (cw == 1) named_bar_arrive(1, 2 * kThreads);
     uint64_t dq[kHD / 16];
     tile_descs<kBM>(dq, base + cw * kTileBytes);
     float s[BN / 2], o[64], alpha[2];
@@ -468,7 +485,9 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
 
     mbar_wait(q_full, 0);
     mbar_wait(k_full, 0);
+    turn_begin();
     issue_s<BN>(s, dq, sK);
+    turn_end(false);
     wgmma_wait<0>();
     fence_regs(s);
     release(k_empty);
@@ -478,11 +497,13 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     for (int j = 1; j < nb; j++) {
         const int sj = j % STAGES, sp = (j - 1) % STAGES;
         mbar_wait(k_full + 8 * sj, (j / STAGES) & 1);
+        mbar_wait(v_full + 8 * sp, ((j - 1) / STAGES) & 1);
+        turn_begin();
         issue_s<BN>(s, dq, sK + sj * L::kKvTile);
 #pragma unroll
         for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
-        mbar_wait(v_full + 8 * sp, ((j - 1) / STAGES) & 1);
         issue_pv<BN>(o, pa, sV + sp * L::kKvTile);
+        turn_end(false);
         wgmma_wait<1>(); // S_j
         fence_regs(s);
         release(k_empty + 8 * sj);
@@ -496,7 +517,9 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     mbar_wait(v_full + 8 * sl, ((nb - 1) / STAGES) & 1);
 #pragma unroll
     for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+    turn_begin();
     issue_pv<BN>(o, pa, sV + sl * L::kKvTile);
+    turn_end(true);
     wgmma_wait<0>();
     fence_regs(o);
     store_o(p.a, sd, m0 + cw * kBM, h, warp, lane, o, rs);
@@ -533,12 +556,12 @@ bool encode_rows(CUtensorMap *m, const uint16_t *ptr, int cols, int rows, int st
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES> cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
+template <int BN, int STAGES, bool PINGPONG> cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
     using L = TmaLayout<BN, STAGES>;
     static_assert(L::kBytes <= 227 * 1024, "TMA attention tiles exceed shared memory");
     // The maps are built on the host from the sequences' lengths and addresses.
     if (!a.host_seqs) return cudaErrorInvalidValue;
-    cudaError_t e = cudaFuncSetAttribute(flash_tma_sm90_kernel<BN, STAGES>,
+    cudaError_t e = cudaFuncSetAttribute(flash_tma_sm90_kernel<BN, STAGES, PINGPONG>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
     if (e != cudaSuccess) return e;
     for (int s0 = 0; s0 < a.n_seqs; s0 += kTmaSeqs) {
@@ -560,7 +583,7 @@ template <int BN, int STAGES> cudaError_t launch_tma(const AttnArgs &a, cudaStre
         }
         if (max_q == 0) continue;
         dim3 grid(unsigned((max_q + 2 * kBM - 1) / (2 * kBM)), unsigned(a.n_heads), unsigned(n));
-        flash_tma_sm90_kernel<BN, STAGES><<<grid, 3 * kThreads, L::kBytes, s>>>(p);
+        flash_tma_sm90_kernel<BN, STAGES, PINGPONG><<<grid, 3 * kThreads, L::kBytes, s>>>(p);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     return cudaSuccess;
@@ -588,7 +611,8 @@ cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl im
     case AttnImpl::Sm90Pipe: return launch_pipe<1, 64>(a, s);
     case AttnImpl::Sm90Pipe2: return launch_pipe<2, 64>(a, s);
     case AttnImpl::Sm90Wide: return launch_pipe<2, 128>(a, s);
-    case AttnImpl::Sm90Tma: return launch_tma<128, 2>(a, s);
+    case AttnImpl::Sm90Tma: return launch_tma<128, 2, false>(a, s);
+    case AttnImpl::Sm90TmaPingPong: return launch_tma<128, 2, true>(a, s);
     default: return cudaErrorInvalidValue;
     }
 }

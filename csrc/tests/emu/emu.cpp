@@ -192,6 +192,7 @@ struct Block {
         }
     };
     Groups warps{32, {}, {}, {}}, warpgroups{128, {}, {}, {}};
+    unsigned named_count[16] = {}, named_gen[16] = {}, named_n[16] = {};
     unsigned idle = 0;          // turns passed on by waiting threads since someone arrived or finished
     Order order = Order::Forward;
     std::mt19937 rng{12345};
@@ -308,6 +309,7 @@ void run_block(Block &b) {
     b.idle = 0;
     b.warps.reset(b.n);
     b.warpgroups.reset(b.n);
+    for (int i = 0; i < 16; i++) b.named_count[i] = b.named_gen[i] = b.named_n[i] = 0;
     b.slots.assign(size_t(b.n) * kSlot, 0xff);
     // Threads hand the host thread to each other; the last one to finish comes back here.
     b.cur = b.order == Order::Reverse ? b.n - 1 : 0;
@@ -347,6 +349,34 @@ void group_sync(Block::Groups &g) {
 
 void warp_sync() { group_sync(g_run->warps); }
 void spin_wait() { yield(); }
+
+namespace {
+// One arrival at named barrier id; true when it opened the barrier.
+bool named_arrive(Block &b, unsigned id, unsigned n) {
+    if (id == 0 || id > 15 || n == 0 || n % 32 || n > b.n) {
+        std::fprintf(stderr, "dimoo emu: named barrier %u with %u threads (ids 1-15, a multiple of 32 threads)\n", id, n);
+        std::abort();
+    }
+    if (b.named_count[id] && b.named_n[id] != n) {
+        std::fprintf(stderr, "dimoo emu: named barrier %u used with %u and %u threads at once\n", id, b.named_n[id], n);
+        std::abort();
+    }
+    b.named_n[id] = n;
+    b.idle = 0;
+    if (++b.named_count[id] < n) return false;
+    b.named_count[id] = 0;
+    b.named_gen[id]++;
+    return true;
+}
+} // namespace
+
+void named_barrier_sync(unsigned id, unsigned n) {
+    Block &b = *g_run;
+    const unsigned gen = id < 16 ? b.named_gen[id] : 0;
+    if (named_arrive(b, id, n)) return;
+    while (b.named_gen[id] == gen) yield();
+}
+void named_barrier_arrive(unsigned id, unsigned n) { named_arrive(*g_run, id, n); }
 void progress() { g_run->idle = 0; }
 void warpgroup_sync() { group_sync(g_run->warpgroups); }
 

@@ -100,6 +100,11 @@ template <class T> T &block_state() {
     return s.second;
 }
 
+// Named barriers (bar.sync / bar.arrive id, n): barrier `id` (1-15) opens
+// when n threads have arrived; sync waits for that, arrive does not.
+void named_barrier_sync(unsigned id, unsigned n);
+void named_barrier_arrive(unsigned id, unsigned n);
+
 // A thread polling for something another thread will do (an mbarrier
 // phase): passes the turn on. Every live thread polling or waiting without
 // anyone making progress is a deadlock.

@@ -120,6 +120,22 @@ __global__ void tma_box(const __grid_constant__ CUtensorMap map, int c0, int c1,
     }
 }
 
+// Two warps taking turns through named barriers 1 and 2 (the ping-pong of
+// the TMA attention kernel): each turn, lane 0 of the warp whose turn it is
+// appends its warp number.
+__global__ void turns(int *log) {
+    __shared__ int n;
+    if (threadIdx.x == 0) n = 0;
+    __syncthreads();
+    const int w = int(threadIdx.x / 32);
+    if (w == 1) dimoo::sm90::named_bar_arrive(1, 64);
+    for (int k = 0; k < 3; k++) {
+        dimoo::sm90::named_bar_sync(1 + w, 64);
+        if (threadIdx.x % 32 == 0) log[n++] = w;
+        if (!(k == 2 && w == 1)) dimoo::sm90::named_bar_arrive(2 - w, 64);
+    }
+}
+
 // cp.async: before the wait the destination holds what it held; after, the source.
 __global__ void cp_async_probe(const uint32_t *src, uint32_t *out) {
     __shared__ uint32_t s[8];
@@ -285,6 +301,17 @@ struct TmaFixture {
         return out.get();
     }
 };
+
+TEST(CudaEmu, NamedBarriersOrderTurns) {
+    ScheduleGuard g;
+    for (auto s : kAll) {
+        emu::set_schedule(s);
+        Dev<int> log(6);
+        emu::launch(turns, 1, 64)(log.p);
+        ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+        EXPECT_EQ(log.get(), (std::vector<int>{0, 1, 0, 1, 0, 1}));
+    }
+}
 
 TEST(CudaEmu, TmaLoadsTheBoxWithZerosOutside) {
     ScheduleGuard g;

@@ -90,6 +90,8 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void *map, uint3
     const int c[2] = {c0, c1};
     ::emu::tma_load(dst, map, bar, c, 2);
 }
+__device__ __forceinline__ void named_bar_sync(int id, int n) { ::emu::named_barrier_sync(unsigned(id), unsigned(n)); }
+__device__ __forceinline__ void named_bar_arrive(int id, int n) { ::emu::named_barrier_arrive(unsigned(id), unsigned(n)); }
 // Register reallocation only moves registers between warpgroups: nothing to emulate.
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {}
 template <int N> __device__ __forceinline__ void setmaxnreg_dec() {}
