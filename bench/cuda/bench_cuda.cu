@@ -127,6 +127,25 @@ double bench_gemms(cudaStream_t s) {
                           g.name, Mg, g.N, g.K, ms, tf, 100 * tf / ceiling);
             line(b);
             if (M == pick(8456, 1024, 260)) summary.push_back(b);
+            // The heuristic's other candidates at the two-branch and the
+            // ML-Cache row counts: whether timing them (rather than taking
+            // the first) would pay.
+            if (M == pick(4228, 512, 130)) continue;
+            const bool acc = g.f32_acc && std::strcmp(g.name, "head8192") != 0;
+            const int32_t yt = g.f32_acc ? DIMOO_F32 : DIMOO_BF16;
+            const int na = lt.algo_count(Mg, g.N, g.K, X.bf(), g.K, W.bf(), g.K, Y.p, g.N, yt, acc);
+            double best = ms;
+            int best_i = 0;
+            for (int i = 1; i < na; i++) {
+                const double t = time_events(s, 2, 10, [&] {
+                    lt.run(Mg, g.N, g.K, X.bf(), g.K, W.bf(), g.K, Y.p, g.N, yt, acc, i);
+                });
+                if (t < best) best = t, best_i = i;
+            }
+            std::snprintf(b, sizeof b, "gemm  %-9s M=%-5d candidates %d: best #%d %7.1f TFLOP/s (%+.1f%% vs the first)",
+                          g.name, Mg, na, best_i, 2.0 * Mg * g.N * g.K / (best * 1e-3) / 1e12, 100 * (ms / best - 1));
+            line(b);
+            if (M == pick(8456, 1024, 260)) summary.push_back(b);
         }
     }
     return ceiling;

@@ -1,11 +1,13 @@
 // gemm.cu - cuBLASLt for every projection of the forward. cuBLASLt is
 // column-major: W stored [N, K] row-major is a K x N column-major matrix,
 // taken transposed (op T); X [M, K] row-major is K x M, taken as is; their
-// product is the N x M column-major matrix, which is Y [M, N] row-major. The heuristic's first
-// choice is cached per shape; pointer alignment is part of the key because
-// an algorithm may need 16-byte aligned operands.
+// product is the N x M column-major matrix, which is Y [M, N] row-major. The heuristic's
+// candidates (up to 8) are cached per shape and the forward runs its first
+// choice; pointer alignment is part of the key because an algorithm may need
+// 16-byte aligned operands.
 #include "cuda/gemm.cuh"
 
+#include <algorithm>
 #include <string>
 
 #include "common.h"
@@ -78,15 +80,18 @@ LtGemm::Plan &LtGemm::plan(const Key &k) {
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al, sizeof al);
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al, sizeof al);
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al, sizeof al);
-        cublasLtMatmulHeuristicResult_t res{};
+        cublasLtMatmulHeuristicResult_t res[kMaxAlgos]{};
         int n = 0;
-        cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &res, &n);
+        cublasStatus_t st =
+            cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, kMaxAlgos, res, &n);
         cublasLtMatmulPreferenceDestroy(pref);
         LT(st);
         if (n == 0)
             fail(DIMOO_ERR_DEVICE, "cuBLASLt has no algorithm for a " + std::to_string(M) + "x" + std::to_string(N) +
                                        "x" + std::to_string(K) + " bf16 GEMM");
-        p.algo = res.algo;
+        for (int i = 0; i < n && i < kMaxAlgos; i++)
+            if (res[i].state == CUBLAS_STATUS_SUCCESS) p.algo[p.n_algos++] = res[i].algo;
+        if (p.n_algos == 0) fail(DIMOO_ERR_DEVICE, "cuBLASLt's heuristic returned no usable algorithm");
     } catch (...) {
         if (p.a) cublasLtMatrixLayoutDestroy(p.a);
         if (p.b) cublasLtMatrixLayoutDestroy(p.b);
@@ -97,9 +102,8 @@ LtGemm::Plan &LtGemm::plan(const Key &k) {
     return plans_.emplace(k, p).first->second;
 }
 
-void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
-                 int32_t y_dtype, bool accumulate) {
-    if (M == 0 || N == 0) return;
+LtGemm::Key LtGemm::key(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y,
+                        int ldy, int32_t y_dtype, bool accumulate) const {
     int align = align_of(X);
     align = std::min(align, align_of(W));
     align = std::min(align, align_of(Y));
@@ -108,9 +112,23 @@ void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t
     align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldx) * 2)));
     align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldw) * 2)));
     align = std::min(align, align_of(reinterpret_cast<const void *>(uintptr_t(ldy) * es)));
-    Plan &p = plan(Key{M, N, K, ldx, ldw, ldy, y_dtype, accumulate, align});
+    return Key{M, N, K, ldx, ldw, ldy, y_dtype, accumulate, align};
+}
+
+int LtGemm::algo_count(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+                       int32_t y_dtype, bool accumulate) {
+    if (M == 0 || N == 0) return 0;
+    return plan(key(M, N, K, X, ldx, W, ldw, Y, ldy, y_dtype, accumulate)).n_algos;
+}
+
+void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+                 int32_t y_dtype, bool accumulate, int algo) {
+    if (M == 0 || N == 0) return;
+    Plan &p = plan(key(M, N, K, X, ldx, W, ldw, Y, ldy, y_dtype, accumulate));
+    if (algo < 0 || algo >= p.n_algos) fail(DIMOO_ERR_INTERNAL, "no cuBLASLt candidate " + std::to_string(algo));
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
-    LT(cublasLtMatmul(lt_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo, ws_, ws_bytes_, stream_));
+    LT(cublasLtMatmul(lt_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo[algo], ws_, ws_bytes_,
+                      stream_));
 }
 
 } // namespace dimoo

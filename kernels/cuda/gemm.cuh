@@ -22,19 +22,29 @@ public:
 
     // y_dtype: DIMOO_BF16 or DIMOO_F32. accumulate: Y += X W^T (beta = 1),
     // the residual add of the O and down projections. Throws on failure.
+    // algo: which of the heuristic's candidates for this shape (0: its
+    // first choice, what the forward uses; see algo_count).
     void run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
-             int32_t y_dtype, bool accumulate);
+             int32_t y_dtype, bool accumulate, int algo = 0);
+    // How many candidates the heuristic returned for this shape (up to
+    // kMaxAlgos): the benchmark times each against the first choice.
+    int algo_count(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+                   int32_t y_dtype, bool accumulate);
+    static constexpr int kMaxAlgos = 8;
     size_t workspace_bytes() const { return ws_bytes_; }
 
 private:
     struct Plan {
         cublasLtMatmulDesc_t desc = nullptr;
         cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-        cublasLtMatmulAlgo_t algo{};
+        cublasLtMatmulAlgo_t algo[kMaxAlgos]{};
+        int n_algos = 0;
     };
     // M, N, K, ldx, ldw, ldy, dtype, accumulate, and the alignment class of the pointers.
     using Key = std::tuple<int, int, int, int, int, int, int, bool, int>;
     Plan &plan(const Key &k);
+    Key key(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
+            int32_t y_dtype, bool accumulate) const;
 
     cudaStream_t stream_;
     cublasLtHandle_t lt_ = nullptr;

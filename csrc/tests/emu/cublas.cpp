@@ -171,16 +171,20 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
     const uint64_t m = d->ta == CUBLAS_OP_T ? a->cols : a->rows, k = d->ta == CUBLAS_OP_T ? a->rows : a->cols;
     const uint64_t kb = d->tb == CUBLAS_OP_T ? b->cols : b->rows, n = d->tb == CUBLAS_OP_T ? b->rows : b->cols;
     if (k != kb || c->rows != m || c->cols != n || dd->rows != m || dd->cols != n) return CUBLAS_STATUS_INVALID_VALUE;
-    std::memset(res, 0, sizeof *res);
-    res->algo.data[0] = 1;
-    *returned = 1;
+    // Two candidates (one computation here), so callers' choice among them runs.
+    const int n_algos = requested < 2 ? requested : 2;
+    for (int i = 0; i < n_algos; i++) {
+        std::memset(&res[i], 0, sizeof res[i]);
+        res[i].algo.data[0] = uint64_t(i + 1);
+    }
+    *returned = n_algos;
     return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha, const void *A,
                               cublasLtMatrixLayout_t ad, const void *B, cublasLtMatrixLayout_t bd, const void *beta,
                               const void *C, cublasLtMatrixLayout_t cd, void *D, cublasLtMatrixLayout_t dd,
                               const cublasLtMatmulAlgo_t *algo, void *, size_t, cudaStream_t s) {
-    if (!h || !d || !algo || algo->data[0] != 1) return CUBLAS_STATUS_INVALID_VALUE;
+    if (!h || !d || !algo || algo->data[0] < 1 || algo->data[0] > 2) return CUBLAS_STATUS_INVALID_VALUE;
     const bool ta = d->ta == CUBLAS_OP_T, tb = d->tb == CUBLAS_OP_T;
     const int m = int(ta ? ad->cols : ad->rows), k = int(ta ? ad->rows : ad->cols);
     const int n = int(tb ? bd->rows : bd->cols);
