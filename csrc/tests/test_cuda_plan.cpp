@@ -154,4 +154,52 @@ TEST(CudaPlan, Sm90SwizzleAndDescriptor) {
     EXPECT_EQ((desc_sw128(0, 8192, 1024) >> 16) & 0x3FFF, 512u); // V: 8 KB between 64-column blocks
 }
 
+// A layout in CuTe's notation: thread coordinates (4, 8, 4) and value
+// coordinates (2, 2, n) with their strides into a column-major M x K (or
+// M x N) tile, M = 64. The strides below are CUTLASS 4.2's (GMMA CLayout_64xN
+// and ALayout_64x16 in cute/atom/mma_traits_sm90_gmma.hpp): an account of
+// the fragments written by other people than ours.
+struct CuteLayout {
+    int ts[3], tst[3], vs[3], vst[3];
+    int operator()(int t, int v) const {
+        const int t0 = t % ts[0], t1 = (t / ts[0]) % ts[1], t2 = t / (ts[0] * ts[1]);
+        const int v0 = v % vs[0], v1 = (v / vs[0]) % vs[1], v2 = v / (vs[0] * vs[1]);
+        return t0 * tst[0] + t1 * tst[1] + t2 * tst[2] + v0 * vst[0] + v1 * vst[1] + v2 * vst[2];
+    }
+};
+
+TEST(CudaPlan, Sm90FragmentsMatchCute) {
+    using namespace dimoo::sm90;
+    for (int n : {64, 128}) {
+        const CuteLayout c{{4, 8, 4}, {128, 1, 16}, {2, 2, n / 8}, {64, 8, 512}};
+        std::set<int> seen;
+        for (int t = 0; t < 128; t++)
+            for (int v = 0; v < n / 2; v++) {
+                const int idx = c(t, v);
+                EXPECT_EQ(acc_row(t, v), idx % 64) << "N " << n << " t " << t << " v " << v;
+                EXPECT_EQ(acc_col(t, v), idx / 64) << "N " << n << " t " << t << " v " << v;
+                seen.insert(idx);
+            }
+        EXPECT_EQ(seen.size(), size_t(64 * n));
+    }
+    // Register A: value v of the fragment is half v % 2 of register v / 2.
+    const CuteLayout a{{4, 8, 4}, {128, 1, 16}, {2, 2, 2}, {64, 8, 512}};
+    for (int t = 0; t < 128; t++)
+        for (int v = 0; v < 8; v++) {
+            const int idx = a(t, v);
+            EXPECT_EQ(areg_row(t, v / 2), idx % 64) << "t " << t << " v " << v;
+            EXPECT_EQ(areg_col(t, v / 2, v % 2), idx / 64) << "t " << t << " v " << v;
+        }
+    // pack_p: accumulator values 8 ks + 2 u + h (16 columns from 16 ks) are
+    // register u, half h of the A fragment for keys 16 ks ... 16 ks + 15.
+    for (int t = 0; t < 128; t++)
+        for (int ks = 0; ks < 8; ks++)
+            for (int u = 0; u < 4; u++)
+                for (int h = 0; h < 2; h++) {
+                    const int v = 8 * ks + 2 * u + h;
+                    EXPECT_EQ(acc_row(t, v), areg_row(t, u));
+                    EXPECT_EQ(acc_col(t, v) - 16 * ks, areg_col(t, u, h));
+                }
+}
+
 } // namespace

@@ -37,5 +37,16 @@ DIMOO_HD uint64_t desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sb
     return d;
 }
 
+// The register fragments of wgmma m64nNk16 (bf16 in, fp32 out), per thread
+// t of the warpgroup (0-127). Accumulator value v (0 to N/2 - 1, v = 4j + e)
+// sits at row acc_row, column acc_col; of the register-sourced A (64 x 16),
+// half h of 32-bit register u (0-3) is element (areg_row, areg_col). With
+// these, the accumulator of S restricted to 16 columns is the A fragment of
+// P for those 16 keys (pack_p in attention_sm90.cu).
+DIMOO_HD int acc_row(int t, int v) { return 16 * (t / 32) + (t % 32) / 4 + 8 * ((v % 4) / 2); }
+DIMOO_HD int acc_col(int t, int v) { return 8 * (v / 4) + 2 * (t % 4) + v % 2; }
+DIMOO_HD int areg_row(int t, int u) { return 16 * (t / 32) + (t % 32) / 4 + 8 * (u & 1); }
+DIMOO_HD int areg_col(int t, int u, int h) { return 2 * (t % 4) + h + 8 * (u >> 1); }
+
 } // namespace sm90
 } // namespace dimoo

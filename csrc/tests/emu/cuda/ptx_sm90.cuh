@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cuda/sm90_layout.h"
 #include "ptx_sm80.cuh"
 
 namespace dimoo {
@@ -121,11 +122,11 @@ inline MmaQueue &mma_queue() { return ::emu::block_thread_state<MmaQueue>(); }
 // S[64 x N] (+)= A B^T, A and B K-major in shared memory (k16); N = 8 * n8.
 inline void run_s(const Mma &m) {
     const Desc A = decode(m.da), B = decode(m.db);
-    const int t = int(::emu::thread_linear() % 128), w = t / 32, lane = t % 32;
+    const int t = int(::emu::thread_linear() % 128);
     float *s = m.acc;
     for (int j = 0; j < m.n8; j++)
         for (int e = 0; e < 4; e++) {
-            const int row = 16 * w + lane / 4 + 8 * (e / 2), col = 8 * j + 2 * (lane % 4) + (e % 2);
+            const int row = acc_row(t, 4 * j + e), col = acc_col(t, 4 * j + e);
             float v = 0.f;
             for (int k = 0; k < 16; k++) v += kmajor(A, row, k) * kmajor(B, col, k);
             s[4 * j + e] = m.accumulate ? s[4 * j + e] + v : v;
@@ -137,23 +138,27 @@ inline void run_s(const Mma &m) {
 // same wait.
 inline void run_o(const Mma &m) {
     const Desc B = decode(m.db);
-    const unsigned lane = ::emu::lane_id();
+    const int t = int(::emu::thread_linear() % 128), w = t / 32;
     std::memcpy(::emu::lane_slot(), m.a, 16);
     ::emu::warp_sync();
-    auto A = [](int r, int k) {
+    // This warp's 16 x 16 block of A, gathered from the lanes' registers
+    // through the fragment layout (sm90_layout.h).
+    float A[16][16];
+    for (int lane = 0; lane < 32; lane++) {
         uint32_t v[4];
-        std::memcpy(v, ::emu::lane_slot_of(unsigned((r % 8) * 4 + (k % 8) / 2)), 16);
-        const uint32_t x = v[(r >= 8) + 2 * (k >= 8)];
-        return ptx_emu::bf(uint16_t((k & 1) ? x >> 16 : x & 0xffffu));
-    };
+        std::memcpy(v, ::emu::lane_slot_of(unsigned(lane)), 16);
+        for (int u = 0; u < 4; u++)
+            for (int h = 0; h < 2; h++)
+                A[areg_row(32 * w + lane, u) - 16 * w][areg_col(32 * w + lane, u, h)] =
+                    ptx_emu::bf(uint16_t(h ? v[u] >> 16 : v[u] & 0xffffu));
+    }
     float out[64];
-    for (int i = 0; i < 16; i++)
-        for (int e = 0; e < 4; e++) {
-            const int row = int(lane / 4) + 8 * (e / 2), col = 8 * i + 2 * int(lane % 4) + (e % 2);
-            float v = 0.f;
-            for (int k = 0; k < 16; k++) v += A(row, k) * mnmajor(B, k, col);
-            out[4 * i + e] = m.acc[4 * i + e] + v;
-        }
+    for (int i = 0; i < 64; i++) {
+        const int row = acc_row(t, i) - 16 * w, col = acc_col(t, i);
+        float v = 0.f;
+        for (int k = 0; k < 16; k++) v += A[row][k] * mnmajor(B, k, col);
+        out[i] = m.acc[i] + v;
+    }
     ::emu::warp_sync();
     std::memcpy(m.acc, out, sizeof out);
 }
