@@ -313,6 +313,47 @@ TEST(CudaEmu, NamedBarriersOrderTurns) {
     }
 }
 
+// The emulated wgmma's reading of a descriptor against CUTLASS 4.2's
+// canonical 128-byte-swizzle layouts (cute/atom/mma_traits_sm90_gmma.hpp,
+// in bf16 elements, T = 8 per 16 bytes):
+//   K-major:  ((8, m), (T, 2)) : ((8T, SBO), (1, T))
+//   MN-major: ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO))
+// for the descriptors the attention kernels build: Q/K tiles (K-major,
+// 64-column blocks of ROWS rows, k16 steps +32 bytes) and V (MN-major,
+// 64-column blocks BN rows apart, 16 keys per step).
+TEST(CudaEmu, WgmmaDescriptorsReadCuteCanonicalLayouts) {
+    namespace e = dimoo::sm90::emu_detail;
+    using dimoo::sm90::desc_sw128;
+    for (int rows : {64, 128})
+        for (int kk = 0; kk < 8; kk++) {
+            const uint32_t base = 4096, start = base + (kk >> 2) * (rows * 128) + (kk & 3) * 32;
+            const e::Desc d = e::decode(desc_sw128(start, 16, 1024));
+            for (int mn = 0; mn < rows; mn++)
+                for (int k = 0; k < 16; k++) {
+                    // CuTe's canonical offset (elements), then where the tile's element (mn, 16 kk + k) lives.
+                    const uint32_t cute = start + 2 * uint32_t((mn % 8) * 64 + (mn / 8) * (1024 / 2) + (k % 8) + (k / 8) * 8);
+                    const int col = 16 * kk + k;
+                    const uint32_t data = base + (col / 64) * (rows * 128) + mn * 128 + (col % 64) * 2;
+                    ASSERT_EQ(e::kmajor_addr(d, mn, k), cute) << rows << " " << kk << " " << mn << " " << k;
+                    ASSERT_EQ(cute, data);
+                }
+        }
+    for (int bn : {64, 128})
+        for (int ks = 0; ks < bn / 16; ks++) {
+            const uint32_t base = 8192, start = base + ks * 16 * 128, lbo = bn * 128;
+            const e::Desc d = e::decode(desc_sw128(start, lbo, 1024));
+            for (int k = 0; k < 16; k++)
+                for (int n = 0; n < 128; n++) {
+                    const uint32_t cute =
+                        start + 2 * uint32_t((n % 8) + ((n / 8) % 8) * 8 + (n / 64) * (lbo / 2) + (k % 8) * 64 + (k / 8) * (1024 / 2));
+                    const int key = 16 * ks + k;
+                    const uint32_t data = base + (n / 64) * (bn * 128) + key * 128 + (n % 64) * 2;
+                    ASSERT_EQ(e::mnmajor_addr(d, k, n), cute) << bn << " " << ks << " " << k << " " << n;
+                    ASSERT_EQ(cute, data);
+                }
+        }
+}
+
 TEST(CudaEmu, TmaLoadsTheBoxWithZerosOutside) {
     ScheduleGuard g;
     for (auto s : kAll) {

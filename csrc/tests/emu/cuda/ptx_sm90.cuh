@@ -54,16 +54,18 @@ inline Desc decode(uint64_t d) {
     }
     return Desc{uint32_t(d & 0x3FFF) << 4, uint32_t((d >> 16) & 0x3FFF) << 4, uint32_t((d >> 32) & 0x3FFF) << 4};
 }
-// Element (mn, k) of a K-major operand: rows of 128 bytes along k, 8-row groups SBO apart.
-inline float kmajor(const Desc &d, int mn, int k) {
-    return ptx_emu::bf(load_shared(d.start + uint32_t(mn / 8) * d.sbo + uint32_t(mn % 8) * 128 + uint32_t(k) * 2));
+// The shared address (before the swizzle) of element (mn, k) of a K-major
+// operand: rows of 128 bytes along k, 8-row groups SBO apart.
+inline uint32_t kmajor_addr(const Desc &d, int mn, int k) {
+    return d.start + uint32_t(mn / 8) * d.sbo + uint32_t(mn % 8) * 128 + uint32_t(k) * 2;
 }
-// Element (k, mn) of an MN-major operand: rows of 64 elements along mn, 64-wide
-// blocks LBO apart, 8-row (k) groups SBO apart.
-inline float mnmajor(const Desc &d, int k, int mn) {
-    return ptx_emu::bf(load_shared(d.start + uint32_t(mn / 64) * d.lbo + uint32_t(k / 8) * d.sbo +
-                                   uint32_t(k % 8) * 128 + uint32_t(mn % 64) * 2));
+// Of element (k, mn) of an MN-major operand: rows of 64 elements along mn,
+// 64-wide blocks LBO apart, 8-row (k) groups SBO apart.
+inline uint32_t mnmajor_addr(const Desc &d, int k, int mn) {
+    return d.start + uint32_t(mn / 64) * d.lbo + uint32_t(k / 8) * d.sbo + uint32_t(k % 8) * 128 + uint32_t(mn % 64) * 2;
 }
+inline float kmajor(const Desc &d, int mn, int k) { return ptx_emu::bf(load_shared(kmajor_addr(d, mn, k))); }
+inline float mnmajor(const Desc &d, int k, int mn) { return ptx_emu::bf(load_shared(mnmajor_addr(d, k, mn))); }
 
 } // namespace emu_detail
 
