@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend.h"
@@ -38,6 +39,8 @@ using namespace dimoo;
 namespace {
 
 std::vector<std::string> summary;
+// The fastest attention kernel at B = 2, T = 4228 among those that agree with sm80.
+std::pair<std::string, double> g_fastest{"", 0.0};
 // Problem sizes: 0 the real ones, 1 --quick, 2 --tiny.
 int g_size = 0;
 int pick(int full, int quick, int tiny) { return g_size == 0 ? full : g_size == 1 ? quick : tiny; }
@@ -192,6 +195,7 @@ void bench_attention(cudaStream_t s, AttnImpl impl) {
             double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(attention_launch(a, impl, s)); });
             // The unverified wgmma kernel against the sm80 one on the same data.
             std::vector<uint16_t> out(rows_q * d);
+            bool agrees = true;
             DIMOO_CUDA(cudaMemcpy(out.data(), O.p, out.size() * 2, cudaMemcpyDeviceToHost));
             std::string check = "";
             if (!ref.empty()) {
@@ -201,24 +205,30 @@ void bench_attention(cudaStream_t s, AttnImpl impl) {
                     num += (x - y) * (x - y);
                     den += y * y;
                 }
+                const double rd = std::isnan(num) ? NAN : std::sqrt(num / den);
+                agrees = rd < 2e-2; // bf16 outputs of two correct kernels differ by rounding only
                 char cb[64];
-                std::snprintf(cb, sizeof cb, "  rel.diff vs sm80 %.1e", std::isnan(num) ? NAN : std::sqrt(num / den));
+                std::snprintf(cb, sizeof cb, "  rel.diff vs sm80 %.1e%s", rd, agrees ? "" : "  MISMATCH");
                 check = cb;
+                if (!agrees) check_failed = true;
             }
+            const char *name = impl == AttnImpl::Sm80        ? "sm80"
+                               : impl == AttnImpl::Sm90      ? "sm90"
+                               : impl == AttnImpl::Sm90Pipe  ? "sm90p"
+                               : impl == AttnImpl::Sm90Pipe2 ? "sm90p2"
+                               : impl == AttnImpl::Sm90Wide  ? "sm90w"
+                               : impl == AttnImpl::Sm90Tma   ? "sm90t"
+                                                             : "sm90tp";
+            const double tflops = flop / (ms * 1e-3) / 1e12;
             char b[200];
-            std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s",
-                          impl == AttnImpl::Sm80       ? "sm80"
-                          : impl == AttnImpl::Sm90     ? "sm90"
-                          : impl == AttnImpl::Sm90Pipe ? "sm90p"
-                          : impl == AttnImpl::Sm90Pipe2 ? "sm90p2"
-                          : impl == AttnImpl::Sm90Wide ? "sm90w"
-                          : impl == AttnImpl::Sm90Tma  ? "sm90t"
-                                                        : "sm90tp",
-                          c.B, H, c.Tq,
-                          c.Tk, ms,
-                          flop / (ms * 1e-3) / 1e12, check.c_str());
+            std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s", name, c.B, H,
+                          c.Tq, c.Tk, ms, tflops, check.c_str());
             line(b);
             summary.push_back(b);
+            // The case the default is chosen by: both branches of the 1024x1024 image.
+            if (agrees && c.B == 2 && c.Tq == c.Tk && c.Tq == (g_size == 0 ? 4228 : pick(0, 1124, 200)) &&
+                tflops > g_fastest.second)
+                g_fastest = {name, tflops};
         }
     }
 }
@@ -460,5 +470,8 @@ int main(int argc, char **argv) {
     }
     std::printf("\n== summary ==\n");
     for (const auto &l : summary) std::printf("%s\n", l.c_str());
+    if (!g_fastest.first.empty())
+        std::printf("attn  fastest at B=2 Tq=Tk=%d: %s (%.1f TFLOP/s); the forward's default on sm_90 is sm90w\n",
+                    g_size == 0 ? 4228 : pick(0, 1124, 200), g_fastest.first.c_str(), g_fastest.second);
     return check_failed ? 3 : 0;
 }
