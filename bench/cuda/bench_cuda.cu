@@ -212,13 +212,7 @@ void bench_attention(cudaStream_t s, AttnImpl impl) {
                 check = cb;
                 if (!agrees) check_failed = true;
             }
-            const char *name = impl == AttnImpl::Sm80        ? "sm80"
-                               : impl == AttnImpl::Sm90      ? "sm90"
-                               : impl == AttnImpl::Sm90Pipe  ? "sm90p"
-                               : impl == AttnImpl::Sm90Pipe2 ? "sm90p2"
-                               : impl == AttnImpl::Sm90Wide  ? "sm90w"
-                               : impl == AttnImpl::Sm90Tma   ? "sm90t"
-                                                             : "sm90tp";
+            const char *name = attention_impl_name(impl);
             const double tflops = flop / (ms * 1e-3) / 1e12;
             char b[200];
             std::snprintf(b, sizeof b, "attn  %s B=%d H=%d Tq=%-5d Tk=%-5d d=128 %8.3f ms %7.1f TFLOP/s%s", name, c.B, H,
@@ -471,7 +465,8 @@ int main(int argc, char **argv) {
     std::printf("\n== summary ==\n");
     for (const auto &l : summary) std::printf("%s\n", l.c_str());
     if (!g_fastest.first.empty())
-        std::printf("attn  fastest at B=2 Tq=Tk=%d: %s (%.1f TFLOP/s); the forward's default on sm_90 is sm90w\n",
-                    g_size == 0 ? 4228 : pick(0, 1124, 200), g_fastest.first.c_str(), g_fastest.second);
+        std::printf("attn  fastest at B=2 Tq=Tk=%d: %s (%.1f TFLOP/s); the forward's default here: %s\n",
+                    g_size == 0 ? 4228 : pick(0, 1124, 200), g_fastest.first.c_str(), g_fastest.second,
+                    attention_impl_name(attention_default_impl(128)));
     return check_failed ? 3 : 0;
 }

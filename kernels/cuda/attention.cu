@@ -341,6 +341,20 @@ bool attention_selfcheck(AttnImpl impl) {
 
 } // namespace
 
+const char *attention_impl_name(AttnImpl impl) {
+    switch (impl) {
+    case AttnImpl::Reference: return "ref";
+    case AttnImpl::Sm80: return "sm80";
+    case AttnImpl::Sm90: return "sm90";
+    case AttnImpl::Sm90Pipe: return "sm90p";
+    case AttnImpl::Sm90Pipe2: return "sm90p2";
+    case AttnImpl::Sm90Wide: return "sm90w";
+    case AttnImpl::Sm90Tma: return "sm90t";
+    case AttnImpl::Sm90TmaPingPong: return "sm90tp";
+    }
+    return "?";
+}
+
 AttnImpl attention_default_impl(int head_dim) {
     const char *env = std::getenv("DIMOO_CUDA_ATTN");
     if (env && std::strcmp(env, "ref") == 0) return AttnImpl::Reference;

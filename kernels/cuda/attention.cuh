@@ -47,6 +47,8 @@ enum class AttnImpl {
 // reference kernel on the device; else Sm80 where the head dim has a flash
 // instantiation.
 AttnImpl attention_default_impl(int head_dim);
+// "ref", "sm80", ... as DIMOO_CUDA_ATTN spells them.
+const char *attention_impl_name(AttnImpl impl);
 bool attention_supported(AttnImpl impl, int head_dim);
 cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
 

@@ -833,8 +833,11 @@ public:
 
     std::string describe() const override {
         char buf[256];
-        std::snprintf(buf, sizeof buf, "cuda:%d %s (sm_%d%d, %.1f GiB, %d SMs)", device_, prop_.name, prop_.major,
-                      prop_.minor, double(prop_.totalGlobalMem) / (1024.0 * 1024 * 1024), prop_.multiProcessorCount);
+        // The attention kernel a head-dim-128 model (DiMOO's) runs with: on
+        // sm_90 this is where its start-up check runs, if nothing ran it yet.
+        std::snprintf(buf, sizeof buf, "cuda:%d %s (sm_%d%d, %.1f GiB, %d SMs), attention %s", device_, prop_.name,
+                      prop_.major, prop_.minor, double(prop_.totalGlobalMem) / (1024.0 * 1024 * 1024),
+                      prop_.multiProcessorCount, attention_impl_name(attention_default_impl(128)));
         return buf;
     }
 
