@@ -122,6 +122,13 @@ void mbar_arrive(uint32_t bar, uint32_t tx_bytes);
 bool mbar_try_wait(uint32_t bar, uint32_t parity);
 // cp.async.bulk.tensor.{rank}d.shared.global.mbarrier::complete_tx::bytes.
 void tma_load(uint32_t dst, const void *tensor_map, uint32_t bar, const int *coords, int rank);
+// Proxies: shared bytes written through the generic proxy (cp.async) are
+// not visible to the async proxy (wgmma) until the writing thread runs
+// fence.proxy.async. The emulation remembers the writer of each such byte
+// until its fence, and a wgmma operand read of one aborts.
+void generic_smem_write(const void *p, size_t n);
+void proxy_fence();
+void check_async_read(uint32_t offset);
 
 template <class T> T shfl_exchange(T v, unsigned src_lane) {
     static_assert(sizeof(T) <= 64, "shuffle of a value larger than a lane slot");

@@ -136,6 +136,28 @@ __global__ void turns(int *log) {
     }
 }
 
+// One warpgroup: a 64 x 128 bf16 tile into shared memory with cp.async,
+// then S = A A^T (k16) with wgmma. `proxy_fence`: fence.proxy.async after
+// the copies land; `wgmma_fence`: wgmma.fence before the wgmma.
+__global__ void cp_async_then_wgmma(const uint16_t *src, float *out, bool proxy_fence, bool wgmma_fence) {
+    for (int c = int(threadIdx.x); c < 64 * 16; c += 128) {
+        const int r = c / 16, ch = c % 16;
+        const uint32_t dst = uint32_t((ch / 8) * 8192) + dimoo::sm90::sw128_chunk(r, ch % 8);
+        dimoo::sm90::cp_async16(dst, src + r * 128 + ch * 8, 16);
+    }
+    dimoo::sm90::cp_async_commit();
+    dimoo::sm90::cp_async_wait<0>();
+    if (proxy_fence) dimoo::sm90::fence_proxy_async();
+    __syncthreads();
+    float s[32] = {};
+    if (wgmma_fence) dimoo::sm90::wgmma_fence();
+    const uint64_t d = dimoo::sm90::desc_sw128(0, 16, 1024);
+    dimoo::sm90::wgmma_s(s, d, d, 0);
+    dimoo::sm90::wgmma_commit();
+    dimoo::sm90::wgmma_wait<0>();
+    out[threadIdx.x] = s[0];
+}
+
 // cp.async: before the wait the destination holds what it held; after, the source.
 __global__ void cp_async_probe(const uint32_t *src, uint32_t *out) {
     __shared__ uint32_t s[8];
@@ -397,6 +419,17 @@ TEST(CudaEmu, TensorMapEncodeRefusesWhatTheDriverRefuses) {
               cudaSuccess);
     EXPECT_EQ(q, cudaDriverEntryPointSuccess);
     EXPECT_EQ(fn, reinterpret_cast<void *>(&cuTensorMapEncodeTiled));
+}
+
+TEST(CudaEmuDeathTest, WgmmaNeedsTheProxyFenceAndItsOwnFence) {
+    Dev<uint16_t> src(64 * 128);
+    cudaMemset(src.p, 0, 64 * 128 * 2);
+    Dev<float> out(128);
+    emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, true, true);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(out.get()[0], 0.f);
+    EXPECT_DEATH(emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, false, true), "generic proxy");
+    EXPECT_DEATH(emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, true, false), "no wgmma.fence");
 }
 
 TEST(CudaEmuDeathTest, TmaBytesBeyondTheAnnouncedAbort) {

@@ -225,4 +225,52 @@ void tma_load(uint32_t dst, const void *tensor_map, uint32_t bar, const int *coo
     }
 }
 
+namespace {
+// Per 16-byte chunk of shared memory (cp.async writes whole chunks): 1 +
+// the thread that wrote it through the generic proxy and has not fenced
+// since (0: visible to the async proxy).
+struct Unfenced {
+    std::vector<uint32_t> writer;
+    std::vector<std::vector<uint32_t>> by_thread; // chunks each thread wrote, until its fence
+};
+Unfenced &unfenced() {
+    Unfenced &u = block_state<Unfenced>();
+    if (u.writer.size() != (dyn_smem_size() + 15) / 16) u.writer.assign((dyn_smem_size() + 15) / 16, 0);
+    return u;
+}
+} // namespace
+
+void generic_smem_write(const void *p, size_t n) {
+    const auto *base = static_cast<const unsigned char *>(dyn_smem());
+    const auto *c = static_cast<const unsigned char *>(p);
+    if (c < base || c + n > base + dyn_smem_size()) return; // static shared memory: no wgmma reads it
+    Unfenced &u = unfenced();
+    const uint32_t t = thread_linear();
+    if (u.by_thread.size() <= t) u.by_thread.resize(t + 1);
+    for (size_t off = size_t(c - base) / 16; off <= (size_t(c - base) + n - 1) / 16; off++) {
+        u.writer[off] = t + 1;
+        u.by_thread[t].push_back(uint32_t(off));
+    }
+}
+
+void proxy_fence() {
+    Unfenced &u = unfenced();
+    const uint32_t t = thread_linear();
+    if (u.by_thread.size() <= t) return;
+    for (uint32_t off : u.by_thread[t])
+        if (u.writer[off] == t + 1) u.writer[off] = 0;
+    u.by_thread[t].clear();
+}
+
+void check_async_read(uint32_t offset) {
+    Unfenced &u = unfenced();
+    if (offset / 16 < u.writer.size() && u.writer[offset / 16]) {
+        std::fprintf(stderr,
+                     "dimoo emu: a wgmma reads shared byte %u, which thread %u wrote through the generic proxy "
+                     "(cp.async) with no fence.proxy.async after it\n",
+                     offset, u.writer[offset / 16] - 1);
+        std::abort();
+    }
+}
+
 } // namespace emu

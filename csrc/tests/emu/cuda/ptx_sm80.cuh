@@ -51,6 +51,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
         if (c.group >= 0 && c.group < done_below) {
             std::memset(c.dst, 0, 16); // bytes past src_bytes are zeros
             if (c.n) std::memcpy(c.dst, c.src, size_t(c.n));
+            emu::generic_smem_write(c.dst, 16);
         } else {
             keep.push_back(c);
         }

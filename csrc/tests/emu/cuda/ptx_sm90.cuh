@@ -77,9 +77,9 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int sr
 }
 using dimoo::cp_async_commit;
 using dimoo::cp_async_wait;
-__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void fence_proxy_async() { ::emu::proxy_fence(); }
 template <int N> __device__ __forceinline__ void fence_regs(float (&)[N]) {} // compiler ordering only
-__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_fence();
 
 // The asynchronous proxy (mbarriers, TMA): ../tma.cpp.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) { ::emu::mbar_init(bar, count); }
@@ -118,13 +118,26 @@ struct Mma {
 struct MmaQueue {
     int next_group = 0;
     std::vector<Mma> q;
+    bool fenced = false; // a wgmma.fence since the last commit
 };
 inline MmaQueue &mma_queue() { return ::emu::block_thread_state<MmaQueue>(); }
+
+// Every 16-byte chunk a wgmma's shared operand covers must be visible to
+// the async proxy (checked once per wgmma, by its warpgroup's first thread).
+inline void check_kmajor(const Desc &d, int rows) {
+    for (int mn = 0; mn < rows; mn++)
+        for (int k = 0; k < 16; k += 8) ::emu::check_async_read(swizzled(kmajor_addr(d, mn, k)));
+}
+inline void check_mnmajor(const Desc &d, int cols) {
+    for (int k = 0; k < 16; k++)
+        for (int mn = 0; mn < cols; mn += 8) ::emu::check_async_read(swizzled(mnmajor_addr(d, k, mn)));
+}
 
 // S[64 x N] (+)= A B^T, A and B K-major in shared memory (k16); N = 8 * n8.
 inline void run_s(const Mma &m) {
     const Desc A = decode(m.da), B = decode(m.db);
     const int t = int(::emu::thread_linear() % 128);
+    if (t == 0) check_kmajor(A, 64), check_kmajor(B, 8 * m.n8);
     float *s = m.acc;
     for (int j = 0; j < m.n8; j++)
         for (int e = 0; e < 4; e++) {
@@ -141,6 +154,7 @@ inline void run_s(const Mma &m) {
 inline void run_o(const Mma &m) {
     const Desc B = decode(m.db);
     const int t = int(::emu::thread_linear() % 128), w = t / 32;
+    if (t == 0) check_mnmajor(B, 128);
     std::memcpy(::emu::lane_slot(), m.a, 16);
     ::emu::warp_sync();
     // This warp's 16 x 16 block of A, gathered from the lanes' registers
@@ -167,17 +181,33 @@ inline void run_o(const Mma &m) {
 
 } // namespace emu_detail
 
+namespace emu_detail {
+// The kernels' rule (stricter than the ISA's, which lets wgmmas of one
+// shape chain on their accumulators unfenced): every batch of wgmmas
+// starts with a wgmma.fence, after the registers it reads were written.
+inline MmaQueue &issue_queue() {
+    MmaQueue &q = mma_queue();
+    if (!q.fenced) {
+        std::fprintf(stderr, "dimoo emu: a wgmma issued with no wgmma.fence since the last commit_group\n");
+        std::abort();
+    }
+    return q;
+}
+} // namespace emu_detail
+
+__device__ __forceinline__ void wgmma_fence() { emu_detail::mma_queue().fenced = true; }
 __device__ __forceinline__ void wgmma_s(float (&s)[32], uint64_t da, uint64_t db, int accumulate) {
-    emu_detail::mma_queue().q.push_back({false, 8, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+    emu_detail::issue_queue().q.push_back({false, 8, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
 }
 __device__ __forceinline__ void wgmma_s128(float (&s)[64], uint64_t da, uint64_t db, int accumulate) {
-    emu_detail::mma_queue().q.push_back({false, 16, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+    emu_detail::issue_queue().q.push_back({false, 16, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
 }
 __device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
-    emu_detail::mma_queue().q.push_back({true, 16, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
+    emu_detail::issue_queue().q.push_back({true, 16, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
 }
 __device__ __forceinline__ void wgmma_commit() {
     emu_detail::MmaQueue &q = emu_detail::mma_queue();
+    q.fenced = false;
     for (auto &m : q.q)
         if (m.group < 0) m.group = q.next_group;
     q.next_group++;
