@@ -22,8 +22,9 @@
 // does within one warpgroup (S_j issued before O's rescale, the softmax of
 // S_j under P_{j-1} V_j), descriptors computed before each wgmma_fence and
 // registers pinned (fence_regs) so ptxas does not serialize the wgmmas.
-// flash_tma_sm90_kernel (below) adds TMA loads and warp specialization. Not
-// yet: ping-pong scheduling of the two consumer warpgroups, a TMA store.
+// flash_tma_sm90_kernel (below) adds TMA loads, warp specialization and
+// (sm90tp) ping-pong of its two consumer warpgroups. Not yet: O stored by
+// TMA, a persistent grid.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
