@@ -25,7 +25,14 @@ struct ScheduleGuard {
     emu::Schedule saved = emu::schedule();
     ~ScheduleGuard() { emu::set_schedule(saved); }
 };
-const emu::Schedule kAll[] = {emu::Schedule::Forward, emu::Schedule::Reverse, emu::Schedule::Random};
+// Runs f once in each schedule (forward, reverse, random), restoring the setting after.
+template <class F> void in_every_schedule(F f) {
+    ScheduleGuard g;
+    for (auto s : {emu::Schedule::Forward, emu::Schedule::Reverse, emu::Schedule::Random}) {
+        emu::set_schedule(s);
+        f();
+    }
+}
 
 template <class T> struct Dev {
     T *p = nullptr;
@@ -178,14 +185,12 @@ float bf16(uint16_t h) { return __bfloat162float(__nv_bfloat16{h}); }
 // ---- tests ---------------------------------------------------------------------
 
 TEST(CudaEmu, ShuffleReductionInEverySchedule) {
-    ScheduleGuard g;
-    for (auto s : kAll) {
-        emu::set_schedule(s);
+    in_every_schedule([] {
         Dev<int> out(3);
         emu::launch(block_sum, 3, 256)(out.p);
         ASSERT_EQ(cudaGetLastError(), cudaSuccess);
         for (int v : out.get()) EXPECT_EQ(v, 255 * 256 / 2);
-    }
+    });
 }
 
 TEST(CudaEmu, MissingBarrierShowsAsScheduleDependence) {
@@ -325,14 +330,12 @@ struct TmaFixture {
 };
 
 TEST(CudaEmu, NamedBarriersOrderTurns) {
-    ScheduleGuard g;
-    for (auto s : kAll) {
-        emu::set_schedule(s);
+    in_every_schedule([] {
         Dev<int> log(6);
         emu::launch(turns, 1, 64)(log.p);
         ASSERT_EQ(cudaGetLastError(), cudaSuccess);
         EXPECT_EQ(log.get(), (std::vector<int>{0, 1, 0, 1, 0, 1}));
-    }
+    });
 }
 
 // The emulated wgmma's reading of a descriptor against CUTLASS 4.2's
@@ -377,9 +380,7 @@ TEST(CudaEmu, WgmmaDescriptorsReadCuteCanonicalLayouts) {
 }
 
 TEST(CudaEmu, TmaLoadsTheBoxWithZerosOutside) {
-    ScheduleGuard g;
-    for (auto s : kAll) {
-        emu::set_schedule(s);
+    in_every_schedule([] {
         TmaFixture f;
         // Columns 64-127 (100 and on outside), rows 16-23 (20 and on outside).
         const auto got = f.run(64, 16, 1024, true);
@@ -389,7 +390,7 @@ TEST(CudaEmu, TmaLoadsTheBoxWithZerosOutside) {
                 const uint16_t want = gr < 20 && gc < 100 ? f.host[size_t(gr) * 128 + gc] : 0;
                 ASSERT_EQ(got[size_t(r) * 64 + c], want) << "row " << r << " col " << c;
             }
-    }
+    });
 }
 
 TEST(CudaEmu, TmaLandsNoEarlierThanItsMbarrierSays) {
