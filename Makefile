@@ -41,16 +41,18 @@ test-go: lib
 # The CUDA backend's own code (kernels/cuda) run on the host through the
 # emulated CUDA of csrc/tests/emu: every CUDA test, on a machine without a GPU,
 # with the threads between barriers in order and in reverse (a race shows as
-# a difference), and the attention kernels on an emulated sm_90 (wgmma). A separate CPU-only build; nothing here says the code runs
+# a difference), and the attention kernels on an emulated sm_90 (wgmma) and
+# sm_86 (99 KB of shared memory). A separate CPU-only build; nothing here says the code runs
 # on a GPU.
 EMU_BUILD ?= build-emu
-EMU_TESTS ?= Cuda*:Estimate.*:KeptCtx.*
+EMU_TESTS ?= Cuda*:Estimate.*:KeptCtx.*:Library.*
 test-emu:
 	cmake -S . -B $(EMU_BUILD) -G Ninja -DDIMOO_CUDA=OFF -DDIMOO_CUDA_EMU=ON $(CMAKE_ARGS) >/dev/null
 	cmake --build $(EMU_BUILD) --target dimoo_tests -j $(JOBS)
 	./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SM=90 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
+	DIMOO_EMU_SM=86 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
 	for a in sm90 sm90p sm90p2 sm90w sm90t sm90tp; do DIMOO_EMU_SM=90 DIMOO_CUDA_ATTN=$$a ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
 	  --gtest_filter='CudaForward.RandomHeadDim128' || exit 1; done
 	cmake --build $(EMU_BUILD) --target dimoo -j $(JOBS)

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -113,6 +115,18 @@ TEST(Library, CreateErrorsGoToTheCallerBuffer) {
         EXPECT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CUDA, 0, 0, &rt, err, sizeof err), DIMOO_ERR_UNSUPPORTED);
         EXPECT_NE(std::string(err).find("no CUDA device"), std::string::npos) << err;
     }
+#ifdef DIMOO_CUDA_EMU
+    // A device older than sm_80 (the emulation can pose as an sm_75) is
+    // refused at runtime creation, by name, not at the first kernel launch.
+    const char *was = std::getenv("DIMOO_EMU_SM");
+    const std::string saved = was ? was : "";
+    setenv("DIMOO_EMU_SM", "75", 1);
+    EXPECT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CUDA, 0, 0, &rt, err, sizeof err), DIMOO_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(err).find("sm_75) is not supported"), std::string::npos) << err;
+    EXPECT_EQ(rt, nullptr);
+    if (was) setenv("DIMOO_EMU_SM", saved.c_str(), 1);
+    else unsetenv("DIMOO_EMU_SM");
+#endif
     // A tiny buffer truncates the message instead of overflowing.
     char small[8];
     EXPECT_EQ(dimoo_runtime_create(7, 0, 0, &rt, small, sizeof small), DIMOO_ERR_INVALID_ARGUMENT);

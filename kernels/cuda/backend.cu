@@ -829,6 +829,12 @@ public:
                  "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) + " visible)");
         DIMOO_CUDA(cudaSetDevice(device));
         DIMOO_CUDA(cudaGetDeviceProperties(&prop_, device));
+        // bf16 tensor cores (mma.sync m16n8k16 bf16) start with sm_80; the
+        // library carries sm_80 and sm_90a code and sm_80 PTX for newer ones.
+        if (prop_.major < 8)
+            fail(DIMOO_ERR_UNSUPPORTED, "CUDA device " + std::to_string(device) + " (" + prop_.name + ", sm_" +
+                                            std::to_string(prop_.major) + std::to_string(prop_.minor) +
+                                            ") is not supported: dimoo's CUDA kernels need sm_80 or newer");
     }
 
     std::string describe() const override {

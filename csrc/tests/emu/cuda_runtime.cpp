@@ -46,16 +46,24 @@ size_t total_bytes() {
     return t;
 }
 
-// The emulated device: an sm_80 unless DIMOO_EMU_SM=90 (then the sm_90a
-// kernels run too, through the emulated wgmma).
+// The emulated device: an sm_80 unless DIMOO_EMU_SM says 90 (then the
+// sm_90a kernels run too, through the emulated wgmma), or 75, 86 or 89 (what
+// the library does on a device it has no code for, or one with less shared
+// memory). Read at every query, so a test may change it.
 int sm() {
-    static const int v = [] {
-        const char *e = std::getenv("DIMOO_EMU_SM");
-        return e && std::atoi(e) == 90 ? 90 : 80;
-    }();
-    return v;
+    const char *e = std::getenv("DIMOO_EMU_SM");
+    const int v = e ? std::atoi(e) : 80;
+    return v == 75 || v == 86 || v == 89 || v == 90 ? v : 80;
 }
-size_t smem_optin() { return sm() == 90 ? 227 * 1024 : 163 * 1024; }
+size_t smem_optin() {
+    switch (sm()) {
+    case 90: return 227 * 1024;
+    case 86:
+    case 89: return 99 * 1024;
+    case 75: return 64 * 1024;
+    default: return 163 * 1024;
+    }
+}
 
 cudaError_t set(cudaError_t e) {
     if (e != cudaSuccess) g_last = e;
@@ -172,7 +180,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
     p->sharedMemPerBlock = 48 * 1024;
     p->sharedMemPerBlockOptin = emu::smem_optin();
     p->major = emu::sm() / 10;
-    p->minor = 0;
+    p->minor = emu::sm() % 10;
     p->multiProcessorCount = 1;
     p->maxThreadsPerBlock = 1024;
     p->warpSize_ = 32;
@@ -183,7 +191,7 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
     switch (a) {
     case cudaDevAttrMultiProcessorCount: *v = 1; break;
     case cudaDevAttrComputeCapabilityMajor: *v = emu::sm() / 10; break;
-    case cudaDevAttrComputeCapabilityMinor: *v = 0; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = emu::sm() % 10; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(emu::smem_optin()); break;
     default: return set(cudaErrorInvalidValue);
     }
