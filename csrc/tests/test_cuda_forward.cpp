@@ -791,6 +791,82 @@ TEST(CudaForward, GraphsEqualEagerBitwise) {
     EXPECT_EQ(on.held, 2);
 }
 
+// A replayed layer stack reads the K/V of the cache slots its call names:
+// USE forwards on slots (0, 1), then (1, 2), then (0, 1) again, each twice
+// (same shapes, so a graph is captured and replayed), with graphs and
+// without, bitwise. At head dim 128 on an sm_90 with DIMOO_CUDA_ATTN=sm90t
+// or sm90tp, the attention kernel's tensor maps hold the slots' addresses:
+// the graph key must tell the slots apart there.
+TEST(CudaForward, GraphsFollowTheCacheSlots) {
+    if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+    auto be = dimoo::make_cuda_backend(0);
+    dimoo_model_config cfg{};
+    cfg.d_model = 256, cfg.n_heads = 2, cfg.n_kv_heads = 2, cfg.n_layers = 2, cfg.mlp_hidden_size = 512;
+    cfg.vocab_size = cfg.embedding_size = 640, cfg.max_sequence_length = 1024;
+    cfg.rope_theta = 500000.f, cfg.rms_norm_eps = 1e-5f;
+    const dimoo::ModelShape shape(cfg);
+    auto m = be->create_model(shape);
+    std::mt19937 rng(91);
+    for (const auto &[name, dims] : dimoo::test::checkpoint_tensors(cfg)) {
+        if (name.rfind("model.transformer.", 0) != 0) continue;
+        size_t n = 1;
+        for (auto d : dims) n *= size_t(d);
+        const bool norm = dims.size() == 1;
+        std::normal_distribution<float> nd(norm ? 1.0f : 0.0f, norm ? 0.1f : 1.0f / std::sqrt(float(dims.back())));
+        std::vector<uint16_t> w(n);
+        for (auto &x : w) x = dimoo::f32_to_bf16(nd(rng));
+        m->set_weight(shape.parse_name(name), DIMOO_BF16, w.data(), n * 2);
+    }
+    m->finalize();
+    const int T = 150, n_comp = 20;
+    dimoo_ctx_params p{};
+    p.n_seqs = 3, p.max_tokens = T, p.flags = DIMOO_CTX_KV_CACHE;
+    std::unique_ptr<dimoo::Ctx> ctx[2]; // 0: graphs off, 1: on
+    const char *was = std::getenv("DIMOO_CUDA_GRAPHS");
+    const std::string saved = was ? was : "";
+    setenv("DIMOO_CUDA_GRAPHS", "0", 1);
+    ctx[0] = m->create_ctx(p);
+    unsetenv("DIMOO_CUDA_GRAPHS");
+    ctx[1] = m->create_ctx(p);
+    if (was) setenv("DIMOO_CUDA_GRAPHS", saved.c_str(), 1);
+    std::atomic<bool> cancel{false};
+    // Each slot's cache from a different prompt.
+    std::vector<int32_t> tok[3];
+    for (int s = 0; s < 3; s++) {
+        for (int i = 0; i < T; i++) tok[s].push_back(int32_t(rng() % unsigned(cfg.vocab_size)));
+        for (int c = 0; c < 2; c++) {
+            dimoo_forward_args a{};
+            a.seq = s, a.n_tokens = T, a.tokens = tok[s].data(), a.cache_mode = DIMOO_CACHE_STORE;
+            ctx[c]->forward(&a, 1, cancel, nullptr);
+        }
+    }
+    std::vector<int32_t> comp;
+    for (int i = 0; i < n_comp; i++) comp.push_back(i * 7);
+    const int pairs[6][2] = {{0, 1}, {0, 1}, {1, 2}, {1, 2}, {0, 1}, {0, 1}};
+    for (int f = 0; f < 6; f++) {
+        std::vector<float> lg[2][2];
+        for (int c = 0; c < 2; c++) {
+            dimoo_forward_args a[2] = {};
+            for (int b = 0; b < 2; b++) {
+                const int s = pairs[f][b];
+                lg[c][b].assign(size_t(n_comp) * cfg.vocab_size, NAN);
+                a[b].seq = s, a[b].n_tokens = T, a[b].tokens = tok[s].data(), a[b].cache_mode = DIMOO_CACHE_USE;
+                a[b].n_compute = n_comp, a[b].compute = comp.data(), a[b].n_out = n_comp, a[b].out_positions = comp.data();
+                a[b].vocab_begin = 0, a[b].vocab_end = cfg.vocab_size, a[b].logits = lg[c][b].data();
+            }
+            ctx[c]->forward(a, 2, cancel, nullptr);
+        }
+        for (int b = 0; b < 2; b++) {
+            for (float v : lg[1][b]) ASSERT_FALSE(std::isnan(v));
+            ASSERT_EQ(0, std::memcmp(lg[0][b].data(), lg[1][b].data(), lg[0][b].size() * 4))
+                << "forward " << f << " (slots " << pairs[f][0] << ", " << pairs[f][1] << ") branch " << b;
+        }
+    }
+    const dimoo::CudaGraphStats on = dimoo::cuda_graph_stats(*ctx[1]);
+    EXPECT_EQ(on.failed, 0);
+    EXPECT_GE(on.replayed, 2); // the USE shape repeats: replays happened
+}
+
 // Weights or a context larger than the card are refused before anything is
 // uploaded or allocated, with the sizes in the message.
 TEST(CudaForward, RefusesWhatDoesNotFit) {

@@ -195,19 +195,20 @@ private:
 
 // The shape of a forward's layer stack, which a captured graph bakes in
 // (row count, sequence count, grid sizes): the call's sequence count, then
-// per sequence its query rows, key rows, cache mode and cache slot (the TMA
-// attention kernel's tensor maps hold the slot's K/V addresses). Everything
-// else the stack reads (token ids, positions) is in fixed device buffers
-// written before the stack runs.
+// per sequence its query rows, key rows and cache mode, and with the TMA
+// attention kernels (`by_slot`: their tensor maps hold K/V addresses) the
+// cache slot. Everything else the stack reads (token ids, positions, where
+// each sequence's K/V live) is in fixed device buffers written before the
+// stack runs.
 using GraphKey = std::vector<int32_t>;
 
-GraphKey graph_key(const dimoo_forward_args *args, int n, const cuda::BatchPlan &p) {
+GraphKey graph_key(const dimoo_forward_args *args, int n, const cuda::BatchPlan &p, bool by_slot) {
     GraphKey k{n};
     for (int i = 0; i < n; i++) {
         k.push_back(p.seqs[size_t(i)].q_len);
         k.push_back(p.seqs[size_t(i)].kv_len);
         k.push_back(args[i].cache_mode);
-        k.push_back(args[i].cache_mode == DIMOO_CACHE_NONE ? -1 : args[i].seq);
+        if (by_slot) k.push_back(args[i].cache_mode == DIMOO_CACHE_NONE ? -1 : args[i].seq);
     }
     return k;
 }
@@ -572,7 +573,8 @@ private:
         if (cancel.load(std::memory_order_relaxed)) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
         cudaGraphExec_t g = nullptr;
         if (graphs_on_) {
-            const GraphKey key = graph_key(args, n, plan);
+            const GraphKey key =
+                graph_key(args, n, plan, attn_ == AttnImpl::Sm90Tma || attn_ == AttnImpl::Sm90TmaPingPong);
             g = graphs_.find(key);
             if (!g && graphs_.repeats(key)) g = capture(st, key);
         }
