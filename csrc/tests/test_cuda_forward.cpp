@@ -686,6 +686,18 @@ std::unique_ptr<dimoo::Model> cuda_model(dimoo::Backend &be, const std::string &
     return m;
 }
 
+// Two contexts of m: ctx[0] with CUDA graphs off (DIMOO_CUDA_GRAPHS=0 at
+// its creation), ctx[1] with them on; the variable is restored after.
+void contexts_without_and_with_graphs(dimoo::Model &m, const dimoo_ctx_params &p, std::unique_ptr<dimoo::Ctx> (&ctx)[2]) {
+    const char *was = std::getenv("DIMOO_CUDA_GRAPHS");
+    const std::string saved = was ? was : "";
+    setenv("DIMOO_CUDA_GRAPHS", "0", 1);
+    ctx[0] = m.create_ctx(p);
+    unsetenv("DIMOO_CUDA_GRAPHS");
+    ctx[1] = m.create_ctx(p);
+    if (was) setenv("DIMOO_CUDA_GRAPHS", saved.c_str(), 1);
+}
+
 TEST(CudaForward, GraphsEqualEagerBitwise) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
     auto be = dimoo::make_cuda_backend(0);
@@ -695,13 +707,7 @@ TEST(CudaForward, GraphsEqualEagerBitwise) {
     dimoo_ctx_params p{};
     p.n_seqs = 2, p.max_tokens = maxT, p.flags = DIMOO_CTX_KV_CACHE, p.keep_rows = maxT, p.keep_cols = cfg.embedding_size;
     std::unique_ptr<dimoo::Ctx> ctx[2]; // 0: graphs off, 1: on
-    const char *was = std::getenv("DIMOO_CUDA_GRAPHS");
-    const std::string saved = was ? was : "";
-    setenv("DIMOO_CUDA_GRAPHS", "0", 1);
-    ctx[0] = m->create_ctx(p);
-    unsetenv("DIMOO_CUDA_GRAPHS");
-    ctx[1] = m->create_ctx(p);
-    if (was) setenv("DIMOO_CUDA_GRAPHS", saved.c_str(), 1);
+    contexts_without_and_with_graphs(*m, p, ctx);
     std::mt19937 rng(77);
     const int T[2] = {97, 64};
     std::vector<int32_t> tok[2];
@@ -822,13 +828,7 @@ TEST(CudaForward, GraphsFollowTheCacheSlots) {
     dimoo_ctx_params p{};
     p.n_seqs = 3, p.max_tokens = T, p.flags = DIMOO_CTX_KV_CACHE;
     std::unique_ptr<dimoo::Ctx> ctx[2]; // 0: graphs off, 1: on
-    const char *was = std::getenv("DIMOO_CUDA_GRAPHS");
-    const std::string saved = was ? was : "";
-    setenv("DIMOO_CUDA_GRAPHS", "0", 1);
-    ctx[0] = m->create_ctx(p);
-    unsetenv("DIMOO_CUDA_GRAPHS");
-    ctx[1] = m->create_ctx(p);
-    if (was) setenv("DIMOO_CUDA_GRAPHS", saved.c_str(), 1);
+    contexts_without_and_with_graphs(*m, p, ctx);
     std::atomic<bool> cancel{false};
     // Each slot's cache from a different prompt.
     std::vector<int32_t> tok[3];
