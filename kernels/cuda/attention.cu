@@ -281,11 +281,16 @@ __global__ void attention_ref_kernel(AttnArgs p) {
 
 } // namespace
 
+namespace {
+constexpr AttnImpl kAllImpls[] = {AttnImpl::Reference, AttnImpl::Sm80,      AttnImpl::Sm90,    AttnImpl::Sm90Pipe,
+                                  AttnImpl::Sm90Pipe2, AttnImpl::Sm90Wide, AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong};
+// The wgmma kernels of attention_sm90.cu (head dim 128, an sm_90 device).
+bool is_sm90(AttnImpl i) { return i != AttnImpl::Reference && i != AttnImpl::Sm80; }
+} // namespace
+
 bool attention_supported(AttnImpl impl, int head_dim) {
     if (impl == AttnImpl::Reference) return head_dim > 0 && head_dim <= 32 * kRefMaxPerLane;
-    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
-        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma ||
-        impl == AttnImpl::Sm90TmaPingPong)
+    if (is_sm90(impl))
         return head_dim == 128 && attention_sm90_available();
     return head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
@@ -357,20 +362,10 @@ const char *attention_impl_name(AttnImpl impl) {
 
 AttnImpl attention_default_impl(int head_dim) {
     const char *env = std::getenv("DIMOO_CUDA_ATTN");
-    if (env && std::strcmp(env, "ref") == 0) return AttnImpl::Reference;
-    if (env && std::strcmp(env, "sm80") == 0)
-        return attention_supported(AttnImpl::Sm80, head_dim) ? AttnImpl::Sm80 : AttnImpl::Reference;
-    if (env && std::strcmp(env, "sm90") == 0 && attention_supported(AttnImpl::Sm90, head_dim)) return AttnImpl::Sm90;
-    if (env && std::strcmp(env, "sm90p") == 0 && attention_supported(AttnImpl::Sm90Pipe, head_dim))
-        return AttnImpl::Sm90Pipe;
-    if (env && std::strcmp(env, "sm90p2") == 0 && attention_supported(AttnImpl::Sm90Pipe2, head_dim))
-        return AttnImpl::Sm90Pipe2;
-    if (env && std::strcmp(env, "sm90w") == 0 && attention_supported(AttnImpl::Sm90Wide, head_dim))
-        return AttnImpl::Sm90Wide;
-    if (env && std::strcmp(env, "sm90t") == 0 && attention_supported(AttnImpl::Sm90Tma, head_dim))
-        return AttnImpl::Sm90Tma;
-    if (env && std::strcmp(env, "sm90tp") == 0 && attention_supported(AttnImpl::Sm90TmaPingPong, head_dim))
-        return AttnImpl::Sm90TmaPingPong;
+    // A kernel named by DIMOO_CUDA_ATTN that runs here; else the fallback below.
+    if (env)
+        for (AttnImpl i : kAllImpls)
+            if (std::strcmp(env, attention_impl_name(i)) == 0 && attention_supported(i, head_dim)) return i;
     // On sm_90 the wide pipelined wgmma kernel (FA3's tile shape: two
     // warpgroups, 128-key blocks), once it has agreed with the reference
     // kernel on this device (checked once per process). Which sm_90 kernel is
@@ -400,9 +395,7 @@ cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s) {
     }
     // 16-byte cp.async needs 16-byte aligned rows.
     if (a.q_stride % 8 || a.kv_stride % 8 || (reinterpret_cast<uintptr_t>(a.q) & 15)) return cudaErrorInvalidValue;
-    if (impl == AttnImpl::Sm90 || impl == AttnImpl::Sm90Pipe || impl == AttnImpl::Sm90Pipe2 ||
-        impl == AttnImpl::Sm90Wide || impl == AttnImpl::Sm90Tma ||
-        impl == AttnImpl::Sm90TmaPingPong)
+    if (is_sm90(impl))
         return attention_sm90_launch(a, s, impl);
     switch (a.head_dim) {
     case 32: return launch_flash<32>(a, s);
