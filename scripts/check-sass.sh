@@ -9,7 +9,8 @@
 #     the sm80 flash attention kernels, HGMMA in every sm_90a kernel whose
 #     name says wgmma (attention_sm90.cu), and in the warp-specialized
 #     flash_tma kernel HGMMA, TMA loads (UTMALDG), mbarrier ops (SYNCS) and
-#     register reallocation (USETMAXREG; ptxas warning C7508 fails).
+#     register reallocation (USETMAXREG; ptxas warning C7508 fails), and
+#     16-byte loads (LDG.E.128) in the wide SwiGLU and RMSNorm kernels.
 # Prints one line per kernel and arch and a verdict last; exits non-zero on
 # any failure. Usage: scripts/check-sass.sh [BUILD_DIR]   (default build)
 set -uo pipefail
@@ -86,10 +87,13 @@ for line in open(path):
         cur = m.group(1); funcs[cur] = {}
         continue
     if cur:
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([.A-Z0-9_]*)", line)
         if m:
             op = m.group(1)
             funcs[cur][op] = funcs[cur].get(op, 0) + 1
+            # 16-byte global loads (LDG.E.128...), the vectorized elementwise kernels' point.
+            if op == "LDG" and ".128" in m.group(2):
+                funcs[cur]["LDG.128"] = funcs[cur].get("LDG.128", 0) + 1
 bad = 0
 for fn, ops in funcs.items():
     dem = subprocess.run(["c++filt"], input=fn, capture_output=True, text=True).stdout.strip() or fn
@@ -99,11 +103,13 @@ for fn, ops in funcs.items():
     if "wgmma" in dem and arch == "sm_90a": need += ["HGMMA"]
     # The warp-specialized kernel: TMA loads, mbarriers, register reallocation.
     if "flash_tma" in dem and arch == "sm_90a": need += ["HGMMA", "UTMALDG", "SYNCS", "USETMAXREG"]
+    # The elementwise kernels' wide paths: 16-byte loads, or they are not wide.
+    if "swiglu_vec8" in dem or "rmsnorm_f32_bf16_vec" in dem: need += ["LDG.128"]
     missing = [n for n in need if not ops.get(n)]
     ok = local == 0 and not missing
     bad |= not ok
     short = re.sub(r"\(.*", "", dem.replace("(anonymous namespace)::", "").replace("void ", "").replace("dimoo::", ""))[-48:]
-    extra = " ".join(f"{k} {ops.get(k, 0)}" for k in ("HMMA", "HGMMA", "LDSM", "UTMALDG", "USETMAXREG") if ops.get(k))
+    extra = " ".join(f"{k} {ops.get(k, 0)}" for k in ("HMMA", "HGMMA", "LDSM", "UTMALDG", "USETMAXREG", "LDG.128") if ops.get(k))
     print(f"{'ok  ' if ok else 'FAIL'} sass  {name:10s} {arch:7s} {short:48s} LDL/STL {local} {extra}"
           + (f" missing {missing}" if missing else ""))
 sys.exit(1 if bad else 0)
@@ -111,5 +117,5 @@ PY
   done
 done
 echo
-if [ $fail = 0 ]; then echo "check-sass: PASS (no spills, no stack, no local memory; HMMA/LDSM in flash_sm80, HGMMA in the sm_90a wgmma kernels, TMA and setmaxnreg in flash_tma)"; else echo "check-sass: FAIL"; fi
+if [ $fail = 0 ]; then echo "check-sass: PASS (no spills, no stack, no local memory; HMMA/LDSM in flash_sm80, HGMMA in the sm_90a wgmma kernels, TMA and setmaxnreg in flash_tma, 16-byte loads in the wide swiglu/rmsnorm)"; else echo "check-sass: FAIL"; fi
 exit $fail

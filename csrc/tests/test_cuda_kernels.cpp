@@ -104,9 +104,13 @@ TEST(CudaKernels, RMSNormF32ToBF16WithGather) {
     SKIP_WITHOUT_GPU();
     std::mt19937 rng(2);
     std::normal_distribution<float> nd(0.f, 3.f);
-    for (int cols : {32, 257, 4096}) {
+    // Rows held in registers (cols % 4 == 0 up to 8192: 1, 2, 4 or 8 float4
+    // a thread, idle threads at 1028), and read twice: 257, 8196, and 4096
+    // with x one float off 16-byte alignment (shift).
+    const std::pair<int, int> cases[] = {{32, 0}, {257, 0}, {1028, 0}, {4096, 0}, {8192, 0}, {8196, 0}, {4096, 1}};
+    for (const auto &[cols, shift] : cases) {
         const int rows = 41, out_rows = 13;
-        std::vector<float> x(size_t(rows) * cols), w(cols);
+        std::vector<float> x(size_t(rows) * cols + shift), w(cols);
         for (auto &v : x) v = nd(rng);
         for (auto &v : w) v = 1.f + 0.1f * nd(rng);
         std::vector<int32_t> idx(out_rows);
@@ -114,37 +118,52 @@ TEST(CudaKernels, RMSNormF32ToBF16WithGather) {
         Dev<float> dx(x), dw(w);
         Dev<int32_t> di(idx);
         Dev<uint16_t> a(size_t(rows) * cols), g(size_t(out_rows) * cols);
-        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p, nullptr, dw.p, a.p, rows, cols, 1e-5f, 0));
-        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p, di.p, dw.p, g.p, out_rows, cols, 1e-5f, 0));
+        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p + shift, nullptr, dw.p, a.p, rows, cols, 1e-5f, 0));
+        CK(dimoo::rmsnorm_f32_bf16_launch(dx.p + shift, di.p, dw.p, g.p, out_rows, cols, 1e-5f, 0));
+        const float *xs = x.data() + shift;
         auto ref = [&](int r, int c) {
             double ss = 0;
-            for (int k = 0; k < cols; k++) ss += double(x[size_t(r) * cols + k]) * x[size_t(r) * cols + k];
-            return x[size_t(r) * cols + c] / std::sqrt(ss / cols + 1e-5) * w[c];
+            for (int k = 0; k < cols; k++) ss += double(xs[size_t(r) * cols + k]) * xs[size_t(r) * cols + k];
+            return xs[size_t(r) * cols + c] / std::sqrt(ss / cols + 1e-5) * w[c];
         };
         std::vector<double> ra, rg;
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < cols; c++) ra.push_back(ref(r, c));
         for (int r = 0; r < out_rows; r++)
             for (int c = 0; c < cols; c++) rg.push_back(ref(idx[r], c));
-        EXPECT_LT(rel_err(widen(a.download()), ra), 1e-2) << cols;
-        EXPECT_LT(rel_err(widen(g.download()), rg), 1e-2) << cols;
+        EXPECT_LT(rel_err(widen(a.download()), ra), 4e-3) << cols << " shift " << shift;
+        EXPECT_LT(rel_err(widen(g.download()), rg), 4e-3) << cols << " shift " << shift;
     }
 }
 
-TEST(CudaKernels, SwiGLU) {
-    SKIP_WITHOUT_GPU();
+// SwiGLU over rows of width 2*mlp: 8 values a load where mlp % 8 == 0 and
+// the buffers are 16-byte aligned, else one at a time (mlp = 353, or the
+// same rows one bf16 off alignment); both paths compute each element alike.
+std::vector<uint16_t> check_swiglu(int rows, int mlp, int shift) {
     std::mt19937 rng(3);
-    const int rows = 29, mlp = 352;
     auto gu = rand_bf16(size_t(rows) * 2 * mlp, rng, 2.f);
-    Dev<uint16_t> dgu(gu), dout(size_t(rows) * mlp);
-    CK(dimoo::swiglu_launch(dgu.p, dout.p, rows, mlp, 0));
+    std::vector<uint16_t> shifted(size_t(shift), 0);
+    shifted.insert(shifted.end(), gu.begin(), gu.end());
+    Dev<uint16_t> dgu(shifted), dout(size_t(rows) * mlp + shift);
+    EXPECT_EQ(dimoo::swiglu_launch(dgu.p + shift, dout.p + shift, rows, mlp, 0), cudaSuccess);
     std::vector<double> ref;
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < mlp; c++) {
             const double g = bf16_to_f32(gu[size_t(r) * 2 * mlp + c]), u = bf16_to_f32(gu[size_t(r) * 2 * mlp + mlp + c]);
             ref.push_back(g / (1 + std::exp(-g)) * u);
         }
-    EXPECT_LT(rel_err(widen(dout.download()), ref), 1e-2);
+    auto out = dout.download();
+    out.erase(out.begin(), out.begin() + shift);
+    EXPECT_LT(rel_err(widen(out), ref), 4e-3) << "mlp " << mlp << " shift " << shift;
+    return out;
+}
+
+TEST(CudaKernels, SwiGLU) {
+    SKIP_WITHOUT_GPU();
+    const auto vec = check_swiglu(29, 352, 0);
+    EXPECT_TRUE(vec == check_swiglu(29, 352, 1)) << "the 8-wide and the scalar paths differ";
+    check_swiglu(7, 353, 0);
+    check_swiglu(3, 1544, 0); // more 8-wide groups than threads
 }
 
 TEST(CudaKernels, RowMaxIsExact) {
@@ -198,10 +217,11 @@ TEST(CudaKernels, CublasLtGemm) {
 
 // RoPE with scattered positions into a two-sequence cache: Q rows compact,
 // K (rotated) and V at their positions, every other cache row untouched.
-TEST(CudaKernels, RopeWritesQAndScattersKV) {
-    SKIP_WITHOUT_GPU();
+// `shift` moves the qkv rows one bf16 off 4-byte alignment, which takes the
+// launcher's one-pair-at-a-time path; returns q | k cache | v cache.
+std::vector<uint16_t> check_rope(int hd, int H, int Hkv, int shift) {
     std::mt19937 rng(6);
-    const int hd = 64, H = 4, Hkv = 2, d = H * hd, kv = Hkv * hd, L = 3, T = 50, layer = 1;
+    const int d = H * hd, kv = Hkv * hd, L = 3, T = 50, layer = 1;
     const auto table = dimoo::cuda::rope_table(T, hd, 500000.f);
     // seq 0: positions 3, 7, 20 (USE-like); seq 1: all 0..T-1 (STORE-like).
     std::vector<int32_t> pos = {3, 7, 20}, seq = {0, 0, 0};
@@ -211,7 +231,9 @@ TEST(CudaKernels, RopeWritesQAndScattersKV) {
     }
     const int rows = int(pos.size());
     auto qkv = rand_bf16(size_t(rows) * (d + 2 * kv), rng);
-    Dev<uint16_t> dqkv(qkv), dq(size_t(rows) * d), kc(size_t(2) * L * T * kv), vc(size_t(2) * L * T * kv);
+    std::vector<uint16_t> shifted(size_t(shift), 0);
+    shifted.insert(shifted.end(), qkv.begin(), qkv.end());
+    Dev<uint16_t> dqkv(shifted), dq(size_t(rows) * d), kc(size_t(2) * L * T * kv), vc(size_t(2) * L * T * kv);
     std::vector<dimoo::cuda::AttnSeq> seqs(2);
     for (int s = 0; s < 2; s++) {
         seqs[s].k = kc.p + size_t(s) * L * T * kv;
@@ -221,8 +243,8 @@ TEST(CudaKernels, RopeWritesQAndScattersKV) {
     Dev<dimoo::cuda::AttnSeq> dseqs(seqs);
     Dev<float> dtab(table);
     Dev<int32_t> dpos(pos), dseq(seq);
-    dimoo::RopeArgs a{dqkv.p, dq.p, dtab.p, T, dpos.p, dseq.p, dseqs.p, layer, rows, d, kv, hd};
-    CK(dimoo::rope_kv_launch(a, 0));
+    dimoo::RopeArgs a{dqkv.p + shift, dq.p, dtab.p, T, dpos.p, dseq.p, dseqs.p, layer, rows, d, kv, hd};
+    EXPECT_EQ(dimoo::rope_kv_launch(a, 0), cudaSuccess);
     auto q = dq.download(), k = kc.download(), v = vc.download();
     const int half = hd / 2;
     std::vector<double> got, ref;
@@ -243,16 +265,29 @@ TEST(CudaKernels, RopeWritesQAndScattersKV) {
                 got.push_back(bf16_to_f32(out[e + half]));
             }
         for (int c = 0; c < kv; c++) {
-            ASSERT_EQ(v[krow + c], src[d + kv + c]) << "V row " << r;
+            EXPECT_EQ(v[krow + c], src[d + kv + c]) << "V row " << r << " hd " << hd;
             written[krow + c] = 1;
         }
     }
-    EXPECT_LT(rel_err(got, ref), 1e-2);
+    EXPECT_LT(rel_err(got, ref), 4e-3) << "hd " << hd << " shift " << shift;
+    size_t stray = 0;
     for (size_t i = 0; i < k.size(); i++)
-        if (!written[i]) {
-            ASSERT_EQ(k[i], 0xffff) << "K cache element " << i << " written";
-            ASSERT_EQ(v[i], 0xffff) << "V cache element " << i << " written";
-        }
+        if (!written[i]) stray += k[i] != 0xffff || v[i] != 0xffff;
+    EXPECT_EQ(stray, 0u) << "cache elements written outside the rows' positions";
+    q.insert(q.end(), k.begin(), k.end());
+    q.insert(q.end(), v.begin(), v.end());
+    return q;
+}
+
+TEST(CudaKernels, RopeWritesQAndScattersKV) {
+    SKIP_WITHOUT_GPU();
+    // Two pairs per step (hd % 4 == 0) and one (hd = 6), GQA and not; the
+    // same shape through both paths must agree bit for bit.
+    const auto paired = check_rope(64, 4, 2, 0);
+    const auto single = check_rope(64, 4, 2, 1);
+    EXPECT_TRUE(paired == single) << "the paired and the one-at-a-time paths differ";
+    check_rope(6, 3, 3, 0);
+    check_rope(128, 2, 1, 0);
 }
 
 // Attention of several sequences in one launch against a float64 reference.
