@@ -1,6 +1,8 @@
 // bench_cuda.cu - the CUDA backend's numbers on one GPU, for
 // scripts/device-check.sh: the cuBLAS bf16 ceiling (8192^3) measured in the
-// same run, the forward's GEMMs at the model's shapes against it, attention
+// same run, the forward's GEMMs at the model's shapes against it, the
+// memory-bound kernels (RMSNorm, SwiGLU, RoPE + K/V write) against the
+// device copy bandwidth measured in the same run, attention
 // TFLOP/s at the image shapes (T = 1124, 4228, 8320; B = 1, 2) and an
 // ML-Cache step's shape, and the whole forward in ms on random bf16 weights
 // of the real shape (generated on the device). Inputs are random, never
@@ -33,6 +35,9 @@
 #include "cuda/gemm.cuh"
 #include "cuda/plan.h"
 #include "cuda/random.cuh"
+#include "cuda/rmsnorm.cuh"
+#include "cuda/rope.cuh"
+#include "cuda/swiglu.cuh"
 
 using namespace dimoo;
 
@@ -152,6 +157,77 @@ double bench_gemms(cudaStream_t s) {
         }
     }
     return ceiling;
+}
+
+// The memory-bound kernels of a layer at the two-branch row count (M =
+// 8456) against the device-to-device copy bandwidth measured here: each
+// one's minimum bytes (every input read once, every output written once)
+// over its time, as a share of the copy's (read + write) rate.
+void bench_elementwise(cudaStream_t s) {
+    const int M = pick(8456, 1024, 260), d = pick(4096, 1024, 256), mlp = pick(12288, 3072, 512), hd = 128;
+    const int kv = d, T = M / 2;
+    double copy_gbs = 0;
+    {
+        const size_t bytes = size_t(pick(1 << 30, 1 << 26, 1 << 20));
+        DevMem a(bytes), b(bytes);
+        DIMOO_CUDA(cudaMemsetAsync(a.p, 1, bytes, s));
+        const double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s)); });
+        copy_gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "mem   device copy %zu MiB: %.3f ms  %.0f GB/s (read + write)", bytes >> 20, ms, copy_gbs);
+        line(buf);
+        summary.push_back(buf);
+    }
+    auto report = [&](const char *name, double bytes, double ms) {
+        const double gbs = bytes / (ms * 1e-3) / 1e9;
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "elem  %-8s M=%-5d %8.3f ms %6.0f GB/s (%3.0f%% of copy)", name, M, ms, gbs,
+                      100 * gbs / copy_gbs);
+        line(buf);
+        summary.push_back(buf);
+    };
+    {
+        DevMem x(size_t(M) * d * 4), w(size_t(d) * 4), o(size_t(M) * d * 2);
+        DIMOO_CUDA(fill_uniform_f32_launch(static_cast<float *>(x.p), size_t(M) * d, 21, -2, 2, s));
+        DIMOO_CUDA(fill_uniform_f32_launch(static_cast<float *>(w.p), size_t(d), 22, 0.5f, 1.5f, s));
+        const double ms = time_events(s, 3, 20, [&] {
+            DIMOO_CUDA(rmsnorm_f32_bf16_launch(static_cast<float *>(x.p), nullptr, static_cast<float *>(w.p), o.bf(), M,
+                                               d, 1e-5f, s));
+        });
+        report("rmsnorm", double(M) * d * 6, ms);
+    }
+    {
+        DevMem gu(size_t(M) * 2 * mlp * 2), o(size_t(M) * mlp * 2);
+        DIMOO_CUDA(fill_uniform_bf16_launch(gu.bf(), size_t(M) * 2 * mlp, 23, -3, 3, s));
+        const double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(swiglu_launch(gu.bf(), o.bf(), M, mlp, s)); });
+        report("swiglu", double(M) * mlp * 6, ms);
+    }
+    {
+        // Two sequences of T rows, every row at its own position (a STORE or
+        // plain forward): Q compact, K and V written to the cache.
+        const int width = d + 2 * kv;
+        DevMem qkv(size_t(M) * width * 2), q(size_t(M) * d * 2), kc(size_t(2) * T * kv * 2), vc(size_t(2) * T * kv * 2);
+        DIMOO_CUDA(fill_uniform_bf16_launch(qkv.bf(), size_t(M) * width, 24, -2, 2, s));
+        const auto table = cuda::rope_table(T, hd, 500000.f);
+        std::vector<int32_t> pos(static_cast<size_t>(M)), seq(static_cast<size_t>(M));
+        for (int r = 0; r < M; r++) pos[size_t(r)] = r % T, seq[size_t(r)] = r / T;
+        std::vector<cuda::AttnSeq> seqs(2);
+        for (int b = 0; b < 2; b++) {
+            seqs[size_t(b)].k = kc.bf() + size_t(b) * T * kv;
+            seqs[size_t(b)].v = vc.bf() + size_t(b) * T * kv;
+            seqs[size_t(b)].layer_stride = int64_t(T) * kv;
+        }
+        DevMem dt(table.size() * 4), dp(size_t(M) * 4), dq(size_t(M) * 4), ds(seqs.size() * sizeof(cuda::AttnSeq));
+        DIMOO_CUDA(cudaMemcpyAsync(dt.p, table.data(), table.size() * 4, cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaMemcpyAsync(dp.p, pos.data(), pos.size() * 4, cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaMemcpyAsync(dq.p, seq.data(), seq.size() * 4, cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaStreamSynchronize(s)); // the host vectors die at the end of this block
+        RopeArgs ra{qkv.bf(), q.bf(), static_cast<float *>(dt.p), T, static_cast<int32_t *>(dp.p),
+                    static_cast<int32_t *>(dq.p), static_cast<cuda::AttnSeq *>(ds.p), 0, M, d, kv, hd};
+        const double ms = time_events(s, 3, 20, [&] { DIMOO_CUDA(rope_kv_launch(ra, s)); });
+        report("rope+kv", double(M) * width * 4, ms);
+    }
 }
 
 // impls Sm90 and Sm90Pipe (the wgmma kernels, checked only on the host
@@ -447,6 +523,7 @@ int main(int argc, char **argv) {
         cudaStream_t s;
         DIMOO_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
         bench_gemms(s);
+        bench_elementwise(s);
         bench_attention(s, AttnImpl::Sm80);
         bench_forward();
         if (attention_supported(AttnImpl::Sm90, 128)) {
