@@ -4,8 +4,10 @@
 # Hopper (sm_90a) and sm_80, runs the C++ tests (the CUDA ones run for real
 # there) and the Go test binaries built beforehand on a machine with Go:
 #
-#   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/)
-#   device: scripts/device-check.sh               (carry build/go-tests, bin)
+#   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/,
+#           the CLI into bin/, the CUDA binaries into build/device-prebuilt/)
+#   device: scripts/device-check.sh               (carry build/device-carry.tar.xz,
+#           which --prepare packs them in: the device tool's 64 MiB)
 #
 # and prints a short table last. Exits non-zero if anything failed.
 #
@@ -25,8 +27,8 @@
 # ML-Cache; its --json document goes to bench.json under --profile) and
 # the official PyTorch pipeline on the same weights and sequence lengths (64
 # steps, cfg 4), and bench/e2e_compare.py's table last: seconds, the ratio,
-# peak memory, the issue's targets. bin/dimoo comes from --prepare (carry
-# bin); each case's trace.json, cpu.pprof and bench.json land in
+# peak memory, the issue's targets. bin/dimoo comes from --prepare (in the
+# carried archive); each case's trace.json, cpu.pprof and bench.json land in
 # $OUT/e2e-ours-SIZE/.
 #
 # One device command may run 10 minutes and a session has 15 in all, so the
@@ -40,8 +42,9 @@ cd "$ROOT"
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p build/go-tests
-  go test -c -o build/go-tests/dimoo.test ./dimoo
-  go test -c -o build/go-tests/bench.test ./bench
+  # Stripped (-s -w) like the CLI below: the carry is size-limited.
+  go test -c -ldflags="-s -w" -o build/go-tests/dimoo.test ./dimoo
+  go test -c -ldflags="-s -w" -o build/go-tests/bench.test ./bench
   # The CLI for the end-to-end benchmark: with cgo (NVML telemetry), and
   # without (a fallback should the device's C library not run the first).
   # Stripped (-s -w): smaller to carry; CPU profiles keep their function names.
@@ -49,7 +52,35 @@ if [ "${1:-}" = "--prepare" ]; then
   CGO_ENABLED=0 go build -ldflags="-s -w" -o bin/dimoo-nocgo ./cmd/dimoo
   # The device image has no GoogleTest: carry a source tree for the build there.
   if [ -d /usr/src/googletest ] && [ ! -d build/googletest-src ]; then cp -r /usr/src/googletest build/googletest-src; fi
-  echo "built build/go-tests/{dimoo,bench}.test and bin/dimoo{,-nocgo}; carry build/go-tests, build/googletest-src and bin to the device"
+  # The CUDA build itself, made here with the wheels' nvcc 13.0 (the device
+  # has 13.0 too), so the device spends no time compiling: the test and
+  # benchmark binaries and libdimoo, stripped, in build/device-prebuilt.
+  # The device falls back to building there if they do not run.
+  NVCC="${CUDACXX:-$ROOT/.cuda/py/nvidia/cu13/bin/nvcc}"
+  if [ -x "$NVCC" ] && [ "${DEVICE_PREBUILD:-1}" = 1 ]; then
+    CT="$(cd "$(dirname "$NVCC")/.." && pwd)"
+    cmake -S . -B build-prebuilt -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" \
+      -DCUDAToolkit_ROOT="$CT" -DCMAKE_CUDA_COMPILER="$NVCC" -DDIMOO_LIB_DIR="$ROOT/build-prebuilt/lib" >/dev/null || exit 1
+    cmake --build build-prebuilt -j "$(nproc)" --target dimoo_tests dimoo_bench_cuda dimoo_cuda_sampler_bench dimoo || exit 1
+    rm -rf build/device-prebuilt && mkdir -p build/device-prebuilt
+    cp build-prebuilt/dimoo_tests build-prebuilt/dimoo_bench_cuda build-prebuilt/dimoo_cuda_sampler_bench \
+      build-prebuilt/lib/libdimoo.so build/device-prebuilt/
+    strip build/device-prebuilt/*
+    git rev-parse HEAD >build/device-prebuilt/COMMIT
+    git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)" >>build/device-prebuilt/COMMIT
+  fi
+  # One xz archive of it all: what travels to the device (the working tree,
+  # untracked files included, plus carried paths) may not pass 64 MiB, and
+  # the tracked files alone are over 40. The device unpacks it with python3.
+  rm -f build/device-carry.tar.xz
+  parts=(build/go-tests bin)
+  for d in build/googletest-src build/device-prebuilt; do [ -d "$d" ] && parts+=("$d"); done
+  tar -cf - "${parts[@]}" | xz -6 -T0 >build/device-carry.tar.xz || exit 1
+  tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+  carry=$(stat -c %s build/device-carry.tar.xz)
+  echo "built ${parts[*]}, packed in build/device-carry.tar.xz: carry build/device-carry.tar.xz to the device"
+  echo "travel: working tree $((tree >> 20)) MiB + carry $((carry >> 20)) MiB = $(((tree + carry) >> 20)) MiB of 64"
+  [ $((tree + carry)) -lt $((64 << 20)) ] || { echo "over the device tool's 64 MiB: carry less"; exit 1; }
   exit 0
 fi
 
@@ -82,14 +113,43 @@ step() { # name command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+# What --prepare packed (carried as build/device-carry.tar.xz), unpacked at
+# every call (a few seconds; a warm machine may hold an older unpacking).
+if [ -f build/device-carry.tar.xz ]; then
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".", filter="tar")' build/device-carry.tar.xz ||
+    echo "could not unpack build/device-carry.tar.xz" >>"$OUT/gpu.txt"
+fi
 if [ -z "${DIMOO_CMAKE_ARGS:-}" ] && [ -f build/googletest-src/CMakeLists.txt ]; then
   DIMOO_CMAKE_ARGS="-DDIMOO_GTEST_SOURCE=$ROOT/build/googletest-src"
 fi
 # DIMOO_CMAKE_ARGS: extra configure arguments (e.g. -DDIMOO_GTEST_SOURCE=DIR where
 # GoogleTest is not installed); DEVICE_JOBS: build parallelism.
-# shellcheck disable=SC2086
-step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
-step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
+# The binaries --prepare built (build/device-prebuilt, carried) when they
+# run here: cuBLAS from the device's toolkit or its PyTorch's wheels, the
+# repo's data through DIMOO_SOURCE_DIR. Otherwise (or DEVICE_REBUILD=1) the
+# build happens here.
+prebuilt=0
+if [ -x build/device-prebuilt/dimoo_tests ] && [ "${DEVICE_REBUILD:-0}" != 1 ]; then
+  CUBLAS_DIRS="$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, "cu13", "lib") for p in nvidia.__path__))' 2>/dev/null)"
+  export LD_LIBRARY_PATH="${CUBLAS_DIRS:+$CUBLAS_DIRS:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export DIMOO_SOURCE_DIR="$ROOT"
+  mkdir -p build-device lib
+  cp build/device-prebuilt/dimoo_tests build/device-prebuilt/dimoo_bench_cuda build/device-prebuilt/dimoo_cuda_sampler_bench build-device/
+  cp build/device-prebuilt/libdimoo.so lib/
+  if timeout 60 ./build-device/dimoo_tests --gtest_list_tests >"$OUT/prebuilt.log" 2>&1 &&
+    ! ldd lib/libdimoo.so 2>&1 | tee -a "$OUT/prebuilt.log" | grep -q "not found"; then
+    prebuilt=1
+    rows+=("$(printf '%-22s %-5s %7s  %s' build ok - "carried from --prepare at $(head -c 12 build/device-prebuilt/COMMIT)")")
+  else
+    rows+=("$(printf '%-22s %-5s %7s  %s' prebuilt no - "carried binaries do not run here (prebuilt.log): building")")
+    rm -rf build-device lib/libdimoo.so
+  fi
+fi
+if [ "$prebuilt" = 0 ]; then
+  # shellcheck disable=SC2086
+  step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
+  step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
+fi
 # DEVICE_TESTS=0 skips the tests (the build still runs): for a second call
 # that only benchmarks.
 if [ "${DEVICE_TESTS:-1}" = 1 ]; then

@@ -19,6 +19,7 @@
 #include "common.h"
 #include "cpu/bf16.h"
 #include "dimoo.h"
+#include "source_dir.h"
 #include "test_tensors.h"
 
 namespace {
@@ -515,7 +516,7 @@ int config_int(const std::string &cfg, const std::string &key) {
 // error, and both < 5e-2. (The random small-bf16 model: 3e-3 against the
 // float64 reference, TestForwardMatchesReference.)
 TEST(Bf16Forward, OfficialGoldenWithBf16Weights) {
-    const std::string dir = std::string(DIMOO_SOURCE_DIR) + "/testdata/official-small/";
+    const std::string dir = dimoo::test::source_path("testdata/official-small/");
     const std::string cfgs = slurp(dir + "checkpoint/config.json");
     ASSERT_FALSE(cfgs.empty());
     dimoo_model_config c{};

@@ -34,6 +34,7 @@ TEST(CudaForward, Skipped) { GTEST_SKIP() << "built without the CUDA backend"; }
 #include "cpu/kept.h"
 #include "cuda/cuda_model.h"
 #include "dimoo.h"
+#include "source_dir.h"
 #include "test_checkpoint.h"
 #include "test_tensors.h"
 
@@ -297,7 +298,7 @@ void check_pair(Pair &p, int max_t, double bound) {
     for (int b = 0; b < 2; b++) dimoo_ctx_destroy(ctx[b]);
 }
 
-std::string src(const char *rel) { return std::string(DIMOO_SOURCE_DIR) + "/" + rel; }
+std::string src(const char *rel) { return dimoo::test::source_path(rel); }
 
 TEST(CudaForward, SmallF32) { check_model(src("testdata/small-f32"), 600); }
 TEST(CudaForward, SmallBF16) { check_model(src("testdata/small-bf16"), 600); }

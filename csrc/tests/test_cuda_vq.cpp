@@ -31,6 +31,7 @@
 #include "backend.h"
 #include "common.h"
 #include "dimoo.h"
+#include "source_dir.h"
 #include "test_checkpoint.h"
 #include "vq_testing.h"
 #include "vq/vq.h"
@@ -49,7 +50,7 @@ namespace {
 
 constexpr double kTol = 1e-4; // fp32 GEMMs (no TF32), double statistics
 
-std::string src(const std::string &rel) { return std::string(DIMOO_SOURCE_DIR) + "/" + rel; }
+std::string src(const std::string &rel) { return dimoo::test::source_path(rel); }
 
 using dimoo::test::all_finite;
 using dimoo::test::read_safetensors;
