@@ -151,28 +151,46 @@ if [ "$prebuilt" = 0 ]; then
   step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
 fi
 # DEVICE_TESTS=0 skips the tests (the build still runs): for a second call
-# that only benchmarks.
+# that only benchmarks. The order puts what decides the most first, so a
+# cut at DEVICE_DEADLINE loses the least: the kernels' and the forward's
+# tests, then the benchmarks against the baselines (bench-cuda,
+# bench-torch), then the other tests and benchmarks.
+sm90_ok=1 sm90t_ok=1
 if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 # The sm_90a wgmma attention kernels first, alone (verified on the host
 # emulation only so far). The forward picks the wide pipelined one (sm90w) by
 # default on sm_90 after a start-up check against the reference kernel; should the
 # kernel test fail here, everything after runs with the sm_80 kernel.
 step cpp-sm90-attn timeout 90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*:-*Sm90Tma*'
-if [ "$last" = FAIL ]; then export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$OUT/cpp-sm90-attn.log"; fi
+if [ "$last" = FAIL ]; then
+  sm90_ok=0
+  export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$OUT/cpp-sm90-attn.log"
+fi
 # The warp-specialized TMA kernels (sm90t, and sm90tp with ping-pong) alone:
 # a wrong mbarrier pipeline hangs, hence the short timeout.
 step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
 sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
 step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
+fi
+
+if [ "${DEVICE_BENCH:-1}" = 1 ]; then
+  # The TMA kernel is left out of the benchmark when its test failed or hung above.
+  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp"
+  step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
+  if python3 -c 'import torch' 2>/dev/null; then
+    step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
+  fi
+fi
+
+if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 # The forward and the decode steps again without CUDA graphs (eager launches).
 step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
   --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
-# The sm_90a wgmma attention kernels (plain and pipelined; verified on the
-# host emulation only): their kernel test, then the forward with each, each
-# in its own process. dimoo_bench_cuda times both, and the forward with each.
 # The VQ-VAE decoder on the GPU against the CPU (also in cpp-tests; alone
 # here so its line in the table says whether it ran).
 step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaVQ.*'
+# The forward with each sm_90a attention kernel (verified on the host
+# emulation only), each in its own process; dimoo_bench_cuda times them.
 step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
 step cuda-fwd-sm90p2 timeout 120 env DIMOO_CUDA_ATTN=sm90p2 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
@@ -189,25 +207,28 @@ if command -v compute-sanitizer >/dev/null; then
     --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:CudaVQ.RandomWithAttentionMatchesCpu:CudaVQ.RefusesBadCodesBeforeRunning:-*Sm90*'
   step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
     --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
+  # The sm_90a kernels under memcheck, once their tests passed (a hang there
+  # would eat the sanitizer's timeout for nothing).
+  if [ "$sm90_ok" = 1 ] && [ "$sm90t_ok" = 1 ]; then
+    step memcheck-sm90 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
+      --gtest_filter='CudaKernels.AttentionSm90*'
+  fi
 fi
 if [ -x build/go-tests/dimoo.test ]; then
   export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
   step go-tests bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
-  [ "${DEVICE_BENCH:-1}" = 1 ] && step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
 fi
 fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
-  # The TMA kernel is left out of the benchmark when its test failed or hung above.
-  [ "${sm90t_ok:-1}" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp"
-  step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
+  if [ -x build/go-tests/bench.test ]; then
+    export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
+    step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
+  fi
   # aMUSEd-size VQ decode, 32x32 -> 512² and 64x64 -> 1024², GPU ms next to the CPU.
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
     --gtest_filter='CudaVQTiming.*'
   [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
-  if python3 -c 'import torch' 2>/dev/null; then
-    step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
-  fi
 fi
 
 # End to end: our whole generation against the official pipeline's, on the
