@@ -68,6 +68,10 @@ if [ "${1:-}" = "--prepare" ]; then
     strip build/device-prebuilt/*
     git rev-parse HEAD >build/device-prebuilt/COMMIT
     git status --porcelain --untracked-files=no | grep -q . && echo "(with uncommitted changes)" >>build/device-prebuilt/COMMIT
+  else
+    # Never pack an older build: the device builds instead.
+    rm -rf build/device-prebuilt
+    echo "no nvcc at $NVCC (scripts/install-cuda-wheels.sh): the device will build libdimoo itself"
   fi
   # One xz archive of it all: what travels to the device (the working tree,
   # untracked files included, plus carried paths) may not pass 64 MiB, and
