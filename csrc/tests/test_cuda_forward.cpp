@@ -331,6 +331,29 @@ TEST(CudaForward, RandomHeadDim128) {
     }
 }
 
+// Lengths up to 5000 (random each run, and 1, 7, 64, 65, 129): the forward
+// with the image-sized attention and K/V tails, batched, STORE and USE.
+TEST(CudaForward, RandomLongSequences) {
+    if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+#ifdef DIMOO_CUDA_EMU
+    GTEST_SKIP() << "minutes of emulated attention: run on a GPU";
+#else
+    Pair p;
+    p.cfg.d_model = 256;
+    p.cfg.n_heads = 2;
+    p.cfg.n_kv_heads = 2;
+    p.cfg.n_layers = 2;
+    p.cfg.mlp_hidden_size = 512;
+    p.cfg.vocab_size = p.cfg.embedding_size = 640;
+    p.cfg.max_sequence_length = 5000;
+    p.cfg.rope_theta = 500000.f;
+    p.cfg.rms_norm_eps = 1e-5f;
+    random_pair(p, 23);
+    if (::testing::Test::HasFatalFailure()) return;
+    check_pair(p, 5000, 2e-2);
+#endif
+}
+
 TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512, 3.5e-2); }
 
 // ---- kept logits through the C ABI (ABI 4) ----------------------------------------
