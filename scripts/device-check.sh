@@ -29,7 +29,7 @@
 # steps, cfg 4), and bench/e2e_compare.py's table last: seconds, the ratio,
 # peak memory, the issue's targets. bin/dimoo comes from --prepare (in the
 # carried archive); each case's trace.json, cpu.pprof and bench.json land in
-# $OUT/e2e-ours-SIZE/.
+# $LOG/e2e-ours-SIZE/ (and in $OUT/logs.tar.gz).
 #
 # One device command may run 10 minutes and a session has 15 in all, so the
 # first call should be `DEVICE_E2E=0 scripts/device-check.sh` (tests and the
@@ -88,8 +88,11 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
-OUT="${OUT:-/tmp/device-check}"
-mkdir -p "$OUT"
+# Step logs go to LOG. The device tool brings back at most 8 files from
+# $OUT (when it sets OUT), so at the end they travel as one archive,
+# $OUT/logs.tar.gz, next to the table and the two benchmark logs.
+LOG="${DEVICE_LOGS:-/tmp/device-check-logs}"
+rm -rf "$LOG" && mkdir -p "$LOG"
 declare -a rows
 status=0
 # DEVICE_DEADLINE (seconds from the start, default 560): no step runs past
@@ -108,20 +111,20 @@ step() { # name command...
     return
   fi
   t0=$(date +%s%N)
-  if timeout "$left" "$@" >"$OUT/$name.log" 2>&1; then r=ok; else r=FAIL; status=1; fi
+  if timeout "$left" "$@" >"$LOG/$name.log" 2>&1; then r=ok; else r=FAIL; status=1; fi
   last=$r
   t1=$(date +%s%N)
   # Tenths of a second in shell arithmetic (the GPU machines have no bc).
   local ds=$(( (t1 - t0) / 100000000 ))
-  rows+=("$(printf '%-22s %-5s %5d.%ds  %s' "$name" "$r" $((ds / 10)) $((ds % 10)) "$(tail -n 1 "$OUT/$name.log" | cut -c1-70)")")
+  rows+=("$(printf '%-22s %-5s %5d.%ds  %s' "$name" "$r" $((ds / 10)) $((ds % 10)) "$(tail -n 1 "$LOG/$name.log" | cut -c1-70)")")
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOG/gpu.txt" 2>&1
 # What --prepare packed (carried as build/device-carry.tar.xz), unpacked at
 # every call (a few seconds; a warm machine may hold an older unpacking).
 if [ -f build/device-carry.tar.xz ]; then
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".", filter="tar")' build/device-carry.tar.xz ||
-    echo "could not unpack build/device-carry.tar.xz" >>"$OUT/gpu.txt"
+    echo "could not unpack build/device-carry.tar.xz" >>"$LOG/gpu.txt"
 fi
 if [ -z "${DIMOO_CMAKE_ARGS:-}" ] && [ -f build/googletest-src/CMakeLists.txt ]; then
   DIMOO_CMAKE_ARGS="-DDIMOO_GTEST_SOURCE=$ROOT/build/googletest-src"
@@ -140,8 +143,8 @@ if [ -x build/device-prebuilt/dimoo_tests ] && [ "${DEVICE_REBUILD:-0}" != 1 ]; 
   mkdir -p build-device lib
   cp build/device-prebuilt/dimoo_tests build/device-prebuilt/dimoo_bench_cuda build/device-prebuilt/dimoo_cuda_sampler_bench build-device/
   cp build/device-prebuilt/libdimoo.so lib/
-  if timeout 60 ./build-device/dimoo_tests --gtest_list_tests >"$OUT/prebuilt.log" 2>&1 &&
-    ! ldd lib/libdimoo.so 2>&1 | tee -a "$OUT/prebuilt.log" | grep -q "not found"; then
+  if timeout 60 ./build-device/dimoo_tests --gtest_list_tests >"$LOG/prebuilt.log" 2>&1 &&
+    ! ldd lib/libdimoo.so 2>&1 | tee -a "$LOG/prebuilt.log" | grep -q "not found"; then
     prebuilt=1
     rows+=("$(printf '%-22s %-5s %7s  %s' build ok - "carried from --prepare at $(head -c 12 build/device-prebuilt/COMMIT)")")
   else
@@ -168,7 +171,7 @@ if [ "${DEVICE_TESTS:-1}" = 1 ]; then
 step cpp-sm90-attn timeout 90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*:-*Sm90Tma*'
 if [ "$last" = FAIL ]; then
   sm90_ok=0
-  export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$OUT/cpp-sm90-attn.log"
+  export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$LOG/cpp-sm90-attn.log"
 fi
 # The warp-specialized TMA kernels (sm90t, and sm90tp with ping-pong) alone:
 # a wrong mbarrier pipeline hangs, hence the short timeout.
@@ -257,24 +260,31 @@ if [ "${DEVICE_E2E:-1}" = 1 ] && python3 -c 'import torch; assert torch.cuda.is_
   for size in ${DEVICE_E2E_SIZES:-512 1024}; do
     if [ -x "$DIMOO_BIN" ] && [ -f "$E2E_MODEL/model.safetensors.index.json" ]; then
       step "e2e-ours-$size" timeout $((size >= 1024 ? 150 : 90)) "$DIMOO_BIN" bench --model "$E2E_MODEL" \
-        --prompt "$E2E_PROMPT" --width "$size" --height "$size" "${E2E_OURS[@]}" --profile "$OUT/e2e-ours-$size"
+        --prompt "$E2E_PROMPT" --width "$size" --height "$size" "${E2E_OURS[@]}" --profile "$LOG/e2e-ours-$size"
     fi
     step "e2e-official-$size" timeout $((size >= 1024 ? 120 : 60)) python3 scripts/bench_official_pipeline.py \
       --sizes "$size" "${E2E_OFFICIAL[@]}"
   done
 fi
 
+{
 echo
-echo "GPU: $(cat "$OUT/gpu.txt")"
+echo "GPU: $(cat "$LOG/gpu.txt")"
 for f in bench-cuda bench-torch; do
-  [ -f "$OUT/$f.log" ] && sed -n '/== .*summary/,$p' "$OUT/$f.log"
+  [ -f "$LOG/$f.log" ] && sed -n '/== .*summary/,$p' "$LOG/$f.log"
 done
-[ -f "$OUT/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$OUT/bench-vq.log"
+[ -f "$LOG/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$LOG/bench-vq.log"
 printf '%-22s %-5s %8s  %s\n' check result time "last line"
 printf '%s\n' "${rows[@]}"
-if ls "$OUT"/e2e-* >/dev/null 2>&1; then
+if ls "$LOG"/e2e-* >/dev/null 2>&1; then
   echo
-  for f in "$OUT"/e2e-ours-*.log; do [ -f "$f" ] && cat "$f"; done
-  python3 bench/e2e_compare.py "$OUT"/e2e-*
+  for f in "$LOG"/e2e-ours-*.log; do [ -f "$f" ] && cat "$f"; done
+  python3 bench/e2e_compare.py "$LOG"/e2e-*
+fi
+} 2>&1 | tee "$LOG/table.txt"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOG" . 2>/dev/null
+  for f in table.txt bench-cuda.log bench-torch.log; do [ -f "$LOG/$f" ] && cp "$LOG/$f" "$OUT/"; done
 fi
 exit $status
