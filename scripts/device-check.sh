@@ -236,6 +236,16 @@ if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
     --gtest_filter='CudaVQTiming.*'
   [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
+  # Hardware counters of the flash kernels at B=2, T=4228 (ncu reads them
+  # on the Firecracker machines, not on gVisor): for tuning, so a failure
+  # here does not fail the run.
+  if command -v ncu >/dev/null; then
+    keep_status=$status
+    step ncu-attn timeout 150 ncu --clock-control none --kernel-name regex:flash --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      ./build-device/dimoo_bench_cuda --profile-attn
+    status=$keep_status
+  fi
 fi
 
 # End to end: our whole generation against the official pipeline's, on the
@@ -274,6 +284,9 @@ for f in bench-cuda bench-torch; do
   [ -f "$LOG/$f.log" ] && sed -n '/== .*summary/,$p' "$LOG/$f.log"
 done
 [ -f "$LOG/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$LOG/bench-vq.log"
+# ncu: per flash kernel its launch line, then time, SM throughput, registers, occupancy.
+[ -f "$LOG/ncu-attn.log" ] && grep -E '^  [A-Za-z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy' \
+  "$LOG/ncu-attn.log" | cut -c1-110
 printf '%-22s %-5s %8s  %s\n' check result time "last line"
 printf '%s\n' "${rows[@]}"
 if ls "$LOG"/e2e-* >/dev/null 2>&1; then

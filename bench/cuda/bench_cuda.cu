@@ -9,10 +9,11 @@
 // zeros; timings are CUDA events (kernels) or host clocks around a
 // synchronous forward, the median of several runs after warm-up.
 //
-//   dimoo_bench_cuda [--quick|--tiny]
+//   dimoo_bench_cuda [--quick|--tiny] [--profile-attn]
 //     --quick: smaller shapes, a smoke test on a GPU; --tiny: toy shapes with
 //     the same code paths, for the host emulation (make bench-emu), where
-//     only the checks mean anything, never the times.
+//     only the checks mean anything, never the times. --profile-attn: one
+//     untimed launch of each flash kernel at B=2, T=4228, for ncu.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -522,6 +523,31 @@ void bench_forward() {
     }
 }
 
+// --profile-attn: one launch of each flash kernel at the 1024x1024 image's
+// two branches (B=2, T=4228, 32 heads), untimed, for a profiler
+// (device-check.sh runs it under ncu).
+void profile_attention(cudaStream_t s) {
+    const int B = 2, T = pick(4228, 1124, 200), H = pick(32, 32, 2), hd = 128, d = H * hd;
+    const size_t rows = size_t(B) * T;
+    DevMem Q(rows * d * 2), O(rows * d * 2), K(rows * d * 2), V(rows * d * 2);
+    DIMOO_CUDA(fill_uniform_bf16_launch(Q.bf(), rows * d, 11, -2, 2, s));
+    DIMOO_CUDA(fill_uniform_bf16_launch(K.bf(), rows * d, 12, -2, 2, s));
+    DIMOO_CUDA(fill_uniform_bf16_launch(V.bf(), rows * d, 13, -1, 1, s));
+    std::vector<cuda::AttnSeq> seqs(static_cast<size_t>(B));
+    for (int b = 0; b < B; b++)
+        seqs[size_t(b)] = cuda::AttnSeq{b * T, T, T, 0, K.bf() + size_t(b) * T * d, V.bf() + size_t(b) * T * d, 0};
+    DevMem ds(seqs.size() * sizeof(cuda::AttnSeq));
+    DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
+    AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), B, T, 0, H, H, hd, d,
+               1.0f / std::sqrt(float(hd)), seqs.data()};
+    for (AttnImpl impl : {AttnImpl::Sm80, AttnImpl::Sm90Wide, AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong}) {
+        if (!attention_supported(impl, hd) || skipped(attention_impl_name(impl))) continue;
+        DIMOO_CUDA(attention_launch(a, impl, s));
+        DIMOO_CUDA(cudaStreamSynchronize(s));
+        std::printf("profiled attention %s at B=%d T=%d\n", attention_impl_name(impl), B, T);
+    }
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -537,6 +563,11 @@ int main(int argc, char **argv) {
         std::printf("device: %s, sm_%d%d, %d SMs\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
         cudaStream_t s;
         DIMOO_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+        if (argc > 1 && std::strcmp(argv[argc - 1], "--profile-attn") == 0) {
+            profile_attention(s);
+            cudaStreamDestroy(s);
+            return 0;
+        }
         bench_gemms(s);
         bench_elementwise(s);
         bench_attention(s, AttnImpl::Sm80);
