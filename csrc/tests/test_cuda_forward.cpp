@@ -311,20 +311,27 @@ TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/chec
 // Head dim 128, the real model's, which the sm_90a attention kernels serve
 // (DIMOO_CUDA_ATTN=sm90|sm90p; device-check runs this file under each):
 // random bf16 weights, two heads of 128, grouped K/V in a second config.
+// Two layers of two heads of 128 (the model's head dim), small elsewhere.
+dimoo_model_config hd128_config(int kv_heads, int max_seq) {
+    dimoo_model_config c{};
+    c.d_model = 256;
+    c.n_heads = 2;
+    c.n_kv_heads = kv_heads;
+    c.n_layers = 2;
+    c.mlp_hidden_size = 512;
+    c.vocab_size = c.embedding_size = 640;
+    c.max_sequence_length = max_seq;
+    c.rope_theta = 500000.f;
+    c.rms_norm_eps = 1e-5f;
+    return c;
+}
+
 TEST(CudaForward, RandomHeadDim128) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
     for (int kv_heads : {2, 1}) {
         SCOPED_TRACE("kv heads " + std::to_string(kv_heads));
         Pair p;
-        p.cfg.d_model = 256;
-        p.cfg.n_heads = 2;
-        p.cfg.n_kv_heads = kv_heads;
-        p.cfg.n_layers = 2;
-        p.cfg.mlp_hidden_size = 512;
-        p.cfg.vocab_size = p.cfg.embedding_size = 640;
-        p.cfg.max_sequence_length = 1024;
-        p.cfg.rope_theta = 500000.f;
-        p.cfg.rms_norm_eps = 1e-5f;
+        p.cfg = hd128_config(kv_heads, 1024);
         random_pair(p, 17 + uint32_t(kv_heads));
         if (::testing::Test::HasFatalFailure()) return;
         check_pair(p, 300, 2e-2);
@@ -339,15 +346,7 @@ TEST(CudaForward, RandomLongSequences) {
     GTEST_SKIP() << "minutes of emulated attention: run on a GPU";
 #else
     Pair p;
-    p.cfg.d_model = 256;
-    p.cfg.n_heads = 2;
-    p.cfg.n_kv_heads = 2;
-    p.cfg.n_layers = 2;
-    p.cfg.mlp_hidden_size = 512;
-    p.cfg.vocab_size = p.cfg.embedding_size = 640;
-    p.cfg.max_sequence_length = 5000;
-    p.cfg.rope_theta = 500000.f;
-    p.cfg.rms_norm_eps = 1e-5f;
+    p.cfg = hd128_config(2, 5000);
     random_pair(p, 23);
     if (::testing::Test::HasFatalFailure()) return;
     check_pair(p, 5000, 2e-2);
