@@ -250,7 +250,9 @@ void check_model(const std::string &dir, int max_t, double bound = 2e-2) {
 
 void check_pair(Pair &p, int max_t, double bound) {
     max_t = std::min(max_t, p.cfg.max_sequence_length);
-    const unsigned seed = std::random_device{}(); // fresh inputs every run; the seed reproduces a failure
+    // Fresh inputs every run; DIMOO_TEST_SEED=<the traced seed> reproduces a failure.
+    const char *fixed = std::getenv("DIMOO_TEST_SEED");
+    const unsigned seed = fixed ? unsigned(std::strtoul(fixed, nullptr, 10)) : std::random_device{}();
     SCOPED_TRACE("seed " + std::to_string(seed));
     std::mt19937 rng(seed);
     dimoo_ctx *ctx[2] = {};
@@ -304,13 +306,15 @@ TEST(CudaForward, SmallF32) { check_model(src("testdata/small-f32"), 600); }
 TEST(CudaForward, SmallBF16) { check_model(src("testdata/small-bf16"), 600); }
 TEST(CudaForward, SmallGqaF16) { check_model(src("testdata/small-gqa-f16"), 600); }
 // A correct bf16 forward is this far from float64 (PyTorch, the GPU's
-// rounding pattern, scripts/bf16_forward_error.py, max over 8 token draws at
-// T = 1..500): small-f32/bf16/gqa-f16 <= 0.7%; the official code's random
-// small checkpoint 3.7%; the shipped model 2.3%. The bounds: 2e-2, 5e-2, 3.5e-2.
-TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600, 5e-2); }
-// Head dim 128, the real model's, which the sm_90a attention kernels serve
-// (DIMOO_CUDA_ATTN=sm90|sm90p; device-check runs this file under each):
-// random bf16 weights, two heads of 128, grouped K/V in a second config.
+// rounding pattern: scripts/bf16_forward_error.py --seeds 1000 --lengths
+// 1,7,64, and 200 draws at 129, 300, 512). Short sequences vary the most,
+// and these tests draw fresh tokens every run, so the bounds sit above the
+// largest draw: small-f32/bf16/gqa-f16 at most 0.8% (bound 2e-2); the
+// official code's random small checkpoint 5.0% (T = 7; 3.8% at T >= 64;
+// bound 7e-2); the shipped model 6.3% (T = 7, 3000 draws; 5.0% at T = 1;
+// bound 8e-2). The earlier bounds (5e-2, 3.5e-2), set from 8 draws, failed
+// now and then: 3.7e-2 at T = 1 on the shipped model is a correct forward.
+TEST(CudaForward, OfficialSmall) { check_model(src("testdata/official-small/checkpoint"), 600, 7e-2); }
 // Two layers of two heads of 128 (the model's head dim), small elsewhere.
 dimoo_model_config hd128_config(int kv_heads, int max_seq) {
     dimoo_model_config c{};
@@ -326,6 +330,9 @@ dimoo_model_config hd128_config(int kv_heads, int max_seq) {
     return c;
 }
 
+// Head dim 128, the real model's, which the sm_90a attention kernels serve
+// (DIMOO_CUDA_ATTN=sm90|sm90p; device-check runs this file under each):
+// random bf16 weights, two heads of 128, grouped K/V in a second config.
 TEST(CudaForward, RandomHeadDim128) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
     for (int kv_heads : {2, 1}) {
@@ -353,7 +360,7 @@ TEST(CudaForward, RandomLongSequences) {
 #endif
 }
 
-TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512, 3.5e-2); }
+TEST(CudaForward, ShippedSmallModel) { check_model(src("models/dimoo-small"), 512, 8e-2); }
 
 // ---- kept logits through the C ABI (ABI 4) ----------------------------------------
 //
