@@ -231,6 +231,29 @@ void bench_elementwise(cudaStream_t s) {
     }
 }
 
+// Random Q, K, V of B sequences (Tq queries, Tk keys, H heads of 128) on
+// the device, and the attention call over them (output O, NaN-free only
+// once a kernel wrote it).
+struct AttnData {
+    DevMem Q, O, K, V, ds;
+    std::vector<cuda::AttnSeq> seqs;
+    AttnArgs a;
+    AttnData(int B, int Tq, int Tk, int H, cudaStream_t s)
+        : Q(size_t(B) * Tq * H * 256), O(size_t(B) * Tq * H * 256), K(size_t(B) * Tk * H * 256),
+          V(size_t(B) * Tk * H * 256), ds(size_t(B) * sizeof(cuda::AttnSeq)), seqs(static_cast<size_t>(B)) {
+        const int hd = 128, d = H * hd;
+        DIMOO_CUDA(fill_uniform_bf16_launch(Q.bf(), size_t(B) * Tq * d, 11, -2, 2, s));
+        DIMOO_CUDA(fill_uniform_bf16_launch(K.bf(), size_t(B) * Tk * d, 12, -2, 2, s));
+        DIMOO_CUDA(fill_uniform_bf16_launch(V.bf(), size_t(B) * Tk * d, 13, -1, 1, s));
+        for (int b = 0; b < B; b++)
+            seqs[size_t(b)] = cuda::AttnSeq{b * Tq, Tq, Tk, 0, K.bf() + size_t(b) * Tk * d, V.bf() + size_t(b) * Tk * d, 0};
+        DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
+        DIMOO_CUDA(cudaStreamSynchronize(s));
+        a = AttnArgs{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), B, Tq, 0, H, H, hd, d,
+                     1.0f / std::sqrt(float(hd)), seqs.data()};
+    }
+};
+
 // impls Sm90 and Sm90Pipe (the wgmma kernels, checked only on the host
 // emulation so far) run last in main, so a fault
 // there cannot spoil the other numbers; its output is compared with sm80's.
@@ -244,21 +267,10 @@ void bench_attention(cudaStream_t s, AttnImpl impl) {
         for (int B : {1, 2}) cases.push_back({B, T, T});
     cases.push_back({2, pick(423, 112, 20), pick(4228, 1124, 200)}); // ML-Cache: compact queries vs all keys
     for (const Case &c : cases) {
-        const size_t rows_q = size_t(c.B) * c.Tq, rows_k = size_t(c.B) * c.Tk;
-        DevMem Q(rows_q * d * 2), O(rows_q * d * 2), K(rows_k * d * 2), V(rows_k * d * 2);
-        DIMOO_CUDA(fill_uniform_bf16_launch(Q.bf(), rows_q * d, 11, -2, 2, s));
-        DIMOO_CUDA(fill_uniform_bf16_launch(K.bf(), rows_k * d, 12, -2, 2, s));
-        DIMOO_CUDA(fill_uniform_bf16_launch(V.bf(), rows_k * d, 13, -1, 1, s));
-        std::vector<cuda::AttnSeq> seqs(size_t(c.B));
-        for (int b = 0; b < c.B; b++) {
-            seqs[size_t(b)] = cuda::AttnSeq{b * c.Tq, c.Tq, c.Tk, 0, K.bf() + size_t(b) * c.Tk * d,
-                                            V.bf() + size_t(b) * c.Tk * d, 0};
-        }
-        DevMem ds(seqs.size() * sizeof(cuda::AttnSeq));
-        DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
-        DIMOO_CUDA(cudaStreamSynchronize(s));
-        AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), c.B, c.Tq, 0, H, H, hd, d,
-                   1.0f / std::sqrt(float(hd)), seqs.data()};
+        const size_t rows_q = size_t(c.B) * c.Tq;
+        AttnData data(c.B, c.Tq, c.Tk, H, s);
+        const AttnArgs &a = data.a;
+        DevMem &O = data.O;
         const double flop = 4.0 * c.B * H * double(c.Tq) * c.Tk * hd;
         std::vector<uint16_t> ref;
         if (impl != AttnImpl::Sm80) {
@@ -527,19 +539,9 @@ void bench_forward() {
 // two branches (B=2, T=4228, 32 heads), untimed, for a profiler
 // (device-check.sh runs it under ncu).
 void profile_attention(cudaStream_t s) {
-    const int B = 2, T = pick(4228, 1124, 200), H = pick(32, 32, 2), hd = 128, d = H * hd;
-    const size_t rows = size_t(B) * T;
-    DevMem Q(rows * d * 2), O(rows * d * 2), K(rows * d * 2), V(rows * d * 2);
-    DIMOO_CUDA(fill_uniform_bf16_launch(Q.bf(), rows * d, 11, -2, 2, s));
-    DIMOO_CUDA(fill_uniform_bf16_launch(K.bf(), rows * d, 12, -2, 2, s));
-    DIMOO_CUDA(fill_uniform_bf16_launch(V.bf(), rows * d, 13, -1, 1, s));
-    std::vector<cuda::AttnSeq> seqs(static_cast<size_t>(B));
-    for (int b = 0; b < B; b++)
-        seqs[size_t(b)] = cuda::AttnSeq{b * T, T, T, 0, K.bf() + size_t(b) * T * d, V.bf() + size_t(b) * T * d, 0};
-    DevMem ds(seqs.size() * sizeof(cuda::AttnSeq));
-    DIMOO_CUDA(cudaMemcpyAsync(ds.p, seqs.data(), seqs.size() * sizeof(cuda::AttnSeq), cudaMemcpyHostToDevice, s));
-    AttnArgs a{Q.bf(), d, O.bf(), d, static_cast<cuda::AttnSeq *>(ds.p), B, T, 0, H, H, hd, d,
-               1.0f / std::sqrt(float(hd)), seqs.data()};
+    const int B = 2, T = pick(4228, 1124, 200), H = pick(32, 32, 2), hd = 128;
+    const AttnData data(B, T, T, H, s);
+    const AttnArgs &a = data.a;
     for (AttnImpl impl : {AttnImpl::Sm80, AttnImpl::Sm90Wide, AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong}) {
         if (!attention_supported(impl, hd) || skipped(attention_impl_name(impl))) continue;
         DIMOO_CUDA(attention_launch(a, impl, s));

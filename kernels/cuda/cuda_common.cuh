@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "common.h"
@@ -18,6 +19,12 @@ inline void cuda_check(cudaError_t e, const char *what) {
 }
 
 #define DIMOO_CUDA(call) ::dimoo::cuda_check((call), #call)
+
+// Whether p is a multiple of `bytes` (a power of two): the test the
+// elementwise kernels' wide paths (vector loads) are chosen by.
+__host__ __device__ __forceinline__ bool is_aligned(const void *p, unsigned bytes) {
+    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
 
 // Device allocations are carved at this alignment.
 constexpr size_t kDeviceAlign = 256;

@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/rmsnorm.cuh"
 
 namespace dimoo {
@@ -77,7 +78,6 @@ __global__ void rmsnorm_f32_bf16_vec_kernel(const float4 *__restrict__ x, const 
     }
 }
 
-bool aligned(const void *p, unsigned bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
 } // namespace
 
@@ -85,7 +85,7 @@ cudaError_t rmsnorm_f32_bf16_launch(const float *x, const int32_t *rows_idx, con
                                     int rows, int cols, float eps, cudaStream_t stream) {
     if (rows <= 0 || cols <= 0) return cudaSuccess;
     const int cols4 = cols / 4;
-    if (cols % 4 == 0 && cols4 <= 8 * kThreads && aligned(x, 16) && aligned(w, 16) && aligned(out, 8)) {
+    if (cols % 4 == 0 && cols4 <= 8 * kThreads && is_aligned(x, 16) && is_aligned(w, 16) && is_aligned(out, 8)) {
         const auto *x4 = reinterpret_cast<const float4 *>(x);
         const auto *w4 = reinterpret_cast<const float4 *>(w);
         auto *o2 = reinterpret_cast<uint2 *>(out);

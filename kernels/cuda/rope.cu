@@ -5,15 +5,12 @@
 // neighbouring pairs per step and copies V 16 bytes at a time.
 #include <cuda_bf16.h>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/rope.cuh"
 
 namespace dimoo {
 namespace {
 
-bool aligned(const void *p, unsigned bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
-__device__ __forceinline__ bool aligned_dev(const void *p, unsigned bytes) {
-    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
-}
 
 // Rotates the pairs (e, e + half) for i = e % head_dim in [i0, i0 + N) of
 // one head: N = 1 a value at a time, N = 2 two neighbours per 4-byte load.
@@ -53,7 +50,7 @@ template <int N> __global__ void rope_kv_kernel(RopeArgs a) {
     const __nv_bfloat16 *vin = src + a.d + a.kv;
     // Pairs of Q then pairs of K: (head, i) -> elements head*hd + i and + half.
     const int q_pairs = a.d / 2, k_pairs = a.kv / 2;
-    if (N == 2 && aligned_dev(k, 4)) {
+    if (N == 2 && is_aligned(k, 4)) {
         for (int t = 2 * threadIdx.x; t < q_pairs + k_pairs; t += 2 * blockDim.x) {
             const bool is_q = t < q_pairs;
             const int u = is_q ? t : t - q_pairs;
@@ -69,7 +66,7 @@ template <int N> __global__ void rope_kv_kernel(RopeArgs a) {
         }
     }
     // V: 16 bytes a copy where both rows allow it.
-    if (a.kv % 8 == 0 && aligned_dev(vin, 16) && aligned_dev(v, 16)) {
+    if (a.kv % 8 == 0 && is_aligned(vin, 16) && is_aligned(v, 16)) {
         const uint4 *vi = reinterpret_cast<const uint4 *>(vin);
         uint4 *vo = reinterpret_cast<uint4 *>(v);
         for (int t = threadIdx.x; t < a.kv / 8; t += blockDim.x) vo[t] = vi[t];
@@ -85,8 +82,8 @@ cudaError_t rope_kv_launch(const RopeArgs &a, cudaStream_t s) {
     if (a.head_dim % 2 || a.d % a.head_dim || a.kv % a.head_dim) return cudaErrorInvalidValue;
     // Pairs of pairs need an even half head (so rows, heads and the table's
     // rows split into aligned pairs) and aligned buffers.
-    const bool pairs = a.head_dim % 4 == 0 && aligned(a.qkv, 4) && aligned(a.q, 4) &&
-                       aligned(a.table, 8);
+    const bool pairs = a.head_dim % 4 == 0 && is_aligned(a.qkv, 4) && is_aligned(a.q, 4) &&
+                       is_aligned(a.table, 8);
     if (pairs) rope_kv_kernel<2><<<a.rows, 256, 0, s>>>(a);
     else rope_kv_kernel<1><<<a.rows, 256, 0, s>>>(a);
     return cudaGetLastError();

@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/swiglu.cuh"
 
 namespace dimoo {
@@ -52,13 +53,11 @@ __global__ void swiglu_vec8_kernel(const uint4 *__restrict__ gu, uint4 *__restri
     }
 }
 
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 } // namespace
 
 cudaError_t swiglu_launch(const uint16_t *gu, uint16_t *out, int rows, int mlp, cudaStream_t s) {
     if (rows <= 0 || mlp <= 0) return cudaSuccess;
-    if (mlp % 8 == 0 && aligned16(gu) && aligned16(out))
+    if (mlp % 8 == 0 && is_aligned(gu, 16) && is_aligned(out, 16))
         swiglu_vec8_kernel<<<unsigned(rows), kThreads, 0, s>>>(reinterpret_cast<const uint4 *>(gu),
                                                                reinterpret_cast<uint4 *>(out), mlp / 8);
     else
