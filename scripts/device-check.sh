@@ -173,7 +173,8 @@ if [ "$last" = FAIL ]; then
   sm90_ok=0
   export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$LOG/cpp-sm90-attn.log"
 fi
-# The warp-specialized TMA kernels (sm90t, and sm90tp with ping-pong) alone:
+# The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, and both
+# on a persistent grid: sm90ts, sm90tps) alone:
 # a wrong mbarrier pipeline hangs, hence the short timeout.
 step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
 sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
@@ -182,7 +183,7 @@ fi
 
 if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   # The TMA kernel is left out of the benchmark when its test failed or hung above.
-  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp"
+  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps"
   step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
   if python3 -c 'import torch' 2>/dev/null; then
     step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
@@ -205,6 +206,8 @@ step cuda-fwd-sm90w timeout 120 env DIMOO_CUDA_ATTN=sm90w ./build-device/dimoo_t
 if [ "$sm90t_ok" = 1 ]; then
   step cuda-fwd-sm90t timeout 120 env DIMOO_CUDA_ATTN=sm90t ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
   step cuda-fwd-sm90tp timeout 120 env DIMOO_CUDA_ATTN=sm90tp ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+  step cuda-fwd-sm90ts timeout 120 env DIMOO_CUDA_ATTN=sm90ts ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots'
+  step cuda-fwd-sm90tps timeout 120 env DIMOO_CUDA_ATTN=sm90tps ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
 fi
 # The CUDA forward again with the reference attention kernel: if the flash
 # kernel is wrong, this tells whether the rest of the forward is right.

@@ -831,7 +831,7 @@ TEST(CudaForward, GraphsEqualEagerBitwise) {
 // USE forwards on slots (0, 1), then (1, 2), then (0, 1) again, each twice
 // (same shapes, so a graph is captured and replayed), with graphs and
 // without, bitwise. At head dim 128 on an sm_90 with DIMOO_CUDA_ATTN=sm90t
-// or sm90tp, the attention kernel's tensor maps hold the slots' addresses:
+// (or the other TMA kernels), the attention kernel's tensor maps hold the slots' addresses:
 // the graph key must tell the slots apart there.
 TEST(CudaForward, GraphsFollowTheCacheSlots) {
     if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";

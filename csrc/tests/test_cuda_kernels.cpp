@@ -466,13 +466,18 @@ TEST(CudaKernels, AttentionSm90MatchesFloat64) {
     check_sm90(dimoo::AttnImpl::Sm90Wide, "sm90w");
 }
 
-// The warp-specialized TMA kernels (without and with ping-pong), apart again (an mbarrier pipeline that is
-// wrong on the device hangs rather than fails).
+// The warp-specialized TMA kernels (without and with ping-pong, one CTA per
+// tile and persistent), apart again (an mbarrier pipeline that is wrong on
+// the device hangs rather than fails). On the host emulation the persistent
+// grid is one CTA per emulated SM (DIMOO_EMU_SMS, 1 by default): every tile
+// of a launch through one CTA's barriers.
 TEST(CudaKernels, AttentionSm90TmaMatchesFloat64) {
     SKIP_WITHOUT_GPU();
     if (!dimoo::attention_supported(dimoo::AttnImpl::Sm90Tma, 128)) GTEST_SKIP() << "not an sm_90 device";
     check_sm90(dimoo::AttnImpl::Sm90Tma, "sm90t");
     check_sm90(dimoo::AttnImpl::Sm90TmaPingPong, "sm90tp");
+    check_sm90(dimoo::AttnImpl::Sm90TmaPersistent, "sm90ts");
+    check_sm90(dimoo::AttnImpl::Sm90TmaPingPongPersistent, "sm90tps");
 }
 
 // On an sm_90 device the forward's default is the wide pipelined wgmma kernel,

@@ -39,7 +39,16 @@ enum class AttnImpl {
     Sm90Tma,   // warp-specialized: a TMA producer warp and two consumer warpgroups, mbarrier
                // pipeline, 128-key blocks (DIMOO_CUDA_ATTN=sm90t); needs AttnArgs::host_seqs
     Sm90TmaPingPong, // the same, the two consumers taking turns at the tensor cores (DIMOO_CUDA_ATTN=sm90tp)
+    Sm90TmaPersistent,         // sm90t on a persistent grid, one CTA per SM looping over tiles (sm90ts)
+    Sm90TmaPingPongPersistent, // sm90tp on a persistent grid (sm90tps)
 };
+
+// The kernels whose tensor maps are encoded on the host at each launch
+// (they need AttnArgs::host_seqs, and a captured graph holds the addresses).
+inline bool attention_uses_tma(AttnImpl i) {
+    return i == AttnImpl::Sm90Tma || i == AttnImpl::Sm90TmaPingPong || i == AttnImpl::Sm90TmaPersistent ||
+           i == AttnImpl::Sm90TmaPingPongPersistent;
+}
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p
 // (or sm90p2, sm90w) in the environment; else, on an sm_90 device at head

@@ -23,8 +23,8 @@
 // S_j under P_{j-1} V_j), descriptors computed before each wgmma_fence and
 // registers pinned (fence_regs) so ptxas does not serialize the wgmmas.
 // flash_tma_sm90_kernel (below) adds TMA loads, warp specialization and
-// (sm90tp) ping-pong of its two consumer warpgroups. Not yet: O stored by
-// TMA, a persistent grid.
+// (sm90tp) ping-pong of its two consumer warpgroups, and (sm90ts, sm90tps)
+// a persistent grid. Not yet: O stored by TMA.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -387,19 +387,40 @@ template <int WG, int BN> cudaError_t launch_pipe(const AttnArgs &a, cudaStream_
 // Tensor maps are per sequence (Q rows q_begin.., K/V of the layer), so a
 // tile never reads another sequence's rows: up to kTmaSeqs sequences per
 // launch, more in further launches.
+// Tiles: (sequence, head, 128 query rows), numbered sequence by sequence,
+// head by head, the query blocks of a head next to each other (CTAs working
+// at the same time share K/V in L2). A CTA takes tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ...: one tile each when the grid has one CTA per
+// tile; a persistent grid (one CTA per SM, sm90ts/sm90tps) loops, and its
+// producer loads the next tile's Q and K/V while the consumers still finish
+// and store the current one. The mbarrier phases run on across tiles.
 constexpr int kTmaSeqs = 4;
 struct TmaParams {
     CUtensorMap q[kTmaSeqs], k[kTmaSeqs], v[kTmaSeqs];
     AttnArgs a;
-    int seq0; // first sequence of this launch
+    int seq0;                 // first sequence of this launch
+    int n_tiles;              // tiles of this launch
+    int tile_end[kTmaSeqs];   // tiles of sequences 0..z of the launch
+    int m_blocks[kTmaSeqs];   // 128-row query blocks of sequence z
 };
+
+struct TmaTile {
+    int z, h, m0;
+};
+
+__host__ __device__ inline TmaTile tma_tile(const TmaParams &p, int t) {
+    int z = 0;
+    while (z + 1 < kTmaSeqs && t >= p.tile_end[z]) z++;
+    const int r = t - (z > 0 ? p.tile_end[z - 1] : 0);
+    return {z, r / p.m_blocks[z], (r % p.m_blocks[z]) * (2 * kBM)};
+}
 
 template <int BN, int STAGES> struct TmaLayout {
     static constexpr int kKvTile = BN * 256;              // BN rows x 128 bf16
     static constexpr int kK = 2 * kTileBytes;             // after the two Q tiles
     static constexpr int kV = kK + STAGES * kKvTile;
     static constexpr int kBar = kV + STAGES * kKvTile;    // mbarriers, 8 bytes each
-    static constexpr int kBytes = kBar + 8 * (1 + 4 * STAGES) + 1024; // + alignment slack
+    static constexpr int kBytes = kBar + 8 * (2 + 4 * STAGES) + 1024; // + alignment slack
 };
 
 template <int BN, int STAGES, bool PINGPONG>
@@ -408,22 +429,22 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     using L = TmaLayout<BN, STAGES>;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
-    const uint32_t q_full = base + L::kBar, k_full = q_full + 8, v_full = k_full + 8 * STAGES,
+    const uint32_t q_full = base + L::kBar, q_empty = q_full + 8, k_full = q_empty + 8, v_full = k_full + 8 * STAGES,
                    k_empty = v_full + 8 * STAGES, v_empty = k_empty + 8 * STAGES;
-    const int z = int(blockIdx.z);
-    const cuda::AttnSeq sd = p.a.seqs[p.seq0 + z];
-    const int m0 = blockIdx.x * (2 * kBM);
-    if (m0 >= sd.q_len) return; // the whole CTA, before any barrier
-    const int h = blockIdx.y, kvh = h / (p.a.n_heads / p.a.n_kv_heads);
-    const int kv_len = sd.kv_len, nb = (kv_len + BN - 1) / BN;
+    const int group = p.a.n_heads / p.a.n_kv_heads;
     const int wg = threadIdx.x / kThreads, tid = threadIdx.x % kThreads, warp = tid >> 5, lane = threadIdx.x & 31;
+    // Block g of the CTA's K/V stream (counted over all its tiles) sits in
+    // stage g % STAGES; its barriers' phase there is (g / STAGES) & 1.
+    auto stage = [](int g) { return g % STAGES; };
+    auto phase = [](int g) { return uint32_t((g / STAGES) & 1); };
 
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
+        mbar_init(q_empty, 8); // one arrival per consumer warp
         for (int st = 0; st < STAGES; st++) {
             mbar_init(k_full + 8 * st, 1);
             mbar_init(v_full + 8 * st, 1);
-            mbar_init(k_empty + 8 * st, 8); // one arrival per consumer warp
+            mbar_init(k_empty + 8 * st, 8);
             mbar_init(v_empty + 8 * st, 8);
         }
         fence_mbar_init();
@@ -433,25 +454,31 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (tid != 0) return;
-        const void *qm = &p.q[z], *km = &p.k[z], *vm = &p.v[z];
-        mbar_arrive_expect_tx(q_full, 2 * kTileBytes);
-        for (int w = 0; w < 2; w++)
-            for (int half = 0; half < 2; half++)
-                tma_load_2d(base + w * kTileBytes + half * kBlockBytes, qm, q_full, h * kHD + half * 64, m0 + w * kBM);
-        for (int j = 0; j < nb; j++) {
-            // Stage st's previous tiles (block j - STAGES) handed back; a
-            // fresh mbarrier passes parity 1 at once.
-            const int st = j % STAGES;
-            const uint32_t parity = ((j / STAGES) & 1) ^ 1;
-            const uint32_t ks = base + L::kK + st * L::kKvTile, vs = base + L::kV + st * L::kKvTile;
-            mbar_wait(k_empty + 8 * st, parity);
-            mbar_arrive_expect_tx(k_full + 8 * st, L::kKvTile);
-            for (int half = 0; half < 2; half++)
-                tma_load_2d(ks + half * (BN * 128), km, k_full + 8 * st, kvh * kHD + half * 64, j * BN);
-            mbar_wait(v_empty + 8 * st, parity);
-            mbar_arrive_expect_tx(v_full + 8 * st, L::kKvTile);
-            for (int half = 0; half < 2; half++)
-                tma_load_2d(vs + half * (BN * 128), vm, v_full + 8 * st, kvh * kHD + half * 64, j * BN);
+        int g = 0, n = 0; // K/V blocks and tiles loaded so far
+        for (int t = int(blockIdx.x); t < p.n_tiles; t += int(gridDim.x), n++) {
+            const TmaTile tl = tma_tile(p, t);
+            const int nb = (p.a.seqs[p.seq0 + tl.z].kv_len + BN - 1) / BN, kvh = tl.h / group;
+            const void *qm = &p.q[tl.z], *km = &p.k[tl.z], *vm = &p.v[tl.z];
+            // The previous tile's Q handed back (a fresh mbarrier passes parity 1 at once).
+            mbar_wait(q_empty, uint32_t(n & 1) ^ 1);
+            mbar_arrive_expect_tx(q_full, 2 * kTileBytes);
+            for (int w = 0; w < 2; w++)
+                for (int half = 0; half < 2; half++)
+                    tma_load_2d(base + w * kTileBytes + half * kBlockBytes, qm, q_full, tl.h * kHD + half * 64,
+                                tl.m0 + w * kBM);
+            for (int j = 0; j < nb; j++, g++) {
+                // Stage st's previous tiles (block g - STAGES) handed back.
+                const int st = stage(g);
+                const uint32_t ks = base + L::kK + st * L::kKvTile, vs = base + L::kV + st * L::kKvTile;
+                mbar_wait(k_empty + 8 * st, phase(g) ^ 1);
+                mbar_arrive_expect_tx(k_full + 8 * st, L::kKvTile);
+                for (int half = 0; half < 2; half++)
+                    tma_load_2d(ks + half * (BN * 128), km, k_full + 8 * st, kvh * kHD + half * 64, j * BN);
+                mbar_wait(v_empty + 8 * st, phase(g) ^ 1);
+                mbar_arrive_expect_tx(v_full + 8 * st, L::kKvTile);
+                for (int half = 0; half < 2; half++)
+                    tma_load_2d(vs + half * (BN * 128), vm, v_full + 8 * st, kvh * kHD + half * 64, j * BN);
+            }
         }
         return;
     }
@@ -466,7 +493,9 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
     // Turns: wait for this consumer's barrier (opened by the other's 128
     // arrivals and this one's 128), issue, then open the other's. Consumer
     // 1 opens consumer 0's first turn, and skips its arrival after its last
-    // turn, so each barrier gets as many arrivals as syncs.
+    // turn of its last tile, so each barrier gets as many arrivals as syncs.
+    // Both consumers take nb + 1 turns per tile, so the turns alternate
+    // across tiles too.
     auto turn_begin = [&] {
         if constexpr (PINGPONG) named_bar_sync(1 + cw, 2 * kThreads);
     };
@@ -475,55 +504,67 @@ __global__ void __launch_bounds__(3 * kThreads, 1) flash_tma_sm90_kernel(const _
             if (!(last && cw == 1)) named_bar_arrive(2 - cw, 2 * kThreads);
     };
     if constexpr (PINGPONG)
-        if (cw == 1) named_bar_arrive(1, 2 * kThreads);
+        if (cw == 1 && int(blockIdx.x) < p.n_tiles) named_bar_arrive(1, 2 * kThreads);
     uint64_t dq[kHD / 16];
     tile_descs<kBM>(dq, base + cw * kTileBytes);
     float s[BN / 2], o[64], alpha[2];
     uint32_t pa[BN / 16][4];
+
+    int g = 0, n = 0; // K/V blocks and tiles consumed so far
+    for (int t = int(blockIdx.x); t < p.n_tiles; t += int(gridDim.x), n++) {
+        const TmaTile tl = tma_tile(p, t);
+        const cuda::AttnSeq sd = p.a.seqs[p.seq0 + tl.z];
+        const int kv_len = sd.kv_len, nb = (kv_len + BN - 1) / BN;
+        const bool last_tile = t + int(gridDim.x) >= p.n_tiles;
 #pragma unroll
-    for (int i = 0; i < 64; i++) o[i] = 0.f;
-    RowState rs{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+        for (int i = 0; i < 64; i++) o[i] = 0.f;
+        RowState rs{{-INFINITY, -INFINITY}, {0.f, 0.f}};
 
-    mbar_wait(q_full, 0);
-    mbar_wait(k_full, 0);
-    turn_begin();
-    issue_s<BN>(s, dq, sK);
-    turn_end(false);
-    wgmma_wait<0>();
-    fence_regs(s);
-    release(k_empty);
-    softmax_block<BN>(s, rs, alpha, 0, kv_len, lane, sl2);
-    pack_p<BN>(pa, s);
-
-    for (int j = 1; j < nb; j++) {
-        const int sj = j % STAGES, sp = (j - 1) % STAGES;
-        mbar_wait(k_full + 8 * sj, (j / STAGES) & 1);
-        mbar_wait(v_full + 8 * sp, ((j - 1) / STAGES) & 1);
+        mbar_wait(q_full, uint32_t(n & 1));
+        mbar_wait(k_full + 8 * stage(g), phase(g));
         turn_begin();
-        issue_s<BN>(s, dq, sK + sj * L::kKvTile);
+        issue_s<BN>(s, dq, sK + stage(g) * L::kKvTile);
+        turn_end(false);
+        wgmma_wait<0>();
+        fence_regs(s);
+        release(k_empty + 8 * stage(g));
+        softmax_block<BN>(s, rs, alpha, 0, kv_len, lane, sl2);
+        pack_p<BN>(pa, s);
+
+        for (int j = 1; j < nb; j++) {
+            const int gj = g + j, gp = gj - 1;
+            mbar_wait(k_full + 8 * stage(gj), phase(gj));
+            mbar_wait(v_full + 8 * stage(gp), phase(gp));
+            turn_begin();
+            issue_s<BN>(s, dq, sK + stage(gj) * L::kKvTile);
+#pragma unroll
+            for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
+            issue_pv<BN>(o, pa, sV + stage(gp) * L::kKvTile);
+            turn_end(false);
+            wgmma_wait<1>(); // S_j
+            fence_regs(s);
+            release(k_empty + 8 * stage(gj));
+            softmax_block<BN>(s, rs, alpha, j, kv_len, lane, sl2);
+            wgmma_wait<0>(); // P_{j-1} V_{j-1}
+            fence_regs(o);
+            release(v_empty + 8 * stage(gp));
+            pack_p<BN>(pa, s);
+        }
+        // Every product reading Q has completed: the producer may load the next tile's.
+        release(q_empty);
+        const int gl = g + nb - 1;
+        mbar_wait(v_full + 8 * stage(gl), phase(gl));
 #pragma unroll
         for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
-        issue_pv<BN>(o, pa, sV + sp * L::kKvTile);
-        turn_end(false);
-        wgmma_wait<1>(); // S_j
-        fence_regs(s);
-        release(k_empty + 8 * sj);
-        softmax_block<BN>(s, rs, alpha, j, kv_len, lane, sl2);
-        wgmma_wait<0>(); // P_{j-1} V_{j-1}
+        turn_begin();
+        issue_pv<BN>(o, pa, sV + stage(gl) * L::kKvTile);
+        turn_end(last_tile);
+        wgmma_wait<0>();
         fence_regs(o);
-        release(v_empty + 8 * sp);
-        pack_p<BN>(pa, s);
+        release(v_empty + 8 * stage(gl));
+        store_o(p.a, sd, tl.m0 + cw * kBM, tl.h, warp, lane, o, rs);
+        g += nb;
     }
-    const int sl = (nb - 1) % STAGES;
-    mbar_wait(v_full + 8 * sl, ((nb - 1) / STAGES) & 1);
-#pragma unroll
-    for (int i = 0; i < 64; i++) o[i] *= alpha[(i >> 1) & 1];
-    turn_begin();
-    issue_pv<BN>(o, pa, sV + sl * L::kKvTile);
-    turn_end(true);
-    wgmma_wait<0>();
-    fence_regs(o);
-    store_o(p.a, sd, m0 + cw * kBM, h, warp, lane, o, rs);
 #endif // DIMOO_SM90A_KERNEL
 }
 
@@ -557,24 +598,37 @@ bool encode_rows(CUtensorMap *m, const uint16_t *ptr, int cols, int rows, int st
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, bool PINGPONG> cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
+// PERSISTENT: one CTA per SM (the tiles' shared memory allows one), each
+// looping over its tiles; else one CTA per tile.
+template <int BN, int STAGES, bool PINGPONG, bool PERSISTENT>
+cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
     using L = TmaLayout<BN, STAGES>;
     static_assert(L::kBytes <= 227 * 1024, "TMA attention tiles exceed shared memory");
+    static_assert(2 * L::kBytes > 228 * 1024, "a persistent grid of one CTA per SM assumes two do not fit");
     // The maps are built on the host from the sequences' lengths and addresses.
     if (!a.host_seqs) return cudaErrorInvalidValue;
-    cudaError_t e = cudaFuncSetAttribute(flash_tma_sm90_kernel<BN, STAGES, PINGPONG>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+    auto kernel = flash_tma_sm90_kernel<BN, STAGES, PINGPONG>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
     if (e != cudaSuccess) return e;
+    int sms = 0;
+    if (PERSISTENT) {
+        int dev = 0;
+        if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
+            (e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+            return e;
+    }
     for (int s0 = 0; s0 < a.n_seqs; s0 += kTmaSeqs) {
         TmaParams p{};
         p.a = a;
         p.seq0 = s0;
         const int n = a.n_seqs - s0 < kTmaSeqs ? a.n_seqs - s0 : kTmaSeqs;
-        int max_q = 0;
+        for (int i = 0; i < kTmaSeqs; i++) p.m_blocks[i] = 1; // never a divisor of 0
         for (int i = 0; i < n; i++) {
             const cuda::AttnSeq &sd = a.host_seqs[s0 + i];
             if (sd.kv_len < 1 || sd.q_len < 0) return cudaErrorInvalidValue;
-            max_q = sd.q_len > max_q ? sd.q_len : max_q;
+            const int mb = (sd.q_len + 2 * kBM - 1) / (2 * kBM);
+            if (mb > 0) p.m_blocks[i] = mb;
+            p.n_tiles += mb * a.n_heads;
             const size_t kv_off = size_t(a.layer) * size_t(sd.layer_stride);
             if (!encode_rows(&p.q[i], a.q + size_t(sd.q_begin) * a.q_stride, a.n_heads * kHD, sd.q_len, a.q_stride,
                              kBM) ||
@@ -582,9 +636,15 @@ template <int BN, int STAGES, bool PINGPONG> cudaError_t launch_tma(const AttnAr
                 !encode_rows(&p.v[i], sd.v + kv_off, a.n_kv_heads * kHD, sd.kv_len, a.kv_stride, BN))
                 return cudaErrorInvalidValue;
         }
-        if (max_q == 0) continue;
-        dim3 grid(unsigned((max_q + 2 * kBM - 1) / (2 * kBM)), unsigned(a.n_heads), unsigned(n));
-        flash_tma_sm90_kernel<BN, STAGES, PINGPONG><<<grid, 3 * kThreads, L::kBytes, s>>>(p);
+        // A sequence without query rows, and those past n, own no tiles.
+        for (int i = 0; i < kTmaSeqs; i++) p.tile_end[i] = p.n_tiles;
+        for (int i = 0, end = 0; i < n; i++) {
+            if (a.host_seqs[s0 + i].q_len > 0) end += p.m_blocks[i] * a.n_heads;
+            p.tile_end[i] = end;
+        }
+        if (p.n_tiles == 0) continue;
+        const int grid = PERSISTENT && sms < p.n_tiles ? sms : p.n_tiles;
+        kernel<<<unsigned(grid), 3 * kThreads, L::kBytes, s>>>(p);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     return cudaSuccess;
@@ -612,8 +672,10 @@ cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl im
     case AttnImpl::Sm90Pipe: return launch_pipe<1, 64>(a, s);
     case AttnImpl::Sm90Pipe2: return launch_pipe<2, 64>(a, s);
     case AttnImpl::Sm90Wide: return launch_pipe<2, 128>(a, s);
-    case AttnImpl::Sm90Tma: return launch_tma<128, 2, false>(a, s);
-    case AttnImpl::Sm90TmaPingPong: return launch_tma<128, 2, true>(a, s);
+    case AttnImpl::Sm90Tma: return launch_tma<128, 2, false, false>(a, s);
+    case AttnImpl::Sm90TmaPingPong: return launch_tma<128, 2, true, false>(a, s);
+    case AttnImpl::Sm90TmaPersistent: return launch_tma<128, 2, false, true>(a, s);
+    case AttnImpl::Sm90TmaPingPongPersistent: return launch_tma<128, 2, true, true>(a, s);
     default: return cudaErrorInvalidValue;
     }
 }

@@ -574,7 +574,7 @@ private:
         cudaGraphExec_t g = nullptr;
         if (graphs_on_) {
             const GraphKey key =
-                graph_key(args, n, plan, attn_ == AttnImpl::Sm90Tma || attn_ == AttnImpl::Sm90TmaPingPong);
+                graph_key(args, n, plan, attention_uses_tma(attn_));
             g = graphs_.find(key);
             if (!g && graphs_.repeats(key)) g = capture(st, key);
         }

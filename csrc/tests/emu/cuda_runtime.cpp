@@ -65,6 +65,14 @@ size_t smem_optin() {
     }
 }
 
+// How many SMs the emulated device reports: 1 unless DIMOO_EMU_SMS says
+// otherwise (a persistent grid then splits its tiles unevenly over them).
+int sm_count() {
+    const char *e = std::getenv("DIMOO_EMU_SMS");
+    const int v = e ? std::atoi(e) : 1;
+    return v >= 1 && v <= 1024 ? v : 1;
+}
+
 cudaError_t set(cudaError_t e) {
     if (e != cudaSuccess) g_last = e;
     return e;
@@ -181,7 +189,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
     p->sharedMemPerBlockOptin = emu::smem_optin();
     p->major = emu::sm() / 10;
     p->minor = emu::sm() % 10;
-    p->multiProcessorCount = 1;
+    p->multiProcessorCount = emu::sm_count();
     p->maxThreadsPerBlock = 1024;
     p->warpSize_ = 32;
     return cudaSuccess;
@@ -189,7 +197,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d) {
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
     if (d != 0) return set(cudaErrorInvalidDevice);
     switch (a) {
-    case cudaDevAttrMultiProcessorCount: *v = 1; break;
+    case cudaDevAttrMultiProcessorCount: *v = emu::sm_count(); break;
     case cudaDevAttrComputeCapabilityMajor: *v = emu::sm() / 10; break;
     case cudaDevAttrComputeCapabilityMinor: *v = emu::sm() % 10; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(emu::smem_optin()); break;
