@@ -16,14 +16,13 @@
 # attention TFLOP/s (ours vs torch SDPA cuDNN/flash), GEMMs at the model's
 # shapes vs the cuBLAS 8192^3 ceiling, whole forward ms on random weights of
 # the real shape (ours vs the reference PyTorch forward). The whole run fits
-# in about 8 minutes on an H200; DEVICE_BENCH=0 skips the benchmarks.
+# in one device command (DEVICE_PHASES below picks the parts).
 #
-# Last, end to end (DEVICE_E2E=0 skips it; about 3 minutes): random bf16
-# weights of the real shape written on the device as a checkpoint
-# (scripts/bench_official_pipeline.py --write-checkpoint, 16 GB in
-# $DEVICE_E2E_MODEL, default /tmp/dimoo-e2e, kept for reruns), then per size
-# (DEVICE_E2E_SIZES, default "512 1024": the cheap one first, so a timeout
-# loses the least) `bin/dimoo bench --compare-cache` (without and with
+# End to end (the e2e phase): random bf16 weights of the real shape
+# written on the device as a checkpoint (scripts/bench_official_pipeline.py
+# --write-checkpoint, 16 GB in $DEVICE_E2E_MODEL, default /tmp/dimoo-e2e,
+# kept for reruns), then per size (DEVICE_E2E_SIZES, default "512 1024":
+# the cheap one first) `bin/dimoo bench --compare-cache` (without and with
 # ML-Cache; its --json document goes to bench.json under --profile) and
 # the official PyTorch pipeline on the same weights and sequence lengths (64
 # steps, cfg 4), and bench/e2e_compare.py's table last: seconds, the ratio,
@@ -31,11 +30,11 @@
 # carried archive); each case's trace.json, cpu.pprof and bench.json land in
 # $LOG/e2e-ours-SIZE/ (and in $OUT/logs.tar.gz).
 #
-# One device command may run 10 minutes and a session has 15 in all, so the
-# first call should be `DEVICE_E2E=0 scripts/device-check.sh` (tests and the
-# kernel/forward benchmarks, about 8 minutes with the build), and, if time is
-# left, a second one `DEVICE_TESTS=0 DEVICE_BENCH=0 scripts/device-check.sh`
-# for the end-to-end section alone (the build is kept between calls).
+# One device command may run 10 minutes and a session has 15 in all,
+# machine start included, so plan on one call: `scripts/device-check.sh`
+# runs the phases below in order of what they decide (DEVICE_PHASES) and
+# stops starting steps at DEVICE_DEADLINE; the table names what was
+# skipped and how to run it in a second call, should time be left.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -157,83 +156,108 @@ if [ "$prebuilt" = 0 ]; then
   step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
   step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
 fi
-# DEVICE_TESTS=0 skips the tests (the build still runs): for a second call
-# that only benchmarks. The order puts what decides the most first, so a
-# cut at DEVICE_DEADLINE loses the least: the kernels' and the forward's
-# tests, then the benchmarks against the baselines (bench-cuda,
-# bench-torch), then the other tests and benchmarks.
+# The run in phases, in the order of DEVICE_PHASES (default below). The
+# first ones decide the most, so a cut at DEVICE_DEADLINE loses the least:
+#   core-tests  the sm_90a attention kernels alone, then every C++ test
+#   core-bench  dimoo_bench_cuda and bench_torch_reference.py: attention,
+#               GEMMs, whole forwards against the PyTorch baselines (issue 12)
+#   e2e         whole generations, ours against the official pipeline, per
+#               size in DEVICE_E2E_SIZES (issue 13); a size is skipped, not
+#               cut, when less time is left than it needs
+#   more-tests  the forward per attention kernel, without graphs, the VQ-VAE,
+#               compute-sanitizer, the Go tests on the GPU library
+#   more-bench  the Go benchmarks, the VQ decode, the samplers, ncu
+# A second call on the same warm machine runs what the first skipped, e.g.
+# DEVICE_PHASES="e2e more-tests" DEVICE_E2E_SIZES=1024. What core-tests found
+# about the sm_90a kernels is kept in $STATE for such a call.
+# (Older switches: DEVICE_TESTS=0, DEVICE_BENCH=0, DEVICE_E2E=0 drop the
+# test, benchmark or end-to-end phases.)
+PHASES="${DEVICE_PHASES:-core-tests core-bench e2e more-tests more-bench}"
+[ "${DEVICE_TESTS:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-tests//; s/more-tests//')
+[ "${DEVICE_BENCH:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-bench//; s/more-bench//')
+[ "${DEVICE_E2E:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/e2e//')
+STATE=/tmp/device-check-state
 sm90_ok=1 sm90t_ok=1
-if [ "${DEVICE_TESTS:-1}" = 1 ]; then
-# The sm_90a wgmma attention kernels first, alone (verified on the host
-# emulation only so far). The forward picks the wide pipelined one (sm90w) by
-# default on sm_90 after a start-up check against the reference kernel; should the
-# kernel test fail here, everything after runs with the sm_80 kernel.
-step cpp-sm90-attn timeout 90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*:-*Sm90Tma*'
-if [ "$last" = FAIL ]; then
-  sm90_ok=0
-  export DIMOO_CUDA_ATTN=sm80; echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$LOG/cpp-sm90-attn.log"
-fi
-# The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, and both
-# on a persistent grid: sm90ts, sm90tps) alone:
-# a wrong mbarrier pipeline hangs, hence the short timeout.
-step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
-sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
-step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
-fi
-
-if [ "${DEVICE_BENCH:-1}" = 1 ]; then
-  # The TMA kernel is left out of the benchmark when its test failed or hung above.
+# shellcheck disable=SC1090
+[ -f "$STATE" ] && . "$STATE"
+sm90_gate() { # after the sm_90a kernels' tests: what later steps may use
+  if [ "$sm90_ok" = 0 ]; then export DIMOO_CUDA_ATTN=sm80; fi
+  # The TMA kernels are left out of the benchmark when their test failed or hung.
   [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps"
+}
+sm90_gate
+
+core_tests() {
+  # The sm_90a wgmma attention kernels first, alone (verified on the host
+  # emulation only so far). The forward picks the wide pipelined one (sm90w) by
+  # default on sm_90 after a start-up check against the reference kernel; should the
+  # kernel test fail here, everything after runs with the sm_80 kernel.
+  step cpp-sm90-attn timeout 90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90*:*DefaultAttention*:-*Sm90Tma*'
+  if [ "$last" = FAIL ]; then
+    sm90_ok=0
+    echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$LOG/cpp-sm90-attn.log"
+  fi
+  # The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, and both
+  # on a persistent grid: sm90ts, sm90tps) alone: a wrong mbarrier pipeline
+  # hangs, hence the short timeout.
+  step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
+  sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
+  echo "sm90_ok=$sm90_ok sm90t_ok=$sm90t_ok" >"$STATE"
+  sm90_gate
+  step cpp-tests timeout 240 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='-*Sm90*'
+}
+
+core_bench() {
   step bench-cuda timeout 300 ./build-device/dimoo_bench_cuda
   if python3 -c 'import torch' 2>/dev/null; then
     step bench-torch timeout 200 python3 scripts/bench_torch_reference.py
   fi
-fi
+}
 
-if [ "${DEVICE_TESTS:-1}" = 1 ]; then
-# The forward and the decode steps again without CUDA graphs (eager launches).
-step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
-  --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
-# The VQ-VAE decoder on the GPU against the CPU (also in cpp-tests; alone
-# here so its line in the table says whether it ran).
-step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaVQ.*'
-# The forward with each sm_90a attention kernel (verified on the host
-# emulation only), each in its own process; dimoo_bench_cuda times them.
-step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
-step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
-step cuda-fwd-sm90p2 timeout 120 env DIMOO_CUDA_ATTN=sm90p2 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
-step cuda-fwd-sm90w timeout 120 env DIMOO_CUDA_ATTN=sm90w ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
-if [ "$sm90t_ok" = 1 ]; then
-  step cuda-fwd-sm90t timeout 120 env DIMOO_CUDA_ATTN=sm90t ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
-  step cuda-fwd-sm90tp timeout 120 env DIMOO_CUDA_ATTN=sm90tp ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
-  step cuda-fwd-sm90ts timeout 120 env DIMOO_CUDA_ATTN=sm90ts ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots'
-  step cuda-fwd-sm90tps timeout 120 env DIMOO_CUDA_ATTN=sm90tps ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
-fi
-# The CUDA forward again with the reference attention kernel: if the flash
-# kernel is wrong, this tells whether the rest of the forward is right.
-step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
-if command -v compute-sanitizer >/dev/null; then
-  step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:CudaVQ.RandomWithAttentionMatchesCpu:CudaVQ.RefusesBadCodesBeforeRunning:-*Sm90*'
-  step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
-    --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
-  # The sm_90a kernels under memcheck, once their tests passed (a hang there
-  # would eat the sanitizer's timeout for nothing).
-  if [ "$sm90_ok" = 1 ] && [ "$sm90t_ok" = 1 ]; then
-    step memcheck-sm90 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
-      --gtest_filter='CudaKernels.AttentionSm90*'
+more_tests() {
+  # The forward and the decode steps again without CUDA graphs (eager launches).
+  step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
+    --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
+  # The VQ-VAE decoder on the GPU against the CPU (also in cpp-tests; alone
+  # here so its line in the table says whether it ran).
+  step cuda-vq timeout 120 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaVQ.*'
+  # The forward with each sm_90a attention kernel (verified on the host
+  # emulation only), each in its own process; dimoo_bench_cuda times them.
+  step cuda-fwd-sm90attn timeout 120 env DIMOO_CUDA_ATTN=sm90 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+  step cuda-fwd-sm90p timeout 120 env DIMOO_CUDA_ATTN=sm90p ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+  step cuda-fwd-sm90p2 timeout 120 env DIMOO_CUDA_ATTN=sm90p2 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+  step cuda-fwd-sm90w timeout 120 env DIMOO_CUDA_ATTN=sm90w ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+  if [ "$sm90t_ok" = 1 ]; then
+    step cuda-fwd-sm90t timeout 120 env DIMOO_CUDA_ATTN=sm90t ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+    step cuda-fwd-sm90tp timeout 120 env DIMOO_CUDA_ATTN=sm90tp ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+    step cuda-fwd-sm90ts timeout 120 env DIMOO_CUDA_ATTN=sm90ts ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots'
+    step cuda-fwd-sm90tps timeout 120 env DIMOO_CUDA_ATTN=sm90tps ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
   fi
-fi
-if [ -x build/go-tests/dimoo.test ]; then
-  export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
-  step go-tests bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
-fi
-fi
+  # The CUDA forward again with the reference attention kernel: if the flash
+  # kernel is wrong, this tells whether the rest of the forward is right.
+  step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
+      --gtest_filter='Kernels.*:CudaKernels.*:CudaForward.SmallGqaF16:CudaKept.*:CudaVQ.RandomWithAttentionMatchesCpu:CudaVQ.RefusesBadCodesBeforeRunning:-*Sm90*'
+    step racecheck timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 ./build-device/dimoo_tests \
+      --gtest_filter='Kernels.*:CudaKernels.Attention*:-*Sm90*'
+    # The sm_90a kernels under memcheck, once their tests passed (a hang there
+    # would eat the sanitizer's timeout for nothing).
+    if [ "$sm90_ok" = 1 ] && [ "$sm90t_ok" = 1 ]; then
+      step memcheck-sm90 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 ./build-device/dimoo_tests \
+        --gtest_filter='CudaKernels.AttentionSm90*'
+    fi
+  fi
+  if [ -x build/go-tests/dimoo.test ]; then
+    step go-tests env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1 \
+      bash -c "cd dimoo && ../build/go-tests/dimoo.test -test.count=1"
+  fi
+}
 
-if [ "${DEVICE_BENCH:-1}" = 1 ]; then
+more_bench() {
   if [ -x build/go-tests/bench.test ]; then
-    export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1
-    step go-bench bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
+    step go-bench env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" DIMOO_REQUIRE_LIBRARY=1 \
+      bash -c "cd bench && ../build/go-tests/bench.test -test.run '^$' -test.bench . -test.benchtime 2s"
   fi
   # aMUSEd-size VQ decode, 32x32 -> 512² and 64x64 -> 1024², GPU ms next to the CPU.
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
@@ -243,13 +267,13 @@ if [ "${DEVICE_BENCH:-1}" = 1 ]; then
   # on the Firecracker machines, not on gVisor): for tuning, so a failure
   # here does not fail the run.
   if command -v ncu >/dev/null; then
-    keep_status=$status
+    local keep_status=$status
     step ncu-attn timeout 150 ncu --clock-control none --kernel-name regex:flash --section SpeedOfLight \
       --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
       ./build-device/dimoo_bench_cuda --profile-attn
     status=$keep_status
   fi
-fi
+}
 
 # End to end: our whole generation against the official pipeline's, on the
 # same random weights of the real shape.
@@ -262,23 +286,43 @@ E2E_COND=64 E2E_UNCOND=19
 E2E_OURS=(--device cuda --steps 64 --cfg_scale 4 --temperature 1 --runs 1 --warmup 1 --warmup-steps 2
   --compare-cache --use-cache --force)
 E2E_OFFICIAL=(--steps 64 --cfg 4 --runs 1 --warmup-steps 2 --cond-tokens "$E2E_COND" --uncond-tokens "$E2E_UNCOND")
-if [ "${DEVICE_E2E:-1}" = 1 ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}"
-  DIMOO_BIN="$ROOT/bin/dimoo"
+e2e() {
+  python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || return
+  local E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}" DIMOO_BIN="$ROOT/bin/dimoo" size left need
   if ! "$DIMOO_BIN" version >/dev/null 2>&1; then DIMOO_BIN="$ROOT/bin/dimoo-nocgo"; fi
-  export DIMOO_LIBRARY="$ROOT/lib/libdimoo.so"
   if [ ! -f "$E2E_MODEL/model.safetensors.index.json" ]; then
     step e2e-checkpoint timeout 150 python3 scripts/bench_official_pipeline.py --write-checkpoint "$E2E_MODEL"
   fi
   for size in ${DEVICE_E2E_SIZES:-512 1024}; do
+    # Seconds both sides need (guesses from the official timings in
+    # anchors.md, with loading and warm-up): a cut run measures nothing.
+    need=$((size >= 1024 ? 240 : 100))
+    left=$(( DEADLINE - ($(date +%s) - T_START) ))
+    if [ "$left" -lt "$need" ]; then
+      rows+=("$(printf '%-22s %-5s %7s  %s' "e2e-$size" SKIP - "${left}s left, needs ~${need}s: DEVICE_PHASES=e2e DEVICE_E2E_SIZES=$size")")
+      status=1
+      continue
+    fi
     if [ -x "$DIMOO_BIN" ] && [ -f "$E2E_MODEL/model.safetensors.index.json" ]; then
-      step "e2e-ours-$size" timeout $((size >= 1024 ? 150 : 90)) "$DIMOO_BIN" bench --model "$E2E_MODEL" \
-        --prompt "$E2E_PROMPT" --width "$size" --height "$size" "${E2E_OURS[@]}" --profile "$LOG/e2e-ours-$size"
+      step "e2e-ours-$size" env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" timeout $((size >= 1024 ? 150 : 90)) \
+        "$DIMOO_BIN" bench --model "$E2E_MODEL" --prompt "$E2E_PROMPT" --width "$size" --height "$size" \
+        "${E2E_OURS[@]}" --profile "$LOG/e2e-ours-$size"
     fi
     step "e2e-official-$size" timeout $((size >= 1024 ? 120 : 60)) python3 scripts/bench_official_pipeline.py \
       --sizes "$size" "${E2E_OFFICIAL[@]}"
   done
-fi
+}
+
+for phase in $PHASES; do
+  case "$phase" in
+  core-tests) core_tests ;;
+  core-bench) core_bench ;;
+  e2e) e2e ;;
+  more-tests) more_tests ;;
+  more-bench) more_bench ;;
+  *) echo "unknown phase $phase (DEVICE_PHASES)"; status=1 ;;
+  esac
+done
 
 {
 echo
