@@ -291,6 +291,14 @@ e2e() {
   local E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}" DIMOO_BIN="$ROOT/bin/dimoo" size left need
   if ! "$DIMOO_BIN" version >/dev/null 2>&1; then DIMOO_BIN="$ROOT/bin/dimoo-nocgo"; fi
   if [ ! -f "$E2E_MODEL/model.safetensors.index.json" ]; then
+    # Writing 16 GB of weights takes about a minute: not worth starting
+    # without the time for the smallest size after it.
+    left=$(( DEADLINE - ($(date +%s) - T_START) ))
+    if [ "$left" -lt 190 ]; then
+      rows+=("$(printf '%-22s %-5s %7s  %s' e2e SKIP - "${left}s left, needs ~190s: DEVICE_PHASES=e2e")")
+      status=1
+      return
+    fi
     step e2e-checkpoint timeout 150 python3 scripts/bench_official_pipeline.py --write-checkpoint "$E2E_MODEL"
   fi
   for size in ${DEVICE_E2E_SIZES:-512 1024}; do
