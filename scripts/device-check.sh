@@ -304,7 +304,7 @@ e2e() {
   for size in ${DEVICE_E2E_SIZES:-512 1024}; do
     # Seconds both sides need (guesses from the official timings in
     # anchors.md, with loading and warm-up): a cut run measures nothing.
-    need=$((size >= 1024 ? 240 : 100))
+    need=$((size >= 1024 ? 180 : 100))
     left=$(( DEADLINE - ($(date +%s) - T_START) ))
     if [ "$left" -lt "$need" ]; then
       rows+=("$(printf '%-22s %-5s %7s  %s' "e2e-$size" SKIP - "${left}s left, needs ~${need}s: DEVICE_PHASES=e2e DEVICE_E2E_SIZES=$size")")
