@@ -57,7 +57,7 @@ test-emu:
 	DIMOO_EMU_SM=90 DIMOO_EMU_SMS=3 DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
 	  --gtest_filter='CudaKernels.AttentionSm90Tma*'
 	DIMOO_EMU_SM=86 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
-	for a in sm90 sm90p sm90p2 sm90w sm90t sm90tp sm90ts sm90tps; do DIMOO_EMU_SM=90 DIMOO_CUDA_ATTN=$$a ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
+	for a in sm90 sm90p sm90p2 sm90w sm90t sm90tp sm90ts sm90tps sm90tw; do DIMOO_EMU_SM=90 DIMOO_CUDA_ATTN=$$a ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
 	  --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots' || exit 1; done
 	cmake --build $(EMU_BUILD) --target dimoo -j $(JOBS)
 	DIMOO_LIBRARY=$(CURDIR)/$(EMU_BUILD)/lib/libdimoo.so $(GO) test -count=1 -run 'CUDA' ./dimoo/

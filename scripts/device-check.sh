@@ -183,7 +183,7 @@ sm90_ok=1 sm90t_ok=1
 sm90_gate() { # after the sm_90a kernels' tests: what later steps may use
   if [ "$sm90_ok" = 0 ]; then export DIMOO_CUDA_ATTN=sm80; fi
   # The TMA kernels are left out of the benchmark when their test failed or hung.
-  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps"
+  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps,sm90tw"
 }
 sm90_gate
 
@@ -197,8 +197,9 @@ core_tests() {
     sm90_ok=0
     echo "sm90 attention failed: DIMOO_CUDA_ATTN=sm80 from here" >>"$LOG/cpp-sm90-attn.log"
   fi
-  # The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, and both
-  # on a persistent grid: sm90ts, sm90tps) alone: a wrong mbarrier pipeline
+  # The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, both on
+  # a persistent grid: sm90ts, sm90tps, and sm90tw, sm90tps with 176-key
+  # blocks) alone: a wrong mbarrier pipeline
   # hangs, hence the short timeout.
   step cpp-sm90t-attn timeout 45 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
   sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
@@ -232,6 +233,7 @@ more_tests() {
     step cuda-fwd-sm90tp timeout 120 env DIMOO_CUDA_ATTN=sm90tp ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
     step cuda-fwd-sm90ts timeout 120 env DIMOO_CUDA_ATTN=sm90ts ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots'
     step cuda-fwd-sm90tps timeout 120 env DIMOO_CUDA_ATTN=sm90tps ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
+    step cuda-fwd-sm90tw timeout 120 env DIMOO_CUDA_ATTN=sm90tw ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
   fi
   # The CUDA forward again with the reference attention kernel: if the flash
   # kernel is wrong, this tells whether the rest of the forward is right.

@@ -468,7 +468,7 @@ void bench_forward() {
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
-    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w", "sm90t", "sm90tp", "sm90ts", "sm90tps"}) {
+    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w", "sm90t", "sm90tp", "sm90ts", "sm90tps", "sm90tw"}) {
         if (skipped(impl)) continue;
         setenv("DIMOO_CUDA_ATTN", impl, 1);
         auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
@@ -543,7 +543,7 @@ void profile_attention(cudaStream_t s) {
     const AttnData data(B, T, T, H, s);
     const AttnArgs &a = data.a;
     for (AttnImpl impl : {AttnImpl::Sm80, AttnImpl::Sm90Wide, AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong,
-                          AttnImpl::Sm90TmaPersistent, AttnImpl::Sm90TmaPingPongPersistent}) {
+                          AttnImpl::Sm90TmaPersistent, AttnImpl::Sm90TmaPingPongPersistent, AttnImpl::Sm90TmaWide}) {
         if (!attention_supported(impl, hd) || skipped(attention_impl_name(impl))) continue;
         DIMOO_CUDA(attention_launch(a, impl, s));
         DIMOO_CUDA(cudaStreamSynchronize(s));
@@ -584,6 +584,7 @@ int main(int argc, char **argv) {
             if (!skipped("sm90tp")) bench_attention(s, AttnImpl::Sm90TmaPingPong);
             if (!skipped("sm90ts")) bench_attention(s, AttnImpl::Sm90TmaPersistent);
             if (!skipped("sm90tps")) bench_attention(s, AttnImpl::Sm90TmaPingPongPersistent);
+            if (!skipped("sm90tw")) bench_attention(s, AttnImpl::Sm90TmaWide);
         }
         cudaStreamDestroy(s);
     } catch (const Error &e) {

@@ -420,11 +420,11 @@ TEST(CudaKernels, AttentionMatchesFloat64) {
     }
 }
 
-// The sm_90a kernels' cases: the tails around 64- and 128-row tiles, the
-// ML-Cache shape, several sequences per launch.
+// The sm_90a kernels' cases: the tails around 64- and 128-row tiles and
+// 176-key blocks (sm90tw), the ML-Cache shape, several sequences per launch.
 std::vector<AttnCase> sm90_cases() {
     std::vector<AttnCase> cases;
-    for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 300, 600}) cases.push_back({128, 2, 2, {{T, T}}});
+    for (int T : {1, 7, 63, 64, 65, 127, 128, 129, 176, 177, 300, 353, 600}) cases.push_back({128, 2, 2, {{T, T}}});
     cases.push_back({128, 4, 2, {{5, 300}, {97, 129}}});
     cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
     // More sequences than one TMA launch takes (its tensor maps are per sequence).
@@ -478,6 +478,7 @@ TEST(CudaKernels, AttentionSm90TmaMatchesFloat64) {
     check_sm90(dimoo::AttnImpl::Sm90TmaPingPong, "sm90tp");
     check_sm90(dimoo::AttnImpl::Sm90TmaPersistent, "sm90ts");
     check_sm90(dimoo::AttnImpl::Sm90TmaPingPongPersistent, "sm90tps");
+    check_sm90(dimoo::AttnImpl::Sm90TmaWide, "sm90tw");
 }
 
 // On an sm_90 device the forward's default is the wide pipelined wgmma kernel,

@@ -286,7 +286,8 @@ constexpr AttnImpl kAllImpls[] = {AttnImpl::Reference,        AttnImpl::Sm80,
                                   AttnImpl::Sm90,             AttnImpl::Sm90Pipe,
                                   AttnImpl::Sm90Pipe2,        AttnImpl::Sm90Wide,
                                   AttnImpl::Sm90Tma,          AttnImpl::Sm90TmaPingPong,
-                                  AttnImpl::Sm90TmaPersistent, AttnImpl::Sm90TmaPingPongPersistent};
+                                  AttnImpl::Sm90TmaPersistent, AttnImpl::Sm90TmaPingPongPersistent,
+                                  AttnImpl::Sm90TmaWide};
 // The wgmma kernels of attention_sm90.cu (head dim 128, an sm_90 device).
 bool is_sm90(AttnImpl i) { return i != AttnImpl::Reference && i != AttnImpl::Sm80; }
 } // namespace
@@ -361,6 +362,7 @@ const char *attention_impl_name(AttnImpl impl) {
     case AttnImpl::Sm90TmaPingPong: return "sm90tp";
     case AttnImpl::Sm90TmaPersistent: return "sm90ts";
     case AttnImpl::Sm90TmaPingPongPersistent: return "sm90tps";
+    case AttnImpl::Sm90TmaWide: return "sm90tw";
     }
     return "?";
 }

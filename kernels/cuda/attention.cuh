@@ -41,13 +41,14 @@ enum class AttnImpl {
     Sm90TmaPingPong, // the same, the two consumers taking turns at the tensor cores (DIMOO_CUDA_ATTN=sm90tp)
     Sm90TmaPersistent,         // sm90t on a persistent grid, one CTA per SM looping over tiles (sm90ts)
     Sm90TmaPingPongPersistent, // sm90tp on a persistent grid (sm90tps)
+    Sm90TmaWide,               // sm90tps with 176-key blocks, FA3's head-dim-128 configuration (sm90tw)
 };
 
 // The kernels whose tensor maps are encoded on the host at each launch
 // (they need AttnArgs::host_seqs, and a captured graph holds the addresses).
 inline bool attention_uses_tma(AttnImpl i) {
     return i == AttnImpl::Sm90Tma || i == AttnImpl::Sm90TmaPingPong || i == AttnImpl::Sm90TmaPersistent ||
-           i == AttnImpl::Sm90TmaPingPongPersistent;
+           i == AttnImpl::Sm90TmaPingPongPersistent || i == AttnImpl::Sm90TmaWide;
 }
 
 // Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p

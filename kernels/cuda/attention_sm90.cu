@@ -23,8 +23,9 @@
 // S_j under P_{j-1} V_j), descriptors computed before each wgmma_fence and
 // registers pinned (fence_regs) so ptxas does not serialize the wgmmas.
 // flash_tma_sm90_kernel (below) adds TMA loads, warp specialization and
-// (sm90tp) ping-pong of its two consumer warpgroups, and (sm90ts, sm90tps)
-// a persistent grid. Not yet: O stored by TMA.
+// (sm90tp) ping-pong of its two consumer warpgroups, (sm90ts, sm90tps) a
+// persistent grid, and (sm90tw) FA3's 176-key blocks on top of all that.
+// Not yet: O stored by TMA.
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -157,7 +158,8 @@ __device__ __forceinline__ void issue_s(float (&s)[BN / 2], const uint64_t (&dq)
 #pragma unroll
     for (int kk = 0; kk < kHD / 16; kk++) {
         if constexpr (BN == 64) wgmma_s(s, dq[kk], dk[kk], kk > 0);
-        else wgmma_s128(s, dq[kk], dk[kk], kk > 0);
+        else if constexpr (BN == 128) wgmma_s128(s, dq[kk], dk[kk], kk > 0);
+        else wgmma_s176(s, dq[kk], dk[kk], kk > 0);
     }
     wgmma_commit();
     fence_regs(s);
@@ -676,6 +678,7 @@ cudaError_t attention_sm90_launch(const AttnArgs &a, cudaStream_t s, AttnImpl im
     case AttnImpl::Sm90TmaPingPong: return launch_tma<128, 2, true, false>(a, s);
     case AttnImpl::Sm90TmaPersistent: return launch_tma<128, 2, false, true>(a, s);
     case AttnImpl::Sm90TmaPingPongPersistent: return launch_tma<128, 2, true, true>(a, s);
+    case AttnImpl::Sm90TmaWide: return launch_tma<176, 2, true, true>(a, s);
     default: return cudaErrorInvalidValue;
     }
 }

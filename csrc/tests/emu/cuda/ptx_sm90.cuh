@@ -202,6 +202,9 @@ __device__ __forceinline__ void wgmma_s(float (&s)[32], uint64_t da, uint64_t db
 __device__ __forceinline__ void wgmma_s128(float (&s)[64], uint64_t da, uint64_t db, int accumulate) {
     emu_detail::issue_queue().q.push_back({false, 16, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
 }
+__device__ __forceinline__ void wgmma_s176(float (&s)[88], uint64_t da, uint64_t db, int accumulate) {
+    emu_detail::issue_queue().q.push_back({false, 22, s, da, db, {0, 0, 0, 0}, accumulate != 0, -1});
+}
 __device__ __forceinline__ void wgmma_o(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
     emu_detail::issue_queue().q.push_back({true, 16, o, 0, db, {a[0], a[1], a[2], a[3]}, true, -1});
 }
