@@ -136,10 +136,8 @@ double bench_gemms(cudaStream_t s) {
                           g.name, Mg, g.N, g.K, ms, tf, 100 * tf / ceiling);
             line(b);
             if (M == pick(8456, 1024, 260)) summary.push_back(b);
-            // The heuristic's other candidates at the two-branch and the
-            // ML-Cache row counts: whether timing them (rather than taking
-            // the first) would pay.
-            if (M == pick(4228, 512, 130)) continue;
+            // The heuristic's other candidates at each row count: whether
+            // timing them (rather than taking the first) would pay.
             const bool acc = g.f32_acc && std::strcmp(g.name, "head8192") != 0;
             const int32_t yt = g.f32_acc ? DIMOO_F32 : DIMOO_BF16;
             const int na = lt.algo_count(Mg, g.N, g.K, X.bf(), g.K, W.bf(), g.K, Y.p, g.N, yt, acc);
@@ -351,6 +349,13 @@ void bench_forward() {
     model->finalize();
     dimoo_ctx_params cp{2, Tmax, DIMOO_CTX_KV_CACHE};
     auto ctx = model->create_ctx(cp);
+    // The same forwards with cuBLASLt's candidates timed per shape at its
+    // first run (DIMOO_CUDA_GEMM_TUNE, shapes of 1024 rows and more; all in
+    // the smaller sizes): whether the heuristic's first choice leaves time
+    // on the table.
+    setenv("DIMOO_CUDA_GEMM_TUNE", g_size == 0 ? "1024" : "1", 1);
+    auto tuned_ctx = model->create_ctx(cp);
+    unsetenv("DIMOO_CUDA_GEMM_TUNE");
     std::atomic<bool> cancel{false};
     const int codes_begin = cfg.vocab_size - 8192;
     for (int T : g_size == 0 ? std::vector<int>{1124, 4228} : std::vector<int>{Tmax}) {
@@ -362,7 +367,9 @@ void bench_forward() {
         for (int i = 0; i < n_out; i++) outp[size_t(i)] = T - n_out + i;
         std::vector<float> logits[2], rmax[2];
         for (int nb : {1, 2}) {
-            for (bool with_logits : {false, true}) {
+            for (int variant : {0, 1, 2}) { // no logits; logits; logits with tuned GEMMs
+                const bool with_logits = variant > 0;
+                Ctx *c = variant == 2 ? tuned_ctx.get() : ctx.get();
                 dimoo_forward_args a[2] = {};
                 for (int b = 0; b < nb; b++) {
                     a[b].seq = b;
@@ -382,7 +389,7 @@ void bench_forward() {
                 std::vector<double> ms;
                 for (int r = 0; r < pick(6, 6, 2); r++) {
                     auto t0 = std::chrono::steady_clock::now();
-                    ctx->forward(a, nb, cancel, nullptr);
+                    c->forward(a, nb, cancel, nullptr);
                     auto t1 = std::chrono::steady_clock::now();
                     if (r > 0) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
                 }
@@ -392,8 +399,9 @@ void bench_forward() {
                         for (float v : logits[b])
                             if (!std::isfinite(v)) fail(DIMOO_ERR_INTERNAL, "non-finite logit in the benchmark forward");
                 char buf[200];
-                std::snprintf(buf, sizeof buf, "fwd   T=%-5d branches=%d %-22s %9.2f ms", T, nb,
-                              with_logits ? "+ head 8192 cols + D2H" : "(no logits)", ms[ms.size() / 2]);
+                std::snprintf(buf, sizeof buf, "fwd   T=%-5d branches=%d %-22s%s %9.2f ms", T, nb,
+                              with_logits ? "+ head 8192 cols + D2H" : "(no logits)",
+                              variant == 2 ? " gemm-tuned" : "", ms[ms.size() / 2]);
                 line(buf);
                 summary.push_back(buf);
             }
@@ -426,6 +434,15 @@ void bench_forward() {
         line(buf);
         summary.push_back(buf);
     }
+    {
+        const CudaGemmStats gs = cuda_gemm_stats(*tuned_ctx);
+        char buf[200];
+        std::snprintf(buf, sizeof buf, "gemm  tuned forwards: %d shapes timed, %d where another candidate won",
+                      gs.tuned, gs.changed);
+        line(buf);
+        summary.push_back(buf);
+    }
+    tuned_ctx.reset();
     // The real shape end to end: the same forward with the reference
     // attention kernel (a context made under DIMOO_CUDA_ATTN=ref) gives the
     // same logits up to bf16 rounding.

@@ -827,6 +827,69 @@ TEST(CudaForward, GraphsEqualEagerBitwise) {
     EXPECT_EQ(on.held, 2);
 }
 
+// DIMOO_CUDA_GEMM_TUNE: timing cuBLASLt's candidates at a shape's first run
+// leaves the forward's results as they were. The accumulating projections
+// (x += ...) are timed into a scratch buffer: timed in place, each timed
+// run would add the product to the residual stream once more. Two contexts,
+// the second tuning every shape; the same STORE then USE forwards on both.
+// The host emulation's candidates compute alike, so there the logits are
+// bitwise equal; on a GPU another candidate may sum in another order.
+TEST(CudaForward, GemmTuningLeavesTheForward) {
+    if (dimoo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+    auto be = dimoo::make_cuda_backend(0);
+    dimoo_model_config cfg{};
+    auto m = cuda_model(*be, src("testdata/small-gqa-f16"), cfg);
+    dimoo_ctx_params p{};
+    p.n_seqs = 2, p.max_tokens = 128, p.flags = DIMOO_CTX_KV_CACHE;
+    std::unique_ptr<dimoo::Ctx> ctx[2];
+    {
+        const char *was = std::getenv("DIMOO_CUDA_GEMM_TUNE");
+        const std::string saved = was ? was : "";
+        unsetenv("DIMOO_CUDA_GEMM_TUNE");
+        ctx[0] = m->create_ctx(p);
+        setenv("DIMOO_CUDA_GEMM_TUNE", "1", 1);
+        ctx[1] = m->create_ctx(p);
+        if (was) setenv("DIMOO_CUDA_GEMM_TUNE", saved.c_str(), 1);
+        else unsetenv("DIMOO_CUDA_GEMM_TUNE");
+    }
+    std::mt19937 rng(5);
+    const int T[2] = {97, 64};
+    std::vector<int32_t> tok[2], comp = {3, 17, 40, 41, 60};
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; i < T[s]; i++) tok[s].push_back(int32_t(rng() % unsigned(cfg.vocab_size)));
+    std::atomic<bool> cancel{false};
+    for (int mode : {DIMOO_CACHE_STORE, DIMOO_CACHE_USE}) {
+        std::vector<float> lg[2][2];
+        for (int c = 0; c < 2; c++) {
+            dimoo_forward_args a[2] = {};
+            for (int s = 0; s < 2; s++) {
+                a[s].seq = s, a[s].n_tokens = T[s], a[s].tokens = tok[s].data(), a[s].cache_mode = mode;
+                if (mode == DIMOO_CACHE_USE) {
+                    a[s].n_compute = a[s].n_out = int32_t(comp.size());
+                    a[s].compute = a[s].out_positions = comp.data();
+                }
+                const int rows = mode == DIMOO_CACHE_USE ? int(comp.size()) : T[s];
+                lg[c][s].assign(size_t(rows) * cfg.embedding_size, NAN);
+                a[s].vocab_begin = 0, a[s].vocab_end = cfg.embedding_size, a[s].logits = lg[c][s].data();
+            }
+            ctx[c]->forward(a, 2, cancel, nullptr);
+        }
+        for (int s = 0; s < 2; s++) {
+            SCOPED_TRACE("mode " + std::to_string(mode) + " seq " + std::to_string(s));
+            for (float v : lg[1][s]) ASSERT_TRUE(std::isfinite(v));
+#ifdef DIMOO_CUDA_EMU
+            EXPECT_EQ(0, std::memcmp(lg[0][s].data(), lg[1][s].data(), lg[0][s].size() * 4));
+#else
+            EXPECT_LT(rel_err(lg[1][s], lg[0][s]), 1e-2);
+#endif
+        }
+    }
+    const dimoo::CudaGemmStats off = dimoo::cuda_gemm_stats(*ctx[0]), on = dimoo::cuda_gemm_stats(*ctx[1]);
+    EXPECT_EQ(off.tuned, 0);
+    // The STORE forward's four projections and head, the USE forward's four and head.
+    EXPECT_GE(on.tuned, 10);
+}
+
 // A replayed layer stack reads the K/V of the cache slots its call names:
 // USE forwards on slots (0, 1), then (1, 2), then (0, 1) again, each twice
 // (same shapes, so a graph is captured and replayed), with graphs and

@@ -410,12 +410,14 @@ struct TmaTile {
     int z, h, m0;
 };
 
-__host__ __device__ inline TmaTile tma_tile(const TmaParams &p, int t) {
+#ifdef DIMOO_SM90A_KERNEL
+__device__ __forceinline__ TmaTile tma_tile(const TmaParams &p, int t) {
     int z = 0;
     while (z + 1 < kTmaSeqs && t >= p.tile_end[z]) z++;
     const int r = t - (z > 0 ? p.tile_end[z - 1] : 0);
     return {z, r / p.m_blocks[z], (r % p.m_blocks[z]) * (2 * kBM)};
 }
+#endif
 
 template <int BN, int STAGES> struct TmaLayout {
     static constexpr int kKvTile = BN * 256;              // BN rows x 128 bf16

@@ -340,6 +340,13 @@ public:
         DIMOO_CUDA(cudaStreamCreateWithFlags(&stream_.s, cudaStreamNonBlocking));
         nvtx_name_stream(stream_.s, "dimoo ctx");
         lt_ = std::make_unique<LtGemm>(stream_.s, kLtWorkspace);
+        // DIMOO_CUDA_GEMM_TUNE=N: time cuBLASLt's candidates for every GEMM
+        // shape of at least N rows at its first eager run (gemm.cuh). The
+        // accumulating projections are timed into the gate/up buffer, which
+        // is dead whenever they run (written by the next gate_up GEMM, read
+        // only by the SwiGLU before the down projection).
+        if (const char *t = std::getenv("DIMOO_CUDA_GEMM_TUNE"))
+            lt_->set_tuning(std::atoi(t), b(kGU), sizes_[kGU]);
         const auto table = cuda::rope_table(p.max_tokens, S.head_dim, c.rope_theta);
         // On the context's stream: a plain cudaMemcpy may still be in flight
         // on the legacy stream, which a non-blocking stream does not wait for.
@@ -398,6 +405,8 @@ public:
     void load_kept(int seq, const int32_t *slots, int n, int n_cols, const float *rows) override {
         guarded([&] { load(seq, slots, n, n_cols, rows); });
     }
+
+    CudaGemmStats gemm_stats() const { return {lt_->tuned_shapes(), lt_->tuned_changed()}; }
 
     CudaGraphStats graph_stats() const {
         CudaGraphStats s;
@@ -876,6 +885,12 @@ CudaGraphStats cuda_graph_stats(const Ctx &c) {
     const auto *cc = dynamic_cast<const CudaCtx *>(&c);
     if (!cc) fail(DIMOO_ERR_INVALID_ARGUMENT, "not a CUDA context");
     return cc->graph_stats();
+}
+
+CudaGemmStats cuda_gemm_stats(const Ctx &c) {
+    const auto *cc = dynamic_cast<const CudaCtx *>(&c);
+    if (!cc) fail(DIMOO_ERR_INVALID_ARGUMENT, "not a CUDA context");
+    return cc->gemm_stats();
 }
 
 std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }

@@ -26,4 +26,12 @@ struct CudaGraphStats {
 };
 CudaGraphStats cuda_graph_stats(const Ctx &c);
 
+// A CUDA context's GEMM tuning (DIMOO_CUDA_GEMM_TUNE=N at creation, see
+// gemm.cuh): GEMM shapes whose cuBLASLt candidates were timed, and of those
+// the shapes where a candidate other than the heuristic's first won.
+struct CudaGemmStats {
+    int tuned = 0, changed = 0;
+};
+CudaGemmStats cuda_gemm_stats(const Ctx &c);
+
 } // namespace dimoo

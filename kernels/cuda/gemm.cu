@@ -121,10 +121,64 @@ int LtGemm::algo_count(int M, int N, int K, const uint16_t *X, int ldx, const ui
     return plan(key(M, N, K, X, ldx, W, ldw, Y, ldy, y_dtype, accumulate)).n_algos;
 }
 
+void LtGemm::set_tuning(int min_rows, void *scratch, size_t scratch_bytes) {
+    tune_min_rows_ = min_rows > 0 ? min_rows : 0;
+    scratch_ = scratch;
+    scratch_bytes_ = scratch ? scratch_bytes : 0;
+}
+
+void LtGemm::tune(Plan &p, int M, const uint16_t *X, const uint16_t *W, void *Y, int ldy, int32_t y_dtype,
+                  bool accumulate) {
+    // Not while a graph is being captured (the events and the wait below
+    // would break it): the shape is timed at its next eager run.
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return;
+    p.tuned = true;
+    if (p.n_algos < 2) return;
+    void *out = Y;
+    if (accumulate) {
+        const size_t need = size_t(M) * size_t(ldy) * (y_dtype == DIMOO_F32 ? 4 : 2);
+        if (need > scratch_bytes_) return;
+        out = scratch_;
+    }
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    cuda_check(cudaEventCreate(&e0), "cudaEventCreate");
+    if (cudaEventCreate(&e1) != cudaSuccess) {
+        cudaEventDestroy(e0);
+        cuda_check(cudaGetLastError(), "cudaEventCreate");
+    }
+    const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+    float best = 0.f;
+    int best_i = -1;
+    for (int i = 0; i < p.n_algos; i++) {
+        auto mm = [&] {
+            return cublasLtMatmul(lt_, p.desc, &alpha, W, p.a, X, p.b, &beta, out, p.c, out, p.c, &p.algo[i], ws_,
+                                  ws_bytes_, stream_);
+        };
+        // A candidate that does not run here is passed over.
+        bool ok = mm() == CUBLAS_STATUS_SUCCESS && cudaEventRecord(e0, stream_) == cudaSuccess;
+        for (int r = 0; ok && r < 3; r++) ok = mm() == CUBLAS_STATUS_SUCCESS;
+        float ms = 0.f;
+        ok = ok && cudaEventRecord(e1, stream_) == cudaSuccess && cudaEventSynchronize(e1) == cudaSuccess &&
+             cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess;
+        if (ok && (best_i < 0 || ms < best)) best = ms, best_i = i;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cuda_check(cudaGetLastError(), "timing cuBLASLt candidates");
+    tuned_++;
+    if (best_i > 0) {
+        std::swap(p.algo[0], p.algo[best_i]);
+        changed_++;
+    }
+}
+
 void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
                  int32_t y_dtype, bool accumulate, int algo) {
     if (M == 0 || N == 0) return;
     Plan &p = plan(key(M, N, K, X, ldx, W, ldw, Y, ldy, y_dtype, accumulate));
+    if (tune_min_rows_ > 0 && !p.tuned && M >= tune_min_rows_)
+        tune(p, M, X, W, Y, ldy, y_dtype, accumulate);
     if (algo < 0 || algo >= p.n_algos) fail(DIMOO_ERR_INTERNAL, "no cuBLASLt candidate " + std::to_string(algo));
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
     LT(cublasLtMatmul(lt_, p.desc, &alpha, W, p.a, X, p.b, &beta, Y, p.c, Y, p.c, &p.algo[algo], ws_, ws_bytes_,

@@ -33,24 +33,42 @@ public:
     static constexpr int kMaxAlgos = 8;
     size_t workspace_bytes() const { return ws_bytes_; }
 
+    // Timing the candidates (off unless set): the first eager run of a shape
+    // with at least min_rows rows (0: never) runs each candidate on the
+    // call's own operands and makes the fastest the shape's choice. A
+    // non-accumulating GEMM is timed in place (the real run then writes Y
+    // again); an accumulating one writes `scratch` (bytes long, free at that
+    // moment) instead of Y, so the residual stream is not added to twice.
+    // Shapes it cannot time (scratch too small, a stream being captured)
+    // keep the heuristic's first choice.
+    void set_tuning(int min_rows, void *scratch, size_t scratch_bytes);
+    int tuned_shapes() const { return tuned_; }   // shapes whose candidates were timed
+    int tuned_changed() const { return changed_; } // ... of which a later candidate won
+
 private:
     struct Plan {
         cublasLtMatmulDesc_t desc = nullptr;
         cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
         cublasLtMatmulAlgo_t algo[kMaxAlgos]{};
         int n_algos = 0;
+        bool tuned = false;
     };
     // M, N, K, ldx, ldw, ldy, dtype, accumulate, and the alignment class of the pointers.
     using Key = std::tuple<int, int, int, int, int, int, int, bool, int>;
     Plan &plan(const Key &k);
     Key key(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
             int32_t y_dtype, bool accumulate) const;
+    void tune(Plan &p, int M, const uint16_t *X, const uint16_t *W, void *Y, int ldy, int32_t y_dtype, bool accumulate);
 
     cudaStream_t stream_;
     cublasLtHandle_t lt_ = nullptr;
     void *ws_ = nullptr;
     size_t ws_bytes_;
     std::map<Key, Plan> plans_;
+    int tune_min_rows_ = 0;
+    void *scratch_ = nullptr;
+    size_t scratch_bytes_ = 0;
+    int tuned_ = 0, changed_ = 0;
 };
 
 } // namespace dimoo
