@@ -235,6 +235,10 @@ more_tests() {
     step cuda-fwd-sm90tps timeout 120 env DIMOO_CUDA_ATTN=sm90tps ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.RandomHeadDim128'
     step cuda-fwd-sm90tw timeout 120 env DIMOO_CUDA_ATTN=sm90tw ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'
   fi
+  # ML-Cache USE forwards through a kernel of their own (DIMOO_CUDA_ATTN_USE;
+  # the one-warpgroup wgmma kernel here, 64-row query tiles).
+  [ "$sm90_ok" = 1 ] && step cuda-fwd-use-sm90p timeout 120 env DIMOO_CUDA_ATTN_USE=sm90p ./build-device/dimoo_tests \
+    --gtest_brief=1 --gtest_filter='CudaForward.*'
   # The CUDA forward again with the reference attention kernel: if the flash
   # kernel is wrong, this tells whether the rest of the forward is right.
   step cuda-fwd-refattn timeout 120 env DIMOO_CUDA_ATTN=ref ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='CudaForward.*'

@@ -367,12 +367,20 @@ const char *attention_impl_name(AttnImpl impl) {
     return "?";
 }
 
+bool attention_impl_by_name(const char *name, int head_dim, AttnImpl *out) {
+    for (AttnImpl i : kAllImpls)
+        if (name && std::strcmp(name, attention_impl_name(i)) == 0 && attention_supported(i, head_dim)) {
+            *out = i;
+            return true;
+        }
+    return false;
+}
+
 AttnImpl attention_default_impl(int head_dim) {
     const char *env = std::getenv("DIMOO_CUDA_ATTN");
     // A kernel named by DIMOO_CUDA_ATTN that runs here; else the fallback below.
-    if (env)
-        for (AttnImpl i : kAllImpls)
-            if (std::strcmp(env, attention_impl_name(i)) == 0 && attention_supported(i, head_dim)) return i;
+    AttnImpl named = AttnImpl::Sm80;
+    if (env && attention_impl_by_name(env, head_dim, &named)) return named;
     // On sm_90 the wide pipelined wgmma kernel (FA3's tile shape: two
     // warpgroups, 128-key blocks), once it has agreed with the reference
     // kernel on this device (checked once per process). Which sm_90 kernel is

@@ -59,6 +59,9 @@ inline bool attention_uses_tma(AttnImpl i) {
 AttnImpl attention_default_impl(int head_dim);
 // "ref", "sm80", ... as DIMOO_CUDA_ATTN spells them.
 const char *attention_impl_name(AttnImpl impl);
+// The kernel spelled `name` into *out when it runs here at head_dim; false
+// (and *out unchanged) otherwise.
+bool attention_impl_by_name(const char *name, int head_dim, AttnImpl *out);
 bool attention_supported(AttnImpl impl, int head_dim);
 cudaError_t attention_launch(const AttnArgs &a, AttnImpl impl, cudaStream_t s);
 

@@ -354,6 +354,11 @@ public:
                                    stream_.s));
         DIMOO_CUDA(cudaStreamSynchronize(stream_.s));
         attn_ = attention_default_impl(S.head_dim);
+        // DIMOO_CUDA_ATTN_USE: another kernel for forwards whose queries are
+        // fewer than their keys (ML-Cache USE: the recomputed rows against
+        // the whole cache), should the benchmark find one faster there.
+        attn_use_ = attn_;
+        if (const char *u = std::getenv("DIMOO_CUDA_ATTN_USE")) attention_impl_by_name(u, S.head_dim, &attn_use_);
         DIMOO_CUDA(cudaDeviceGetAttribute(&smem_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, m.device_));
         const char *g = std::getenv("DIMOO_CUDA_GRAPHS");
         graphs_on_ = !(g && std::strcmp(g, "0") == 0);
@@ -471,6 +476,7 @@ private:
         const int32_t *tok, *pos, *seq;
         const cuda::AttnSeq *seqs;
         const cuda::AttnSeq *host_seqs; // the same, on the host (the TMA kernel's maps)
+        AttnImpl attn;                  // the attention kernel of this call
     };
 
     // Embedding and every layer, enqueued on the stream; `cancel` (null while
@@ -499,7 +505,7 @@ private:
                 DIMOO_CUDA(rope_kv_launch(ra_, stream_.s));
                 AttnArgs aa{b(kQ), d,          b(kAtt),      d,          st.seqs, st.n, st.max_q, l, c.n_heads,
                             c.n_kv_heads, S.head_dim, kv, 1.0f / std::sqrt(float(S.head_dim)), st.host_seqs};
-                DIMOO_CUDA(attention_launch(aa, attn_, stream_.s));
+                DIMOO_CUDA(attention_launch(aa, st.attn, stream_.s));
                 lt_->run(M, d, d, b(kAtt), d, m_.bf(Lw.wo), d, x, d, DIMOO_F32, true);
             }
             {
@@ -577,13 +583,15 @@ private:
         const auto *dseqs = reinterpret_cast<const cuda::AttnSeq *>(b<uint8_t>(kMeta));
         const int32_t *d_tok = reinterpret_cast<const int32_t *>(b<uint8_t>(kMeta) + seqs_bytes_);
         const int32_t *d_pos = d_tok + M, *d_seq = d_tok + 2 * M, *d_out = d_tok + 3 * M, *d_keep = d_out + O;
-        const Stack st{M, n, plan.max_q, d_tok, d_pos, d_seq, dseqs, plan.seqs.data()};
+        bool compact = false; // some sequence has fewer query rows than keys
+        for (const auto &sq : plan.seqs) compact = compact || sq.q_len < sq.kv_len;
+        const Stack st{M, n, plan.max_q, d_tok, d_pos, d_seq, dseqs, plan.seqs.data(), compact ? attn_use_ : attn_};
 
         if (cancel.load(std::memory_order_relaxed)) fail(DIMOO_ERR_CANCELLED, "forward cancelled");
         cudaGraphExec_t g = nullptr;
         if (graphs_on_) {
-            const GraphKey key =
-                graph_key(args, n, plan, attention_uses_tma(attn_));
+            // The kernel follows from the key's lengths (compact or not).
+            const GraphKey key = graph_key(args, n, plan, attention_uses_tma(st.attn));
             g = graphs_.find(key);
             if (!g && graphs_.repeats(key)) g = capture(st, key);
         }
@@ -808,7 +816,7 @@ private:
         }
     } stream_;
     std::unique_ptr<LtGemm> lt_;
-    AttnImpl attn_ = AttnImpl::Sm80;
+    AttnImpl attn_ = AttnImpl::Sm80, attn_use_ = AttnImpl::Sm80;
     int smem_optin_ = 48 * 1024;
     int32_t mask_len_ = 0;
     std::vector<std::string> layer_names_;
