@@ -429,6 +429,9 @@ std::vector<AttnCase> sm90_cases() {
     cases.push_back({128, 2, 2, {{200, 200}, {17, 600}, {1, 1}}});
     // More sequences than one TMA launch takes (its tensor maps are per sequence).
     cases.push_back({128, 2, 1, {{30, 30}, {5, 64}, {70, 130}, {1, 1}, {64, 200}, {3, 5}}});
+    // Sequences without query rows (an ML-Cache USE that recomputes nothing
+    // there): they own no tiles, and the others' tiles still map right.
+    cases.push_back({128, 2, 2, {{0, 50}, {70, 130}, {0, 7}, {200, 260}}});
 #ifndef DIMOO_CUDA_EMU // a minute of emulated wgmma
     cases.push_back({128, 1, 1, {{4228, 4228}}});
     // Random long lengths, fresh each process (all kernels see the same).
