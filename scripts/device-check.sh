@@ -199,8 +199,7 @@ core_tests() {
   fi
   # The warp-specialized TMA kernels (sm90t, sm90tp with ping-pong, both on
   # a persistent grid: sm90ts, sm90tps, and sm90tw, sm90tps with 176-key
-  # blocks) alone: a wrong mbarrier pipeline
-  # hangs, hence the short timeout.
+  # blocks) alone: a wrong mbarrier pipeline hangs, hence the short timeout.
   step cpp-sm90t-attn timeout 60 ./build-device/dimoo_tests --gtest_brief=1 --gtest_filter='*Sm90Tma*'
   sm90t_ok=$([ "$last" = ok ] && echo 1 || echo 0)
   echo "sm90_ok=$sm90_ok sm90t_ok=$sm90t_ok" >"$STATE"

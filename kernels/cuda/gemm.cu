@@ -143,9 +143,9 @@ void LtGemm::tune(Plan &p, int M, const uint16_t *X, const uint16_t *W, void *Y,
     }
     cudaEvent_t e0 = nullptr, e1 = nullptr;
     cuda_check(cudaEventCreate(&e0), "cudaEventCreate");
-    if (cudaEventCreate(&e1) != cudaSuccess) {
+    if (const cudaError_t err = cudaEventCreate(&e1); err != cudaSuccess) {
         cudaEventDestroy(e0);
-        cuda_check(cudaGetLastError(), "cudaEventCreate");
+        cuda_check(err, "cudaEventCreate");
     }
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
     float best = 0.f;
