@@ -886,8 +886,9 @@ TEST(CudaForward, GemmTuningLeavesTheForward) {
     }
     const dimoo::CudaGemmStats off = dimoo::cuda_gemm_stats(*ctx[0]), on = dimoo::cuda_gemm_stats(*ctx[1]);
     EXPECT_EQ(off.tuned, 0);
-    // The STORE forward's four projections and head, the USE forward's four and head.
-    EXPECT_GE(on.tuned, 10);
+    // The STORE and USE forwards' four projections each; the head is never
+    // tuned (its row count changes at every decode step).
+    EXPECT_EQ(on.tuned, 8);
 }
 
 // A replayed layer stack reads the K/V of the cache slots its call names:

@@ -630,7 +630,7 @@ private:
                 for (int j = 0; in_order && j < rows; j++) in_order = keep_slots[i][j] == j;
                 if (in_order) {
                     float *kb = kept(a.seq), *km = kept_max(a.seq);
-                    lt_->run(rows, cols, d, hx, d, wh, d, kb, cols, DIMOO_F32, false);
+                    lt_->run(rows, cols, d, hx, d, wh, d, kb, cols, DIMOO_F32, false, LtGemm::kUntuned);
                     DIMOO_CUDA(rowmax_launch(kb, rows, cols, cols, km, stream_.s));
                     if (a.logits) d2h(a.logits, kb, size_t(rows) * cols * 4);
                     if (a.row_max) d2h(a.row_max, km, size_t(rows) * 4);
@@ -641,7 +641,7 @@ private:
             float *w = b<float>(kHead);
             for (int r = 0; r < rows; r += chunk) {
                 const int m = std::min(chunk, rows - r);
-                lt_->run(m, cols, d, hx + size_t(r) * d, d, wh, d, w, cols, DIMOO_F32, false);
+                lt_->run(m, cols, d, hx + size_t(r) * d, d, wh, d, w, cols, DIMOO_F32, false, LtGemm::kUntuned);
                 if (a.keep || a.row_max) DIMOO_CUDA(rowmax_launch(w, m, cols, cols, rmax + r0 + r, stream_.s));
                 if (a.keep)
                     DIMOO_CUDA(kept_scatter_launch(w, cols, rmax + r0 + r, m, cols, d_keep + r0 + r, kept(a.seq),

@@ -177,7 +177,8 @@ void LtGemm::run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t
                  int32_t y_dtype, bool accumulate, int algo) {
     if (M == 0 || N == 0) return;
     Plan &p = plan(key(M, N, K, X, ldx, W, ldw, Y, ldy, y_dtype, accumulate));
-    if (tune_min_rows_ > 0 && !p.tuned && M >= tune_min_rows_)
+    if (algo == kUntuned) algo = 0;
+    else if (tune_min_rows_ > 0 && !p.tuned && M >= tune_min_rows_)
         tune(p, M, X, W, Y, ldy, y_dtype, accumulate);
     if (algo < 0 || algo >= p.n_algos) fail(DIMOO_ERR_INTERNAL, "no cuBLASLt candidate " + std::to_string(algo));
     const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;

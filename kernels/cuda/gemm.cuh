@@ -23,14 +23,16 @@ public:
     // y_dtype: DIMOO_BF16 or DIMOO_F32. accumulate: Y += X W^T (beta = 1),
     // the residual add of the O and down projections. Throws on failure.
     // algo: which of the heuristic's candidates for this shape (0: its
-    // first choice, what the forward uses; see algo_count).
+    // first choice, or the fastest once tuned; see algo_count). kUntuned:
+    // candidate 0, and never tune the shape for this call (the head, whose
+    // row count changes at every decode step: each new count would be timed).
     void run(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
              int32_t y_dtype, bool accumulate, int algo = 0);
     // How many candidates the heuristic returned for this shape (up to
     // kMaxAlgos): the benchmark times each against the first choice.
     int algo_count(int M, int N, int K, const uint16_t *X, int ldx, const uint16_t *W, int ldw, void *Y, int ldy,
                    int32_t y_dtype, bool accumulate);
-    static constexpr int kMaxAlgos = 8;
+    static constexpr int kMaxAlgos = 8, kUntuned = -1;
     size_t workspace_bytes() const { return ws_bytes_; }
 
     // Timing the candidates (off unless set): the first eager run of a shape
