@@ -341,7 +341,12 @@ done
 echo
 echo "GPU: $(cat "$LOG/gpu.txt")"
 for f in bench-cuda bench-torch; do
-  [ -f "$LOG/$f.log" ] && sed -n '/== .*summary/,$p' "$LOG/$f.log"
+  [ -f "$LOG/$f.log" ] || continue
+  if grep -q '== .*summary' "$LOG/$f.log"; then sed -n '/== .*summary/,$p' "$LOG/$f.log"
+  else # cut before its summary (a hang, the deadline): its result lines so far
+    echo "== $f: no summary (cut short); its lines so far =="
+    grep -E '^(gemm|elem|attn|fwd|check|torch|sdpa|ref) ' "$LOG/$f.log" | tail -n 60
+  fi
 done
 [ -f "$LOG/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$LOG/bench-vq.log"
 # ncu: per flash kernel its launch line, then time, SM throughput, registers, occupancy.

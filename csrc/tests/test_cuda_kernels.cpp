@@ -449,6 +449,10 @@ void check_sm90(dimoo::AttnImpl impl, const char *name) {
     static const std::vector<AttnCase> cases = sm90_cases();
     static std::vector<std::vector<double>> refs(cases.size());
     std::mt19937 rng(8);
+    // Flushed before the kernel runs: should one hang on the device (a wrong
+    // mbarrier phase), the log's last line names it.
+    std::printf("attention %s: %zu cases\n", name, cases.size());
+    std::fflush(stdout);
     for (size_t i = 0; i < cases.size(); i++) {
         const AttnCase &c = cases[i];
         SCOPED_TRACE(std::string(name) + " first (q, kv) = (" + std::to_string(c.lens[0].first) + ", " +
