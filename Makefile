@@ -52,10 +52,11 @@ test-emu:
 	./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='$(EMU_TESTS)'
 	DIMOO_EMU_SM=90 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
-	# The TMA kernels again on three emulated SMs (a persistent grid's CTAs loop over
-	# tiles), the threads in reverse order: the producer runs ahead of the consumers.
+	# The sm_90a kernels again with the threads in reverse order (a missing wait shows),
+	# on three emulated SMs (a persistent grid's CTAs loop over tiles, and the TMA
+	# producer runs ahead of its consumers).
 	DIMOO_EMU_SM=90 DIMOO_EMU_SMS=3 DIMOO_EMU_SCHEDULE=reverse ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
-	  --gtest_filter='CudaKernels.AttentionSm90Tma*'
+	  --gtest_filter='CudaKernels.AttentionSm90*'
 	DIMOO_EMU_SM=86 ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 --gtest_filter='CudaKernels.Attention*'
 	for a in sm90 sm90p sm90p2 sm90w sm90t sm90tp sm90ts sm90tps sm90tw; do DIMOO_EMU_SM=90 DIMOO_CUDA_ATTN=$$a ./$(EMU_BUILD)/dimoo_tests --gtest_brief=1 \
 	  --gtest_filter='CudaForward.RandomHeadDim128:CudaForward.GraphsFollowTheCacheSlots' || exit 1; done
