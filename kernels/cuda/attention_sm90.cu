@@ -633,6 +633,7 @@ cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
             const int mb = (sd.q_len + 2 * kBM - 1) / (2 * kBM);
             if (mb > 0) p.m_blocks[i] = mb;
             p.n_tiles += mb * a.n_heads;
+            p.tile_end[i] = p.n_tiles; // a sequence without query rows owns no tiles
             const size_t kv_off = size_t(a.layer) * size_t(sd.layer_stride);
             if (!encode_rows(&p.q[i], a.q + size_t(sd.q_begin) * a.q_stride, a.n_heads * kHD, sd.q_len, a.q_stride,
                              kBM) ||
@@ -640,12 +641,7 @@ cudaError_t launch_tma(const AttnArgs &a, cudaStream_t s) {
                 !encode_rows(&p.v[i], sd.v + kv_off, a.n_kv_heads * kHD, sd.kv_len, a.kv_stride, BN))
                 return cudaErrorInvalidValue;
         }
-        // A sequence without query rows, and those past n, own no tiles.
-        for (int i = 0; i < kTmaSeqs; i++) p.tile_end[i] = p.n_tiles;
-        for (int i = 0, end = 0; i < n; i++) {
-            if (a.host_seqs[s0 + i].q_len > 0) end += p.m_blocks[i] * a.n_heads;
-            p.tile_end[i] = end;
-        }
+        for (int i = n; i < kTmaSeqs; i++) p.tile_end[i] = p.n_tiles;
         if (p.n_tiles == 0) continue;
         const int grid = PERSISTENT && sms < p.n_tiles ? sms : p.n_tiles;
         kernel<<<unsigned(grid), 3 * kThreads, L::kBytes, s>>>(p);
