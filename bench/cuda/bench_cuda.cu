@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,11 @@ std::pair<std::string, double> g_fastest{"", 0.0};
 // The same at the ML-Cache shape (compact queries against all keys), which
 // DIMOO_CUDA_ATTN_USE may give a kernel of its own.
 std::pair<std::string, double> g_fastest_use{"", 0.0};
+// The sm_90a attention kernels, the TMA ones last (should one hang on the
+// device although its test passed, the timeout loses the least).
+constexpr AttnImpl kSm90Plain[] = {AttnImpl::Sm90, AttnImpl::Sm90Pipe, AttnImpl::Sm90Pipe2, AttnImpl::Sm90Wide};
+constexpr AttnImpl kSm90Tma[] = {AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong, AttnImpl::Sm90TmaPersistent,
+                                 AttnImpl::Sm90TmaPingPongPersistent, AttnImpl::Sm90TmaWide};
 // Problem sizes: 0 the real ones, 1 --quick, 2 --tiny.
 int g_size = 0;
 int pick(int full, int quick, int tiny) { return g_size == 0 ? full : g_size == 1 ? quick : tiny; }
@@ -489,7 +495,11 @@ void bench_forward() {
     // against the reference attention's, then one and two branches at the
     // longest T with the image head (as above).
     if (!attention_supported(AttnImpl::Sm90, cfg.d_model / cfg.n_heads)) return;
-    for (const char *impl : {"sm80", "sm90", "sm90p", "sm90p2", "sm90w", "sm90t", "sm90tp", "sm90ts", "sm90tps", "sm90tw"}) {
+    std::vector<AttnImpl> impls{AttnImpl::Sm80};
+    impls.insert(impls.end(), std::begin(kSm90Plain), std::end(kSm90Plain));
+    impls.insert(impls.end(), std::begin(kSm90Tma), std::end(kSm90Tma));
+    for (AttnImpl ai : impls) {
+        const char *impl = attention_impl_name(ai);
         if (skipped(impl)) continue;
         setenv("DIMOO_CUDA_ATTN", impl, 1);
         auto c3 = model->create_ctx(dimoo_ctx_params{2, Tmax, 0});
@@ -563,8 +573,9 @@ void profile_attention(cudaStream_t s) {
     const int B = 2, T = pick(4228, 1124, 200), H = pick(32, 32, 2), hd = 128;
     const AttnData data(B, T, T, H, s);
     const AttnArgs &a = data.a;
-    for (AttnImpl impl : {AttnImpl::Sm80, AttnImpl::Sm90Wide, AttnImpl::Sm90Tma, AttnImpl::Sm90TmaPingPong,
-                          AttnImpl::Sm90TmaPersistent, AttnImpl::Sm90TmaPingPongPersistent, AttnImpl::Sm90TmaWide}) {
+    std::vector<AttnImpl> impls{AttnImpl::Sm80, AttnImpl::Sm90Wide};
+    impls.insert(impls.end(), std::begin(kSm90Tma), std::end(kSm90Tma));
+    for (AttnImpl impl : impls) {
         if (!attention_supported(impl, hd) || skipped(attention_impl_name(impl))) continue;
         DIMOO_CUDA(attention_launch(a, impl, s));
         DIMOO_CUDA(cudaStreamSynchronize(s));
@@ -592,26 +603,16 @@ int main(int argc, char **argv) {
             cudaStreamDestroy(s);
             return 0;
         }
-        // The TMA kernels last (within bench_forward too): should one hang
-        // here although its test passed, the timeout loses the least.
+        // The TMA kernels last (within bench_forward too).
         bench_gemms(s);
         bench_elementwise(s);
         bench_attention(s, AttnImpl::Sm80);
         const bool sm90 = attention_supported(AttnImpl::Sm90, 128);
-        if (sm90) {
-            bench_attention(s, AttnImpl::Sm90);
-            bench_attention(s, AttnImpl::Sm90Pipe);
-            bench_attention(s, AttnImpl::Sm90Pipe2);
-            bench_attention(s, AttnImpl::Sm90Wide);
-        }
+        for (AttnImpl i : kSm90Plain)
+            if (sm90 && !skipped(attention_impl_name(i))) bench_attention(s, i);
         bench_forward();
-        if (sm90) {
-            if (!skipped("sm90t")) bench_attention(s, AttnImpl::Sm90Tma);
-            if (!skipped("sm90tp")) bench_attention(s, AttnImpl::Sm90TmaPingPong);
-            if (!skipped("sm90ts")) bench_attention(s, AttnImpl::Sm90TmaPersistent);
-            if (!skipped("sm90tps")) bench_attention(s, AttnImpl::Sm90TmaPingPongPersistent);
-            if (!skipped("sm90tw")) bench_attention(s, AttnImpl::Sm90TmaWide);
-        }
+        for (AttnImpl i : kSm90Tma)
+            if (sm90 && !skipped(attention_impl_name(i))) bench_attention(s, i);
         cudaStreamDestroy(s);
     } catch (const Error &e) {
         std::printf("FAILED: %s\n", e.what());

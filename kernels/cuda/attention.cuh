@@ -51,8 +51,8 @@ inline bool attention_uses_tma(AttnImpl i) {
            i == AttnImpl::Sm90TmaPingPongPersistent || i == AttnImpl::Sm90TmaWide;
 }
 
-// Which implementation the forward uses: DIMOO_CUDA_ATTN=ref|sm80|sm90|sm90p
-// (or sm90p2, sm90w) in the environment; else, on an sm_90 device at head
+// Which implementation the forward uses: DIMOO_CUDA_ATTN (a name of
+// attention_impl_name) in the environment; else, on an sm_90 device at head
 // dim 128, Sm90Wide once it has passed a start-up check against the
 // reference kernel on the device; else Sm80 where the head dim has a flash
 // instantiation.
