@@ -424,6 +424,12 @@ type UnderstandRequest struct {
 	InputArea int          // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
 	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
+	// Partial, if set, is called after each block of the answer is decoded
+	// with the answer so far, as Understand would return it were decoding to
+	// stop there; the last call gives the whole answer. Blocks are decoded
+	// in order and never change afterwards, so this is how to stream an
+	// answer. It runs on the decode's thread: it should return quickly.
+	Partial func(text string)
 }
 
 // Understand answers a question about an image.
@@ -471,12 +477,31 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	}
 	defer s.Close()
 	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens()}
-	out, err := td.run(ctx, s, o, imageHooks{progress: req.Progress})
+	h := imageHooks{progress: req.Progress}
+	var partialErr error
+	if req.Partial != nil {
+		h.blockDone = func(x []int32, end int) {
+			text, err := p.answerText(x[start:end])
+			if err != nil {
+				partialErr = err
+				return
+			}
+			req.Partial(text)
+		}
+	}
+	out, err := td.run(ctx, s, o, h)
 	if err != nil {
 		return "", err
 	}
-	// The answer ends at the first end-of-text, end-of-answer or mask.
-	ans := out[start : start+o.GenLength]
+	if partialErr != nil {
+		return "", partialErr
+	}
+	return p.answerText(out[start : start+o.GenLength])
+}
+
+// answerText is the text of generated answer tokens: up to the first
+// end-of-text, end-of-answer or mask, without surrounding white space.
+func (p *Pipeline) answerText(ans []int32) (string, error) {
 	for i, t := range ans {
 		if t == p.Special.EOS || t == p.Special.EOA || t == p.Special.Mask {
 			ans = ans[:i]

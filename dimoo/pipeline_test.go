@@ -4,6 +4,7 @@ import (
 	"context"
 	"image"
 	"image/color"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -128,4 +129,52 @@ func TestImageRequestStats(t *testing.T) {
 		}
 		assert.False(t, st.Start.IsZero())
 	}
+}
+
+// Partial streams an answer block by block: it changes nothing in the
+// answer, is called once per decoded block (decoding stops after the block
+// with the end of text) with the answer so far, the last call being the
+// answer; the same through a Batcher.
+func TestUnderstandPartial(t *testing.T) {
+	p := openShipped(t)
+	ctx := context.Background()
+	w, h := p.NativeSize()
+	img := square(w, h, color.NRGBA{255, 0, 0, 255})
+	b, err := p.NewBatcher(BatchOptions{Seqs: 4})
+	require.NoError(t, err)
+	defer b.Close()
+	multi := false
+	for _, o := range []TextSampling{
+		{Steps: 8, GenLength: 16, BlockLength: 4},
+		{Steps: 16, GenLength: 16, BlockLength: 2, Temperature: 0.7, Seed: 5},
+		{Steps: 8, GenLength: 16, BlockLength: 4, CFGScale: 0.5, Temperature: 0.5, Seed: 2},
+		{Steps: 8, GenLength: 16, BlockLength: 16},
+	} {
+		req := UnderstandRequest{Question: "What is in the image?", Image: img, InputArea: w * h, Sampling: o}
+		plain, err := p.Understand(ctx, req)
+		require.NoError(t, err)
+		for _, understand := range []func(context.Context, UnderstandRequest) (string, error){p.Understand, b.Understand} {
+			var parts []string
+			req.Partial = func(s string) { parts = append(parts, s) }
+			got, err := understand(ctx, req)
+			require.NoError(t, err)
+			assert.Equal(t, plain, got, "%+v", o)
+			require.NotEmpty(t, parts, "%+v", o)
+			assert.Equal(t, got, parts[len(parts)-1], "the last partial is the answer: %+v", o)
+			assert.LessOrEqual(t, len(parts), o.GenLength/o.BlockLength)
+			// Decoding stops after the block holding the end of text, so
+			// every block before the last one ended with text still to come.
+			for i, s := range parts[:len(parts)-1] {
+				assert.True(t, strings.HasPrefix(got, s), "partial %d %q of %q", i, s, got)
+			}
+			if o.BlockLength == 16 {
+				assert.Len(t, parts, 1)
+			}
+			if len(parts) > 1 && parts[0] != got {
+				multi = true
+			}
+			t.Logf("%+v: %q", o, parts)
+		}
+	}
+	assert.True(t, multi, "some answer came in more than one block")
 }

@@ -170,6 +170,9 @@ type imageHooks struct {
 	trace    func(TraceCall)
 	step     func(StepTrace)
 	progress func(step, total int)
+	// blockDone (text decodes): after each finished block, the tokens and
+	// the end of that block; generated tokens before it are final.
+	blockDone func(x []int32, end int)
 }
 
 // run decodes every masked position of the answer and returns it.

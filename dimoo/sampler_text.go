@@ -334,6 +334,9 @@ func (st *textStepper) finish(outs []*Logits) {
 	if st.i < st.perBlock {
 		return
 	}
+	if st.h.blockDone != nil {
+		st.h.blockDone(x, st.hi)
+	}
 	for i := st.lo; i < st.hi; i++ {
 		if x[i] == st.d.special.EOS {
 			st.finished = true

@@ -9,7 +9,9 @@ import (
 	"math"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
+	"unicode"
 
 	"github.com/dimoo-dev/dimoo/dimoo"
 )
@@ -116,9 +118,6 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	if _, err := s.checkCommon(req.Model, "", nil); err != nil {
 		return s.fail(ctx, w, err, "")
 	}
-	if req.Stream {
-		return s.fail(ctx, w, bad("stream is not supported for chat completions"), "")
-	}
 	q, imgBytes, err := s.question(req.Messages)
 	if err != nil {
 		return s.fail(ctx, w, err, "")
@@ -167,19 +166,108 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	if e.Batcher != nil {
 		understand = e.Batcher.Understand
 	}
-	answer, err := understand(ctx, dimoo.UnderstandRequest{Question: q, Image: img,
-		InputArea: e.Pipeline.NativeArea(), Sampling: o, Progress: func(step, _ int) { steps = step }})
+	ureq := dimoo.UnderstandRequest{Question: q, Image: img, InputArea: e.Pipeline.NativeArea(), Sampling: o,
+		Progress: func(step, _ int) { steps = step }}
+	id, created := fmt.Sprintf("chatcmpl-%x", randomSeed()), time.Now().Unix()
+	if req.Stream {
+		return s.streamChat(ctx, w, understand, ureq, id, created, func() { s.m.decoded(time.Since(t0), steps) })
+	}
+	answer, err := understand(ctx, ureq)
 	if err != nil {
 		return s.fail(ctx, w, err, "")
 	}
 	s.m.decoded(time.Since(t0), steps)
 	writeJSON(w, http.StatusOK, map[string]any{
-		"id":      fmt.Sprintf("chatcmpl-%x", randomSeed()),
+		"id":      id,
 		"object":  "chat.completion",
-		"created": time.Now().Unix(),
+		"created": created,
 		"model":   s.opts.ModelName,
 		"choices": []map[string]any{{"index": 0, "finish_reason": "stop",
 			"message": map[string]string{"role": "assistant", "content": answer}}},
 	})
 	return http.StatusOK
+}
+
+// streamChat answers as OpenAI's chat.completion.chunk events (data lines
+// only, then "data: [DONE]"): the role, the answer's text as its blocks are
+// decoded, the finish reason. Text waits for its block: a masked diffusion
+// model fills a block in any order, but a finished block never changes.
+func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
+	understand func(context.Context, dimoo.UnderstandRequest) (string, error), req dimoo.UnderstandRequest,
+	id string, created int64, decoded func()) int {
+	ev := startEvents(w)
+	chunk := func(delta map[string]string, finish any) map[string]any {
+		return map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
+			"model": s.opts.ModelName, "choices": []map[string]any{{"index": 0, "delta": delta, "finish_reason": finish}}}
+	}
+	ev.data(chunk(map[string]string{"role": "assistant", "content": ""}, nil))
+	// Partial runs on the decode's thread: it only records the latest text,
+	// which the loop below sends (a slow reader sees fewer, larger deltas).
+	var mu sync.Mutex
+	latest, fresh := "", false
+	wake := make(chan struct{}, 1)
+	req.Partial = func(text string) {
+		mu.Lock()
+		latest, fresh = text, true
+		mu.Unlock()
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}
+	type result struct {
+		answer string
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		a, err := understand(ctx, req)
+		done <- result{a, err}
+	}()
+	sent := ""
+	for {
+		select {
+		case <-wake:
+			mu.Lock()
+			text, ok := latest, fresh
+			fresh = false
+			mu.Unlock()
+			if d := streamable(text, sent); ok && d != "" {
+				ev.data(chunk(map[string]string{"content": d}, nil))
+				sent += d
+			}
+		case r := <-done:
+			if r.err == nil && !strings.HasPrefix(r.answer, sent) {
+				r.err = fmt.Errorf("the streamed text %q is not a prefix of the answer %q", sent, r.answer)
+			}
+			if r.err != nil {
+				st, kind, msg := s.classify(ctx, r.err)
+				ev.data(errorBody(kind, msg))
+				ev.done()
+				return st
+			}
+			decoded()
+			if rest := r.answer[len(sent):]; rest != "" {
+				ev.data(chunk(map[string]string{"content": rest}, nil))
+			}
+			ev.data(chunk(map[string]string{}, "stop"))
+			ev.done()
+			return http.StatusOK
+		}
+	}
+}
+
+// streamable is what can be sent of text (the answer so far) after sent:
+// text must extend it, and its last word (from the last white space on)
+// waits, since more tokens may still change how it detokenizes (a
+// character cut in two, the clean-up of spaces before punctuation).
+func streamable(text, sent string) string {
+	if !strings.HasPrefix(text, sent) {
+		return ""
+	}
+	rest := text[len(sent):]
+	if i := strings.LastIndexFunc(rest, unicode.IsSpace); i > 0 {
+		return rest[:i]
+	}
+	return ""
 }

@@ -242,6 +242,60 @@ func TestEndpoints(t *testing.T) {
 	assert.NotEmpty(t, cc.Choices[0].Message.Content)
 	t.Logf("answer: %q", cc.Choices[0].Message.Content)
 
+	// The answer streamed block by block (OpenAI's chunks), batched and
+	// alone: the deltas add up to the same answer as without streaming.
+	chat["max_tokens"], chat["block_length"], chat["steps"] = 16, 2, 16
+	want := alone.post(t, "/v1/chat/completions", chat)
+	require.Equal(t, http.StatusOK, want.status, string(want.body))
+	require.NoError(t, json.Unmarshal(want.body, &cc))
+	chat["stream"] = true
+	for _, srv := range []*testServer{batched, alone} {
+		r = srv.post(t, "/v1/chat/completions", chat)
+		require.Equal(t, http.StatusOK, r.status)
+		assert.Equal(t, "text/event-stream", r.header.Get("Content-Type"))
+		events := strings.Split(strings.TrimSpace(string(r.body)), "\n\n")
+		require.GreaterOrEqual(t, len(events), 4, string(r.body))
+		assert.Equal(t, "data: [DONE]", events[len(events)-1])
+		var text strings.Builder
+		content := 0
+		for i, e := range events[:len(events)-1] {
+			require.True(t, strings.HasPrefix(e, "data: {"), e)
+			var ch struct {
+				Object  string `json:"object"`
+				Choices []struct {
+					Delta        map[string]string `json:"delta"`
+					FinishReason *string           `json:"finish_reason"`
+				} `json:"choices"`
+			}
+			require.NoError(t, json.Unmarshal([]byte(strings.TrimPrefix(e, "data: ")), &ch), e)
+			assert.Equal(t, "chat.completion.chunk", ch.Object)
+			require.Len(t, ch.Choices, 1)
+			c := ch.Choices[0]
+			switch i {
+			case 0:
+				assert.Equal(t, map[string]string{"role": "assistant", "content": ""}, c.Delta)
+			case len(events) - 2:
+				assert.Empty(t, c.Delta)
+				require.NotNil(t, c.FinishReason)
+				assert.Equal(t, "stop", *c.FinishReason)
+				continue
+			default:
+				assert.NotEmpty(t, c.Delta["content"], e)
+				content++
+			}
+			assert.Nil(t, c.FinishReason, e)
+			text.WriteString(c.Delta["content"])
+		}
+		assert.Equal(t, cc.Choices[0].Message.Content, text.String())
+		assert.GreaterOrEqual(t, content, 2, "the answer came in more than one delta: %s", r.body)
+		t.Logf("streamed: %s", r.body)
+	}
+	// A bad streamed request is refused before any event.
+	chat["temperature"] = -1
+	r = batched.post(t, "/v1/chat/completions", chat)
+	assert.Equal(t, http.StatusBadRequest, r.status)
+	assert.Contains(t, string(r.body), "temperature")
+
 	// Progress as server-sent events, then the result.
 	gen["stream"] = true
 	r = batched.post(t, "/v1/images/generations", gen)
@@ -266,8 +320,9 @@ func TestEndpoints(t *testing.T) {
 	for _, want := range []string{"# TYPE dimoo_queue_depth gauge\ndimoo_queue_depth 0\n",
 		`dimoo_requests_total{endpoint="images_generations",outcome="ok"} 3`,
 		`dimoo_requests_total{endpoint="images_edits",outcome="ok"} 2`,
-		`dimoo_requests_total{endpoint="chat_completions",outcome="ok"} 1`,
-		"# TYPE dimoo_decode_seconds histogram", "dimoo_decode_seconds_count 7\n",
+		`dimoo_requests_total{endpoint="chat_completions",outcome="ok"} 2`, // one of them streamed
+		`dimoo_requests_total{endpoint="chat_completions",outcome="bad_request"} 1`,
+		"# TYPE dimoo_decode_seconds histogram", "dimoo_decode_seconds_count 8\n",
 		"dimoo_decode_steps_total ", "dimoo_steps_per_second ", `dimoo_batch_forwards_total{engine="cpu"}`} {
 		assert.Contains(t, m, want)
 	}
@@ -354,6 +409,19 @@ func TestBadRequests(t *testing.T) {
 		js(`{"prompt":"a red circle at the center","steps":400}`))
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusGatewayTimeout, r.status, string(r.body))
+	// A streamed answer past its deadline: the error is the stream's last event.
+	chat, _ := json.Marshal(map[string]any{"stream": true, "max_tokens": 64, "block_length": 2, "steps": 64,
+		"messages": []any{map[string]any{"role": "user", "content": []any{
+			map[string]any{"type": "text", "text": "What is in the image?"},
+			map[string]any{"type": "image_url", "image_url": map[string]string{
+				"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(in)}}}}}})
+	r, err = ts.do(context.Background(), "POST", "/v1/chat/completions?timeout=0.001", "application/json", chat)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, r.status, "the events had begun")
+	events := strings.Split(strings.TrimSpace(string(r.body)), "\n\n")
+	require.GreaterOrEqual(t, len(events), 3, string(r.body))
+	assert.Equal(t, "data: [DONE]", events[len(events)-1])
+	assert.Contains(t, events[len(events)-2], `"type":"timeout"`)
 	r, err = ts.do(context.Background(), "POST", "/v1/images/generations?timeout=x", "application/json", js(`{}`))
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusBadRequest, r.status)
@@ -514,3 +582,20 @@ func isConnError(err error) bool {
 // testThreads keeps the tests to one compute thread: on a shared machine
 // OpenMP's barriers across busy cores cost more than they give.
 const testThreads = 1
+
+// streamable sends only text that extends what was sent, without its last
+// word, which more tokens could still change.
+func TestStreamable(t *testing.T) {
+	for _, c := range []struct{ text, sent, want string }{
+		{"a red", "", "a"},
+		{"a red circle", "a", " red"},
+		{"a red circle at", "a red", " circle"},
+		{"word", "", ""},                 // one word: all of it waits
+		{"a red", "a red", ""},           // nothing new
+		{"b red", "a", ""},               // not an extension: wait
+		{"naïve caf\uFFFD", "", "naïve"}, // a cut character waits with its word
+		{"x .\ny z", "x", " .\ny"},
+	} {
+		assert.Equal(t, c.want, streamable(c.text, c.sent), "%q after %q", c.text, c.sent)
+	}
+}

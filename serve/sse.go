@@ -75,3 +75,15 @@ func (e *events) send(event string, v any) {
 	fmt.Fprintf(e.w, "event: %s\ndata: %s\n\n", event, b)
 	e.flush()
 }
+
+// data writes an event with no name (OpenAI's streams), and done their end.
+func (e *events) data(v any) {
+	b, _ := json.Marshal(v)
+	fmt.Fprintf(e.w, "data: %s\n\n", b)
+	e.flush()
+}
+
+func (e *events) done() {
+	fmt.Fprint(e.w, "data: [DONE]\n\n")
+	e.flush()
+}
