@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
 
 	"golang.org/x/sync/semaphore"
 )
@@ -424,12 +425,13 @@ type UnderstandRequest struct {
 	InputArea int          // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
 	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
-	// Partial, if set, is called after each block of the answer is decoded
-	// with the answer so far, as Understand would return it were decoding to
-	// stop there; the last call gives the whole answer. Blocks are decoded
-	// in order and never change afterwards, so this is how to stream an
-	// answer. It runs on the decode's thread: it should return quickly.
-	Partial func(text string)
+	// Stream, if set, receives the answer in pieces as it is decoded: the
+	// pieces, in order, add up to the answer Understand returns. Blocks of
+	// the answer are decoded in order and never change once done; a piece
+	// is the text of finished blocks less its last word (more tokens may
+	// still change how that detokenizes), the rest comes at the end. It is
+	// called on the decode's thread, so it should return quickly.
+	Stream func(piece string)
 }
 
 // Understand answers a question about an image.
@@ -478,25 +480,49 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	defer s.Close()
 	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens()}
 	h := imageHooks{progress: req.Progress}
-	var partialErr error
-	if req.Partial != nil {
+	sent := ""
+	if req.Stream != nil {
 		h.blockDone = func(x []int32, end int) {
-			text, err := p.answerText(x[start:end])
-			if err != nil {
-				partialErr = err
-				return
+			if text, err := p.answerText(x[start:end]); err == nil { // an error shows again at the end
+				if piece := streamable(text, sent); piece != "" {
+					req.Stream(piece)
+					sent += piece
+				}
 			}
-			req.Partial(text)
 		}
 	}
 	out, err := td.run(ctx, s, o, h)
 	if err != nil {
 		return "", err
 	}
-	if partialErr != nil {
-		return "", partialErr
+	answer, err := p.answerText(out[start : start+o.GenLength])
+	if err != nil {
+		return "", err
 	}
-	return p.answerText(out[start : start+o.GenLength])
+	if req.Stream != nil {
+		if !strings.HasPrefix(answer, sent) {
+			return "", fmt.Errorf("the streamed text %q does not begin the answer %q", sent, answer)
+		}
+		if rest := answer[len(sent):]; rest != "" {
+			req.Stream(rest)
+		}
+	}
+	return answer, nil
+}
+
+// streamable is what can be streamed of text (the answer so far) after
+// sent: text must extend it, and its last word (from the last white space
+// on) waits, since more tokens may still change how it detokenizes (a
+// character cut in two, the clean-up of spaces before punctuation).
+func streamable(text, sent string) string {
+	if !strings.HasPrefix(text, sent) {
+		return ""
+	}
+	rest := text[len(sent):]
+	if i := strings.LastIndexFunc(rest, unicode.IsSpace); i > 0 {
+		return rest[:i]
+	}
+	return ""
 }
 
 // answerText is the text of generated answer tokens: up to the first

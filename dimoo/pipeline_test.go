@@ -131,11 +131,10 @@ func TestImageRequestStats(t *testing.T) {
 	}
 }
 
-// Partial streams an answer block by block: it changes nothing in the
-// answer, is called once per decoded block (decoding stops after the block
-// with the end of text) with the answer so far, the last call being the
-// answer; the same through a Batcher.
-func TestUnderstandPartial(t *testing.T) {
+// Stream gives an answer in pieces as its blocks are decoded: the same
+// answer, the pieces adding up to it, a piece per block the answer spans
+// and its last word; the same through a Batcher.
+func TestUnderstandStream(t *testing.T) {
 	p := openShipped(t)
 	ctx := context.Background()
 	w, h := p.NativeSize()
@@ -143,7 +142,6 @@ func TestUnderstandPartial(t *testing.T) {
 	b, err := p.NewBatcher(BatchOptions{Seqs: 4})
 	require.NoError(t, err)
 	defer b.Close()
-	multi := false
 	for _, o := range []TextSampling{
 		{Steps: 8, GenLength: 16, BlockLength: 4},
 		{Steps: 16, GenLength: 16, BlockLength: 2, Temperature: 0.7, Seed: 5},
@@ -153,28 +151,41 @@ func TestUnderstandPartial(t *testing.T) {
 		req := UnderstandRequest{Question: "What is in the image?", Image: img, InputArea: w * h, Sampling: o}
 		plain, err := p.Understand(ctx, req)
 		require.NoError(t, err)
+		require.Greater(t, len(strings.Fields(plain)), 2, "an answer of several words")
 		for _, understand := range []func(context.Context, UnderstandRequest) (string, error){p.Understand, b.Understand} {
-			var parts []string
-			req.Partial = func(s string) { parts = append(parts, s) }
+			var pieces []string
+			req.Stream = func(s string) { pieces = append(pieces, s) }
 			got, err := understand(ctx, req)
 			require.NoError(t, err)
 			assert.Equal(t, plain, got, "%+v", o)
-			require.NotEmpty(t, parts, "%+v", o)
-			assert.Equal(t, got, parts[len(parts)-1], "the last partial is the answer: %+v", o)
-			assert.LessOrEqual(t, len(parts), o.GenLength/o.BlockLength)
-			// Decoding stops after the block holding the end of text, so
-			// every block before the last one ended with text still to come.
-			for i, s := range parts[:len(parts)-1] {
-				assert.True(t, strings.HasPrefix(got, s), "partial %d %q of %q", i, s, got)
+			assert.Equal(t, got, strings.Join(pieces, ""), "%+v: %q", o, pieces)
+			for _, s := range pieces {
+				assert.NotEmpty(t, s)
 			}
+			// After each block all but its last word, and that at the end.
 			if o.BlockLength == 16 {
-				assert.Len(t, parts, 1)
+				assert.Len(t, pieces, 2, "one block")
+			} else {
+				assert.Greater(t, len(pieces), 2, "%+v: %q", o, pieces)
 			}
-			if len(parts) > 1 && parts[0] != got {
-				multi = true
-			}
-			t.Logf("%+v: %q", o, parts)
+			t.Logf("%+v: %q", o, pieces)
 		}
 	}
-	assert.True(t, multi, "some answer came in more than one block")
+}
+
+// streamable streams only text that extends what was sent, without its last
+// word, which more tokens could still change.
+func TestStreamable(t *testing.T) {
+	for _, c := range []struct{ text, sent, want string }{
+		{"a red", "", "a"},
+		{"a red circle", "a", " red"},
+		{"a red circle at", "a red", " circle"},
+		{"word", "", ""},                 // one word: all of it waits
+		{"a red", "a red", ""},           // nothing new
+		{"b red", "a", ""},               // not an extension: wait
+		{"naïve caf\uFFFD", "", "naïve"}, // a cut character waits with its word
+		{"x .\ny z", "x", " .\ny"},
+	} {
+		assert.Equal(t, c.want, streamable(c.text, c.sent), "%q after %q", c.text, c.sent)
+	}
 }

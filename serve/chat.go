@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode"
 
 	"github.com/dimoo-dev/dimoo/dimoo"
 )
@@ -190,8 +189,8 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 
 // streamChat answers as OpenAI's chat.completion.chunk events (data lines
 // only, then "data: [DONE]"): the role, the answer's text as its blocks are
-// decoded, the finish reason. Text waits for its block: a masked diffusion
-// model fills a block in any order, but a finished block never changes.
+// decoded (a masked diffusion model fills a block in any order, but a
+// finished block never changes), the finish reason.
 func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 	understand func(context.Context, dimoo.UnderstandRequest) (string, error), req dimoo.UnderstandRequest,
 	id string, created int64, decoded func()) int {
@@ -201,73 +200,50 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 			"model": s.opts.ModelName, "choices": []map[string]any{{"index": 0, "delta": delta, "finish_reason": finish}}}
 	}
 	ev.data(chunk(map[string]string{"role": "assistant", "content": ""}, nil))
-	// Partial runs on the decode's thread: it only records the latest text,
-	// which the loop below sends (a slow reader sees fewer, larger deltas).
+	// Stream runs on the decode's thread: it only appends, and the loop
+	// below sends what has gathered (a slow reader gets fewer, larger chunks).
 	var mu sync.Mutex
-	latest, fresh := "", false
+	var pending strings.Builder
 	wake := make(chan struct{}, 1)
-	req.Partial = func(text string) {
+	req.Stream = func(piece string) {
 		mu.Lock()
-		latest, fresh = text, true
+		pending.WriteString(piece)
 		mu.Unlock()
 		select {
 		case wake <- struct{}{}:
 		default:
 		}
 	}
-	type result struct {
-		answer string
-		err    error
+	flush := func() {
+		mu.Lock()
+		text := pending.String()
+		pending.Reset()
+		mu.Unlock()
+		if text != "" {
+			ev.data(chunk(map[string]string{"content": text}, nil))
+		}
 	}
-	done := make(chan result, 1)
+	done := make(chan error, 1)
 	go func() {
-		a, err := understand(ctx, req)
-		done <- result{a, err}
+		_, err := understand(ctx, req)
+		done <- err
 	}()
-	sent := ""
 	for {
 		select {
 		case <-wake:
-			mu.Lock()
-			text, ok := latest, fresh
-			fresh = false
-			mu.Unlock()
-			if d := streamable(text, sent); ok && d != "" {
-				ev.data(chunk(map[string]string{"content": d}, nil))
-				sent += d
-			}
-		case r := <-done:
-			if r.err == nil && !strings.HasPrefix(r.answer, sent) {
-				r.err = fmt.Errorf("the streamed text %q is not a prefix of the answer %q", sent, r.answer)
-			}
-			if r.err != nil {
-				st, kind, msg := s.classify(ctx, r.err)
+			flush()
+		case err := <-done:
+			if err != nil {
+				st, kind, msg := s.classify(ctx, err)
 				ev.data(errorBody(kind, msg))
 				ev.done()
 				return st
 			}
 			decoded()
-			if rest := r.answer[len(sent):]; rest != "" {
-				ev.data(chunk(map[string]string{"content": rest}, nil))
-			}
+			flush()
 			ev.data(chunk(map[string]string{}, "stop"))
 			ev.done()
 			return http.StatusOK
 		}
 	}
-}
-
-// streamable is what can be sent of text (the answer so far) after sent:
-// text must extend it, and its last word (from the last white space on)
-// waits, since more tokens may still change how it detokenizes (a
-// character cut in two, the clean-up of spaces before punctuation).
-func streamable(text, sent string) string {
-	if !strings.HasPrefix(text, sent) {
-		return ""
-	}
-	rest := text[len(sent):]
-	if i := strings.LastIndexFunc(rest, unicode.IsSpace); i > 0 {
-		return rest[:i]
-	}
-	return ""
 }

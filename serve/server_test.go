@@ -582,20 +582,3 @@ func isConnError(err error) bool {
 // testThreads keeps the tests to one compute thread: on a shared machine
 // OpenMP's barriers across busy cores cost more than they give.
 const testThreads = 1
-
-// streamable sends only text that extends what was sent, without its last
-// word, which more tokens could still change.
-func TestStreamable(t *testing.T) {
-	for _, c := range []struct{ text, sent, want string }{
-		{"a red", "", "a"},
-		{"a red circle", "a", " red"},
-		{"a red circle at", "a red", " circle"},
-		{"word", "", ""},                 // one word: all of it waits
-		{"a red", "a red", ""},           // nothing new
-		{"b red", "a", ""},               // not an extension: wait
-		{"naïve caf\uFFFD", "", "naïve"}, // a cut character waits with its word
-		{"x .\ny z", "x", " .\ny"},
-	} {
-		assert.Equal(t, c.want, streamable(c.text, c.sent), "%q after %q", c.text, c.sent)
-	}
-}

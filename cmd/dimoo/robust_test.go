@@ -356,6 +356,17 @@ func TestCLITaskDefaults(t *testing.T) {
 	require.NoError(t, run(t.Context(), []string{"understand", "--quiet", "--prompt", "what colour is it",
 		"--image_path", filepath.Join(dir, "in.png"), "--temperature", "1"}, &out))
 	assert.NotEmpty(t, strings.TrimSpace(out.String()), "an answer")
+	var answer string
+	// --stream prints the same bytes, a block at a time.
+	for _, stream := range []string{"--quiet", "--stream"} {
+		out.Reset()
+		require.NoError(t, run(t.Context(), []string{"understand", stream, "--prompt", "what colour is it",
+			"--image_path", filepath.Join(dir, "in.png"), "--temperature", "1", "--block_length", "2"}, &out))
+		if stream == "--quiet" {
+			answer = out.String()
+		}
+	}
+	assert.Equal(t, answer, out.String())
 	out.Reset()
 	require.NoError(t, run(t.Context(), []string{"info"}, &out))
 	assert.Contains(t, out.String(), "dimoo-small")

@@ -345,6 +345,7 @@ func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
 	genLength := fs.Int("gen_length", 1024, "answer length in tokens")
 	blockLength := fs.Int("block_length", 256, "block length (gen_length must be a multiple)")
 	cfg := fs.Float64("cfg_scale", 0, "classifier-free guidance scale (0: none)")
+	stream := fs.Bool("stream", false, "print the answer as its blocks are decoded (no progress bar)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -367,10 +368,19 @@ func cmdUnderstand(ctx context.Context, args []string, w io.Writer) error {
 	}
 	o := dimoo.TextSampling{Steps: *steps, GenLength: *genLength, BlockLength: *blockLength,
 		Temperature: t.temperature, CFGScale: *cfg, Seed: t.seed}
-	ans, err := p.Understand(ctx, dimoo.UnderstandRequest{Question: t.prompt, Image: in, InputArea: p.NativeArea(),
-		Sampling: o, Progress: t.progress("understand")})
+	req := dimoo.UnderstandRequest{Question: t.prompt, Image: in, InputArea: p.NativeArea(), Sampling: o}
+	if *stream {
+		// The pieces add up to the answer: the output is the same bytes.
+		req.Stream = func(piece string) { io.WriteString(w, piece) }
+	} else {
+		req.Progress = t.progress("understand")
+	}
+	ans, err := p.Understand(ctx, req)
 	if err != nil {
 		return err
+	}
+	if *stream {
+		ans = ""
 	}
 	fmt.Fprintln(w, ans)
 	return nil
