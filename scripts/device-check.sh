@@ -118,6 +118,63 @@ step() { # name command...
   rows+=("$(printf '%-22s %-5s %5d.%ds  %s' "$name" "$r" $((ds / 10)) $((ds % 10)) "$(tail -n 1 "$LOG/$name.log" | cut -c1-70)")")
 }
 
+# The run in phases, in the order of DEVICE_PHASES (default below). The
+# first ones decide the most, so a cut at DEVICE_DEADLINE loses the least:
+#   core-tests  the sm_90a attention kernels alone, then every C++ test
+#   core-bench  dimoo_bench_cuda and bench_torch_reference.py: attention,
+#               GEMMs, whole forwards against the PyTorch baselines (issue 12)
+#   e2e         whole generations, ours against the official pipeline, per
+#               size in DEVICE_E2E_SIZES (issue 13); a size is skipped, not
+#               cut, when less time is left than it needs
+#   more-tests  the forward per attention kernel, without graphs, the VQ-VAE,
+#               compute-sanitizer, the Go tests on the GPU library
+#   more-bench  the Go benchmarks, the VQ decode, the samplers, ncu
+# A second call on the same warm machine runs what the first skipped, e.g.
+# DEVICE_PHASES="e2e more-tests" DEVICE_E2E_SIZES=1024. What core-tests found
+# about the sm_90a kernels is kept in $STATE for such a call.
+# (Older switches: DEVICE_TESTS=0, DEVICE_BENCH=0, DEVICE_E2E=0 drop the
+# test, benchmark or end-to-end phases.)
+PHASES="${DEVICE_PHASES:-core-tests core-bench e2e more-tests more-bench}"
+[ "${DEVICE_TESTS:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-tests//; s/more-tests//')
+[ "${DEVICE_BENCH:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-bench//; s/more-bench//')
+[ "${DEVICE_E2E:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/e2e//')
+STATE=/tmp/device-check-state
+sm90_ok=1 sm90t_ok=1
+# shellcheck disable=SC1090
+[ -f "$STATE" ] && . "$STATE"
+sm90_gate() { # after the sm_90a kernels' tests: what later steps may use
+  if [ "$sm90_ok" = 0 ]; then export DIMOO_CUDA_ATTN=sm80; fi
+  # The TMA kernels are left out of the benchmark when their test failed or hung.
+  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps,sm90tw"
+}
+sm90_gate
+
+# The end-to-end checkpoint (16 GB of random bf16 weights, e2e phase) is
+# written in the background from the start, while the build (if any) and
+# the tests run, which time nothing: the GPU only generates the weights
+# (seconds), then the host copies and writes them. Benchmarks wait for it
+# first, so no timing overlaps it.
+E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}"
+ckpt_pid=
+ckpt_start() {
+  case " $PHASES " in *" e2e "*) ;; *) return ;; esac
+  [ -f "$E2E_MODEL/model.safetensors.index.json" ] && return
+  python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || return
+  ckpt_t0=$(date +%s)
+  timeout 240 python3 scripts/bench_official_pipeline.py --write-checkpoint "$E2E_MODEL" >"$LOG/e2e-checkpoint.log" 2>&1 &
+  ckpt_pid=$!
+}
+ckpt_wait() { # its row in the table, once it has ended
+  [ -n "$ckpt_pid" ] || return
+  local r=ok
+  wait "$ckpt_pid" || { r=FAIL; status=1; }
+  ckpt_pid=
+  rows+=("$(printf '%-22s %-5s %6ds  %s' e2e-checkpoint "$r" $(($(date +%s) - ckpt_t0)) \
+    "(background) $(tail -n 1 "$LOG/e2e-checkpoint.log" | cut -c1-57)")")
+}
+
+ckpt_start
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOG/gpu.txt" 2>&1
 # What --prepare packed (carried as build/device-carry.tar.xz), unpacked at
 # every call (a few seconds; a warm machine may hold an older unpacking).
@@ -156,60 +213,6 @@ if [ "$prebuilt" = 0 ]; then
   step configure cmake -S . -B build-device -G Ninja -DDIMOO_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80-real;90a-real" ${DIMOO_CMAKE_ARGS:-}
   step build cmake --build build-device -j "${DEVICE_JOBS:-$(nproc)}"
 fi
-# The run in phases, in the order of DEVICE_PHASES (default below). The
-# first ones decide the most, so a cut at DEVICE_DEADLINE loses the least:
-#   core-tests  the sm_90a attention kernels alone, then every C++ test
-#   core-bench  dimoo_bench_cuda and bench_torch_reference.py: attention,
-#               GEMMs, whole forwards against the PyTorch baselines (issue 12)
-#   e2e         whole generations, ours against the official pipeline, per
-#               size in DEVICE_E2E_SIZES (issue 13); a size is skipped, not
-#               cut, when less time is left than it needs
-#   more-tests  the forward per attention kernel, without graphs, the VQ-VAE,
-#               compute-sanitizer, the Go tests on the GPU library
-#   more-bench  the Go benchmarks, the VQ decode, the samplers, ncu
-# A second call on the same warm machine runs what the first skipped, e.g.
-# DEVICE_PHASES="e2e more-tests" DEVICE_E2E_SIZES=1024. What core-tests found
-# about the sm_90a kernels is kept in $STATE for such a call.
-# (Older switches: DEVICE_TESTS=0, DEVICE_BENCH=0, DEVICE_E2E=0 drop the
-# test, benchmark or end-to-end phases.)
-PHASES="${DEVICE_PHASES:-core-tests core-bench e2e more-tests more-bench}"
-[ "${DEVICE_TESTS:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-tests//; s/more-tests//')
-[ "${DEVICE_BENCH:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-bench//; s/more-bench//')
-[ "${DEVICE_E2E:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/e2e//')
-STATE=/tmp/device-check-state
-sm90_ok=1 sm90t_ok=1
-# shellcheck disable=SC1090
-[ -f "$STATE" ] && . "$STATE"
-sm90_gate() { # after the sm_90a kernels' tests: what later steps may use
-  if [ "$sm90_ok" = 0 ]; then export DIMOO_CUDA_ATTN=sm80; fi
-  # The TMA kernels are left out of the benchmark when their test failed or hung.
-  [ "$sm90t_ok" = 1 ] || export DIMOO_BENCH_SKIP="${DIMOO_BENCH_SKIP:+$DIMOO_BENCH_SKIP,}sm90t,sm90tp,sm90ts,sm90tps,sm90tw"
-}
-sm90_gate
-
-# The end-to-end checkpoint (16 GB of random bf16 weights, e2e phase) is
-# written in the background while the tests run, which time nothing: the
-# GPU only generates the weights (seconds), then the host copies and writes
-# them. Benchmarks wait for it first, so no timing overlaps it.
-E2E_MODEL="${DEVICE_E2E_MODEL:-/tmp/dimoo-e2e}"
-ckpt_pid=
-ckpt_start() {
-  case " $PHASES " in *" e2e "*) ;; *) return ;; esac
-  [ -f "$E2E_MODEL/model.safetensors.index.json" ] && return
-  python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || return
-  ckpt_t0=$(date +%s)
-  timeout 240 python3 scripts/bench_official_pipeline.py --write-checkpoint "$E2E_MODEL" >"$LOG/e2e-checkpoint.log" 2>&1 &
-  ckpt_pid=$!
-}
-ckpt_wait() { # its row in the table, once it has ended
-  [ -n "$ckpt_pid" ] || return
-  local r=ok
-  wait "$ckpt_pid" || { r=FAIL; status=1; }
-  ckpt_pid=
-  rows+=("$(printf '%-22s %-5s %6ds  %s' e2e-checkpoint "$r" $(($(date +%s) - ckpt_t0)) \
-    "(background) $(tail -n 1 "$LOG/e2e-checkpoint.log" | cut -c1-57)")")
-}
-
 core_tests() {
   # The sm_90a wgmma attention kernels first, alone (verified on the host
   # emulation only so far). The forward picks the wide pipelined one (sm90w) by
@@ -345,7 +348,6 @@ e2e() {
   done
 }
 
-ckpt_start
 for phase in $PHASES; do
   case "$phase" in
   core-tests) core_tests ;;
