@@ -326,6 +326,7 @@ def run_case(model, device, width, height, use_cache, a, first_seed):
            "forwards": counts, "seconds": secs, "seconds_median": sorted(secs)[len(secs) // 2],
            "device": str(device)}
     if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), peak_device_used_bytes=dp.peak)
     return out
