@@ -190,18 +190,28 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 // streamChat answers as OpenAI's chat.completion.chunk events (data lines
 // only, then "data: [DONE]"): the role, the answer's text as its blocks are
 // decoded (a masked diffusion model fills a block in any order, but a
-// finished block never changes), the finish reason.
+// finished block never changes), the finish reason. The events begin with
+// the decode's first step: what fails before it (a bad request, the queue's
+// deadline, memory) gets its own status and a JSON error, as unstreamed.
 func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 	understand func(context.Context, dimoo.UnderstandRequest) (string, error), req dimoo.UnderstandRequest,
 	id string, created int64, decoded func()) int {
-	ev := startEvents(w)
 	chunk := func(delta map[string]string, finish any) map[string]any {
 		return map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
 			"model": s.opts.ModelName, "choices": []map[string]any{{"index": 0, "delta": delta, "finish_reason": finish}}}
 	}
-	ev.data(chunk(map[string]string{"role": "assistant", "content": ""}, nil))
-	// Stream runs on the decode's thread: it only appends, and the loop
-	// below sends what has gathered (a slow reader gets fewer, larger chunks).
+	// Progress and Stream run on the decode's thread: they only signal or
+	// append, and the loop below writes (a slow reader gets fewer, larger
+	// chunks).
+	began := make(chan struct{})
+	var once sync.Once
+	progress := req.Progress
+	req.Progress = func(step, total int) {
+		if progress != nil {
+			progress(step, total)
+		}
+		once.Do(func() { close(began) })
+	}
 	var mu sync.Mutex
 	var pending strings.Builder
 	wake := make(chan struct{}, 1)
@@ -212,6 +222,13 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 		select {
 		case wake <- struct{}{}:
 		default:
+		}
+	}
+	var ev *events
+	start := func() {
+		if ev == nil {
+			ev = startEvents(w)
+			ev.data(chunk(map[string]string{"role": "assistant", "content": ""}, nil))
 		}
 	}
 	flush := func() {
@@ -230,15 +247,23 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 	}()
 	for {
 		select {
+		case <-began:
+			start()
+			began = nil // a nil channel: this case is done
 		case <-wake:
+			start()
 			flush()
 		case err := <-done:
+			if err != nil && ev == nil {
+				return s.fail(ctx, w, err, "")
+			}
 			if err != nil {
 				st, kind, msg := s.classify(ctx, err)
 				ev.data(errorBody(kind, msg))
 				ev.done()
 				return st
 			}
+			start()
 			decoded()
 			flush()
 			ev.data(chunk(map[string]string{}, "stop"))

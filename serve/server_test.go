@@ -14,6 +14,7 @@ import (
 	"mime/multipart"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"strings"
 	"sync"
@@ -409,19 +410,17 @@ func TestBadRequests(t *testing.T) {
 		js(`{"prompt":"a red circle at the center","steps":400}`))
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusGatewayTimeout, r.status, string(r.body))
-	// A streamed answer past its deadline: the error is the stream's last event.
-	chat, _ := json.Marshal(map[string]any{"stream": true, "max_tokens": 64, "block_length": 2, "steps": 64,
+	// A streamed answer refused before its decode begins: a status and a
+	// JSON error, as unstreamed (what fails later: TestStreamChatErrors).
+	chat, _ := json.Marshal(map[string]any{"stream": true, "max_tokens": 16, "block_length": 3,
 		"messages": []any{map[string]any{"role": "user", "content": []any{
 			map[string]any{"type": "text", "text": "What is in the image?"},
 			map[string]any{"type": "image_url", "image_url": map[string]string{
 				"url": "data:image/png;base64," + base64.StdEncoding.EncodeToString(in)}}}}}})
-	r, err = ts.do(context.Background(), "POST", "/v1/chat/completions?timeout=0.001", "application/json", chat)
+	r, err = ts.do(context.Background(), "POST", "/v1/chat/completions", "application/json", chat)
 	require.NoError(t, err)
-	assert.Equal(t, http.StatusOK, r.status, "the events had begun")
-	events := strings.Split(strings.TrimSpace(string(r.body)), "\n\n")
-	require.GreaterOrEqual(t, len(events), 3, string(r.body))
-	assert.Equal(t, "data: [DONE]", events[len(events)-1])
-	assert.Contains(t, events[len(events)-2], `"type":"timeout"`)
+	assert.Equal(t, http.StatusBadRequest, r.status, string(r.body))
+	assert.Contains(t, r.errMessage(), "block_length")
 	r, err = ts.do(context.Background(), "POST", "/v1/images/generations?timeout=x", "application/json", js(`{}`))
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusBadRequest, r.status)
@@ -582,3 +581,64 @@ func isConnError(err error) bool {
 // testThreads keeps the tests to one compute thread: on a shared machine
 // OpenMP's barriers across busy cores cost more than they give.
 const testThreads = 1
+
+// A streamed chat answer whose decode fails: before its first step, a
+// status and a JSON error; after it, the error as the last chunk.
+func TestStreamChatErrors(t *testing.T) {
+	s := &Server{opts: Options{ModelName: "dimoo"}, hard: context.Background()}
+	fail := errors.New("the device fell over")
+	for _, c := range []struct {
+		name     string
+		run      func(context.Context, dimoo.UnderstandRequest) (string, error)
+		status   int
+		body     []string
+		notEvent bool
+	}{
+		{"before the first step", func(context.Context, dimoo.UnderstandRequest) (string, error) {
+			return "", fmt.Errorf("%w: steps 5 is not a positive multiple of the 4 blocks", dimoo.ErrInvalidArgument)
+		}, http.StatusBadRequest, []string{`"type":"invalid_request_error"`, "multiple of the 4 blocks"}, true},
+		{"after a step and a piece", func(_ context.Context, r dimoo.UnderstandRequest) (string, error) {
+			r.Progress(1, 8)
+			r.Stream("a red")
+			return "", fail
+		}, http.StatusInternalServerError, []string{`"role":"assistant"`, `"content":"a red"`,
+			`"type":"server_error"`, "the device fell over", "data: [DONE]"}, false},
+		{"a whole answer", func(_ context.Context, r dimoo.UnderstandRequest) (string, error) {
+			r.Progress(1, 2)
+			r.Stream("a red")
+			r.Progress(2, 2)
+			r.Stream(" circle")
+			return "a red circle", nil
+		}, http.StatusOK, []string{`"role":"assistant"`, `"finish_reason":"stop"`, "data: [DONE]"}, false},
+	} {
+		rec := httptest.NewRecorder()
+		decoded := false
+		st := s.streamChat(context.Background(), rec, c.run, dimoo.UnderstandRequest{}, "chatcmpl-1", 1,
+			func() { decoded = true })
+		assert.Equal(t, c.status, st, c.name)
+		body := rec.Body.String()
+		for _, want := range c.body {
+			assert.Contains(t, body, want, c.name)
+		}
+		if c.notEvent {
+			assert.Equal(t, c.status, rec.Code, c.name)
+			assert.Equal(t, "application/json", rec.Header().Get("Content-Type"), c.name)
+		} else {
+			assert.Equal(t, http.StatusOK, rec.Code, "%s: the events had begun", c.name)
+			assert.Equal(t, "text/event-stream", rec.Header().Get("Content-Type"), c.name)
+		}
+		assert.Equal(t, c.status == http.StatusOK, decoded, c.name)
+		if c.status == http.StatusOK { // the pieces, in order, make the answer
+			var text strings.Builder
+			for _, e := range strings.Split(strings.TrimSpace(body), "\n\n") {
+				var ch struct {
+					Choices []struct{ Delta map[string]string } `json:"choices"`
+				}
+				if json.Unmarshal([]byte(strings.TrimPrefix(e, "data: ")), &ch) == nil && len(ch.Choices) == 1 {
+					text.WriteString(ch.Choices[0].Delta["content"])
+				}
+			}
+			assert.Equal(t, "a red circle", text.String())
+		}
+	}
+}
