@@ -430,7 +430,8 @@ type UnderstandRequest struct {
 	// the answer are decoded in order and never change once done; a piece
 	// is the text of finished blocks less its last word (more tokens may
 	// still change how that detokenizes), the rest comes at the end. It is
-	// called on the decode's thread, so it should return quickly.
+	// called on the decode's thread (the last piece from Understand's
+	// caller), so it should return quickly.
 	Stream func(piece string)
 }
 
