@@ -7,7 +7,8 @@
 #   here:   scripts/device-check.sh --prepare     (go test -c into build/go-tests/,
 #           the CLI into bin/, the CUDA binaries into build/device-prebuilt/)
 #   device: scripts/device-check.sh               (carry build/device-carry.tar.xz,
-#           which --prepare packs them in: the device tool's 64 MiB)
+#           which --prepare packs them in: the device tool's 64 MiB; kind
+#           nvidia-h200, the card of the issues' targets and of anchors.md)
 #
 # and prints a short table last. Exits non-zero if anything failed.
 #
