@@ -56,6 +56,8 @@ def load(paths):
         if isinstance(doc, dict) and doc.get("schema", "").startswith("dimoo-bench/"):
             for c in doc.get("cases", []):
                 s = c["settings"]
+                if s.get("task", "t2i") != "t2i":
+                    continue  # understanding: no official counterpart here
                 peak = None
                 for g in (c.get("telemetry") or {}).get("summary", []):
                     peak = max(peak or 0, g["peak_memory_bytes"])

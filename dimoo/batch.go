@@ -262,6 +262,9 @@ func (b *Batcher) decodeText(ctx context.Context, d *textDecode, o TextSampling,
 	r := b.submit(&batchJob{ctx: ctx, width: width, start: func(s *Session, base int) (stepper, error) {
 		return textBatch{d.start(s, o, h, nil, guided, base)}, nil
 	}})
+	if r.err == nil && d.stats != nil {
+		*d.stats = r.stats
+	}
 	return r.answer, r.err
 }
 

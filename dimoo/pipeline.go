@@ -252,13 +252,11 @@ func (p *Pipeline) decodeImage(ctx context.Context, prefixes [][]int32, weights 
 		return nil, err
 	}
 	if stats != nil {
-		*stats = DecodeStats{Steps: steps, Total: time.Since(t0), Start: t0}
-		stats.Forwards, stats.Forward = s.ForwardStats()
-		_, stats.Sampling = s.SampleStats()
-		stats.CachedForwards, stats.Rows = s.workStats()
-		for _, pr := range prefixes {
-			stats.SeqLens = append(stats.SeqLens, len(pr)+len(answer))
+		lens := make([]int, len(seqs))
+		for i, sq := range seqs {
+			lens[i] = len(sq)
 		}
+		*stats = s.decodeStats(steps, t0, lens)
 	}
 	return p.VQ.Decode(ctx, p.Special.gridCodes(out, gh, gw), gh, gw)
 }
@@ -425,6 +423,7 @@ type UnderstandRequest struct {
 	InputArea int          // picks the crop-size list: default the model's dimoo.json, else the official 1024*1024
 	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
+	Stats     *DecodeStats // the decode's timing, when set (Sampling: dimoo_text_step's)
 	// Stream, if set, receives the answer in pieces as it is decoded: the
 	// pieces, in order, add up to the answer Understand returns. Blocks of
 	// the answer are decoded in order and never change once done; a piece
@@ -479,7 +478,7 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 		return "", err
 	}
 	defer s.Close()
-	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens()}
+	td := &textDecode{seq: seq, genStart: start, special: p.Special, allowed: p.textTokens(), stats: req.Stats}
 	h := imageHooks{progress: req.Progress}
 	sent := ""
 	if req.Stream != nil {

@@ -131,6 +131,50 @@ func TestImageRequestStats(t *testing.T) {
 	}
 }
 
+// An understanding request's Stats: a forward per step of the blocks
+// decoded (decoding stops after the block with the end of text), every row
+// of the sequence (and of the unguided branch) through the network; the
+// batched decode reports its steps and forwards too.
+func TestUnderstandRequestStats(t *testing.T) {
+	p := openShipped(t)
+	w, h := p.NativeSize()
+	b, err := p.NewBatcher(BatchOptions{Seqs: 4})
+	require.NoError(t, err)
+	defer b.Close()
+	for _, o := range []TextSampling{{Steps: 16, GenLength: 16, BlockLength: 4}, {Steps: 8, GenLength: 16,
+		BlockLength: 16, CFGScale: 0.5, Temperature: 0.5, Seed: 3}} {
+		var st, bst DecodeStats
+		steps := 0
+		req := UnderstandRequest{Question: "What is in the image?", Image: square(w, h, color.NRGBA{0, 0, 255, 255}),
+			InputArea: w * h, Sampling: o, Stats: &st, Progress: func(step, _ int) { steps = step }}
+		_, err := p.Understand(context.Background(), req)
+		require.NoError(t, err)
+		assert.Positive(t, st.Steps)
+		assert.LessOrEqual(t, st.Steps, o.Steps)
+		assert.Equal(t, 0, st.Steps%(o.Steps/(o.GenLength/o.BlockLength)), "whole blocks")
+		assert.Equal(t, steps, st.Forwards, "a forward per step with masked positions, each reporting progress")
+		assert.Positive(t, st.Forward)
+		assert.Positive(t, st.Sampling)
+		assert.GreaterOrEqual(t, st.Total, st.Forward+st.Sampling)
+		branches := 1
+		if o.CFGScale > 0 {
+			branches = 2
+		}
+		require.Len(t, st.SeqLens, branches)
+		assert.Equal(t, int64(st.Forwards*branches*st.SeqLens[0]), st.Rows)
+		assert.Zero(t, st.CachedForwards)
+		assert.False(t, st.Start.IsZero())
+
+		req.Stats, req.Progress = &bst, nil
+		_, err = b.Understand(context.Background(), req)
+		require.NoError(t, err)
+		assert.Equal(t, st.Steps, bst.Steps, "batched")
+		assert.Equal(t, st.Forwards, bst.Forwards, "batched")
+		assert.Positive(t, bst.Forward)
+		t.Logf("%+v: alone %+v; batched %+v", o, st, bst)
+	}
+}
+
 // Stream gives an answer in pieces as its blocks are decoded: the same
 // answer, the pieces adding up to it, a piece per block the answer spans
 // and its last word; the same through a Batcher.

@@ -68,6 +68,8 @@ type textDecode struct {
 	// tokens: an answer of image codes could not be detokenized); the
 	// confidence stays the full softmax's.
 	allowed []bool
+	// stats, when set, receives the decode's timing.
+	stats *DecodeStats
 }
 
 // run decodes the masked span and returns the whole sequence. Decoding stops
@@ -118,6 +120,7 @@ func (d *textDecode) runTraced(ctx context.Context, s *Session, o TextSampling, 
 
 func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h imageHooks,
 	stepHook func(TextStepTrace), guided bool) ([]int32, error) {
+	t0 := time.Now()
 	st := d.start(s, o, h, stepHook, guided, 0)
 	for !st.done() {
 		if err := ctx.Err(); err != nil {
@@ -134,6 +137,13 @@ func (d *textDecode) decode(ctx context.Context, s *Session, o TextSampling, h i
 	}
 	if st.err != nil {
 		return nil, st.err
+	}
+	if d.stats != nil {
+		lens := []int{len(d.seq)}
+		if guided {
+			lens = append(lens, len(d.seq))
+		}
+		*d.stats = s.decodeStats(st.step, t0, lens)
 	}
 	return st.x, nil
 }

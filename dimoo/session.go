@@ -77,6 +77,16 @@ func (s *Session) workStats() (cached int, rows int64) {
 	return s.cachedCalls, s.rows
 }
 
+// decodeStats is the timing of a decode loop that ran alone on s since t0
+// (s's counters are the decode's own), over branches of seqLens tokens.
+func (s *Session) decodeStats(steps int, t0 time.Time, seqLens []int) DecodeStats {
+	st := DecodeStats{Steps: steps, Total: time.Since(t0), Start: t0, SeqLens: seqLens}
+	st.Forwards, st.Forward = s.ForwardStats()
+	_, st.Sampling = s.SampleStats()
+	st.CachedForwards, st.Rows = s.workStats()
+	return st
+}
+
 // SampleStats reports how many library sampling calls the session's decode
 // loops made and the wall time they took (a part of what is spent outside
 // the forwards).

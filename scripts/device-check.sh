@@ -296,6 +296,15 @@ more_bench() {
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
     --gtest_filter='CudaVQTiming.*'
   [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
+  # Understanding end to end on the e2e checkpoint (no official counterpart
+  # timed here): the reference's settings (answer 1024 in blocks of 256, 128
+  # steps) on a synthetic 1024x1024 input, about 5230 tokens a forward.
+  local left=$(( DEADLINE - ($(date +%s) - T_START) ))
+  if [ -f "$E2E_MODEL/model.safetensors.index.json" ] && [ -x bin/dimoo ] && [ "$left" -ge 90 ]; then
+    step e2e-understand env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" timeout 80 bin/dimoo bench --task understand \
+      --model "$E2E_MODEL" --device cuda --width 1024 --height 1024 --runs 1 --warmup 1 --force \
+      --profile "$LOG/e2e-understand"
+  fi
   # Hardware counters of the flash kernels at B=2, T=4228 (ncu reads them
   # on the Firecracker machines, not on gVisor): for tuning, so a failure
   # here does not fail the run.
@@ -374,6 +383,7 @@ for f in bench-cuda bench-torch; do
   fi
 done
 [ -f "$LOG/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$LOG/bench-vq.log"
+[ -f "$LOG/e2e-understand.log" ] && grep -E '^ *median|^understand ' "$LOG/e2e-understand.log"
 # ncu: per flash kernel its launch line, then time, SM throughput, registers, occupancy.
 [ -f "$LOG/ncu-attn.log" ] && grep -E '^  [A-Za-z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy' \
   "$LOG/ncu-attn.log" | cut -c1-110

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"image"
+	"image/color"
 	"io"
 	"os"
 	"path/filepath"
@@ -39,16 +41,23 @@ at the end, so a run stopped by a time limit keeps them):
   model             dir, layers, d_model, heads, mlp, vocab, parameters,
                     dtypes {NAME: tensors}, weight_bytes (as loaded)
   cases []          one per ML-Cache setting (two with --compare-cache):
-    settings        prompt, width, height (floored to the VQ factor), grid_w,
-                    grid_h, image_tokens, sequence_tokens {cond, uncond} (from
-                    the reference's layout), steps, cfg_scale, temperature,
-                    use_cache, cache_ratio, warmup_ratio, refresh_interval,
-                    seed (run i uses seed+i-1), runs, warmup, warmup_steps
+    settings        task ("t2i"), prompt, width, height (floored to the VQ
+                    factor), grid_w, grid_h, image_tokens, sequence_tokens
+                    {cond, uncond} (from the reference's layout), steps,
+                    cfg_scale, temperature, use_cache, cache_ratio,
+                    warmup_ratio, refresh_interval, seed (run i uses
+                    seed+i-1), runs, warmup, warmup_steps; with --task
+                    understand one case: task "understand", prompt (the
+                    question), image (its path or "synthetic"), width and
+                    height (the input's), sequence_tokens (as the first
+                    timed run built them), steps, gen_length, block_length,
+                    cfg_scale, temperature, seed, runs, warmup
     runs []         run, seed, steps, forwards, decode_ms (the sampling loop),
                     forward_ms, sampling_ms, outside_ms (decode - forward),
                     outside_share (outside / forward), generate_ms (the whole
                     call: tokenizing and the VQ-VAE too), tokens_per_second
-                    (image tokens / decode s), steps_per_second, step_ms []
+                    (image tokens, or the answer positions of the blocks
+                    decoded, / decode s), steps_per_second, step_ms []
                     (per step, from the progress callback)
     median          the run with the median decode_ms (of an even count, the
                     upper middle)
@@ -69,9 +78,13 @@ library emits them, its NVTX ranges) on the same runs:
   nsys profile -t cuda,nvtx,osrt -o dimoo-bench bin/dimoo bench --device cuda --profile DIR
 `
 
-// benchFlags are bench's flags: text-to-image's, and how to run and report.
+// benchFlags are bench's flags: text-to-image's, understanding's (with
+// --task understand), and how to run and report.
 type benchFlags struct {
 	t2iFlags
+	task                      string
+	imagePath                 string
+	genLength, blockLength    int
 	runs, warmup, warmupSteps int
 	jsonOut, compareCache     bool
 	profile                   string
@@ -81,6 +94,11 @@ type benchFlags struct {
 
 func (b *benchFlags) register(fs *flag.FlagSet) {
 	b.t2iFlags.register(fs)
+	fs.StringVar(&b.task, "task", "t2i", "t2i (text-to-image) or understand (a question about --image_path, "+
+		"else a synthetic --width x --height image)")
+	fs.StringVar(&b.imagePath, "image_path", "", "understand: the input image")
+	fs.IntVar(&b.genLength, "gen_length", 1024, "understand: answer length in tokens")
+	fs.IntVar(&b.blockLength, "block_length", 256, "understand: block length (gen_length must be a multiple)")
 	fs.Var(&intAlias{&b.timesteps}, "steps", "same as --timesteps")
 	fs.Lookup("steps").DefValue = "0" // help: no default of its own
 	fs.IntVar(&b.runs, "runs", 3, "timed runs")
@@ -112,6 +130,7 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	set := setFlags(fs)
+	given := setFlags(fs) // as typed (set gets --steps' alias below)
 	if set["steps"] && set["timesteps"] {
 		return fmt.Errorf("%w: give --steps or --timesteps, not both", errUsage)
 	}
@@ -124,8 +143,32 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	if b.telemetry < 0 || b.telemetry > 0 && b.telemetry < time.Millisecond {
 		return fmt.Errorf("%w: --telemetry-interval %v: want 0 (none) or at least 1ms", errUsage, b.telemetry)
 	}
+	if b.task != "t2i" && b.task != "understand" {
+		return fmt.Errorf("%w: --task %q: want t2i or understand", errUsage, b.task)
+	}
+	if b.task == "understand" {
+		for _, f := range []string{"use-cache", "compare-cache", "cache_ratio", "warmup_ratio", "refresh_interval",
+			"warmup-steps", "timesteps"} {
+			if given[f] {
+				return fmt.Errorf("%w: --%s is text-to-image's; --task understand takes --steps, --gen_length, "+
+					"--block_length", errUsage, f)
+			}
+		}
+		if strings.TrimSpace(b.prompt) == "" {
+			b.prompt = "What is in the image?"
+		}
+	} else if set["image_path"] || set["gen_length"] || set["block_length"] {
+		return fmt.Errorf("%w: --image_path, --gen_length and --block_length need --task understand", errUsage)
+	}
 	if strings.TrimSpace(b.prompt) == "" {
 		b.prompt = "a red circle at the top left"
+	}
+	var input image.Image
+	if b.imagePath != "" { // before the model loads: a bad image fails fast
+		var err error
+		if input, err = dimoo.LoadImage(b.imagePath); err != nil {
+			return err
+		}
 	}
 	profile, err := b.planProfile()
 	if err != nil {
@@ -165,30 +208,19 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 		return err
 	}
 	defer p.Close()
-	b.modelDefaults(p, set, &b.taskFlags, nil)
-	o, err := b.sampling(&b.taskFlags)
-	if err != nil {
-		return err
-	}
+	rep.Machine.fillRuntime(p)
+	rep.Model = modelInfo(p)
 	if b.width == 0 && b.height == 0 {
 		b.width, b.height = p.NativeSize()
 	}
-	rep.Machine.fillRuntime(p)
-	rep.Model = modelInfo(p)
-	f := p.VQ.Factor()
-	gw, gh := b.width/f, b.height/f
-	if set["steps"] && o.Steps > gw*gh {
-		return fmt.Errorf("%w: --steps %d is more than the %d codes of a %dx%d image (at least one code per step)",
-			errUsage, o.Steps, gw*gh, b.width, b.height)
-	}
-	cacheModes := []bool{o.UseCache}
-	if b.compareCache {
-		cacheModes = []bool{false, true}
-	}
-	for _, uc := range cacheModes {
-		s := o
-		s.UseCache = uc
-		rep.Cases = append(rep.Cases, &benchCase{Settings: b.settings(p, s, gw, gh), sampling: s})
+	if b.task == "understand" {
+		c, err := b.understandCase(p, set, input)
+		if err != nil {
+			return err
+		}
+		rep.Cases = append(rep.Cases, c)
+	} else if rep.Cases, err = b.imageCases(p, set); err != nil {
+		return err
 	}
 
 	var sampler *gpu.Sampler
@@ -201,16 +233,11 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	// covers exactly the timed runs.
 	for ci, c := range rep.Cases {
 		for r := range b.warmup {
-			s := c.sampling
-			if b.warmupSteps > 0 {
-				s.Steps = min(b.warmupSteps, s.Steps)
-			}
-			s.Seed = b.seed
-			rec, err := b.runOnce(ctx, p, s)
+			rec, err := c.run(ctx, b.seed, true)
 			if err != nil {
 				return err
 			}
-			tr.addRun(rec, ci, fmt.Sprintf("warmup %d", r+1), "warmup", s)
+			tr.addRun(rec, ci, fmt.Sprintf("warmup %d", r+1), "warmup")
 		}
 	}
 	var prof bytes.Buffer
@@ -225,18 +252,19 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 			sampler.SampleNow() // every case has samples at its edges, however short
 		}
 		for r := range b.runs {
-			s := c.sampling
-			s.Seed = b.seed + uint64(r)
-			rec, err := b.runOnce(ctx, p, s)
+			seed := b.seed + uint64(r)
+			rec, err := c.run(ctx, seed, false)
 			if err != nil {
 				if profile != nil {
 					pprof.StopCPUProfile()
 				}
 				return err
 			}
-			run := newBenchRun(r+1, s.Seed, rec, gw*gh)
-			c.Runs = append(c.Runs, run)
-			tr.addRun(rec, ci, fmt.Sprintf("run %d", r+1), "run", s)
+			if c.Settings.Task == "understand" && r == 0 { // the sequence as the pipeline built it
+				c.Settings.SequenceTokens = seqLensOf(rec.stats.SeqLens)
+			}
+			c.Runs = append(c.Runs, newBenchRun(r+1, seed, rec))
+			tr.addRun(rec, ci, fmt.Sprintf("run %d", r+1), "run")
 		}
 		if sampler != nil {
 			sampler.SampleNow()
@@ -285,11 +313,138 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	return nil
 }
 
-// runRecord is one GenerateImage call as the bench saw it.
+// imageCases are text-to-image's cases: one, or two with --compare-cache.
+func (b *benchFlags) imageCases(p *dimoo.Pipeline, set map[string]bool) ([]*benchCase, error) {
+	b.modelDefaults(p, set, &b.taskFlags, nil)
+	o, err := b.sampling(&b.taskFlags)
+	if err != nil {
+		return nil, err
+	}
+	f := p.VQ.Factor()
+	gw, gh := b.width/f, b.height/f
+	if set["steps"] && o.Steps > gw*gh {
+		return nil, fmt.Errorf("%w: --steps %d is more than the %d codes of a %dx%d image (at least one code per step)",
+			errUsage, o.Steps, gw*gh, b.width, b.height)
+	}
+	cacheModes := []bool{o.UseCache}
+	if b.compareCache {
+		cacheModes = []bool{false, true}
+	}
+	var cases []*benchCase
+	for _, uc := range cacheModes {
+		s := o
+		s.UseCache = uc
+		c := &benchCase{Settings: b.settings(p, s, gw, gh)}
+		c.run = func(ctx context.Context, seed uint64, warmup bool) (*runRecord, error) {
+			s := s
+			if warmup && b.warmupSteps > 0 {
+				s.Steps = min(b.warmupSteps, s.Steps)
+			}
+			s.Seed = seed
+			rec := &runRecord{steps: make([]time.Time, 0, s.Steps), seed: seed, image: &s, tokens: gw * gh}
+			rec.start = time.Now()
+			_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: b.prompt, Width: b.width, Height: b.height,
+				CFGScale: guidance(b.cfgScale), Sampling: s, Stats: &rec.stats,
+				Progress: func(step, total int) { rec.steps = append(rec.steps, time.Now()) }})
+			rec.end = time.Now()
+			return rec, err
+		}
+		cases = append(cases, c)
+	}
+	return cases, nil
+}
+
+// understandCase is understanding's case: a question about the input image
+// (a synthetic one of --width x --height without --image_path), the
+// model's answer length and steps unless given, else the reference's.
+func (b *benchFlags) understandCase(p *dimoo.Pipeline, set map[string]bool, in image.Image) (*benchCase, error) {
+	// As dimoo understand: the model's answer length and steps unless any
+	// of the three is given.
+	o := dimoo.DefaultTextSampling()
+	o.GenLength, o.BlockLength = b.genLength, b.blockLength
+	if set["steps"] {
+		o.Steps = b.timesteps
+	}
+	if d := p.Defaults().Sampling; d.GenLength > 0 && !set["steps"] && !set["gen_length"] && !set["block_length"] {
+		o.Steps, o.GenLength, o.BlockLength = d.TextSteps, d.GenLength, d.BlockLength
+	}
+	// Greedy unless --temperature is given, as dimoo understand.
+	if set["temperature"] {
+		o.Temperature = b.temperature
+	}
+	if b.cfgScale < 0 {
+		return nil, fmt.Errorf("%w: --cfg_scale must be >= 0", errUsage)
+	}
+	if set["cfg_scale"] {
+		o.CFGScale = b.cfgScale
+	}
+	src := b.imagePath
+	if in == nil {
+		if b.width < 1 || b.height < 1 || b.width > 4096 || b.height > 4096 {
+			return nil, fmt.Errorf("%w: a synthetic input of %dx%d: want 1 to 4096 pixels a side", errUsage,
+				b.width, b.height)
+		}
+		in, src = syntheticImage(b.width, b.height), "synthetic"
+	}
+	bounds := in.Bounds()
+	c := &benchCase{Settings: benchSettings{Task: "understand", Prompt: b.prompt, Image: src,
+		Width: bounds.Dx(), Height: bounds.Dy(), Steps: o.Steps, GenLength: o.GenLength, BlockLength: o.BlockLength,
+		CFGScale: o.CFGScale, Temperature: o.Temperature, Seed: b.seed, Runs: b.runs, Warmup: b.warmup}}
+	c.run = func(ctx context.Context, seed uint64, _ bool) (*runRecord, error) {
+		s := o
+		s.Seed = seed
+		rec := &runRecord{steps: make([]time.Time, 0, s.Steps), seed: seed}
+		rec.start = time.Now()
+		_, err := p.Understand(ctx, dimoo.UnderstandRequest{Question: b.prompt, Image: in,
+			InputArea: p.NativeArea(), Sampling: s, Stats: &rec.stats,
+			Progress: func(step, total int) { rec.steps = append(rec.steps, time.Now()) }})
+		rec.end = time.Now()
+		// The answer positions decoded: whole blocks, until the one with
+		// the end of text.
+		if per := s.Steps / (s.GenLength / s.BlockLength); per > 0 {
+			rec.tokens = rec.stats.Steps / per * s.BlockLength
+		}
+		return rec, err
+	}
+	return c, nil
+}
+
+// syntheticImage is a deterministic input for understanding benchmarks:
+// colour gradients with a bright square in the middle.
+func syntheticImage(w, h int) image.Image {
+	img := image.NewNRGBA(image.Rect(0, 0, w, h))
+	for y := range h {
+		for x := range w {
+			c := color.NRGBA{uint8(255 * x / max(1, w-1)), uint8(255 * y / max(1, h-1)), 128, 255}
+			if 3*x >= w && 3*x < 2*w && 3*y >= h && 3*y < 2*h {
+				c = color.NRGBA{250, 240, 40, 255}
+			}
+			img.SetNRGBA(x, y, c)
+		}
+	}
+	return img
+}
+
+// seqLensOf turns a decode's branch lengths into settings' (uncond 0: one branch).
+func seqLensOf(lens []int) seqLens {
+	var s seqLens
+	if len(lens) > 0 {
+		s.Cond = lens[0]
+	}
+	if len(lens) > 1 {
+		s.Uncond = lens[1]
+	}
+	return s
+}
+
+// runRecord is one decode call as the bench saw it.
 type runRecord struct {
 	start, end time.Time
 	steps      []time.Time // when each step's progress call came
 	stats      dimoo.DecodeStats
+	seed       uint64
+	image      *dimoo.ImageSampling // text-to-image's settings (nil: understanding)
+	tokens     int                  // the tokens decoded: image codes, or answer positions
 }
 
 // decodeStart is when the decode loop began: the progress calls come at
@@ -316,16 +471,6 @@ func (r *runRecord) stepDurations() []time.Duration {
 		prev = t
 	}
 	return out
-}
-
-func (b *benchFlags) runOnce(ctx context.Context, p *dimoo.Pipeline, s dimoo.ImageSampling) (*runRecord, error) {
-	rec := &runRecord{steps: make([]time.Time, 0, s.Steps)}
-	rec.start = time.Now()
-	_, err := p.GenerateImage(ctx, dimoo.ImageRequest{Prompt: b.prompt, Width: b.width, Height: b.height,
-		CFGScale: guidance(b.cfgScale), Sampling: s, Stats: &rec.stats,
-		Progress: func(step, total int) { rec.steps = append(rec.steps, time.Now()) }})
-	rec.end = time.Now()
-	return rec, err
 }
 
 // intAlias is a second name for an int flag (bench's --steps).
@@ -414,9 +559,16 @@ func (c *benchCase) writeTable(w io.Writer) error {
 		return err
 	}
 	s := c.Settings
-	fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v; median %.1f tokens/s, %.2f steps/s\n",
-		s.Width, s.Height, s.Steps, s.CFGScale, s.Temperature, s.UseCache, c.Median.TokensPerSecond,
-		c.Median.StepsPerSecond)
+	if s.Task == "understand" {
+		fmt.Fprintf(w, "understand a %dx%d image (%s; %d tokens a branch), answer %d in blocks of %d, %d steps, "+
+			"cfg %g, temperature %g; median %.1f answer tokens/s, %.2f steps/s\n", s.Width, s.Height, s.Image,
+			s.SequenceTokens.Cond, s.GenLength, s.BlockLength, s.Steps, s.CFGScale, s.Temperature,
+			c.Median.TokensPerSecond, c.Median.StepsPerSecond)
+	} else {
+		fmt.Fprintf(w, "%dx%d, %d steps, cfg %g, temperature %g, ML-Cache %v; median %.1f tokens/s, %.2f steps/s\n",
+			s.Width, s.Height, s.Steps, s.CFGScale, s.Temperature, s.UseCache, c.Median.TokensPerSecond,
+			c.Median.StepsPerSecond)
+	}
 	if c.Telemetry != nil {
 		for _, d := range c.Telemetry.Summary {
 			fmt.Fprintln(w, d.String())

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -120,25 +121,30 @@ type benchCase struct {
 	Median    benchRun        `json:"median"`
 	Telemetry *benchTelemetry `json:"telemetry,omitempty"`
 
-	sampling   dimoo.ImageSampling
+	// run decodes once with seed (a warm-up run when warmup).
+	run        func(ctx context.Context, seed uint64, warmup bool) (*runRecord, error)
 	start, end time.Time // the timed runs
 }
 
 type benchSettings struct {
+	Task            string  `json:"task"` // t2i or understand
 	Prompt          string  `json:"prompt"`
+	Image           string  `json:"image,omitempty"` // understand: the input's path, or "synthetic"
 	Width           int     `json:"width"`
 	Height          int     `json:"height"`
-	GridW           int     `json:"grid_w"`
-	GridH           int     `json:"grid_h"`
-	ImageTokens     int     `json:"image_tokens"`
+	GridW           int     `json:"grid_w,omitempty"`
+	GridH           int     `json:"grid_h,omitempty"`
+	ImageTokens     int     `json:"image_tokens,omitempty"`
 	SequenceTokens  seqLens `json:"sequence_tokens"`
 	Steps           int     `json:"steps"`
+	GenLength       int     `json:"gen_length,omitempty"`   // understand
+	BlockLength     int     `json:"block_length,omitempty"` // understand
 	CFGScale        float64 `json:"cfg_scale"`
 	Temperature     float64 `json:"temperature"`
 	UseCache        bool    `json:"use_cache"`
-	CacheRatio      float64 `json:"cache_ratio"`
-	WarmupRatio     float64 `json:"warmup_ratio"`
-	RefreshInterval int     `json:"refresh_interval"`
+	CacheRatio      float64 `json:"cache_ratio,omitempty"`
+	WarmupRatio     float64 `json:"warmup_ratio,omitempty"`
+	RefreshInterval int     `json:"refresh_interval,omitempty"`
 	Seed            uint64  `json:"seed"`
 	Runs            int     `json:"runs"`
 	Warmup          int     `json:"warmup"`
@@ -154,7 +160,7 @@ type seqLens struct {
 
 func (b *benchFlags) settings(p *dimoo.Pipeline, s dimoo.ImageSampling, gw, gh int) benchSettings {
 	f := p.VQ.Factor()
-	out := benchSettings{Prompt: b.prompt, Width: gw * f, Height: gh * f, GridW: gw, GridH: gh, ImageTokens: gw * gh,
+	out := benchSettings{Task: "t2i", Prompt: b.prompt, Width: gw * f, Height: gh * f, GridW: gw, GridH: gh, ImageTokens: gw * gh,
 		Steps: min(s.Steps, gw*gh), CFGScale: b.cfgScale, Temperature: b.temperature, UseCache: s.UseCache,
 		CacheRatio: s.CacheRatio, WarmupRatio: s.WarmupRatio, RefreshInterval: s.RefreshInterval, Seed: b.seed,
 		Runs: b.runs, Warmup: b.warmup, WarmupSteps: b.warmupSteps}
@@ -196,7 +202,7 @@ type benchRun struct {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func newBenchRun(run int, seed uint64, rec *runRecord, imageTokens int) benchRun {
+func newBenchRun(run int, seed uint64, rec *runRecord) benchRun {
 	s := rec.stats
 	r := benchRun{Run: run, Seed: seed, Steps: s.Steps, Forwards: s.Forwards, DecodeMS: ms(s.Total),
 		ForwardMS: ms(s.Forward), SamplingMS: ms(s.Sampling), OutsideMS: ms(s.Outside()),
@@ -205,7 +211,7 @@ func newBenchRun(run int, seed uint64, rec *runRecord, imageTokens int) benchRun
 		r.OutsideShare = float64(s.Outside()) / float64(s.Forward)
 	}
 	if sec := s.Total.Seconds(); sec > 0 {
-		r.TokensPerSecond = float64(imageTokens) / sec
+		r.TokensPerSecond = float64(rec.tokens) / sec
 		r.StepsPerSecond = float64(s.Steps) / sec
 	}
 	r.CachedForwards, r.ForwardRows = s.CachedForwards, s.Rows
@@ -309,11 +315,14 @@ func refreshStep(t, steps int, s dimoo.ImageSampling) bool {
 
 // addRun adds a run, its phases (before the decode loop: tokenizing and
 // setup; the loop; after it: the VQ-VAE) and its steps.
-func (t *benchTrace) addRun(rec *runRecord, caseIdx int, name, cat string, s dimoo.ImageSampling) {
-	st := rec.stats
-	t.span(name, cat, rec.start, rec.end, map[string]any{"case": caseIdx, "seed": s.Seed, "use_cache": s.UseCache,
-		"steps": st.Steps, "forwards": st.Forwards, "decode_ms": ms(st.Total), "forward_ms": ms(st.Forward),
-		"sampling_ms": ms(st.Sampling)})
+func (t *benchTrace) addRun(rec *runRecord, caseIdx int, name, cat string) {
+	st, s := rec.stats, rec.image
+	args := map[string]any{"case": caseIdx, "seed": rec.seed, "steps": st.Steps, "forwards": st.Forwards,
+		"decode_ms": ms(st.Total), "forward_ms": ms(st.Forward), "sampling_ms": ms(st.Sampling)}
+	if s != nil {
+		args["use_cache"] = s.UseCache
+	}
+	t.span(name, cat, rec.start, rec.end, args)
 	ds := rec.decodeStart()
 	de := ds.Add(st.Total)
 	t.span("before decode", cat, rec.start, ds, nil)
@@ -322,14 +331,18 @@ func (t *benchTrace) addRun(rec *runRecord, caseIdx int, name, cat string, s dim
 	prev := ds
 	for i, at := range rec.steps {
 		args := map[string]any{"step": i + 1, "total": len(rec.steps)}
-		if s.UseCache {
-			args["full"] = refreshStep(i, len(rec.steps), s)
+		if s != nil && s.UseCache {
+			args["full"] = refreshStep(i, len(rec.steps), *s)
 		}
 		t.span(fmt.Sprintf("step %d", i+1), "step", prev, at, args)
 		prev = at
 	}
 	if rec.end.After(de) {
-		t.span("after decode (VQ-VAE)", cat, de, rec.end, nil)
+		after := "after decode (detokenizing)"
+		if s != nil {
+			after = "after decode (VQ-VAE)"
+		}
+		t.span(after, cat, de, rec.end, nil)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"image/png"
 	"os"
 	"path/filepath"
 	"strings"
@@ -116,6 +117,61 @@ func TestBenchJSON(t *testing.T) {
 	// The steps tile the decode loop, short of the moments after the last.
 	assert.LessOrEqual(t, sum, r.DecodeMS+1e-6)
 	assert.Equal(t, r, c.Median)
+}
+
+// --task understand: one case of the shipped model's question decode on a
+// synthetic input, with the settings as run (the sequence as the pipeline
+// built it), answer positions per second over whole blocks, the same
+// DecodeStats arithmetic as text-to-image's; e2e_compare skips it.
+func TestBenchUnderstandJSON(t *testing.T) {
+	needLibrary(t)
+	withGPU(t, nil)
+	var stdout bytes.Buffer
+	require.NoError(t, run(context.Background(), []string{"bench", "--task", "understand", "--runs", "2", "--warmup",
+		"0", "--gen_length", "16", "--block_length", "4", "--steps", "8", "--quiet", "--json"}, &stdout))
+	var rep benchReport
+	dec := json.NewDecoder(bytes.NewReader(stdout.Bytes()))
+	dec.DisallowUnknownFields()
+	require.NoError(t, dec.Decode(&rep), stdout.String())
+	require.Len(t, rep.Cases, 1)
+	c := rep.Cases[0]
+	s := c.Settings
+	assert.Equal(t, "understand", s.Task)
+	assert.Equal(t, "synthetic", s.Image)
+	assert.Equal(t, "What is in the image?", s.Prompt)
+	assert.Equal(t, 32, s.Width) // the shipped model's native size
+	assert.Equal(t, []int{8, 16, 4}, []int{s.Steps, s.GenLength, s.BlockLength})
+	assert.Greater(t, s.SequenceTokens.Cond, 16, "question, image and answer")
+	assert.Zero(t, s.SequenceTokens.Uncond, "no guidance")
+	assert.Zero(t, s.Temperature, "greedy, as dimoo understand")
+	assert.False(t, s.UseCache)
+	assert.NotContains(t, stdout.String(), `"grid_w"`)
+	require.Len(t, c.Runs, 2)
+	for _, r := range c.Runs {
+		// 2 steps a block: the blocks decoded until the end of text.
+		assert.Positive(t, r.Steps)
+		assert.Equal(t, 0, r.Steps%2)
+		assert.Equal(t, r.Steps, r.Forwards)
+		blocks := r.Steps / 2
+		assert.InDelta(t, float64(4*blocks)/(r.DecodeMS/1000), r.TokensPerSecond, 1e-6*r.TokensPerSecond)
+		assert.Equal(t, int64(r.Forwards*s.SequenceTokens.Cond), r.ForwardRows)
+		assert.LessOrEqual(t, r.ForwardMS, r.DecodeMS)
+		assert.Len(t, r.StepMS, r.Steps)
+	}
+	assert.Contains(t, []benchRun{c.Runs[0], c.Runs[1]}, c.Median)
+
+	// The table names the task; an image file works as the input.
+	dir := t.TempDir()
+	img := filepath.Join(dir, "in.png")
+	f, err := os.Create(img)
+	require.NoError(t, err)
+	require.NoError(t, png.Encode(f, syntheticImage(40, 24)))
+	require.NoError(t, f.Close())
+	stdout.Reset()
+	require.NoError(t, run(context.Background(), []string{"bench", "--task", "understand", "--runs", "1", "--warmup",
+		"0", "--image_path", img, "--quiet"}, &stdout))
+	assert.Contains(t, stdout.String(), "understand a 40x24 image ("+img)
+	assert.Contains(t, stdout.String(), "answer tokens/s")
 }
 
 // With a GPU (the Fake), the machine lists it with its memory before the
@@ -289,12 +345,21 @@ func TestBenchBadFlags(t *testing.T) {
 		{[]string{"--warmup-steps", "-1"}, "--warmup-steps"},
 		{[]string{"--force"}, "--force only applies with --profile"},
 		{[]string{"--profile", "/proc/none/x"}, "--profile"},
+		{[]string{"--task", "caption"}, "want t2i or understand"},
+		{[]string{"--task", "understand", "--use-cache"}, "--use-cache is text-to-image's"},
+		{[]string{"--task", "understand", "--timesteps", "4"}, "--timesteps is text-to-image's"},
+		{[]string{"--gen_length", "16"}, "need --task understand"},
+		{[]string{"--task", "understand", "--steps", "32", "--gen_length", "16"}, "more than --gen_length"},
 	} {
 		err := run(context.Background(), append([]string{"bench"}, tc.args...), &stdout)
 		require.Error(t, err, "%v", tc.args)
 		assert.True(t, errors.Is(err, errUsage), "%v: %v", tc.args, err)
 		assert.Contains(t, err.Error(), tc.msg)
 	}
+	// An unreadable input image is named before the model loads.
+	err := run(context.Background(), []string{"bench", "--task", "understand", "--image_path", "/none.png"}, &stdout)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "/none.png")
 	stdout.Reset()
 	require.NoError(t, run(context.Background(), []string{"bench", "--help"}, &stdout))
 	assert.Contains(t, stdout.String(), "dimoo-bench/1")
