@@ -17,7 +17,11 @@ max_memory_reserved / max_memory_allocated (PyTorch's allocator only) are
 shown too. The official code's own times on an H200 (shared/anchors.md:
 the unmodified release, same shapes and settings) stand beside the
 stand-in's: on an H200 they say how closely the stand-in times the real
-thing. Always exits 0: the targets are reported, not enforced.
+thing. Understanding cases (dimoo bench --task understand, and
+bench_official_pipeline.py --task understand) get a table of their own:
+answer positions decoded per second (whole blocks), since the two inputs
+differ and may end at different blocks. Always exits 0: the targets are
+reported, not enforced.
 """
 import json
 import os
@@ -42,8 +46,15 @@ def files(paths):
             yield p
 
 
-def load(paths):
+def load(paths, understand=None):
+    """Text-to-image cases by (width, height, use_cache), ours and
+    official; understanding cases go to understand["ours"/"official"] by
+    input size."""
     ours, official = {}, {}
+    if understand is None:
+        understand = {}
+    understand.setdefault("ours", {})
+    understand.setdefault("official", {})
     for f in files(paths):
         try:
             text = open(f).read()
@@ -56,8 +67,18 @@ def load(paths):
         if isinstance(doc, dict) and doc.get("schema", "").startswith("dimoo-bench/"):
             for c in doc.get("cases", []):
                 s = c["settings"]
+                if s.get("task", "t2i") == "understand":
+                    m = c["median"]
+                    blocks = m["steps"] // max(1, s["steps"] // max(1, s["gen_length"] // s["block_length"]))
+                    peak = max((g["peak_memory_bytes"] for g in (c.get("telemetry") or {}).get("summary", [])),
+                               default=None)
+                    understand["ours"][(s["width"], s["height"])] = dict(
+                        s=m["decode_ms"] / 1000, T=s["sequence_tokens"]["cond"], blocks=blocks,
+                        forwards=m["forwards"], tok_s=m["tokens_per_second"], block=s["block_length"],
+                        steps=s["steps"], gen=s["gen_length"], peak=peak, file=f)
+                    continue
                 if s.get("task", "t2i") != "t2i":
-                    continue  # understanding: no official counterpart here
+                    continue
                 peak = None
                 for g in (c.get("telemetry") or {}).get("summary", []):
                     peak = max(peak or 0, g["peak_memory_bytes"])
@@ -73,6 +94,14 @@ def load(paths):
             try:
                 r = json.loads(line)
             except ValueError:
+                continue
+            if r.get("case") == "official-understand":
+                n = r["image_size"]
+                understand["official"][(n, n)] = dict(
+                    s=r["seconds_median"], T=r["sequence_tokens"], blocks=r["blocks_decoded"], forwards=r["forwards"],
+                    tok_s=r["blocks_decoded"] * r["block_length"] / r["seconds_median"] if r["seconds_median"] else 0,
+                    block=r["block_length"], steps=r["steps"], gen=r["gen_length"],
+                    peak=r.get("peak_device_used_bytes"), file=f)
                 continue
             if r.get("case") == "official":
                 official[(r["width"], r["height"], r["use_cache"])] = dict(
@@ -142,12 +171,38 @@ def table(ours, official, out=sys.stdout):
     return missed
 
 
+def understand_table(u, out=sys.stdout):
+    """Understanding, ours against the official loop: answer positions
+    decoded per second (whole blocks: the two may stop at different blocks,
+    their inputs differing), seconds, blocks, forwards, peak memory."""
+    keys = sorted(set(u["ours"]) | set(u["official"]), key=lambda k: -k[0] * k[1])
+    if not keys:
+        return
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p("== understanding: dimoo bench --task understand vs the official loop (random bf16 weights) ==")
+    p(f"{'input':>10} {'T':>11} {'answer/block/steps':>18} {'ours tok/s':>10} {'official':>8} {'speedup':>7} "
+      f"{'ours s':>7} {'blocks':>6} {'official s':>10} {'blocks':>6} {'ours GiB':>8} {'official GiB':>12}")
+    for k in keys:
+        o, f = u["ours"].get(k), u["official"].get(k)
+        a = o or f
+        T = f"{o['T']}/{f['T']}" if o and f and o["T"] != f["T"] else str(a["T"])
+        speed = f"{o['tok_s'] / f['tok_s']:.2f}x" if o and f and f["tok_s"] else "-"
+        size, answer = f"{k[0]}x{k[1]}", f"{a['gen']}/{a['block']}/{a['steps']}"
+        p(f"{size:>10} {T:>11} {answer:>18} "
+          f"{num(o and o['tok_s'], 1):>10} {num(f and f['tok_s'], 1):>8} {speed:>7} {num(o and o['s']):>7} "
+          f"{o['blocks'] if o else '-':>6} {num(f and f['s']):>10} {f['blocks'] if f else '-':>6} "
+          f"{g(o['peak']) if o else '-':>8} {g(f['peak']) if f else '-':>12}")
+
+
 def main(argv):
     if not argv:
         print(__doc__)
         return 2
-    ours, official = load(argv)
-    table(ours, official)
+    u = {}
+    ours, official = load(argv, u)
+    if ours or official or not (u["ours"] or u["official"]):
+        table(ours, official)
+    understand_table(u)
     return 0
 
 

@@ -35,6 +35,9 @@ which also counts the CUDA context), then a table.
         [--steps 64 --cfg 4 --runs 1 --warmup-steps 2 --cond-tokens 64 --uncond-tokens 19]
     python3 scripts/bench_official_pipeline.py --quick           # a small model, 256x256, 8 steps
     python3 scripts/bench_official_pipeline.py --device cpu --tiny   # a tiny model on the CPU
+    python3 scripts/bench_official_pipeline.py --task understand [--seq-tokens T --image-size 1024
+        --gen-length 1024 --block-length 256 --text-steps 128 --temperature 0 --cfg 0]
+        # the reference's understanding loop (section 5) on a random image's codes
     python3 scripts/bench_official_pipeline.py --write-checkpoint DIR [--tiny]
         # the same random weights as a dimoo checkpoint folder (config.json,
         # sharded bf16 safetensors, the official tokenizer's test copy, a tiny
@@ -260,6 +263,108 @@ def sequences(width, height, cond_tokens, uncond_tokens, device, seed):
     return t(cond), t(uncond), cond_tokens + 2, gw * gh
 
 
+@torch.no_grad()
+def generate_text(model, x, *, answer_start, gen_length, block_length, steps, temperature, cfg_scale, generator):
+    """The reference's text sampler (section 5, LLaDA's low-confidence
+    remasking) on x (1, T) in place; returns the blocks decoded and the
+    forward count. Per block step: the whole sequence through the model
+    (full-vocabulary logits at every position, as the official code), x0 =
+    argmax(logits + Gumbel noise in float64) (plain argmax at temperature 0),
+    confidence softmax(logits)[x0] in float64, -inf past the block and at
+    unmasked positions, and the top-k confident masked positions take their
+    x0, k the block's masked count split over its steps (remainder first).
+    CFG: an unconditional pass with every prompt position masked, in the same
+    batch. Decoding stops after a block that holds the end of text."""
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    prompt_pos = x != MASK
+    forwards, done = 0, 0
+    for b in range(blocks):
+        lo, hi = answer_start + b * block_length, answer_start + (b + 1) * block_length
+        n = int((x[:, lo:hi] == MASK).sum())
+        k_steps = [n // per_block + (1 if i < n % per_block else 0) for i in range(per_block)]
+        for k in k_steps:
+            masked = x == MASK
+            if cfg_scale > 0:
+                un = x.clone()
+                un[prompt_pos] = MASK
+                both = model.forward(torch.cat([x, un], dim=0))
+                logits = both[1:] + (cfg_scale + 1) * (both[:1] - both[1:])
+            else:
+                logits = model.forward(x)
+            forwards += 1
+            if temperature > 0:
+                u = torch.rand(logits.shape, generator=generator, device=x.device, dtype=torch.float64)
+                noisy = logits.to(torch.float64) - temperature * torch.log(-torch.log(u.clamp_(1e-300, 1.0)))
+                x0 = noisy.argmax(dim=-1)
+            else:
+                x0 = logits.argmax(dim=-1)
+            p = torch.softmax(logits.to(torch.float64), dim=-1)
+            conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+            conf[:, hi:] = -math.inf
+            conf = torch.where(masked, conf, torch.full_like(conf, -math.inf))
+            if k > 0:
+                sel = conf[0].topk(k).indices
+                x[0, sel] = x0[0, sel]
+        done += 1
+        if bool((x[:, lo:hi] == EOS).any()):
+            break
+    return done, forwards
+
+
+def understand_sequence(seq_tokens, image_size, gen_length, device, seed):
+    """An understanding sequence of seq_tokens in all (section 2): random
+    prompt text ids around a random image's codes (BOI, rows of codes each
+    with a newline, EOI; before the prompt's last token), then BOA, the
+    masked answer, EOA. Returns it and where the answer starts."""
+    g = torch.Generator().manual_seed(seed)
+    gw = gh = image_size // 16
+    img = [BOI]
+    for _ in range(gh):
+        img += (IMAGE_OFFSET + torch.randint(0, CODEBOOK, (gw,), generator=g)).tolist() + [NEWLINE]
+    img += [EOI]
+    n_prompt = seq_tokens - len(img) - gen_length - 2
+    if n_prompt < 2:
+        raise SystemExit(f"--seq-tokens {seq_tokens} leaves no room for a prompt around a {image_size}^2 image")
+    prompt = torch.randint(0, 126000, (n_prompt,), generator=g).tolist()
+    seq = prompt[:-1] + img + prompt[-1:] + [BOA] + [MASK] * gen_length + [EOA]
+    return torch.tensor([seq], dtype=torch.long, device=device), len(seq) - gen_length - 1
+
+
+def run_understand(model, device, a):
+    x, start = understand_sequence(a.seq_tokens, a.image_size, a.gen_length, device, a.seed)
+    kw = dict(answer_start=start, gen_length=a.gen_length, block_length=a.block_length, steps=a.text_steps,
+              temperature=a.temperature, cfg_scale=a.cfg)
+    if a.warmup_steps > 0:  # one block, a few steps
+        w = min(a.warmup_steps, a.text_steps // (a.gen_length // a.block_length))
+        generate_text(model, x.clone(), answer_start=start, gen_length=a.block_length, block_length=a.block_length,
+                      steps=w, temperature=a.temperature, cfg_scale=a.cfg,
+                      generator=torch.Generator(device=device).manual_seed(a.seed))
+        sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    secs = []
+    with DevicePeak(device) as dp:
+        for r in range(a.runs):
+            y = x.clone()
+            g = torch.Generator(device=device).manual_seed(a.seed + r)
+            sync(device)
+            t0 = time.perf_counter()
+            blocks, forwards = generate_text(model, y, generator=g, **kw)
+            sync(device)
+            secs.append(time.perf_counter() - t0)
+    out = {"case": "official-understand", "image_size": a.image_size, "sequence_tokens": x.shape[1],
+           "gen_length": a.gen_length, "block_length": a.block_length, "steps": a.text_steps, "cfg_scale": a.cfg,
+           "temperature": a.temperature, "blocks_decoded": blocks, "forwards": forwards, "seconds": secs,
+           "seconds_median": sorted(secs)[len(secs) // 2], "device": str(device)}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device), peak_device_used_bytes=dp.peak)
+    return out
+
+
 class DevicePeak:
     """The device's peak memory in use (total - free, cudaMemGetInfo),
     sampled in a thread: every process and the CUDA context count, as in
@@ -426,8 +531,8 @@ def main():
     ap.add_argument("--sizes", default=None, help="square sizes in pixels, in order (default 512,1024)")
     ap.add_argument("--cache", choices=["both", "on", "off"], default="both", help="ML-Cache off, on, or both")
     ap.add_argument("--steps", type=int, default=None, help="decoding steps (default 64)")
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default 4; understand: 0)")
+    ap.add_argument("--temperature", type=float, default=None, help="default 1 (understand: 0, greedy)")
     ap.add_argument("--cache-ratio", type=float, default=0.9)
     ap.add_argument("--warmup-ratio", type=float, default=0.3)
     ap.add_argument("--refresh-interval", type=int, default=5)
@@ -437,7 +542,21 @@ def main():
     ap.add_argument("--uncond-tokens", type=int, default=19, help="unconditional prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-checkpoint", metavar="DIR", help="write the weights as a dimoo checkpoint and exit")
+    ap.add_argument("--task", choices=["t2i", "understand"], default="t2i",
+                    help="understand: the text sampler on a question about a random image")
+    ap.add_argument("--seq-tokens", type=int, default=None,
+                    help="understand: the sequence's length (as dimoo bench built it; default: a 64-token prompt)")
+    ap.add_argument("--image-size", type=int, default=None, help="understand: the input image's side (default 1024)")
+    ap.add_argument("--gen-length", type=int, default=None, help="understand: answer length (default 1024)")
+    ap.add_argument("--block-length", type=int, default=None, help="understand: block length (default 256)")
+    ap.add_argument("--text-steps", type=int, default=None, help="understand: steps (default 128)")
     a = ap.parse_args()
+    # The official scripts' defaults: text-to-image cfg 4 at temperature 1,
+    # understanding greedy without guidance.
+    if a.cfg is None:
+        a.cfg = 0.0 if a.task == "understand" else 4.0
+    if a.temperature is None:
+        a.temperature = 0.0 if a.task == "understand" else 1.0
     shape = "tiny" if a.tiny else "quick" if a.quick else "real"
     sizes = a.sizes or {"tiny": "64,32", "quick": "256", "real": "512,1024"}[shape]
     sizes = [int(s.split("x")[0]) for s in sizes.split(",")]
@@ -459,6 +578,28 @@ def main():
         total = write_checkpoint(model, a.write_checkpoint)
         print(f"wrote {a.write_checkpoint}: {total / 1e9:.2f} GB of bf16 in {time.perf_counter() - t0:.1f} s",
               flush=True)
+        return 0
+
+    if a.task == "understand":
+        small = shape != "real"
+        a.image_size = a.image_size or (64 if small else 1024)
+        a.gen_length = a.gen_length or (32 if small else 1024)
+        a.block_length = a.block_length or (16 if small else 256)
+        a.text_steps = a.text_steps or (8 if small else 128)
+        blocks = a.gen_length // a.block_length
+        if a.gen_length % a.block_length or a.text_steps % blocks or a.text_steps > a.gen_length:
+            print("gen_length must be a multiple of block_length, steps a multiple of the blocks, at most gen_length")
+            return 2
+        grid = a.image_size // 16
+        a.seq_tokens = a.seq_tokens or 64 + grid * (grid + 1) + 2 + a.gen_length + 2
+        r = run_understand(model, device, a)
+        r["model"] = shape
+        print(json.dumps(r), flush=True)
+        print(f"\n== official understanding summary ({dev_name}, {shape} model) ==")
+        print(f"{r['image_size']}^2 image, T {r['sequence_tokens']}, answer {a.gen_length} in blocks of "
+              f"{a.block_length}, {a.text_steps} steps, cfg {a.cfg}: {r['seconds_median']:.2f} s "
+              f"({r['blocks_decoded']} blocks, {r['forwards']} forwards), device peak "
+              f"{gib(r.get('peak_device_used_bytes'))} GiB")
         return 0
 
     modes = {"both": [False, True], "on": [True], "off": [False]}[a.cache]

@@ -296,14 +296,21 @@ more_bench() {
   step bench-vq timeout 120 ./build-device/dimoo_tests --gtest_also_run_disabled_tests \
     --gtest_filter='CudaVQTiming.*'
   [ -x build-device/dimoo_cuda_sampler_bench ] && step bench-sampler timeout 60 ./build-device/dimoo_cuda_sampler_bench
-  # Understanding end to end on the e2e checkpoint (no official counterpart
-  # timed here): the reference's settings (answer 1024 in blocks of 256, 128
-  # steps) on a synthetic 1024x1024 input, about 5230 tokens a forward.
+  # Understanding end to end on the e2e checkpoint: the reference's settings
+  # (answer 1024 in blocks of 256, 128 steps, greedy) on a synthetic
+  # 1024x1024 input, about 5230 tokens a forward; then the official loop
+  # (scripts/bench_official_pipeline.py --task understand) on a sequence of
+  # the same length, and e2e_compare's understanding table.
   local left=$(( DEADLINE - ($(date +%s) - T_START) ))
-  if [ -f "$E2E_MODEL/model.safetensors.index.json" ] && [ -x bin/dimoo ] && [ "$left" -ge 90 ]; then
+  if [ -f "$E2E_MODEL/model.safetensors.index.json" ] && [ -x bin/dimoo ] && [ "$left" -ge 150 ]; then
     step e2e-understand env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" timeout 80 bin/dimoo bench --task understand \
-      --model "$E2E_MODEL" --device cuda --width 1024 --height 1024 --runs 1 --warmup 1 --force \
+      --model "$E2E_MODEL" --device cuda --width 1024 --height 1024 --runs 1 --warmup 1 --warmup-steps 4 --force \
       --profile "$LOG/e2e-understand"
+    local T
+    T=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["cases"][0]["settings"]["sequence_tokens"]["cond"])' \
+      "$LOG/e2e-understand/bench.json" 2>/dev/null)
+    [ -n "$T" ] && step e2e-official-understand timeout 60 python3 scripts/bench_official_pipeline.py --task understand \
+      --seq-tokens "$T" --image-size 1024 --runs 1 --warmup-steps 2
   fi
   # Hardware counters of the flash kernels at B=2, T=4228 (ncu reads them
   # on the Firecracker machines, not on gVisor): for tuning, so a failure

@@ -103,7 +103,8 @@ func (b *benchFlags) register(fs *flag.FlagSet) {
 	fs.Lookup("steps").DefValue = "0" // help: no default of its own
 	fs.IntVar(&b.runs, "runs", 3, "timed runs")
 	fs.IntVar(&b.warmup, "warmup", 1, "untimed runs first")
-	fs.IntVar(&b.warmupSteps, "warmup-steps", 0, "steps of the warm-up runs (0: as the timed runs)")
+	fs.IntVar(&b.warmupSteps, "warmup-steps", 0,
+		"steps of the warm-up runs (0: as the timed runs; understand: rounded to whole blocks, at least one a block)")
 	fs.BoolVar(&b.jsonOut, "json", false, "print the results as one JSON document on stdout (the table on stderr)")
 	fs.BoolVar(&b.compareCache, "compare-cache", false,
 		"run every setting without and with ML-Cache (the cache flags still need --use-cache)")
@@ -148,7 +149,7 @@ func cmdBench(ctx context.Context, args []string, w io.Writer) error {
 	}
 	if b.task == "understand" {
 		for _, f := range []string{"use-cache", "compare-cache", "cache_ratio", "warmup_ratio", "refresh_interval",
-			"warmup-steps", "timesteps"} {
+			"timesteps"} {
 			if given[f] {
 				return fmt.Errorf("%w: --%s is text-to-image's; --task understand takes --steps, --gen_length, "+
 					"--block_length", errUsage, f)
@@ -390,9 +391,13 @@ func (b *benchFlags) understandCase(p *dimoo.Pipeline, set map[string]bool, in i
 	c := &benchCase{Settings: benchSettings{Task: "understand", Prompt: b.prompt, Image: src,
 		Width: bounds.Dx(), Height: bounds.Dy(), Steps: o.Steps, GenLength: o.GenLength, BlockLength: o.BlockLength,
 		CFGScale: o.CFGScale, Temperature: o.Temperature, Seed: b.seed, Runs: b.runs, Warmup: b.warmup}}
-	c.run = func(ctx context.Context, seed uint64, _ bool) (*runRecord, error) {
+	c.run = func(ctx context.Context, seed uint64, warmup bool) (*runRecord, error) {
 		s := o
 		s.Seed = seed
+		if blocks := s.GenLength / s.BlockLength; warmup && b.warmupSteps > 0 && blocks > 0 {
+			// The same sequence (so the same shapes), fewer steps a block.
+			s.Steps = max(blocks, min(b.warmupSteps, s.Steps)/blocks*blocks)
+		}
 		rec := &runRecord{steps: make([]time.Time, 0, s.Steps), seed: seed}
 		rec.start = time.Now()
 		_, err := p.Understand(ctx, dimoo.UnderstandRequest{Question: b.prompt, Image: in,

@@ -128,7 +128,8 @@ func TestBenchUnderstandJSON(t *testing.T) {
 	withGPU(t, nil)
 	var stdout bytes.Buffer
 	require.NoError(t, run(context.Background(), []string{"bench", "--task", "understand", "--runs", "2", "--warmup",
-		"0", "--gen_length", "16", "--block_length", "4", "--steps", "8", "--quiet", "--json"}, &stdout))
+		"1", "--warmup-steps", "5", "--gen_length", "16", "--block_length", "4", "--steps", "8", "--quiet", "--json"},
+		&stdout))
 	var rep benchReport
 	dec := json.NewDecoder(bytes.NewReader(stdout.Bytes()))
 	dec.DisallowUnknownFields()
