@@ -139,7 +139,7 @@ PHASES="${DEVICE_PHASES:-core-tests core-bench e2e more-tests more-bench}"
 [ "${DEVICE_TESTS:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-tests//; s/more-tests//')
 [ "${DEVICE_BENCH:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/core-bench//; s/more-bench//')
 [ "${DEVICE_E2E:-1}" = 1 ] || PHASES=$(echo "$PHASES" | sed 's/e2e//')
-STATE=/tmp/device-check-state
+STATE="${DEVICE_STATE:-/tmp/device-check-state}"
 sm90_ok=1 sm90t_ok=1
 # shellcheck disable=SC1090
 [ -f "$STATE" ] && . "$STATE"
