@@ -258,6 +258,7 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 				return s.fail(ctx, w, err, "")
 			}
 			if err != nil {
+				flush() // what was decoded is final text, before the error
 				st, kind, msg := s.classify(ctx, err)
 				ev.data(errorBody(kind, msg))
 				ev.done()
