@@ -424,6 +424,7 @@ type UnderstandRequest struct {
 	Sampling  TextSampling // Seed also picks the crop's offset (see CropInput)
 	Progress  func(step, total int)
 	Stats     *DecodeStats // the decode's timing, when set (Sampling: dimoo_text_step's)
+	Usage     *TokenUsage  // the tokens read and written, when set
 	// Stream, if set, receives the answer in pieces as it is decoded: the
 	// pieces, in order, add up to the answer Understand returns. Blocks of
 	// the answer are decoded in order and never change once done; a piece
@@ -432,6 +433,14 @@ type UnderstandRequest struct {
 	// called on the decode's thread (the last piece from Understand's
 	// caller), so it should return quickly.
 	Stream func(piece string)
+}
+
+// TokenUsage counts an answer's tokens as OpenAI's usage does: the prompt
+// (everything before the answer: the chat template, the question and the
+// image's codes) and the answer up to its end (the end-of-text token not
+// counted).
+type TokenUsage struct {
+	Prompt, Completion int
 }
 
 // Understand answers a question about an image.
@@ -495,9 +504,13 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	if err != nil {
 		return "", err
 	}
-	answer, err := p.answerText(out[start : start+o.GenLength])
+	ans := p.answerTokens(out[start : start+o.GenLength])
+	answer, err := p.answerText(ans)
 	if err != nil {
 		return "", err
+	}
+	if req.Usage != nil {
+		*req.Usage = TokenUsage{Prompt: start, Completion: len(ans)}
 	}
 	if req.Stream != nil {
 		if !strings.HasPrefix(answer, sent) {
@@ -525,16 +538,21 @@ func streamable(text, sent string) string {
 	return ""
 }
 
-// answerText is the text of generated answer tokens: up to the first
-// end-of-text, end-of-answer or mask, without surrounding white space.
-func (p *Pipeline) answerText(ans []int32) (string, error) {
+// answerTokens are the generated answer tokens up to the first
+// end-of-text, end-of-answer or mask.
+func (p *Pipeline) answerTokens(ans []int32) []int32 {
 	for i, t := range ans {
 		if t == p.Special.EOS || t == p.Special.EOA || t == p.Special.Mask {
-			ans = ans[:i]
-			break
+			return ans[:i]
 		}
 	}
-	text, err := p.Tokenizer.Decode(ans, true)
+	return ans
+}
+
+// answerText is the text of generated answer tokens (see answerTokens),
+// without surrounding white space.
+func (p *Pipeline) answerText(ans []int32) (string, error) {
+	text, err := p.Tokenizer.Decode(p.answerTokens(ans), true)
 	if err != nil {
 		return "", err
 	}

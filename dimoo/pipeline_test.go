@@ -144,11 +144,18 @@ func TestUnderstandRequestStats(t *testing.T) {
 	for _, o := range []TextSampling{{Steps: 16, GenLength: 16, BlockLength: 4}, {Steps: 8, GenLength: 16,
 		BlockLength: 16, CFGScale: 0.5, Temperature: 0.5, Seed: 3}} {
 		var st, bst DecodeStats
+		var use TokenUsage
 		steps := 0
 		req := UnderstandRequest{Question: "What is in the image?", Image: square(w, h, color.NRGBA{0, 0, 255, 255}),
-			InputArea: w * h, Sampling: o, Stats: &st, Progress: func(step, _ int) { steps = step }}
-		_, err := p.Understand(context.Background(), req)
+			InputArea: w * h, Sampling: o, Stats: &st, Progress: func(step, _ int) { steps = step }, Usage: &use}
+		answer, err := p.Understand(context.Background(), req)
 		require.NoError(t, err)
+		// Usage: everything before the answer (the sequence less the answer
+		// and its closing EOA), and the answer's tokens, each of them text.
+		assert.Equal(t, st.SeqLens[0]-o.GenLength-1, use.Prompt)
+		assert.Positive(t, use.Completion)
+		assert.LessOrEqual(t, use.Completion, st.Steps/(o.Steps/(o.GenLength/o.BlockLength))*o.BlockLength)
+		assert.GreaterOrEqual(t, use.Completion, len(strings.Fields(answer)), "at least a token a word")
 		assert.Positive(t, st.Steps)
 		assert.LessOrEqual(t, st.Steps, o.Steps)
 		assert.Equal(t, 0, st.Steps%(o.Steps/(o.GenLength/o.BlockLength)), "whole blocks")

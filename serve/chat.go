@@ -26,6 +26,11 @@ type chatRequest struct {
 	Seed        *uint64       `json:"seed"`
 	Stream      bool          `json:"stream"`
 	User        string        `json:"user"`
+	// OpenAI's newer name for max_tokens, and the stream's usage chunk.
+	MaxCompletionTokens *int `json:"max_completion_tokens"`
+	StreamOptions       *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
 	// Extensions: steps and block_length (with max_tokens as gen_length),
 	// and text guidance.
 	Steps       int      `json:"steps"`
@@ -125,6 +130,15 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	if err != nil {
 		return s.fail(ctx, w, err, "")
 	}
+	if m := req.MaxCompletionTokens; m != nil {
+		if req.MaxTokens != nil && *req.MaxTokens != *m {
+			return s.fail(ctx, w, bad("max_tokens %d and max_completion_tokens %d differ: give one", *req.MaxTokens, *m), "")
+		}
+		req.MaxTokens = m
+	}
+	if req.StreamOptions != nil && !req.Stream {
+		return s.fail(ctx, w, bad("stream_options needs stream: true"), "")
+	}
 	var o dimoo.TextSampling
 	if req.MaxTokens != nil {
 		if *req.MaxTokens < 1 || *req.MaxTokens > 4096 {
@@ -165,11 +179,14 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	if e.Batcher != nil {
 		understand = e.Batcher.Understand
 	}
+	var use dimoo.TokenUsage
 	ureq := dimoo.UnderstandRequest{Question: q, Image: img, InputArea: e.Pipeline.NativeArea(), Sampling: o,
-		Progress: func(step, _ int) { steps = step }}
+		Progress: func(step, _ int) { steps = step }, Usage: &use}
 	id, created := fmt.Sprintf("chatcmpl-%x", randomSeed()), time.Now().Unix()
 	if req.Stream {
-		return s.streamChat(ctx, w, understand, ureq, id, created, func() { s.m.decoded(time.Since(t0), steps) })
+		withUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
+		return s.streamChat(ctx, w, understand, ureq, id, created, withUsage,
+			func() { s.m.decoded(time.Since(t0), steps) })
 	}
 	answer, err := understand(ctx, ureq)
 	if err != nil {
@@ -183,22 +200,41 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 		"model":   s.opts.ModelName,
 		"choices": []map[string]any{{"index": 0, "finish_reason": "stop",
 			"message": map[string]string{"role": "assistant", "content": answer}}},
+		"usage": usageBody(use),
 	})
 	return http.StatusOK
+}
+
+// usageBody is OpenAI's usage object.
+func usageBody(u dimoo.TokenUsage) map[string]int {
+	return map[string]int{"prompt_tokens": u.Prompt, "completion_tokens": u.Completion,
+		"total_tokens": u.Prompt + u.Completion}
 }
 
 // streamChat answers as OpenAI's chat.completion.chunk events (data lines
 // only, then "data: [DONE]"): the role, the answer's text as its blocks are
 // decoded (a masked diffusion model fills a block in any order, but a
-// finished block never changes), the finish reason. The events begin with
+// finished block never changes), the finish reason; with usage, every
+// chunk has "usage": null and a last one before [DONE] the counts, with no
+// choices (as OpenAI's stream_options.include_usage). The events begin with
 // the decode's first step: what fails before it (a bad request, the queue's
 // deadline, memory) gets its own status and a JSON error, as unstreamed.
 func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 	understand func(context.Context, dimoo.UnderstandRequest) (string, error), req dimoo.UnderstandRequest,
-	id string, created int64, decoded func()) int {
+	id string, created int64, usage bool, decoded func()) int {
+	head := func(choices []map[string]any) map[string]any {
+		c := map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
+			"model": s.opts.ModelName, "choices": choices}
+		if usage {
+			c["usage"] = nil
+		}
+		return c
+	}
 	chunk := func(delta map[string]string, finish any) map[string]any {
-		return map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
-			"model": s.opts.ModelName, "choices": []map[string]any{{"index": 0, "delta": delta, "finish_reason": finish}}}
+		return head([]map[string]any{{"index": 0, "delta": delta, "finish_reason": finish}})
+	}
+	if usage && req.Usage == nil {
+		req.Usage = &dimoo.TokenUsage{}
 	}
 	// Progress and Stream run on the decode's thread: they only signal or
 	// append, and the loop below writes (a slow reader gets fewer, larger
@@ -268,6 +304,11 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 			decoded()
 			flush()
 			ev.data(chunk(map[string]string{}, "stop"))
+			if usage {
+				last := head([]map[string]any{})
+				last["usage"] = usageBody(*req.Usage)
+				ev.data(last)
+			}
 			ev.done()
 			return http.StatusOK
 		}

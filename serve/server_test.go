@@ -235,9 +235,17 @@ func TestEndpoints(t *testing.T) {
 		Choices []struct {
 			Message struct{ Role, Content string } `json:"message"`
 		} `json:"choices"`
+		Usage struct {
+			PromptTokens     int `json:"prompt_tokens"`
+			CompletionTokens int `json:"completion_tokens"`
+			TotalTokens      int `json:"total_tokens"`
+		} `json:"usage"`
 	}
 	require.NoError(t, json.Unmarshal(r.body, &cc))
 	assert.Equal(t, "chat.completion", cc.Object)
+	assert.Positive(t, cc.Usage.PromptTokens, "the template, question and image")
+	assert.Positive(t, cc.Usage.CompletionTokens)
+	assert.Equal(t, cc.Usage.PromptTokens+cc.Usage.CompletionTokens, cc.Usage.TotalTokens)
 	require.Len(t, cc.Choices, 1)
 	assert.Equal(t, "assistant", cc.Choices[0].Message.Role)
 	assert.NotEmpty(t, cc.Choices[0].Message.Content)
@@ -249,8 +257,41 @@ func TestEndpoints(t *testing.T) {
 	want := alone.post(t, "/v1/chat/completions", chat)
 	require.Equal(t, http.StatusOK, want.status, string(want.body))
 	require.NoError(t, json.Unmarshal(want.body, &cc))
+	// max_completion_tokens is max_tokens by OpenAI's newer name.
+	delete(chat, "max_tokens")
+	chat["max_completion_tokens"] = 16
+	same := alone.post(t, "/v1/chat/completions", chat)
+	delete(chat, "max_completion_tokens")
+	chat["max_tokens"] = 16
+	var byMax, byCompletion map[string]any
+	require.NoError(t, json.Unmarshal(want.body, &byMax))
+	require.NoError(t, json.Unmarshal(same.body, &byCompletion))
+	require.NotNil(t, byMax["choices"])
+	assert.Equal(t, byMax["choices"], byCompletion["choices"], "max_completion_tokens gives the max_tokens answer")
+	assert.Equal(t, byMax["usage"], byCompletion["usage"])
 	chat["stream"] = true
 	for _, srv := range []*testServer{batched, alone} {
+		r = srv.post(t, "/v1/chat/completions", chat)
+		require.Equal(t, http.StatusOK, r.status)
+		assert.NotContains(t, string(r.body), "usage", "no usage unless asked")
+		// With stream_options.include_usage: the same answer, then its usage.
+		chat["stream_options"] = map[string]bool{"include_usage": true}
+		r = srv.post(t, "/v1/chat/completions", chat)
+		delete(chat, "stream_options")
+		require.Equal(t, http.StatusOK, r.status)
+		body := strings.TrimSpace(string(r.body))
+		lastUsage := body[strings.LastIndex(body, "data: {"):strings.LastIndex(body, "\n\ndata: [DONE]")]
+		var u struct {
+			Choices []any `json:"choices"`
+			Usage   struct {
+				PromptTokens     int `json:"prompt_tokens"`
+				CompletionTokens int `json:"completion_tokens"`
+			} `json:"usage"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(strings.TrimPrefix(lastUsage, "data: ")), &u), lastUsage)
+		assert.Empty(t, u.Choices)
+		assert.Equal(t, cc.Usage.PromptTokens, u.Usage.PromptTokens)
+		assert.Equal(t, cc.Usage.CompletionTokens, u.Usage.CompletionTokens)
 		r = srv.post(t, "/v1/chat/completions", chat)
 		require.Equal(t, http.StatusOK, r.status)
 		assert.Equal(t, "text/event-stream", r.header.Get("Content-Type"))
@@ -321,9 +362,9 @@ func TestEndpoints(t *testing.T) {
 	for _, want := range []string{"# TYPE dimoo_queue_depth gauge\ndimoo_queue_depth 0\n",
 		`dimoo_requests_total{endpoint="images_generations",outcome="ok"} 3`,
 		`dimoo_requests_total{endpoint="images_edits",outcome="ok"} 2`,
-		`dimoo_requests_total{endpoint="chat_completions",outcome="ok"} 2`, // one of them streamed
+		`dimoo_requests_total{endpoint="chat_completions",outcome="ok"} 4`, // three of them streamed
 		`dimoo_requests_total{endpoint="chat_completions",outcome="bad_request"} 1`,
-		"# TYPE dimoo_decode_seconds histogram", "dimoo_decode_seconds_count 8\n",
+		"# TYPE dimoo_decode_seconds histogram", "dimoo_decode_seconds_count 10\n",
 		"dimoo_decode_steps_total ", "dimoo_steps_per_second ", `dimoo_batch_forwards_total{engine="cpu"}`} {
 		assert.Contains(t, m, want)
 	}
@@ -410,6 +451,19 @@ func TestBadRequests(t *testing.T) {
 		js(`{"prompt":"a red circle at the center","steps":400}`))
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusGatewayTimeout, r.status, string(r.body))
+	// OpenAI's options that need another: stream_options without stream,
+	// max_tokens and max_completion_tokens that disagree.
+	for _, c := range []struct{ extra, msg string }{
+		{`"stream_options":{"include_usage":true}`, "stream_options needs stream: true"},
+		{`"max_tokens":16,"max_completion_tokens":32`, "differ"},
+	} {
+		body := `{` + c.extra + `,"messages":[{"role":"user","content":[{"type":"text","text":"hi"},` +
+			`{"type":"image_url","image_url":{"url":"data:image/png;base64,` + base64.StdEncoding.EncodeToString(in) + `"}}]}]}`
+		r, err := ts.do(context.Background(), "POST", "/v1/chat/completions", "application/json", []byte(body))
+		require.NoError(t, err)
+		assert.Equal(t, http.StatusBadRequest, r.status, c.extra)
+		assert.Contains(t, r.errMessage(), c.msg)
+	}
 	// A streamed answer refused before its decode begins: a status and a
 	// JSON error, as unstreamed (what fails later: TestStreamChatErrors).
 	chat, _ := json.Marshal(map[string]any{"stream": true, "max_tokens": 16, "block_length": 3,
@@ -593,27 +647,36 @@ func TestStreamChatErrors(t *testing.T) {
 		status   int
 		body     []string
 		notEvent bool
+		usage    bool
 	}{
 		{"before the first step", func(context.Context, dimoo.UnderstandRequest) (string, error) {
 			return "", fmt.Errorf("%w: steps 5 is not a positive multiple of the 4 blocks", dimoo.ErrInvalidArgument)
-		}, http.StatusBadRequest, []string{`"type":"invalid_request_error"`, "multiple of the 4 blocks"}, true},
+		}, http.StatusBadRequest, []string{`"type":"invalid_request_error"`, "multiple of the 4 blocks"}, true, false},
 		{"after a step and a piece", func(_ context.Context, r dimoo.UnderstandRequest) (string, error) {
 			r.Progress(1, 8)
 			r.Stream("a red")
 			return "", fail
 		}, http.StatusInternalServerError, []string{`"role":"assistant"`, `"content":"a red"`,
-			`"type":"server_error"`, "the device fell over", "data: [DONE]"}, false},
+			`"type":"server_error"`, "the device fell over", "data: [DONE]"}, false, false},
 		{"a whole answer", func(_ context.Context, r dimoo.UnderstandRequest) (string, error) {
 			r.Progress(1, 2)
 			r.Stream("a red")
 			r.Progress(2, 2)
 			r.Stream(" circle")
 			return "a red circle", nil
-		}, http.StatusOK, []string{`"role":"assistant"`, `"finish_reason":"stop"`, "data: [DONE]"}, false},
+		}, http.StatusOK, []string{`"role":"assistant"`, `"finish_reason":"stop"`, "data: [DONE]"}, false, false},
+		{"a whole answer with its usage", func(_ context.Context, r dimoo.UnderstandRequest) (string, error) {
+			r.Progress(1, 1)
+			r.Stream("a red")
+			r.Stream(" circle")
+			*r.Usage = dimoo.TokenUsage{Prompt: 100, Completion: 3}
+			return "a red circle", nil
+		}, http.StatusOK, []string{`"usage":null`, `"choices":[],`,
+			`"usage":{"completion_tokens":3,"prompt_tokens":100,"total_tokens":103}}` + "\n\ndata: [DONE]"}, false, true},
 	} {
 		rec := httptest.NewRecorder()
 		decoded := false
-		st := s.streamChat(context.Background(), rec, c.run, dimoo.UnderstandRequest{}, "chatcmpl-1", 1,
+		st := s.streamChat(context.Background(), rec, c.run, dimoo.UnderstandRequest{}, "chatcmpl-1", 1, c.usage,
 			func() { decoded = true })
 		assert.Equal(t, c.status, st, c.name)
 		body := rec.Body.String()
