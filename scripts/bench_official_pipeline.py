@@ -38,6 +38,8 @@ which also counts the CUDA context), then a table.
     python3 scripts/bench_official_pipeline.py --task understand [--seq-tokens T --image-size 1024
         --gen-length 1024 --block-length 256 --text-steps 128 --temperature 0 --cfg 0]
         # the reference's understanding loop (section 5) on a random image's codes
+    python3 scripts/bench_official_pipeline.py --check-text-golden testdata/official-small
+        # that loop against the official code's trace (float64 reference forward, CPU)
     python3 scripts/bench_official_pipeline.py --write-checkpoint DIR [--tiny]
         # the same random weights as a dimoo checkpoint folder (config.json,
         # sharded bf16 safetensors, the official tokenizer's test copy, a tiny
@@ -264,7 +266,8 @@ def sequences(width, height, cond_tokens, uncond_tokens, device, seed):
 
 
 @torch.no_grad()
-def generate_text(model, x, *, answer_start, gen_length, block_length, steps, temperature, cfg_scale, generator):
+def generate_text(model, x, *, answer_start, gen_length, block_length, steps, temperature, cfg_scale, generator,
+                  mask_id=MASK, eos_id=EOS):
     """The reference's text sampler (section 5, LLaDA's low-confidence
     remasking) on x (1, T) in place; returns the blocks decoded and the
     forward count. Per block step: the whole sequence through the model
@@ -277,17 +280,17 @@ def generate_text(model, x, *, answer_start, gen_length, block_length, steps, te
     batch. Decoding stops after a block that holds the end of text."""
     blocks = gen_length // block_length
     per_block = steps // blocks
-    prompt_pos = x != MASK
+    prompt_pos = x != mask_id
     forwards, done = 0, 0
     for b in range(blocks):
         lo, hi = answer_start + b * block_length, answer_start + (b + 1) * block_length
-        n = int((x[:, lo:hi] == MASK).sum())
+        n = int((x[:, lo:hi] == mask_id).sum())
         k_steps = [n // per_block + (1 if i < n % per_block else 0) for i in range(per_block)]
         for k in k_steps:
-            masked = x == MASK
+            masked = x == mask_id
             if cfg_scale > 0:
                 un = x.clone()
-                un[prompt_pos] = MASK
+                un[prompt_pos] = mask_id
                 both = model.forward(torch.cat([x, un], dim=0))
                 logits = both[1:] + (cfg_scale + 1) * (both[:1] - both[1:])
             else:
@@ -307,9 +310,39 @@ def generate_text(model, x, *, answer_start, gen_length, block_length, steps, te
                 sel = conf[0].topk(k).indices
                 x[0, sel] = x0[0, sel]
         done += 1
-        if bool((x[:, lo:hi] == EOS).any()):
+        if bool((x[:, lo:hi] == eos_id).any()):
             break
     return done, forwards
+
+
+def check_text_golden(root):
+    """The stand-in's text sampler against the official code's own trace
+    (testdata/official-small/text_temperature0.json: its every forward's
+    input and the final sequence), on the float64 reference forward of that
+    checkpoint (scripts/reference_forward.py). True if they agree."""
+    import reference_forward as ref
+    cfg, w = ref.load_model(os.path.join(root, "checkpoint"))
+    with open(os.path.join(root, "special_tokens.json")) as f:
+        sp = json.load(f)
+    with open(os.path.join(root, "text_temperature0.json")) as f:
+        tr = json.load(f)
+    inputs = []
+
+    class Reference:
+        def forward(self, ids):
+            inputs.append(ids[0].tolist())
+            return torch.stack([ref.forward(cfg, w, row.tolist()) for row in ids])
+
+    x = torch.tensor([tr["sequence"]], dtype=torch.long)
+    generate_text(Reference(), x, answer_start=tr["code_start"], gen_length=tr["gen_length"],
+                  block_length=tr["block_length"], steps=tr["steps"], temperature=tr["temperature"], cfg_scale=0.0,
+                  generator=None, mask_id=sp["mask"], eos_id=sp["eos"])
+    want = [c["input"] for c in tr["calls"]]
+    same_calls = inputs == want
+    same_final = x[0].tolist() == tr["final"]
+    print(f"text sampler vs the official trace: {len(inputs)} forwards (official {len(want)}), every input "
+          f"{'equal' if same_calls else 'DIFFERENT'}, final sequence {'equal' if same_final else 'DIFFERENT'}")
+    return same_calls and same_final
 
 
 def understand_sequence(seq_tokens, image_size, gen_length, device, seed):
@@ -542,6 +575,8 @@ def main():
     ap.add_argument("--uncond-tokens", type=int, default=19, help="unconditional prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-checkpoint", metavar="DIR", help="write the weights as a dimoo checkpoint and exit")
+    ap.add_argument("--check-text-golden", metavar="DIR", help="check the understanding loop against the official "
+                    "trace in DIR (testdata/official-small) and exit")
     ap.add_argument("--task", choices=["t2i", "understand"], default="t2i",
                     help="understand: the text sampler on a question about a random image")
     ap.add_argument("--seq-tokens", type=int, default=None,
@@ -551,6 +586,8 @@ def main():
     ap.add_argument("--block-length", type=int, default=None, help="understand: block length (default 256)")
     ap.add_argument("--text-steps", type=int, default=None, help="understand: steps (default 128)")
     a = ap.parse_args()
+    if a.check_text_golden:
+        return 0 if check_text_golden(a.check_text_golden) else 1
     # The official scripts' defaults: text-to-image cfg 4 at temperature 1,
     # understanding greedy without guidance.
     if a.cfg is None:
