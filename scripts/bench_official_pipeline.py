@@ -38,8 +38,8 @@ which also counts the CUDA context), then a table.
     python3 scripts/bench_official_pipeline.py --task understand [--seq-tokens T --image-size 1024
         --gen-length 1024 --block-length 256 --text-steps 128 --temperature 0 --cfg 0]
         # the reference's understanding loop (section 5) on a random image's codes
-    python3 scripts/bench_official_pipeline.py --check-text-golden testdata/official-small
-        # that loop against the official code's trace (float64 reference forward, CPU)
+    python3 scripts/bench_official_pipeline.py --check-golden testdata/official-small
+        # both loops against the official code's traces (float64 reference forward, CPU)
     python3 scripts/bench_official_pipeline.py --write-checkpoint DIR [--tiny]
         # the same random weights as a dimoo checkpoint folder (config.json,
         # sharded bf16 safetensors, the official tokenizer's test copy, a tiny
@@ -345,6 +345,64 @@ def check_text_golden(root):
     return same_calls and same_final
 
 
+class _Stop(Exception):
+    pass
+
+
+def check_t2i_golden(root):
+    """The stand-in's image loop against the official code's own traces
+    (testdata/official-small/t2i_temperature0.json) on the float64
+    reference forward: the run without ML-Cache whole (every forward's
+    input, the final codes); the run with it up to its first cached
+    forward, whose recomputed positions must be the official ones (after
+    it, the cached logits would need the official cache's K/V, which the
+    reference forward does not keep). True if they agree."""
+    import reference_forward as ref
+    cfg, w = ref.load_model(os.path.join(root, "checkpoint"))
+    with open(os.path.join(root, "special_tokens.json")) as f:
+        sp = json.load(f)
+    with open(os.path.join(root, "t2i_temperature0.json")) as f:
+        runs = json.load(f)
+    ok = True
+    for tr in runs:
+        calls = []
+
+        class Reference:
+            def forward(self, ids):
+                calls.append((ids[0].tolist(), None))
+                return torch.stack([ref.forward(cfg, w, row.tolist()) for row in ids])
+
+            def forward_cache(self, ids, cache, sel=None):
+                if sel is not None:
+                    calls.append((ids[0].tolist(), sel[0].nonzero().squeeze(1).tolist()))
+                    raise _Stop
+                return self.forward(ids)
+
+        gh, gw = tr["grid"]
+        x = torch.tensor([tr["cond_sequence"]], dtype=torch.long)
+        codes = None
+        try:
+            codes, _ = generate_image(Reference(), x, uncon_ids=torch.tensor([tr["uncond_prompt"]]),
+                                      code_start=tr["code_start"], seq_len=gh * gw, timesteps=tr["timesteps"],
+                                      temperature=tr["temperature"], cfg_scale=tr["cfg_scale"], generator=None,
+                                      use_cache=tr["use_cache"], cache_ratio=tr["cache_ratio"],
+                                      refresh_interval=tr["refresh_interval"], warmup_ratio=tr["warmup_ratio"],
+                                      mask_token_id=sp["mask"], newline_id=sp["newline"],
+                                      codebook_size=sp["codebook_size"], vocab_offset=sp["image_offset"])
+        except _Stop:
+            pass
+        want = [(c["input"], c["to_compute"]) for c in tr["calls"]][:len(calls)]
+        same = calls == want
+        final = codes is not None and codes[0].tolist() == tr["final_codes"]
+        whole = codes is not None
+        ok &= same and (final or not whole) and (whole or tr["use_cache"])
+        print(f"image sampler, ML-Cache {'on' if tr['use_cache'] else 'off'}, vs the official trace: "
+              f"{len(calls)} of {len(tr['calls'])} forwards compared, "
+              f"{'equal' if same else 'DIFFERENT'}" + (f"; final codes {'equal' if final else 'DIFFERENT'}"
+                                                         if whole else " (to the first cached forward)"))
+    return ok
+
+
 def understand_sequence(seq_tokens, image_size, gen_length, device, seed):
     """An understanding sequence of seq_tokens in all (section 2): random
     prompt text ids around a random image's codes (BOI, rows of codes each
@@ -575,8 +633,8 @@ def main():
     ap.add_argument("--uncond-tokens", type=int, default=19, help="unconditional prompt tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write-checkpoint", metavar="DIR", help="write the weights as a dimoo checkpoint and exit")
-    ap.add_argument("--check-text-golden", metavar="DIR", help="check the understanding loop against the official "
-                    "trace in DIR (testdata/official-small) and exit")
+    ap.add_argument("--check-golden", metavar="DIR", help="check the image and understanding loops against the "
+                    "official traces in DIR (testdata/official-small) and exit")
     ap.add_argument("--task", choices=["t2i", "understand"], default="t2i",
                     help="understand: the text sampler on a question about a random image")
     ap.add_argument("--seq-tokens", type=int, default=None,
@@ -586,8 +644,9 @@ def main():
     ap.add_argument("--block-length", type=int, default=None, help="understand: block length (default 256)")
     ap.add_argument("--text-steps", type=int, default=None, help="understand: steps (default 128)")
     a = ap.parse_args()
-    if a.check_text_golden:
-        return 0 if check_text_golden(a.check_text_golden) else 1
+    if a.check_golden:
+        ok = check_t2i_golden(a.check_golden)
+        return 0 if check_text_golden(a.check_golden) and ok else 1
     # The official scripts' defaults: text-to-image cfg 4 at temperature 1,
     # understanding greedy without guidance.
     if a.cfg is None:
