@@ -492,7 +492,7 @@ func (p *Pipeline) Understand(ctx context.Context, req UnderstandRequest) (strin
 	sent := ""
 	if req.Stream != nil {
 		h.blockDone = func(x []int32, end int) {
-			if text, err := p.answerText(x[start:end]); err == nil { // an error shows again at the end
+			if text, err := p.answerText(p.answerTokens(x[start:end])); err == nil { // an error shows again at the end
 				if piece := streamable(text, sent); piece != "" {
 					req.Stream(piece)
 					sent += piece
@@ -549,10 +549,10 @@ func (p *Pipeline) answerTokens(ans []int32) []int32 {
 	return ans
 }
 
-// answerText is the text of generated answer tokens (see answerTokens),
+// answerText is the text of answer tokens (as answerTokens cut them),
 // without surrounding white space.
 func (p *Pipeline) answerText(ans []int32) (string, error) {
-	text, err := p.Tokenizer.Decode(p.answerTokens(ans), true)
+	text, err := p.Tokenizer.Decode(ans, true)
 	if err != nil {
 		return "", err
 	}

@@ -84,9 +84,10 @@ func checkFlags(fs *flag.FlagSet) error {
 			}
 		}
 	}
-	// (bench's --steps are image steps unless --task understand)
-	if t := fs.Lookup("task"); t != nil && t.Value.String() != "understand" {
-	} else if s, g := fs.Lookup("steps"), fs.Lookup("gen_length"); s != nil && g != nil {
+	// bench's --steps are image steps unless --task understand.
+	t := fs.Lookup("task")
+	imageSteps := t != nil && t.Value.String() != "understand"
+	if s, g := fs.Lookup("steps"), fs.Lookup("gen_length"); s != nil && g != nil && !imageSteps {
 		sv, _ := strconv.Atoi(s.Value.String())
 		gv, _ := strconv.Atoi(g.Value.String())
 		if sv > gv {
