@@ -282,8 +282,8 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	if *imagePath == "" {
 		return fmt.Errorf("%w: --image_path is required", errUsage)
 	}
-	o, err := f.sampling(&t)
-	if err != nil {
+	// Checked before anything loads; computed again below from the model's defaults.
+	if _, err := f.sampling(&t); err != nil {
 		return err
 	}
 	if *cfgImg < 0 {
@@ -310,7 +310,8 @@ func cmdEdit(ctx context.Context, args []string, w io.Writer) error {
 	}
 	defer p.Close()
 	f.modelDefaults(p, setFlags(fs), &t, cfgImg)
-	if o, err = f.sampling(&t); err != nil {
+	o, err := f.sampling(&t)
+	if err != nil {
 		return err
 	}
 	if !setFlags(fs)["edit_type"] {
