@@ -107,7 +107,7 @@ bench: all
 # loaders of every file a checkpoint folder or a user hands dimoo.
 FUZZTIME  ?= 60s
 FUZZ_LIB  := FuzzParseSafetensorsHeader FuzzParseConfig FuzzParseTokenizer FuzzParseVQConfig \
-             FuzzSpecialTokens FuzzDefaults FuzzParseNpy FuzzLoadImage
+             FuzzSpecialTokens FuzzDefaults FuzzParseNpy FuzzLoadImage FuzzTokenizerRoundTrip
 FUZZ_CLI  := FuzzReadCodes
 fuzz:
 	for f in $(FUZZ_LIB); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./dimoo || exit 1; done

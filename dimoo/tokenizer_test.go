@@ -11,9 +11,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/text/unicode/norm"
 )
 
 // The files come from scripts/gen_tokenizer_testdata.py, which records what
@@ -444,4 +446,49 @@ func BenchmarkTokenizerEncode(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(len(cases))*float64(b.N)/b.Elapsed().Seconds(), "strings/s")
+}
+
+// The round trip above on any input: the Llama-style tokenizer (byte
+// fallback, no normalizer) gives back every string, invalid UTF-8 made
+// valid; the GPT-2-style one (byte-level) every valid one. Ids stay in the
+// vocabulary. `make fuzz` runs it longer.
+func FuzzTokenizerRoundTrip(f *testing.F) {
+	llama := loadTestTokenizer(f, "tokenizer.json")
+	gpt2 := loadTestTokenizer(f, "gpt2-style.json")
+	bos, ok := llama.TokenID("<|startoftext|>")
+	require.True(f, ok)
+	for _, s := range []string{"", "a red circle", "hello<user>world", "a\r\n\r\n b", "日本語 😀👍🏽",
+		"\x00\x01\x7f", "<img><img>", "x\xf0\x9f\x98", "  trailing  ", "DON'T 'ſ", "\u0301e\u200d"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ids := llama.Encode(s)
+		if len(ids) == 0 || ids[0] != bos {
+			t.Fatalf("%q: no BOS first: %v", s, ids)
+		}
+		for _, tk := range [](*Tokenizer){llama, gpt2} {
+			got := tk.Encode(s)
+			for _, id := range got {
+				if id < 0 || int(id) >= tk.VocabSize() {
+					t.Fatalf("%q: id %d outside the vocabulary of %d", s, id, tk.VocabSize())
+				}
+			}
+		}
+		got, err := llama.Decode(ids[1:], false)
+		if err != nil {
+			t.Fatalf("%q: %v", s, err)
+		}
+		if want := lossyUTF8([]byte(s)); got != want {
+			t.Fatalf("llama-style: %q came back as %q", want, got)
+		}
+		if utf8.ValidString(s) {
+			got, err := gpt2.Decode(gpt2.Encode(s), false)
+			if err != nil {
+				t.Fatalf("%q: %v", s, err)
+			}
+			if want := norm.NFC.String(s); got != want {
+				t.Fatalf("gpt2-style: %q (NFC) came back as %q", want, got)
+			}
+		}
+	})
 }
