@@ -7,9 +7,11 @@
 package serve
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -249,6 +251,14 @@ func (s *Server) admit(endpoint string, h handler) http.HandlerFunc {
 		defer stop()
 
 		s.waiting.Add(1)
+		// The body arrives before a run slot is taken: a slow upload holds
+		// a place in the queue, never one of the slots the engines serve.
+		if err := readBody(ctx, w, r); err != nil {
+			s.waiting.Add(-1)
+			st := s.fail(ctx, w, err, "while reading the request body")
+			s.m.request(endpoint, outcome(st))
+			return
+		}
 		select {
 		case s.run <- struct{}{}:
 			s.waiting.Add(-1)
@@ -267,6 +277,46 @@ func (s *Server) admit(endpoint string, h handler) http.HandlerFunc {
 }
 
 var errDeadline = errors.New("the request's deadline passed")
+
+// readBody reads r's body into memory (within the body limit set on it) and
+// puts it back as r.Body. The read stops when ctx ends (deadline, shutdown):
+// the connection's read deadline is moved to the past then.
+func readBody(ctx context.Context, w http.ResponseWriter, r *http.Request) error {
+	rc := http.NewResponseController(w)
+	var mu sync.Mutex
+	done := false
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !done {
+			rc.SetReadDeadline(time.Unix(1, 0)) // not supported (HTTP/2 test recorders): the read goes on
+		}
+	})
+	b, err := io.ReadAll(r.Body)
+	fired := !stop()
+	if err != nil {
+		// The rest of the body stays unread: the connection closes after the
+		// answer (else net/http would wait to read the rest after it).
+		w.Header().Set("Connection", "close")
+		var mb *http.MaxBytesError
+		switch {
+		case errors.As(err, &mb):
+			return tooLarge{mb.Limit}
+		case ctx.Err() != nil:
+			return ctx.Err()
+		}
+		return bad("could not read the request body: %v", err)
+	}
+	if fired {
+		// The read deadline may be in the past: clear it for the connection's next request.
+		mu.Lock()
+		done = true
+		rc.SetReadDeadline(time.Time{})
+		mu.Unlock()
+	}
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	return nil
+}
 
 // route picks the engine with the least load (ties: round robin).
 func (s *Server) route() *Engine {

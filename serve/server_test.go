@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
@@ -704,4 +705,64 @@ func TestStreamChatErrors(t *testing.T) {
 			assert.Equal(t, "a red circle", text.String())
 		}
 	}
+}
+
+// rawRequest writes a request's head and the first cut bytes of its body on
+// a connection of its own, and returns it with the rest of the body.
+func rawRequest(t *testing.T, ts *testServer, path string, body []byte, cut int) (net.Conn, []byte) {
+	t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(ts.url, "http://"))
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	_, err = fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: dimoo\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		path, len(body), body[:cut])
+	require.NoError(t, err)
+	return c, body[cut:]
+}
+
+func readStatus(t *testing.T, c net.Conn) int {
+	t.Helper()
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(60*time.Second)))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode
+}
+
+// A slow upload waits in the queue, not in a run slot: with one slot, a
+// request whose body stalls halfway lets another run meanwhile, and then
+// runs itself once the rest arrives. A body that misses the request's
+// deadline gets 504, and leaves the queue.
+func TestSlowUpload(t *testing.T) {
+	ts := start(t, false, Options{MaxInflight: 1, MaxQueue: 4})
+	body, err := json.Marshal(map[string]any{"prompt": "a red circle at the center", "steps": 2, "seed": 1})
+	require.NoError(t, err)
+
+	slow, rest := rawRequest(t, ts, "/v1/images/generations", body, len(body)/2)
+	waiting := func() int64 {
+		var h struct {
+			Waiting int64 `json:"waiting"`
+		}
+		r, err := ts.do(context.Background(), "GET", "/healthz", "", nil)
+		require.NoError(t, err)
+		require.NoError(t, json.Unmarshal(r.body, &h))
+		return h.Waiting
+	}
+	require.Eventually(t, func() bool { return waiting() == 1 }, 10*time.Second, 10*time.Millisecond,
+		"the stalled upload counts as waiting")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r, err := ts.do(ctx, "POST", "/v1/images/generations", "application/json", body)
+	require.NoError(t, err, "a request behind a stalled upload must not wait for it")
+	decodeImages(t, r)
+
+	_, err = slow.Write(rest)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, readStatus(t, slow))
+
+	late, _ := rawRequest(t, ts, "/v1/images/generations?timeout=0.2", body, 5)
+	assert.Equal(t, http.StatusGatewayTimeout, readStatus(t, late))
+	assert.Equal(t, int64(0), waiting())
 }
