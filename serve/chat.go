@@ -114,7 +114,7 @@ func (s *Server) question(msgs []chatMessage) (string, []byte, error) {
 	return q, img, nil
 }
 
-func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine) int {
+func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine, release func()) int {
 	var req chatRequest
 	if err := decodeJSON(r, &req); err != nil {
 		return s.fail(ctx, w, err, "")
@@ -186,9 +186,10 @@ func (s *Server) handleChat(ctx context.Context, w http.ResponseWriter, r *http.
 	if req.Stream {
 		withUsage := req.StreamOptions != nil && req.StreamOptions.IncludeUsage
 		return s.streamChat(ctx, w, understand, ureq, id, created, withUsage,
-			func() { s.m.decoded(time.Since(t0), steps) })
+			func() { s.m.decoded(time.Since(t0), steps) }, release)
 	}
 	answer, err := understand(ctx, ureq)
+	release()
 	if err != nil {
 		return s.fail(ctx, w, err, "")
 	}
@@ -221,7 +222,7 @@ func usageBody(u dimoo.TokenUsage) map[string]int {
 // deadline, memory) gets its own status and a JSON error, as unstreamed.
 func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 	understand func(context.Context, dimoo.UnderstandRequest) (string, error), req dimoo.UnderstandRequest,
-	id string, created int64, usage bool, decoded func()) int {
+	id string, created int64, usage bool, decoded, release func()) int {
 	head := func(choices []map[string]any) map[string]any {
 		c := map[string]any{"id": id, "object": "chat.completion.chunk", "created": created,
 			"model": s.opts.ModelName, "choices": choices}
@@ -290,6 +291,7 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 			start()
 			flush()
 		case err := <-done:
+			release()
 			if err != nil && ev == nil {
 				return s.fail(ctx, w, err, "")
 			}

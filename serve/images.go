@@ -142,7 +142,7 @@ func parseSize(size string, maxPixels int) (w, h int, err error) {
 	return w, h, nil
 }
 
-func (s *Server) handleGenerations(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine) int {
+func (s *Server) handleGenerations(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine, release func()) int {
 	var req generationRequest
 	if err := decodeJSON(r, &req); err != nil {
 		return s.fail(ctx, w, err, "")
@@ -170,7 +170,7 @@ func (s *Server) handleGenerations(ctx context.Context, w http.ResponseWriter, r
 	if e.Batcher != nil {
 		gen = e.Batcher.GenerateImage
 	}
-	return s.runImages(ctx, w, e, n, seed, req.Stream, func(ctx context.Context, seed uint64,
+	return s.runImages(ctx, w, e, n, seed, req.Stream, release, func(ctx context.Context, seed uint64,
 		progress func(int, int), stats *dimoo.DecodeStats) (image.Image, error) {
 		o := o
 		o.Seed = seed
@@ -183,7 +183,7 @@ func (s *Server) handleGenerations(ctx context.Context, w http.ResponseWriter, r
 // share the batch, and answers with JSON or, when streaming, with progress
 // events and then the result.
 func (s *Server) runImages(ctx context.Context, w http.ResponseWriter, e *Engine, n int, seed uint64, stream bool,
-	one func(context.Context, uint64, func(int, int), *dimoo.DecodeStats) (image.Image, error)) int {
+	release func(), one func(context.Context, uint64, func(int, int), *dimoo.DecodeStats) (image.Image, error)) int {
 	var ev *events
 	if stream {
 		ev = startEvents(w)
@@ -229,6 +229,7 @@ func (s *Server) runImages(ctx context.Context, w http.ResponseWriter, e *Engine
 		ev.pump(done)
 	}
 	wg.Wait()
+	release()
 	// The first error that is not a consequence of cancelling the others.
 	var err error
 	for _, e := range errs {
@@ -421,7 +422,7 @@ func (e tooLarge) Error() string {
 	return fmt.Sprintf("the request body is larger than the server's limit of %d bytes", e.limit)
 }
 
-func (s *Server) handleEdits(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine) int {
+func (s *Server) handleEdits(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine, release func()) int {
 	f, err := s.readEditForm(r)
 	if err != nil {
 		return s.fail(ctx, w, err, "")
@@ -480,5 +481,5 @@ func (s *Server) handleEdits(ctx context.Context, w http.ResponseWriter, r *http
 				InputArea: area, CFGText: cfgText, CFGImage: cfgImage, Sampling: o, Progress: progress, Stats: st})
 		}
 	}
-	return s.runImages(ctx, w, e, n, seed, f.knobs.Stream, one)
+	return s.runImages(ctx, w, e, n, seed, f.knobs.Stream, release, one)
 }

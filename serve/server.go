@@ -199,8 +199,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // handler serves one admitted request: it returns the status it answered
-// (for the metrics) after writing the whole answer.
-type handler func(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine) int
+// (for the metrics) after writing the whole answer. It calls release once
+// its decode has ended, before writing what is left of the answer: the run
+// slot and the engine's load are for decoding, not for a slow reader.
+type handler func(ctx context.Context, w http.ResponseWriter, r *http.Request, e *Engine, release func()) int
 
 // admit applies the admission rules around h: draining (503), the bounded
 // queue (429), the body limit, the deadline and the client's going away,
@@ -268,32 +270,44 @@ func (s *Server) admit(endpoint string, h handler) http.HandlerFunc {
 			s.m.request(endpoint, outcome(st))
 			return
 		}
-		defer func() { <-s.run }()
 		e := s.route()
-		defer e.load.Add(-1)
-		st := h(ctx, w, r, e)
+		var once sync.Once
+		release := func() {
+			once.Do(func() {
+				e.load.Add(-1)
+				<-s.run
+			})
+		}
+		defer release()
+		// A reader that stops reading blocks the answer's writes until the
+		// request ends (its deadline, its client, a hard shutdown), and then
+		// for writeGrace more (the time to write its error answer), not longer.
+		rc := http.NewResponseController(w)
+		writes := deadlineAtEnd(ctx, rc.SetWriteDeadline, func() time.Time { return time.Now().Add(writeGrace) })
+		st := h(ctx, w, r, e, release)
+		if writes.end() {
+			// What is buffered goes out under the deadline; then the
+			// connection's next request gets none.
+			_ = rc.Flush()
+			_ = rc.SetWriteDeadline(time.Time{})
+		}
 		s.m.request(endpoint, outcome(st))
 	}
 }
 
 var errDeadline = errors.New("the request's deadline passed")
 
+// writeGrace bounds the writes of a request that has ended.
+const writeGrace = 5 * time.Second
+
 // readBody reads r's body into memory (within the body limit set on it) and
 // puts it back as r.Body. The read stops when ctx ends (deadline, shutdown):
 // the connection's read deadline is moved to the past then.
 func readBody(ctx context.Context, w http.ResponseWriter, r *http.Request) error {
 	rc := http.NewResponseController(w)
-	var mu sync.Mutex
-	done := false
-	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if !done {
-			rc.SetReadDeadline(time.Unix(1, 0)) // not supported (HTTP/2 test recorders): the read goes on
-		}
-	})
+	d := deadlineAtEnd(ctx, rc.SetReadDeadline, func() time.Time { return time.Unix(1, 0) })
 	b, err := io.ReadAll(r.Body)
-	fired := !stop()
+	fired := d.end()
 	if err != nil {
 		// The rest of the body stays unread: the connection closes after the
 		// answer (else net/http would wait to read the rest after it).
@@ -308,14 +322,41 @@ func readBody(ctx context.Context, w http.ResponseWriter, r *http.Request) error
 		return bad("could not read the request body: %v", err)
 	}
 	if fired {
-		// The read deadline may be in the past: clear it for the connection's next request.
-		mu.Lock()
-		done = true
-		rc.SetReadDeadline(time.Time{})
-		mu.Unlock()
+		rc.SetReadDeadline(time.Time{}) // for the connection's next request
 	}
 	r.Body = io.NopCloser(bytes.NewReader(b))
 	return nil
+}
+
+// endDeadline sets a connection's read or write deadline once a request's
+// context ends, so that I/O blocked on a client stops.
+type endDeadline struct {
+	mu   sync.Mutex
+	done bool
+	stop func() bool
+}
+
+// deadlineAtEnd calls set(when()) when ctx ends, unless end came first.
+// Connections that cannot take deadlines (test recorders) just go on.
+func deadlineAtEnd(ctx context.Context, set func(time.Time) error, when func() time.Time) *endDeadline {
+	d := &endDeadline{}
+	d.stop = context.AfterFunc(ctx, func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if !d.done {
+			_ = set(when())
+		}
+	})
+	return d
+}
+
+// end reports whether the deadline was set; after it, it never is.
+func (d *endDeadline) end() bool {
+	fired := !d.stop()
+	d.mu.Lock()
+	d.done = true
+	d.mu.Unlock()
+	return fired
 }
 
 // route picks the engine with the least load (ties: round robin).

@@ -676,10 +676,11 @@ func TestStreamChatErrors(t *testing.T) {
 			`"usage":{"completion_tokens":3,"prompt_tokens":100,"total_tokens":103}}` + "\n\ndata: [DONE]"}, false, true},
 	} {
 		rec := httptest.NewRecorder()
-		decoded := false
+		decoded, released := false, 0
 		st := s.streamChat(context.Background(), rec, c.run, dimoo.UnderstandRequest{}, "chatcmpl-1", 1, c.usage,
-			func() { decoded = true })
+			func() { decoded = true }, func() { released++ })
 		assert.Equal(t, c.status, st, c.name)
+		assert.Equal(t, 1, released, "%s: the slot is released once the decode ends", c.name)
 		body := rec.Body.String()
 		for _, want := range c.body {
 			assert.Contains(t, body, want, c.name)
@@ -765,4 +766,89 @@ func TestSlowUpload(t *testing.T) {
 	late, _ := rawRequest(t, ts, "/v1/images/generations?timeout=0.2", body, 5)
 	assert.Equal(t, http.StatusGatewayTimeout, readStatus(t, late))
 	assert.Equal(t, int64(0), waiting())
+}
+
+// stuckWriter is a client that stops reading: its first Write blocks until
+// unblock closes.
+type stuckWriter struct {
+	header  http.Header
+	writing chan struct{}
+	unblock chan struct{}
+	once    sync.Once
+}
+
+func (w *stuckWriter) Header() http.Header { return w.header }
+func (w *stuckWriter) WriteHeader(int)     {}
+func (w *stuckWriter) Write(b []byte) (int, error) {
+	w.once.Do(func() { close(w.writing) })
+	<-w.unblock
+	return len(b), nil
+}
+
+// The run slot is for decoding: a request whose answer cannot be written
+// (its client stopped reading) gives its slot back once its decode ends,
+// so with one slot the next request runs meanwhile.
+func TestSlotReleasedBeforeTheAnswer(t *testing.T) {
+	ts := start(t, false, Options{MaxInflight: 1, MaxQueue: 4})
+	body := `{"prompt": "a red circle at the center", "steps": 2, "seed": 1}`
+	request := func() *http.Request {
+		r := httptest.NewRequest("POST", "/v1/images/generations", strings.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		return r
+	}
+	stuck := &stuckWriter{header: http.Header{}, writing: make(chan struct{}), unblock: make(chan struct{})}
+	first := make(chan struct{})
+	go func() {
+		defer close(first)
+		ts.Handler().ServeHTTP(stuck, request())
+	}()
+	select {
+	case <-stuck.writing:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the first request never wrote its answer")
+	}
+	second := make(chan *httptest.ResponseRecorder)
+	go func() {
+		rec := httptest.NewRecorder()
+		ts.Handler().ServeHTTP(rec, request())
+		second <- rec
+	}()
+	select {
+	case rec := <-second:
+		assert.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	case <-time.After(60 * time.Second):
+		t.Error("the second request waited for the first one's answer to be read")
+	}
+	close(stuck.unblock)
+	<-first
+}
+
+// deadlineAtEnd sets the deadline when the context ends first, never after
+// end, and end says which happened.
+func TestDeadlineAtEnd(t *testing.T) {
+	at := time.Unix(42, 0)
+	var got []time.Time
+	var mu sync.Mutex
+	set := func(d time.Time) error {
+		mu.Lock()
+		defer mu.Unlock()
+		got = append(got, d)
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := deadlineAtEnd(ctx, set, func() time.Time { return at })
+	cancel()
+	require.Eventually(t, func() bool { mu.Lock(); defer mu.Unlock(); return len(got) == 1 }, 5*time.Second, time.Millisecond)
+	assert.True(t, d.end())
+	assert.Equal(t, []time.Time{at}, got)
+
+	got = nil
+	ctx, cancel = context.WithCancel(context.Background())
+	d = deadlineAtEnd(ctx, set, func() time.Time { return at })
+	assert.False(t, d.end())
+	cancel()
+	time.Sleep(10 * time.Millisecond) // an AfterFunc would run by now
+	mu.Lock()
+	assert.Empty(t, got)
+	mu.Unlock()
 }
