@@ -12,8 +12,8 @@
 //     optionally ML-Cache (ImageSampling.UseCache);
 //   - EditImage: editing, control, subject-driven, style transfer and dense
 //     prediction (EditRequest.EditType, see EditTypes);
-//   - Inpaint and InpaintMask: repaint a rectangle or a masked region, or
-//     extend the canvas (outpainting);
+//   - Inpaint and InpaintMask: regenerate a centred rectangle of an image,
+//     everything around it (outpainting), or the region a mask marks;
 //   - Understand: answer a question about an image, optionally streamed.
 //
 // A Pipeline is safe for concurrent use; a Batcher (Pipeline.NewBatcher)
