@@ -142,7 +142,7 @@ for fn, ops in funcs.items():
     # it got at launch).
     threads, r = bound.get(fn) or 1024, regs.get(fn, 0)
     pool = (threads + 31) // 32 * 32 * ((r + 7) // 8 * 8)
-    launch = []
+    launch = [] if fn in regs else ["no register count in the ptxas report (its format changed?)"]
     if pool > 65536:
         launch.append(f"{r} registers x {threads} threads > 64K" + ("" if fn in bound else " (no __launch_bounds__)"))
     if ops["alloc"] or ops["dealloc"]:
