@@ -9,6 +9,8 @@
 //   avx512      the same products widened to fp32, two FMAs (exact products,
 //               so both agree up to the order of fp32 additions)
 //   portable    plain C++ over 32 columns
+//   amx         32 rows x the panel as four 16 x 16 tiles of TDPBF16PS, 16 k
+//               pairs per step (AVX-512 BF16 for the pairs left over)
 // The kernel sets are compiled with target attributes and picked at run
 // time, so the library needs no AVX-512 to load.
 #include "cpu/bf16.h"
@@ -34,10 +36,33 @@
 #endif
 #include <immintrin.h>
 #endif
+#if defined(DIMOO_X86) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace dimoo::cpu {
 
 // ---- kernel selection ------------------------------------------------------------------------
+
+#if defined(DIMOO_X86) && defined(__linux__)
+// Linux hands out AMX's 8 KiB of tile state only to processes that ask
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, Linux 5.16 and later); a
+// tile instruction before that is SIGILL. The permission is process-wide.
+bool amx_permitted() {
+    static const bool ok = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        if (!(d & (1u << 22)) || !(d & (1u << 24))) return false; // AMX-BF16, AMX-TILE
+        constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023, kXtileData = 18;
+        if (syscall(SYS_arch_prctl, kReqPerm, kXtileData) != 0) return false;
+        unsigned long perm = 0;
+        return syscall(SYS_arch_prctl, kGetPerm, &perm) == 0 && (perm & (1ul << kXtileData));
+    }();
+    return ok;
+}
+#endif
 
 bool kernels_supported(Kernels k) {
     switch (k) {
@@ -47,6 +72,9 @@ bool kernels_supported(Kernels k) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case Kernels::Avx512Bf16: return kernels_supported(Kernels::Avx512) && __builtin_cpu_supports("avx512bf16");
+#if defined(__linux__)
+    case Kernels::Amx: return kernels_supported(Kernels::Avx512Bf16) && amx_permitted();
+#endif
 #endif
     default: return false;
     }
@@ -54,18 +82,22 @@ bool kernels_supported(Kernels k) {
 
 Kernels best_kernels() {
     Kernels k = Kernels::Portable;
-    if (kernels_supported(Kernels::Avx512Bf16)) k = Kernels::Avx512Bf16;
-    else if (kernels_supported(Kernels::Avx512)) k = Kernels::Avx512;
+    for (Kernels c : {Kernels::Amx, Kernels::Avx512Bf16, Kernels::Avx512})
+        if (kernels_supported(c)) {
+            k = c;
+            break;
+        }
     if (const char *e = std::getenv("DIMOO_CPU_KERNELS")) {
         const std::string s(e);
-        if (s == "portable") k = Kernels::Portable;
-        else if (s == "avx512" && k > Kernels::Avx512) k = Kernels::Avx512;
+        for (Kernels cap : {Kernels::Portable, Kernels::Avx512, Kernels::Avx512Bf16})
+            if (s == kernels_name(cap) && k > cap) k = cap;
     }
     return k;
 }
 
 const char *kernels_name(Kernels k) {
     switch (k) {
+    case Kernels::Amx: return "amx";
     case Kernels::Avx512Bf16: return "avx512bf16";
     case Kernels::Avx512: return "avx512";
     default: return "portable";
@@ -291,17 +323,133 @@ DIMOO_MICRO_TABLE(micro_avx512)
 
 const MicroFn *micro_table(Kernels ks) {
 #if defined(DIMOO_X86)
-    if (ks == Kernels::Avx512Bf16) return micro_bf16_table;
+    if (ks == Kernels::Avx512Bf16 || ks == Kernels::Amx) return micro_bf16_table;
     if (ks == Kernels::Avx512) return micro_avx512_table;
 #endif
     (void)ks;
     return micro_portable_table;
 }
 
+
+#if defined(DIMOO_X86) && defined(__linux__)
+// ---- AMX ------------------------------------------------------------------------------------------
+//
+// A block of up to 32 rows of A times one 32-column panel as four 16 x 16
+// fp32 accumulator tiles: C0 C1 (rows 0-15, columns 0-15 and 16-31), C2 C3
+// (rows 16-31); A4, A5 the two row halves and B6, B7 the two column halves
+// of 16 k pairs. The panel's layout (32 columns x 2 k per 128-byte line) is
+// already what TDPBF16PS takes for B: a B tile is 16 lines of 64 bytes at a
+// stride of the panel's line. A's rows of pairs are A tiles as they lie.
+// Each accumulator row depends only on its own row of A, so a row gives the
+// same bits whatever rows share its block (ML-Cache rows, batched
+// sequences). k pairs past the last multiple of 16 go through the AVX-512
+// BF16 kernel on the tile's result.
+#define DIMOO_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// Tile rows: r0 for the first row half, r1 for the second (16 when the
+// block has none, so the common shapes share one configuration). The
+// configuration is per thread; it is loaded only when the thread's differs
+// (LDTILECFG costs about 100 cycles, STTILECFG a tenth of that).
+DIMOO_TAMX void amx_configure(int r0, int r1) {
+    TileConfig want{};
+    want.palette = 1;
+    for (int t : {0, 1, 4}) want.rows[t] = uint8_t(r0);
+    for (int t : {2, 3, 5}) want.rows[t] = uint8_t(r1);
+    for (int t : {6, 7}) want.rows[t] = 16;
+    for (int t = 0; t < 8; ++t) want.colsb[t] = 64;
+    TileConfig cur;
+    _tile_storeconfig(&cur);
+    // GCC does not see the tile configuration instructions touch memory.
+    asm volatile("" : : "r"(&cur), "r"(&want) : "memory");
+    if (std::memcmp(&cur, &want, sizeof want) != 0) _tile_loadconfig(&want);
+}
+
+// C (stride ldc floats, 32 columns) = (load ? C : 0) + A B over kp16 pairs
+// (a multiple of 16); rows 16.. only when TWO.
+template <bool TWO>
+DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C, size_t ldc,
+                          bool load) {
+    const size_t sa = lda * 4, sb = ps * 2, sc = ldc * 4;
+    float *C2 = C + 16 * ldc;
+    if (load) {
+        _tile_loadd(0, C, sc);
+        _tile_loadd(1, C + 16, sc);
+        if (TWO) {
+            _tile_loadd(2, C2, sc);
+            _tile_loadd(3, C2 + 16, sc);
+        }
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (TWO) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+    }
+    for (int k = 0; k < kp16; k += 16) {
+        const uint16_t *b = B + size_t(k) * ps;
+        _tile_loadd(6, b, sb);
+        _tile_loadd(7, b + 32, sb);
+        _tile_loadd(4, A + k, sa);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (TWO) {
+            _tile_loadd(5, A + 16 * lda + k, sa);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, C, sc);
+    _tile_stored(1, C + 16, sc);
+    if (TWO) {
+        _tile_stored(2, C2, sc);
+        _tile_stored(3, C2 + 16, sc);
+    }
+}
+
+// tile() on AMX: the same contract.
+DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
+                         size_t ldc, int c0, int c1, bool accumulate) {
+    const int kp16 = kp & ~15;
+    // Straight into C when the block covers the whole panel and all of k;
+    // else through a 32 x 32 buffer that starts as C's columns (or zeros).
+    const bool direct = c0 == 0 && c1 == kPanel && kp16 == kp;
+    alignas(64) float buf[32 * kPanel];
+    for (int r = 0; r < rows; r += 32) {
+        const int R = std::min(32, rows - r);
+        const uint32_t *a = A + size_t(r) * lda;
+        float *c = C + size_t(r) * ldc;
+        float *dst = direct ? c : buf;
+        const size_t ld = direct ? ldc : kPanel;
+        if (!direct)
+            for (int m = 0; m < R; ++m) read_row(c + size_t(m) * ldc, c0, c1, accumulate, buf + m * kPanel);
+        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16);
+        if (R > 16) amx_block<true>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
+        else amx_block<false>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
+        if (direct) continue;
+        for (int m = 0; m < R && kp16 < kp; m += kTileRows) {
+            const int n = std::min(kTileRows, R - m);
+            micro_bf16_table[n](kp - kp16, a + size_t(m) * lda + kp16, lda, B + size_t(kp16) * ps, ps,
+                                buf + m * kPanel, kPanel, 0, kPanel, true);
+        }
+        for (int m = 0; m < R; ++m) write_row(buf + m * kPanel, c0, c1, c + size_t(m) * ldc);
+    }
+}
+#endif
 } // namespace
 
 void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
           float *C, size_t ldc, int c0, int c1, bool accumulate) {
+#if defined(DIMOO_X86) && defined(__linux__)
+    if (ks == Kernels::Amx && kp >= 16) return tile_amx(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
+#endif
     const MicroFn *fn = micro_table(ks);
     for (int r = 0; r < rows; r += kTileRows) {
         const int R = std::min(kTileRows, rows - r);
