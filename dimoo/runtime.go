@@ -64,7 +64,7 @@ func (r *Runtime) Backend() Backend { return r.backend }
 // Library is the library the runtime lives in.
 func (r *Runtime) Library() *Library { return r.lib }
 
-// Describe names the device, e.g. "cpu: 2 threads, avx2".
+// Describe names the device, e.g. "cpu: 2 threads, avx512, bf16 tiles amx".
 func (r *Runtime) Describe() (string, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

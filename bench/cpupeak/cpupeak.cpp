@@ -4,18 +4,23 @@
 //   build/dimoo_cpupeak [--T 64,300,1124,4228] [--reps 3] [--layers 1]
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
 //                       [--vocab 16384] [--threads 2] [--json] [--serve]
-//                       [--dtype bf16|f32]
+//                       [--dtype bf16|f32] [--baseline KERNELS]
 //
 // --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
 // DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
 // stages are not clocked).
+//
+// --baseline avx512bf16 (or avx512, portable): a second model of the same
+// weights on that kernel set (DIMOO_CPU_KERNELS at its load), its forward
+// timed right after each of the best set's; the table gives the speed ratio.
 //
 // --serve: build the model once, then read one T per line on stdin and answer
 // each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
 // with PyTorch's forward, T by T).
 //
 // Per repetition and T it measures the peaks (a register-only loop of
-// VDPBF16PS, and of fp32 FMA, on every thread) just before and just after one
+// VDPBF16PS, or of AMX's TDPBF16PS when the tiles run on AMX, and of fp32
+// FMA, on every thread) just before and just after one
 // timed forward (after a warm-up) with the backend's stage clock on, and
 // takes their mean as the peak of that forward, so every ratio printed comes
 // from measurements a few hundred milliseconds apart: other processes on the
@@ -40,6 +45,9 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__linux__)
+#define CPUPEAK_AMX 1
 #endif
 
 namespace {
@@ -81,18 +89,66 @@ __attribute__((target("avx512f"), noinline)) double peak_fma_thread(long iters) 
 }
 #endif
 
-// GFLOP/s of the loop over `threads` threads, about `seconds` long.
-double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr) {
+#if defined(CPUPEAK_AMX)
+// Four 16 x 16 accumulator tiles, A and B tiles loaded once: TDPBF16PS's
+// own rate (the library's tile kernel adds the loads of A and B).
+__attribute__((target("amx-tile,amx-bf16"), noinline)) double peak_amx_thread(long iters) {
+    struct alignas(64) {
+        uint8_t palette, start, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg{};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    alignas(64) uint16_t one[16 * 32];
+    for (auto &x : one) x = 0x3f80; // bf16 1.0: the accumulators count the products
+    alignas(64) float c[256];
+    asm volatile("" : : "r"(&cfg) : "memory"); // GCC does not see LDTILECFG read it
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, one, 64);
+    _tile_loadd(5, one, 64);
+    _tile_loadd(6, one, 64);
+    _tile_loadd(7, one, 64);
+    for (long it = 0; it < iters; it++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, 64);
+    _tile_release();
+    asm volatile("" : : "r"(c) : "memory");
+    return double(c[0]);
+}
+#endif
+
+// GFLOP/s of the loop over `threads` threads, about `seconds` long: fp32
+// FMA, or the bf16 products of kernel set ks (AMX tiles or VDPBF16PS).
+double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr,
+            dimoo::cpu::Kernels ks = dimoo::cpu::Kernels::Avx512Bf16) {
 #if defined(__x86_64__)
     if (bf16 && !dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512Bf16)) return 0;
     if (!dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512)) return 0;
-    const double flops_per_iter = 24.0 * (bf16 ? 64.0 : 32.0);
+#if defined(CPUPEAK_AMX)
+    const bool amx = bf16 && ks == dimoo::cpu::Kernels::Amx;
+#else
+    const bool amx = false;
+    (void)ks;
+#endif
+    const double flops_per_iter = amx ? 4.0 * 16 * 16 * 32 * 2 : 24.0 * (bf16 ? 64.0 : 32.0);
     long iters = 200000;
     double sink = 0;
     for (;;) {
         const double t0 = now(), c0 = cpu_now();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
-        sink += bf16 ? peak_bf16_thread(iters) : peak_fma_thread(iters);
+        sink += amx ? peak_amx_thread(iters) : bf16 ? peak_bf16_thread(iters) : peak_fma_thread(iters);
         const double dt = now() - t0, dc = cpu_now() - c0;
         if (dt > seconds || iters > (1L << 34)) {
             if (sink == 1234.5) std::puts("");
@@ -107,6 +163,8 @@ double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr)
     (void)bf16;
     (void)threads;
     (void)seconds;
+    (void)per_cpu_s;
+    (void)ks;
     return 0;
 #endif
 }
@@ -115,6 +173,7 @@ struct Opts {
     std::vector<int> T = {64, 300, 1124, 4228};
     int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
     bool json = false, serve = false, f32 = false;
+    std::string baseline; // a kernel set to time beside the best one
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -131,6 +190,7 @@ std::vector<int> parse_list(const char *s) {
 struct Row {
     double tok_s, total_gf, gemm_frac, attn_frac, attn_vs_gemm, rest_share, fwd_frac, peak_bf16, peak_fma, secs;
     double cpu_secs, peak_bf16_cpu, fwd_frac_cpu; // the same per CPU second
+    double base_secs, speedup;                     // the --baseline forward, and its time / ours
 };
 
 double median(std::vector<double> v) {
@@ -166,6 +226,7 @@ int main(int argc, char **argv) {
         else if (a == "--json") o.json = true;
         else if (a == "--serve") o.serve = true;
         else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
+        else if (a == "--baseline") o.baseline = next();
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
@@ -182,55 +243,87 @@ int main(int argc, char **argv) {
     cfg.rms_norm_eps = 1e-5f;
     char err[512];
     dimoo_runtime *rt = nullptr;
-    dimoo_model *m = nullptr;
     if (dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, o.threads, &rt, err, sizeof err) != DIMOO_OK) die("runtime", err);
-    if (dimoo_model_create(rt, &cfg, &m, err, sizeof err) != DIMOO_OK) die("model", err);
 
-    // Random bf16 weights: matrices N(0, 1/fan_in), norms 1 + 0.1 N(0, 1).
-    std::mt19937 rng(1);
-    std::normal_distribution<float> nd(0.f, 1.f);
+    // Random bf16 weights: matrices N(0, 1/fan_in), norms 1 + 0.1 N(0, 1);
+    // the same for every model built.
     const int64_t d = o.d, kv = int64_t(o.d) / o.heads * o.kv_heads, mlp = o.mlp, e = o.vocab;
-    auto put = [&](const std::string &name, std::vector<int64_t> shape) {
-        size_t n = 1;
-        for (auto s : shape) n *= size_t(s);
-        std::vector<uint16_t> v(o.f32 ? 0 : n);
-        std::vector<float> f(o.f32 ? n : 0);
-        const float scale = shape.size() == 2 ? 1.f / std::sqrt(float(shape[1])) : 0.1f;
-        const bool emb = name.find("wte") != std::string::npos;
-        for (size_t i = 0; i < n; i++) {
-            const float x = emb ? nd(rng) : nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f);
-            if (o.f32) f[i] = x;
-            else v[i] = dimoo::f32_to_bf16(x);
+    auto build = [&]() {
+        dimoo_model *m = nullptr;
+        if (dimoo_model_create(rt, &cfg, &m, err, sizeof err) != DIMOO_OK) die("model", err);
+        std::mt19937 rng(1);
+        std::normal_distribution<float> nd(0.f, 1.f);
+        auto put = [&](const std::string &name, std::vector<int64_t> shape) {
+            size_t n = 1;
+            for (auto s : shape) n *= size_t(s);
+            std::vector<uint16_t> v(o.f32 ? 0 : n);
+            std::vector<float> f(o.f32 ? n : 0);
+            const float scale = shape.size() == 2 ? 1.f / std::sqrt(float(shape[1])) : 0.1f;
+            const bool emb = name.find("wte") != std::string::npos;
+            for (size_t i = 0; i < n; i++) {
+                const float x = emb ? nd(rng) : nd(rng) * scale + (shape.size() == 1 ? 1.f : 0.f);
+                if (o.f32) f[i] = x;
+                else v[i] = dimoo::f32_to_bf16(x);
+            }
+            const void *data = o.f32 ? static_cast<const void *>(f.data()) : v.data();
+            if (dimoo_model_set_weight(m, name.c_str(), o.f32 ? DIMOO_F32 : DIMOO_BF16, shape.data(),
+                                       int32_t(shape.size()), data, n * (o.f32 ? 4 : 2)) != DIMOO_OK)
+                die(name.c_str(), dimoo_model_error(m));
+        };
+        put("model.transformer.wte.weight", {e, d});
+        put("model.transformer.ln_f.weight", {d});
+        put("model.transformer.ff_out.weight", {e, d});
+        for (int l = 0; l < o.layers; l++) {
+            const std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
+            put(p + "attn_norm.weight", {d});
+            put(p + "q_proj.weight", {d, d});
+            put(p + "k_proj.weight", {kv, d});
+            put(p + "v_proj.weight", {kv, d});
+            put(p + "attn_out.weight", {d, d});
+            put(p + "ff_norm.weight", {d});
+            put(p + "ff_proj.weight", {mlp, d});
+            put(p + "up_proj.weight", {mlp, d});
+            put(p + "ff_out.weight", {d, mlp});
         }
-        const void *data = o.f32 ? static_cast<const void *>(f.data()) : v.data();
-        if (dimoo_model_set_weight(m, name.c_str(), o.f32 ? DIMOO_F32 : DIMOO_BF16, shape.data(),
-                                   int32_t(shape.size()), data, n * (o.f32 ? 4 : 2)) != DIMOO_OK)
-            die(name.c_str(), dimoo_model_error(m));
+        if (dimoo_model_finalize(m) != DIMOO_OK) die("finalize", dimoo_model_error(m));
+        return m;
     };
-    put("model.transformer.wte.weight", {e, d});
-    put("model.transformer.ln_f.weight", {d});
-    put("model.transformer.ff_out.weight", {e, d});
-    for (int l = 0; l < o.layers; l++) {
-        const std::string p = "model.transformer.blocks." + std::to_string(l) + ".";
-        put(p + "attn_norm.weight", {d});
-        put(p + "q_proj.weight", {d, d});
-        put(p + "k_proj.weight", {kv, d});
-        put(p + "v_proj.weight", {kv, d});
-        put(p + "attn_out.weight", {d, d});
-        put(p + "ff_norm.weight", {d});
-        put(p + "ff_proj.weight", {mlp, d});
-        put(p + "up_proj.weight", {mlp, d});
-        put(p + "ff_out.weight", {d, mlp});
-    }
-    if (dimoo_model_finalize(m) != DIMOO_OK) die("finalize", dimoo_model_error(m));
     const dimoo::cpu::Kernels ks = dimoo::cpu::best_kernels();
-
+    dimoo_model *m = build(), *base = nullptr;
+    if (!o.baseline.empty()) {
+        // The kernel set is read from the environment when a model is finalized.
+        const char *prev = std::getenv("DIMOO_CPU_KERNELS");
+        const std::string keep = prev ? prev : "";
+        setenv("DIMOO_CPU_KERNELS", o.baseline.c_str(), 1);
+        base = build();
+        if (prev) setenv("DIMOO_CPU_KERNELS", keep.c_str(), 1);
+        else unsetenv("DIMOO_CPU_KERNELS");
+    }
     // FLOPs: 2 per weight per token in the projections and the head; 4 * T
     // per query token per model column in attention (Q K^T and P V).
     const double layer_params = double(2 * d * d + 2 * kv * d + 3 * mlp * d);
     std::vector<std::vector<Row>> rows(o.T.size());
     std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length));
     for (size_t i = 0; i < tokens.size(); i++) tokens[i] = int32_t((i * 7919) % size_t(o.vocab));
+    // Seconds of one forward of T tokens on the --baseline model (after a warm-up).
+    auto time_base = [&](int T) {
+        dimoo_ctx *ctx = nullptr;
+        dimoo_ctx_params p{1, T, 0};
+        if (dimoo_ctx_create(base, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
+        std::vector<float> logits(size_t(T) * size_t(e));
+        dimoo_forward_args a{};
+        a.n_tokens = T;
+        a.tokens = tokens.data();
+        a.logits = logits.data();
+        double secs = 0;
+        for (int i = 0; i < 2; i++) { // warm-up, then timed
+            const double t0 = now();
+            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
+            secs = now() - t0;
+        }
+        dimoo_ctx_destroy(ctx);
+        return secs;
+    };
     auto measure = [&](int T, int rep, bool json) {
             dimoo_ctx *ctx = nullptr;
             dimoo_ctx_params p{1, T, 0};
@@ -243,7 +336,7 @@ int main(int argc, char **argv) {
             if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx)); // warm-up
             Row r{};
             double pc0 = 0, pc1 = 0, pf0 = 0, pf1 = 0;
-            r.peak_bf16 = peak(true, o.threads, 0.2, &pc0);
+            r.peak_bf16 = peak(true, o.threads, 0.2, &pc0, ks);
             r.peak_fma = peak(false, o.threads, 0.2, &pf0);
             dimoo::cpu::stage_times_take();
             dimoo::cpu::stage_timing(true);
@@ -254,12 +347,16 @@ int main(int argc, char **argv) {
             dimoo::cpu::stage_timing(false);
             const dimoo::cpu::StageTimes st = dimoo::cpu::stage_times_take();
             // Peaks again after the forward: the mean of both brackets it.
-            r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2, &pc1));
+            r.peak_bf16 = 0.5 * (r.peak_bf16 + peak(true, o.threads, 0.2, &pc1, ks));
             r.peak_bf16_cpu = 0.5 * (pc0 + pc1);
             r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2, &pf1));
-            // The reference: VDPBF16PS for bf16 weights, fp32 FMA for fp32.
+            // The reference: VDPBF16PS or AMX for bf16 weights, fp32 FMA for fp32.
             if (o.f32 || r.peak_bf16_cpu <= 0) r.peak_bf16_cpu = 0.5 * (pf0 + pf1);
             dimoo_ctx_destroy(ctx);
+            if (base) {
+                r.base_secs = time_base(T);
+                r.speedup = r.base_secs / r.secs;
+            }
             const double peak_ref = r.peak_bf16 > 0 && !o.f32 ? r.peak_bf16 : r.peak_fma;
             const double gemm_flops = 2.0 * T * (layer_params * o.layers + double(e * d));
             const double attn_flops = 4.0 * T * double(T) * double(d) * o.layers;
@@ -281,9 +378,10 @@ int main(int argc, char **argv) {
                 std::printf("{\"T\": %d, \"rep\": %d, \"seconds\": %.6f, \"tokens_per_s\": %.3f, \"gflops\": %.2f, "
                             "\"gemm_s\": %.6f, \"attention_s\": %.6f, \"rest_s\": %.6f, \"peak_bf16\": %.1f, "
                             "\"peak_fma\": %.1f, \"gemm_gflops\": %.2f, \"attention_gflops\": %.2f, \"cpu_seconds\": %.6f, "
-                            "\"peak_bf16_cpu\": %.1f}\n",
+                            "\"peak_bf16_cpu\": %.1f, \"kernels\": \"%s\", \"baseline_seconds\": %.6f}\n",
                             T, rep, r.secs, r.tok_s, r.total_gf, st.gemm, st.attention, st.rest, r.peak_bf16,
-                            r.peak_fma, gemm_gf, attn_gf, r.cpu_secs, r.peak_bf16_cpu);
+                            r.peak_fma, gemm_gf, attn_gf, r.cpu_secs, r.peak_bf16_cpu, dimoo::cpu::kernels_name(ks),
+                            r.base_secs);
             std::fflush(stdout);
             return r;
     };
@@ -297,6 +395,7 @@ int main(int argc, char **argv) {
             }
             measure(T, n++, true);
         }
+        if (base) dimoo_model_destroy(base);
         dimoo_model_destroy(m);
         dimoo_runtime_destroy(rt);
         return 0;
@@ -313,7 +412,8 @@ int main(int argc, char **argv) {
         for (const auto &r : v) x.push_back(r.*f * mul);
         const auto [lo, hi] = std::minmax_element(x.begin(), x.end());
         char b[64];
-        std::snprintf(b, sizeof b, "%.0f [%.0f %.0f]", median(x), *lo, *hi);
+        const bool small = median(x) < 10;
+        std::snprintf(b, sizeof b, small ? "%.2f [%.2f %.2f]" : "%.0f [%.0f %.0f]", median(x), *lo, *hi);
         return std::string(b);
     };
     std::printf("%6s | %-20s | %-20s | %-18s | %-18s | %-18s | %-18s | %-16s\n", "T",
@@ -333,6 +433,14 @@ int main(int argc, char **argv) {
     for (size_t ti = 0; ti < o.T.size(); ti++)
         std::printf("%6d | %-20s | %-26s | %-24s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str(),
                     cell(rows[ti], &Row::peak_bf16_cpu, 1).c_str(), cell(rows[ti], &Row::fwd_frac_cpu, 100).c_str());
+    if (base) {
+        std::printf("%6s | %-20s | %-20s | %-24s\n", "T", "fwd ms", ("fwd ms, " + o.baseline).c_str(),
+                    ("speed x " + o.baseline).c_str());
+        for (size_t ti = 0; ti < o.T.size(); ti++)
+            std::printf("%6d | %-20s | %-20s | %-24s\n", o.T[ti], cell(rows[ti], &Row::secs, 1e3).c_str(),
+                        cell(rows[ti], &Row::base_secs, 1e3).c_str(), cell(rows[ti], &Row::speedup, 1).c_str());
+        dimoo_model_destroy(base);
+    }
     dimoo_model_destroy(m);
     dimoo_runtime_destroy(rt);
     return 0;

@@ -749,7 +749,9 @@ public:
 #elif defined(__ARM_NEON)
         isa = "neon";
 #endif
-        return "cpu: " + std::to_string(n) + " threads, " + isa;
+        // The fp32 GEMM's compile-time ISA, then the bf16 tiles picked at run time.
+        return "cpu: " + std::to_string(n) + " threads, " + isa + ", bf16 tiles " +
+               cpu::kernels_name(cpu::best_kernels());
     }
 
     std::unique_ptr<Model> create_model(const ModelShape &shape) override {
