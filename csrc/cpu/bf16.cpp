@@ -584,7 +584,11 @@ DIMOO_T512 inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
+// With p: the exps also go to p as bf16 (round_bf16's rounding, zeros past
+// nk) instead of back into s, and the output row o (hd floats) is rescaled
+// by corr: the bf16 attention's whole per-row step in one pass.
+DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
+                                   float *o, int hd) {
     constexpr int NV = kKBlock / 16;
     const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     __m512 v[NV];
@@ -603,11 +607,30 @@ DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, flo
         // -inf lanes (past nk) clamp to exp(-87 - m); zero them exactly.
         const __mmask16 valid = _mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ);
         const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v[i], vm)));
-        _mm512_storeu_ps(s + 16 * i, e);
+        if (p) {
+            // Round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
+            const __m512i u = _mm512_castps_si512(e);
+            const __m512i r = _mm512_add_epi32(
+                u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                 _mm512_set1_epi32(1))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+        } else {
+            _mm512_storeu_ps(s + 16 * i, e);
+        }
         sum = _mm512_add_ps(sum, e);
     }
     m = mnew;
     l = l * corr + _mm512_reduce_add_ps(sum);
+    if (p && corr != 1.0f) {
+        const __m512 vc = _mm512_set1_ps(corr);
+        int c = 0;
+        for (; c + 16 <= hd; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), vc));
+        for (; c < hd; ++c) o[c] *= corr;
+    }
+}
+
+DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    softmax_row_avx512(s, nk, scale, m, l, corr, nullptr, nullptr, 0);
 }
 #endif
 
@@ -688,11 +711,17 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                 tile(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
                      kKBlock, 0, kPanel, false);
             for (int i = 0; i < nr; ++i) {
-                float *s = S + size_t(i) * kKBlock;
+                float *s = S + size_t(i) * kKBlock, *o = O + size_t(i) * hd;
+                uint16_t *p = reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2));
                 float corr;
+#if defined(DIMOO_X86)
+                if (ks != Kernels::Portable) {
+                    softmax_row_avx512(s, nk, scale, mx[i], sum[i], corr, p, o, hd);
+                    continue;
+                }
+#endif
                 step(s, nk, scale, mx[i], sum[i], corr);
-                round_bf16(s, kKBlock, reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), kKBlock);
-                float *o = O + size_t(i) * hd;
+                round_bf16(s, kKBlock, p, kKBlock);
                 if (corr != 1.0f)
                     for (int c = 0; c < hd; ++c) o[c] *= corr;
             }
