@@ -544,6 +544,9 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
 
 namespace {
 constexpr int kQBlock = 4 * kTileRows; // queries per task
+// On AMX two whole 32-row tile blocks (48 = 32 + 16 would leave half the
+// accumulator tiles of every other block idle).
+constexpr int kQBlockAmx = 64, kQBlockMax = 64;
 constexpr int kKBlock = kKeyBlock;     // keys per step
 
 // One row's online-softmax step over a block of kKBlock scores s (the first
@@ -681,24 +684,25 @@ void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv) {
 
 size_t flash_scratch_floats(int head_dim) {
     // S block, P pairs, O block, running max and sum; 16-float aligned parts.
-    return size_t(kQBlock) * (kKBlock + kKBlock / 2 + size_t(head_dim) + 2) + 64;
+    return size_t(kQBlockMax) * (kKBlock + kKBlock / 2 + size_t(head_dim) + 2) + 64;
 }
 
 void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, int n_heads, const PackedKV &kv,
                           uint16_t *out, size_t ldo, float *scratch) {
     const int hd = kv.head_dim, hp = hd / 2, group = n_heads / kv.n_kv;
-    const int qblocks = (rows + kQBlock - 1) / kQBlock;
+    const int qb = ks == Kernels::Amx ? kQBlockAmx : kQBlock;
+    const int qblocks = (rows + qb - 1) / qb;
     const int total = n_heads * qblocks;
     const int cpanels = (hd + kPanel - 1) / kPanel;
     const float scale = 1.0f / std::sqrt(float(hd));
     float *S = scratch + size_t(omp_get_thread_num()) * flash_scratch_floats(hd);
-    uint32_t *P = reinterpret_cast<uint32_t *>(S + kQBlock * kKBlock);
-    float *O = S + kQBlock * (kKBlock + kKBlock / 2);
-    float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    uint32_t *P = reinterpret_cast<uint32_t *>(S + kQBlockMax * kKBlock);
+    float *O = S + kQBlockMax * (kKBlock + kKBlock / 2);
+    float *mx = O + size_t(kQBlockMax) * hd, *sum = mx + kQBlockMax;
     const SoftmaxFn step = softmax_step(ks);
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < total; ++t) {
-        const int h = t / qblocks, r0 = (t % qblocks) * kQBlock, nr = std::min(kQBlock, rows - r0);
+        const int h = t / qblocks, r0 = (t % qblocks) * qb, nr = std::min(qb, rows - r0);
         const int kh = h / group;
         const uint32_t *Q = q + size_t(r0) * ldq + size_t(h) * hp;
         const uint16_t *Kh = kv.k + size_t(kh) * kv.kstride, *Vh = kv.v + size_t(kh) * kv.vstride;
@@ -764,8 +768,8 @@ void flash_attention_f32_team(Kernels ks, const float *q, size_t ldq, int rows, 
     const int cpanels = (hd + kPanel - 1) / kPanel;
     const float scale = 1.0f / std::sqrt(float(hd));
     float *S = scratch + size_t(omp_get_thread_num()) * flash_scratch_floats(hd);
-    float *O = S + kQBlock * (kKBlock + kKBlock / 2);
-    float *mx = O + size_t(kQBlock) * hd, *sum = mx + kQBlock;
+    float *O = S + kQBlockMax * (kKBlock + kKBlock / 2);
+    float *mx = O + size_t(kQBlockMax) * hd, *sum = mx + kQBlockMax;
     const SoftmaxFn step = softmax_step(ks);
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < n_heads * qblocks; ++t) {
