@@ -5,8 +5,8 @@ models of the same architecture and shapes.
 
 The PyTorch side is the official model's bf16 arithmetic: RMSNorm normalised
 in float32 and cast back, RoPE in float32 and cast back, every Linear in bf16
-(oneDNN's AVX512-BF16 GEMMs where the CPU has them),
-F.scaled_dot_product_attention (no mask) in bf16, gated SiLU MLP, untied head.
+(oneDNN's AMX or AVX512-BF16 GEMMs, the best the CPU has; ONEDNN_VERBOSE=1
+names them), F.scaled_dot_product_attention (no mask) in bf16, gated SiLU MLP, untied head.
 Both sides draw their own random weights (N(0, 1/fan_in) matrices), so the
 logits differ; the shapes, dtypes and token counts are the same.
 
