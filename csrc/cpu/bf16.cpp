@@ -37,6 +37,7 @@
 #include <immintrin.h>
 #endif
 #if defined(DIMOO_X86) && defined(__linux__)
+#define DIMOO_AMX 1 // the kernel must grant the tile state: Linux only
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -46,7 +47,7 @@ namespace dimoo::cpu {
 
 // ---- kernel selection ------------------------------------------------------------------------
 
-#if defined(DIMOO_X86) && defined(__linux__)
+#if defined(DIMOO_AMX)
 // Linux hands out AMX's 8 KiB of tile state only to processes that ask
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, Linux 5.16 and later); a
 // tile instruction before that is SIGILL. The permission is process-wide.
@@ -72,7 +73,7 @@ bool kernels_supported(Kernels k) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case Kernels::Avx512Bf16: return kernels_supported(Kernels::Avx512) && __builtin_cpu_supports("avx512bf16");
-#if defined(__linux__)
+#if defined(DIMOO_AMX)
     case Kernels::Amx: return kernels_supported(Kernels::Avx512Bf16) && amx_permitted();
 #endif
 #endif
@@ -330,8 +331,7 @@ const MicroFn *micro_table(Kernels ks) {
     return micro_portable_table;
 }
 
-
-#if defined(DIMOO_X86) && defined(__linux__)
+#if defined(DIMOO_AMX)
 // ---- AMX ------------------------------------------------------------------------------------------
 //
 // A block of up to 32 rows of A times one 32-column panel as four 16 x 16
@@ -457,7 +457,7 @@ DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const 
 
 void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
           float *C, size_t ldc, int c0, int c1, bool accumulate) {
-#if defined(DIMOO_X86) && defined(__linux__)
+#if defined(DIMOO_AMX)
     if (ks == Kernels::Amx && kp >= 16) return tile_amx(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
 #endif
     const MicroFn *fn = micro_table(ks);
@@ -613,10 +613,10 @@ DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, floa
         if (p) {
             // Round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
             const __m512i u = _mm512_castps_si512(e);
-            const __m512i r = _mm512_add_epi32(
-                u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                 _mm512_set1_epi32(1))));
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+            _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
         } else {
             _mm512_storeu_ps(s + 16 * i, e);
         }
