@@ -305,35 +305,38 @@ int main(int argc, char **argv) {
     std::vector<std::vector<Row>> rows(o.T.size());
     std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length));
     for (size_t i = 0; i < tokens.size(); i++) tokens[i] = int32_t((i * 7919) % size_t(o.vocab));
+    // A context for one forward of the first T tokens on model mm, all logits out.
+    struct Fwd {
+        dimoo_ctx *ctx = nullptr;
+        std::vector<float> logits;
+        dimoo_forward_args a{};
+    };
+    auto open_fwd = [&](dimoo_model *mm, int T, Fwd &f) {
+        dimoo_ctx_params p{1, T, 0};
+        if (dimoo_ctx_create(mm, &p, &f.ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
+        f.logits.assign(size_t(T) * size_t(e), 0.f);
+        f.a.n_tokens = T;
+        f.a.tokens = tokens.data();
+        f.a.logits = f.logits.data();
+    };
+    auto forward = [&](Fwd &f) {
+        if (dimoo_forward(f.ctx, &f.a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(f.ctx));
+    };
     // Seconds of one forward of T tokens on the --baseline model (after a warm-up).
     auto time_base = [&](int T) {
-        dimoo_ctx *ctx = nullptr;
-        dimoo_ctx_params p{1, T, 0};
-        if (dimoo_ctx_create(base, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
-        std::vector<float> logits(size_t(T) * size_t(e));
-        dimoo_forward_args a{};
-        a.n_tokens = T;
-        a.tokens = tokens.data();
-        a.logits = logits.data();
-        double secs = 0;
-        for (int i = 0; i < 2; i++) { // warm-up, then timed
-            const double t0 = now();
-            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
-            secs = now() - t0;
-        }
-        dimoo_ctx_destroy(ctx);
+        Fwd f;
+        open_fwd(base, T, f);
+        forward(f);
+        const double t0 = now();
+        forward(f);
+        const double secs = now() - t0;
+        dimoo_ctx_destroy(f.ctx);
         return secs;
     };
     auto measure = [&](int T, int rep, bool json) {
-            dimoo_ctx *ctx = nullptr;
-            dimoo_ctx_params p{1, T, 0};
-            if (dimoo_ctx_create(m, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
-            std::vector<float> logits(size_t(T) * size_t(e));
-            dimoo_forward_args a{};
-            a.n_tokens = T;
-            a.tokens = tokens.data();
-            a.logits = logits.data();
-            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx)); // warm-up
+            Fwd f;
+            open_fwd(m, T, f);
+            forward(f); // warm-up
             Row r{};
             double pc0 = 0, pc1 = 0, pf0 = 0, pf1 = 0;
             r.peak_bf16 = peak(true, o.threads, 0.2, &pc0, ks);
@@ -341,7 +344,7 @@ int main(int argc, char **argv) {
             dimoo::cpu::stage_times_take();
             dimoo::cpu::stage_timing(true);
             const double t0 = now(), c0 = cpu_now();
-            if (dimoo_forward(ctx, &a, 1) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
+            forward(f);
             r.secs = now() - t0;
             r.cpu_secs = cpu_now() - c0;
             dimoo::cpu::stage_timing(false);
@@ -352,7 +355,7 @@ int main(int argc, char **argv) {
             r.peak_fma = 0.5 * (r.peak_fma + peak(false, o.threads, 0.2, &pf1));
             // The reference: VDPBF16PS or AMX for bf16 weights, fp32 FMA for fp32.
             if (o.f32 || r.peak_bf16_cpu <= 0) r.peak_bf16_cpu = 0.5 * (pf0 + pf1);
-            dimoo_ctx_destroy(ctx);
+            dimoo_ctx_destroy(f.ctx);
             if (base) {
                 r.base_secs = time_base(T);
                 r.speedup = r.base_secs / r.secs;
