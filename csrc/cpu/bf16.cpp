@@ -332,6 +332,27 @@ const MicroFn *micro_table(Kernels ks) {
 }
 
 #if defined(DIMOO_AMX)
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+#endif
+
+// The tile configuration one thread has loaded, tracked through one team
+// call. Reading it back (STTILECFG) waits for the tile instructions in
+// flight: once per 32-row block of attention's short products it cost
+// about 5% of a forward. So a team call reads it once and then follows its
+// own loads; no other AMX code runs on the thread in between.
+struct TileState {
+#if defined(DIMOO_AMX)
+    TileConfig cfg;
+    bool read = false;
+#endif
+};
+
+#if defined(DIMOO_AMX)
 // ---- AMX ------------------------------------------------------------------------------------------
 //
 // A block of up to 32 rows of A times one 32-column panel as four 16 x 16
@@ -346,29 +367,31 @@ const MicroFn *micro_table(Kernels ks) {
 // BF16 kernel on the tile's result.
 #define DIMOO_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-struct alignas(64) TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
-
 // Tile rows: r0 for the first row half, r1 for the second (16 when the
 // block has none, so the common shapes share one configuration). The
 // configuration is per thread; it is loaded only when the thread's differs
-// (LDTILECFG costs about 100 cycles, STTILECFG a tenth of that).
-DIMOO_TAMX void amx_configure(int r0, int r1) {
+// (LDTILECFG costs about 100 cycles). st: the thread's state in a team
+// call, or null to read the configuration back.
+DIMOO_TAMX void amx_configure(int r0, int r1, TileState *st) {
     TileConfig want{};
     want.palette = 1;
     for (int t : {0, 1, 4}) want.rows[t] = uint8_t(r0);
     for (int t : {2, 3, 5}) want.rows[t] = uint8_t(r1);
     for (int t : {6, 7}) want.rows[t] = 16;
     for (int t = 0; t < 8; ++t) want.colsb[t] = 64;
-    TileConfig cur;
-    _tile_storeconfig(&cur);
-    // GCC does not see the tile configuration instructions touch memory.
-    asm volatile("" : : "r"(&cur), "r"(&want) : "memory");
-    if (std::memcmp(&cur, &want, sizeof want) != 0) _tile_loadconfig(&want);
+    TileConfig local;
+    TileConfig &cur = st ? st->cfg : local;
+    if (!st || !st->read) {
+        _tile_storeconfig(&cur);
+        // GCC does not see the tile configuration instructions touch memory.
+        asm volatile("" : : "r"(&cur) : "memory");
+        if (st) st->read = true;
+    }
+    if (std::memcmp(&cur, &want, sizeof want) != 0) {
+        asm volatile("" : : "r"(&want) : "memory");
+        _tile_loadconfig(&want);
+        cur = want;
+    }
 }
 
 // C (stride ldc floats, 32 columns) = (load ? C : 0) + A B over kp16 pairs
@@ -426,7 +449,7 @@ DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_
 
 // tile() on AMX: the same contract.
 DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
-                         size_t ldc, int c0, int c1, bool accumulate) {
+                         size_t ldc, int c0, int c1, bool accumulate, TileState *st) {
     const int kp16 = kp & ~15;
     // Straight into C when the block covers the whole panel and all of k;
     // else through a 32 x 32 buffer that starts as C's columns (or zeros).
@@ -440,7 +463,7 @@ DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const 
         const size_t ld = direct ? ldc : kPanel;
         if (!direct)
             for (int m = 0; m < R; ++m) read_row(c + size_t(m) * ldc, c0, c1, accumulate, buf + m * kPanel);
-        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16);
+        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
         if (R > 16) amx_block<true>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
         else amx_block<false>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
         if (direct) continue;
@@ -452,19 +475,44 @@ DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const 
         for (int m = 0; m < R; ++m) write_row(buf + m * kPanel, c0, c1, c + size_t(m) * ldc);
     }
 }
-#endif
-} // namespace
 
-void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
-          float *C, size_t ldc, int c0, int c1, bool accumulate) {
-#if defined(DIMOO_AMX)
-    if (ks == Kernels::Amx && kp >= 16) return tile_amx(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
+// np whole panels at once, kp a multiple of 16: panel p's B at B + p * bstep
+// (uint16) and its C at C + p * 32. Attention's products are this short
+// (4 k steps), so one call per block of rows instead of one per panel.
+DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps,
+                           size_t bstep, float *C, size_t ldc, bool accumulate, TileState *st) {
+    for (int r = 0; r < rows; r += 32) {
+        const int R = std::min(32, rows - r);
+        const uint32_t *a = A + size_t(r) * lda;
+        float *c = C + size_t(r) * ldc;
+        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
+        for (int p = 0; p < np; ++p) {
+            if (R > 16) amx_block<true>(kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate);
+            else amx_block<false>(kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate);
+        }
+    }
+}
 #endif
+
+// tile() with the calling team's tile state (null: none).
+void tile_st(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
+             float *C, size_t ldc, int c0, int c1, bool accumulate, TileState *st) {
+#if defined(DIMOO_AMX)
+    if (ks == Kernels::Amx && kp >= 16)
+        return tile_amx(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate, st);
+#endif
+    (void)st;
     const MicroFn *fn = micro_table(ks);
     for (int r = 0; r < rows; r += kTileRows) {
         const int R = std::min(kTileRows, rows - r);
         fn[R](kp, A + size_t(r) * lda, lda, B, pstride, C + size_t(r) * ldc, ldc, c0, c1, accumulate);
     }
+}
+} // namespace
+
+void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
+          float *C, size_t ldc, int c0, int c1, bool accumulate) {
+    tile_st(ks, rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate, nullptr);
 }
 
 void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,
@@ -534,9 +582,11 @@ void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF
 
 void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
     if (M <= 0) return;
+    TileState st;
     team_tasks(M, jobs, n_jobs, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
-        tile(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate);
+        tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate,
+                &st);
     });
 }
 
@@ -700,6 +750,10 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
     float *O = S + kQBlockMax * (kKBlock + kKBlock / 2);
     float *mx = O + size_t(kQBlockMax) * hd, *sum = mx + kQBlockMax;
     const SoftmaxFn step = softmax_step(ks);
+    TileState st;
+    // AMX on whole panels: head_dim a multiple of 32 (so of 16 pairs too).
+    const bool amx_whole = ks == Kernels::Amx && hd % kPanel == 0;
+    (void)amx_whole;
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < total; ++t) {
         const int h = t / qblocks, r0 = (t % qblocks) * qb, nr = std::min(qb, rows - r0);
@@ -711,9 +765,15 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
         std::fill_n(sum, nr, 0.0f);
         for (int j0 = 0; j0 < kv.T; j0 += kKBlock) {
             const int nk = std::min(kKBlock, kv.T - j0);
+#if defined(DIMOO_AMX)
+            if (amx_whole)
+                panels_amx(nr, (nk + kPanel - 1) / kPanel, hp, Q, ldq, Kh + size_t(j0 / kPanel) * size_t(hp) * 64, 64,
+                           size_t(hp) * 64, S, kKBlock, false, &st);
+            else
+#endif
             for (int p = 0; p * kPanel < nk; ++p)
-                tile(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
-                     kKBlock, 0, kPanel, false);
+                tile_st(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
+                        kKBlock, 0, kPanel, false, &st);
             for (int i = 0; i < nr; ++i) {
                 float *s = S + size_t(i) * kKBlock, *o = O + size_t(i) * hd;
                 uint16_t *p = reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2));
@@ -730,9 +790,16 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                     for (int c = 0; c < hd; ++c) o[c] *= corr;
             }
             const int kp = (nk + 1) / 2;
+#if defined(DIMOO_AMX)
+            // P is zero past nk and V past T, so a short last block takes all kKBlock keys.
+            if (amx_whole)
+                panels_amx(nr, cpanels, kKBlock / 2, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd), 2 * size_t(hd),
+                           64, O, size_t(hd), true, &st);
+            else
+#endif
             for (int c = 0; c < cpanels; ++c)
-                tile(ks, nr, kp, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd) + size_t(c) * 64,
-                     2 * size_t(hd), O + c * kPanel, size_t(hd), 0, std::min(kPanel, hd - c * kPanel), true);
+                tile_st(ks, nr, kp, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd) + size_t(c) * 64,
+                        2 * size_t(hd), O + c * kPanel, size_t(hd), 0, std::min(kPanel, hd - c * kPanel), true, &st);
         }
         for (int i = 0; i < nr; ++i) {
             float *o = O + size_t(i) * hd;
