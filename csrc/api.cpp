@@ -243,6 +243,7 @@ const LayoutField kLayout[] = {
     DIMOO_FIELD(dimoo_model_config, max_sequence_length),
     DIMOO_FIELD(dimoo_model_config, rope_theta),
     DIMOO_FIELD(dimoo_model_config, rms_norm_eps),
+    DIMOO_FIELD(dimoo_model_config, precision),
     DIMOO_FIELD(dimoo_ctx_params, n_seqs),
     DIMOO_FIELD(dimoo_ctx_params, max_tokens),
     DIMOO_FIELD(dimoo_ctx_params, flags),

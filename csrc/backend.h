@@ -159,6 +159,8 @@ struct Estimate {
     int64_t model = 0, ctx = 0;
 };
 Estimate cpu_estimate(const ModelShape &s, int32_t dtype, int n_threads, const dimoo_ctx_params *p);
+// Throws UNSUPPORTED for a precision the CUDA backend does not compute in.
+void cuda_check_precision(const ModelShape &s);
 #ifdef DIMOO_WITH_CUDA
 Estimate cuda_estimate(const ModelShape &s, const dimoo_ctx_params *p);
 #endif

@@ -41,7 +41,15 @@ ModelShape::ModelShape(const dimoo_model_config &c) : cfg(c), head_dim(0), kv_di
     DIMOO_CHECK_ARG(head_dim % 2 == 0, "config: head dim must be even for RoPE");
     DIMOO_CHECK_ARG(c.rope_theta > 0, "config: rope_theta must be positive");
     DIMOO_CHECK_ARG(c.rms_norm_eps > 0, "config: rms_norm_eps must be positive");
+    DIMOO_CHECK_ARG(c.precision == DIMOO_PRECISION_AUTO || c.precision == DIMOO_PRECISION_BF16 ||
+                        c.precision == DIMOO_PRECISION_F32,
+                    "config: unknown precision " + std::to_string(c.precision) + " (0 auto, 1 bf16, 2 fp32)");
     kv_dim = head_dim * c.n_kv_heads;
+}
+
+void cuda_check_precision(const ModelShape &s) {
+    if (s.cfg.precision == DIMOO_PRECISION_F32)
+        fail(DIMOO_ERR_UNSUPPORTED, "the CUDA backend computes in bf16: precision fp32 is for the CPU backend");
 }
 
 WeightId ModelShape::parse_name(const std::string &name) const {

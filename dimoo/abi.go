@@ -25,6 +25,7 @@ type cModelConfig struct {
 	MaxSequenceLength int32   `c:"max_sequence_length"`
 	RopeTheta         float32 `c:"rope_theta"`
 	RMSNormEps        float32 `c:"rms_norm_eps"`
+	Precision         int32   `c:"precision"`
 }
 
 // dimoo_ctx_params

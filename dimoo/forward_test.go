@@ -111,6 +111,48 @@ func TestForwardMatchesReference(t *testing.T) {
 	}
 }
 
+// Every checkpoint at every precision against the same float64 references.
+// fp32 arithmetic is within fp32 rounding whatever the stored dtype (bf16
+// and fp16 weights widen exactly); bf16 arithmetic is within bf16 rounding,
+// which for an fp32 or fp16 checkpoint includes rounding its weights.
+func TestForwardPrecisions(t *testing.T) {
+	lib := testLibrary(t)
+	for _, name := range []string{"small-f32", "small-bf16", "small-gqa-f16"} {
+		dir := testdataDir(name)
+		for _, tc := range []struct {
+			prec  Precision
+			bound float64
+		}{
+			{PrecisionF32, 1e-5},
+			{PrecisionBF16, 1e-2},
+		} {
+			m, err := LoadModel(context.Background(), dir, LoadOptions{Library: lib, Threads: 2, Precision: tc.prec})
+			require.NoError(t, err)
+			assert.Equal(t, tc.prec, m.Precision)
+			for _, c := range readCases(t, filepath.Join(dir, "golden", "cases.json")) {
+				want, _, err := ReadNpyFile(filepath.Join(dir, "golden", c.Logits))
+				require.NoError(t, err)
+				got, err := m.Logits(context.Background(), c.Tokens, nil, 0, 0)
+				require.NoError(t, err)
+				e := relErr(got.Data, want)
+				t.Logf("%s %s T=%d: relative error %.2e", name, tc.prec, len(c.Tokens), e)
+				assert.LessOrEqual(t, e, tc.bound, "%s %s T=%d", name, tc.prec, len(c.Tokens))
+			}
+			m.Close()
+		}
+	}
+	for _, s := range []string{"auto", "bf16", "fp32"} {
+		p, err := ParsePrecision(s)
+		require.NoError(t, err)
+		assert.Equal(t, s, p.String())
+	}
+	_, err := ParsePrecision("fp8")
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = LoadModel(context.Background(), testdataDir("small-f32"), LoadOptions{Library: lib, Precision: 7})
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.ErrorContains(t, err, "precision")
+}
+
 func TestLogitsRowsAndColumns(t *testing.T) {
 	m := loadTestModel(t, testdataDir("small-f32"))
 	tokens := []int32{3, 999, 0, 512, 7, 7, 100}
@@ -310,7 +352,15 @@ func TestEstimateEqualsLoaded(t *testing.T) {
 				dt = DTypeF16
 			}
 		}
-		model, _, err := lib.Estimate(BackendCPU, 2, info.Config, dt, nil)
+		for _, prec := range []Precision{PrecisionBF16, PrecisionF32} {
+			model, _, err := lib.Estimate(BackendCPU, 2, info.Config, dt, prec, nil)
+			require.NoError(t, err)
+			m, err := LoadModel(context.Background(), dir, LoadOptions{Library: lib, Threads: 2, Precision: prec})
+			require.NoError(t, err)
+			assert.Equal(t, model, m.WeightBytes(), "%s %s", name, prec)
+			m.Close()
+		}
+		model, _, err := lib.Estimate(BackendCPU, 2, info.Config, dt, PrecisionAuto, nil)
 		require.NoError(t, err)
 		m, err := LoadModel(context.Background(), dir, LoadOptions{Library: lib, Threads: 2})
 		require.NoError(t, err)
@@ -320,7 +370,7 @@ func TestEstimateEqualsLoaded(t *testing.T) {
 			{MaxTokens: 33, Seqs: 2, KVCache: true, KeepCols: 16},
 			{MaxTokens: 40, Seqs: 3, KeepRows: 8, KeepCols: m.Config.EmbeddingRows()},
 		} {
-			_, want, err := lib.Estimate(BackendCPU, 2, info.Config, dt, &o)
+			_, want, err := lib.Estimate(BackendCPU, 2, info.Config, dt, PrecisionAuto, &o)
 			require.NoError(t, err)
 			s, err := m.NewSession(o)
 			require.NoError(t, err)
@@ -329,10 +379,10 @@ func TestEstimateEqualsLoaded(t *testing.T) {
 		}
 		m.Close()
 	}
-	_, _, err := lib.Estimate(BackendCPU, 0, nil, DTypeF32, nil)
+	_, _, err := lib.Estimate(BackendCPU, 0, nil, DTypeF32, PrecisionAuto, nil)
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 	info, err := Inspect(testdataDir("small-f32"))
 	require.NoError(t, err)
-	_, _, err = lib.Estimate(BackendCPU, 0, info.Config, DTypeF32, &SessionOptions{MaxTokens: 1 << 30})
+	_, _, err = lib.Estimate(BackendCPU, 0, info.Config, DTypeF32, PrecisionAuto, &SessionOptions{MaxTokens: 1 << 30})
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 }

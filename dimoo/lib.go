@@ -13,7 +13,7 @@ import (
 )
 
 // ABIVersion is the DIMOO_ABI_VERSION this package was written against.
-const ABIVersion = 4
+const ABIVersion = 5
 
 // EnvLibrary names the environment variable that points at libdimoo.
 const EnvLibrary = "DIMOO_LIBRARY"

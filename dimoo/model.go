@@ -20,6 +20,49 @@ type LoadOptions struct {
 	Device  int
 	// Threads is the number of CPU threads (0: every core).
 	Threads int
+	// Precision of the transformer's arithmetic (default: as stored).
+	// Ignored by LoadVQModel: the VQ-VAE computes in fp32.
+	Precision Precision
+}
+
+// Precision is the arithmetic of a model's matrices.
+type Precision int32
+
+const (
+	// PrecisionAuto computes as the checkpoint is stored. CPU: bf16
+	// checkpoints in bf16 (the fast path), fp32 ones in fp32, fp16 or mixed
+	// ones in fp32 packed per call (slow). CUDA: bf16.
+	PrecisionAuto Precision = 0
+	// PrecisionBF16 rounds the embedding and every matrix to bf16 at load,
+	// whatever the checkpoint's dtype (norm weights stay fp32), and
+	// accumulates in fp32: the official model's arithmetic and the fast CPU
+	// path, at half the memory of fp32.
+	PrecisionBF16 Precision = 1
+	// PrecisionF32 computes in fp32, bf16 and fp16 weights widened exactly:
+	// a reference for the bf16 path's error, at twice its memory. CPU only.
+	PrecisionF32 Precision = 2
+)
+
+func (p Precision) String() string {
+	switch p {
+	case PrecisionAuto:
+		return "auto"
+	case PrecisionBF16:
+		return "bf16"
+	case PrecisionF32:
+		return "fp32"
+	}
+	return fmt.Sprintf("precision(%d)", int32(p))
+}
+
+// ParsePrecision turns "auto", "bf16" or "fp32" into a Precision.
+func ParsePrecision(s string) (Precision, error) {
+	for _, p := range []Precision{PrecisionAuto, PrecisionBF16, PrecisionF32} {
+		if s == p.String() {
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: unknown precision %q (want auto, bf16 or fp32)", ErrInvalidArgument, s)
 }
 
 // Model is a DiMOO transformer loaded into libdimoo. A loaded model is
@@ -28,6 +71,8 @@ type LoadOptions struct {
 type Model struct {
 	Dir    string
 	Config *Config
+	// Precision the model was loaded with.
+	Precision Precision
 	// Tensors lists the checkpoint tensors the model uses, with their stored
 	// dtype; Extra lists tensors of the checkpoint the forward does not use.
 	Tensors []TensorInfo
@@ -180,7 +225,7 @@ func LoadModel(ctx context.Context, dir string, opts LoadOptions) (*Model, error
 	if err != nil {
 		return nil, err
 	}
-	m, err := newModel(rt, cfg)
+	m, err := newModel(rt, cfg, opts.Precision)
 	if err != nil {
 		rt.Close()
 		return nil, err
@@ -236,8 +281,9 @@ func prefault(b []byte) {
 	_ = sink
 }
 
-func (c *Config) cConfig() cModelConfig {
+func (c *Config) cConfig(p Precision) cModelConfig {
 	return cModelConfig{
+		Precision:         int32(p),
 		DModel:            int32(c.DModel),
 		NLayers:           int32(c.NLayers),
 		NHeads:            int32(c.NHeads),
@@ -252,8 +298,8 @@ func (c *Config) cConfig() cModelConfig {
 }
 
 // newModel creates an empty model on rt; weights follow with setWeight.
-func newModel(rt *Runtime, cfg *Config) (*Model, error) {
-	cc := cfg.cConfig()
+func newModel(rt *Runtime, cfg *Config, prec Precision) (*Model, error) {
+	cc := cfg.cConfig(prec)
 	var out uintptr
 	var eb errBuf
 	h, err := rt.handle()
@@ -264,7 +310,7 @@ func newModel(rt *Runtime, cfg *Config) (*Model, error) {
 	if err := statusError(st, "dimoo_model_create", eb.String); err != nil {
 		return nil, err
 	}
-	return &Model{Config: cfg, rt: rt, h: out}, nil
+	return &Model{Config: cfg, Precision: prec, rt: rt, h: out}, nil
 }
 
 func (m *Model) setWeight(info TensorInfo, data []byte) error {

@@ -365,17 +365,18 @@ func (m *Model) Logits(ctx context.Context, tokens, positions []int32, vocabBegi
 	return out[0], nil
 }
 
-// Estimate reports the bytes a model of cfg whose matrices are stored as dt
-// would take on backend b (threads as for NewRuntime), and a session with
+// Estimate reports the bytes a model of cfg whose matrices are stored as dt,
+// loaded with precision prec, would take on backend b (threads as for
+// NewRuntime), and a session with
 // opts (nil: none, session 0), without loading or allocating anything: what
 // Model.WeightBytes and Session.Bytes would then report. For choosing a
 // device, or refusing a request, before reading gigabytes.
-func (l *Library) Estimate(b Backend, threads int, cfg *Config, dt DType, opts *SessionOptions) (model, session int64,
-	err error) {
+func (l *Library) Estimate(b Backend, threads int, cfg *Config, dt DType, prec Precision, opts *SessionOptions) (model,
+	session int64, err error) {
 	if cfg == nil {
 		return 0, 0, fmt.Errorf("%w: no config", ErrInvalidArgument)
 	}
-	c := cfg.cConfig()
+	c := cfg.cConfig(prec)
 	var p *cCtxParams
 	if opts != nil {
 		o := *opts

@@ -42,8 +42,9 @@ extern "C" {
 
 /* 2: dimoo_sample_image; 3: its n_select; 4: context-resident logits (keep,
  * keep_cols), dimoo_image_step, dimoo_text_step, dimoo_cache_select,
- * dimoo_ctx_set_token_mask, dimoo_estimate; dimoo_op_rmsnorm removed */
-#define DIMOO_ABI_VERSION 4
+ * dimoo_ctx_set_token_mask, dimoo_estimate; dimoo_op_rmsnorm removed;
+ * 5: dimoo_model_config.precision */
+#define DIMOO_ABI_VERSION 5
 
 /* ---- status codes --------------------------------------------------------- */
 
@@ -69,6 +70,21 @@ typedef enum dimoo_backend {
     DIMOO_BACKEND_CPU = 0,
     DIMOO_BACKEND_CUDA = 1
 } dimoo_backend;
+
+/* The arithmetic of a model's matrices (dimoo_model_config.precision). */
+typedef enum dimoo_precision {
+    /* As stored. CPU: bf16 checkpoints in bf16, fp32 ones in fp32, fp16 or
+     * mixed ones in fp32 through per-call packing. CUDA: bf16. */
+    DIMOO_PRECISION_AUTO = 0,
+    /* The official model's arithmetic whatever the checkpoint's dtype: the
+     * embedding and every matrix rounded to bf16 at load (norm weights stay
+     * fp32), products accumulated in fp32. The fast CPU path (AMX, AVX-512
+     * BF16); what the CUDA backend always computes. */
+    DIMOO_PRECISION_BF16 = 1,
+    /* fp32 weights and arithmetic, bf16 and fp16 weights widened exactly: a
+     * reference to measure the bf16 path against. CPU only. */
+    DIMOO_PRECISION_F32 = 2
+} dimoo_precision;
 
 /* Cache modes of a forward (ML-Cache, see dimoo_forward_args). */
 typedef enum dimoo_cache_mode {
@@ -171,6 +187,7 @@ typedef struct dimoo_model_config {
     int32_t max_sequence_length;
     float rope_theta;
     float rms_norm_eps;
+    int32_t precision;       /* dimoo_precision; 0 (AUTO) in a zeroed config */
 } dimoo_model_config;
 
 /* The runtime must outlive the model. */

@@ -39,7 +39,7 @@ at the end, so a run stopped by a time limit keeps them):
                     go {version, os, arch}, gpus [{index, name, uuid,
                     memory_total_bytes, memory_used_before_load_bytes}] (NVML)
   model             dir, layers, d_model, heads, mlp, vocab, parameters,
-                    dtypes {NAME: tensors}, weight_bytes (as loaded)
+                    dtypes {NAME: tensors}, weight_bytes (as loaded), precision (--precision)
   cases []          one per ML-Cache setting (two with --compare-cache):
     settings        task ("t2i"), prompt, width, height (floored to the VQ
                     factor), grid_w, grid_h, image_tokens, sequence_tokens

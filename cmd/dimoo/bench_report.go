@@ -102,13 +102,14 @@ type benchModel struct {
 	Parameters  int64          `json:"parameters"`
 	DTypes      map[string]int `json:"dtypes"`
 	WeightBytes int64          `json:"weight_bytes"`
+	Precision   string         `json:"precision"`
 }
 
 func modelInfo(p *dimoo.Pipeline) benchModel {
 	c := p.Model.Config
 	m := benchModel{Dir: p.Model.Dir, Layers: c.NLayers, DModel: c.DModel, Heads: c.NHeads, KVHeads: c.NKVHeads,
 		MLP: c.MLPHidden(), Vocab: c.VocabSize, Parameters: c.ParamCount(), DTypes: map[string]int{},
-		WeightBytes: p.Model.WeightBytes()}
+		WeightBytes: p.Model.WeightBytes(), Precision: p.Model.Precision.String()}
 	for _, t := range p.Model.Tensors {
 		m.DTypes[t.DTypeName]++
 	}

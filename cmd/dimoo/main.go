@@ -126,15 +126,18 @@ func dispatch(ctx context.Context, args []string, stdout io.Writer) error {
 
 // common holds the flags every engine command takes.
 type common struct {
-	lib     string
-	device  string
-	threads int
+	lib       string
+	device    string
+	threads   int
+	precision string
 }
 
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.lib, "lib", "", "path of libdimoo (default: $DIMOO_LIBRARY, next to the executable, or lib/)")
 	fs.StringVar(&c.device, "device", "cpu", "backend: cpu or cuda")
 	fs.IntVar(&c.threads, "threads", 0, fmt.Sprintf("CPU threads (0: all %d cores)", runtime.NumCPU()))
+	fs.StringVar(&c.precision, "precision", "auto",
+		"transformer arithmetic: auto (as stored), bf16 (any checkpoint rounded to bf16: the fast CPU path) or fp32 (CPU only); the VQ-VAE is fp32")
 }
 
 func (c *common) library() (*dimoo.Library, error) {
@@ -154,7 +157,11 @@ func (c *common) loadOptions() (dimoo.LoadOptions, error) {
 	if err != nil {
 		return dimoo.LoadOptions{}, err
 	}
-	return dimoo.LoadOptions{Library: lib, Backend: b, Threads: c.threads}, nil
+	p, err := dimoo.ParsePrecision(c.precision)
+	if err != nil {
+		return dimoo.LoadOptions{}, err
+	}
+	return dimoo.LoadOptions{Library: lib, Backend: b, Threads: c.threads, Precision: p}, nil
 }
 
 // capThreads keeps --threads within the CPUs: threads beyond them only
@@ -243,8 +250,12 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 	T := cfg.MaxSequenceLength
 	fmt.Fprintf(w, "memory:     weights %s as stored (bf16: %s); CPU activations for %d tokens: %s\n",
 		human(info.WeightBytes), human(cfg.WeightBytes(dimoo.DTypeBF16)), T, human(cfg.ActivationBytes(T)))
+	prec, err := dimoo.ParsePrecision(c.precision)
+	if err != nil {
+		return err
+	}
 	if lib, err := c.library(); err == nil {
-		estimateLines(w, lib, cfg, info.DTypes)
+		estimateLines(w, lib, cfg, info.DTypes, prec)
 	}
 	if *load {
 		opts, err := c.loadOptions()
@@ -265,7 +276,7 @@ func cmdInfo(ctx context.Context, args []string, w io.Writer) error {
 // estimateLines prints the library's estimate of what the model and a
 // text-to-image session (1024x1024 with CFG and ML-Cache: two sequences of
 // 4228 tokens, K/V caches, kept image logits) take on each backend built in.
-func estimateLines(w io.Writer, lib *dimoo.Library, cfg *dimoo.Config, dtypes map[string]int) {
+func estimateLines(w io.Writer, lib *dimoo.Library, cfg *dimoo.Config, dtypes map[string]int, prec dimoo.Precision) {
 	dt, most := dimoo.DTypeF32, 0
 	for name, n := range dtypes {
 		for _, d := range []dimoo.DType{dimoo.DTypeF32, dimoo.DTypeF16, dimoo.DTypeBF16} {
@@ -280,13 +291,13 @@ func estimateLines(w io.Writer, lib *dimoo.Library, cfg *dimoo.Config, dtypes ma
 		if !lib.BackendBuilt(b) {
 			continue
 		}
-		m, s, err := lib.Estimate(b, 0, cfg, dt, &o)
+		m, s, err := lib.Estimate(b, 0, cfg, dt, prec, &o)
 		if err != nil {
 			fmt.Fprintf(w, "            %s: no estimate: %v\n", b, err)
 			continue
 		}
-		fmt.Fprintf(w, "            %s holds %s of weights; a session of 2 x %d tokens (K/V caches, kept logits) %s\n",
-			b, human(m), T, human(s))
+		fmt.Fprintf(w, "            %s holds %s of weights (precision %s); a session of 2 x %d tokens (K/V caches, kept logits) %s\n",
+			b, human(m), prec, T, human(s))
 	}
 }
 

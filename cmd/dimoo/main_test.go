@@ -52,24 +52,35 @@ func TestLogitsCommand(t *testing.T) {
 func TestInfoCommand(t *testing.T) {
 	needLibrary(t)
 	var stdout bytes.Buffer
-	require.NoError(t, run(context.Background(), []string{"info", "--model", small, "--load"}, &stdout))
-	s := stdout.String()
-	assert.Contains(t, s, "layers:     2, d_model 256")
-	assert.Contains(t, s, "parameters: 2131200")
-	assert.Contains(t, s, "dtypes:     F32 x21")
-	assert.Contains(t, s, "loaded:")
-	// The library's estimate, before loading, is what loading then takes.
-	var est, loaded string
-	for _, line := range strings.Split(s, "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[0] == "cpu" && f[1] == "holds" {
-			est = f[2] + " " + f[3]
-		} else if len(f) > 3 && f[0] == "loaded:" {
-			loaded = f[1] + " " + f[2]
+	// The library's estimate, before loading, is what loading then takes,
+	// at each precision (bf16 holds this fp32 checkpoint in half the bytes).
+	held := map[string]string{}
+	for _, prec := range []string{"auto", "bf16", "fp32"} {
+		stdout.Reset()
+		require.NoError(t, run(context.Background(), []string{"info", "--model", small, "--load", "--precision", prec},
+			&stdout))
+		s := stdout.String()
+		assert.Contains(t, s, "layers:     2, d_model 256")
+		assert.Contains(t, s, "parameters: 2131200")
+		assert.Contains(t, s, "dtypes:     F32 x21")
+		assert.Contains(t, s, "loaded:")
+		assert.Contains(t, s, "(precision "+prec+")")
+		var est, loaded string
+		for _, line := range strings.Split(s, "\n") {
+			if f := strings.Fields(line); len(f) > 4 && f[0] == "cpu" && f[1] == "holds" {
+				est = f[2] + " " + f[3]
+			} else if len(f) > 3 && f[0] == "loaded:" {
+				loaded = f[1] + " " + f[2]
+			}
 		}
+		assert.NotEmpty(t, est, s)
+		assert.Equal(t, loaded, est, s)
+		assert.Contains(t, s, "a session of 2 x")
+		held[prec] = loaded
 	}
-	assert.NotEmpty(t, est, s)
-	assert.Equal(t, loaded, est, s)
-	assert.Contains(t, s, "a session of 2 x")
+	assert.Equal(t, held["auto"], held["fp32"])
+	assert.Equal(t, "8.1 MiB", held["auto"])
+	assert.Equal(t, "4.1 MiB", held["bf16"])
 }
 
 func TestCommandErrors(t *testing.T) {
@@ -97,6 +108,9 @@ func TestCommandErrors(t *testing.T) {
 	assert.ErrorIs(t, err, dimoo.ErrInvalidArgument)
 	err = run(context.Background(), []string{"info", "--model", t.TempDir()}, &stdout)
 	assert.ErrorIs(t, err, dimoo.ErrBadCheckpoint)
+	err = run(context.Background(), []string{"info", "--model", small, "--precision", "fp8"}, &stdout)
+	assert.ErrorIs(t, err, dimoo.ErrInvalidArgument)
+	assert.ErrorContains(t, err, "precision")
 }
 
 // `dimoo bench` prints a row per timed run and the median, with the

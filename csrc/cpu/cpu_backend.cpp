@@ -47,6 +47,13 @@ void check_host_alloc(size_t bytes, const std::string &what) {
                                           std::to_string(size_t(ram) >> 20) + " MiB of memory");
 }
 
+// The bf16 path packs K and V through a 1024-element row buffer.
+void check_cpu_precision(const ModelShape &s) {
+    if (s.cfg.precision == DIMOO_PRECISION_BF16 && (s.head_dim % 2 != 0 || s.head_dim > 1024))
+        fail(DIMOO_ERR_UNSUPPORTED, "precision bf16 on the CPU needs an even head dim of at most 1024, got " +
+                                        std::to_string(s.head_dim));
+}
+
 void rmsnorm_rows(const float *x, const float *w, float *out, int rows, int cols, float eps) {
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
@@ -88,26 +95,46 @@ public:
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
 
-    // bf16 and fp32 checkpoints: every matrix but the embedding is packed
-    // once here (bf16 pair panels, or fp32 panels) and its checkpoint copy
-    // freed; the packed form is the same size up to padding. fp16 or mixed
-    // checkpoints keep the per-call packing of gemm.cpp.
+    // Every matrix but the embedding is packed once here (bf16 pair panels,
+    // or fp32 panels) and its checkpoint copy freed. Precision AUTO packs
+    // bf16 checkpoints as bf16 and fp32 ones as fp32 (the same size up to
+    // padding); fp16 or mixed checkpoints keep the per-call packing of
+    // gemm.cpp. BF16 rounds whatever is stored, F32 widens it.
     void finalize() override {
-        // DIMOO_CPU_PACKED=0 keeps the per-call packing path (for A/B benchmarks).
-        if (const char *e = std::getenv("DIMOO_CPU_PACKED"); e && std::string(e) == "0") return;
+        const int32_t prec = shape_.cfg.precision;
+        check_cpu_precision(shape_);
+        if (prec == DIMOO_PRECISION_BF16) { // the embedding in bf16 too, as the official model holds it
+            Tensor &e = w_[shape_.slot({WeightKind::Embedding, -1})];
+            if (e.dtype != DIMOO_BF16) {
+                const size_t n = e.data.size() / dtype_size(e.dtype);
+                std::vector<uint8_t> b(n * 2);
+                uint16_t *dst = reinterpret_cast<uint16_t *>(b.data());
+#pragma omp parallel for schedule(static)
+                for (size_t i = 0; i < n; i++) dst[i] = f32_to_bf16(load_as_f32(e.ptr(), e.dtype, i));
+                e.data.swap(b);
+                e.dtype = DIMOO_BF16;
+            }
+        }
+        // DIMOO_CPU_PACKED=0 keeps the per-call packing path of a checkpoint
+        // as stored (for A/B benchmarks).
+        if (const char *e = std::getenv("DIMOO_CPU_PACKED");
+            prec == DIMOO_PRECISION_AUTO && e && std::string(e) == "0")
+            return;
         const int hd = shape_.head_dim;
         bool all_bf16 = hd % 2 == 0 && hd <= 1024, all_f32 = true;
         for (int s = 0; s < shape_.n_weights(); s++) {
             if (is_matrix(s) && w_[s].dtype != DIMOO_BF16) all_bf16 = false;
             if (is_matrix(s) && w_[s].dtype != DIMOO_F32) all_f32 = false;
         }
-        if (!all_bf16 && !all_f32) return;
-        if (all_bf16) packed_.resize(w_.size());
+        const bool bf = prec == DIMOO_PRECISION_BF16 || (prec == DIMOO_PRECISION_AUTO && all_bf16);
+        const bool f32 = prec == DIMOO_PRECISION_F32 || (prec == DIMOO_PRECISION_AUTO && !bf && all_f32);
+        if (!bf && !f32) return;
+        if (bf) packed_.resize(w_.size());
         else packed_f32_.resize(w_.size());
         for (int s = 0; s < shape_.n_weights(); s++) {
             if (!is_matrix(s)) continue;
             const auto dims = shape_.expected_shape(kind_of_slot_[s]);
-            if (all_bf16) cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
+            if (bf) cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
             else cpu::pack_matrix_f32(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_f32_[s]);
             std::vector<uint8_t>().swap(w_[s].data);
         }
@@ -768,10 +795,14 @@ std::unique_ptr<Backend> make_cpu_backend(int n_threads) { return std::make_uniq
 
 Estimate cpu_estimate(const ModelShape &S, int32_t dtype, int n_threads, const dimoo_ctx_params *p) {
     // CpuModel::finalize's choice, for a checkpoint whose matrices are all `dtype`.
+    check_cpu_precision(S);
+    const int32_t prec = S.cfg.precision;
     const char *env = std::getenv("DIMOO_CPU_PACKED");
-    const bool off = env && std::string(env) == "0";
-    const bool bf = !off && dtype == DIMOO_BF16 && S.head_dim % 2 == 0 && S.head_dim <= 1024;
-    const bool f32 = !off && dtype == DIMOO_F32;
+    const bool off = prec == DIMOO_PRECISION_AUTO && env && std::string(env) == "0";
+    const bool bf = prec == DIMOO_PRECISION_BF16 ||
+                    (prec == DIMOO_PRECISION_AUTO && !off && dtype == DIMOO_BF16 && S.head_dim % 2 == 0 &&
+                     S.head_dim <= 1024);
+    const bool f32 = prec == DIMOO_PRECISION_F32 || (prec == DIMOO_PRECISION_AUTO && !off && dtype == DIMOO_F32);
     Estimate e;
     auto add = [&](WeightId id) {
         const auto dims = S.expected_shape(id);
@@ -784,6 +815,7 @@ Estimate cpu_estimate(const ModelShape &S, int32_t dtype, int n_threads, const d
         const int64_t N = dims[0], K = dims[1], panels = (N + cpu::kPanel - 1) / cpu::kPanel;
         if (id.kind != WeightKind::Embedding && bf) e.model += panels * ((K + 1) / 2) * 64 * 2;
         else if (id.kind != WeightKind::Embedding && f32) e.model += panels * K * cpu::kPanel * 4;
+        else if (prec == DIMOO_PRECISION_BF16) e.model += N * K * 2; // the embedding, rounded
         else e.model += N * K * int64_t(dtype_size(dtype));
     };
     add({WeightKind::Embedding, -1});

@@ -339,13 +339,18 @@ dimoo_model_config small_config(int hd) {
     return c;
 }
 
+// The values of a Model's random matrices: rounded to bf16, to fp16, or not
+// at all (1-D weights are always rounded to bf16).
+enum class Values { Bf16, F16, Raw };
+
 struct Model {
     dimoo_runtime *rt = nullptr;
     dimoo_model *m = nullptr;
     dimoo_ctx *ctx = nullptr;
     dimoo_model_config cfg;
-    // Random weights, rounded to bf16, given as BF16 or (the same values) F32.
-    Model(const dimoo_model_config &c, int32_t dtype, uint32_t seed) : cfg(c) {
+    // Random weights with the given values, stored as dtype (BF16 and F16
+    // round to nearest even when the values are wider).
+    Model(const dimoo_model_config &c, int32_t dtype, uint32_t seed, Values values = Values::Bf16) : cfg(c) {
         char err[256];
         EXPECT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, 2, &rt, err, sizeof err), DIMOO_OK) << err;
         EXPECT_EQ(dimoo_model_create(rt, &cfg, &m, err, sizeof err), DIMOO_OK) << err;
@@ -359,12 +364,15 @@ struct Model {
             std::vector<float> f(n);
             std::vector<uint16_t> h(n);
             for (size_t i = 0; i < n; i++) {
-                h[i] = f32_to_bf16(shape.size() == 1 ? 1.f + 0.1f * nd(rng) : nd(rng) * scale);
-                f[i] = bf16_to_f32(h[i]);
+                const float v = shape.size() == 1 ? 1.f + 0.1f * nd(rng) : nd(rng) * scale;
+                f[i] = shape.size() == 1 || values == Values::Bf16 ? bf16_to_f32(f32_to_bf16(v))
+                       : values == Values::F16                     ? dimoo::f16_to_f32(dimoo::f32_to_f16(v))
+                                                                   : v;
+                h[i] = dtype == DIMOO_F16 ? dimoo::f32_to_f16(f[i]) : f32_to_bf16(f[i]);
             }
-            const void *data = dtype == DIMOO_BF16 ? static_cast<const void *>(h.data()) : f.data();
+            const void *data = dtype == DIMOO_F32 ? static_cast<const void *>(f.data()) : h.data();
             EXPECT_EQ(dimoo_model_set_weight(m, name.c_str(), dtype, shape.data(), int32_t(shape.size()), data,
-                                             n * (dtype == DIMOO_BF16 ? 2 : 4)),
+                                             n * (dtype == DIMOO_F32 ? 4 : 2)),
                       DIMOO_OK)
                 << dimoo_model_error(m);
         }
@@ -467,6 +475,76 @@ TEST(F32Forward, KernelSetsAgree) {
         if (best.empty()) best = got;
         else EXPECT_LT(rel(got.data(), best.data(), best.size()), 1e-6) << "kernels '" << env << "'";
     }
+}
+
+// Precision BF16 rounds any checkpoint to bf16 at load (the embedding too)
+// and then computes exactly as a bf16 checkpoint of the rounded values;
+// precision F32 widens bf16 and fp16 weights exactly and computes as an fp32
+// checkpoint of the same values. Bit for bit, with the weights' bytes of
+// the precision, not of the checkpoint.
+TEST(Precision, AnyCheckpointComputesAsTheChosenDtype) {
+    std::vector<int32_t> toks(70);
+    for (size_t i = 0; i < toks.size(); i++) toks[i] = int32_t((i * 37 + 5) % 90);
+    for (int hd : {8, 64}) {
+        auto cfg = small_config(hd);
+        auto with = [&](int32_t p) {
+            auto c = cfg;
+            c.precision = p;
+            return c;
+        };
+        {
+            Model want(cfg, DIMOO_BF16, 5, Values::Raw); // raw values rounded by the test
+            const auto w = want.logits(toks);
+            Model f32(with(DIMOO_PRECISION_BF16), DIMOO_F32, 5, Values::Raw);
+            EXPECT_EQ(f32.logits(toks), w) << "fp32 checkpoint, precision bf16, hd " << hd;
+            EXPECT_EQ(dimoo_model_weight_bytes(f32.m), dimoo_model_weight_bytes(want.m));
+            Model auto32(cfg, DIMOO_F32, 5, Values::Raw); // as stored: fp32, not the same logits
+            EXPECT_NE(auto32.logits(toks), w);
+            Model want16(cfg, DIMOO_BF16, 5, Values::F16);
+            Model f16(with(DIMOO_PRECISION_BF16), DIMOO_F16, 5, Values::F16);
+            EXPECT_EQ(f16.logits(toks), want16.logits(toks)) << "fp16 checkpoint, precision bf16, hd " << hd;
+        }
+        {
+            Model want(cfg, DIMOO_F32, 6, Values::Bf16);
+            Model bf(with(DIMOO_PRECISION_F32), DIMOO_BF16, 6, Values::Bf16);
+            EXPECT_EQ(bf.logits(toks), want.logits(toks)) << "bf16 checkpoint, precision fp32, hd " << hd;
+            EXPECT_EQ(dimoo_model_weight_bytes(bf.m) - dimoo_model_weight_bytes(want.m),
+                      -int64_t(cfg.embedding_size) * cfg.d_model * 2) // the embedding stays bf16
+                << "hd " << hd;
+            Model want16(cfg, DIMOO_F32, 6, Values::F16);
+            Model f16(with(DIMOO_PRECISION_F32), DIMOO_F16, 6, Values::F16);
+            EXPECT_EQ(f16.logits(toks), want16.logits(toks)) << "fp16 checkpoint, precision fp32, hd " << hd;
+        }
+    }
+}
+
+TEST(Precision, UnknownOrUnsupportedIsAnError) {
+    dimoo_runtime *rt = nullptr;
+    char err[256];
+    ASSERT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, 1, &rt, err, sizeof err), DIMOO_OK) << err;
+    auto cfg = small_config(8);
+    cfg.precision = 3;
+    dimoo_model *m = nullptr;
+    EXPECT_EQ(dimoo_model_create(rt, &cfg, &m, err, sizeof err), DIMOO_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(err).find("precision"), std::string::npos) << err;
+    EXPECT_EQ(m, nullptr);
+    int64_t mb = 0;
+    EXPECT_EQ(dimoo_estimate(DIMOO_BACKEND_CPU, 0, &cfg, DIMOO_F32, nullptr, &mb, nullptr, err, sizeof err),
+              DIMOO_ERR_INVALID_ARGUMENT);
+    // The CUDA backend computes in bf16 only (refused without a device too).
+    cfg.precision = DIMOO_PRECISION_F32;
+    EXPECT_EQ(dimoo_estimate(DIMOO_BACKEND_CUDA, 0, &cfg, DIMOO_F32, nullptr, &mb, nullptr, err, sizeof err),
+              DIMOO_ERR_UNSUPPORTED);
+    if (dimoo_backend_built(DIMOO_BACKEND_CUDA)) EXPECT_NE(std::string(err).find("fp32"), std::string::npos) << err;
+    // bf16 on the CPU packs K/V rows of at most 1024.
+    cfg = small_config(2048);
+    cfg.n_heads = cfg.n_kv_heads = 1;
+    cfg.d_model = 2048;
+    cfg.precision = DIMOO_PRECISION_BF16;
+    EXPECT_EQ(dimoo_estimate(DIMOO_BACKEND_CPU, 0, &cfg, DIMOO_F32, nullptr, &mb, nullptr, err, sizeof err),
+              DIMOO_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(err).find("head dim"), std::string::npos) << err;
+    dimoo_runtime_destroy(rt);
 }
 
 // ML-Cache on the bf16 path: STORE equals NONE; USE on a subset of rows gives

@@ -63,8 +63,11 @@ void check_backend(int32_t backend, int32_t n_threads) {
     char err[256];
     ASSERT_EQ(dimoo_runtime_create(backend, 0, n_threads, &rt, err, sizeof err), DIMOO_OK) << err;
     for (int hd : {16, 32})
-        for (int32_t dtype : {DIMOO_F32, DIMOO_F16, DIMOO_BF16}) {
-            const dimoo_model_config c = config(hd);
+        for (int32_t dtype : {DIMOO_F32, DIMOO_F16, DIMOO_BF16})
+        for (int32_t prec : {DIMOO_PRECISION_AUTO, DIMOO_PRECISION_BF16, DIMOO_PRECISION_F32}) {
+            if (backend == DIMOO_BACKEND_CUDA && prec == DIMOO_PRECISION_F32) continue;
+            dimoo_model_config c = config(hd);
+            c.precision = prec;
             dimoo_model *m = make_model(rt, c, dtype);
             ASSERT_NE(m, nullptr);
             const std::vector<dimoo_ctx_params> params = {
@@ -78,7 +81,8 @@ void check_backend(int32_t backend, int32_t n_threads) {
             ASSERT_EQ(dimoo_estimate(backend, n_threads, &c, dtype, nullptr, &model_est, nullptr, err, sizeof err),
                       DIMOO_OK)
                 << err;
-            EXPECT_EQ(model_est, dimoo_model_weight_bytes(m)) << "dtype " << dtype << ", head_dim " << hd;
+            EXPECT_EQ(model_est, dimoo_model_weight_bytes(m))
+                << "dtype " << dtype << ", precision " << prec << ", head_dim " << hd;
             for (const auto &p : params) {
                 ASSERT_EQ(dimoo_estimate(backend, n_threads, &c, dtype, &p, &model_est, &ctx_est, err, sizeof err),
                           DIMOO_OK)

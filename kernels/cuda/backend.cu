@@ -830,6 +830,7 @@ std::unique_ptr<Ctx> CudaModel::create_ctx(const dimoo_ctx_params &p) { return s
 } // namespace
 
 Estimate cuda_estimate(const ModelShape &s, const dimoo_ctx_params *p) {
+    cuda_check_precision(s);
     Estimate e;
     e.model = int64_t(WeightLayout(s).total);
     if (p) e.ctx = int64_t(CtxPlan(s, *p).bytes());
@@ -867,6 +868,7 @@ public:
     }
 
     std::unique_ptr<Model> create_model(const ModelShape &shape) override {
+        cuda_check_precision(shape);
         DIMOO_CUDA(cudaSetDevice(device_));
         return std::make_unique<CudaModel>(shape, device_);
     }
