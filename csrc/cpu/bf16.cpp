@@ -637,14 +637,12 @@ DIMOO_T512 inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// With p: the exps also go to p as bf16 (round_bf16's rounding, zeros past
-// nk) instead of back into s, and the output row o (hd floats) is rescaled
-// by corr: the bf16 attention's whole per-row step in one pass.
-DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
-                                   float *o, int hd) {
+// The online-softmax row step on 16 lanes, in three parts so that the
+// AVX-512 BF16 variant below shares all but its rounding. Part 1: v = scale
+// * s (-inf past nk) and the new running max.
+DIMOO_T512 inline float softmax_max16(const float *s, int nk, float scale, float m, __m512 *v) {
     constexpr int NV = kKBlock / 16;
     const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 v[NV];
     __m512 mx = _mm512_set1_ps(m);
     for (int i = 0; i < NV; ++i) {
         const int left = nk - 16 * i;
@@ -652,14 +650,42 @@ DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, floa
         v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
         mx = _mm512_max_ps(mx, v[i]);
     }
-    const float mnew = _mm512_reduce_max_ps(mx);
+    return _mm512_reduce_max_ps(mx);
+}
+
+// Part 2, per vector: exp(v - max); -inf lanes (past nk, only in a short
+// block) clamp to exp(-87 - m), so they are zeroed exactly.
+DIMOO_T512 inline __m512 softmax_exp16(__m512 v, __m512 vm, bool short_block) {
+    const __m512 e = exp16(_mm512_sub_ps(v, vm));
+    if (!short_block) return e;
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
+}
+
+// Part 3: the running sum, and the output row o (hd floats) rescaled by corr.
+DIMOO_T512 inline void softmax_finish16(__m512 sum, float mnew, float &m, float &l, float &corr, float *o, int hd) {
     corr = exp_clamped(m - mnew);
+    m = mnew;
+    l = l * corr + _mm512_reduce_add_ps(sum);
+    if (o && corr != 1.0f) {
+        const __m512 vc = _mm512_set1_ps(corr);
+        int c = 0;
+        for (; c + 16 <= hd; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), vc));
+        for (; c < hd; ++c) o[c] *= corr;
+    }
+}
+
+// With p: the exps also go to p as bf16 (round_bf16's rounding, zeros past
+// nk) instead of back into s, and the output row o (hd floats) is rescaled
+// by corr: the bf16 attention's whole per-row step in one pass.
+DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
+                                   float *o, int hd) {
+    constexpr int NV = kKBlock / 16;
+    __m512 v[NV];
+    const float mnew = softmax_max16(s, nk, scale, m, v);
     const __m512 vm = _mm512_set1_ps(mnew);
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < NV; ++i) {
-        // -inf lanes (past nk) clamp to exp(-87 - m); zero them exactly.
-        const __mmask16 valid = _mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(v[i], vm)));
+        const __m512 e = softmax_exp16(v[i], vm, nk < kKBlock);
         if (p) {
             // Round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
             const __m512i u = _mm512_castps_si512(e);
@@ -672,14 +698,25 @@ DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, floa
         }
         sum = _mm512_add_ps(sum, e);
     }
-    m = mnew;
-    l = l * corr + _mm512_reduce_add_ps(sum);
-    if (p && corr != 1.0f) {
-        const __m512 vc = _mm512_set1_ps(corr);
-        int c = 0;
-        for (; c + 16 <= hd; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), vc));
-        for (; c < hd; ++c) o[c] *= corr;
+    softmax_finish16(sum, mnew, m, l, corr, p ? o : nullptr, hd);
+}
+
+// The same with p rounded by VCVTNEPS2BF16 (AVX-512 BF16): one instruction
+// for the five above, the same bits (round to nearest even; it flushes
+// subnormals, which only exps of scores 87 below the row's max can be).
+DIMOO_TBF16 void softmax_row_bf16(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
+                                  float *o, int hd) {
+    constexpr int NV = kKBlock / 16;
+    __m512 v[NV];
+    const float mnew = softmax_max16(s, nk, scale, m, v);
+    const __m512 vm = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < NV; ++i) {
+        const __m512 e = softmax_exp16(v[i], vm, nk < kKBlock);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
+        sum = _mm512_add_ps(sum, e);
     }
+    softmax_finish16(sum, mnew, m, l, corr, o, hd);
 }
 
 DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
@@ -779,7 +816,11 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                 uint16_t *p = reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2));
                 float corr;
 #if defined(DIMOO_X86)
-                if (ks != Kernels::Portable) {
+                if (ks == Kernels::Avx512Bf16 || ks == Kernels::Amx) {
+                    softmax_row_bf16(s, nk, scale, mx[i], sum[i], corr, p, o, hd);
+                    continue;
+                }
+                if (ks == Kernels::Avx512) {
                     softmax_row_avx512(s, nk, scale, mx[i], sum[i], corr, p, o, hd);
                     continue;
                 }
