@@ -77,10 +77,13 @@ public:
         for (int l = 0; l < s.cfg.n_layers; l++)
             for (int k = int(WeightKind::AttnNorm); k <= int(WeightKind::FFOut); k++)
                 kind_of_slot_[s.slot({WeightKind(k), l})] = {WeightKind(k), l};
+        check_cpu_precision(s);
     }
 
     void set_weight(WeightId id, int32_t dtype, const void *data, size_t nbytes) override {
-        Tensor &t = w_[shape_.slot(id)];
+        const int slot = shape_.slot(id);
+        Tensor &t = w_[slot];
+        const int32_t prec = shape_.cfg.precision;
         bool norm = id.kind == WeightKind::AttnNorm || id.kind == WeightKind::FFNorm || id.kind == WeightKind::FinalNorm;
         if (norm) { // tiny vectors: keep as fp32 so the norms read them directly
             size_t n = nbytes / dtype_size(dtype);
@@ -90,44 +93,62 @@ public:
             for (size_t i = 0; i < n; i++) dst[i] = load_as_f32(data, dtype, i);
             return;
         }
+        if (prec != DIMOO_PRECISION_AUTO && is_matrix(slot)) {
+            // The precision is known: packed straight from the caller's
+            // data, so an fp32 checkpoint never has a wide copy here (peak
+            // memory: the packed weights, not twice the checkpoint).
+            const auto dims = shape_.expected_shape(id);
+            const size_t N = size_t(dims[0]), K = size_t(dims[1]), panels = (N + cpu::kPanel - 1) / cpu::kPanel;
+            check_host_alloc(prec == DIMOO_PRECISION_BF16 ? panels * ((K + 1) / 2) * 128 : panels * K * cpu::kPanel * 4,
+                             shape_.name_of(id));
+            if (prec == DIMOO_PRECISION_BF16) {
+                packed_.resize(w_.size());
+                cpu::pack_matrix(data, dtype, int(N), int(K), packed_[slot]);
+            } else {
+                packed_f32_.resize(w_.size());
+                cpu::pack_matrix_f32(data, dtype, int(N), int(K), packed_f32_[slot]);
+            }
+            t.dtype = dtype;
+            std::vector<uint8_t>().swap(t.data);
+            return;
+        }
+        if (prec == DIMOO_PRECISION_BF16 && dtype != DIMOO_BF16) {
+            // The embedding, in bf16 as the official model holds it.
+            const size_t n = nbytes / dtype_size(dtype);
+            check_host_alloc(n * 2, shape_.name_of(id));
+            t.data.resize(n * 2);
+            uint16_t *dst = reinterpret_cast<uint16_t *>(t.data.data());
+#pragma omp parallel for schedule(static)
+            for (size_t i = 0; i < n; i++) dst[i] = f32_to_bf16(load_as_f32(data, dtype, i));
+            t.dtype = DIMOO_BF16;
+            return;
+        }
         check_host_alloc(nbytes, shape_.name_of(id));
         t.dtype = dtype;
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
 
-    // Every matrix but the embedding is packed once here (bf16 pair panels,
-    // or fp32 panels) and its checkpoint copy freed. Precision AUTO packs
+    // Every matrix but the embedding is packed once (bf16 pair panels, or
+    // fp32 panels) and its checkpoint copy freed. Precision AUTO packs here:
     // bf16 checkpoints as bf16 and fp32 ones as fp32 (the same size up to
     // padding); fp16 or mixed checkpoints keep the per-call packing of
-    // gemm.cpp. BF16 rounds whatever is stored, F32 widens it.
+    // gemm.cpp. BF16 (rounding whatever is stored) and F32 (widening it)
+    // packed each matrix as it arrived.
     void finalize() override {
-        const int32_t prec = shape_.cfg.precision;
-        check_cpu_precision(shape_);
-        if (prec == DIMOO_PRECISION_BF16) { // the embedding in bf16 too, as the official model holds it
-            Tensor &e = w_[shape_.slot({WeightKind::Embedding, -1})];
-            if (e.dtype != DIMOO_BF16) {
-                const size_t n = e.data.size() / dtype_size(e.dtype);
-                std::vector<uint8_t> b(n * 2);
-                uint16_t *dst = reinterpret_cast<uint16_t *>(b.data());
-#pragma omp parallel for schedule(static)
-                for (size_t i = 0; i < n; i++) dst[i] = f32_to_bf16(load_as_f32(e.ptr(), e.dtype, i));
-                e.data.swap(b);
-                e.dtype = DIMOO_BF16;
-            }
+        if (shape_.cfg.precision != DIMOO_PRECISION_AUTO) {
+            kernels_ = cpu::best_kernels();
+            return;
         }
         // DIMOO_CPU_PACKED=0 keeps the per-call packing path of a checkpoint
         // as stored (for A/B benchmarks).
-        if (const char *e = std::getenv("DIMOO_CPU_PACKED");
-            prec == DIMOO_PRECISION_AUTO && e && std::string(e) == "0")
-            return;
+        if (const char *e = std::getenv("DIMOO_CPU_PACKED"); e && std::string(e) == "0") return;
         const int hd = shape_.head_dim;
         bool all_bf16 = hd % 2 == 0 && hd <= 1024, all_f32 = true;
         for (int s = 0; s < shape_.n_weights(); s++) {
             if (is_matrix(s) && w_[s].dtype != DIMOO_BF16) all_bf16 = false;
             if (is_matrix(s) && w_[s].dtype != DIMOO_F32) all_f32 = false;
         }
-        const bool bf = prec == DIMOO_PRECISION_BF16 || (prec == DIMOO_PRECISION_AUTO && all_bf16);
-        const bool f32 = prec == DIMOO_PRECISION_F32 || (prec == DIMOO_PRECISION_AUTO && !bf && all_f32);
+        const bool bf = all_bf16, f32 = !bf && all_f32;
         if (!bf && !f32) return;
         if (bf) packed_.resize(w_.size());
         else packed_f32_.resize(w_.size());
