@@ -97,17 +97,23 @@ func TestForwardMatchesReference(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := testdataDir(tc.name)
-			m := loadTestModel(t, dir)
-			for _, c := range readCases(t, filepath.Join(dir, "golden", "cases.json")) {
-				want, _, err := ReadNpyFile(filepath.Join(dir, "golden", c.Logits))
-				require.NoError(t, err)
-				got, err := m.Logits(context.Background(), c.Tokens, nil, 0, 0)
-				require.NoError(t, err)
-				e := relErr(got.Data, want)
-				t.Logf("T=%d: relative error %.2e", len(c.Tokens), e)
-				assert.LessOrEqual(t, e, tc.bound, "T=%d", len(c.Tokens))
-			}
+			checkReference(t, loadTestModel(t, dir), dir, tc.bound)
 		})
+	}
+}
+
+// checkReference compares m's logits with the float64 reference cases of
+// the testdata checkpoint dir.
+func checkReference(t *testing.T, m *Model, dir string, bound float64) {
+	t.Helper()
+	for _, c := range readCases(t, filepath.Join(dir, "golden", "cases.json")) {
+		want, _, err := ReadNpyFile(filepath.Join(dir, "golden", c.Logits))
+		require.NoError(t, err)
+		got, err := m.Logits(context.Background(), c.Tokens, nil, 0, 0)
+		require.NoError(t, err)
+		e := relErr(got.Data, want)
+		t.Logf("%s, precision %s, T=%d: relative error %.2e", filepath.Base(dir), m.Precision, len(c.Tokens), e)
+		assert.LessOrEqual(t, e, bound, "%s, precision %s, T=%d", dir, m.Precision, len(c.Tokens))
 	}
 }
 
@@ -129,15 +135,7 @@ func TestForwardPrecisions(t *testing.T) {
 			m, err := LoadModel(context.Background(), dir, LoadOptions{Library: lib, Threads: 2, Precision: tc.prec})
 			require.NoError(t, err)
 			assert.Equal(t, tc.prec, m.Precision)
-			for _, c := range readCases(t, filepath.Join(dir, "golden", "cases.json")) {
-				want, _, err := ReadNpyFile(filepath.Join(dir, "golden", c.Logits))
-				require.NoError(t, err)
-				got, err := m.Logits(context.Background(), c.Tokens, nil, 0, 0)
-				require.NoError(t, err)
-				e := relErr(got.Data, want)
-				t.Logf("%s %s T=%d: relative error %.2e", name, tc.prec, len(c.Tokens), e)
-				assert.LessOrEqual(t, e, tc.bound, "%s %s T=%d", name, tc.prec, len(c.Tokens))
-			}
+			checkReference(t, m, dir, tc.bound)
 			m.Close()
 		}
 	}
