@@ -313,30 +313,55 @@ public:
     void forward(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel,
                  const int32_t *const *keep_slots) override {
         ThreadScope ts(m_.n_threads_);
-        for (int i = 0; i < n; i++) {
-            dimoo_forward_args a = args[i];
-            if (a.keep) {
+        const bool packed = m_.packed();
+        for (int g0 = 0; g0 < n;) {
+            // A group: consecutive sequences whose rows fit the buffers
+            // together (ML-Cache steps, short sequences), batched; others
+            // alone. Without packed weights, one at a time.
+            int g1 = g0 + 1, rows = run_rows(args[g0]);
+            while (packed && g1 < n && rows + run_rows(args[g1]) <= p_.max_tokens) rows += run_rows(args[g1++]);
+            std::vector<dimoo_forward_args> as(args + g0, args + g1);
+            std::vector<std::vector<float>> own(as.size()); // kept rows of the group past the first in scratch
+            std::vector<char> post(as.size(), 0);
+            bool scratch_used = false;
+            for (size_t i = 0; i < as.size(); i++) {
+                dimoo_forward_args &a = as[i];
+                if (!a.keep) continue;
                 // Rows to keep come out of the head into the caller's buffer,
                 // or into scratch when the caller wants none, then go to
-                // their slots.
-                const int vend = a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end;
-                const int cols = vend - a.vocab_begin;
-                const int rows = a.out_positions ? a.n_out : (a.cache_mode == DIMOO_CACHE_USE ? a.n_compute : a.n_tokens);
+                // their slots; straight into the slots when in order.
+                const int32_t *slots = keep_slots[g0 + int(i)];
+                const int cols = (a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end) - a.vocab_begin;
+                const int nr = kept_rows(a);
                 bool in_order = !a.logits && !a.row_max;
-                for (int j = 0; in_order && j < rows; j++) in_order = keep_slots[i][j] == j;
-                if (in_order) { // straight into the slots
+                for (int j = 0; in_order && j < nr; j++) in_order = slots[j] == j;
+                if (in_order) {
                     a.logits = kept_->slot_rows(a.seq);
                     a.row_max = kept_->slot_max(a.seq);
-                    forward_seq(a, cancel);
                     continue;
                 }
-                if (!a.logits) a.logits = kept_->scratch_rows();
-                if (!a.row_max) a.row_max = kept_->scratch_max();
-                forward_seq(a, cancel);
-                kept_->write(a.seq, keep_slots[i], rows, cols, a.logits, a.row_max);
-            } else {
-                forward_seq(a, cancel);
+                post[i] = 1;
+                if (a.logits && a.row_max) continue;
+                if (!scratch_used) {
+                    scratch_used = true;
+                    if (!a.logits) a.logits = kept_->scratch_rows();
+                    if (!a.row_max) a.row_max = kept_->scratch_max();
+                    continue;
+                }
+                own[i].resize(size_t(nr) * size_t(cols) + size_t(nr));
+                if (!a.logits) a.logits = own[i].data();
+                if (!a.row_max) a.row_max = own[i].data() + size_t(nr) * size_t(cols);
             }
+            if (m_.packed_bf16()) forward_packed<true>(as.data(), int(as.size()), cancel);
+            else if (m_.packed_f32()) forward_packed<false>(as.data(), int(as.size()), cancel);
+            else forward_one(as[0], cancel);
+            for (size_t i = 0; i < as.size(); i++) {
+                if (!post[i]) continue;
+                const dimoo_forward_args &a = as[i];
+                const int cols = (a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end) - a.vocab_begin;
+                kept_->write(a.seq, keep_slots[g0 + int(i)], kept_rows(a), cols, a.logits, a.row_max);
+            }
+            g0 = g1;
         }
     }
 
@@ -366,11 +391,11 @@ private:
         ~ThreadScope() { omp_set_num_threads(saved); }
     };
 
-    void forward_seq(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
-        if (m_.packed_bf16()) forward_packed<true>(a, cancel);
-        else if (m_.packed_f32()) forward_packed<false>(a, cancel);
-        else forward_one(a, cancel);
+    // Rows a forward runs through the network, and rows it keeps.
+    static int run_rows(const dimoo_forward_args &a) {
+        return a.cache_mode == DIMOO_CACHE_USE ? a.n_compute : a.n_tokens;
     }
+    static int kept_rows(const dimoo_forward_args &a) { return a.out_positions ? a.n_out : run_rows(a); }
 
     void rope(float *x, int rows, int width, const int32_t *pos) const {
         const int hd = m_.shape_.head_dim, half = hd / 2, heads = width / hd;
@@ -567,23 +592,51 @@ private:
         }
     }
 
-    // The packed forward (bf16 pairs when BF, else fp32): one parallel
-    // region; stages separated by the barriers of their work-sharing loops
-    // (9 per layer).
-    template <bool BF> void forward_packed(const dimoo_forward_args &a, const std::atomic<bool> &cancel) {
+    // The packed forward (bf16 pairs when BF, else fp32) of n sequences at
+    // once: their rows (ML-Cache: the computed ones) side by side in the
+    // buffers (at most max_tokens in all), so each weight is read once per
+    // layer for all of them (guidance branches: one M = sum(T) GEMM).
+    // Attention and the K/V caches stay per sequence. One parallel region;
+    // stages separated by the barriers of their work-sharing loops (9 per
+    // layer). A row's arithmetic does not depend on the rows beside it, so
+    // each sequence's logits are those of its forward alone, bit for bit.
+    template <bool BF> void forward_packed(const dimoo_forward_args *args, int n, const std::atomic<bool> &cancel) {
         const auto &S = m_.shape_;
         const auto &c = S.cfg;
-        const int T = a.n_tokens, d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size, hd = S.head_dim;
+        const int d = c.d_model, kv = S.kv_dim, mlp = c.mlp_hidden_size, hd = S.head_dim;
         const cpu::Kernels ks = m_.kernels();
-        set_rows(a);
-        const int R = int(rows_.size());
-        const std::vector<int> sel = a.logits ? out_rows(a) : std::vector<int>();
-        const int O = int(sel.size());
-        const int vb = a.vocab_begin, ve = a.vocab_end == 0 ? c.embedding_size : a.vocab_end;
+        // Per sequence: its rows at [off, off + R), its output rows (indices
+        // into rows_) normed into abf_ at [oo, oo + sel.size()).
+        struct Seg {
+            const dimoo_forward_args *a;
+            int off, R, oo, vb, ve;
+            std::vector<int> sel;
+        };
+        std::vector<Seg> segs(static_cast<size_t>(n));
+        std::vector<int32_t> rows;
+        std::vector<int> out_rows_all; // output rows, as rows of the buffers
+        for (int i = 0; i < n; i++) {
+            Seg &g = segs[size_t(i)];
+            g.a = &args[i];
+            g.off = int(rows.size());
+            set_rows(args[i]);
+            g.R = int(rows_.size());
+            if (args[i].logits) g.sel = out_rows(args[i]);
+            g.oo = int(out_rows_all.size());
+            for (int r : g.sel) out_rows_all.push_back(g.off + r);
+            g.vb = args[i].vocab_begin;
+            g.ve = args[i].vocab_end == 0 ? c.embedding_size : args[i].vocab_end;
+            rows.insert(rows.end(), rows_.begin(), rows_.end());
+        }
+        rows_.swap(rows);
+        const int R = int(rows_.size()), O = int(out_rows_all.size());
+        std::vector<int> row_seg(static_cast<size_t>(R));
+        for (int i = 0; i < n; i++)
+            std::fill_n(row_seg.begin() + segs[size_t(i)].off, segs[size_t(i)].R, i);
         const size_t layer_cache = size_t(p_.max_tokens) * kv;
-        cpu::PackedKV pk;
-        cpu::PackedKVF32 pkf;
-        if constexpr (BF) {
+        // Attention's packed K/V for sequence i (T of its forward).
+        auto packed_kv = [&](int T) {
+            cpu::PackedKV pk;
             pk.T = T;
             pk.Tpad = cpu::packed_kv_tpad(T);
             pk.head_dim = hd;
@@ -591,7 +644,10 @@ private:
             pk.kstride = pk.vstride = cpu::packed_kv_elems(T, hd);
             pk.k = kpack_.data();
             pk.v = vpack_.data();
-        } else {
+            return pk;
+        };
+        auto packed_k_f32 = [&](int T) {
+            cpu::PackedKVF32 pkf;
             pkf.T = T;
             pkf.Tpad = cpu::packed_kv_tpad(T);
             pkf.head_dim = hd;
@@ -599,7 +655,8 @@ private:
             pkf.kstride = cpu::packed_k_f32_elems(T, hd);
             pkf.k = kpack_f32_.data();
             pkf.ldv = size_t(kv);
-        }
+            return pkf;
+        };
         const Tensor &wte = m_.w(WeightKind::Embedding);
         float *abf_f = reinterpret_cast<float *>(abf_.data());
         float *hbf_f = reinterpret_cast<float *>(hbf_.data());
@@ -648,7 +705,7 @@ private:
             if (omp_get_thread_num() == 0) stop = cancel.load(std::memory_order_relaxed);
 #pragma omp for schedule(static)
             for (int r = 0; r < R; r++) {
-                const size_t tok = size_t(a.tokens[rows_[r]]);
+                const size_t tok = size_t(segs[size_t(row_seg[size_t(r)])].a->tokens[rows_[r]]);
                 float *xr = x_.data() + size_t(r) * d;
                 for (int i = 0; i < d; i++) xr[i] = load_as_f32(wte.ptr(), wte.dtype, tok * d + i);
             }
@@ -666,13 +723,21 @@ private:
                       {WeightKind::VProj, l, v_.data(), size_t(kv), 0, kv, false}});
                 mark(cpu::Stage::Gemm);
 
-                float *kc = nullptr, *vc = nullptr;
-                if (a.cache_mode != DIMOO_CACHE_NONE) {
-                    kc = kcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
-                    vc = vcache_.data() + (size_t(a.seq) * c.n_layers + l) * layer_cache;
-                }
+                // This layer's K/V cache of a sequence (null without one).
+                auto kcache = [&](const Seg &g) {
+                    return g.a->cache_mode == DIMOO_CACHE_NONE
+                               ? nullptr
+                               : kcache_.data() + (size_t(g.a->seq) * c.n_layers + l) * layer_cache;
+                };
+                auto vcache = [&](const Seg &g) {
+                    return g.a->cache_mode == DIMOO_CACHE_NONE
+                               ? nullptr
+                               : vcache_.data() + (size_t(g.a->seq) * c.n_layers + l) * layer_cache;
+                };
 #pragma omp for schedule(static)
                 for (int r = 0; r < R; r++) {
+                    const Seg &g = segs[size_t(row_seg[size_t(r)])];
+                    float *kc = kcache(g), *vc = vcache(g);
                     float *qr = q_.data() + size_t(r) * d, *kr = k_.data() + size_t(r) * kv;
                     rope_row(qr, d, rows_[r]);
                     if constexpr (BF)
@@ -684,15 +749,24 @@ private:
                     }
                 }
                 mark(cpu::Stage::Rest);
-                if constexpr (BF) {
-                    cpu::pack_kv_team(kc ? kc : k_.data(), vc ? vc : v_.data(), size_t(kv), pk);
-                    cpu::flash_attention_team(ks, qbf_.data(), as, R, c.n_heads, pk,
-                                              reinterpret_cast<uint16_t *>(abf_.data()), 2 * as, scratch_.data());
-                } else {
-                    pkf.v = vc ? vc : v_.data();
-                    cpu::pack_k_f32_team(kc ? kc : k_.data(), size_t(kv), pkf);
-                    cpu::flash_attention_f32_team(ks, q_.data(), size_t(d), R, c.n_heads, pkf, abf_f, as,
-                                                  scratch_.data());
+                for (const Seg &g : segs) {
+                    // Keys: the whole sequence, from its cache, or its rows here.
+                    float *kc = kcache(g), *vc = vcache(g);
+                    const float *K = kc ? kc : k_.data() + size_t(g.off) * kv;
+                    const float *V = vc ? vc : v_.data() + size_t(g.off) * kv;
+                    if constexpr (BF) {
+                        cpu::PackedKV pk = packed_kv(g.a->n_tokens);
+                        cpu::pack_kv_team(K, V, size_t(kv), pk);
+                        cpu::flash_attention_team(ks, qbf_.data() + size_t(g.off) * as, as, g.R, c.n_heads, pk,
+                                                  reinterpret_cast<uint16_t *>(abf_.data()) + size_t(g.off) * 2 * as,
+                                                  2 * as, scratch_.data());
+                    } else {
+                        cpu::PackedKVF32 pkf = packed_k_f32(g.a->n_tokens);
+                        pkf.v = V;
+                        cpu::pack_k_f32_team(K, size_t(kv), pkf);
+                        cpu::flash_attention_f32_team(ks, q_.data() + size_t(g.off) * d, size_t(d), g.R, c.n_heads,
+                                                      pkf, abf_f + size_t(g.off) * as, as, scratch_.data());
+                    }
                 }
                 mark(cpu::Stage::Attention);
                 gemm(R, abf_.data(), as, {{WeightKind::AttnOut, l, x_.data(), size_t(d), 0, d, true}});
@@ -746,22 +820,25 @@ private:
             if (!stop && O > 0) {
 #pragma omp for schedule(static)
                 for (int i = 0; i < O; i++)
-                    norm_row<BF>(x_.data() + size_t(sel[i]) * d, m_.wf(WeightKind::FinalNorm),
+                    norm_row<BF>(x_.data() + size_t(out_rows_all[size_t(i)]) * d, m_.wf(WeightKind::FinalNorm),
                                  abf_.data() + size_t(i) * as, d, c.rms_norm_eps);
                 mark(cpu::Stage::Rest);
-                gemm(O, abf_.data(), as, {{WeightKind::Head, -1, a.logits, size_t(ve - vb), vb, ve, false}});
+                for (const Seg &g : segs) // each its own column range and output
+                    gemm(int(g.sel.size()), abf_.data() + size_t(g.oo) * as, as,
+                         {{WeightKind::Head, -1, g.a->logits, size_t(g.ve - g.vb), g.vb, g.ve, false}});
                 mark(cpu::Stage::Gemm);
-                if (a.row_max) {
-                    const int n = ve - vb;
+                for (const Seg &g : segs) {
+                    if (!g.a->row_max) continue;
+                    const int w = g.ve - g.vb, no = int(g.sel.size());
 #pragma omp for schedule(static)
-                    for (int i = 0; i < O; i++) {
-                        const float *r = a.logits + size_t(i) * n;
+                    for (int i = 0; i < no; i++) {
+                        const float *r = g.a->logits + size_t(i) * w;
                         float m = r[0];
-                        for (int j = 1; j < n; j++) m = r[j] > m ? r[j] : m;
-                        a.row_max[i] = m;
+                        for (int j = 1; j < w; j++) m = r[j] > m ? r[j] : m;
+                        g.a->row_max[i] = m;
                     }
-                    mark(cpu::Stage::Rest);
                 }
+                mark(cpu::Stage::Rest);
             }
         }
         if (stop) fail(DIMOO_ERR_CANCELLED, "forward cancelled");

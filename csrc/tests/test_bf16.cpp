@@ -563,6 +563,75 @@ TEST(Bf16Forward, CacheRowsMatchFullForward) {
         EXPECT_LT(rel(sub.data() + i * e, plain.data() + size_t(some[i]) * e, e), 1e-6) << "row " << some[i];
 }
 
+// Several sequences in one dimoo_forward: their rows share the GEMMs when
+// they fit the context together, else they run one after another; either
+// way each sequence's logits are those of its forward alone, bit for bit,
+// in every cache mode, with its own rows and column range.
+TEST(PackedForward, BatchedSequencesEqualAlone) {
+    for (int32_t dtype : {DIMOO_BF16, DIMOO_F32}) {
+        Model b(small_config(64), dtype, 4); // 2 sequences of up to 160 tokens
+        const size_t e = size_t(b.cfg.embedding_size);
+        auto toks = [](int T, int salt) {
+            std::vector<int32_t> t(static_cast<size_t>(T));
+            for (int i = 0; i < T; i++) t[size_t(i)] = int32_t((i * 13 + salt) % 90);
+            return t;
+        };
+        struct Req {
+            std::vector<int32_t> toks, compute, out;
+            int mode, vb, ve;
+        };
+        // One forward per request, alone, then all of them in one call.
+        auto run = [&](std::vector<Req> &reqs, bool together) {
+            std::vector<std::vector<float>> outs(reqs.size());
+            std::vector<dimoo_forward_args> args(reqs.size());
+            for (size_t i = 0; i < reqs.size(); i++) {
+                const Req &r = reqs[i];
+                const size_t rows = !r.out.empty() ? r.out.size() : !r.compute.empty() ? r.compute.size() : r.toks.size();
+                outs[i].assign(rows * size_t(r.ve - r.vb), NAN);
+                dimoo_forward_args &a = args[i];
+                a = dimoo_forward_args{};
+                a.seq = int32_t(i);
+                a.n_tokens = int32_t(r.toks.size());
+                a.tokens = r.toks.data();
+                a.cache_mode = r.mode;
+                if (!r.compute.empty()) a.n_compute = int32_t(r.compute.size()), a.compute = r.compute.data();
+                if (!r.out.empty()) a.n_out = int32_t(r.out.size()), a.out_positions = r.out.data();
+                a.vocab_begin = r.vb;
+                a.vocab_end = r.ve;
+                a.logits = outs[i].data();
+            }
+            if (together) {
+                EXPECT_EQ(dimoo_forward(b.ctx, args.data(), int32_t(args.size())), DIMOO_OK) << dimoo_ctx_error(b.ctx);
+            } else {
+                for (auto &a : args) EXPECT_EQ(dimoo_forward(b.ctx, &a, 1), DIMOO_OK) << dimoo_ctx_error(b.ctx);
+            }
+            return outs;
+        };
+        for (int T1 : {70, 100}) { // 70 + 60 rows fit the 160 of the context; 100 + 60 do too, 100 + 100 not
+            for (int T2 : {60, 100}) {
+                std::vector<Req> full = {{toks(T1, 1), {}, {}, DIMOO_CACHE_STORE, 0, int(e)},
+                                         {toks(T2, 7), {}, {3, 9, T2 - 1}, DIMOO_CACHE_STORE, 10, 50}};
+                const auto alone = run(full, false);
+                const auto both = run(full, true);
+                for (size_t i = 0; i < full.size(); i++)
+                    EXPECT_EQ(both[i], alone[i]) << "dtype " << dtype << " T " << T1 << "," << T2 << " seq " << i;
+                // ML-Cache: a few rows of each against its stored K/V.
+                std::vector<Req> use = {{toks(T1, 1), {0, 5, 33, T1 - 1}, {0, 5, 33, T1 - 1}, DIMOO_CACHE_USE, 0, int(e)},
+                                        {toks(T2, 7), {2, 3, 40}, {3, 40}, DIMOO_CACHE_USE, 5, 90}};
+                const auto use_alone = run(use, false);
+                run(full, true); // the caches again, batched
+                const auto use_both = run(use, true);
+                for (size_t i = 0; i < use.size(); i++)
+                    EXPECT_EQ(use_both[i], use_alone[i]) << "dtype " << dtype << " T " << T1 << "," << T2 << " seq " << i;
+                ASSERT_EQ(use_alone[0].size(), 4 * e);
+                for (size_t r = 0; r < 4; r++) // the USE rows are the full forward's rows
+                    EXPECT_LT(rel(use_alone[0].data() + r * e, alone[0].data() + size_t(use[0].compute[r]) * e, e),
+                              1e-6);
+            }
+        }
+    }
+}
+
 std::string slurp(const std::string &path) {
     std::ifstream f(path, std::ios::binary);
     std::stringstream ss;
