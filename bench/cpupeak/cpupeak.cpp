@@ -4,7 +4,7 @@
 //   build/dimoo_cpupeak [--T 64,300,1124,4228] [--reps 3] [--layers 1]
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
 //                       [--vocab 16384] [--threads 2] [--json] [--serve]
-//                       [--dtype bf16|f32] [--baseline KERNELS]
+//                       [--dtype bf16|f32] [--baseline KERNELS] [--branch-rows R]
 //
 // --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
 // DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
@@ -13,6 +13,11 @@
 // --baseline avx512bf16 (or avx512, portable): a second model of the same
 // weights on that kernel set (DIMOO_CPU_KERNELS at its load), its forward
 // timed right after each of the best set's; the table gives the speed ratio.
+//
+// --branch-rows R: then, per T, two sequences (a guidance pair) store their
+// K/V, and ML-Cache steps recompute R rows of each (R <= T), as one
+// dimoo_forward of both and as one forward each, alternating; the table
+// gives the times and their ratio (what sharing the GEMMs saves).
 //
 // --serve: build the model once, then read one T per line on stdin and answer
 // each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
@@ -174,6 +179,7 @@ struct Opts {
     int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
     bool json = false, serve = false, f32 = false;
     std::string baseline; // a kernel set to time beside the best one
+    int branch_rows = 0;  // ML-Cache rows of the guidance-pair table (0: none)
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -227,6 +233,7 @@ int main(int argc, char **argv) {
         else if (a == "--serve") o.serve = true;
         else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
         else if (a == "--baseline") o.baseline = next();
+        else if (a == "--branch-rows") o.branch_rows = std::atoi(next());
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
@@ -303,7 +310,7 @@ int main(int argc, char **argv) {
     // per query token per model column in attention (Q K^T and P V).
     const double layer_params = double(2 * d * d + 2 * kv * d + 3 * mlp * d);
     std::vector<std::vector<Row>> rows(o.T.size());
-    std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length));
+    std::vector<int32_t> tokens(static_cast<size_t>(cfg.max_sequence_length) + 1); // + 1: the second branch's shift
     for (size_t i = 0; i < tokens.size(); i++) tokens[i] = int32_t((i * 7919) % size_t(o.vocab));
     // A context for one forward of the first T tokens on model mm, all logits out.
     struct Fwd {
@@ -436,6 +443,53 @@ int main(int argc, char **argv) {
     for (size_t ti = 0; ti < o.T.size(); ti++)
         std::printf("%6d | %-20s | %-26s | %-24s\n", o.T[ti], cell(rows[ti], &Row::tok_s, 1).c_str(),
                     cell(rows[ti], &Row::peak_bf16_cpu, 1).c_str(), cell(rows[ti], &Row::fwd_frac_cpu, 100).c_str());
+    if (o.branch_rows > 0) {
+        std::printf("%6s | %-6s | %-20s | %-20s | %-18s\n", "T", "rows", "pair in one call ms", "one call each ms",
+                    "speed x");
+        for (int T : o.T) {
+            const int R = std::min(o.branch_rows, T);
+            dimoo_ctx *ctx = nullptr;
+            dimoo_ctx_params p{2, T, DIMOO_CTX_KV_CACHE};
+            if (dimoo_ctx_create(m, &p, &ctx, err, sizeof err) != DIMOO_OK) die("ctx", err);
+            std::vector<int32_t> rows(static_cast<size_t>(R));
+            for (int i = 0; i < R; i++) rows[size_t(i)] = int32_t(int64_t(i) * T / R);
+            std::vector<float> out(size_t(2) * size_t(R) * size_t(e));
+            dimoo_forward_args a[2] = {};
+            for (int b = 0; b < 2; b++) {
+                a[b].seq = b;
+                a[b].n_tokens = T;
+                a[b].tokens = tokens.data() + b; // the branches differ
+                a[b].cache_mode = DIMOO_CACHE_STORE;
+            }
+            auto call = [&](dimoo_forward_args *args, int n) {
+                if (dimoo_forward(ctx, args, n) != DIMOO_OK) die("forward", dimoo_ctx_error(ctx));
+            };
+            call(a, 2);
+            for (int b = 0; b < 2; b++) {
+                a[b].cache_mode = DIMOO_CACHE_USE;
+                a[b].n_compute = a[b].n_out = R;
+                a[b].compute = a[b].out_positions = rows.data();
+                a[b].logits = out.data() + size_t(b) * size_t(R) * size_t(e);
+            }
+            call(a, 2); // warm-up
+            std::vector<Row> v;
+            for (int rep = 0; rep < std::max(o.reps, 1); rep++) {
+                Row r{};
+                double t0 = now();
+                call(a, 2);
+                r.secs = now() - t0;
+                t0 = now();
+                call(&a[0], 1);
+                call(&a[1], 1);
+                r.base_secs = now() - t0;
+                r.speedup = r.base_secs / r.secs;
+                v.push_back(r);
+            }
+            std::printf("%6d | %-6d | %-20s | %-20s | %-18s\n", T, R, cell(v, &Row::secs, 1e3).c_str(),
+                        cell(v, &Row::base_secs, 1e3).c_str(), cell(v, &Row::speedup, 1).c_str());
+            dimoo_ctx_destroy(ctx);
+        }
+    }
     if (base) {
         std::printf("%6s | %-20s | %-20s | %-24s\n", "T", "fwd ms", ("fwd ms, " + o.baseline).c_str(),
                     ("speed x " + o.baseline).c_str());
