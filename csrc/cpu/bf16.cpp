@@ -769,6 +769,38 @@ void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv) {
     }
 }
 
+void pack_kv_row(const float *k, const float *v, int pos, int n_kv, int head_dim, size_t stride, uint16_t *kd,
+                 uint16_t *vd) {
+    const int hd = head_dim, hp = hd / 2, p = pos / kPanel, j = pos % kPanel;
+    alignas(64) uint16_t row[1024];
+    for (int h = 0; h < n_kv; ++h) {
+        round_bf16(k + size_t(h) * hd, hd, row, hd);
+        uint16_t *kk = kd + size_t(h) * stride + size_t(p) * size_t(hp) * 64;
+        for (int i = 0; i < hp; ++i) {
+            kk[(size_t(i) * kPanel + size_t(j)) * 2] = row[2 * i];
+            kk[(size_t(i) * kPanel + size_t(j)) * 2 + 1] = row[2 * i + 1];
+        }
+        round_bf16(v + size_t(h) * hd, hd, row, hd);
+        uint16_t *vv = vd + size_t(h) * stride + size_t(pos / 2) * 2 * size_t(hd) + size_t(pos % 2);
+        for (int c = 0; c < hd; ++c) vv[2 * c] = row[c];
+    }
+}
+
+void zero_kv_tail_team(const PackedKV &kv) {
+    const int hd = kv.head_dim, hp = hd / 2;
+#pragma omp for schedule(static)
+    for (int h = 0; h < kv.n_kv; ++h)
+        for (int t = kv.T; t < kv.Tpad; ++t) {
+            uint16_t *kk = kv.k + size_t(h) * kv.kstride + size_t(t / kPanel) * size_t(hp) * 64;
+            for (int i = 0; i < hp; ++i) {
+                kk[(size_t(i) * kPanel + size_t(t % kPanel)) * 2] = 0;
+                kk[(size_t(i) * kPanel + size_t(t % kPanel)) * 2 + 1] = 0;
+            }
+            uint16_t *vv = kv.v + size_t(h) * kv.vstride + size_t(t / 2) * 2 * size_t(hd) + size_t(t % 2);
+            for (int c = 0; c < hd; ++c) vv[2 * c] = 0;
+        }
+}
+
 size_t flash_scratch_floats(int head_dim) {
     // S block, P pairs, O block, running max and sum; 16-float aligned parts.
     return size_t(kQBlockMax) * (kKBlock + kKBlock / 2 + size_t(head_dim) + 2) + 64;

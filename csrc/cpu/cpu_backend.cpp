@@ -211,6 +211,7 @@ struct CpuCtxSizes {
     size_t dp = 0, mp = 0, ast = 0, hst = 0; // A-operand row lengths and strides
     size_t x = 0, q = 0, k = 0, v = 0, abf = 0, qbf = 0, hbf = 0, kpack16 = 0, kpack_f32 = 0, scratch = 0;
     size_t h = 0, att = 0, g = 0, u = 0, kcache = 0, vcache = 0, rope = 0;
+    size_t kvstride16 = 0, kcache16 = 0; // bf16: the caches packed (uint16 per KV head; for K and again V)
     int64_t kept = 0; // bytes of the kept logits (cpu::HostKept)
 
     // packed: the model packed its matrices (bf: as bf16 pairs); nt threads.
@@ -242,8 +243,15 @@ struct CpuCtxSizes {
             h = T * d, att = T * d, g = T * mlp, u = T * mlp;
         }
         if (p.flags & DIMOO_CTX_KV_CACHE) {
-            kcache = size_t(p.n_seqs) * c.n_layers * T * kv;
-            vcache = kcache + 32;
+            if (packed && bf) {
+                // Kept as attention reads them (bf16, packed), written row
+                // by row: half the bytes, and no packing per forward.
+                kvstride16 = cpu::packed_kv_elems(int(T), int(hd));
+                kcache16 = size_t(p.n_seqs) * c.n_layers * n_kv * kvstride16;
+            } else {
+                kcache = size_t(p.n_seqs) * c.n_layers * T * kv;
+                vcache = kcache + 32;
+            }
         }
         rope = T * size_t(S.head_dim / 2); // cos, and again sin
         if (p.keep_cols > 0)
@@ -253,7 +261,7 @@ struct CpuCtxSizes {
         return int64_t((x + q + k + v + abf + qbf + hbf + kpack_f32 + scratch + h + att + g + u + kcache + vcache +
                         2 * rope) *
                            4 +
-                       2 * kpack16 * 2) +
+                       2 * kpack16 * 2 + 2 * kcache16 * 2) +
                kept;
     }
 };
@@ -286,6 +294,9 @@ public:
         u_.resize(z.u);
         kcache_.resize(z.kcache);
         vcache_.resize(z.vcache);
+        kvstride16_ = z.kvstride16;
+        kcache16_.resize(z.kcache16);
+        vcache16_.resize(z.kcache16);
         // RoPE table computed the way the reference does, in fp32:
         // inv_freq_i = 1 / theta^(2i/hd), angle = float(pos) * inv_freq_i.
         const int half = m.shape_.head_dim / 2;
@@ -306,7 +317,8 @@ public:
         size_t n = x_.size() + h_.size() + q_.size() + k_.size() + v_.size() + att_.size() + g_.size() + u_.size() +
                    kcache_.size() + vcache_.size() + cos_.size() + sin_.size() + abf_.size() + qbf_.size() +
                    hbf_.size() + scratch_.size() + kpack_f32_.size();
-        return int64_t(n * sizeof(float) + (kpack_.size() + vpack_.size()) * sizeof(uint16_t)) +
+        return int64_t(n * sizeof(float) +
+                       (kpack_.size() + vpack_.size() + kcache16_.size() + vcache16_.size()) * sizeof(uint16_t)) +
                (kept_ ? kept_->bytes() : 0);
     }
 
@@ -723,16 +735,22 @@ private:
                       {WeightKind::VProj, l, v_.data(), size_t(kv), 0, kv, false}});
                 mark(cpu::Stage::Gemm);
 
-                // This layer's K/V cache of a sequence (null without one).
+                // This layer's K/V cache of a sequence (null without one):
+                // fp32 rows, or (BF) packed bf16 (kcache16).
                 auto kcache = [&](const Seg &g) {
-                    return g.a->cache_mode == DIMOO_CACHE_NONE
+                    return g.a->cache_mode == DIMOO_CACHE_NONE || BF
                                ? nullptr
                                : kcache_.data() + (size_t(g.a->seq) * c.n_layers + l) * layer_cache;
                 };
                 auto vcache = [&](const Seg &g) {
-                    return g.a->cache_mode == DIMOO_CACHE_NONE
+                    return g.a->cache_mode == DIMOO_CACHE_NONE || BF
                                ? nullptr
                                : vcache_.data() + (size_t(g.a->seq) * c.n_layers + l) * layer_cache;
+                };
+                auto kcache16 = [&](const Seg &g, std::vector<uint16_t> &buf) {
+                    return g.a->cache_mode == DIMOO_CACHE_NONE || !BF
+                               ? nullptr
+                               : buf.data() + (size_t(g.a->seq) * c.n_layers + l) * c.n_kv_heads * kvstride16_;
                 };
 #pragma omp for schedule(static)
                 for (int r = 0; r < R; r++) {
@@ -747,6 +765,9 @@ private:
                         std::copy_n(kr, kv, kc + size_t(rows_[r]) * kv);
                         std::copy_n(v_.data() + size_t(r) * kv, kv, vc + size_t(rows_[r]) * kv);
                     }
+                    if (uint16_t *k16 = kcache16(g, kcache16_))
+                        cpu::pack_kv_row(kr, v_.data() + size_t(r) * kv, rows_[r], c.n_kv_heads, hd, kvstride16_, k16,
+                                         kcache16(g, vcache16_));
                 }
                 mark(cpu::Stage::Rest);
                 for (const Seg &g : segs) {
@@ -756,7 +777,14 @@ private:
                     const float *V = vc ? vc : v_.data() + size_t(g.off) * kv;
                     if constexpr (BF) {
                         cpu::PackedKV pk = packed_kv(g.a->n_tokens);
-                        cpu::pack_kv_team(K, V, size_t(kv), pk);
+                        if (uint16_t *k16 = kcache16(g, kcache16_)) { // the cache, as it is
+                            pk.k = k16;
+                            pk.v = kcache16(g, vcache16_);
+                            pk.kstride = pk.vstride = kvstride16_;
+                            cpu::zero_kv_tail_team(pk);
+                        } else {
+                            cpu::pack_kv_team(K, V, size_t(kv), pk);
+                        }
                         cpu::flash_attention_team(ks, qbf_.data() + size_t(g.off) * as, as, g.R, c.n_heads, pk,
                                                   reinterpret_cast<uint16_t *>(abf_.data()) + size_t(g.off) * 2 * as,
                                                   2 * as, scratch_.data());
@@ -854,6 +882,8 @@ private:
     std::unique_ptr<cpu::HostKept> kept_; // kept logits (keep_cols > 0)
     std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
     std::vector<uint16_t> kpack_, vpack_;
+    size_t kvstride16_ = 0;                  // uint16 per KV head of a packed bf16 cache
+    std::vector<uint16_t> kcache16_, vcache16_; // [seq][layer][kv head]: packed as cpu::PackedKV
     std::vector<float> kpack_f32_;
     std::vector<int32_t> rows_;
 };
