@@ -447,6 +447,14 @@ DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_
     }
 }
 
+// Rows [0, R) (R <= 32) of a block: configured, then the one- or two-half kernel.
+DIMOO_TAMX void amx_rows(int R, int kp16, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
+                         size_t ldc, bool load, TileState *st) {
+    amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
+    if (R > 16) amx_block<true>(kp16, A, lda, B, ps, C, ldc, load);
+    else amx_block<false>(kp16, A, lda, B, ps, C, ldc, load);
+}
+
 // tile() on AMX: the same contract.
 DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
                          size_t ldc, int c0, int c1, bool accumulate, TileState *st) {
@@ -463,9 +471,7 @@ DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const 
         const size_t ld = direct ? ldc : kPanel;
         if (!direct)
             for (int m = 0; m < R; ++m) read_row(c + size_t(m) * ldc, c0, c1, accumulate, buf + m * kPanel);
-        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
-        if (R > 16) amx_block<true>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
-        else amx_block<false>(kp16, a, lda, B, ps, dst, ld, accumulate || !direct);
+        amx_rows(R, kp16, a, lda, B, ps, dst, ld, accumulate || !direct, st);
         if (direct) continue;
         for (int m = 0; m < R && kp16 < kp; m += kTileRows) {
             const int n = std::min(kTileRows, R - m);
@@ -485,11 +491,8 @@ DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t l
         const int R = std::min(32, rows - r);
         const uint32_t *a = A + size_t(r) * lda;
         float *c = C + size_t(r) * ldc;
-        amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
-        for (int p = 0; p < np; ++p) {
-            if (R > 16) amx_block<true>(kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate);
-            else amx_block<false>(kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate);
-        }
+        for (int p = 0; p < np; ++p)
+            amx_rows(R, kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate, st);
     }
 }
 #endif
@@ -741,64 +744,49 @@ size_t packed_kv_elems(int T, int head_dim) {
     return Tpad * size_t(head_dim) + 64; // + one panel row: partial column panels read past the end
 }
 
+namespace {
+// Key `key` of KV head h into packed K/V: its K and V rows (head_dim fp32
+// each) rounded to bf16, or zeros when k is null. K: pair i at
+// (i * 32 + key % 32) * 2 of the key's panel; V: key pair key / 2, column
+// c, half key % 2.
+void put_key(const float *k, const float *v, int key, int h, const PackedKV &kv) {
+    const int hd = kv.head_dim, hp = hd / 2, j = key % kPanel;
+    alignas(64) uint16_t row[1024];
+    if (k) round_bf16(k, hd, row, hd);
+    else std::fill_n(row, hd, uint16_t(0));
+    uint16_t *kd = kv.k + size_t(h) * kv.kstride + size_t(key / kPanel) * size_t(hp) * 64;
+    for (int i = 0; i < hp; ++i) {
+        kd[(size_t(i) * kPanel + size_t(j)) * 2] = row[2 * i];
+        kd[(size_t(i) * kPanel + size_t(j)) * 2 + 1] = row[2 * i + 1];
+    }
+    if (v) round_bf16(v, hd, row, hd);
+    uint16_t *vd = kv.v + size_t(h) * kv.vstride + size_t(key / 2) * 2 * size_t(hd) + size_t(key % 2);
+    for (int c = 0; c < hd; ++c) vd[2 * c] = row[c];
+}
+} // namespace
+
 void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv) {
-    const int hd = kv.head_dim, T = kv.T, hp = hd / 2;
-    const int kpanels = kv.Tpad / kPanel;
-    const int total = kv.n_kv * kpanels;
+    const int hd = kv.head_dim, kpanels = kv.Tpad / kPanel;
 #pragma omp for schedule(static)
-    for (int t = 0; t < total; ++t) {
+    for (int t = 0; t < kv.n_kv * kpanels; ++t) {
         const int h = t / kpanels, p = t % kpanels;
-        uint16_t *kd = kv.k + size_t(h) * kv.kstride + size_t(p) * size_t(hp) * 64;
-        uint16_t *vd = kv.v + size_t(h) * kv.vstride + size_t(p) * (kPanel / 2) * 2 * size_t(hd);
-        alignas(64) uint16_t row[1024];
-        for (int j = 0; j < kPanel; ++j) {
-            const int key = p * kPanel + j;
-            // K: pair i of key j at (i * 32 + j) * 2.
-            if (key < T) round_bf16(K + size_t(key) * ld + size_t(h) * hd, hd, row, hd);
-            else std::fill_n(row, hd, uint16_t(0));
-            for (int i = 0; i < hp; ++i) {
-                kd[(size_t(i) * kPanel + size_t(j)) * 2] = row[2 * i];
-                kd[(size_t(i) * kPanel + size_t(j)) * 2 + 1] = row[2 * i + 1];
-            }
-            // V: key pair j / 2, column c, half j % 2.
-            if (key < T) round_bf16(V + size_t(key) * ld + size_t(h) * hd, hd, row, hd);
-            else std::fill_n(row, hd, uint16_t(0));
-            uint16_t *vp = vd + size_t(j / 2) * 2 * size_t(hd) + size_t(j % 2);
-            for (int c = 0; c < hd; ++c) vp[2 * c] = row[c];
+        for (int key = p * kPanel; key < (p + 1) * kPanel; ++key) {
+            const size_t at = size_t(key) * ld + size_t(h) * hd;
+            if (key < kv.T) put_key(K + at, V + at, key, h, kv);
+            else put_key(nullptr, nullptr, key, h, kv);
         }
     }
 }
 
-void pack_kv_row(const float *k, const float *v, int pos, int n_kv, int head_dim, size_t stride, uint16_t *kd,
-                 uint16_t *vd) {
-    const int hd = head_dim, hp = hd / 2, p = pos / kPanel, j = pos % kPanel;
-    alignas(64) uint16_t row[1024];
-    for (int h = 0; h < n_kv; ++h) {
-        round_bf16(k + size_t(h) * hd, hd, row, hd);
-        uint16_t *kk = kd + size_t(h) * stride + size_t(p) * size_t(hp) * 64;
-        for (int i = 0; i < hp; ++i) {
-            kk[(size_t(i) * kPanel + size_t(j)) * 2] = row[2 * i];
-            kk[(size_t(i) * kPanel + size_t(j)) * 2 + 1] = row[2 * i + 1];
-        }
-        round_bf16(v + size_t(h) * hd, hd, row, hd);
-        uint16_t *vv = vd + size_t(h) * stride + size_t(pos / 2) * 2 * size_t(hd) + size_t(pos % 2);
-        for (int c = 0; c < hd; ++c) vv[2 * c] = row[c];
-    }
+void pack_kv_row(const float *k, const float *v, int pos, const PackedKV &kv) {
+    for (int h = 0; h < kv.n_kv; ++h)
+        put_key(k + size_t(h) * kv.head_dim, v + size_t(h) * kv.head_dim, pos, h, kv);
 }
 
 void zero_kv_tail_team(const PackedKV &kv) {
-    const int hd = kv.head_dim, hp = hd / 2;
 #pragma omp for schedule(static)
     for (int h = 0; h < kv.n_kv; ++h)
-        for (int t = kv.T; t < kv.Tpad; ++t) {
-            uint16_t *kk = kv.k + size_t(h) * kv.kstride + size_t(t / kPanel) * size_t(hp) * 64;
-            for (int i = 0; i < hp; ++i) {
-                kk[(size_t(i) * kPanel + size_t(t % kPanel)) * 2] = 0;
-                kk[(size_t(i) * kPanel + size_t(t % kPanel)) * 2 + 1] = 0;
-            }
-            uint16_t *vv = kv.v + size_t(h) * kv.vstride + size_t(t / 2) * 2 * size_t(hd) + size_t(t % 2);
-            for (int c = 0; c < hd; ++c) vv[2 * c] = 0;
-        }
+        for (int t = kv.T; t < kv.Tpad; ++t) put_key(nullptr, nullptr, t, h, kv);
 }
 
 size_t flash_scratch_floats(int head_dim) {

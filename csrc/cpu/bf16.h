@@ -76,11 +76,10 @@ size_t packed_kv_elems(int T, int head_dim); // uint16 per KV head, for K or for
 // Packs rows 0..T-1 of K and V (fp32, row stride ld, head h at column h * head_dim)
 // on the calling team (work-shared, ends with a barrier).
 void pack_kv_team(const float *K, const float *V, size_t ld, PackedKV &kv);
-// One key's K and V rows (fp32, head h at h * head_dim) into packed K/V
-// (n_kv heads at a stride of `stride` uint16) at position pos: what
-// pack_kv_team writes for that key. Kept caches are updated so, row by row.
-void pack_kv_row(const float *k, const float *v, int pos, int n_kv, int head_dim, size_t stride, uint16_t *kd,
-                 uint16_t *vd);
+// One key's K and V rows (fp32, head h at h * head_dim) into kv at
+// position pos: what pack_kv_team writes for that key. Kept caches are
+// updated so, row by row.
+void pack_kv_row(const float *k, const float *v, int pos, const PackedKV &kv);
 // Zeros keys kv.T .. kv.Tpad - 1 (packed K/V kept across forwards of other
 // lengths: attention reads whole key blocks). Work-shared, ends with a barrier.
 void zero_kv_tail_team(const PackedKV &kv);

@@ -343,8 +343,7 @@ public:
                 // or into scratch when the caller wants none, then go to
                 // their slots; straight into the slots when in order.
                 const int32_t *slots = keep_slots[g0 + int(i)];
-                const int cols = (a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end) - a.vocab_begin;
-                const int nr = kept_rows(a);
+                const int cols = logit_cols(a), nr = kept_rows(a);
                 bool in_order = !a.logits && !a.row_max;
                 for (int j = 0; in_order && j < nr; j++) in_order = slots[j] == j;
                 if (in_order) {
@@ -370,8 +369,7 @@ public:
             for (size_t i = 0; i < as.size(); i++) {
                 if (!post[i]) continue;
                 const dimoo_forward_args &a = as[i];
-                const int cols = (a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end) - a.vocab_begin;
-                kept_->write(a.seq, keep_slots[g0 + int(i)], kept_rows(a), cols, a.logits, a.row_max);
+                kept_->write(a.seq, keep_slots[g0 + int(i)], kept_rows(a), logit_cols(a), a.logits, a.row_max);
             }
             g0 = g1;
         }
@@ -408,6 +406,10 @@ private:
         return a.cache_mode == DIMOO_CACHE_USE ? a.n_compute : a.n_tokens;
     }
     static int kept_rows(const dimoo_forward_args &a) { return a.out_positions ? a.n_out : run_rows(a); }
+    // Columns of a forward's logits.
+    int logit_cols(const dimoo_forward_args &a) const {
+        return (a.vocab_end == 0 ? m_.shape_.cfg.embedding_size : a.vocab_end) - a.vocab_begin;
+    }
 
     void rope(float *x, int rows, int width, const int32_t *pos) const {
         const int hd = m_.shape_.head_dim, half = hd / 2, heads = width / hd;
@@ -752,6 +754,14 @@ private:
                                ? nullptr
                                : buf.data() + (size_t(g.a->seq) * c.n_layers + l) * c.n_kv_heads * kvstride16_;
                 };
+                // A sequence's packed bf16 cache of this layer, for T keys.
+                auto cache16 = [&](const Seg &g, int T) {
+                    cpu::PackedKV pk = packed_kv(T);
+                    pk.k = kcache16(g, kcache16_);
+                    pk.v = kcache16(g, vcache16_);
+                    pk.kstride = pk.vstride = kvstride16_;
+                    return pk;
+                };
 #pragma omp for schedule(static)
                 for (int r = 0; r < R; r++) {
                     const Seg &g = segs[size_t(row_seg[size_t(r)])];
@@ -765,9 +775,8 @@ private:
                         std::copy_n(kr, kv, kc + size_t(rows_[r]) * kv);
                         std::copy_n(v_.data() + size_t(r) * kv, kv, vc + size_t(rows_[r]) * kv);
                     }
-                    if (uint16_t *k16 = kcache16(g, kcache16_))
-                        cpu::pack_kv_row(kr, v_.data() + size_t(r) * kv, rows_[r], c.n_kv_heads, hd, kvstride16_, k16,
-                                         kcache16(g, vcache16_));
+                    if (kcache16(g, kcache16_))
+                        cpu::pack_kv_row(kr, v_.data() + size_t(r) * kv, rows_[r], cache16(g, g.a->n_tokens));
                 }
                 mark(cpu::Stage::Rest);
                 for (const Seg &g : segs) {
@@ -776,13 +785,12 @@ private:
                     const float *K = kc ? kc : k_.data() + size_t(g.off) * kv;
                     const float *V = vc ? vc : v_.data() + size_t(g.off) * kv;
                     if constexpr (BF) {
-                        cpu::PackedKV pk = packed_kv(g.a->n_tokens);
-                        if (uint16_t *k16 = kcache16(g, kcache16_)) { // the cache, as it is
-                            pk.k = k16;
-                            pk.v = kcache16(g, vcache16_);
-                            pk.kstride = pk.vstride = kvstride16_;
+                        cpu::PackedKV pk;
+                        if (kcache16(g, kcache16_)) { // the cache, as it is
+                            pk = cache16(g, g.a->n_tokens);
                             cpu::zero_kv_tail_team(pk);
                         } else {
+                            pk = packed_kv(g.a->n_tokens);
                             cpu::pack_kv_team(K, V, size_t(kv), pk);
                         }
                         cpu::flash_attention_team(ks, qbf_.data() + size_t(g.off) * as, as, g.R, c.n_heads, pk,
