@@ -545,20 +545,97 @@ void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32
 // ---- GEMM team -----------------------------------------------------------------------------------
 
 namespace {
-constexpr int kBlockRows = 8 * kTileRows; // rows of A per task
+constexpr int kBlockRows = 8 * kTileRows; // rows of A per task (panel-major order)
+constexpr int kColPanels = 32;            // panels per column block (blocked order): 1024 columns
 
-// Tasks: job-major, then panel, then row block (consecutive tasks share a
-// panel, which stays in L2). run(job, panel, first row, rows, c0, c1).
-template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, Run run) {
-    const int mblocks = (M + kBlockRows - 1) / kBlockRows;
+// This core's share of L2 in bytes (a guess of 1 MiB when the system won't say).
+size_t l2_bytes() {
+    static const size_t v = [] {
+        long n = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+        n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        return n > 0 ? size_t(n) : size_t(1) << 20;
+    }();
+    return v;
+}
+
+// Rows of A per task in the blocked order (a multiple of 32, at most 192)
+// for rows of row_bytes, or 0 when fewer than 96 fit three quarters of L2
+// (or row_bytes is 0: the panel-major order asked for).
+int blocked_rows(size_t row_bytes) {
+    if (row_bytes == 0) return 0;
+    const size_t fit = l2_bytes() * 3 / 4 / row_bytes;
+    const int mb = int(std::min<size_t>(fit, 192)) / 32 * 32;
+    return mb >= 96 ? mb : 0;
+}
+
+// Hands out the tiles of the jobs to the team; run(job, panel, first row,
+// rows, c0, c1) computes rows x the panel's columns [c0, c1) over all of k
+// (so each output's sums are in the same order whatever the schedule).
+//
+// Blocked order, when a block of A's rows fits L2 (row_bytes: one row of A
+// over k): per job, column blocks of kColPanels panels; in each, row blocks
+// of blocked_rows() x groups of G panels. A task's row block stays in L2
+// over its G panels, and the column block's panels (8 MiB at k = 4096) are
+// read again per row block from the shared L3. The panel-major order reads
+// the rows of A again per panel instead, 32 columns of work per byte, and
+// was 1.04-1.26x slower on AMX at k = 4096 (M = 112-4228, N = 4096-12288).
+// Otherwise (k too long for a row block in L2, e.g. the MLP's down
+// projection): job-major, then panel, then row block of kBlockRows.
+template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, size_t row_bytes, Run run) {
+    n_jobs = std::min(n_jobs, 7);
     int first[8] = {0};
     int total = 0;
-    for (int j = 0; j < n_jobs && j < 7; ++j) {
+    const int Mb = blocked_rows(row_bytes);
+    if (Mb > 0) {
+        const int mbs = (M + Mb - 1) / Mb;
+        // Panels per task: 8, fewer when that leaves the team under 4 tasks a thread.
+        auto count = [&](int G) {
+            int n = 0;
+            for (int j = 0; j < n_jobs; ++j) {
+                const int np = (jobs[j].n1 + kPanel - 1) / kPanel - jobs[j].n0 / kPanel;
+                const int full = np / kColPanels, rem = np % kColPanels;
+                n += mbs * (full * (kColPanels / G) + (rem + G - 1) / G);
+            }
+            return n;
+        };
+        int G = 8;
+        while (G > 1 && count(G) < 4 * omp_get_num_threads()) G /= 2;
+        for (int j = 0; j < n_jobs; ++j) {
+            first[j] = total;
+            const int np = (jobs[j].n1 + kPanel - 1) / kPanel - jobs[j].n0 / kPanel;
+            total += mbs * ((np / kColPanels) * (kColPanels / G) + (np % kColPanels + G - 1) / G);
+        }
+        first[n_jobs] = total;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < total; ++t) {
+            int j = 0;
+            while (t >= first[j + 1]) ++j;
+            const Job &g = jobs[j];
+            const int p0 = g.n0 / kPanel, p1 = (g.n1 + kPanel - 1) / kPanel;
+            const int per_cb = mbs * (kColPanels / G); // tasks of a whole column block
+            const int local = t - first[j];
+            const int cb = local / per_cb, in = local % per_cb;
+            const int cb0 = p0 + cb * kColPanels, ng = (std::min(kColPanels, p1 - cb0) + G - 1) / G;
+            const int mb = in / ng, grp = in % ng;
+            const int r0 = mb * Mb, rows = std::min(Mb, M - r0);
+            const int q0 = cb0 + grp * G, q1 = std::min(q0 + G, p1);
+            for (int p = q0; p < q1; ++p) {
+                const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
+                const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
+                run(g, p, r0, rows, c0, c1);
+            }
+        }
+        return;
+    }
+    const int mblocks = (M + kBlockRows - 1) / kBlockRows;
+    for (int j = 0; j < n_jobs; ++j) {
         first[j] = total;
         const int p0 = jobs[j].n0 / kPanel, p1 = (jobs[j].n1 + kPanel - 1) / kPanel;
         total += (p1 - p0) * mblocks;
     }
-    first[std::min(n_jobs, 7)] = total;
+    first[n_jobs] = total;
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < total; ++t) {
         int j = 0;
@@ -576,7 +653,7 @@ template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jo
 
 void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs) {
     if (M <= 0) return;
-    team_tasks(M, jobs, n_jobs, [&](const GemmJobF32 &g, int p, int r0, int rows, int c0, int c1) {
+    team_tasks(M, jobs, n_jobs, 0, [&](const GemmJobF32 &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
         tile_f32(ks, rows, g.W->K, A + size_t(r0) * lda, lda, g.W->panel(p), kPanel, C, g.ldc, c0, c1,
                  g.accumulate);
@@ -584,9 +661,12 @@ void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF
 }
 
 void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
-    if (M <= 0) return;
+    if (M <= 0 || n_jobs <= 0) return;
     TileState st;
-    team_tasks(M, jobs, n_jobs, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
+    // The blocked order on AMX only: the AVX-512 kernels are compute-bound
+    // (measured the same either way at M = 300 and 1124).
+    const size_t row_bytes = ks == Kernels::Amx ? size_t(jobs[0].W->Kp) * 4 : 0;
+    team_tasks(M, jobs, n_jobs, row_bytes, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
         tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate,
                 &st);

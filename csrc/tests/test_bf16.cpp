@@ -157,6 +157,63 @@ TEST(Bf16, RowResultsIndependentOfBatch) {
     }
 }
 
+// The team hands out tiles in two orders (blocked: row blocks that fit L2
+// over groups of panels inside 1024-column blocks; panel-major when k is too
+// long for that). Either way every output is written once, by the same
+// tile arithmetic over all of k: the team's result equals the tiles called
+// one by one, bit for bit, for several jobs with unaligned column ranges,
+// more than one column block, a partial last group, and both orders (k =
+// 8400 pairs' rows are 33 KB: no 96 of them fit three quarters of a 2 MiB
+// L2, nor of any L2 under 4 MiB).
+TEST(Bf16, GemmTeamEqualsTilesInEitherOrder) {
+    struct Case {
+        int M, N, K;
+    };
+    for (const Case c : {Case{400, 1100, 256}, Case{130, 300, 16800}}) {
+        const auto a = randn(size_t(c.M) * c.K, 7), wf = randn(size_t(c.N) * c.K, 8, 0.1f);
+        dimoo::cpu::PackedMatrix p;
+        dimoo::cpu::pack_matrix(wf.data(), DIMOO_F32, c.N, c.K, p);
+        const auto A = to_pairs(a, c.M, c.K);
+        struct Range {
+            int n0, n1;
+            bool acc;
+        };
+        const Range ranges[] = {{0, c.N, false}, {5, 70, true}, {40, c.N - 3, false}};
+        for (Kernels ks : supported()) {
+            std::vector<std::vector<float>> team(3), want(3);
+            dimoo::cpu::GemmJob jobs[3];
+            for (int j = 0; j < 3; j++) {
+                const Range r = ranges[j];
+                const size_t W = size_t(r.n1 - r.n0);
+                // Accumulating jobs start from values; the others from NaN,
+                // so an output never written shows.
+                team[size_t(j)] = r.acc ? randn(size_t(c.M) * W, 20 + j) : std::vector<float>(size_t(c.M) * W, NAN);
+                want[size_t(j)] = team[size_t(j)];
+                jobs[j] = {&p, team[size_t(j)].data(), W, r.n0, r.n1, r.acc};
+            }
+#pragma omp parallel num_threads(2)
+            dimoo::cpu::gemm_team(ks, c.M, A.data(), size_t(p.Kp), jobs, 3);
+            for (int j = 0; j < 3; j++) {
+                const Range r = ranges[j];
+                const size_t W = size_t(r.n1 - r.n0);
+                for (int q = r.n0 / dimoo::cpu::kPanel; q * dimoo::cpu::kPanel < r.n1; q++) {
+                    const int c0 = std::max(r.n0, q * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
+                    const int c1 = std::min(r.n1, (q + 1) * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
+                    for (int m = 0; m < c.M; m += 32)
+                        dimoo::cpu::tile(ks, std::min(32, c.M - m), p.Kp, A.data() + size_t(m) * p.Kp, size_t(p.Kp),
+                                         p.panel(q), 64,
+                                         want[size_t(j)].data() + size_t(m) * W +
+                                             size_t(q * dimoo::cpu::kPanel + c0 - r.n0),
+                                         W, c0, c1, r.acc);
+                }
+                ASSERT_EQ(std::memcmp(team[size_t(j)].data(), want[size_t(j)].data(), team[size_t(j)].size() * 4), 0)
+                    << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " job " << j;
+                for (float v : team[size_t(j)]) ASSERT_TRUE(std::isfinite(v));
+            }
+        }
+    }
+}
+
 // Plain softmax attention in float64 on the bf16-rounded q, k, v.
 std::vector<double> attention_ref(const std::vector<float> &q, const std::vector<float> &k,
                                   const std::vector<float> &v, int rows, int T, int H, int Hkv, int hd) {
