@@ -5,6 +5,7 @@
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
 //                       [--vocab 16384] [--threads 2] [--json] [--serve]
 //                       [--dtype bf16|f32] [--baseline KERNELS] [--branch-rows R]
+//                       [--gemm M,N,K/...]
 //
 // --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
 // DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
@@ -18,6 +19,14 @@
 // K/V, and ML-Cache steps recompute R rows of each (R <= T), as one
 // dimoo_forward of both and as one forward each, alternating; the table
 // gives the times and their ratio (what sharing the GEMMs saves).
+//
+// --gemm M,N,K[/M,N,K...]: instead of forwards, the bf16 GEMM team alone
+// (C = A W^T, random bf16 A and W, A's rows at the context's stride) per
+// shape, in the blocked order (AMX's default) alternating with the
+// panel-major one; the table gives GFLOP/s of both, their ratio and the
+// blocked order's share of the peak measured around them. The model's
+// shapes at T tokens: T,4096,4096 (q, o), T,12288,4096 (gate, up),
+// T,4096,12288 (down), rows,8192,4096 (the head on image codes).
 //
 // --serve: build the model once, then read one T per line on stdin and answer
 // each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
@@ -180,6 +189,7 @@ struct Opts {
     bool json = false, serve = false, f32 = false;
     std::string baseline; // a kernel set to time beside the best one
     int branch_rows = 0;  // ML-Cache rows of the guidance-pair table (0: none)
+    std::vector<std::vector<int>> gemm; // --gemm shapes (M, N, K)
 };
 
 std::vector<int> parse_list(const char *s) {
@@ -210,6 +220,73 @@ void die(const char *what, const char *msg) {
     std::exit(1);
 }
 
+// --gemm: the GEMM team per shape, blocked order against panel-major.
+int gemm_bench(const Opts &o) {
+    const dimoo::cpu::Kernels ks = dimoo::cpu::best_kernels();
+    std::printf("dimoo CPU bf16 GEMM team, C = A W^T: kernels %s, %d threads, %d reps (median [min max])\n",
+                dimoo::cpu::kernels_name(ks), o.threads, o.reps);
+    std::printf("%6s %6s %6s | %-20s | %-20s | %-18s | %-18s\n", "M", "N", "K", "blocked GFLOP/s",
+                "panel-major GFLOP/s", "speed x", "blocked % of peak");
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (const auto &sh : o.gemm) {
+        const int M = sh[0], N = sh[1], K = sh[2];
+        std::vector<uint16_t> w(size_t(N) * size_t(K));
+        for (auto &x : w) x = dimoo::f32_to_bf16(nd(rng) / std::sqrt(float(K)));
+        dimoo::cpu::PackedMatrix W;
+        dimoo::cpu::pack_matrix(w.data(), DIMOO_BF16, N, K, W);
+        w = {};
+        // A's rows 64 bytes longer than K, as the context lays them out.
+        const size_t lda = size_t(K / 2 + 16);
+        std::vector<uint32_t> A(size_t(M) * lda, 0);
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int r = 0; r < M; r++) {
+            for (auto &x : row) x = nd(rng);
+            dimoo::cpu::round_bf16(row.data(), K, reinterpret_cast<uint16_t *>(A.data() + size_t(r) * lda), K);
+        }
+        std::vector<float> C(size_t(M) * size_t(N));
+        const dimoo::cpu::GemmJob job{&W, C.data(), size_t(N), 0, N, false};
+        // One order's time: a call to warm up (threads, caches: the weights
+        // were last read in the other order), then the median of three.
+        auto timed = [&](bool blocked) {
+            dimoo::cpu::set_gemm_blocking(blocked);
+            std::vector<double> t;
+            for (int i = 0; i < 4; i++) {
+                const double t0 = now();
+#pragma omp parallel num_threads(o.threads)
+                dimoo::cpu::gemm_team(ks, M, A.data(), lda, &job, 1);
+                if (i) t.push_back(now() - t0);
+            }
+            return median(t);
+        };
+        const double flop = 2.0 * M * N * K;
+        std::vector<double> gb, gp, sp, frac;
+        for (int rep = 0; rep < std::max(o.reps, 1); rep++) {
+            const double p0 = peak(true, o.threads, 0.2, nullptr, ks);
+            // Which order goes first alternates by repetition.
+            double tb, tp;
+            if (rep % 2) tp = timed(false), tb = timed(true);
+            else tb = timed(true), tp = timed(false);
+            const double p1 = peak(true, o.threads, 0.2, nullptr, ks);
+            gb.push_back(flop / tb / 1e9);
+            gp.push_back(flop / tp / 1e9);
+            sp.push_back(tp / tb);
+            if (p0 + p1 > 0) frac.push_back(100.0 * flop / tb / 1e9 / (0.5 * (p0 + p1)));
+        }
+        dimoo::cpu::set_gemm_blocking(true);
+        auto cell = [](std::vector<double> v, int prec) {
+            char b[96];
+            if (v.empty()) return std::string("-");
+            const auto mm = std::minmax_element(v.begin(), v.end());
+            std::snprintf(b, sizeof b, "%.*f [%.*f %.*f]", prec, median(v), prec, *mm.first, prec, *mm.second);
+            return std::string(b);
+        };
+        std::printf("%6d %6d %6d | %-20s | %-20s | %-18s | %-18s\n", M, N, K, cell(gb, 0).c_str(), cell(gp, 0).c_str(),
+                    cell(sp, 2).c_str(), cell(frac, 1).c_str());
+    }
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -234,8 +311,21 @@ int main(int argc, char **argv) {
         else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
         else if (a == "--baseline") o.baseline = next();
         else if (a == "--branch-rows") o.branch_rows = std::atoi(next());
+        else if (a == "--gemm") {
+            for (const char *p = next(); *p;) {
+                std::vector<int> shape = parse_list(p);
+                if (shape.size() < 3 || shape[0] < 1 || shape[1] < 1 || shape[2] < 2 || shape[2] % 2)
+                    die("--gemm", "want M,N,K with K even, shapes separated by /");
+                shape.resize(3);
+                o.gemm.push_back(shape);
+                const char *c = std::strchr(p, '/');
+                if (!c) break;
+                p = c + 1;
+            }
+        }
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
+    if (!o.gemm.empty()) return gemm_bench(o);
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
     dimoo_model_config cfg{};
     cfg.d_model = o.d;

@@ -580,7 +580,8 @@ int blocked_rows(size_t row_bytes) {
 // over its G panels, and the column block's panels (8 MiB at k = 4096) are
 // read again per row block from the shared L3. The panel-major order reads
 // the rows of A again per panel instead, 32 columns of work per byte, and
-// was 1.04-1.26x slower on AMX at k = 4096 (M = 112-4228, N = 4096-12288).
+// was 1.08-1.21x slower on AMX at k = 4096 (M = 112-4228, N = 4096-12288;
+// medians of `dimoo_cpupeak --gemm`, on 2 cores of a 2 MiB-L2 Xeon).
 // Otherwise (k too long for a row block in L2, e.g. the MLP's down
 // projection): job-major, then panel, then row block of kBlockRows.
 template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, size_t row_bytes, Run run) {
@@ -660,12 +661,18 @@ void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF
     });
 }
 
+namespace {
+std::atomic<bool> gemm_blocking{true};
+}
+void set_gemm_blocking(bool on) { gemm_blocking.store(on, std::memory_order_relaxed); }
+
 void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
     if (M <= 0 || n_jobs <= 0) return;
     TileState st;
     // The blocked order on AMX only: the AVX-512 kernels are compute-bound
     // (measured the same either way at M = 300 and 1124).
-    const size_t row_bytes = ks == Kernels::Amx ? size_t(jobs[0].W->Kp) * 4 : 0;
+    const bool blocked = ks == Kernels::Amx && gemm_blocking.load(std::memory_order_relaxed);
+    const size_t row_bytes = blocked ? size_t(jobs[0].W->Kp) * 4 : 0;
     team_tasks(M, jobs, n_jobs, row_bytes, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
         tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate,

@@ -57,6 +57,10 @@ struct GemmJob {
 // dynamically (a slow thread takes fewer); ends with the team's barrier.
 // Outside a parallel region it runs on the calling thread.
 void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs);
+// On AMX the team hands out row blocks that fit L2 over groups of panels
+// (bf16.cpp, team_tasks). Off: the panel-major order, the same bits; for
+// benchmarks that time the two in one process (dimoo_cpupeak --gemm).
+void set_gemm_blocking(bool on);
 
 // Scratch floats per thread for flash_attention_team.
 size_t flash_scratch_floats(int head_dim);

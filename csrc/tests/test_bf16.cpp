@@ -179,7 +179,9 @@ TEST(Bf16, GemmTeamEqualsTilesInEitherOrder) {
             bool acc;
         };
         const Range ranges[] = {{0, c.N, false}, {5, 70, true}, {40, c.N - 3, false}};
-        for (Kernels ks : supported()) {
+        for (Kernels ks : supported())
+        for (bool blocking : {true, false}) {
+            dimoo::cpu::set_gemm_blocking(blocking); // off: panel-major whatever k
             std::vector<std::vector<float>> team(3), want(3);
             dimoo::cpu::GemmJob jobs[3];
             for (int j = 0; j < 3; j++) {
@@ -206,8 +208,10 @@ TEST(Bf16, GemmTeamEqualsTilesInEitherOrder) {
                                              size_t(q * dimoo::cpu::kPanel + c0 - r.n0),
                                          W, c0, c1, r.acc);
                 }
+                dimoo::cpu::set_gemm_blocking(true);
                 ASSERT_EQ(std::memcmp(team[size_t(j)].data(), want[size_t(j)].data(), team[size_t(j)].size() * 4), 0)
-                    << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " job " << j;
+                    << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " job " << j
+                    << " blocking " << blocking;
                 for (float v : team[size_t(j)]) ASSERT_TRUE(std::isfinite(v));
             }
         }
