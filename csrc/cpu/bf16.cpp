@@ -586,68 +586,51 @@ int blocked_rows(size_t row_bytes) {
 // projection): job-major, then panel, then row block of kBlockRows.
 template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, size_t row_bytes, Run run) {
     n_jobs = std::min(n_jobs, 7);
+    // The panel-major order is the blocked one with one-panel column blocks,
+    // kBlockRows-row blocks and one panel per task.
+    int Mb = blocked_rows(row_bytes), CB = kColPanels, G = 8;
+    if (Mb == 0) Mb = kBlockRows, CB = 1, G = 1;
+    const int mbs = (M + Mb - 1) / Mb;
+    auto panels = [&](const Job &g, int &p0, int &p1) {
+        p0 = g.n0 / kPanel;
+        p1 = (g.n1 + kPanel - 1) / kPanel;
+    };
+    // Tasks of job j with G panels a task: row blocks x groups per column block.
+    auto tasks = [&](int j, int g) {
+        int p0, p1;
+        panels(jobs[j], p0, p1);
+        const int np = p1 - p0;
+        return mbs * ((np / CB) * (CB / g) + (np % CB + g - 1) / g);
+    };
+    auto count = [&](int g) {
+        int n = 0;
+        for (int j = 0; j < n_jobs; ++j) n += tasks(j, g);
+        return n;
+    };
+    // Panels per task: fewer than 8 when that leaves the team under 4 tasks a thread.
+    while (G > 1 && count(G) < 4 * omp_get_num_threads()) G /= 2;
     int first[8] = {0};
-    int total = 0;
-    const int Mb = blocked_rows(row_bytes);
-    if (Mb > 0) {
-        const int mbs = (M + Mb - 1) / Mb;
-        // Panels per task: 8, fewer when that leaves the team under 4 tasks a thread.
-        auto count = [&](int G) {
-            int n = 0;
-            for (int j = 0; j < n_jobs; ++j) {
-                const int np = (jobs[j].n1 + kPanel - 1) / kPanel - jobs[j].n0 / kPanel;
-                const int full = np / kColPanels, rem = np % kColPanels;
-                n += mbs * (full * (kColPanels / G) + (rem + G - 1) / G);
-            }
-            return n;
-        };
-        int G = 8;
-        while (G > 1 && count(G) < 4 * omp_get_num_threads()) G /= 2;
-        for (int j = 0; j < n_jobs; ++j) {
-            first[j] = total;
-            const int np = (jobs[j].n1 + kPanel - 1) / kPanel - jobs[j].n0 / kPanel;
-            total += mbs * ((np / kColPanels) * (kColPanels / G) + (np % kColPanels + G - 1) / G);
-        }
-        first[n_jobs] = total;
-#pragma omp for schedule(dynamic, 1)
-        for (int t = 0; t < total; ++t) {
-            int j = 0;
-            while (t >= first[j + 1]) ++j;
-            const Job &g = jobs[j];
-            const int p0 = g.n0 / kPanel, p1 = (g.n1 + kPanel - 1) / kPanel;
-            const int per_cb = mbs * (kColPanels / G); // tasks of a whole column block
-            const int local = t - first[j];
-            const int cb = local / per_cb, in = local % per_cb;
-            const int cb0 = p0 + cb * kColPanels, ng = (std::min(kColPanels, p1 - cb0) + G - 1) / G;
-            const int mb = in / ng, grp = in % ng;
-            const int r0 = mb * Mb, rows = std::min(Mb, M - r0);
-            const int q0 = cb0 + grp * G, q1 = std::min(q0 + G, p1);
-            for (int p = q0; p < q1; ++p) {
-                const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
-                const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
-                run(g, p, r0, rows, c0, c1);
-            }
-        }
-        return;
-    }
-    const int mblocks = (M + kBlockRows - 1) / kBlockRows;
-    for (int j = 0; j < n_jobs; ++j) {
-        first[j] = total;
-        const int p0 = jobs[j].n0 / kPanel, p1 = (jobs[j].n1 + kPanel - 1) / kPanel;
-        total += (p1 - p0) * mblocks;
-    }
-    first[n_jobs] = total;
+    for (int j = 0; j < n_jobs; ++j) first[j + 1] = first[j] + tasks(j, G);
+    const int total = first[n_jobs];
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < total; ++t) {
         int j = 0;
         while (t >= first[j + 1]) ++j;
         const Job &g = jobs[j];
+        int p0, p1;
+        panels(g, p0, p1);
+        const int per_cb = mbs * (CB / G); // tasks of a whole column block
         const int local = t - first[j];
-        const int p = g.n0 / kPanel + local / mblocks, mb = local % mblocks;
-        const int r0 = mb * kBlockRows, rows = std::min(kBlockRows, M - r0);
-        const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
-        const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
-        run(g, p, r0, rows, c0, c1);
+        const int cb = local / per_cb, in = local % per_cb;
+        const int cb0 = p0 + cb * CB, ng = (std::min(CB, p1 - cb0) + G - 1) / G;
+        const int mb = in / ng, grp = in % ng;
+        const int r0 = mb * Mb, rows = std::min(Mb, M - r0);
+        const int q0 = cb0 + grp * G, q1 = std::min(q0 + G, p1);
+        for (int p = q0; p < q1; ++p) {
+            const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
+            const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
+            run(g, p, r0, rows, c0, c1);
+        }
     }
 }
 } // namespace
