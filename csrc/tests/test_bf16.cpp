@@ -180,41 +180,43 @@ TEST(Bf16, GemmTeamEqualsTilesInEitherOrder) {
         };
         const Range ranges[] = {{0, c.N, false}, {5, 70, true}, {40, c.N - 3, false}};
         for (Kernels ks : supported())
-        for (bool blocking : {true, false}) {
-            dimoo::cpu::set_gemm_blocking(blocking); // off: panel-major whatever k
-            std::vector<std::vector<float>> team(3), want(3);
-            dimoo::cpu::GemmJob jobs[3];
-            for (int j = 0; j < 3; j++) {
-                const Range r = ranges[j];
-                const size_t W = size_t(r.n1 - r.n0);
-                // Accumulating jobs start from values; the others from NaN,
-                // so an output never written shows.
-                team[size_t(j)] = r.acc ? randn(size_t(c.M) * W, 20 + j) : std::vector<float>(size_t(c.M) * W, NAN);
-                want[size_t(j)] = team[size_t(j)];
-                jobs[j] = {&p, team[size_t(j)].data(), W, r.n0, r.n1, r.acc};
-            }
-#pragma omp parallel num_threads(2)
-            dimoo::cpu::gemm_team(ks, c.M, A.data(), size_t(p.Kp), jobs, 3);
-            for (int j = 0; j < 3; j++) {
-                const Range r = ranges[j];
-                const size_t W = size_t(r.n1 - r.n0);
-                for (int q = r.n0 / dimoo::cpu::kPanel; q * dimoo::cpu::kPanel < r.n1; q++) {
-                    const int c0 = std::max(r.n0, q * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
-                    const int c1 = std::min(r.n1, (q + 1) * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
-                    for (int m = 0; m < c.M; m += 32)
-                        dimoo::cpu::tile(ks, std::min(32, c.M - m), p.Kp, A.data() + size_t(m) * p.Kp, size_t(p.Kp),
-                                         p.panel(q), 64,
-                                         want[size_t(j)].data() + size_t(m) * W +
-                                             size_t(q * dimoo::cpu::kPanel + c0 - r.n0),
-                                         W, c0, c1, r.acc);
+            for (bool blocking : {true, false}) {
+                dimoo::cpu::set_gemm_blocking(blocking); // off: panel-major whatever k
+                std::vector<std::vector<float>> team(3), want(3);
+                dimoo::cpu::GemmJob jobs[3];
+                for (int j = 0; j < 3; j++) {
+                    const Range r = ranges[j];
+                    const size_t W = size_t(r.n1 - r.n0);
+                    // Accumulating jobs start from values; the others from NaN,
+                    // so an output never written shows.
+                    team[size_t(j)] =
+                        r.acc ? randn(size_t(c.M) * W, 20 + j) : std::vector<float>(size_t(c.M) * W, NAN);
+                    want[size_t(j)] = team[size_t(j)];
+                    jobs[j] = {&p, team[size_t(j)].data(), W, r.n0, r.n1, r.acc};
                 }
-                dimoo::cpu::set_gemm_blocking(true);
-                ASSERT_EQ(std::memcmp(team[size_t(j)].data(), want[size_t(j)].data(), team[size_t(j)].size() * 4), 0)
-                    << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " job " << j
-                    << " blocking " << blocking;
-                for (float v : team[size_t(j)]) ASSERT_TRUE(std::isfinite(v));
+#pragma omp parallel num_threads(2)
+                dimoo::cpu::gemm_team(ks, c.M, A.data(), size_t(p.Kp), jobs, 3);
+                for (int j = 0; j < 3; j++) {
+                    const Range r = ranges[j];
+                    const size_t W = size_t(r.n1 - r.n0);
+                    for (int q = r.n0 / dimoo::cpu::kPanel; q * dimoo::cpu::kPanel < r.n1; q++) {
+                        const int c0 = std::max(r.n0, q * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
+                        const int c1 = std::min(r.n1, (q + 1) * dimoo::cpu::kPanel) - q * dimoo::cpu::kPanel;
+                        for (int m = 0; m < c.M; m += 32)
+                            dimoo::cpu::tile(ks, std::min(32, c.M - m), p.Kp, A.data() + size_t(m) * p.Kp,
+                                             size_t(p.Kp), p.panel(q), 64,
+                                             want[size_t(j)].data() + size_t(m) * W +
+                                                 size_t(q * dimoo::cpu::kPanel + c0 - r.n0),
+                                             W, c0, c1, r.acc);
+                    }
+                    dimoo::cpu::set_gemm_blocking(true);
+                    const std::vector<float> &got = team[size_t(j)];
+                    ASSERT_EQ(std::memcmp(got.data(), want[size_t(j)].data(), got.size() * 4), 0)
+                        << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " K=" << c.K << " job " << j
+                        << " blocking " << blocking;
+                    for (float v : got) ASSERT_TRUE(std::isfinite(v));
+                }
             }
-        }
     }
 }
 
