@@ -1,12 +1,8 @@
 // test_vq.cpp - the VQ-VAE: its building blocks (convolutions in every mode,
-// GroupNorm + SiLU, attention, the codebook search) against naive loops, the
-// C ABI's error paths, and (disabled by default) the decode/encode timing of
-// an aMUSEd-sized model with random weights:
-//   ./build/dimoo_tests --gtest_also_run_disabled_tests --gtest_filter='*Amused*'
+// GroupNorm + SiLU, attention, the codebook search) against naive loops,
+// and the C ABI's error paths. The times of an aMUSEd-sized model: build/dimoo_vqbench.
 #include <gtest/gtest.h>
-#include <omp.h>
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -477,57 +473,6 @@ TEST(VQOps, QuantizeNearestRowLowestOnTies) {
         }
         ASSERT_EQ(got[size_t(i)], best) << i;
     }
-}
-
-// Timing of aMUSEd's VQ-GAN shape (random weights): 32x32 codes <-> 512x512.
-TEST(VQTiming, DISABLED_AmusedSize) {
-    dimoo_vq_config c{};
-    c.in_channels = 3, c.out_channels = 3, c.latent_channels = 64, c.num_vq_embeddings = 8192;
-    c.vq_embed_dim = 64, c.norm_num_groups = 32, c.layers_per_block = 2, c.n_levels = 5;
-    const int32_t ch[] = {128, 256, 256, 512, 768};
-    for (int i = 0; i < 5; i++) c.block_out_channels[i] = ch[i];
-    c.norm_type = DIMOO_VQ_NORM_GROUP;
-    char err[256];
-    dimoo_runtime *rt = nullptr;
-    dimoo_vq *vq = nullptr;
-    ASSERT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, 0, &rt, err, sizeof err), DIMOO_OK) << err;
-    ASSERT_EQ(dimoo_vq_create(rt, &c, &vq, err, sizeof err), DIMOO_OK) << err;
-    dimoo::vq::Model shape(c);
-    uint32_t seed = 1;
-    int64_t params = 0;
-    for (const auto &name : shape.weight_names()) {
-        auto s = shape.weight_shape(name);
-        size_t n = 1;
-        for (auto d : s) n *= size_t(d);
-        params += int64_t(n);
-        const float fan_in = s.size() > 1 ? float(n / size_t(s[0])) : 1.0f;
-        auto v = randn(n, seed++, s.size() > 1 ? 1.0f / std::sqrt(fan_in) : 0.1f);
-        if (name.find("norm") != std::string::npos && name.find(".weight") != std::string::npos)
-            for (auto &x : v) x += 1.0f;
-        ASSERT_EQ(dimoo_vq_set_weight(vq, name.c_str(), DIMOO_F32, s.data(), int32_t(s.size()),
-                                      v.data(), n * 4),
-                  DIMOO_OK)
-            << dimoo_vq_error(vq);
-    }
-    ASSERT_EQ(dimoo_vq_finalize(vq), DIMOO_OK) << dimoo_vq_error(vq);
-    std::vector<int32_t> codes(32 * 32);
-    std::mt19937 g(1);
-    for (auto &x : codes) x = int32_t(g() % 8192);
-    std::vector<float> img(size_t(512) * 512 * 3);
-    auto t0 = std::chrono::steady_clock::now();
-    ASSERT_EQ(dimoo_vq_decode(vq, codes.data(), 32, 32, img.data()), DIMOO_OK) << dimoo_vq_error(vq);
-    auto t1 = std::chrono::steady_clock::now();
-    for (auto &v : img) v = std::min(1.0f, std::max(0.0f, v * 0.1f + 0.5f));
-    std::vector<int32_t> back(32 * 32);
-    ASSERT_EQ(dimoo_vq_encode(vq, img.data(), 512, 512, back.data()), DIMOO_OK) << dimoo_vq_error(vq);
-    auto t2 = std::chrono::steady_clock::now();
-    const double dec = std::chrono::duration<double>(t1 - t0).count();
-    const double enc = std::chrono::duration<double>(t2 - t1).count();
-    std::printf("aMUSEd-size VQ (%.1f M params), %d threads: decode 32x32 -> 512x512 %.2f s, encode 512x512 -> "
-                "32x32 %.2f s\n",
-                double(params) / 1e6, omp_get_max_threads(), dec, enc);
-    dimoo_vq_destroy(vq);
-    dimoo_runtime_destroy(rt);
 }
 
 } // namespace
