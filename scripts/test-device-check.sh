@@ -29,7 +29,7 @@ cat >"$T/fake/cmake" <<'EOF'
 #!/usr/bin/env bash
 if [ "$1" = "--build" ]; then
   mkdir -p "$2" lib
-  for b in dimoo_tests dimoo_bench_cuda dimoo_cuda_sampler_bench; do
+  for b in dimoo_tests dimoo_bench_cuda dimoo_cuda_sampler_bench dimoo_vqbench; do
     printf '#!/usr/bin/env bash\nsleep "${FAKE_STEP_S:-0}"\necho "%s $*"\n' "$b" >"$2/$b"
     chmod +x "$2/$b"
   done
