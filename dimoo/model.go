@@ -256,6 +256,7 @@ func LoadModel(ctx context.Context, dir string, opts LoadOptions) (*Model, error
 				if err := m.setWeight(info, data); err != nil {
 					return err
 				}
+				f.dropPages(info.Name) // the library has its copy
 			}
 			return nil
 		})

@@ -511,6 +511,30 @@ func (f *SafetensorsFile) Data(name string) ([]byte, error) {
 	return f.mm[lo:hi:hi], nil
 }
 
+// dropPages tells the kernel that the mapped pages wholly inside tensor
+// name's bytes are not needed any more (madvise MADV_DONTNEED), once the
+// library holds its own copy: the pages leave this process's resident set
+// (they stay in the page cache, and a later read maps them again). Without
+// it a loaded checkpoint's pages count in the RSS until the file is closed,
+// on top of the library's copy of the weights. Advice only: an error is ignored.
+func (f *SafetensorsFile) dropPages(name string) {
+	info, ok := f.tensors[name]
+	if !ok {
+		return
+	}
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	if f.mm == nil {
+		return
+	}
+	page := int64(os.Getpagesize())
+	lo := (f.dataStart + info.Begin + page - 1) / page * page
+	hi := (f.dataStart + info.End) / page * page
+	if hi > lo {
+		_ = syscall.Madvise(f.mm[lo:hi], syscall.MADV_DONTNEED)
+	}
+}
+
 // Close unmaps the file. It is idempotent.
 func (f *SafetensorsFile) Close() error {
 	f.mu.Lock()

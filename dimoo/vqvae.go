@@ -251,6 +251,7 @@ func LoadVQModel(ctx context.Context, dir string, opts LoadOptions) (*VQModel, e
 			m.Close()
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
+		f.dropPages(name)
 	}
 	if err := m.finalize(); err != nil {
 		m.Close()

@@ -126,6 +126,25 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
     out.panels = (N + kPanel - 1) / kPanel;
     out.data.assign(size_t(out.panels) * size_t(out.Kp) * 64, 0);
     const bool raw = dtype == DIMOO_BF16;
+    if (raw && K % 2 == 0) {
+        // A bf16 pair (k = 2i, 2i + 1) is one 32-bit word in the row and in
+        // the panel: the panel is the transpose of 32 rows of Kp words,
+        // done in blocks of 64 words a row so the block stays in L1.
+        const auto *W16 = static_cast<const uint16_t *>(W);
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int p = 0; p < out.panels; ++p) {
+            uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
+            const int rows = std::min(kPanel, N - p * kPanel);
+            for (int i0 = 0; i0 < out.Kp; i0 += 64) {
+                const int i1 = std::min(out.Kp, i0 + 64);
+                for (int j = 0; j < rows; ++j) {
+                    const uint16_t *src = W16 + size_t(p * kPanel + j) * size_t(K);
+                    for (int i = i0; i < i1; ++i) std::memcpy(dst + (size_t(i) * kPanel + size_t(j)) * 2, src + 2 * size_t(i), 4);
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int p = 0; p < out.panels; ++p) {
         uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
@@ -136,6 +155,17 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
                                        : f32_to_bf16(load_as_f32(W, dtype, row + size_t(k)));
                 dst[(size_t(k / 2) * kPanel + size_t(j)) * 2 + size_t(k % 2)] = h;
             }
+        }
+    }
+}
+
+void unpack_matrix(const PackedMatrix &p, uint16_t *W) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int q = 0; q < p.panels; ++q) {
+        const uint16_t *src = p.panel(q);
+        for (int j = 0; j < kPanel && q * kPanel + j < p.N; ++j) {
+            uint16_t *row = W + size_t(q * kPanel + j) * size_t(p.K);
+            for (int k = 0; k < p.K; ++k) row[k] = src[(size_t(k / 2) * kPanel + size_t(j)) * 2 + size_t(k % 2)];
         }
     }
 }
@@ -538,6 +568,17 @@ void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32
         for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
             const size_t row = size_t(p * kPanel + j) * size_t(K);
             for (int k = 0; k < K; ++k) dst[size_t(k) * kPanel + size_t(j)] = load_as_f32(W, dtype, row + size_t(k));
+        }
+    }
+}
+
+void unpack_matrix_f32(const PackedMatrixF32 &p, float *W) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int q = 0; q < p.panels; ++q) {
+        const float *src = p.panel(q);
+        for (int j = 0; j < kPanel && q * kPanel + j < p.N; ++j) {
+            float *row = W + size_t(q * kPanel + j) * size_t(p.K);
+            for (int k = 0; k < p.K; ++k) row[k] = src[size_t(k) * kPanel + size_t(j)];
         }
     }
 }

@@ -33,6 +33,8 @@ struct PackedMatrix {
 };
 // W: (N, K) row-major in dtype (F32, F16, BF16), rounded to bf16 when wider.
 void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out);
+// The inverse: W (N, K) bf16 row-major, exactly the bf16 values packed.
+void unpack_matrix(const PackedMatrix &p, uint16_t *W);
 
 // n floats to bf16 (round to nearest even), then zeros up to n_pad.
 void round_bf16(const float *src, int n, uint16_t *dst, int n_pad);
@@ -107,6 +109,8 @@ struct PackedMatrixF32 {
     const float *panel(int p) const { return data.data() + size_t(p) * size_t(K) * 32; }
 };
 void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32 &out);
+// The inverse: W (N, K) fp32 row-major.
+void unpack_matrix_f32(const PackedMatrixF32 &p, float *W);
 
 // As tile(), fp32: C[r][c - c0] (= or +=) sum_k A[r * lda + k] * B[k * pstride + c].
 void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,

@@ -93,15 +93,24 @@ public:
             for (size_t i = 0; i < n; i++) dst[i] = load_as_f32(data, dtype, i);
             return;
         }
-        if (prec != DIMOO_PRECISION_AUTO && is_matrix(slot)) {
+        if (is_matrix(slot)) { // a weight set again replaces what was packed of it
+            if (size_t(slot) < packed_.size()) packed_[slot] = cpu::PackedMatrix{};
+            if (size_t(slot) < packed_f32_.size()) packed_f32_[slot] = cpu::PackedMatrixF32{};
+        }
+        if (is_matrix(slot) && (prec != DIMOO_PRECISION_AUTO || auto_packs(dtype))) {
             // The precision is known: packed straight from the caller's
             // data, so an fp32 checkpoint never has a wide copy here (peak
             // memory: the packed weights, not twice the checkpoint).
+            // AUTO packs a bf16 (fp32) matrix as it arrives too, as BF16
+            // (F32) would, betting on a checkpoint stored all in bf16 (all
+            // in fp32); finalize unpacks the bet for a mixed one. So the
+            // usual load never copies the checkpoint first (for the real
+            // one: 16 GB written and freed again).
+            const bool bf = prec == DIMOO_PRECISION_BF16 || (prec == DIMOO_PRECISION_AUTO && dtype == DIMOO_BF16);
             const auto dims = shape_.expected_shape(id);
             const size_t N = size_t(dims[0]), K = size_t(dims[1]), panels = (N + cpu::kPanel - 1) / cpu::kPanel;
-            check_host_alloc(prec == DIMOO_PRECISION_BF16 ? panels * ((K + 1) / 2) * 128 : panels * K * cpu::kPanel * 4,
-                             shape_.name_of(id));
-            if (prec == DIMOO_PRECISION_BF16) {
+            check_host_alloc(bf ? panels * ((K + 1) / 2) * 128 : panels * K * cpu::kPanel * 4, shape_.name_of(id));
+            if (bf) {
                 packed_.resize(w_.size());
                 cpu::pack_matrix(data, dtype, int(N), int(K), packed_[slot]);
             } else {
@@ -149,11 +158,38 @@ public:
             if (is_matrix(s) && w_[s].dtype != DIMOO_F32) all_f32 = false;
         }
         const bool bf = all_bf16, f32 = !bf && all_f32;
-        if (!bf && !f32) return;
-        if (bf) packed_.resize(w_.size());
-        else packed_f32_.resize(w_.size());
+        if (!bf && !f32) {
+            // Mixed: the matrices set_weight packed go back to the layout
+            // they came in (exactly), for the per-call packing path.
+            for (int s = 0; s < shape_.n_weights(); s++) {
+                if (size_t(s) < packed_.size() && !packed_[s].data.empty()) {
+                    w_[s].data.resize(size_t(packed_[s].N) * size_t(packed_[s].K) * 2);
+                    cpu::unpack_matrix(packed_[s], reinterpret_cast<uint16_t *>(w_[s].data.data()));
+                    packed_[s] = cpu::PackedMatrix{};
+                }
+                if (size_t(s) < packed_f32_.size() && !packed_f32_[s].data.empty()) {
+                    const auto &p = packed_f32_[s];
+                    w_[s].data.resize(size_t(p.N) * size_t(p.K) * 4);
+                    cpu::unpack_matrix_f32(p, reinterpret_cast<float *>(w_[s].data.data()));
+                    packed_f32_[s] = cpu::PackedMatrixF32{};
+                }
+            }
+            std::vector<cpu::PackedMatrix>().swap(packed_);
+            std::vector<cpu::PackedMatrixF32>().swap(packed_f32_);
+            return;
+        }
+        // One kind of packed matrices (packed() tells the forward which): the
+        // other's slots can only be empty ones of weights set again.
+        if (bf) {
+            packed_.resize(w_.size());
+            std::vector<cpu::PackedMatrixF32>().swap(packed_f32_);
+        } else {
+            packed_f32_.resize(w_.size());
+            std::vector<cpu::PackedMatrix>().swap(packed_);
+        }
         for (int s = 0; s < shape_.n_weights(); s++) {
             if (!is_matrix(s)) continue;
+            if (bf ? !packed_[s].data.empty() : !packed_f32_[s].data.empty()) continue; // packed as it arrived
             const auto dims = shape_.expected_shape(kind_of_slot_[s]);
             if (bf) cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
             else cpu::pack_matrix_f32(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_f32_[s]);
@@ -190,6 +226,15 @@ public:
     const int n_threads_;
 
 private:
+    // Whether precision AUTO packs a matrix of this dtype as it arrives:
+    // what finalize would choose for a checkpoint stored all in it.
+    bool auto_packs(int32_t dtype) const {
+        const char *e = std::getenv("DIMOO_CPU_PACKED");
+        if (e && std::string(e) == "0") return false;
+        const int hd = shape_.head_dim;
+        return (dtype == DIMOO_BF16 && hd % 2 == 0 && hd <= 1024) || dtype == DIMOO_F32;
+    }
+
     bool is_matrix(int slot) const {
         const WeightKind k = kind_of_slot_[slot].kind;
         return k != WeightKind::Embedding && k != WeightKind::AttnNorm && k != WeightKind::FFNorm &&

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <regex>
 #include <sstream>
@@ -88,6 +89,27 @@ TEST(Bf16, PackLayout) {
     EXPECT_EQ(p.data[0], f32_to_bf16(1.0f));
     EXPECT_EQ(p.data[1], f32_to_bf16(1.01171875f));
     EXPECT_EQ(p.data[64], f32_to_bf16(-3.0f));
+}
+
+// unpack_matrix(_f32) gives back exactly what was packed, at sizes with a
+// partial last panel and an odd k.
+TEST(Bf16, UnpackInvertsPack) {
+    for (auto [N, K] : {std::pair{1, 1}, {33, 5}, {45, 37}, {64, 16}}) {
+        std::vector<uint16_t> w(size_t(N) * K), back(w.size(), 0xffff);
+        std::vector<float> f(w.size()), fback(w.size(), NAN);
+        for (size_t i = 0; i < w.size(); i++) {
+            w[i] = uint16_t(i * 2654435761u >> 7);
+            f[i] = float(i) * 0.37f - 11.0f;
+        }
+        dimoo::cpu::PackedMatrix p;
+        dimoo::cpu::pack_matrix(w.data(), DIMOO_BF16, N, K, p);
+        dimoo::cpu::unpack_matrix(p, back.data());
+        EXPECT_EQ(back, w) << N << "x" << K;
+        dimoo::cpu::PackedMatrixF32 pf;
+        dimoo::cpu::pack_matrix_f32(f.data(), DIMOO_F32, N, K, pf);
+        dimoo::cpu::unpack_matrix_f32(pf, fback.data());
+        EXPECT_EQ(fback, f) << N << "x" << K;
+    }
 }
 
 // C = A W^T on bf16-rounded inputs: the products are exact in fp32, so the
@@ -413,14 +435,21 @@ struct Model {
     dimoo_model_config cfg;
     // Random weights with the given values, stored as dtype (BF16 and F16
     // round to nearest even when the values are wider).
-    Model(const dimoo_model_config &c, int32_t dtype, uint32_t seed, Values values = Values::Bf16) : cfg(c) {
+    // dtype_of (optional) gives the dtype of each tensor by its index (a mixed
+    // checkpoint); with set_twice each is set first as the other of bf16 and
+    // fp32 with other values, then as meant.
+    Model(const dimoo_model_config &c, int32_t dtype, uint32_t seed, Values values = Values::Bf16,
+          std::function<int32_t(size_t)> dtype_of = nullptr, bool set_twice = false)
+        : cfg(c) {
         char err[256];
         EXPECT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, 2, &rt, err, sizeof err), DIMOO_OK) << err;
         EXPECT_EQ(dimoo_model_create(rt, &cfg, &m, err, sizeof err), DIMOO_OK) << err;
         const auto t = dimoo::test::checkpoint_tensors(c);
         std::mt19937 rng(seed);
         std::normal_distribution<float> nd(0.f, 1.f);
+        size_t index = 0;
         for (const auto &[name, shape] : t) {
+            const int32_t dt = dtype_of ? dtype_of(index++) : dtype;
             size_t n = 1;
             for (auto s : shape) n *= size_t(s);
             const float scale = shape.size() == 2 && name.find("wte") == std::string::npos ? 1.f / std::sqrt(float(shape[1])) : 1.f;
@@ -431,11 +460,21 @@ struct Model {
                 f[i] = shape.size() == 1 || values == Values::Bf16 ? bf16_to_f32(f32_to_bf16(v))
                        : values == Values::F16                     ? dimoo::f16_to_f32(dimoo::f32_to_f16(v))
                                                                    : v;
-                h[i] = dtype == DIMOO_F16 ? dimoo::f32_to_f16(f[i]) : f32_to_bf16(f[i]);
+                h[i] = dt == DIMOO_F16 ? dimoo::f32_to_f16(f[i]) : f32_to_bf16(f[i]);
             }
-            const void *data = dtype == DIMOO_F32 ? static_cast<const void *>(f.data()) : h.data();
-            EXPECT_EQ(dimoo_model_set_weight(m, name.c_str(), dtype, shape.data(), int32_t(shape.size()), data,
-                                             n * (dtype == DIMOO_F32 ? 4 : 2)),
+            if (set_twice) {
+                const int32_t other = dt == DIMOO_F32 ? DIMOO_BF16 : DIMOO_F32;
+                std::vector<float> junk(n, 0.5f);
+                std::vector<uint16_t> junk16(n, f32_to_bf16(-0.25f));
+                const void *d = other == DIMOO_F32 ? static_cast<const void *>(junk.data()) : junk16.data();
+                EXPECT_EQ(dimoo_model_set_weight(m, name.c_str(), other, shape.data(), int32_t(shape.size()), d,
+                                                 n * (other == DIMOO_F32 ? 4 : 2)),
+                          DIMOO_OK)
+                    << dimoo_model_error(m);
+            }
+            const void *data = dt == DIMOO_F32 ? static_cast<const void *>(f.data()) : h.data();
+            EXPECT_EQ(dimoo_model_set_weight(m, name.c_str(), dt, shape.data(), int32_t(shape.size()), data,
+                                             n * (dt == DIMOO_F32 ? 4 : 2)),
                       DIMOO_OK)
                 << dimoo_model_error(m);
         }
@@ -577,6 +616,43 @@ TEST(Precision, AnyCheckpointComputesAsTheChosenDtype) {
             Model want16(cfg, DIMOO_F32, 6, Values::F16);
             Model f16(with(DIMOO_PRECISION_F32), DIMOO_F16, 6, Values::F16);
             EXPECT_EQ(f16.logits(toks), want16.logits(toks)) << "fp16 checkpoint, precision fp32, hd " << hd;
+        }
+    }
+}
+
+// Precision AUTO packs bf16 and fp32 matrices as they arrive. A checkpoint
+// that turns out mixed (bf16 and fp32 matrices) computes on the per-call path
+// from the matrices as stored: bit for bit what a model that never packed
+// (DIMOO_CPU_PACKED=0) computes, with the same bytes held, whether or not
+// every weight was first set as the other dtype. All-bf16 and all-fp32
+// checkpoints hold packed weights only.
+TEST(Precision, MixedCheckpointUnpacksWhatAutoPacked) {
+    std::vector<int32_t> toks(70);
+    for (size_t i = 0; i < toks.size(); i++) toks[i] = int32_t((i * 37 + 5) % 90);
+    auto mixed = [](size_t i) { return i % 3 == 1 ? DIMOO_F32 : DIMOO_BF16; };
+    for (int hd : {8, 64}) {
+        const auto cfg = small_config(hd);
+        std::vector<float> want;
+        int64_t want_bytes = 0;
+        {
+            setenv("DIMOO_CPU_PACKED", "0", 1);
+            Model never(cfg, DIMOO_BF16, 7, Values::Bf16, mixed);
+            unsetenv("DIMOO_CPU_PACKED");
+            want = never.logits(toks);
+            want_bytes = dimoo_model_weight_bytes(never.m);
+        }
+        for (bool twice : {false, true}) {
+            Model m(cfg, DIMOO_BF16, 7, Values::Bf16, mixed, twice);
+            EXPECT_EQ(m.logits(toks), want) << "hd " << hd << " set twice " << twice;
+            EXPECT_EQ(dimoo_model_weight_bytes(m.m), want_bytes) << "hd " << hd << " set twice " << twice;
+        }
+        // One dtype, each weight set first as the other: the packed model
+        // of that dtype, as if set once.
+        for (int32_t dt : {DIMOO_BF16, DIMOO_F32}) {
+            Model once(cfg, dt, 8);
+            Model twice(cfg, dt, 8, Values::Bf16, nullptr, true);
+            EXPECT_EQ(twice.logits(toks), once.logits(toks)) << "hd " << hd << " dtype " << dt;
+            EXPECT_EQ(dimoo_model_weight_bytes(twice.m), dimoo_model_weight_bytes(once.m));
         }
     }
 }
