@@ -162,6 +162,37 @@ func TestSafetensorsRoundTrip(t *testing.T) {
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 }
 
+// dropPages is advice only: a tensor spanning several pages, and its
+// neighbours sharing its first and last page, read the same afterwards (the
+// pages map again), and dropping unknown, empty or closed ones does nothing.
+func TestSafetensorsDropPages(t *testing.T) {
+	page := os.Getpagesize()
+	big := make([]float32, 3*page/4+5) // about three pages, ends mid-page
+	for i := range big {
+		big[i] = float32(i)*0.5 - 7
+	}
+	tensors := []testTensor{
+		{Name: "a", DType: "F32", Shape: []int64{3}, Data: testF32Bytes(1, 2, 3)},
+		{Name: "big", DType: "F32", Shape: []int64{int64(len(big))}, Data: testF32Bytes(big...)},
+		{Name: "c", DType: "F32", Shape: []int64{2}, Data: testF32Bytes(4, 5)},
+		{Name: "empty", DType: "F32", Shape: []int64{0}, Data: []byte{}},
+	}
+	path := filepath.Join(t.TempDir(), "model.safetensors")
+	testWriteSafetensors(t, path, tensors...)
+	f, err := OpenSafetensors(path)
+	require.NoError(t, err)
+	for _, name := range []string{"big", "a", "c", "empty", "nope", "big"} {
+		f.dropPages(name)
+		for _, tt := range tensors {
+			data, err := f.Data(tt.Name)
+			require.NoError(t, err)
+			assert.Equal(t, tt.Data, data, "%s after dropping %s", tt.Name, name)
+		}
+	}
+	require.NoError(t, f.Close())
+	f.dropPages("big") // closed: nothing to drop, no fault
+}
+
 // A file whose tensors are all empty has an empty data section: nothing past
 // the header, yet it maps and reads.
 func TestSafetensorsEmptyDataSection(t *testing.T) {
