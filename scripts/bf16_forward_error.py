@@ -36,7 +36,7 @@ def forward_bf16(cfg, w, tokens):
     KV = cfg.get("n_kv_heads") or H
     hd, eps = d // H, cfg.get("rms_norm_eps", 1e-5)
     theta, L, p = float(cfg.get("rope_theta", 10000.0)), cfg["n_layers"], "model.transformer."
-    w = {k: bf(v) for k, v in w.items()}
+    w = w.with_transform(bf) if isinstance(w, R.LazyWeights) else {k: bf(v) for k, v in w.items()}
     T = len(tokens)
     x = w[p + "wte.weight"][torch.as_tensor(tokens)]
     cos, sin = R.rope_tables(T, hd, theta)

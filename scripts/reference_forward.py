@@ -27,9 +27,46 @@ import torch
 from safetensors.torch import load_file
 
 
-def load_model(model_dir):
+class LazyWeights:
+    """The checkpoint's tensors read from their shard on each access and
+    returned in float64 (after transform, if given), never all held at once:
+    a forward of the real 8B model in about one float64 matrix of memory
+    (the embedding and output projection: 4.4 GB each)."""
+
+    def __init__(self, model_dir, transform=None):
+        from safetensors import safe_open
+
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        else:
+            single = os.path.join(model_dir, "model.safetensors")
+            with safe_open(single, framework="pt") as f:
+                wm = {k: "model.safetensors" for k in f.keys()}
+        self.dir, self.where, self.transform = model_dir, wm, transform
+        self._open = {}
+        self._safe_open = safe_open
+
+    def with_transform(self, transform):
+        return LazyWeights(self.dir, transform)
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def __getitem__(self, name):
+        fn = self.where[name]
+        if fn not in self._open:
+            self._open[fn] = self._safe_open(os.path.join(self.dir, fn), framework="pt")
+        t = self._open[fn].get_tensor(name).to(torch.float64)
+        return self.transform(t) if self.transform else t
+
+
+def load_model(model_dir, lazy=False):
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
+    if lazy:
+        return cfg, LazyWeights(model_dir)
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     weights = {}
