@@ -144,3 +144,17 @@ func TestLoadModelCancelled(t *testing.T) {
 	_, err := LoadModel(ctx, testdataDir("small-f32"), LoadOptions{Library: lib})
 	assert.ErrorIs(t, err, ErrCancelled)
 }
+
+// Host memory too short for the weights (DIMOO_HOST_AVAILABLE_MB stands in
+// for MemAvailable): LoadModel fails with ErrOutOfMemory and the numbers,
+// before any tensor is copied.
+func TestLoadModelRefusedWhenMemoryIsShort(t *testing.T) {
+	lib := testLibrary(t)
+	t.Setenv("DIMOO_HOST_AVAILABLE_MB", "1")
+	m, err := LoadModel(context.Background(), testdataDir("small-f32"), LoadOptions{Library: lib})
+	require.Error(t, err)
+	assert.Nil(t, m)
+	assert.ErrorIs(t, err, ErrOutOfMemory)
+	assert.Contains(t, err.Error(), "the model's weights")
+	assert.Contains(t, err.Error(), "1 MiB are available (DIMOO_HOST_AVAILABLE_MB)")
+}

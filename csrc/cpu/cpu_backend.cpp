@@ -23,6 +23,7 @@
 #include "cpu/bf16.h"
 #include "cpu/gemm.h"
 #include "cpu/kept.h"
+#include "host_memory.h"
 #include "vecmath.h"
 
 namespace dimoo {
@@ -35,17 +36,6 @@ struct Tensor {
     std::vector<uint8_t> data;
     const void *ptr() const { return data.data(); }
 };
-
-// Linux overcommits: a buffer larger than RAM "succeeds" and the OOM killer
-// ends the process when it is touched. Refuse such sizes up front.
-void check_host_alloc(size_t bytes, const std::string &what) {
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-    if (pages <= 0 || page <= 0) return;
-    const double ram = double(pages) * double(page);
-    if (double(bytes) > ram)
-        fail(DIMOO_ERR_OUT_OF_MEMORY, what + " needs " + std::to_string(bytes >> 20) + " MiB but this machine has " +
-                                          std::to_string(size_t(ram) >> 20) + " MiB of memory");
-}
 
 // The bf16 path packs K and V through a 1024-element row buffer.
 void check_cpu_precision(const ModelShape &s) {
@@ -78,6 +68,17 @@ public:
             for (int k = int(WeightKind::AttnNorm); k <= int(WeightKind::FFOut); k++)
                 kind_of_slot_[s.slot({WeightKind(k), l})] = {WeightKind(k), l};
         check_cpu_precision(s);
+        // The weights take at least 2 bytes a parameter (4 at precision
+        // F32): refused before the first tensor when even that does not fit.
+        int64_t params = 0;
+        for (int slot = 0; slot < s.n_weights(); slot++) {
+            int64_t n = 1;
+            for (auto d : s.expected_shape(kind_of_slot_[slot])) n *= d;
+            params += n;
+        }
+        const int bytes = s.cfg.precision == DIMOO_PRECISION_F32 ? 4 : 2;
+        check_host_room(size_t(params) * size_t(bytes), "the model's weights (" + std::to_string(params) +
+                                                             " parameters at " + std::to_string(bytes) + " bytes)");
     }
 
     void set_weight(WeightId id, int32_t dtype, const void *data, size_t nbytes) override {
@@ -109,7 +110,7 @@ public:
             const bool bf = prec == DIMOO_PRECISION_BF16 || (prec == DIMOO_PRECISION_AUTO && dtype == DIMOO_BF16);
             const auto dims = shape_.expected_shape(id);
             const size_t N = size_t(dims[0]), K = size_t(dims[1]), panels = (N + cpu::kPanel - 1) / cpu::kPanel;
-            check_host_alloc(bf ? panels * ((K + 1) / 2) * 128 : panels * K * cpu::kPanel * 4, shape_.name_of(id));
+            check_host_room(bf ? panels * ((K + 1) / 2) * 128 : panels * K * cpu::kPanel * 4, shape_.name_of(id));
             if (bf) {
                 packed_.resize(w_.size());
                 cpu::pack_matrix(data, dtype, int(N), int(K), packed_[slot]);
@@ -124,7 +125,7 @@ public:
         if (prec == DIMOO_PRECISION_BF16 && dtype != DIMOO_BF16) {
             // The embedding, in bf16 as the official model holds it.
             const size_t n = nbytes / dtype_size(dtype);
-            check_host_alloc(n * 2, shape_.name_of(id));
+            check_host_room(n * 2, shape_.name_of(id));
             t.data.resize(n * 2);
             uint16_t *dst = reinterpret_cast<uint16_t *>(t.data.data());
 #pragma omp parallel for schedule(static)
@@ -132,7 +133,7 @@ public:
             t.dtype = DIMOO_BF16;
             return;
         }
-        check_host_alloc(nbytes, shape_.name_of(id));
+        check_host_room(nbytes, shape_.name_of(id));
         t.dtype = dtype;
         t.data.assign(static_cast<const uint8_t *>(data), static_cast<const uint8_t *>(data) + nbytes);
     }
@@ -319,7 +320,7 @@ public:
         nt_ = m.n_threads_ > 0 ? m.n_threads_ : std::max(1, omp_get_max_threads());
         const CpuCtxSizes z(m.shape_, m.packed(), m.packed_bf16(), nt_, p);
         dp_ = z.dp, mp_ = z.mp, ast_ = z.ast, hst_ = z.hst;
-        check_host_alloc(size_t(z.bytes()), "a context of " + std::to_string(T) + " tokens");
+        check_host_room(size_t(z.bytes()), "a context of " + std::to_string(T) + " tokens");
         if (p.keep_cols > 0)
             kept_ = std::make_unique<cpu::HostKept>(p.n_seqs, p.max_tokens, p.keep_rows, p.keep_cols, c.embedding_size);
         x_.resize(z.x);

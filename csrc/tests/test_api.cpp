@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "dimoo.h"
+#include "host_memory.h"
 #include "test_tensors.h"
 
 namespace {
@@ -334,5 +335,84 @@ TEST_F(Fixture, HugeContextIsOutOfMemory) {
     EXPECT_NE(std::string(err).find("MiB"), std::string::npos) << err;
     std::swap(m, big);
     dimoo_model_destroy(big);
+}
+
+// The host memory left decides, not the machine's size: a model whose weights
+// (2 bytes a parameter at least) do not fit what is available is refused at
+// creation, a tensor or a context that does not fit at its allocation, each
+// with the numbers and where they come from. DIMOO_HOST_AVAILABLE_MB stands
+// in for MemAvailable.
+TEST(HostMemory, RefusedAgainstWhatIsAvailable) {
+    const dimoo::HostMemory now = dimoo::host_memory();
+    ASSERT_GT(now.available, int64_t(0)) << now.source;
+    struct Env { // sets the hook, and puts back what was there
+        std::string old;
+        bool had;
+        explicit Env(const char *mb) : had(std::getenv("DIMOO_HOST_AVAILABLE_MB") != nullptr) {
+            if (had) old = std::getenv("DIMOO_HOST_AVAILABLE_MB");
+            setenv("DIMOO_HOST_AVAILABLE_MB", mb, 1);
+        }
+        ~Env() {
+            if (had) setenv("DIMOO_HOST_AVAILABLE_MB", old.c_str(), 1);
+            else unsetenv("DIMOO_HOST_AVAILABLE_MB");
+        }
+    };
+    dimoo_runtime *rt = nullptr;
+    char err[256];
+    ASSERT_EQ(dimoo_runtime_create(DIMOO_BACKEND_CPU, 0, 1, &rt, err, sizeof err), DIMOO_OK) << err;
+    // 4096 x 20000 embedding rows alone: 156 MiB at 2 bytes.
+    dimoo_model_config c = tiny_config();
+    c.d_model = 4096, c.n_heads = 32, c.n_kv_heads = 32, c.mlp_hidden_size = 64, c.n_layers = 1;
+    c.vocab_size = c.embedding_size = 20000;
+    dimoo_model *m = nullptr;
+    {
+        Env e("200"); // less than the weights' 2 bytes a parameter plus the reserve
+        EXPECT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_ERR_OUT_OF_MEMORY);
+        EXPECT_NE(std::string(err).find("the model's weights"), std::string::npos) << err;
+        EXPECT_NE(std::string(err).find("200 MiB are available (DIMOO_HOST_AVAILABLE_MB)"), std::string::npos) << err;
+        EXPECT_EQ(m, nullptr);
+    }
+    {
+        Env e("600"); // creation fits; the fp32 embedding (312 MiB) as stored does not
+        ASSERT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_OK) << err;
+        std::vector<float> emb(size_t(c.embedding_size) * c.d_model, 0.01f);
+        const int64_t shape[2] = {c.embedding_size, c.d_model};
+        {
+            Env tight("300");
+            EXPECT_EQ(dimoo_model_set_weight(m, "model.transformer.wte.weight", DIMOO_F32, shape, 2, emb.data(),
+                                             emb.size() * 4),
+                      DIMOO_ERR_OUT_OF_MEMORY);
+            EXPECT_NE(std::string(dimoo_model_error(m)).find("model.transformer.wte.weight needs 312 MiB"),
+                      std::string::npos)
+                << dimoo_model_error(m);
+        }
+        dimoo_model_destroy(m);
+    }
+    // A context on a small model: fine, then refused when memory is short.
+    c = tiny_config();
+    ASSERT_EQ(dimoo_model_create(rt, &c, &m, err, sizeof err), DIMOO_OK) << err;
+    for (const auto &[name, shape] : dimoo::test::checkpoint_tensors(c)) {
+        size_t n = 1;
+        for (auto d : shape) n *= size_t(d);
+        std::vector<float> v(n, 0.01f);
+        ASSERT_EQ(dimoo_model_set_weight(m, name.c_str(), DIMOO_F32, shape.data(), int32_t(shape.size()), v.data(),
+                                         n * 4),
+                  DIMOO_OK)
+            << dimoo_model_error(m);
+    }
+    ASSERT_EQ(dimoo_model_finalize(m), DIMOO_OK) << dimoo_model_error(m);
+    dimoo_ctx *ctx = nullptr;
+    dimoo_ctx_params p{2, 128, DIMOO_CTX_KV_CACHE};
+    ASSERT_EQ(dimoo_ctx_create(m, &p, &ctx, err, sizeof err), DIMOO_OK) << err;
+    dimoo_ctx_destroy(ctx);
+    ctx = nullptr;
+    {
+        Env e("64"); // all of it the reserve
+        EXPECT_EQ(dimoo_ctx_create(m, &p, &ctx, err, sizeof err), DIMOO_ERR_OUT_OF_MEMORY);
+        EXPECT_NE(std::string(err).find("a context of 128 tokens"), std::string::npos) << err;
+        EXPECT_EQ(ctx, nullptr);
+    }
+    dimoo_model_destroy(m);
+    dimoo_runtime_destroy(rt);
 }
 } // namespace

@@ -433,6 +433,32 @@ TEST_F(VQFixture, DecodeEncodeChecks) {
     EXPECT_EQ(std::string(dimoo_vq_error(vq)), "");
 }
 
+// An activation the host cannot hold (DIMOO_HOST_AVAILABLE_MB stands in for
+// MemAvailable) ends the decode with OUT_OF_MEMORY and the numbers; the
+// handle decodes again afterwards.
+TEST_F(VQFixture, DecodeRefusedWhenMemoryIsShort) {
+    // Without the mid-block attention, whose cost grows as the grid squared.
+    dimoo_vq_destroy(vq);
+    vq = nullptr;
+    cfg.mid_block_add_attention = 0;
+    shadow.reset();
+    char err[256];
+    ASSERT_EQ(dimoo_vq_create(rt, &cfg, &vq, err, sizeof err), DIMOO_OK) << err;
+    load_all();
+    ASSERT_EQ(dimoo_vq_finalize(vq), DIMOO_OK) << dimoo_vq_error(vq);
+    const int g = 184, f = 4; // 736x736 pixels of 8 channels: 17 MiB an activation
+    std::vector<int32_t> codes(size_t(g) * g, 3);
+    std::vector<float> out(size_t(3) * g * f * g * f);
+    setenv("DIMOO_HOST_AVAILABLE_MB", "40", 1);
+    const int32_t st = dimoo_vq_decode(vq, codes.data(), g, g, out.data());
+    unsetenv("DIMOO_HOST_AVAILABLE_MB");
+    EXPECT_EQ(st, DIMOO_ERR_OUT_OF_MEMORY);
+    const std::string e = dimoo_vq_error(vq);
+    EXPECT_NE(e.find("the VQ-VAE's activations needs "), std::string::npos) << e;
+    EXPECT_NE(e.find(" MiB of host memory but 40 MiB are available (DIMOO_HOST_AVAILABLE_MB)"), std::string::npos) << e;
+    EXPECT_EQ(dimoo_vq_decode(vq, codes.data(), 4, 4, out.data()), DIMOO_OK) << dimoo_vq_error(vq);
+}
+
 TEST_F(VQFixture, HalfWeightsLoad) {
     load_all(DIMOO_BF16);
     ASSERT_EQ(dimoo_vq_finalize(vq), DIMOO_OK) << dimoo_vq_error(vq);

@@ -12,9 +12,13 @@
 
 #include "cpu/gemm.h"
 #include "vecmath.h"
+#include "host_memory.h"
 #include "vq/vq.h"
 
 namespace dimoo::vq {
+
+std::unique_ptr<float[]> activation(size_t n) { return host_floats(n, "the VQ-VAE's activations"); }
+
 namespace {
 
 using Buf = std::unique_ptr<float[]>;
@@ -65,7 +69,7 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
     const int tx = (W + 1) / 2, ty = (H + 1) / 2;
     const int64_t tiles = int64_t(tx) * ty;
     // U[xi][o][i], xi = 4 * row + col of the 4x4 transformed kernel.
-    Buf U(new float[size_t(16) * cout * cin]);
+    Buf U(activation(size_t(16) * cout * cin));
     const size_t oc = size_t(cout) * cin;
 #pragma omp parallel for schedule(static)
     for (int o = 0; o < cout; o++)
@@ -88,7 +92,7 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
             }
         }
     const int64_t T = std::min<int64_t>(tiles, std::max<int64_t>(64, (int64_t(1) << 19) / (cin + cout)));
-    Buf V(new float[size_t(16) * T * cin]), M(new float[size_t(16) * T * cout]);
+    Buf V(activation(size_t(16) * T * cin)), M(activation(size_t(16) * T * cout));
     std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
     for (int64_t t0 = 0; t0 < tiles; t0 += T) {
         const int64_t nt = std::min(T, tiles - t0);
@@ -212,7 +216,7 @@ void conv_up(const Conv2d &c, const float *x, int H, int W, float *out) {
     DIMOO_CHECK_ARG(c.k == 3 && c.up.size() == size_t(16) * cout * cin, "conv2d Up: weights not prepared");
     const int64_t M = int64_t(H - 1) * Wp + W;
     const int64_t blk = block_rows(cout, M);
-    Buf tmp(new float[size_t(blk) * cout]);
+    Buf tmp(activation(size_t(blk) * cout));
     for (int64_t q0 = 0; q0 < M; q0 += blk) {
         const int64_t rows = std::min(blk, M - q0);
         for (int py = 0; py < 2; py++)
@@ -245,7 +249,7 @@ void conv_down(const Conv2d &c, const float *x, int H, int W, float *out) {
     conv_out_size(ConvMode::Down, H, W, &Ho, &Wo);
     const int64_t M = int64_t(Ho) * Wo;
     const int64_t chunk = std::min<int64_t>(M, std::max<int64_t>(64, kPatchFloats / K));
-    Buf col(new float[size_t(chunk) * K]), tmp(new float[size_t(chunk) * cout]);
+    Buf col(activation(size_t(chunk) * K)), tmp(activation(size_t(chunk) * cout));
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int64_t rows = std::min(chunk, M - m0);
 #pragma omp parallel for schedule(static)
@@ -427,10 +431,10 @@ void linear(const Linear &l, const float *x, int n, float *out) {
 void attention(const Attention &a, const float *x, int n, float *out) {
     const int C = a.norm.c;
     const size_t nc = size_t(n) * size_t(C);
-    Buf h(new float[nc]), q(new float[nc]), k(new float[nc]), v(new float[nc]);
+    Buf h(activation(nc)), q(activation(nc)), k(activation(nc)), v(activation(nc));
     // GroupNorm over the n pixels as a 1 x n image (its border is scratch).
     {
-        Buf xp(new float[padded_rows(1, n) * size_t(C)]);
+        Buf xp(activation(padded_rows(1, n) * size_t(C)));
         pad(x, 1, n, C, xp.get());
         group_norm(a.norm, xp.get(), 1, n, xp.get(), false);
         unpad(xp.get(), 1, n, C, h.get());
@@ -449,7 +453,7 @@ void attention(const Attention &a, const float *x, int n, float *out) {
         for (int c = 0; c < C; c++) out[size_t(i) * C + c] = x[size_t(i) * C + c] + a.o.b[size_t(c)];
     const float scale = 1.0f / std::sqrt(float(C));
     const int block = int(std::max<int64_t>(1, std::min<int64_t>(n, kPatchFloats / std::max(n, 1))));
-    Buf s(new float[size_t(block) * size_t(n)]), o(new float[size_t(block) * size_t(C)]);
+    Buf s(activation(size_t(block) * size_t(n))), o(activation(size_t(block) * size_t(C)));
     for (int q0 = 0; q0 < n; q0 += block) {
         const int rows = std::min(block, n - q0);
         cpu::gemm_nt(rows, n, C, q.get() + size_t(q0) * C, C, k.get(), DIMOO_F32, C, s.get(), n, false);

@@ -30,6 +30,9 @@ namespace dimoo::vq {
 // the border zeroed again.
 
 inline size_t padded_rows(int H, int W) { return size_t(H + 2) * size_t(W + 2); }
+// n floats, uninitialised, for an activation: OUT_OF_MEMORY, with the numbers,
+// when the host cannot hold them (host_memory.h), rather than the OOM killer.
+std::unique_ptr<float[]> activation(size_t n);
 // Zero the border rows/columns of a padded H x W x C buffer.
 void zero_border(float *p, int H, int W, int C);
 // Compact (H*W, C) -> padded, and back.

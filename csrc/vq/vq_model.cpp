@@ -243,14 +243,14 @@ int64_t Model::weight_bytes() const {
 Model::Buf Model::run_resnet(const Resnet &r, const float *x, int H, int W) const {
     const size_t rows = padded_rows(H, W);
     const int cin = r.conv1.cin, cout = r.conv1.cout;
-    Buf h(new float[rows * cout]);
+    Buf h(activation(rows * cout));
     {
-        Buf t(new float[rows * cin]);
+        Buf t(activation(rows * cin));
         group_norm(r.norm1, x, H, W, t.get(), true);
         conv2d(r.conv1, t.get(), H, W, h.get(), ConvMode::Same, false);
     }
     group_norm(r.norm2, h.get(), H, W, h.get(), true);
-    Buf out(new float[rows * cout]);
+    Buf out(activation(rows * cout));
     if (r.has_shortcut) {
         conv2d(r.shortcut, x, H, W, out.get(), ConvMode::Same, false);
     } else {
@@ -266,7 +266,7 @@ Model::Buf Model::run_mid(const MidBlock &m, Buf x, int H, int W, const std::ato
     if (m.has_attn) {
         const int C = m.attn.norm.c;
         const size_t n = size_t(H) * W;
-        Buf a(new float[n * C]), b(new float[n * C]);
+        Buf a(activation(n * C)), b(activation(n * C));
         unpad(x.get(), H, W, C, a.get());
         attention(m.attn, a.get(), int(n), b.get());
         pad(b.get(), H, W, C, x.get());
@@ -282,11 +282,11 @@ void Model::decode_latent(const float *z, int h, int w, float *out, const std::a
     int H = h, W = w;
     Buf x;
     {
-        Buf zp(new float[padded_rows(H, W) * D]);
+        Buf zp(activation(padded_rows(H, W) * D));
         pad(z, H, W, D, zp.get());
-        Buf q(new float[padded_rows(H, W) * cfg_.latent_channels]);
+        Buf q(activation(padded_rows(H, W) * cfg_.latent_channels));
         conv2d(post_quant_conv_, zp.get(), H, W, q.get(), ConvMode::Same, false);
-        x.reset(new float[padded_rows(H, W) * cfg_.block_out_channels[L - 1]]);
+        x = activation(padded_rows(H, W) * cfg_.block_out_channels[L - 1]);
         conv2d(dec_in_, q.get(), H, W, x.get(), ConvMode::Same, false);
     }
     check_cancel(cancel);
@@ -297,7 +297,7 @@ void Model::decode_latent(const float *z, int h, int w, float *out, const std::a
             check_cancel(cancel);
         }
         if (s.has_resample) {
-            Buf y(new float[padded_rows(2 * H, 2 * W) * s.resample.cout]);
+            Buf y(activation(padded_rows(2 * H, 2 * W) * s.resample.cout));
             conv2d(s.resample, x.get(), H, W, y.get(), ConvMode::Up, false);
             x = std::move(y);
             H *= 2, W *= 2;
@@ -305,7 +305,7 @@ void Model::decode_latent(const float *z, int h, int w, float *out, const std::a
         }
     }
     group_norm(dec_norm_out_, x.get(), H, W, x.get(), true);
-    Buf o(new float[padded_rows(H, W) * cfg_.out_channels]);
+    Buf o(activation(padded_rows(H, W) * cfg_.out_channels));
     conv2d(dec_out_, x.get(), H, W, o.get(), ConvMode::Same, false);
     unpad(o.get(), H, W, cfg_.out_channels, out);
 }
@@ -313,7 +313,7 @@ void Model::decode_latent(const float *z, int h, int w, float *out, const std::a
 void Model::decode(const int32_t *codes, int h, int w, float *out, const std::atomic<bool> &cancel) const {
     const int D = cfg_.vq_embed_dim;
     const int64_t P = int64_t(h) * w;
-    Buf z(new float[size_t(P) * D]);
+    Buf z(activation(size_t(P) * D));
     for (int64_t i = 0; i < P; i++)
         std::memcpy(z.get() + i * D, codebook_.data() + size_t(codes[i]) * D, sizeof(float) * size_t(D));
     decode_latent(z.get(), h, w, out, cancel);
@@ -321,9 +321,9 @@ void Model::decode(const int32_t *codes, int h, int w, float *out, const std::at
 
 void Model::encode_latent(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) const {
     const int32_t *ch = cfg_.block_out_channels;
-    Buf x(new float[padded_rows(H, W) * ch[0]]);
+    Buf x(activation(padded_rows(H, W) * ch[0]));
     {
-        Buf p(new float[padded_rows(H, W) * cfg_.in_channels]);
+        Buf p(activation(padded_rows(H, W) * cfg_.in_channels));
         pad(pixels, H, W, cfg_.in_channels, p.get());
         conv2d(enc_in_, p.get(), H, W, x.get(), ConvMode::Same, false);
     }
@@ -336,7 +336,7 @@ void Model::encode_latent(const float *pixels, int H, int W, float *latent, cons
         if (s.has_resample) {
             int Ho = 0, Wo = 0;
             conv_out_size(ConvMode::Down, H, W, &Ho, &Wo);
-            Buf y(new float[padded_rows(Ho, Wo) * s.resample.cout]);
+            Buf y(activation(padded_rows(Ho, Wo) * s.resample.cout));
             conv2d(s.resample, x.get(), H, W, y.get(), ConvMode::Down, false);
             x = std::move(y);
             H = Ho, W = Wo;
@@ -345,9 +345,9 @@ void Model::encode_latent(const float *pixels, int H, int W, float *latent, cons
     }
     x = run_mid(enc_mid_, std::move(x), H, W, cancel);
     group_norm(enc_norm_out_, x.get(), H, W, x.get(), true);
-    Buf z(new float[padded_rows(H, W) * cfg_.latent_channels]);
+    Buf z(activation(padded_rows(H, W) * cfg_.latent_channels));
     conv2d(enc_out_, x.get(), H, W, z.get(), ConvMode::Same, false);
-    Buf q(new float[padded_rows(H, W) * cfg_.vq_embed_dim]);
+    Buf q(activation(padded_rows(H, W) * cfg_.vq_embed_dim));
     conv2d(quant_conv_, z.get(), H, W, q.get(), ConvMode::Same, false);
     unpad(q.get(), H, W, cfg_.vq_embed_dim, latent);
 }
@@ -359,7 +359,7 @@ void Model::quantize(const float *latent, int n, int32_t *codes) const {
     // distance in double, so the result is the true nearest row, lowest index
     // on a tie.
     const int chunk = int(std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(1) << 22) / E)));
-    Buf s(new float[size_t(chunk) * E]);
+    Buf s(activation(size_t(chunk) * E));
     for (int i0 = 0; i0 < n; i0 += chunk) {
         const int rows = std::min(chunk, n - i0);
         cpu::gemm_nt(rows, E, D, latent + size_t(i0) * D, D, codebook_.data(), DIMOO_F32, D, s.get(), E, false);
@@ -400,7 +400,7 @@ void Model::quantize(const float *latent, int n, int32_t *codes) const {
 void Model::encode(const float *pixels, int H, int W, int32_t *codes, const std::atomic<bool> &cancel) const {
     const int f = factor();
     const int n = (H / f) * (W / f);
-    Buf z(new float[size_t(n) * cfg_.vq_embed_dim]);
+    Buf z(activation(size_t(n) * cfg_.vq_embed_dim));
     encode_latent(pixels, H, W, z.get(), cancel);
     quantize(z.get(), n, codes);
 }
