@@ -291,9 +291,10 @@ typedef struct dimoo_forward_args {
 } dimoo_forward_args;
 
 /* Runs n_args forwards, one per distinct seq; a backend may batch them
- * (different lengths allowed). The CPU batches those whose rows fit
- * max_tokens together, each seq's results bit for bit those of its forward
- * alone. */
+ * (different lengths allowed), each seq's results bit for bit those of its
+ * forward alone. The CPU batches consecutive ones whose rows fit
+ * min(n_seqs, 3) x max_tokens together (its contexts hold that many rows);
+ * CUDA all of them. */
 DIMOO_API int32_t dimoo_forward(dimoo_ctx *c, const dimoo_forward_args *args, int32_t n_args);
 
 /* ---- decode steps over kept logits (ABI 4) ------------------------------------

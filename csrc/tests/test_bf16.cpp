@@ -746,8 +746,8 @@ TEST(PackedForward, BatchedSequencesEqualAlone) {
             }
             return outs;
         };
-        for (int T1 : {70, 100}) { // 70 + 60 rows fit the 160 of the context; 100 + 60 do too, 100 + 100 not
-            for (int T2 : {60, 100}) {
+        for (int T1 : {70, 160}) { // two sequences' rows, up to 2 x 160, go in one pass
+            for (int T2 : {60, 160}) {
                 std::vector<Req> full = {{toks(T1, 1), {}, {}, DIMOO_CACHE_STORE, 0, int(e)},
                                          {toks(T2, 7), {}, {3, 9, T2 - 1}, DIMOO_CACHE_STORE, 10, 50}};
                 const auto alone = run(full, false);
@@ -768,6 +768,18 @@ TEST(PackedForward, BatchedSequencesEqualAlone) {
                               1e-6);
             }
         }
+        // Four slots: a pass holds 3 x 160 rows, so four full sequences of
+        // 160, 140, 120 and 100 rows run as the first three, then the fourth.
+        dimoo_ctx_destroy(b.ctx);
+        b.ctx = nullptr;
+        dimoo_ctx_params p4{4, b.cfg.max_sequence_length, DIMOO_CTX_KV_CACHE};
+        char err[256];
+        ASSERT_EQ(dimoo_ctx_create(b.m, &p4, &b.ctx, err, sizeof err), DIMOO_OK) << err;
+        std::vector<Req> four;
+        for (int i = 0; i < 4; i++) four.push_back({toks(160 - 20 * i, 3 + i), {}, {}, DIMOO_CACHE_STORE, 0, int(e)});
+        const auto alone4 = run(four, false);
+        const auto all4 = run(four, true);
+        for (size_t i = 0; i < four.size(); i++) EXPECT_EQ(all4[i], alone4[i]) << "dtype " << dtype << " seq " << i;
     }
 }
 
