@@ -21,7 +21,9 @@ them: 16 GB for the real shape), then the PyTorch forwards.
 
 Usage:
   python3 scripts/check_forward_large.py --model DIR [--T 64] [--seeds 1]
-      [--dimoo bin/dimoo] [--threads 2] [--factor 1.5]
+      [--dimoo bin/dimoo] [--device cpu|cuda] [--threads 2] [--factor 1.5]
+scripts/device-check.sh runs it on the GPU (step fwd-real-check) on its
+end-to-end checkpoint.
 """
 
 import argparse
@@ -50,6 +52,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=1, help="token draws per length (numpy seeds 0..N-1)")
     ap.add_argument("--dimoo", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bin", "dimoo"))
     ap.add_argument("--threads", type=int, default=0, help="dimoo's and PyTorch's threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", help="dimoo's backend: cpu or cuda (PyTorch's forwards stay on the CPU)")
     ap.add_argument("--factor", type=float, default=1.5)
     a = ap.parse_args()
     threads = a.threads or os.cpu_count() or 1
@@ -66,7 +69,8 @@ def main():
             out = os.path.join(tmp, f"T{T}_s{seed}.npy")
             t0 = time.perf_counter()
             r = subprocess.run([a.dimoo, "logits", "--model", a.model, "--tokens", ",".join(map(str, toks)),
-                                "--out", out, "--threads", str(threads)], capture_output=True, text=True)
+                                "--out", out, "--threads", str(threads), "--device", a.device],
+                               capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"dimoo logits failed:\n{r.stderr}")
             got[(T, seed)] = np.load(out).astype(np.float64)

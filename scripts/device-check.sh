@@ -244,6 +244,18 @@ core_bench() {
 }
 
 more_tests() {
+  # The real shape (the e2e checkpoint, when there): `dimoo logits` on the GPU
+  # at T = 64 and 129 against float64 and bf16-pattern PyTorch forwards
+  # that stream the weights (scripts/check_forward_large.py).
+  local left=$(( DEADLINE - ($(date +%s) - T_START) )) DIMOO_BIN="$ROOT/bin/dimoo"
+  "$DIMOO_BIN" version >/dev/null 2>&1 || DIMOO_BIN="$ROOT/bin/dimoo-nocgo"
+  if [ -f "$E2E_MODEL/model.safetensors.index.json" ] && [ -x "$DIMOO_BIN" ] && [ "$left" -ge 200 ]; then
+    step fwd-real-check timeout 180 env DIMOO_LIBRARY="$ROOT/lib/libdimoo.so" python3 scripts/check_forward_large.py \
+      --model "$E2E_MODEL" --T 64,129 --device cuda --dimoo "$DIMOO_BIN"
+  elif [ -f "$E2E_MODEL/model.safetensors.index.json" ]; then
+    rows+=("$(printf '%-22s %-5s %7s  %s' fwd-real-check SKIP - "${left}s left, needs ~200s: DEVICE_PHASES=more-tests")")
+    status=1
+  fi
   # The forward and the decode steps again without CUDA graphs (eager launches).
   step cuda-nographs timeout 240 env DIMOO_CUDA_GRAPHS=0 ./build-device/dimoo_tests --gtest_brief=1 \
     --gtest_filter='CudaForward.*:CudaKept.*:-*Graphs*:*Sm90*'
@@ -390,7 +402,7 @@ for f in bench-cuda bench-torch; do
     grep -E '^(gemm|elem|attn|fwd|check|torch|sdpa|ref) ' "$LOG/$f.log" | tail -n 60
   fi
 done
-[ -f "$LOG/bench-vq.log" ] && grep 'aMUSEd-size VQ decode' "$LOG/bench-vq.log"
+[ -f "$LOG/bench-vq.log" ] && grep -E '^(op|decode|encode) ' "$LOG/bench-vq.log"
 [ -f "$LOG/e2e-understand.log" ] && grep -E '^ *median|^understand ' "$LOG/e2e-understand.log"
 # ncu: per flash kernel its launch line, then time, SM throughput, registers, occupancy.
 [ -f "$LOG/ncu-attn.log" ] && grep -E '^  [A-Za-z_].*\(|Duration|Compute \(SM\) Throughput|Registers Per Thread|Achieved Occupancy' \

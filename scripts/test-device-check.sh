@@ -59,6 +59,9 @@ arg() { # the value after flag \$1 in the arguments that follow
 case "\${1:-}" in
   scripts/bench_torch_reference.py)
     echo "== torch summary (1 s) =="; echo "sdpa cudnn B=2 T=4228 0.0 TFLOP/s"; exit 0 ;;
+  scripts/check_forward_large.py)
+    [ "\$(arg --device "\$@")" = cuda ] && [ -f "\$(arg --model "\$@")/model.safetensors.index.json" ] || exit 1
+    echo "check ok"; exit 0 ;;
   scripts/bench_official_pipeline.py)
     d=\$(arg --write-checkpoint "\$@")
     if [ -n "\$d" ]; then
@@ -114,7 +117,7 @@ grep -qiE 'unbound variable|syntax error|command not found|unexpected' "$T/out" 
 [ "$rc" = 0 ] || fail "exit $rc with every stand-in passing: $(cat "$T/out")"
 for row in configure build cpp-sm90-attn cpp-sm90t-attn cpp-tests e2e-checkpoint bench-cuda bench-torch \
   e2e-ours-512 e2e-official-512 e2e-ours-1024 e2e-official-1024 cuda-nographs cuda-vq cuda-fwd-sm90tw \
-  cuda-fwd-refattn bench-vq bench-sampler e2e-understand e2e-official-understand; do
+  cuda-fwd-refattn bench-vq bench-sampler e2e-understand e2e-official-understand fwd-real-check; do
   grep -qE "^$row +ok " "$T/out" || fail "no passing row for $row: $(cat "$T/out")"
 done
 grep -q '(background) wrote' "$T/out" || fail "the checkpoint did not run in the background"
