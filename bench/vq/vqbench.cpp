@@ -34,6 +34,7 @@
 
 #include "dimoo.h"
 #include "vq/vq.h"
+#include "vq_testing.h" // rel_err, shared with the VQ-VAE tests
 
 namespace {
 
@@ -187,16 +188,6 @@ Stat stat(std::vector<double> v) {
     return {v[v.size() / 2], v.front(), v.back()};
 }
 
-double rel_err(const std::vector<float> &got, const std::vector<float> &want) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < want.size(); i++) {
-        const double d = double(got[i]) - double(want[i]);
-        num += d * d;
-        den += double(want[i]) * want[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-30));
-}
-
 void check(dimoo_vq *vq, int32_t st, const char *what) {
     if (st != DIMOO_OK) die(std::string(what) + ": " + dimoo_vq_error(vq));
 }
@@ -300,7 +291,7 @@ int main(int argc, char **argv) {
                 const auto t0 = std::chrono::steady_clock::now();
                 run(ref.vq);
                 cpu_ms = ms_since(t0);
-                err = rel_err(got, pix);
+                err = dimoo::test::rel_err(got, pix);
             }
             const char *name = dec ? "decode" : "encode";
             if (o.json) {
