@@ -531,7 +531,7 @@ func (f *SafetensorsFile) dropPages(name string) {
 	lo := (f.dataStart + info.Begin + page - 1) / page * page
 	hi := (f.dataStart + info.End) / page * page
 	if hi > lo {
-		_ = syscall.Madvise(f.mm[lo:hi], syscall.MADV_DONTNEED)
+		dontNeed(f.mm[lo:hi])
 	}
 }
 
