@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -77,7 +78,8 @@ int64_t cgroup_room() {
 
 HostMemory host_memory() {
     HostMemory m;
-    // A test hook: pretend this many MiB are available.
+    // What to assume instead: for tests, and for virtual machines whose
+    // memory grows as it is used (MemAvailable starts far below it).
     if (const char *e = std::getenv("DIMOO_HOST_AVAILABLE_MB"); e && *e) {
         m.available = int64_t(std::strtoll(e, nullptr, 10)) << 20;
         m.source = "DIMOO_HOST_AVAILABLE_MB";
@@ -100,10 +102,13 @@ void check_host_room(size_t bytes, const std::string &what) {
     const HostMemory m = host_memory();
     if (m.available < 0) return;
     constexpr int64_t kReserve = int64_t(64) << 20;
+    const std::string hint = std::strcmp(m.source, "DIMOO_HOST_AVAILABLE_MB") == 0
+                                 ? ""
+                                 : "; DIMOO_HOST_AVAILABLE_MB=N overrides it where memory grows on demand";
     if (int64_t(bytes) + kReserve > m.available)
         fail(DIMOO_ERR_OUT_OF_MEMORY, what + " needs " + std::to_string(bytes >> 20) + " MiB of host memory but " +
                                           std::to_string(std::max<int64_t>(0, m.available) >> 20) +
-                                          " MiB are available (" + m.source + ")");
+                                          " MiB are available (" + m.source + hint + ")");
 }
 
 std::unique_ptr<float[]> host_floats(size_t n, const char *what) {
