@@ -37,6 +37,13 @@ struct Tensor {
     const void *ptr() const { return data.data(); }
 };
 
+// DIMOO_CPU_PACKED=0: precision AUTO keeps the per-call packing path of a
+// checkpoint as stored (for A/B benchmarks).
+bool packing_disabled() {
+    const char *e = std::getenv("DIMOO_CPU_PACKED");
+    return e && std::string(e) == "0";
+}
+
 // The bf16 path packs K and V through a 1024-element row buffer.
 void check_cpu_precision(const ModelShape &s) {
     if (s.cfg.precision == DIMOO_PRECISION_BF16 && (s.head_dim % 2 != 0 || s.head_dim > 1024))
@@ -149,9 +156,7 @@ public:
             kernels_ = cpu::best_kernels();
             return;
         }
-        // DIMOO_CPU_PACKED=0 keeps the per-call packing path of a checkpoint
-        // as stored (for A/B benchmarks).
-        if (const char *e = std::getenv("DIMOO_CPU_PACKED"); e && std::string(e) == "0") return;
+        if (packing_disabled()) return;
         const int hd = shape_.head_dim;
         bool all_bf16 = hd % 2 == 0 && hd <= 1024, all_f32 = true;
         for (int s = 0; s < shape_.n_weights(); s++) {
@@ -230,8 +235,7 @@ private:
     // Whether precision AUTO packs a matrix of this dtype as it arrives:
     // what finalize would choose for a checkpoint stored all in it.
     bool auto_packs(int32_t dtype) const {
-        const char *e = std::getenv("DIMOO_CPU_PACKED");
-        if (e && std::string(e) == "0") return false;
+        if (packing_disabled()) return false;
         const int hd = shape_.head_dim;
         return (dtype == DIMOO_BF16 && hd % 2 == 0 && hd <= 1024) || dtype == DIMOO_F32;
     }
@@ -993,8 +997,7 @@ Estimate cpu_estimate(const ModelShape &S, int32_t dtype, int n_threads, const d
     // CpuModel::finalize's choice, for a checkpoint whose matrices are all `dtype`.
     check_cpu_precision(S);
     const int32_t prec = S.cfg.precision;
-    const char *env = std::getenv("DIMOO_CPU_PACKED");
-    const bool off = prec == DIMOO_PRECISION_AUTO && env && std::string(env) == "0";
+    const bool off = prec == DIMOO_PRECISION_AUTO && packing_disabled();
     const bool bf = prec == DIMOO_PRECISION_BF16 ||
                     (prec == DIMOO_PRECISION_AUTO && !off && dtype == DIMOO_BF16 && S.head_dim % 2 == 0 &&
                      S.head_dim <= 1024);
