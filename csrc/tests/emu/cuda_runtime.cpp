@@ -1,24 +1,30 @@
 // cuda_runtime.cpp - the emulated CUDA runtime (see cuda_runtime.h): device
-// allocations tracked (copies outside them are errors), streams that run
-// work at once or record it while captured, graphs that replay a record.
+// allocations tracked (copies outside them are errors), streams that queue
+// their work until something waits for it (or record it while captured),
+// graphs that replay a record.
 #include "cuda_runtime.h"
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 struct CUstream_st {
     bool capturing = false;
     bool invalidated = false;
+    bool blocking = true; // waits for the legacy default stream, and it for this one
     std::vector<std::function<void()>> record;
+    std::deque<std::function<void()>> pending; // queued, not yet run (emu::g_queue_mutex)
 };
 struct CUevent_st {
     std::chrono::steady_clock::time_point t{};
     bool recorded = false;
+    cudaStream_t stream = nullptr; // where it was last recorded
 };
 struct CUgraph_st {
     std::vector<std::function<void()>> ops;
@@ -33,7 +39,20 @@ namespace {
 std::mutex g_mem_mutex;
 std::map<uintptr_t, size_t> g_allocs; // device allocations: start -> bytes
 size_t g_live = 0;
+std::map<uintptr_t, size_t> g_pinned; // cudaHostAlloc'd host memory: start -> bytes
 std::map<const void *, int> g_max_dyn_smem;
+std::mutex g_queue_mutex;           // every stream's pending queue, and g_streams
+std::recursive_mutex g_run_mutex;   // held while queued work runs
+std::set<cudaStream_t> g_streams;   // live streams (the null stream is g_null_stream)
+CUstream_st g_null_stream;
+
+bool eager_streams() {
+    static const bool e = [] {
+        const char *v = std::getenv("DIMOO_EMU_STREAMS");
+        return v && std::string(v) == "eager";
+    }();
+    return e;
+}
 thread_local cudaError_t g_last = cudaSuccess;
 int g_device = 0;
 
@@ -101,12 +120,89 @@ cudaError_t check_copy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
 
 } // namespace
 
+void flush_stream(cudaStream_t s);
+void flush_blocking();
+void flush_all();
+
+// Work is queued per stream and runs only when the host waits for it (a
+// stream or device synchronize, an event synchronize, a synchronous copy,
+// cudaFree), so a host that reads a result before it waits sees the value from
+// before the work, as it may on a GPU. The legacy default stream (null)
+// orders itself with the blocking streams, not with cudaStreamNonBlocking
+// ones: cudaMemcpy does not wait for a non-blocking stream's kernels.
+// DIMOO_EMU_STREAMS=eager runs every operation at once (to tell a queueing
+// problem from a kernel one).
 void submit(cudaStream_t s, std::function<void()> op) {
     if (s && s->capturing) {
         s->record.push_back(std::move(op));
         return;
     }
-    op();
+    if (eager_streams()) {
+        op();
+        return;
+    }
+    // The legacy default stream waits for the blocking streams' earlier
+    // work, and they for its: run that now (earlier than a GPU may, which is
+    // one order a GPU may also take).
+    if (!s) flush_blocking();
+    else if (s->blocking) flush_stream(&g_null_stream);
+    std::lock_guard<std::mutex> l(g_queue_mutex);
+    (s ? s : &g_null_stream)->pending.push_back(std::move(op));
+}
+
+void flush_stream(cudaStream_t s) {
+    // One flush at a time: the emulated device runs one operation at a time.
+    std::lock_guard<std::recursive_mutex> run(g_run_mutex);
+    for (;;) {
+        std::function<void()> op;
+        {
+            std::lock_guard<std::mutex> l(g_queue_mutex);
+            if (s->pending.empty()) return;
+            op = std::move(s->pending.front());
+            s->pending.pop_front();
+        }
+        op();
+    }
+}
+
+void flush_blocking() {
+    std::vector<cudaStream_t> ss;
+    {
+        std::lock_guard<std::mutex> l(g_queue_mutex);
+        for (cudaStream_t s : g_streams)
+            if (s->blocking) ss.push_back(s);
+    }
+    for (cudaStream_t s : ss) flush_stream(s);
+    flush_stream(&g_null_stream);
+}
+
+void flush_all() {
+    std::vector<cudaStream_t> ss;
+    {
+        std::lock_guard<std::mutex> l(g_queue_mutex);
+        ss.assign(g_streams.begin(), g_streams.end());
+    }
+    for (cudaStream_t s : ss) flush_stream(s);
+    flush_stream(&g_null_stream);
+}
+
+bool in_pinned(const void *p, size_t n) {
+    std::lock_guard<std::mutex> l(g_mem_mutex);
+    const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+    auto it = g_pinned.upper_bound(u);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return u >= it->first && u + n <= it->first + it->second;
+}
+
+bool kernel_pointer_ok(const void *p) { return !p || in_device(p, 0) || in_pinned(p, 0); }
+
+void report_kernel_pointer(const void *kernel, int arg, const void *p) {
+    std::fprintf(stderr,
+                 "dimoo emu: kernel %p argument %d (%p) points neither into a device allocation nor into pinned "
+                 "host memory\n",
+                 kernel, arg, p);
+    set(cudaErrorInvalidValue);
 }
 
 bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem) {
@@ -205,7 +301,10 @@ cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d) {
     }
     return cudaSuccess;
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+    emu::flush_all();
+    return cudaSuccess;
+}
 cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
     *total_b = emu::total_bytes();
     *free_b = *total_b - emu::live_device_bytes();
@@ -231,6 +330,7 @@ cudaError_t cudaMalloc(void **p, size_t n) {
 }
 cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
+    emu::flush_all(); // cudaFree waits for the device
     {
         std::lock_guard<std::mutex> l(emu::g_mem_mutex);
         auto it = emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
@@ -246,25 +346,56 @@ cudaError_t cudaFree(void *p) {
 }
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned) {
     *p = std::malloc(n ? n : 1);
-    return *p ? cudaSuccess : set(cudaErrorMemoryAllocation);
+    if (!*p) return set(cudaErrorMemoryAllocation);
+    std::lock_guard<std::mutex> l(emu::g_mem_mutex);
+    emu::g_pinned[reinterpret_cast<uintptr_t>(*p)] = n;
+    return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void **p, size_t n) { return cudaHostAlloc(p, n, 0); }
 cudaError_t cudaFreeHost(void *p) {
+    if (!p) return cudaSuccess;
+    emu::flush_all();
+    {
+        std::lock_guard<std::mutex> l(emu::g_mem_mutex);
+        if (!emu::g_pinned.erase(reinterpret_cast<uintptr_t>(p))) {
+            std::fprintf(stderr, "dimoo emu: cudaFreeHost of a pointer that cudaHostAlloc did not return\n");
+            return set(cudaErrorInvalidValue);
+        }
+    }
     std::free(p);
     return cudaSuccess;
 }
+// On the legacy default stream: after the blocking streams' earlier work,
+// not after a non-blocking stream's.
 cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     if (cudaError_t e = emu::check_copy(d, s, n, k)) return set(e);
+    emu::flush_blocking();
     if (n) std::memmove(d, s, n);
     return cudaSuccess;
 }
+// As the runtime does with pageable host memory: a copy from it takes the
+// bytes at the call (the caller may reuse them on return), a copy to it
+// returns when done; pinned memory is read or written when the copy runs.
 cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st) {
     if (cudaError_t e = emu::check_copy(d, s, n, k)) return set(e);
-    if (n) emu::submit(st, [d, s, n] { std::memmove(d, s, n); });
+    if (!n) return cudaSuccess;
+    const bool capturing = st && st->capturing;
+    if (k == cudaMemcpyHostToDevice && !emu::in_pinned(s, n) && !capturing) {
+        auto bytes = std::make_shared<std::vector<uint8_t>>(static_cast<const uint8_t *>(s),
+                                                            static_cast<const uint8_t *>(s) + n);
+        emu::submit(st, [d, bytes] { std::memcpy(d, bytes->data(), bytes->size()); });
+        return cudaSuccess;
+    }
+    emu::submit(st, [d, s, n] { std::memmove(d, s, n); });
+    if (k == cudaMemcpyDeviceToHost && !emu::in_pinned(d, n) && !capturing) {
+        if (st) emu::flush_stream(st);
+        else emu::flush_blocking();
+    }
     return cudaSuccess;
 }
 cudaError_t cudaMemset(void *d, int v, size_t n) {
     if (n && !emu::in_device(d, n)) return set(cudaErrorInvalidValue);
+    emu::flush_blocking();
     if (n) std::memset(d, v, n);
     return cudaSuccess;
 }
@@ -276,10 +407,22 @@ cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st) {
 
 cudaError_t cudaStreamCreate(cudaStream_t *s) {
     *s = new CUstream_st;
+    std::lock_guard<std::mutex> l(emu::g_queue_mutex);
+    emu::g_streams.insert(*s);
     return cudaSuccess;
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned) { return cudaStreamCreate(s); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
+    cudaStreamCreate(s);
+    (*s)->blocking = !(flags & cudaStreamNonBlocking);
+    return cudaSuccess;
+}
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (!s) return set(cudaErrorInvalidResourceHandle);
+    emu::flush_stream(s); // its work still completes
+    {
+        std::lock_guard<std::mutex> l(emu::g_queue_mutex);
+        emu::g_streams.erase(s);
+    }
     delete s;
     return cudaSuccess;
 }
@@ -288,6 +431,8 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
         s->invalidated = true;
         return set(cudaErrorStreamCaptureUnsupported);
     }
+    if (s) emu::flush_stream(s);
+    else emu::flush_blocking();
     return cudaSuccess;
 }
 cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode) {
@@ -337,18 +482,28 @@ cudaError_t cudaEventCreate(cudaEvent_t *e) {
     return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    if (!e) return set(cudaErrorInvalidValue);
+    cudaEventSynchronize(e); // a queued record must not outlive it
     delete e;
     return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     if (!e) return set(cudaErrorInvalidValue);
+    e->stream = s;
+    e->recorded = false;
     emu::submit(s, [e] {
         e->t = std::chrono::steady_clock::now();
         e->recorded = true;
     });
     return cudaSuccess;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : set(cudaErrorInvalidValue); }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (!e) return set(cudaErrorInvalidValue);
+    if (e->recorded) return cudaSuccess; // (its stream may be gone since)
+    if (e->stream) emu::flush_stream(e->stream);
+    else emu::flush_blocking();
+    return cudaSuccess;
+}
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     if (!a || !b || !a->recorded || !b->recorded) return set(cudaErrorInvalidValue);
     *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();

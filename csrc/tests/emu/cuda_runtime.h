@@ -1,9 +1,9 @@
 // cuda_runtime.h (host emulation; see emu.h) - the part of the CUDA runtime
 // API that dimoo's CUDA backend and its tests use. "Device" memory is host
 // memory that starts as 0xff bytes (NaN in every float format), so a value
-// read before anything wrote it shows. Streams run their work at once, in
-// order; a stream being captured records it instead, and a graph replays the
-// record. One emulated device, compute capability 8.0 (the sm_80 code
+// read before anything wrote it shows. Streams queue their work and run it
+// in order when the host waits for it (see cuda_runtime.cpp); a stream being
+// captured records it instead, and a graph replays the record. One emulated device, compute capability 8.0 (the sm_80 code
 // paths), with DIMOO_EMU_DEVICE_MIB MiB of memory (default 16384).
 #pragma once
 

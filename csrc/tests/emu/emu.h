@@ -2,7 +2,8 @@
 // backend's own code (kernels/cuda/*.cu) on machines without a GPU (CMake
 // option DIMOO_CUDA_EMU; see README.md here).
 //
-// A kernel launch runs its blocks one after another on the calling thread.
+// A kernel launch is queued on its stream (cuda_runtime.cpp); when it runs, its
+// blocks run one after another on the thread that waits for it.
 // Inside a block every CUDA thread is a fiber with its own stack, switched
 // cooperatively at the only points where CUDA threads can observe each
 // other: __syncthreads, and the warp collectives (shuffles, ldmatrix, mma),
@@ -155,6 +156,25 @@ void run_grid(const void *kernel, dim3 grid, dim3 block, size_t smem, const std:
 // Launch checks (block size, shared memory opt-in); records the error and returns false on failure.
 bool check_launch(const void *kernel, dim3 grid, dim3 block, size_t smem);
 
+// A kernel's pointer argument must be null or point into a device
+// allocation or pinned host memory: a GPU faults on any other host address.
+bool kernel_pointer_ok(const void *p);
+void report_kernel_pointer(const void *kernel, int arg, const void *p);
+template <class T> bool kernel_arg_ok(const void *kernel, int i, const T &a) {
+    if constexpr (std::is_pointer_v<T> && !std::is_function_v<std::remove_pointer_t<T>>) {
+        if (kernel_pointer_ok(a)) return true;
+        report_kernel_pointer(kernel, i, a);
+        return false;
+    } else {
+        (void)kernel, (void)i, (void)a;
+        return true;
+    }
+}
+template <class Tuple, size_t... I>
+bool kernel_args_ok(const void *kernel, const Tuple &t, std::index_sequence<I...>) {
+    return (kernel_arg_ok(kernel, int(I), std::get<I>(t)) && ...);
+}
+
 template <class... P> struct Launcher {
     void (*k)(P...);
     dim3 grid, block;
@@ -164,6 +184,7 @@ template <class... P> struct Launcher {
         if (!check_launch(reinterpret_cast<const void *>(k), grid, block, smem)) return;
         // Arguments are copied at launch, as the CUDA runtime copies them.
         auto args = std::make_shared<std::tuple<std::decay_t<P>...>>(std::forward<A>(a)...);
+        if (!kernel_args_ok(reinterpret_cast<const void *>(k), *args, std::index_sequence_for<P...>{})) return;
         auto kk = k;
         const dim3 g = grid, b = block;
         const size_t sm = smem;

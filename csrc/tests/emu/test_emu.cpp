@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -210,7 +211,12 @@ TEST(CudaEmu, MissingBarrierShowsAsScheduleDependence) {
 }
 
 TEST(CudaEmuDeathTest, DivergentBarriersAreADeadlock) {
-    EXPECT_DEATH(emu::launch(divergent_barriers, 1, 32)(), "deadlock");
+    EXPECT_DEATH(
+        {
+            emu::launch(divergent_barriers, 1, 32)();
+            cudaDeviceSynchronize();
+        },
+        "deadlock");
 }
 
 TEST(CudaEmu, LdmatrixAndMmaAreAMatrixProduct) {
@@ -279,6 +285,67 @@ TEST(CudaEmu, GraphsReplayWhatWasCaptured) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     cudaStreamDestroy(s);
+}
+
+// Work runs when the host waits for it, so a result read too early shows.
+TEST(CudaEmu, StreamWorkRunsWhenTheHostWaits) {
+    cudaStream_t s;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    Dev<int> d(32);
+    int *pin = nullptr;
+    ASSERT_EQ(cudaHostAlloc(&pin, 32 * 4, cudaHostAllocDefault), cudaSuccess);
+    std::fill(pin, pin + 32, 7);
+    ASSERT_EQ(cudaMemsetAsync(d.p, 0, 32 * 4, s), cudaSuccess);
+    emu::launch(add_one, 1, 32, 0, s)(d.p);
+    ASSERT_EQ(cudaMemcpyAsync(pin, d.p, 32 * 4, cudaMemcpyDeviceToHost, s), cudaSuccess);
+    EXPECT_EQ(pin[5], 7) << "a copy into pinned memory landed before anything waited for it";
+    EXPECT_EQ(d.get()[5], -1) << "cudaMemcpy waited for a non-blocking stream";
+    ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+    EXPECT_EQ(pin[5], 1);
+    EXPECT_EQ(d.get()[5], 1);
+
+    // From pageable memory the bytes are taken at the call; into pageable
+    // memory the call returns when the copy is done.
+    std::vector<int> h(32, 3);
+    ASSERT_EQ(cudaMemcpyAsync(d.p, h.data(), 32 * 4, cudaMemcpyHostToDevice, s), cudaSuccess);
+    h.assign(32, 9);
+    emu::launch(add_one, 1, 32, 0, s)(d.p);
+    ASSERT_EQ(cudaMemcpyAsync(h.data(), d.p, 32 * 4, cudaMemcpyDeviceToHost, s), cudaSuccess);
+    EXPECT_EQ(h[31], 4);
+
+    // A blocking stream's work is waited for by the legacy default stream.
+    cudaStream_t b;
+    ASSERT_EQ(cudaStreamCreate(&b), cudaSuccess);
+    emu::launch(add_one, 1, 32, 0, b)(d.p);
+    EXPECT_EQ(d.get()[0], 5);
+    // An event waits for what its stream held when it was recorded.
+    cudaEvent_t e;
+    ASSERT_EQ(cudaEventCreate(&e), cudaSuccess);
+    emu::launch(add_one, 1, 32, 0, s)(d.p);
+    ASSERT_EQ(cudaEventRecord(e, s), cudaSuccess);
+    ASSERT_EQ(cudaEventSynchronize(e), cudaSuccess);
+    EXPECT_EQ(d.get()[0], 6);
+    cudaEventDestroy(e);
+    cudaStreamDestroy(b);
+    cudaStreamDestroy(s);
+    cudaFreeHost(pin);
+}
+
+// A GPU faults on a host address; mapped pinned memory it may read.
+TEST(CudaEmu, KernelsTakeNoPageableHostPointers) {
+    std::vector<int> h(32, 0);
+    emu::launch(add_one, 1, 32)(h.data());
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(h[3], 0) << "the refused launch ran";
+    int *pin = nullptr;
+    ASSERT_EQ(cudaHostAlloc(&pin, 32 * 4, cudaHostAllocDefault), cudaSuccess);
+    std::fill(pin, pin + 32, 0);
+    emu::launch(add_one, 1, 32)(pin);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(pin[3], 1);
+    cudaFreeHost(pin);
 }
 
 TEST(CudaEmu, RuntimeRefusesWhatAGpuRefuses) {
@@ -429,8 +496,18 @@ TEST(CudaEmuDeathTest, WgmmaNeedsTheProxyFenceAndItsOwnFence) {
     emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, true, true);
     ASSERT_EQ(cudaGetLastError(), cudaSuccess);
     EXPECT_EQ(out.get()[0], 0.f);
-    EXPECT_DEATH(emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, false, true), "generic proxy");
-    EXPECT_DEATH(emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, true, false), "no wgmma.fence");
+    EXPECT_DEATH(
+        {
+            emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, false, true);
+            cudaDeviceSynchronize();
+        },
+        "generic proxy");
+    EXPECT_DEATH(
+        {
+            emu::launch(cp_async_then_wgmma, 1, 128, 16384)(src.p, out.p, true, false);
+            cudaDeviceSynchronize();
+        },
+        "no wgmma.fence");
 }
 
 TEST(CudaEmuDeathTest, TmaBytesBeyondTheAnnouncedAbort) {
@@ -445,6 +522,7 @@ TEST(CudaEmuDeathTest, OverrunCaughtUnderAddressSanitizer) {
         {
             Dev<int> d(100);
             emu::launch(write_past, 1, 32)(d.p, 100);
+            cudaDeviceSynchronize();
         },
         "AddressSanitizer");
 }
