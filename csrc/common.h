@@ -9,6 +9,7 @@
 #include <string>
 
 #include "dimoo.h"
+#include "line_vector.h"
 
 namespace dimoo {
 

@@ -33,7 +33,7 @@ namespace {
 // GEMM converts panels to fp32 as it packs them.
 struct Tensor {
     int32_t dtype = DIMOO_F32;
-    std::vector<uint8_t> data;
+    LineVector<uint8_t> data;
     const void *ptr() const { return data.data(); }
 };
 
@@ -126,7 +126,7 @@ public:
                 cpu::pack_matrix_f32(data, dtype, int(N), int(K), packed_f32_[slot]);
             }
             t.dtype = dtype;
-            std::vector<uint8_t>().swap(t.data);
+            LineVector<uint8_t>().swap(t.data);
             return;
         }
         if (prec == DIMOO_PRECISION_BF16 && dtype != DIMOO_BF16) {
@@ -199,7 +199,7 @@ public:
             const auto dims = shape_.expected_shape(kind_of_slot_[s]);
             if (bf) cpu::pack_matrix(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_[s]);
             else cpu::pack_matrix_f32(w_[s].ptr(), w_[s].dtype, int(dims[0]), int(dims[1]), packed_f32_[s]);
-            std::vector<uint8_t>().swap(w_[s].data);
+            LineVector<uint8_t>().swap(w_[s].data);
         }
         kernels_ = cpu::best_kernels();
     }
@@ -812,7 +812,7 @@ private:
                                ? nullptr
                                : vcache_.data() + (size_t(g.a->seq) * c.n_layers + l) * layer_cache;
                 };
-                auto kcache16 = [&](const Seg &g, std::vector<uint16_t> &buf) {
+                auto kcache16 = [&](const Seg &g, LineVector<uint16_t> &buf) {
                     return g.a->cache_mode == DIMOO_CACHE_NONE || !BF
                                ? nullptr
                                : buf.data() + (size_t(g.a->seq) * c.n_layers + l) * c.n_kv_heads * kvstride16_;
@@ -950,13 +950,14 @@ private:
     size_t dp_ = 0, mp_ = 0;   // A-operand elements per row of d and of mlp (bf16 pairs or floats)
     size_t ast_ = 0, hst_ = 0; // their row strides in abf_/qbf_ and hbf_
     int row_cap_ = 0;          // rows one pass of the packed forward holds (CpuCtxSizes::rows)
-    std::vector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
+    // Line-aligned: the AMX and AVX-512 kernels' rows (common.h).
+    LineVector<float> x_, h_, q_, k_, v_, att_, g_, u_, kcache_, vcache_, cos_, sin_, scratch_;
     std::unique_ptr<cpu::HostKept> kept_; // kept logits (keep_cols > 0)
-    std::vector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
-    std::vector<uint16_t> kpack_, vpack_;
+    LineVector<uint32_t> abf_, qbf_, hbf_; // bf16 pairs: GEMM inputs and attention's queries
+    LineVector<uint16_t> kpack_, vpack_;
     size_t kvstride16_ = 0;                  // uint16 per KV head of a packed bf16 cache
-    std::vector<uint16_t> kcache16_, vcache16_; // [seq][layer][kv head]: packed as cpu::PackedKV
-    std::vector<float> kpack_f32_;
+    LineVector<uint16_t> kcache16_, vcache16_; // [seq][layer][kv head]: packed as cpu::PackedKV
+    LineVector<float> kpack_f32_;
     std::vector<int32_t> rows_;
 };
 
