@@ -386,6 +386,23 @@ cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, 
         emu::submit(st, [d, bytes] { std::memcpy(d, bytes->data(), bytes->size()); });
         return cudaSuccess;
     }
+    // Pinned host memory may be read (H2D) or written (D2H) by the copy at
+    // any moment until the host waits: a host write to it in between is a
+    // race, so it aborts when the copy runs and finds the bytes changed.
+    const void *host = k == cudaMemcpyHostToDevice ? s : k == cudaMemcpyDeviceToHost ? d : nullptr;
+    if (host && emu::in_pinned(host, n) && !capturing) {
+        auto before = std::make_shared<std::vector<uint8_t>>(static_cast<const uint8_t *>(host),
+                                                             static_cast<const uint8_t *>(host) + n);
+        emu::submit(st, [d, s, n, host, before] {
+            if (std::memcmp(host, before->data(), n) != 0) {
+                std::fprintf(stderr, "dimoo emu: the host wrote pinned memory (%p, %zu bytes) that a queued "
+                                     "cudaMemcpyAsync had not yet copied (a race on a GPU)\n", host, n);
+                std::abort();
+            }
+            std::memmove(d, s, n);
+        });
+        return cudaSuccess;
+    }
     emu::submit(st, [d, s, n] { std::memmove(d, s, n); });
     if (k == cudaMemcpyDeviceToHost && !emu::in_pinned(d, n) && !capturing) {
         if (st) emu::flush_stream(st);

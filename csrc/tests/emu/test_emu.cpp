@@ -510,6 +510,24 @@ TEST(CudaEmuDeathTest, WgmmaNeedsTheProxyFenceAndItsOwnFence) {
         "no wgmma.fence");
 }
 
+// Pinned staging rewritten before its queued copy ran: the copy would read
+// either version on a GPU.
+TEST(CudaEmuDeathTest, PinnedStagingRewrittenBeforeItsCopyAborts) {
+    EXPECT_DEATH(
+        {
+            Dev<int> d(32);
+            int *pin = nullptr;
+            cudaHostAlloc(&pin, 32 * 4, cudaHostAllocDefault);
+            std::fill(pin, pin + 32, 1);
+            cudaStream_t s;
+            cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+            cudaMemcpyAsync(d.p, pin, 32 * 4, cudaMemcpyHostToDevice, s);
+            pin[7] = 2;
+            cudaStreamSynchronize(s);
+        },
+        "had not yet copied");
+}
+
 TEST(CudaEmuDeathTest, TmaBytesBeyondTheAnnouncedAbort) {
     TmaFixture f;
     EXPECT_DEATH(f.run(0, 0, 512, true), "more TMA bytes");
