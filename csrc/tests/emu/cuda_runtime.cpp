@@ -97,14 +97,16 @@ cudaError_t set(cudaError_t e) {
     return e;
 }
 
-bool in_device(const void *p, size_t n) {
+// Whether [p, p + n) lies in one of the allocations (start -> bytes) of m.
+bool in_one(const std::map<uintptr_t, size_t> &m, const void *p, size_t n) {
     std::lock_guard<std::mutex> l(g_mem_mutex);
     const uintptr_t u = reinterpret_cast<uintptr_t>(p);
-    auto it = g_allocs.upper_bound(u);
-    if (it == g_allocs.begin()) return false;
+    auto it = m.upper_bound(u);
+    if (it == m.begin()) return false;
     --it;
     return u >= it->first && u + n <= it->first + it->second;
 }
+bool in_device(const void *p, size_t n) { return in_one(g_allocs, p, n); }
 
 cudaError_t check_copy(void *d, const void *s, size_t n, cudaMemcpyKind k) {
     if (n == 0) return cudaSuccess;
@@ -186,14 +188,7 @@ void flush_all() {
     flush_stream(&g_null_stream);
 }
 
-bool in_pinned(const void *p, size_t n) {
-    std::lock_guard<std::mutex> l(g_mem_mutex);
-    const uintptr_t u = reinterpret_cast<uintptr_t>(p);
-    auto it = g_pinned.upper_bound(u);
-    if (it == g_pinned.begin()) return false;
-    --it;
-    return u >= it->first && u + n <= it->first + it->second;
-}
+bool in_pinned(const void *p, size_t n) { return in_one(g_pinned, p, n); }
 
 bool kernel_pointer_ok(const void *p) { return !p || in_device(p, 0) || in_pinned(p, 0); }
 
