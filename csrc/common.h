@@ -9,7 +9,6 @@
 #include <string>
 
 #include "dimoo.h"
-#include "line_vector.h"
 
 namespace dimoo {
 
