@@ -124,7 +124,11 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
     out.K = K;
     out.Kp = (K + 1) / 2;
     out.panels = (N + kPanel - 1) / kPanel;
-    out.data.assign(size_t(out.panels) * size_t(out.Kp) * 64, 0);
+    // Unwritten by resize: each panel's task zeroes the panel first when
+    // its loop leaves part of it (rows past N, the odd k's pair) unwritten.
+    const size_t panel_elems = size_t(unsigned(out.Kp)) * 64; // unsigned: no "negative size" for GCC
+    out.data.clear();
+    out.data.resize(size_t(out.panels) * panel_elems);
     const bool raw = dtype == DIMOO_BF16;
     if (raw && K % 2 == 0) {
         // A bf16 pair (k = 2i, 2i + 1) is one 32-bit word in the row and in
@@ -135,6 +139,7 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
         for (int p = 0; p < out.panels; ++p) {
             uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
             const int rows = std::min(kPanel, N - p * kPanel);
+            if (rows < kPanel) std::fill_n(dst, panel_elems, uint16_t(0));
             for (int i0 = 0; i0 < out.Kp; i0 += 64) {
                 const int i1 = std::min(out.Kp, i0 + 64);
                 for (int j = 0; j < rows; ++j) {
@@ -148,6 +153,7 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
 #pragma omp parallel for schedule(dynamic, 1)
     for (int p = 0; p < out.panels; ++p) {
         uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
+        if (N - p * kPanel < kPanel || K % 2) std::fill_n(dst, panel_elems, uint16_t(0));
         for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
             const size_t row = size_t(p * kPanel + j) * size_t(K);
             for (int k = 0; k < K; ++k) {
@@ -561,10 +567,12 @@ void pack_matrix_f32(const void *W, int32_t dtype, int N, int K, PackedMatrixF32
     out.N = N;
     out.K = K;
     out.panels = (N + kPanel - 1) / kPanel;
-    out.data.assign(size_t(out.panels) * size_t(K) * kPanel, 0.0f);
+    out.data.clear(); // unwritten by resize, as in pack_matrix
+    out.data.resize(size_t(out.panels) * size_t(K) * kPanel);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int p = 0; p < out.panels; ++p) {
         float *dst = out.data.data() + size_t(p) * size_t(K) * kPanel;
+        if (N - p * kPanel < kPanel) std::fill_n(dst, size_t(K) * kPanel, 0.0f);
         for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
             const size_t row = size_t(p * kPanel + j) * size_t(K);
             for (int k = 0; k < K; ++k) dst[size_t(k) * kPanel + size_t(j)] = load_as_f32(W, dtype, row + size_t(k));

@@ -29,7 +29,7 @@ constexpr int kTileRows = 12; // rows of A per micro-tile
 // reads 32 output columns x 2 k per 128-byte line.
 struct PackedMatrix {
     int N = 0, K = 0, Kp = 0, panels = 0;
-    LineVector<uint16_t> data; // line-aligned: AMX reads 64-byte halves of its 128-byte lines
+    RawLineVector<uint16_t> data; // line-aligned: AMX reads 64-byte halves of its 128-byte lines
     size_t bytes() const { return data.size() * sizeof(uint16_t); }
     const uint16_t *panel(int p) const { return data.data() + size_t(p) * size_t(Kp) * 64; }
 };
@@ -106,7 +106,7 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
 // rows, k-major, element (n, k) at data[(panel * K + k) * 32 + n % 32].
 struct PackedMatrixF32 {
     int N = 0, K = 0, panels = 0;
-    LineVector<float> data;
+    RawLineVector<float> data;
     size_t bytes() const { return data.size() * sizeof(float); }
     const float *panel(int p) const { return data.data() + size_t(p) * size_t(K) * 32; }
 };

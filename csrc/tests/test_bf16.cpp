@@ -67,21 +67,43 @@ TEST(Bf16, RoundingIsNearestEven) {
     EXPECT_EQ(bf16_to_f32(out[2]), 1.015625f);
 }
 
+// Zeros past N and K, with an odd K (the element loop) and an even one (the
+// pair transpose). The second pack reuses the first's storage, filled with
+// ones first: the packer must write the padding itself (pack_matrix does
+// not zero its buffer before the loop).
 TEST(Bf16, PackLayout) {
-    const int N = 33, K = 5;
-    std::vector<uint16_t> w(size_t(N) * K);
-    for (size_t i = 0; i < w.size(); i++) w[i] = uint16_t(i + 1);
+    const int N = 33;
     dimoo::cpu::PackedMatrix p;
-    dimoo::cpu::pack_matrix(w.data(), DIMOO_BF16, N, K, p);
-    ASSERT_EQ(p.Kp, 3);
-    ASSERT_EQ(p.panels, 2);
-    ASSERT_EQ(p.bytes(), size_t(2 * 3 * 64 * 2));
-    for (int n = 0; n < 64; n++)
-        for (int k = 0; k < 6; k++) {
-            const uint16_t got = p.data[((size_t(n / 32) * p.Kp + k / 2) * 32 + n % 32) * 2 + k % 2];
-            const uint16_t want = n < N && k < K ? w[size_t(n) * K + k] : 0;
-            ASSERT_EQ(got, want) << "n=" << n << " k=" << k;
+    for (int K : {5, 4}) {
+        std::vector<uint16_t> w(size_t(N) * K);
+        for (size_t i = 0; i < w.size(); i++) w[i] = uint16_t(i + 1);
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass) std::fill(p.data.begin(), p.data.end(), uint16_t(0xffff));
+            dimoo::cpu::pack_matrix(w.data(), DIMOO_BF16, N, K, p);
+            ASSERT_EQ(p.Kp, (K + 1) / 2);
+            ASSERT_EQ(p.panels, 2);
+            ASSERT_EQ(p.bytes(), size_t(2 * p.Kp * 64 * 2));
+            for (int n = 0; n < 64; n++)
+                for (int k = 0; k < 2 * p.Kp; k++) {
+                    const uint16_t got = p.data[((size_t(n / 32) * p.Kp + k / 2) * 32 + n % 32) * 2 + k % 2];
+                    const uint16_t want = n < N && k < K ? w[size_t(n) * K + k] : 0;
+                    ASSERT_EQ(got, want) << "K=" << K << " pass " << pass << " n=" << n << " k=" << k;
+                }
         }
+    }
+    // The fp32 panels likewise.
+    std::vector<float> wf(size_t(N) * 3);
+    for (size_t i = 0; i < wf.size(); i++) wf[i] = float(i) + 0.5f;
+    dimoo::cpu::PackedMatrixF32 pf;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) std::fill(pf.data.begin(), pf.data.end(), NAN);
+        dimoo::cpu::pack_matrix_f32(wf.data(), DIMOO_F32, N, 3, pf);
+        ASSERT_EQ(pf.data.size(), size_t(2 * 3 * 32));
+        for (int n = 0; n < 64; n++)
+            for (int k = 0; k < 3; k++)
+                ASSERT_EQ(pf.data[(size_t(n / 32) * 3 + k) * 32 + n % 32], n < N ? wf[size_t(n) * 3 + k] : 0.0f)
+                    << "pass " << pass << " n=" << n << " k=" << k;
+    }
     // Wider dtypes are rounded to bf16.
     std::vector<float> f = {1.0f, 1.01171875f, -3.0f};
     p = {};
