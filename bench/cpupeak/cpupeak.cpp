@@ -5,7 +5,7 @@
 //                       [--d 4096] [--heads 32] [--kv-heads 32] [--mlp 12288]
 //                       [--vocab 16384] [--threads 2] [--json] [--serve]
 //                       [--dtype bf16|f32] [--baseline KERNELS] [--branch-rows R]
-//                       [--gemm M,N,K/...]
+//                       [--gemm M,N,K/...] [--attention]
 //
 // --dtype f32: fp32 weights, compared with the fp32 FMA peak (with
 // DIMOO_CPU_PACKED=0 in the environment: the per-call packing path, whose
@@ -27,6 +27,11 @@
 // blocked order's share of the peak measured around them. The model's
 // shapes at T tokens: T,4096,4096 (q, o), T,12288,4096 (gate, up),
 // T,4096,12288 (down), rows,8192,4096 (the head on image codes).
+//
+// --attention: instead of forwards, the bf16 flash attention alone per T
+// (T query rows against T keys, --heads heads of d / heads columns, random
+// q, K, V packed as the forward packs them); the table gives GFLOP/s (4 T^2
+// d per call) and its share of the peak measured around it.
 //
 // --serve: build the model once, then read one T per line on stdin and answer
 // each with one JSON line (scripts/bench_pytorch_cpu.py interleaves these
@@ -186,7 +191,7 @@ double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr,
 struct Opts {
     std::vector<int> T = {64, 300, 1124, 4228};
     int reps = 3, layers = 1, d = 4096, heads = 32, kv_heads = 32, mlp = 12288, vocab = 16384, threads = 2;
-    bool json = false, serve = false, f32 = false;
+    bool json = false, serve = false, f32 = false, attention = false;
     std::string baseline; // a kernel set to time beside the best one
     int branch_rows = 0;  // ML-Cache rows of the guidance-pair table (0: none)
     std::vector<std::vector<int>> gemm; // --gemm shapes (M, N, K)
@@ -213,6 +218,15 @@ double median(std::vector<double> v) {
     std::sort(v.begin(), v.end());
     const size_t n = v.size();
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// "median [min max]" at prec decimals, "-" when empty.
+std::string cell(const std::vector<double> &v, int prec) {
+    if (v.empty()) return "-";
+    char b[96];
+    const auto mm = std::minmax_element(v.begin(), v.end());
+    std::snprintf(b, sizeof b, "%.*f [%.*f %.*f]", prec, median(v), prec, *mm.first, prec, *mm.second);
+    return b;
 }
 
 void die(const char *what, const char *msg) {
@@ -274,15 +288,59 @@ int gemm_bench(const Opts &o) {
             if (p0 + p1 > 0) frac.push_back(100.0 * flop / tb / 1e9 / (0.5 * (p0 + p1)));
         }
         dimoo::cpu::set_gemm_blocking(true);
-        auto cell = [](std::vector<double> v, int prec) {
-            char b[96];
-            if (v.empty()) return std::string("-");
-            const auto mm = std::minmax_element(v.begin(), v.end());
-            std::snprintf(b, sizeof b, "%.*f [%.*f %.*f]", prec, median(v), prec, *mm.first, prec, *mm.second);
-            return std::string(b);
-        };
         std::printf("%6d %6d %6d | %-20s | %-20s | %-18s | %-18s\n", M, N, K, cell(gb, 0).c_str(), cell(gp, 0).c_str(),
                     cell(sp, 2).c_str(), cell(frac, 1).c_str());
+    }
+    return 0;
+}
+
+// --attention: flash_attention_team per T at the model's heads.
+int attention_bench(const Opts &o) {
+    const dimoo::cpu::Kernels ks = dimoo::cpu::best_kernels();
+    const int H = o.heads, kvh = o.kv_heads, hd = o.d / o.heads;
+    if (H < 1 || kvh < 1 || H % kvh || o.d % H || hd % 2) die("--attention", "want heads | d, kv-heads | heads, even head dim");
+    std::printf("dimoo CPU bf16 flash attention: kernels %s, %d threads, heads %d/%d, head dim %d, %d reps (median [min max])\n",
+                dimoo::cpu::kernels_name(ks), o.threads, H, kvh, hd, o.reps);
+    std::printf("%6s | %-20s | %-18s\n", "T", "GFLOP/s", "% of peak");
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    for (const int T : o.T) {
+        const size_t dq = size_t(H) * hd, dk = size_t(kvh) * hd;
+        std::vector<float> K(size_t(T) * dk), V(size_t(T) * dk), q(dq);
+        for (auto &x : K) x = nd(rng);
+        for (auto &x : V) x = nd(rng);
+        dimoo::LineVector<uint32_t> Q(size_t(T) * dq / 2);
+        for (int r = 0; r < T; r++) {
+            for (auto &x : q) x = nd(rng);
+            dimoo::cpu::round_bf16(q.data(), int(dq), reinterpret_cast<uint16_t *>(Q.data() + size_t(r) * dq / 2),
+                                   int(dq));
+        }
+        dimoo::cpu::PackedKV kv;
+        kv.T = T;
+        kv.Tpad = dimoo::cpu::packed_kv_tpad(T);
+        kv.head_dim = hd;
+        kv.n_kv = kvh;
+        kv.kstride = kv.vstride = dimoo::cpu::packed_kv_elems(T, hd);
+        dimoo::LineVector<uint16_t> kb(kv.kstride * kvh), vb(kv.vstride * kvh), out(size_t(T) * dq);
+        dimoo::LineVector<float> scratch(dimoo::cpu::flash_scratch_floats(hd) * size_t(o.threads));
+        kv.k = kb.data();
+        kv.v = vb.data();
+#pragma omp parallel num_threads(o.threads)
+        dimoo::cpu::pack_kv_team(K.data(), V.data(), dk, kv);
+        const double flop = 4.0 * T * double(T) * double(dq);
+        std::vector<double> gf, frac;
+        for (int rep = 0; rep <= std::max(o.reps, 1); rep++) { // rep 0 warms up
+            const double p0 = rep ? peak(true, o.threads, 0.2, nullptr, ks) : 0;
+            const double t0 = now();
+#pragma omp parallel num_threads(o.threads)
+            dimoo::cpu::flash_attention_team(ks, Q.data(), dq / 2, T, H, kv, out.data(), dq, scratch.data());
+            const double t = now() - t0;
+            if (!rep) continue;
+            const double p1 = peak(true, o.threads, 0.2, nullptr, ks);
+            gf.push_back(flop / t / 1e9);
+            if (p0 + p1 > 0) frac.push_back(100.0 * flop / t / 1e9 / (0.5 * (p0 + p1)));
+        }
+        std::printf("%6d | %-20s | %-18s\n", T, cell(gf, 0).c_str(), cell(frac, 1).c_str());
     }
     return 0;
 }
@@ -311,6 +369,7 @@ int main(int argc, char **argv) {
         else if (a == "--dtype") o.f32 = std::string(next()) == "f32";
         else if (a == "--baseline") o.baseline = next();
         else if (a == "--branch-rows") o.branch_rows = std::atoi(next());
+        else if (a == "--attention") o.attention = true;
         else if (a == "--gemm") {
             for (const char *p = next(); *p;) {
                 std::vector<int> shape = parse_list(p);
@@ -326,6 +385,7 @@ int main(int argc, char **argv) {
         else die(a.c_str(), "unknown flag (see the comment at the top of bench/cpupeak/cpupeak.cpp)");
     }
     if (!o.gemm.empty()) return gemm_bench(o);
+    if (o.attention) return attention_bench(o);
     const int maxT = *std::max_element(o.T.begin(), o.T.end());
     dimoo_model_config cfg{};
     cfg.d_model = o.d;

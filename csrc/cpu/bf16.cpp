@@ -431,8 +431,10 @@ DIMOO_TAMX void amx_configure(int r0, int r1, TileState *st) {
 }
 
 // C (stride ldc floats, 32 columns) = (load ? C : 0) + A B over kp16 pairs
-// (a multiple of 16); rows 16.. only when TWO.
-template <bool TWO>
+// (a multiple of 16); rows 16.. only when TWO. PREFETCH: for the GEMMs' long
+// k loops; attention's 4-step products run 1.05-1.09x faster without (its
+// blocks are in L2 anyway, and 64 prefetches a step only take load slots).
+template <bool TWO, bool PREFETCH = true>
 DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C, size_t ldc,
                           bool load) {
     const size_t sa = lda * 4, sb = ps * 2, sc = ldc * 4;
@@ -457,10 +459,10 @@ DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_
         // two steps on into L1: tile loads wait for their lines, and neither
         // the 16 or 32 strided rows of A nor the panel are in L1 otherwise
         // (+9-17% on the model's GEMM shapes here; further ahead gains less).
-        if (k + 16 < kp16)
+        if (PREFETCH && k + 16 < kp16)
             for (int i = 0; i < (TWO ? 32 : 16); ++i)
                 _mm_prefetch(reinterpret_cast<const char *>(A + size_t(i) * lda + size_t(k + 16)), _MM_HINT_T0);
-        if (k + 32 < kp16)
+        if (PREFETCH && k + 32 < kp16)
             for (int i = 0; i < 32; ++i)
                 _mm_prefetch(reinterpret_cast<const char *>(B + size_t(k + 32) * ps + size_t(i) * 32), _MM_HINT_T0);
         const uint16_t *b = B + size_t(k) * ps;
@@ -484,11 +486,12 @@ DIMOO_TAMX void amx_block(int kp16, const uint32_t *A, size_t lda, const uint16_
 }
 
 // Rows [0, R) (R <= 32) of a block: configured, then the one- or two-half kernel.
+template <bool PREFETCH = true>
 DIMOO_TAMX void amx_rows(int R, int kp16, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
                          size_t ldc, bool load, TileState *st) {
     amx_configure(std::min(R, 16), R > 16 ? R - 16 : 16, st);
-    if (R > 16) amx_block<true>(kp16, A, lda, B, ps, C, ldc, load);
-    else amx_block<false>(kp16, A, lda, B, ps, C, ldc, load);
+    if (R > 16) amx_block<true, PREFETCH>(kp16, A, lda, B, ps, C, ldc, load);
+    else amx_block<false, PREFETCH>(kp16, A, lda, B, ps, C, ldc, load);
 }
 
 // tile() on AMX: the same contract.
@@ -520,7 +523,8 @@ DIMOO_TAMX void tile_amx(int rows, int kp, const uint32_t *A, size_t lda, const 
 
 // np whole panels at once, kp a multiple of 16: panel p's B at B + p * bstep
 // (uint16) and its C at C + p * 32. Attention's products are this short
-// (4 k steps), so one call per block of rows instead of one per panel.
+// (4 k steps), so one call per block of rows instead of one per panel, and
+// no software prefetch.
 DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps,
                            size_t bstep, float *C, size_t ldc, bool accumulate, TileState *st) {
     for (int r = 0; r < rows; r += 32) {
@@ -528,7 +532,7 @@ DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t l
         const uint32_t *a = A + size_t(r) * lda;
         float *c = C + size_t(r) * ldc;
         for (int p = 0; p < np; ++p)
-            amx_rows(R, kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate, st);
+            amx_rows<false>(R, kp, a, lda, B + size_t(p) * bstep, ps, c + p * kPanel, ldc, accumulate, st);
     }
 }
 #endif
