@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 #include <new>
 #include <utility>
 #include <vector>
@@ -18,6 +20,16 @@ namespace dimoo {
 // Blocks of 2 MiB and more (the weights, the activations) start on a 2 MiB
 // boundary and ask Linux for transparent huge pages: one fault and one TLB
 // entry per 2 MiB instead of per 4 KiB.
+// DIMOO_CPU_HUGEPAGES=0: no huge-page advice (where the kernel's
+// compaction for them stalls a busy host more than 4 KiB faults would).
+inline bool huge_pages_wanted() {
+    static const bool on = [] {
+        const char *e = std::getenv("DIMOO_CPU_HUGEPAGES");
+        return !(e && std::strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
 template <class T> struct LineAllocator {
     using value_type = T;
     static constexpr size_t kHuge = size_t(2) << 20;
@@ -28,7 +40,7 @@ template <class T> struct LineAllocator {
         if (bytes < kHuge) return static_cast<T *>(::operator new(bytes, std::align_val_t(64)));
         void *p = ::operator new(bytes, std::align_val_t(kHuge));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        madvise(p, bytes, MADV_HUGEPAGE); // advice: where refused, 4 KiB pages as before
+        if (huge_pages_wanted()) madvise(p, bytes, MADV_HUGEPAGE); // advice: where refused, 4 KiB pages
 #endif
         return static_cast<T *>(p);
     }

@@ -67,6 +67,34 @@ TEST(Bf16, RoundingIsNearestEven) {
     EXPECT_EQ(bf16_to_f32(out[2]), 1.015625f);
 }
 
+// Blocks of 2 MiB and more start on a 2 MiB boundary, and (Linux, unless
+// DIMOO_CPU_HUGEPAGES=0) their mapping carries the huge-page advice ("hg"
+// in /proc/self/smaps), which is what lets the kernel back them with 2 MiB
+// pages; smaller blocks keep the 64-byte alignment.
+TEST(LineVector, AlignmentAndHugePageAdvice) {
+    dimoo::LineVector<float> small(100), big((size_t(4) << 20) / sizeof(float));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(small.data()) % 64, 0u);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(big.data());
+    EXPECT_EQ(at % (size_t(2) << 20), 0u);
+#if defined(__linux__)
+    std::ifstream smaps("/proc/self/smaps");
+    if (!smaps) GTEST_SKIP() << "no /proc/self/smaps";
+    std::string line, flags;
+    bool inside = false;
+    while (std::getline(smaps, line)) {
+        unsigned long lo = 0, hi = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) // a mapping's first line
+            inside = lo <= at && at < hi;
+        else if (inside && line.rfind("VmFlags:", 0) == 0) {
+            flags = line;
+            break;
+        }
+    }
+    ASSERT_FALSE(flags.empty()) << "the block's mapping is not in /proc/self/smaps";
+    EXPECT_EQ(flags.find(" hg") != std::string::npos, dimoo::huge_pages_wanted()) << flags;
+#endif
+}
+
 // Zeros past N and K, with an odd K (the element loop) and an even one (the
 // pair transpose). The second pack reuses the first's storage, filled with
 // ones first: the packer must write the padding itself (pack_matrix does
