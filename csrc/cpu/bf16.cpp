@@ -763,91 +763,129 @@ DIMOO_T512 inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// The online-softmax row step on 16 lanes, in three parts so that the
-// AVX-512 BF16 variant below shares all but its rounding. Part 1: v = scale
-// * s (-inf past nk) and the new running max.
-DIMOO_T512 inline float softmax_max16(const float *s, int nk, float scale, float m, __m512 *v) {
+// softmax_step_portable on 16 lanes, for the fp32 attention: s becomes the
+// exps (zero past nk: those lanes are -inf, whose exp clamps to exp(-87 -
+// m) and is then zeroed exactly).
+DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
     constexpr int NV = kKBlock / 16;
     const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-    __m512 mx = _mm512_set1_ps(m);
+    __m512 v[NV], mx = _mm512_set1_ps(m);
     for (int i = 0; i < NV; ++i) {
         const int left = nk - 16 * i;
         const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
         v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
         mx = _mm512_max_ps(mx, v[i]);
     }
-    return _mm512_reduce_max_ps(mx);
-}
-
-// Part 2, per vector: exp(v - max); -inf lanes (past nk, only in a short
-// block) clamp to exp(-87 - m), so they are zeroed exactly.
-DIMOO_T512 inline __m512 softmax_exp16(__m512 v, __m512 vm, bool short_block) {
-    const __m512 e = exp16(_mm512_sub_ps(v, vm));
-    if (!short_block) return e;
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
-}
-
-// Part 3: the running sum, and the output row o (hd floats) rescaled by corr.
-DIMOO_T512 inline void softmax_finish16(__m512 sum, float mnew, float &m, float &l, float &corr, float *o, int hd) {
+    const float mnew = _mm512_reduce_max_ps(mx);
+    const __m512 vm = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < NV; ++i) {
+        __m512 e = exp16(_mm512_sub_ps(v[i], vm));
+        if (nk < kKBlock) e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v[i], ninf, _CMP_NEQ_OQ), e);
+        _mm512_storeu_ps(s + 16 * i, e);
+        sum = _mm512_add_ps(sum, e);
+    }
     corr = exp_clamped(m - mnew);
     m = mnew;
     l = l * corr + _mm512_reduce_add_ps(sum);
-    if (o && corr != 1.0f) {
-        const __m512 vc = _mm512_set1_ps(corr);
-        int c = 0;
-        for (; c + 16 <= hd; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), vc));
-        for (; c < hd; ++c) o[c] *= corr;
-    }
 }
 
-// With p: the exps also go to p as bf16 (round_bf16's rounding, zeros past
-// nk) instead of back into s, and the output row o (hd floats) is rescaled
-// by corr: the bf16 attention's whole per-row step in one pass.
-DIMOO_T512 void softmax_row_avx512(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
-                                   float *o, int hd) {
+// 16 floats to bf16, round to nearest even. HW: VCVTNEPS2BF16 (AVX-512
+// BF16; written as assembly so that this AVX-512 code can hold it, and run
+// only where the set is there); else u + 0x7fff + bit 16 of u, top half
+// kept. The same bits for all but subnormals (which the instruction
+// flushes, and which the exps below never are).
+template <bool HW> DIMOO_T512 inline void store_bf16x16(uint16_t *p, __m512 e) {
+    __m256i r;
+    if (HW) {
+        asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(e));
+    } else {
+        const __m512i u = _mm512_castps_si512(e);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        r = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), r);
+}
+
+// The bf16 attention's softmax step on n <= 16 rows at once: S, P and O
+// rows kKBlock, kKBlock and hd apart, m and l the rows' running max and
+// sum; P gets the exps rounded to bf16 (zeros past nk; HW as in
+// store_bf16x16), O is rescaled. In phases that each run all rows (their
+// maxima; their exps; their sums and rescaling): one row alone is a chain
+// of dependent steps (a reduction, exps of its result, another reduction, a
+// scalar exp), while 16 independent ones keep the vector units busy, and
+// the rows' new maxima, rescale factors and sums are one vector each. With
+// the exps' cheaper polynomial below, 1.2x faster than the row step was.
+template <bool HW>
+DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m, float *l, uint16_t *P, float *O,
+                                  int hd) {
     constexpr int NV = kKBlock / 16;
-    __m512 v[NV];
-    const float mnew = softmax_max16(s, nk, scale, m, v);
-    const __m512 vm = _mm512_set1_ps(mnew);
-    __m512 sum = _mm512_setzero_ps();
-    for (int i = 0; i < NV; ++i) {
-        const __m512 e = softmax_exp16(v[i], vm, nk < kKBlock);
-        if (p) {
-            // Round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
-            const __m512i u = _mm512_castps_si512(e);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-            const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-        } else {
-            _mm512_storeu_ps(s + 16 * i, e);
+    alignas(64) float rmax[16], rsum[16], corr[16];
+    const bool short_block = nk < kKBlock;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < n; ++r) {
+        const float *s = S + size_t(r) * kKBlock;
+        __m512 mx = ninf;
+        for (int i = 0; i < NV; ++i) {
+            const int left = nk - 16 * i;
+            const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, k, s + 16 * i));
         }
-        sum = _mm512_add_ps(sum, e);
+        rmax[r] = _mm512_reduce_max_ps(mx);
     }
-    softmax_finish16(sum, mnew, m, l, corr, p ? o : nullptr, hd);
+    const __mmask16 rows = __mmask16((1u << n) - 1);
+    const __m512 mold = _mm512_mask_loadu_ps(_mm512_setzero_ps(), rows, m);
+    // scale > 0: the max of scale * s is scale times the max of s, exactly.
+    const __m512 mnew = _mm512_max_ps(mold, _mm512_mul_ps(_mm512_maskz_load_ps(rows, rmax), _mm512_set1_ps(scale)));
+    _mm512_store_ps(rmax, mnew);
+    _mm512_store_ps(corr, exp16(_mm512_sub_ps(mold, mnew)));
+    // exp(scale s - m) = 2^t, t = s scale log2(e) - m log2(e): one FMA, then
+    // 2^t as 2^round(t) times a degree-5 polynomial of the rest (relative
+    // error under 3e-6, far below the bf16 rounding of P that follows); t
+    // clamped at -125, so no exp is subnormal.
+    const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f), lo = _mm512_set1_ps(-125.0f);
+    const __m512 p5 = _mm512_set1_ps(1.3333558e-3f), p4 = _mm512_set1_ps(9.6181291e-3f),
+                 p3 = _mm512_set1_ps(5.5504109e-2f), p2 = _mm512_set1_ps(0.24022651f),
+                 p1 = _mm512_set1_ps(0.69314718f), one = _mm512_set1_ps(1.0f);
+    for (int r = 0; r < n; ++r) {
+        const float *s = S + size_t(r) * kKBlock;
+        uint16_t *p = P + size_t(r) * kKBlock;
+        const __m512 vm = _mm512_set1_ps(rmax[r] * 1.44269504088896341f);
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < NV; ++i) {
+            const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * i), c, vm), lo);
+            const __m512 nt = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 f = _mm512_sub_ps(t, nt);
+            __m512 q = _mm512_fmadd_ps(p5, f, p4);
+            q = _mm512_fmadd_ps(q, f, p3);
+            q = _mm512_fmadd_ps(q, f, p2);
+            q = _mm512_fmadd_ps(q, f, p1);
+            q = _mm512_fmadd_ps(q, f, one);
+            __m512 e = _mm512_scalef_ps(q, nt);
+            if (short_block) {
+                const int left = nk - 16 * i;
+                e = _mm512_maskz_mov_ps(left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0)
+                                                                                  : __mmask16((1u << left) - 1), e);
+            }
+            store_bf16x16<HW>(p + 16 * i, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        rsum[r] = _mm512_reduce_add_ps(sum);
+    }
+    const __m512 vc = _mm512_load_ps(corr);
+    const __m512 lold = _mm512_mask_loadu_ps(_mm512_setzero_ps(), rows, l);
+    _mm512_mask_storeu_ps(l, rows, _mm512_fmadd_ps(lold, vc, _mm512_maskz_load_ps(rows, rsum)));
+    _mm512_mask_storeu_ps(m, rows, mnew);
+    for (int r = 0; r < n; ++r) {
+        if (corr[r] == 1.0f) continue;
+        float *o = O + size_t(r) * hd;
+        const __m512 c = _mm512_set1_ps(corr[r]);
+        int j = 0;
+        for (; j + 16 <= hd; j += 16) _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_loadu_ps(o + j), c));
+        for (; j < hd; ++j) o[j] *= corr[r];
+    }
 }
 
-// The same with p rounded by VCVTNEPS2BF16 (AVX-512 BF16): one instruction
-// for the five above, the same bits (round to nearest even; it flushes
-// subnormals, which only exps of scores 87 below the row's max can be).
-DIMOO_TBF16 void softmax_row_bf16(float *s, int nk, float scale, float &m, float &l, float &corr, uint16_t *p,
-                                  float *o, int hd) {
-    constexpr int NV = kKBlock / 16;
-    __m512 v[NV];
-    const float mnew = softmax_max16(s, nk, scale, m, v);
-    const __m512 vm = _mm512_set1_ps(mnew);
-    __m512 sum = _mm512_setzero_ps();
-    for (int i = 0; i < NV; ++i) {
-        const __m512 e = softmax_exp16(v[i], vm, nk < kKBlock);
-        _mm256_storeu_si256(reinterpret_cast<__m256i *>(p + 16 * i), (__m256i)_mm512_cvtneps_pbh(e));
-        sum = _mm512_add_ps(sum, e);
-    }
-    softmax_finish16(sum, mnew, m, l, corr, o, hd);
-}
-
-DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, float &l, float &corr) {
-    softmax_row_avx512(s, nk, scale, m, l, corr, nullptr, nullptr, 0);
-}
 #endif
 
 using SoftmaxFn = void (*)(float *, int, float, float &, float &, float &);
@@ -954,20 +992,19 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
             for (int p = 0; p * kPanel < nk; ++p)
                 tile_st(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
                         kKBlock, 0, kPanel, false, &st);
+#if defined(DIMOO_X86)
+            if (ks != Kernels::Portable) {
+                const bool hw = ks == Kernels::Avx512Bf16 || ks == Kernels::Amx;
+                for (int i = 0; i < nr; i += 16)
+                    (hw ? softmax_rows_bf16<true> : softmax_rows_bf16<false>)(
+                        S + size_t(i) * kKBlock, std::min(16, nr - i), nk, scale, mx + i, sum + i,
+                        reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), O + size_t(i) * hd, hd);
+            } else
+#endif
             for (int i = 0; i < nr; ++i) {
                 float *s = S + size_t(i) * kKBlock, *o = O + size_t(i) * hd;
                 uint16_t *p = reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2));
                 float corr;
-#if defined(DIMOO_X86)
-                if (ks == Kernels::Avx512Bf16 || ks == Kernels::Amx) {
-                    softmax_row_bf16(s, nk, scale, mx[i], sum[i], corr, p, o, hd);
-                    continue;
-                }
-                if (ks == Kernels::Avx512) {
-                    softmax_row_avx512(s, nk, scale, mx[i], sum[i], corr, p, o, hd);
-                    continue;
-                }
-#endif
                 step(s, nk, scale, mx[i], sum[i], corr);
                 round_bf16(s, kKBlock, p, kKBlock);
                 if (corr != 1.0f)
