@@ -298,8 +298,10 @@ int gemm_bench(const Opts &o) {
 int attention_bench(const Opts &o) {
     const dimoo::cpu::Kernels ks = dimoo::cpu::best_kernels();
     const int H = o.heads, kvh = o.kv_heads, hd = o.d / o.heads;
-    if (H < 1 || kvh < 1 || H % kvh || o.d % H || hd % 2) die("--attention", "want heads | d, kv-heads | heads, even head dim");
-    std::printf("dimoo CPU bf16 flash attention: kernels %s, %d threads, heads %d/%d, head dim %d, %d reps (median [min max])\n",
+    if (H < 1 || kvh < 1 || H % kvh || o.d % H || hd % 2)
+        die("--attention", "want heads | d, kv-heads | heads, even head dim");
+    std::printf("dimoo CPU bf16 flash attention: kernels %s, %d threads, heads %d/%d, head dim %d, %d reps "
+                "(median [min max])\n",
                 dimoo::cpu::kernels_name(ks), o.threads, H, kvh, hd, o.reps);
     std::printf("%6s | %-20s | %-18s\n", "T", "GFLOP/s", "% of peak");
     std::mt19937 rng(1);

@@ -763,6 +763,11 @@ DIMOO_T512 inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// The first `left` of 16 lanes (none when left <= 0).
+DIMOO_T512 inline __mmask16 first_lanes(int left) {
+    return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
 // softmax_step_portable on 16 lanes, for the fp32 attention: s becomes the
 // exps (zero past nk: those lanes are -inf, whose exp clamps to exp(-87 -
 // m) and is then zeroed exactly).
@@ -771,9 +776,7 @@ DIMOO_T512 void softmax_step_avx512(float *s, int nk, float scale, float &m, flo
     const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     __m512 v[NV], mx = _mm512_set1_ps(m);
     for (int i = 0; i < NV; ++i) {
-        const int left = nk - 16 * i;
-        const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-        v[i] = _mm512_mask_mul_ps(ninf, k, _mm512_loadu_ps(s + 16 * i), vs);
+        v[i] = _mm512_mask_mul_ps(ninf, first_lanes(nk - 16 * i), _mm512_loadu_ps(s + 16 * i), vs);
         mx = _mm512_max_ps(mx, v[i]);
     }
     const float mnew = _mm512_reduce_max_ps(mx);
@@ -802,7 +805,8 @@ template <bool HW> DIMOO_T512 inline void store_bf16x16(uint16_t *p, __m512 e) {
     } else {
         const __m512i u = _mm512_castps_si512(e);
         const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        r = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16));
+        const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+        r = _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16));
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), r);
 }
@@ -826,11 +830,8 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
     for (int r = 0; r < n; ++r) {
         const float *s = S + size_t(r) * kKBlock;
         __m512 mx = ninf;
-        for (int i = 0; i < NV; ++i) {
-            const int left = nk - 16 * i;
-            const __mmask16 k = left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, k, s + 16 * i));
-        }
+        for (int i = 0; i < NV; ++i)
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, first_lanes(nk - 16 * i), s + 16 * i));
         rmax[r] = _mm512_reduce_max_ps(mx);
     }
     const __mmask16 rows = __mmask16((1u << n) - 1);
@@ -843,7 +844,7 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
     // 2^t as 2^round(t) times a degree-5 polynomial of the rest (relative
     // error under 3e-6, far below the bf16 rounding of P that follows); t
     // clamped at -125, so no exp is subnormal.
-    const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f), lo = _mm512_set1_ps(-125.0f);
+    const __m512 cs = _mm512_set1_ps(scale * 1.44269504088896341f), lo = _mm512_set1_ps(-125.0f);
     const __m512 p5 = _mm512_set1_ps(1.3333558e-3f), p4 = _mm512_set1_ps(9.6181291e-3f),
                  p3 = _mm512_set1_ps(5.5504109e-2f), p2 = _mm512_set1_ps(0.24022651f),
                  p1 = _mm512_set1_ps(0.69314718f), one = _mm512_set1_ps(1.0f);
@@ -853,7 +854,7 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
         const __m512 vm = _mm512_set1_ps(rmax[r] * 1.44269504088896341f);
         __m512 sum = _mm512_setzero_ps();
         for (int i = 0; i < NV; ++i) {
-            const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * i), c, vm), lo);
+            const __m512 t = _mm512_max_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * i), cs, vm), lo);
             const __m512 nt = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             const __m512 f = _mm512_sub_ps(t, nt);
             __m512 q = _mm512_fmadd_ps(p5, f, p4);
@@ -862,11 +863,7 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
             q = _mm512_fmadd_ps(q, f, p1);
             q = _mm512_fmadd_ps(q, f, one);
             __m512 e = _mm512_scalef_ps(q, nt);
-            if (short_block) {
-                const int left = nk - 16 * i;
-                e = _mm512_maskz_mov_ps(left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0)
-                                                                                  : __mmask16((1u << left) - 1), e);
-            }
+            if (short_block) e = _mm512_maskz_mov_ps(first_lanes(nk - 16 * i), e);
             store_bf16x16<HW>(p + 16 * i, e);
             sum = _mm512_add_ps(sum, e);
         }
