@@ -137,7 +137,7 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
         const auto *W16 = static_cast<const uint16_t *>(W);
 #pragma omp parallel for schedule(dynamic, 1)
         for (int p = 0; p < out.panels; ++p) {
-            uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
+            uint16_t *dst = out.data.data() + size_t(p) * panel_elems;
             const int rows = std::min(kPanel, N - p * kPanel);
             if (rows < kPanel) std::fill_n(dst, panel_elems, uint16_t(0));
             for (int i0 = 0; i0 < out.Kp; i0 += 64) {
@@ -152,7 +152,7 @@ void pack_matrix(const void *W, int32_t dtype, int N, int K, PackedMatrix &out) 
     }
 #pragma omp parallel for schedule(dynamic, 1)
     for (int p = 0; p < out.panels; ++p) {
-        uint16_t *dst = out.data.data() + size_t(p) * size_t(out.Kp) * 64;
+        uint16_t *dst = out.data.data() + size_t(p) * panel_elems;
         if (N - p * kPanel < kPanel || K % 2) std::fill_n(dst, panel_elems, uint16_t(0));
         for (int j = 0; j < kPanel && p * kPanel + j < N; ++j) {
             const size_t row = size_t(p * kPanel + j) * size_t(K);
