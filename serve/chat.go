@@ -292,6 +292,14 @@ func (s *Server) streamChat(ctx context.Context, w http.ResponseWriter,
 			flush()
 		case err := <-done:
 			release()
+			// select picks among ready cases at random: a decode that
+			// stepped and then failed at once may have both ready. Its
+			// events had begun.
+			select {
+			case <-began:
+				start()
+			default:
+			}
 			if err != nil && ev == nil {
 				return s.fail(ctx, w, err, "")
 			}
