@@ -106,6 +106,20 @@ __attribute__((target("avx512f"), noinline)) double peak_fma_thread(long iters) 
     for (int i = 0; i < 24; i++) s += _mm512_reduce_add_ps(acc[i]);
     return double(s);
 }
+// AVX2: 12 accumulators, enough for two FMA pipes of latency 4-5.
+__attribute__((target("avx2,fma"), noinline)) double peak_fma_avx2_thread(long iters) {
+    __m256 acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_ps(float(i));
+    const __m256 a = _mm256_set1_ps(1.0f), b = _mm256_set1_ps(1e-9f);
+    for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; i++) acc[i] = _mm256_fmadd_ps(acc[i], a, b);
+    }
+    alignas(32) float s[8];
+    for (int i = 1; i < 12; i++) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+    _mm256_store_ps(s, acc[0]);
+    return double(s[0]);
+}
 #endif
 
 #if defined(CPUPEAK_AMX)
@@ -149,25 +163,34 @@ __attribute__((target("amx-tile,amx-bf16"), noinline)) double peak_amx_thread(lo
 #endif
 
 // GFLOP/s of the loop over `threads` threads, about `seconds` long: fp32
-// FMA, or the bf16 products of kernel set ks (AMX tiles or VDPBF16PS).
+// FMA, or the bf16 products of kernel set ks (AMX tiles or VDPBF16PS; on
+// the AVX2 set, whose bf16 products are fp32 FMAs, the AVX2 FMA loop).
 double peak(bool bf16, int threads, double seconds, double *per_cpu_s = nullptr,
             dimoo::cpu::Kernels ks = dimoo::cpu::Kernels::Avx512Bf16) {
 #if defined(__x86_64__)
-    if (bf16 && !dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512Bf16)) return 0;
-    if (!dimoo::cpu::kernels_supported(dimoo::cpu::Kernels::Avx512)) return 0;
+    using dimoo::cpu::Kernels;
+    using dimoo::cpu::kernels_supported;
+    const bool avx2 = !kernels_supported(Kernels::Avx512) && kernels_supported(Kernels::Avx2) &&
+                      (!bf16 || ks == Kernels::Avx2);
+    if (!avx2 && bf16 && !kernels_supported(Kernels::Avx512Bf16)) return 0;
+    if (!avx2 && !kernels_supported(Kernels::Avx512)) return 0;
 #if defined(CPUPEAK_AMX)
-    const bool amx = bf16 && ks == dimoo::cpu::Kernels::Amx;
+    const bool amx = bf16 && ks == Kernels::Amx;
 #else
     const bool amx = false;
-    (void)ks;
 #endif
-    const double flops_per_iter = amx ? 4.0 * 16 * 16 * 32 * 2 : 24.0 * (bf16 ? 64.0 : 32.0);
+    const double flops_per_iter = amx    ? 4.0 * 16 * 16 * 32 * 2
+                                  : avx2 ? 12.0 * 16.0
+                                         : 24.0 * (bf16 ? 64.0 : 32.0);
     long iters = 200000;
     double sink = 0;
     for (;;) {
         const double t0 = now(), c0 = cpu_now();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
-        sink += amx ? peak_amx_thread(iters) : bf16 ? peak_bf16_thread(iters) : peak_fma_thread(iters);
+        sink += amx    ? peak_amx_thread(iters)
+                : avx2 ? peak_fma_avx2_thread(iters)
+                : bf16 ? peak_bf16_thread(iters)
+                       : peak_fma_thread(iters);
         const double dt = now() - t0, dc = cpu_now() - c0;
         if (dt > seconds || iters > (1L << 34)) {
             if (sink == 1234.5) std::puts("");

@@ -8,6 +8,10 @@
 //   avx512bf16  VDPBF16PS: acc += a_k * b_k + a_k+1 * b_k+1 per lane
 //   avx512      the same products widened to fp32, two FMAs (exact products,
 //               so both agree up to the order of fp32 additions)
+//   avx2        k in chunks: the chunk's pairs of A and of the panel widened
+//               to fp32 in L1 (odd k before even, the order VDPBF16PS adds
+//               them), then the fp32 tile's 6 rows x 16 columns FMA kernel;
+//               the same products added in the same order as avx512
 //   portable    plain C++ over 32 columns
 //   amx         32 rows x the panel as four 16 x 16 tiles of TDPBF16PS, 16 k
 //               pairs per step (AVX-512 BF16 for the pairs left over)
@@ -69,6 +73,7 @@ bool kernels_supported(Kernels k) {
     switch (k) {
     case Kernels::Portable: return true;
 #if defined(DIMOO_X86)
+    case Kernels::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Kernels::Avx512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -83,14 +88,14 @@ bool kernels_supported(Kernels k) {
 
 Kernels best_kernels() {
     Kernels k = Kernels::Portable;
-    for (Kernels c : {Kernels::Amx, Kernels::Avx512Bf16, Kernels::Avx512})
+    for (Kernels c : {Kernels::Amx, Kernels::Avx512Bf16, Kernels::Avx512, Kernels::Avx2})
         if (kernels_supported(c)) {
             k = c;
             break;
         }
     if (const char *e = std::getenv("DIMOO_CPU_KERNELS")) {
         const std::string s(e);
-        for (Kernels cap : {Kernels::Portable, Kernels::Avx512, Kernels::Avx512Bf16})
+        for (Kernels cap : {Kernels::Portable, Kernels::Avx2, Kernels::Avx512, Kernels::Avx512Bf16})
             if (s == kernels_name(cap) && k > cap) k = cap;
     }
     return k;
@@ -101,6 +106,7 @@ const char *kernels_name(Kernels k) {
     case Kernels::Amx: return "amx";
     case Kernels::Avx512Bf16: return "avx512bf16";
     case Kernels::Avx512: return "avx512";
+    case Kernels::Avx2: return "avx2";
     default: return "portable";
     }
 }
@@ -346,7 +352,7 @@ DIMOO_MICRO_F32_TABLE(micro_f32_avx512)
 
 const MicroF32Fn *micro_f32_table(Kernels ks) {
 #if defined(DIMOO_X86)
-    if (ks != Kernels::Portable) return micro_f32_avx512_table;
+    if (ks >= Kernels::Avx512) return micro_f32_avx512_table;
 #endif
     (void)ks;
     return micro_f32_portable_table;
@@ -537,6 +543,153 @@ DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t l
 }
 #endif
 
+#if defined(DIMOO_X86)
+// ---- AVX2 -----------------------------------------------------------------------------------------
+//
+// 16 ymm registers: accumulators for 6 rows x 16 columns (12), two vectors of
+// B and one broadcast of A. The bf16 tile widens a chunk of k to fp32 first
+// (the panel's chunk once per block of rows, A's per 6 rows), so the fp32
+// and bf16 tiles share one FMA kernel; within a pair the odd k comes first,
+// as VDPBF16PS adds them, so the products (exact in fp32) are added in the
+// AVX-512 kernels' order and give their bits.
+#define DIMOO_T256 __attribute__((target("avx2,fma")))
+
+// C[m][0:16] = (load ? C[m][0:16] : 0) + sum_k A[m][k] B[k][0:16] for m < R;
+// A's rows lda floats apart, B's rows ps.
+template <int R>
+DIMOO_T256 void fma_rows_avx2(int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                              bool load) {
+    // Fully unrolled over the rows, or GCC keeps the accumulators on the stack.
+    __m256 acc[R][2];
+#pragma GCC unroll 6
+    for (int m = 0; m < R; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    if (load)
+#pragma GCC unroll 6
+        for (int m = 0; m < R; ++m) {
+            acc[m][0] = _mm256_loadu_ps(C + size_t(m) * ldc);
+            acc[m][1] = _mm256_loadu_ps(C + size_t(m) * ldc + 8);
+        }
+    for (int k = 0; k < K; ++k) {
+        const float *b = B + size_t(k) * ps;
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+        for (int m = 0; m < R; ++m) {
+            const __m256 a = _mm256_broadcast_ss(A + size_t(m) * lda + size_t(k));
+            acc[m][0] = _mm256_fmadd_ps(a, b0, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(a, b1, acc[m][1]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int m = 0; m < R; ++m) {
+        _mm256_storeu_ps(C + size_t(m) * ldc, acc[m][0]);
+        _mm256_storeu_ps(C + size_t(m) * ldc + 8, acc[m][1]);
+    }
+}
+
+constexpr int kRowsAvx2 = 6;
+using FmaRowsFn = void (*)(int, const float *, size_t, const float *, size_t, float *, size_t, bool);
+const FmaRowsFn fma_rows_avx2_table[kRowsAvx2 + 1] = {nullptr,          fma_rows_avx2<1>, fma_rows_avx2<2>,
+                                                      fma_rows_avx2<3>, fma_rows_avx2<4>, fma_rows_avx2<5>,
+                                                      fma_rows_avx2<6>};
+
+// Rows [r0, r0 + R) of a 32-column result through the kernel, both halves
+// or only those that hold a column of [c0, c1).
+inline void fma_panel_avx2(int R, int K, const float *A, size_t lda, const float *B, size_t ps, float *C, size_t ldc,
+                           int c0, int c1, bool load) {
+    for (int h = 0; h < kPanel; h += 16)
+        if (c0 < h + 16 && c1 > h) fma_rows_avx2_table[R](K, A, lda, B + h, ps, C + h, ldc, load);
+}
+
+// tile_f32() on AVX2: straight into C for whole panels, else through a
+// 6 x 32 buffer that starts as C's columns (or zeros).
+DIMOO_T256 void tile_f32_avx2(int rows, int K, const float *A, size_t lda, const float *B, size_t ps, float *C,
+                              size_t ldc, int c0, int c1, bool accumulate) {
+    const bool whole = c0 == 0 && c1 == kPanel;
+    alignas(32) float buf[kRowsAvx2 * kPanel];
+    for (int r = 0; r < rows; r += kRowsAvx2) {
+        const int R = std::min(kRowsAvx2, rows - r);
+        float *c = C + size_t(r) * ldc;
+        if (whole) {
+            fma_panel_avx2(R, K, A + size_t(r) * lda, lda, B, ps, c, ldc, 0, kPanel, accumulate);
+            continue;
+        }
+        for (int m = 0; m < R; ++m) read_row(c + size_t(m) * ldc, c0, c1, accumulate, buf + m * kPanel);
+        fma_panel_avx2(R, K, A + size_t(r) * lda, lda, B, ps, buf, kPanel, c0, c1, true);
+        for (int m = 0; m < R; ++m) write_row(buf + m * kPanel, c0, c1, c + size_t(m) * ldc);
+    }
+}
+
+constexpr int kChunkPairs = 64;   // k pairs widened at a time: 16 KiB of the panel's fp32
+constexpr int kRowBlockAvx2 = 96; // rows per widened chunk of the panel
+
+// A panel's pairs [0, np) (lines ps uint16 apart) as fp32 rows of 32
+// columns: pair i's odd k at row 2i, its even k at row 2i + 1.
+DIMOO_T256 void widen_panel(const uint16_t *B, size_t ps, int np, float *out) {
+    const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+    for (int i = 0; i < np; ++i) {
+        const uint16_t *b = B + size_t(i) * ps;
+        float *o = out + size_t(i) * 2 * kPanel;
+        for (int j = 0; j < kPanel; j += 8) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b + 2 * j));
+            _mm256_store_ps(o + j, _mm256_castsi256_ps(_mm256_and_si256(w, hi)));
+            _mm256_store_ps(o + kPanel + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+    }
+}
+
+// R rows of A's pairs [0, np) (rows lda pairs apart) as fp32 rows of 2 np,
+// ld floats apart: odd k, then even, per pair.
+DIMOO_T256 void widen_rows(int R, const uint32_t *A, size_t lda, int np, float *out, size_t ld) {
+    const __m256i hi = _mm256_set1_epi32(int(0xffff0000u));
+    for (int m = 0; m < R; ++m) {
+        const uint32_t *a = A + size_t(m) * lda;
+        float *o = out + size_t(m) * ld;
+        int i = 0;
+        for (; i + 8 <= np; i += 8) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(a + i));
+            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+            const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            // Interleave within 128-bit lanes, then put the lanes in order.
+            const __m256 lo = _mm256_unpacklo_ps(odd, even), up = _mm256_unpackhi_ps(odd, even);
+            _mm256_store_ps(o + 2 * i, _mm256_permute2f128_ps(lo, up, 0x20));
+            _mm256_store_ps(o + 2 * i + 8, _mm256_permute2f128_ps(lo, up, 0x31));
+        }
+        for (; i < np; ++i) {
+            o[2 * i] = bf16_to_f32(uint16_t(a[i] >> 16));
+            o[2 * i + 1] = bf16_to_f32(uint16_t(a[i] & 0xffffu));
+        }
+    }
+}
+
+// tile() on AVX2: the same contract.
+DIMOO_T256 void tile_avx2(int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
+                          size_t ldc, int c0, int c1, bool accumulate) {
+    alignas(32) float bw[2 * kChunkPairs * kPanel];
+    alignas(32) float aw[kRowsAvx2 * 2 * kChunkPairs];
+    alignas(32) float buf[kRowBlockAvx2 * kPanel]; // a partial panel's columns
+    const bool whole = c0 == 0 && c1 == kPanel;
+    for (int r0 = 0; r0 < rows; r0 += kRowBlockAvx2) {
+        const int nr = std::min(kRowBlockAvx2, rows - r0);
+        float *c = whole ? C + size_t(r0) * ldc : buf;
+        const size_t ld = whole ? ldc : kPanel;
+        if (!whole)
+            for (int m = 0; m < nr; ++m) read_row(C + size_t(r0 + m) * ldc, c0, c1, accumulate, buf + m * kPanel);
+        for (int k0 = 0; k0 < kp; k0 += kChunkPairs) {
+            const int np = std::min(kChunkPairs, kp - k0);
+            widen_panel(B + size_t(k0) * ps, ps, np, bw);
+            for (int r = 0; r < nr; r += kRowsAvx2) {
+                const int R = std::min(kRowsAvx2, nr - r);
+                widen_rows(R, A + size_t(r0 + r) * lda + size_t(k0), lda, np, aw, 2 * kChunkPairs);
+                fma_panel_avx2(R, 2 * np, aw, 2 * kChunkPairs, bw, kPanel, c + size_t(r) * ld, ld, c0, c1,
+                               accumulate || !whole || k0 > 0);
+            }
+        }
+        if (!whole)
+            for (int m = 0; m < nr; ++m) write_row(buf + m * kPanel, c0, c1, C + size_t(r0 + m) * ldc);
+    }
+}
+#endif
+
 // tile() with the calling team's tile state (null: none).
 void tile_st(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t pstride,
              float *C, size_t ldc, int c0, int c1, bool accumulate, TileState *st) {
@@ -545,6 +698,9 @@ void tile_st(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const 
         return tile_amx(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate, st);
 #endif
     (void)st;
+#if defined(DIMOO_X86)
+    if (ks == Kernels::Avx2) return tile_avx2(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
+#endif
     const MicroFn *fn = micro_table(ks);
     for (int r = 0; r < rows; r += kTileRows) {
         const int R = std::min(kTileRows, rows - r);
@@ -560,6 +716,9 @@ void tile(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const uin
 
 void tile_f32(Kernels ks, int rows, int K, const float *A, size_t lda, const float *B, size_t pstride, float *C,
               size_t ldc, int c0, int c1, bool accumulate) {
+#if defined(DIMOO_X86)
+    if (ks == Kernels::Avx2) return tile_f32_avx2(rows, K, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
+#endif
     const MicroF32Fn *fn = micro_f32_table(ks);
     for (int r = 0; r < rows; r += kTileRows) {
         const int R = std::min(kTileRows, rows - r);
@@ -885,10 +1044,88 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
 
 #endif
 
+#if defined(DIMOO_X86)
+// softmax_rows_bf16 on AVX2, 8 rows at a time: the same phases, the same
+// exps (2^t by the degree-5 polynomial; 2^round(t) put in the exponent
+// bits, exact as VSCALEFPS for t >= -125), the rescale factors by the
+// scalar exp_clamped, and bf16 rounding in software.
+DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m, float *l, uint16_t *P, float *O,
+                                  int hd) {
+    constexpr int NV = kKBlock / 8;
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    auto lanes = [&](int left) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), iota); };
+    auto hmax = [](__m256 v) {
+        __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+    };
+    auto hsum = [](__m256 v) {
+        __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+    };
+    const bool short_block = nk < kKBlock;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    float rmax[8], corr[8];
+    for (int r = 0; r < n; ++r) {
+        const float *s = S + size_t(r) * kKBlock;
+        __m256 mx = ninf;
+        for (int i = 0; i < NV; ++i) {
+            const __m256 v = _mm256_loadu_ps(s + 8 * i);
+            mx = _mm256_max_ps(mx, short_block ? _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(lanes(nk - 8 * i))) : v);
+        }
+        // scale > 0: the max of scale * s is scale times the max of s, exactly.
+        rmax[r] = std::max(m[r], hmax(mx) * scale);
+        corr[r] = exp_clamped(m[r] - rmax[r]);
+    }
+    const __m256 cs = _mm256_set1_ps(scale * 1.44269504088896341f), lo = _mm256_set1_ps(-125.0f);
+    const __m256 p5 = _mm256_set1_ps(1.3333558e-3f), p4 = _mm256_set1_ps(9.6181291e-3f),
+                 p3 = _mm256_set1_ps(5.5504109e-2f), p2 = _mm256_set1_ps(0.24022651f),
+                 p1 = _mm256_set1_ps(0.69314718f), one = _mm256_set1_ps(1.0f);
+    const __m256i bias = _mm256_set1_epi32(127), round = _mm256_set1_epi32(0x7fff), bit = _mm256_set1_epi32(1);
+    for (int r = 0; r < n; ++r) {
+        const float *s = S + size_t(r) * kKBlock;
+        uint16_t *p = P + size_t(r) * kKBlock;
+        const __m256 vm = _mm256_set1_ps(rmax[r] * 1.44269504088896341f);
+        __m256 sum = _mm256_setzero_ps();
+        for (int i = 0; i < NV; ++i) {
+            const __m256 t = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + 8 * i), cs, vm), lo);
+            const __m256 nt = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256 f = _mm256_sub_ps(t, nt);
+            __m256 q = _mm256_fmadd_ps(p5, f, p4);
+            q = _mm256_fmadd_ps(q, f, p3);
+            q = _mm256_fmadd_ps(q, f, p2);
+            q = _mm256_fmadd_ps(q, f, p1);
+            q = _mm256_fmadd_ps(q, f, one);
+            const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nt), bias), 23);
+            __m256 e = _mm256_mul_ps(q, _mm256_castsi256_ps(pow2));
+            if (short_block) e = _mm256_and_ps(e, _mm256_castsi256_ps(lanes(nk - 8 * i)));
+            sum = _mm256_add_ps(sum, e);
+            // bf16, round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
+            const __m256i u = _mm256_castps_si256(e);
+            const __m256i up = _mm256_srli_epi32(
+                _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), bit))), 16);
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(p + 8 * i),
+                             _mm_packus_epi32(_mm256_castsi256_si128(up), _mm256_extracti128_si256(up, 1)));
+        }
+        l[r] = l[r] * corr[r] + hsum(sum);
+        m[r] = rmax[r];
+    }
+    for (int r = 0; r < n; ++r) {
+        if (corr[r] == 1.0f) continue;
+        float *o = O + size_t(r) * hd;
+        const __m256 c = _mm256_set1_ps(corr[r]);
+        int j = 0;
+        for (; j + 8 <= hd; j += 8) _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_loadu_ps(o + j), c));
+        for (; j < hd; ++j) o[j] *= corr[r];
+    }
+}
+#endif
+
 using SoftmaxFn = void (*)(float *, int, float, float &, float &, float &);
 SoftmaxFn softmax_step(Kernels ks) {
 #if defined(DIMOO_X86)
-    if (ks != Kernels::Portable) return softmax_step_avx512;
+    if (ks >= Kernels::Avx512) return softmax_step_avx512;
 #endif
     (void)ks;
     return softmax_step_portable;
@@ -990,12 +1227,17 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                 tile_st(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
                         kKBlock, 0, kPanel, false, &st);
 #if defined(DIMOO_X86)
-            if (ks != Kernels::Portable) {
+            if (ks >= Kernels::Avx512) {
                 const bool hw = ks == Kernels::Avx512Bf16 || ks == Kernels::Amx;
                 for (int i = 0; i < nr; i += 16)
                     (hw ? softmax_rows_bf16<true> : softmax_rows_bf16<false>)(
                         S + size_t(i) * kKBlock, std::min(16, nr - i), nk, scale, mx + i, sum + i,
                         reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), O + size_t(i) * hd, hd);
+            } else if (ks == Kernels::Avx2) {
+                for (int i = 0; i < nr; i += 8)
+                    softmax_rows_avx2(S + size_t(i) * kKBlock, std::min(8, nr - i), nk, scale, mx + i, sum + i,
+                                      reinterpret_cast<uint16_t *>(P + size_t(i) * (kKBlock / 2)), O + size_t(i) * hd,
+                                      hd);
             } else
 #endif
             for (int i = 0; i < nr; ++i) {

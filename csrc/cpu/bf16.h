@@ -12,10 +12,11 @@
 namespace dimoo::cpu {
 
 // Kernel sets, best last. Chosen at run time: the best the CPU supports,
-// lowered by DIMOO_CPU_KERNELS=avx512bf16|avx512|portable (tests force each
-// one). Amx: the bf16 tiles on Intel AMX (TDPBF16PS, Linux, once the kernel
-// grants the process the tile state), AVX-512 BF16 for what is left over.
-enum class Kernels : int { Portable = 0, Avx512 = 1, Avx512Bf16 = 2, Amx = 3 };
+// lowered by DIMOO_CPU_KERNELS=avx512bf16|avx512|avx2|portable (tests force
+// each one). Avx2: AVX2 and FMA (most laptop and AMD Zen 1-3 CPUs). Amx:
+// the bf16 tiles on Intel AMX (TDPBF16PS, Linux, once the kernel grants the
+// process the tile state), AVX-512 BF16 for what is left over.
+enum class Kernels : int { Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 Kernels best_kernels();          // this CPU, capped by DIMOO_CPU_KERNELS
 bool kernels_supported(Kernels k);
 const char *kernels_name(Kernels k);

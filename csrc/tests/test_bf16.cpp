@@ -31,7 +31,7 @@ using dimoo::cpu::Kernels;
 
 std::vector<Kernels> supported() {
     std::vector<Kernels> v;
-    for (Kernels k : {Kernels::Portable, Kernels::Avx512, Kernels::Avx512Bf16, Kernels::Amx})
+    for (Kernels k : {Kernels::Portable, Kernels::Avx2, Kernels::Avx512, Kernels::Avx512Bf16, Kernels::Amx})
         if (dimoo::cpu::kernels_supported(k)) v.push_back(k);
     return v;
 }
@@ -582,7 +582,7 @@ TEST(Bf16Forward, KernelSetsAgreeAndTrackFp32) {
         Model f32(cfg, DIMOO_F32, 11);
         const auto want = f32.logits(toks);
         std::vector<float> vdp; // the AVX-512 BF16 set's logits (the best below AMX)
-        for (const char *env : {"avx512bf16", "", "avx512", "portable"}) {
+        for (const char *env : {"avx512bf16", "", "avx512", "avx2", "portable"}) {
             KernelsEnv set(env);
             Model b(cfg, DIMOO_BF16, 11);
             // Packed matrices are the same size as the checkpoint's bf16 (up to
@@ -620,7 +620,7 @@ TEST(F32Forward, KernelSetsAgree) {
     std::vector<int32_t> toks(70);
     for (size_t i = 0; i < toks.size(); i++) toks[i] = int32_t((i * 37 + 5) % 90);
     std::vector<float> best;
-    for (const char *env : {"", "avx512", "portable"}) {
+    for (const char *env : {"", "avx512", "avx2", "portable"}) {
         KernelsEnv e(env);
         Model f(cfg, DIMOO_F32, 11);
         const auto got = f.logits(toks);
