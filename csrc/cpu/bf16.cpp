@@ -772,12 +772,16 @@ size_t l2_bytes() {
     return v;
 }
 
-// Rows of A per task in the blocked order (a multiple of 32, at most 192)
-// for rows of row_bytes, or 0 when fewer than 96 fit three quarters of L2
-// (or row_bytes is 0: the panel-major order asked for).
-int blocked_rows(size_t row_bytes) {
-    if (row_bytes == 0) return 0;
+// Rows of A per task in the blocked order for rows of row_bytes: on AMX a
+// multiple of 32, at most 192, or 0 when fewer than 96 fit three quarters
+// of L2; on AVX2 a multiple of its 6-row tile, at most 96, or 0 when fewer
+// than 24 fit (0: the panel-major order).
+int blocked_rows(Kernels ks, size_t row_bytes) {
     const size_t fit = l2_bytes() * 3 / 4 / row_bytes;
+    if (ks == Kernels::Avx2) {
+        const int mb = int(std::min<size_t>(fit, 96)) / 6 * 6;
+        return mb >= 24 ? mb : 0;
+    }
     const int mb = int(std::min<size_t>(fit, 192)) / 32 * 32;
     return mb >= 96 ? mb : 0;
 }
@@ -786,9 +790,9 @@ int blocked_rows(size_t row_bytes) {
 // rows, c0, c1) computes rows x the panel's columns [c0, c1) over all of k
 // (so each output's sums are in the same order whatever the schedule).
 //
-// Blocked order, when a block of A's rows fits L2 (row_bytes: one row of A
-// over k): per job, column blocks of kColPanels panels; in each, row blocks
-// of blocked_rows() x groups of G panels. A task's row block stays in L2
+// Blocked order, when a block of Mb > 0 rows of A fits L2 (blocked_rows()):
+// per job, column blocks of kColPanels panels; in each, row blocks
+// of Mb rows x groups of G panels. A task's row block stays in L2
 // over its G panels, and the column block's panels (8 MiB at k = 4096) are
 // read again per row block from the shared L3. The panel-major order reads
 // the rows of A again per panel instead, 32 columns of work per byte, and
@@ -796,11 +800,11 @@ int blocked_rows(size_t row_bytes) {
 // medians of `dimoo_cpupeak --gemm`, on 2 cores of a 2 MiB-L2 Xeon).
 // Otherwise (k too long for a row block in L2, e.g. the MLP's down
 // projection): job-major, then panel, then row block of kBlockRows.
-template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, size_t row_bytes, Run run) {
+template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, int Mb, Run run) {
     n_jobs = std::min(n_jobs, 7);
     // The panel-major order is the blocked one with one-panel column blocks,
     // kBlockRows-row blocks and one panel per task.
-    int Mb = blocked_rows(row_bytes), CB = kColPanels, G = 8;
+    int CB = kColPanels, G = 8;
     if (Mb == 0) Mb = kBlockRows, CB = 1, G = 1;
     const int mbs = (M + Mb - 1) / Mb;
     auto panels = [&](const Job &g, int &p0, int &p1) {
@@ -864,11 +868,11 @@ void set_gemm_blocking(bool on) { gemm_blocking.store(on, std::memory_order_rela
 void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *jobs, int n_jobs) {
     if (M <= 0 || n_jobs <= 0) return;
     TileState st;
-    // The blocked order on AMX only: the AVX-512 kernels are compute-bound
-    // (measured the same either way at M = 300 and 1124).
-    const bool blocked = ks == Kernels::Amx && gemm_blocking.load(std::memory_order_relaxed);
-    const size_t row_bytes = blocked ? size_t(jobs[0].W->Kp) * 4 : 0;
-    team_tasks(M, jobs, n_jobs, row_bytes, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
+    // The blocked order on AMX and AVX2 only: the AVX-512 kernels are
+    // compute-bound (measured the same either way at M = 300 and 1124).
+    const bool blocked = (ks == Kernels::Amx || ks == Kernels::Avx2) && gemm_blocking.load(std::memory_order_relaxed);
+    const int Mb = blocked ? blocked_rows(ks, size_t(jobs[0].W->Kp) * 4) : 0;
+    team_tasks(M, jobs, n_jobs, Mb, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
         float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
         tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate,
                 &st);

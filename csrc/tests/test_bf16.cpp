@@ -182,10 +182,19 @@ TEST(Bf16, GemmMatchesFloat64Reference) {
         const auto A = to_pairs(a, c.M, c.K);
         const int W = c.n1 - c.n0;
         const auto c0 = randn(size_t(c.M) * W, 99);
+        std::vector<float> fma_bits; // the first FMA set's result (AVX2, AVX-512)
         for (Kernels ks : supported()) {
             std::vector<float> C = c0;
             const dimoo::cpu::GemmJob job{&p, C.data(), size_t(W), c.n0, c.n1, c.acc};
             dimoo::cpu::gemm_team(ks, c.M, A.data(), size_t(p.Kp), &job, 1);
+            // Exact products added in the same order (odd k, then even, per
+            // pair): the AVX2 and AVX-512 tiles give the same bits.
+            if (ks == Kernels::Avx2 || ks == Kernels::Avx512) {
+                if (fma_bits.empty()) fma_bits = C;
+                else
+                    ASSERT_EQ(std::memcmp(C.data(), fma_bits.data(), C.size() * sizeof(float)), 0)
+                        << dimoo::cpu::kernels_name(ks) << " M=" << c.M << " N=" << c.N << " K=" << c.K;
+            }
             for (int m = 0; m < c.M; m++)
                 for (int n = 0; n < W; n++) {
                     double s = c.acc ? double(c0[size_t(m) * W + n]) : 0.0, mag = std::fabs(s);
