@@ -323,7 +323,7 @@ func TestRuntimeDescribe(t *testing.T) {
 	d, err := rt.Describe()
 	require.NoError(t, err)
 	assert.Contains(t, d, "cpu: 1 threads")
-	assert.Regexp(t, `, bf16 tiles (amx|avx512bf16|avx512|portable)$`, d)
+	assert.Regexp(t, `, bf16 tiles (amx|avx512bf16|avx512|avx2|portable)$`, d)
 	_, err = lib.NewRuntime(BackendCPU, 3, 0)
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 	if lib.DeviceCount(BackendCUDA) == 0 {
