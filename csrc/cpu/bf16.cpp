@@ -1049,6 +1049,24 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
 #endif
 
 #if defined(DIMOO_X86)
+// The first `left` of 8 lanes as a mask (all bits set), and a vector's
+// largest element and sum. (Functions, not lambdas: a lambda does not take
+// its enclosing function's target.)
+DIMOO_T256 inline __m256 first_lanes8(int left) {
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(left), iota));
+}
+DIMOO_T256 inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+DIMOO_T256 inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
 // softmax_rows_bf16 on AVX2, 8 rows at a time: the same phases, the same
 // exps (2^t by the degree-5 polynomial; 2^round(t) put in the exponent
 // bits, exact as VSCALEFPS for t >= -125), the rescale factors by the
@@ -1056,18 +1074,6 @@ DIMOO_T512 void softmax_rows_bf16(float *S, int n, int nk, float scale, float *m
 DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m, float *l, uint16_t *P, float *O,
                                   int hd) {
     constexpr int NV = kKBlock / 8;
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    auto lanes = [&](int left) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), iota); };
-    auto hmax = [](__m256 v) {
-        __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-        return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-    };
-    auto hsum = [](__m256 v) {
-        __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-        return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-    };
     const bool short_block = nk < kKBlock;
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     float rmax[8], corr[8];
@@ -1076,10 +1082,10 @@ DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m
         __m256 mx = ninf;
         for (int i = 0; i < NV; ++i) {
             const __m256 v = _mm256_loadu_ps(s + 8 * i);
-            mx = _mm256_max_ps(mx, short_block ? _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(lanes(nk - 8 * i))) : v);
+            mx = _mm256_max_ps(mx, short_block ? _mm256_blendv_ps(ninf, v, first_lanes8(nk - 8 * i)) : v);
         }
         // scale > 0: the max of scale * s is scale times the max of s, exactly.
-        rmax[r] = std::max(m[r], hmax(mx) * scale);
+        rmax[r] = std::max(m[r], hmax8(mx) * scale);
         corr[r] = exp_clamped(m[r] - rmax[r]);
     }
     const __m256 cs = _mm256_set1_ps(scale * 1.44269504088896341f), lo = _mm256_set1_ps(-125.0f);
@@ -1103,7 +1109,7 @@ DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m
             q = _mm256_fmadd_ps(q, f, one);
             const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nt), bias), 23);
             __m256 e = _mm256_mul_ps(q, _mm256_castsi256_ps(pow2));
-            if (short_block) e = _mm256_and_ps(e, _mm256_castsi256_ps(lanes(nk - 8 * i)));
+            if (short_block) e = _mm256_and_ps(e, first_lanes8(nk - 8 * i));
             sum = _mm256_add_ps(sum, e);
             // bf16, round to nearest even: u + 0x7fff + bit 16 of u, top half kept.
             const __m256i u = _mm256_castps_si256(e);
@@ -1112,7 +1118,7 @@ DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m
             _mm_storeu_si128(reinterpret_cast<__m128i *>(p + 8 * i),
                              _mm_packus_epi32(_mm256_castsi256_si128(up), _mm256_extracti128_si256(up, 1)));
         }
-        l[r] = l[r] * corr[r] + hsum(sum);
+        l[r] = l[r] * corr[r] + hsum8(sum);
         m[r] = rmax[r];
     }
     for (int r = 0; r < n; ++r) {
