@@ -688,6 +688,52 @@ DIMOO_T256 void tile_avx2(int rows, int kp, const uint32_t *A, size_t lda, const
             for (int m = 0; m < nr; ++m) write_row(buf + m * kPanel, c0, c1, C + size_t(r0 + m) * ldc);
     }
 }
+
+constexpr int kRowBlockPanels = 48; // rows per widened chunk of A in panels_avx2
+
+// tile_avx2 over np >= 1 consecutive panels with A's chunk widened once for
+// all of them: panel i's B at B + i * bstep (uint16); its columns are
+// [c_lo, 32) for the first panel, [0, c_hi) for the last, all for the
+// others, and column c of panel i sits at C[32 i + c - c_lo]. A partial
+// panel collects in a buffer over the chunks.
+DIMOO_T256 void panels_avx2(int rows, int np, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps,
+                            size_t bstep, float *C, size_t ldc, int c_lo, int c_hi, bool accumulate) {
+    alignas(32) float bw[2 * kChunkPairs * kPanel];
+    alignas(32) float aw[kRowBlockPanels * 2 * kChunkPairs];
+    alignas(32) float edge[2][kRowBlockPanels * kPanel]; // the first and the last panel, when partial
+    const int n_ends = np > 1 ? 2 : 1, ends[2] = {0, np - 1};
+    auto c0_of = [&](int i) { return i == 0 ? c_lo : 0; };
+    auto c1_of = [&](int i) { return i == np - 1 ? c_hi : kPanel; };
+    auto partial = [&](int i) { return c0_of(i) > 0 || c1_of(i) < kPanel; };
+    // Row r's column c0 of panel i in C.
+    auto at = [&](int i, int r) { return C + size_t(r) * ldc + size_t(i * kPanel + c0_of(i) - c_lo); };
+    for (int r0 = 0; r0 < rows; r0 += kRowBlockPanels) {
+        const int nr = std::min(kRowBlockPanels, rows - r0);
+        for (int e = 0; e < n_ends; ++e)
+            if (partial(ends[e]))
+                for (int m = 0; m < nr; ++m)
+                    read_row(at(ends[e], r0 + m), c0_of(ends[e]), c1_of(ends[e]), accumulate, edge[e] + m * kPanel);
+        for (int k0 = 0; k0 < kp; k0 += kChunkPairs) {
+            const int nk = std::min(kChunkPairs, kp - k0);
+            widen_rows(nr, A + size_t(r0) * lda + size_t(k0), lda, nk, aw, 2 * kChunkPairs);
+            for (int i = 0; i < np; ++i) {
+                const bool part = partial(i);
+                // A whole panel's column 0 is its column c0.
+                float *dst = part ? edge[i == 0 ? 0 : 1] : at(i, r0);
+                const size_t ld = part ? kPanel : ldc;
+                widen_panel(B + size_t(i) * bstep + size_t(k0) * ps, ps, nk, bw);
+                for (int r = 0; r < nr; r += kRowsAvx2)
+                    fma_panel_avx2(std::min(kRowsAvx2, nr - r), 2 * nk, aw + size_t(r) * 2 * kChunkPairs,
+                                   2 * kChunkPairs, bw, kPanel, dst + size_t(r) * ld, ld, c0_of(i), c1_of(i),
+                                   accumulate || part || k0 > 0);
+            }
+        }
+        for (int e = 0; e < n_ends; ++e)
+            if (partial(ends[e]))
+                for (int m = 0; m < nr; ++m)
+                    write_row(edge[e] + m * kPanel, c0_of(ends[e]), c1_of(ends[e]), at(ends[e], r0 + m));
+    }
+}
 #endif
 
 // tile() with the calling team's tile state (null: none).
@@ -786,9 +832,10 @@ int blocked_rows(Kernels ks, size_t row_bytes) {
     return mb >= 96 ? mb : 0;
 }
 
-// Hands out the tiles of the jobs to the team; run(job, panel, first row,
-// rows, c0, c1) computes rows x the panel's columns [c0, c1) over all of k
-// (so each output's sums are in the same order whatever the schedule).
+// Hands out the tiles of the jobs to the team; run(job, first panel, end
+// panel, first row, rows) computes rows x the job's columns in those panels
+// over all of k (so each output's sums are in the same order whatever the
+// schedule).
 //
 // Blocked order, when a block of Mb > 0 rows of A fits L2 (blocked_rows()):
 // per job, column blocks of kColPanels panels; in each, row blocks
@@ -841,22 +888,27 @@ template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jo
         const int cb0 = p0 + cb * CB, ng = (std::min(CB, p1 - cb0) + G - 1) / G;
         const int mb = in / ng, grp = in % ng;
         const int r0 = mb * Mb, rows = std::min(Mb, M - r0);
-        const int q0 = cb0 + grp * G, q1 = std::min(q0 + G, p1);
-        for (int p = q0; p < q1; ++p) {
-            const int c0 = std::max(g.n0, p * kPanel) - p * kPanel;
-            const int c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
-            run(g, p, r0, rows, c0, c1);
-        }
+        run(g, cb0 + grp * G, std::min(cb0 + grp * G + G, p1), r0, rows);
     }
+}
+
+// Job g's columns in panel p: [c0, c1).
+template <class Job> void panel_cols(const Job &g, int p, int &c0, int &c1) {
+    c0 = std::max(g.n0, p * kPanel) - p * kPanel;
+    c1 = std::min(g.n1, p * kPanel + kPanel) - p * kPanel;
 }
 } // namespace
 
 void gemm_team_f32(Kernels ks, int M, const float *A, size_t lda, const GemmJobF32 *jobs, int n_jobs) {
     if (M <= 0) return;
-    team_tasks(M, jobs, n_jobs, 0, [&](const GemmJobF32 &g, int p, int r0, int rows, int c0, int c1) {
-        float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
-        tile_f32(ks, rows, g.W->K, A + size_t(r0) * lda, lda, g.W->panel(p), kPanel, C, g.ldc, c0, c1,
-                 g.accumulate);
+    team_tasks(M, jobs, n_jobs, 0, [&](const GemmJobF32 &g, int q0, int q1, int r0, int rows) {
+        for (int p = q0; p < q1; ++p) {
+            int c0, c1;
+            panel_cols(g, p, c0, c1);
+            float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
+            tile_f32(ks, rows, g.W->K, A + size_t(r0) * lda, lda, g.W->panel(p), kPanel, C, g.ldc, c0, c1,
+                     g.accumulate);
+        }
     });
 }
 
@@ -872,10 +924,24 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
     // compute-bound (measured the same either way at M = 300 and 1124).
     const bool blocked = (ks == Kernels::Amx || ks == Kernels::Avx2) && gemm_blocking.load(std::memory_order_relaxed);
     const int Mb = blocked ? blocked_rows(ks, size_t(jobs[0].W->Kp) * 4) : 0;
-    team_tasks(M, jobs, n_jobs, Mb, [&](const GemmJob &g, int p, int r0, int rows, int c0, int c1) {
-        float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
-        tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1, g.accumulate,
-                &st);
+    team_tasks(M, jobs, n_jobs, Mb, [&](const GemmJob &g, int q0, int q1, int r0, int rows) {
+        int c0, c1;
+#if defined(DIMOO_X86)
+        if (ks == Kernels::Avx2 && q1 - q0 > 1) {
+            int e0, e1;
+            panel_cols(g, q0, c0, e0);
+            panel_cols(g, q1 - 1, e1, c1);
+            float *C = g.C + size_t(r0) * g.ldc + size_t(q0 * kPanel + c0 - g.n0);
+            return panels_avx2(rows, q1 - q0, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(q0), 64,
+                               size_t(g.W->Kp) * 64, C, g.ldc, c0, c1, g.accumulate);
+        }
+#endif
+        for (int p = q0; p < q1; ++p) {
+            panel_cols(g, p, c0, c1);
+            float *C = g.C + size_t(r0) * g.ldc + size_t(p * kPanel + c0 - g.n0);
+            tile_st(ks, rows, g.W->Kp, A + size_t(r0) * lda, lda, g.W->panel(p), 64, C, g.ldc, c0, c1,
+                    g.accumulate, &st);
+        }
     });
 }
 
@@ -1236,6 +1302,12 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
                            size_t(hp) * 64, S, kKBlock, false, &st);
             else
 #endif
+#if defined(DIMOO_X86)
+            if (ks == Kernels::Avx2)
+                panels_avx2(nr, (nk + kPanel - 1) / kPanel, hp, Q, ldq, Kh + size_t(j0 / kPanel) * size_t(hp) * 64, 64,
+                            size_t(hp) * 64, S, kKBlock, 0, kPanel, false);
+            else
+#endif
             for (int p = 0; p * kPanel < nk; ++p)
                 tile_st(ks, nr, hp, Q, ldq, Kh + size_t(j0 / kPanel + p) * size_t(hp) * 64, 64, S + p * kPanel,
                         kKBlock, 0, kPanel, false, &st);
@@ -1268,6 +1340,12 @@ void flash_attention_team(Kernels ks, const uint32_t *q, size_t ldq, int rows, i
             if (amx_whole)
                 panels_amx(nr, cpanels, kKBlock / 2, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd), 2 * size_t(hd),
                            64, O, size_t(hd), true, &st);
+            else
+#endif
+#if defined(DIMOO_X86)
+            if (ks == Kernels::Avx2)
+                panels_avx2(nr, cpanels, kp, P, kKBlock / 2, Vh + size_t(j0 / 2) * 2 * size_t(hd), 2 * size_t(hd), 64,
+                            O, size_t(hd), 0, hd - (cpanels - 1) * kPanel, true);
             else
 #endif
             for (int c = 0; c < cpanels; ++c)

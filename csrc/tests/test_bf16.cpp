@@ -172,7 +172,9 @@ TEST(Bf16, GemmMatchesFloat64Reference) {
     };
     const Case cases[] = {{1, 32, 64, 0, 32, false},   {5, 70, 33, 0, 70, false},   {12, 64, 128, 0, 64, true},
                           {13, 45, 7, 3, 41, false},   {100, 96, 300, 17, 90, true}, {97, 33, 1, 0, 33, false},
-                          {200, 130, 257, 0, 130, false}, {120, 64, 512, 0, 64, true}, {20, 40, 96, 5, 37, false}};
+                          {200, 130, 257, 0, 130, false}, {120, 64, 512, 0, 64, true}, {20, 40, 96, 5, 37, false},
+                          // Enough row blocks for groups of panels with partial ends (AVX2's multi-panel tiles).
+                          {400, 70, 63, 5, 70, true},     {400, 100, 130, 40, 99, false}};
     for (const Case &c : cases) {
         const auto a = randn(size_t(c.M) * c.K, 1 + c.M), wf = randn(size_t(c.N) * c.K, 2 + c.N, 0.1f);
         std::vector<uint16_t> w(wf.size());
