@@ -548,8 +548,9 @@ DIMOO_TAMX void panels_amx(int rows, int np, int kp, const uint32_t *A, size_t l
 //
 // 16 ymm registers: accumulators for 6 rows x 16 columns (12), two vectors of
 // B and one broadcast of A. The bf16 tile widens a chunk of k to fp32 first
-// (the panel's chunk once per block of rows, A's per 6 rows), so the fp32
-// and bf16 tiles share one FMA kernel; within a pair the odd k comes first,
+// (A's once per block of rows for all the panels of a call, each panel's
+// once per block of rows), so the fp32 and bf16 tiles share one FMA
+// kernel; within a pair the odd k comes first,
 // as VDPBF16PS adds them, so the products (exact in fp32) are added in the
 // AVX-512 kernels' order and give their bits.
 #define DIMOO_T256 __attribute__((target("avx2,fma")))
@@ -620,7 +621,7 @@ DIMOO_T256 void tile_f32_avx2(int rows, int K, const float *A, size_t lda, const
 }
 
 constexpr int kChunkPairs = 64;   // k pairs widened at a time: 16 KiB of the panel's fp32
-constexpr int kRowBlockAvx2 = 96; // rows per widened chunk of the panel
+constexpr int kRowBlockAvx2 = 96; // rows per widened chunk of A
 
 // A panel's pairs [0, np) (lines ps uint16 apart) as fp32 rows of 32
 // columns: pair i's odd k at row 2i, its even k at row 2i + 1.
@@ -661,54 +662,24 @@ DIMOO_T256 void widen_rows(int R, const uint32_t *A, size_t lda, int np, float *
     }
 }
 
-// tile() on AVX2: the same contract.
-DIMOO_T256 void tile_avx2(int rows, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps, float *C,
-                          size_t ldc, int c0, int c1, bool accumulate) {
-    alignas(32) float bw[2 * kChunkPairs * kPanel];
-    alignas(32) float aw[kRowsAvx2 * 2 * kChunkPairs];
-    alignas(32) float buf[kRowBlockAvx2 * kPanel]; // a partial panel's columns
-    const bool whole = c0 == 0 && c1 == kPanel;
-    for (int r0 = 0; r0 < rows; r0 += kRowBlockAvx2) {
-        const int nr = std::min(kRowBlockAvx2, rows - r0);
-        float *c = whole ? C + size_t(r0) * ldc : buf;
-        const size_t ld = whole ? ldc : kPanel;
-        if (!whole)
-            for (int m = 0; m < nr; ++m) read_row(C + size_t(r0 + m) * ldc, c0, c1, accumulate, buf + m * kPanel);
-        for (int k0 = 0; k0 < kp; k0 += kChunkPairs) {
-            const int np = std::min(kChunkPairs, kp - k0);
-            widen_panel(B + size_t(k0) * ps, ps, np, bw);
-            for (int r = 0; r < nr; r += kRowsAvx2) {
-                const int R = std::min(kRowsAvx2, nr - r);
-                widen_rows(R, A + size_t(r0 + r) * lda + size_t(k0), lda, np, aw, 2 * kChunkPairs);
-                fma_panel_avx2(R, 2 * np, aw, 2 * kChunkPairs, bw, kPanel, c + size_t(r) * ld, ld, c0, c1,
-                               accumulate || !whole || k0 > 0);
-            }
-        }
-        if (!whole)
-            for (int m = 0; m < nr; ++m) write_row(buf + m * kPanel, c0, c1, C + size_t(r0 + m) * ldc);
-    }
-}
-
-constexpr int kRowBlockPanels = 48; // rows per widened chunk of A in panels_avx2
-
-// tile_avx2 over np >= 1 consecutive panels with A's chunk widened once for
-// all of them: panel i's B at B + i * bstep (uint16); its columns are
+// The bf16 tile on AVX2 over np >= 1 consecutive panels, A's chunk widened
+// once for all of them: panel i's B at B + i * bstep (uint16); its columns are
 // [c_lo, 32) for the first panel, [0, c_hi) for the last, all for the
 // others, and column c of panel i sits at C[32 i + c - c_lo]. A partial
 // panel collects in a buffer over the chunks.
 DIMOO_T256 void panels_avx2(int rows, int np, int kp, const uint32_t *A, size_t lda, const uint16_t *B, size_t ps,
                             size_t bstep, float *C, size_t ldc, int c_lo, int c_hi, bool accumulate) {
     alignas(32) float bw[2 * kChunkPairs * kPanel];
-    alignas(32) float aw[kRowBlockPanels * 2 * kChunkPairs];
-    alignas(32) float edge[2][kRowBlockPanels * kPanel]; // the first and the last panel, when partial
+    alignas(32) float aw[kRowBlockAvx2 * 2 * kChunkPairs];
+    alignas(32) float edge[2][kRowBlockAvx2 * kPanel]; // the first and the last panel, when partial
     const int n_ends = np > 1 ? 2 : 1, ends[2] = {0, np - 1};
     auto c0_of = [&](int i) { return i == 0 ? c_lo : 0; };
     auto c1_of = [&](int i) { return i == np - 1 ? c_hi : kPanel; };
     auto partial = [&](int i) { return c0_of(i) > 0 || c1_of(i) < kPanel; };
     // Row r's column c0 of panel i in C.
     auto at = [&](int i, int r) { return C + size_t(r) * ldc + size_t(i * kPanel + c0_of(i) - c_lo); };
-    for (int r0 = 0; r0 < rows; r0 += kRowBlockPanels) {
-        const int nr = std::min(kRowBlockPanels, rows - r0);
+    for (int r0 = 0; r0 < rows; r0 += kRowBlockAvx2) {
+        const int nr = std::min(kRowBlockAvx2, rows - r0);
         for (int e = 0; e < n_ends; ++e)
             if (partial(ends[e]))
                 for (int m = 0; m < nr; ++m)
@@ -745,7 +716,7 @@ void tile_st(Kernels ks, int rows, int kp, const uint32_t *A, size_t lda, const 
 #endif
     (void)st;
 #if defined(DIMOO_X86)
-    if (ks == Kernels::Avx2) return tile_avx2(rows, kp, A, lda, B, pstride, C, ldc, c0, c1, accumulate);
+    if (ks == Kernels::Avx2) return panels_avx2(rows, 1, kp, A, lda, B, pstride, 0, C, ldc, c0, c1, accumulate);
 #endif
     const MicroFn *fn = micro_table(ks);
     for (int r = 0; r < rows; r += kTileRows) {
