@@ -458,11 +458,13 @@ void gemm_packed(int M, int N, int K, const float *A, size_t lda, const void *W,
     const int kstep = std::min(KC, ((K + nkb - 1) / nkb + VL - 1) / VL * VL);
     const PackedJob job{M, N, K, A, lda, W, ldw, C, ldc, accumulate, kstep,
                         lda > size_t(kstep) + kFarRows};
-    // Per thread: one packed W panel, plus an A block when copying. Sizes are
-    // multiples of 16 floats, so every slot stays 64-byte aligned.
+    // Per thread: one packed W panel, plus an A block when copying. The slot
+    // is rounded up to 16 floats, so every slot stays 64-byte aligned and
+    // the size is a multiple of the alignment, as aligned_alloc requires
+    // (with AVX2's 8-float vectors the A block need not be).
     const size_t wslot = size_t(KC) * NR;
     const size_t aslot = job.copy_a ? size_t(std::min(MC, M)) * size_t(kstep + kApad) : 0;
-    const size_t slot = wslot + aslot;
+    const size_t slot = (wslot + aslot + 15) / 16 * 16;
     std::unique_ptr<float, FreeDeleter> bufs(
         static_cast<float *>(std::aligned_alloc(64, slot * sizeof(float) * size_t(nt))));
     if (!bufs) fail(DIMOO_ERR_OUT_OF_MEMORY, "gemm_nt: cannot allocate packing buffers");
