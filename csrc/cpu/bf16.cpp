@@ -1170,12 +1170,59 @@ DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m
         for (; j < hd; ++j) o[j] *= corr[r];
     }
 }
+// exp16 on 8 lanes: the same clamp, remainder and polynomial; 2^n put in
+// the exponent bits (n in [-126, 127] after the clamp, so 2^n is normal and
+// the product is VSCALEFPS's).
+DIMOO_T256 inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606820309417232e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+
+// softmax_step_avx512 on 8 lanes, for the fp32 attention (the portable step's
+// sum is one serial chain, and its exps do not vectorize around it): lanes
+// past nk are -inf for the max and zero after the exp.
+DIMOO_T256 void softmax_step_avx2(float *s, int nk, float scale, float &m, float &l, float &corr) {
+    constexpr int NV = kKBlock / 8;
+    const __m256 vs = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx = _mm256_set1_ps(m);
+    for (int i = 0; i < NV; ++i) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * i), vs);
+        if (nk < kKBlock) v = _mm256_blendv_ps(ninf, v, first_lanes8(nk - 8 * i));
+        mx = _mm256_max_ps(mx, v);
+    }
+    const float mnew = hmax8(mx);
+    const __m256 vm = _mm256_set1_ps(mnew);
+    __m256 sum = _mm256_setzero_ps();
+    for (int i = 0; i < NV; ++i) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(s + 8 * i), vs), vm));
+        if (nk < kKBlock) e = _mm256_and_ps(e, first_lanes8(nk - 8 * i));
+        _mm256_storeu_ps(s + 8 * i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    corr = exp_clamped(m - mnew);
+    m = mnew;
+    l = l * corr + hsum8(sum);
+}
 #endif
 
 using SoftmaxFn = void (*)(float *, int, float, float &, float &, float &);
 SoftmaxFn softmax_step(Kernels ks) {
 #if defined(DIMOO_X86)
     if (ks >= Kernels::Avx512) return softmax_step_avx512;
+    if (ks == Kernels::Avx2) return softmax_step_avx2;
 #endif
     (void)ks;
     return softmax_step_portable;

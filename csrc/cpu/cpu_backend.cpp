@@ -56,8 +56,7 @@ void rmsnorm_rows(const float *x, const float *w, float *out, int rows, int cols
     for (int r = 0; r < rows; r++) {
         const float *xr = x + size_t(r) * cols;
         float *orow = out + size_t(r) * cols;
-        double ss = 0;
-        for (int c = 0; c < cols; c++) ss += double(xr[c]) * xr[c];
+        const double ss = sum_squares(xr, cols);
         float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
         for (int c = 0; c < cols; c++) orow[c] = xr[c] * inv * w[c];
     }
@@ -608,10 +607,7 @@ private:
             gemm(R, h_.data(), d, m_.w(WeightKind::FFProj, l), mlp, d, g_.data(), false);
             gemm(R, h_.data(), d, m_.w(WeightKind::UpProj, l), mlp, d, u_.data(), false);
 #pragma omp parallel for schedule(static)
-            for (size_t i = 0; i < size_t(R) * mlp; i++) {
-                const float g = g_[i];
-                g_[i] = g / (1.0f + std::exp(-g)) * u_[i];
-            }
+            for (size_t i = 0; i < size_t(R) * mlp; i++) g_[i] = silu(g_[i]) * u_[i];
             gemm(R, g_.data(), mlp, m_.w(WeightKind::FFOut, l), d, mlp, x_.data(), true);
         }
         if (!a.logits) return;
@@ -651,8 +647,7 @@ private:
     // RMSNorm of one row into the next GEMM's input: bf16 pairs, or fp32.
     template <bool BF>
     static void norm_row(const float *x, const float *w, uint32_t *out, int cols, float eps) {
-        double ss = 0;
-        for (int c = 0; c < cols; c++) ss += double(x[c]) * x[c];
+        const double ss = sum_squares(x, cols);
         const float inv = 1.0f / std::sqrt(float(ss / cols) + eps);
         if constexpr (!BF) {
             float *o = reinterpret_cast<float *>(out);
@@ -899,16 +894,15 @@ private:
                     for (int i = 0; i < nr; i++) {
                         float *g = G + size_t(i) * cpu::kPanel;
                         const float *u = U + size_t(i) * cpu::kPanel;
+                        // All 32 columns (a fixed count the compiler vectorises), then ncols out.
+                        for (int j = 0; j < cpu::kPanel; j++) g[j] = silu(g[j]) * u[j];
                         if constexpr (BF) {
-                            for (int j = 0; j < cpu::kPanel; j++) g[j] = g[j] / (1.0f + exp_clamped(-g[j])) * u[j];
                             cpu::round_bf16(g, ncols,
                                             reinterpret_cast<uint16_t *>(hbf_.data()) + size_t(r0 + i) * 2 * hs +
                                                 size_t(p) * cpu::kPanel,
                                             ncols);
                         } else {
-                            // libm exp, as the fp32 reference path computes silu.
-                            float *h = hbf_f + size_t(r0 + i) * hs + size_t(p) * cpu::kPanel;
-                            for (int j = 0; j < ncols; j++) h[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+                            std::copy_n(g, ncols, hbf_f + size_t(r0 + i) * hs + size_t(p) * cpu::kPanel);
                         }
                     }
                 }
