@@ -790,15 +790,15 @@ size_t l2_bytes() {
 }
 
 // Rows of A per task in the blocked order for rows of row_bytes: on AMX a
-// multiple of 32, at most 192, or 0 when fewer than 96 fit three quarters
-// of L2; on AVX2 a multiple of its 6-row tile, at most 96, or 0 when fewer
-// than 24 fit (0: the panel-major order).
+// multiple of 32, at most 192, or 0 (the panel-major order) when fewer than
+// 96 fit three quarters of L2. On AVX2 always kRowBlockAvx2, whatever k:
+// panels_avx2 reads A once per task, a chunk of k at a time, so A need not
+// stay in L2, while the panel-major order would widen A again per panel.
 int blocked_rows(Kernels ks, size_t row_bytes) {
+#if defined(DIMOO_X86)
+    if (ks == Kernels::Avx2) return kRowBlockAvx2;
+#endif
     const size_t fit = l2_bytes() * 3 / 4 / row_bytes;
-    if (ks == Kernels::Avx2) {
-        const int mb = int(std::min<size_t>(fit, 96)) / 6 * 6;
-        return mb >= 24 ? mb : 0;
-    }
     const int mb = int(std::min<size_t>(fit, 192)) / 32 * 32;
     return mb >= 96 ? mb : 0;
 }
@@ -816,8 +816,8 @@ int blocked_rows(Kernels ks, size_t row_bytes) {
 // the rows of A again per panel instead, 32 columns of work per byte, and
 // was 1.08-1.21x slower on AMX at k = 4096 (M = 112-4228, N = 4096-12288;
 // medians of `dimoo_cpupeak --gemm`, on 2 cores of a 2 MiB-L2 Xeon).
-// Otherwise (k too long for a row block in L2, e.g. the MLP's down
-// projection): job-major, then panel, then row block of kBlockRows.
+// Otherwise (AMX with k too long for a row block in L2, e.g. the MLP's
+// down projection): job-major, then panel, then row block of kBlockRows.
 template <class Job, class Run> void team_tasks(int M, const Job *jobs, int n_jobs, int Mb, Run run) {
     n_jobs = std::min(n_jobs, 7);
     // The panel-major order is the blocked one with one-panel column blocks,
