@@ -22,7 +22,7 @@
 //
 // --gemm M,N,K[/M,N,K...]: instead of forwards, the bf16 GEMM team alone
 // (C = A W^T, random bf16 A and W, A's rows at the context's stride) per
-// shape, in the blocked order (AMX's default) alternating with the
+// shape, in the blocked order (AMX's and AVX2's default) alternating with the
 // panel-major one; the table gives GFLOP/s of both, their ratio and the
 // blocked order's share of the peak measured around them. The model's
 // shapes at T tokens: T,4096,4096 (q, o), T,12288,4096 (gate, up),
