@@ -34,8 +34,8 @@ inline float exp_clamped(float x) {
 // MLP's gate loop scalar).
 inline float silu(float g) { return g / (1.0f + exp_clamped(-g)); }
 
-// The sum of x[i]^2 in double, for RMSNorm: in a few vector lanes (a single
-// serial chain of double adds was a tenth of the small model's forward).
+// The sum of x[i]^2 in double, for RMSNorm, in vector lanes (a plain loop is
+// one serial chain of double adds: the compiler may not reorder them).
 inline double sum_squares(const float *x, int n) {
     double ss = 0;
 #pragma omp simd reduction(+ : ss)

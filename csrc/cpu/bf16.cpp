@@ -1170,6 +1170,7 @@ DIMOO_T256 void softmax_rows_avx2(float *S, int n, int nk, float scale, float *m
         for (; j < hd; ++j) o[j] *= corr[r];
     }
 }
+
 // exp16 on 8 lanes: the same clamp, remainder and polynomial; 2^n put in
 // the exponent bits (n in [-126, 127] after the clamp, so 2^n is normal and
 // the product is VSCALEFPS's).
