@@ -898,7 +898,7 @@ void gemm_team(Kernels ks, int M, const uint32_t *A, size_t lda, const GemmJob *
     team_tasks(M, jobs, n_jobs, Mb, [&](const GemmJob &g, int q0, int q1, int r0, int rows) {
         int c0, c1;
 #if defined(DIMOO_X86)
-        if (ks == Kernels::Avx2 && q1 - q0 > 1) {
+        if (ks == Kernels::Avx2) { // the task's panels in one call (one panel: np = 1)
             int e0, e1;
             panel_cols(g, q0, c0, e0);
             panel_cols(g, q1 - 1, e1, c1);
