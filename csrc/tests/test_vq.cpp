@@ -5,8 +5,10 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -175,6 +177,47 @@ TEST(VQOps, ConvChunked) {
     EXPECT_LT(rel_err(run_conv(d, xd, H, W, ConvMode::Down, false), down), 1e-6);
     auto dsame = naive_conv(d, xd, H, W, ConvMode::Same, &Ho, &Wo); // Winograd in two chunks of tiles
     EXPECT_LT(rel_err(run_conv(d, xd, H, W, ConvMode::Same, false), dsame), 1e-6);
+}
+
+// A Scratch hands a released block to the next request of 1 to 2 times its
+// size on the same thread; a larger request releases the free blocks; a
+// nested Scratch shares the pool; an activation may outlive its Scratch;
+// another thread's activations are not pooled.
+TEST(VQOps, ScratchReusesReleasedActivations) {
+    using dimoo::vq::activation;
+    EXPECT_EQ(activation(16).get_deleter().pool, nullptr); // no Scratch: plain blocks
+    dimoo::vq::Activation outlives;
+    {
+        const dimoo::vq::Scratch scratch;
+        auto a = activation(1000);
+        ASSERT_NE(a.get_deleter().pool, nullptr);
+        float *pa = a.get();
+        a.reset();
+        auto b = activation(600); // fits the released block
+        EXPECT_EQ(b.get(), pa);
+        EXPECT_EQ(b.get_deleter().capacity, 1000u);
+        b.reset();
+        // Less than half of it: a block of its own (the free one is released,
+        // so malloc may well return the same address).
+        auto c = activation(400);
+        EXPECT_EQ(c.get_deleter().capacity, 400u);
+        float *pc = c.get();
+        const auto pool = c.get_deleter().pool;
+        c.reset();
+        {
+            const dimoo::vq::Scratch nested;
+            auto d = activation(300);
+            EXPECT_EQ(d.get(), pc);
+            EXPECT_EQ(d.get_deleter().capacity, 400u);
+            EXPECT_EQ(d.get_deleter().pool, pool);
+        }
+        std::thread([] { EXPECT_EQ(activation(16).get_deleter().pool, nullptr); }).join();
+        outlives = activation(500);
+        outlives[499] = 1.0f;
+    }
+    EXPECT_EQ(outlives[499], 1.0f); // still valid; freed with its pool below
+    outlives.reset();
+    EXPECT_EQ(activation(16).get_deleter().pool, nullptr);
 }
 
 TEST(VQOps, GroupNormMatchesNaive) {
@@ -457,6 +500,33 @@ TEST_F(VQFixture, DecodeRefusedWhenMemoryIsShort) {
     EXPECT_NE(e.find("the VQ-VAE's activations needs "), std::string::npos) << e;
     EXPECT_NE(e.find(" MiB of host memory but 40 MiB are available (DIMOO_HOST_AVAILABLE_MB)"), std::string::npos) << e;
     EXPECT_EQ(dimoo_vq_decode(vq, codes.data(), 4, 4, out.data()), DIMOO_OK) << dimoo_vq_error(vq);
+}
+
+// Decodes and encodes take their activations from a Scratch. With every
+// reused block poisoned (NaN), an op that read a buffer before writing it
+// would change the result: it must equal the first call's bit for bit.
+TEST_F(VQFixture, PoisonedScratchLeavesResults) {
+    load_all();
+    ASSERT_EQ(dimoo_vq_finalize(vq), DIMOO_OK) << dimoo_vq_error(vq);
+    const int h = 6, w = 5, f = 4;
+    std::vector<int32_t> codes(h * w);
+    for (int i = 0; i < h * w; i++) codes[size_t(i)] = (7 * i) % 20;
+    auto pix = randn(size_t(h * f) * (w * f) * 3, 11, 0.3f);
+    auto run = [&](std::vector<float> &img, std::vector<int32_t> &enc) {
+        img.assign(size_t(3) * h * f * w * f, 0.0f);
+        enc.assign(size_t(h) * w, -1);
+        ASSERT_EQ(dimoo_vq_decode(vq, codes.data(), h, w, img.data()), DIMOO_OK) << dimoo_vq_error(vq);
+        ASSERT_EQ(dimoo_vq_encode(vq, pix.data(), h * f, w * f, enc.data()), DIMOO_OK) << dimoo_vq_error(vq);
+    };
+    std::vector<float> img0, img1;
+    std::vector<int32_t> enc0, enc1;
+    run(img0, enc0);
+    dimoo::vq::set_scratch_poison(true);
+    run(img1, enc1);
+    dimoo::vq::set_scratch_poison(false);
+    for (float v : img1) ASSERT_TRUE(std::isfinite(v));
+    EXPECT_EQ(std::memcmp(img0.data(), img1.data(), img0.size() * sizeof(float)), 0);
+    EXPECT_EQ(enc0, enc1);
 }
 
 TEST_F(VQFixture, HalfWeightsLoad) {

@@ -8,7 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "cpu/gemm.h"
 #include "vecmath.h"
@@ -17,11 +21,86 @@
 
 namespace dimoo::vq {
 
-std::unique_ptr<float[]> activation(size_t n) { return host_floats(n, "the VQ-VAE's activations"); }
+namespace {
+std::atomic<bool> scratch_poison{false};
+} // namespace
+
+void set_scratch_poison(bool on) { scratch_poison.store(on); }
+
+// The blocks a Scratch keeps: released ones wait in `free` for a request
+// they can serve.
+struct ScratchPool {
+    std::mutex mu;
+    std::vector<std::pair<size_t, float *>> free; // (capacity, block)
+
+    ~ScratchPool() {
+        for (auto &b : free) delete[] b.second;
+    }
+    // The smallest free block of n to 2n floats, or null. A larger one stays
+    // for a larger request: taking it would leave that one to a new block.
+    float *take(size_t n, size_t *capacity) {
+        std::lock_guard<std::mutex> lock(mu);
+        size_t best = free.size();
+        for (size_t i = 0; i < free.size(); i++)
+            if (free[i].first >= n && free[i].first / 2 <= n && (best == free.size() || free[i].first < free[best].first))
+                best = i;
+        if (best == free.size()) {
+            // A new block is about to be made: the free ones go back to the
+            // system first, so they do not pile up as the sizes change.
+            for (auto &b : free) delete[] b.second;
+            free.clear();
+            return nullptr;
+        }
+        float *p = free[best].second;
+        *capacity = free[best].first;
+        free[best] = free.back();
+        free.pop_back();
+        if (scratch_poison.load(std::memory_order_relaxed))
+            std::fill(p, p + *capacity, std::numeric_limits<float>::quiet_NaN());
+        return p;
+    }
+    void give(float *p, size_t capacity) noexcept {
+        std::lock_guard<std::mutex> lock(mu);
+        try {
+            free.emplace_back(capacity, p);
+        } catch (...) {
+            delete[] p;
+        }
+    }
+};
+
+namespace {
+thread_local std::shared_ptr<ScratchPool> current_pool;
+} // namespace
+
+void ActivationDeleter::operator()(float *p) const noexcept {
+    if (pool) pool->give(p, capacity);
+    else delete[] p;
+}
+
+Scratch::Scratch() {
+    if (!current_pool) {
+        current_pool = std::make_shared<ScratchPool>();
+        owner_ = true;
+    }
+}
+
+Scratch::~Scratch() {
+    if (owner_) current_pool.reset();
+}
+
+Activation activation(size_t n) {
+    const std::shared_ptr<ScratchPool> &pool = current_pool;
+    if (pool) {
+        size_t capacity = 0;
+        if (float *p = pool->take(n, &capacity)) return Activation(p, ActivationDeleter{pool, capacity});
+    }
+    return Activation(host_floats(n, "the VQ-VAE's activations").release(), ActivationDeleter{pool, n});
+}
 
 namespace {
 
-using Buf = std::unique_ptr<float[]>;
+using Buf = Activation;
 
 // Rows of a GEMM's output kept per block, so the nine taps of a 3x3 conv
 // accumulate into a block while it is in cache (this many floats of output).

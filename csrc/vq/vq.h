@@ -30,9 +30,45 @@ namespace dimoo::vq {
 // the border zeroed again.
 
 inline size_t padded_rows(int H, int W) { return size_t(H + 2) * size_t(W + 2); }
+
+struct ScratchPool;
+// Gives an activation back to the Scratch it came from (or frees it).
+struct ActivationDeleter {
+    std::shared_ptr<ScratchPool> pool; // null: not pooled
+    size_t capacity = 0;               // floats the block holds
+    void operator()(float *p) const noexcept;
+};
+using Activation = std::unique_ptr<float[], ActivationDeleter>;
+
 // n floats, uninitialised, for an activation: OUT_OF_MEMORY, with the numbers,
 // when the host cannot hold them (host_memory.h), rather than the OOM killer.
-std::unique_ptr<float[]> activation(size_t n);
+// Under a Scratch (on this thread) it may be a block released earlier.
+Activation activation(size_t n);
+
+// While a Scratch lives, the activations this thread releases are kept for
+// its later activation() calls instead of going back to the system. A decode
+// frees and allocates hundreds of MB per layer, each block large enough for
+// malloc to map it fresh, so every page of it faulted again: about a
+// quarter of a 512x512 decode's time on a 2-core VM. A request takes the
+// smallest free block of 1 to 2 times its size; when none fits, the free
+// blocks are released and a new one is made. The rest go back to the system
+// when the outermost Scratch and every activation taken under it are gone; a
+// Scratch made under another shares its pool. Make it before the activations
+// it should serve, so they are released (into it) first.
+class Scratch {
+public:
+    Scratch();
+    ~Scratch();
+    Scratch(const Scratch &) = delete;
+    Scratch &operator=(const Scratch &) = delete;
+
+private:
+    bool owner_ = false;
+};
+
+// Tests: blocks a Scratch hands out again are first filled with NaN, so an
+// op that reads an activation before writing it shows.
+void set_scratch_poison(bool on);
 // Zero the border rows/columns of a padded H x W x C buffer.
 void zero_border(float *p, int H, int W, int C);
 // Compact (H*W, C) -> padded, and back.
@@ -192,7 +228,7 @@ private:
     void add_resnet(const std::string &name, Resnet &r, int cin, int cout);
     void add_mid(const std::string &name, MidBlock &m, int c);
 
-    using Buf = std::unique_ptr<float[]>; // an activation, uninitialised when made
+    using Buf = Activation; // uninitialised when made
     Buf run_resnet(const Resnet &r, const float *x, int H, int W) const;
     Buf run_mid(const MidBlock &m, Buf x, int H, int W, const std::atomic<bool> &cancel) const;
 

@@ -278,6 +278,7 @@ Model::Buf Model::run_mid(const MidBlock &m, Buf x, int H, int W, const std::ato
 }
 
 void Model::decode_latent(const float *z, int h, int w, float *out, const std::atomic<bool> &cancel) const {
+    const Scratch scratch; // before any activation
     const int L = cfg_.n_levels, D = cfg_.vq_embed_dim;
     int H = h, W = w;
     Buf x;
@@ -311,6 +312,7 @@ void Model::decode_latent(const float *z, int h, int w, float *out, const std::a
 }
 
 void Model::decode(const int32_t *codes, int h, int w, float *out, const std::atomic<bool> &cancel) const {
+    const Scratch scratch; // before any activation
     const int D = cfg_.vq_embed_dim;
     const int64_t P = int64_t(h) * w;
     Buf z(activation(size_t(P) * D));
@@ -320,6 +322,7 @@ void Model::decode(const int32_t *codes, int h, int w, float *out, const std::at
 }
 
 void Model::encode_latent(const float *pixels, int H, int W, float *latent, const std::atomic<bool> &cancel) const {
+    const Scratch scratch; // before any activation
     const int32_t *ch = cfg_.block_out_channels;
     Buf x(activation(padded_rows(H, W) * ch[0]));
     {
@@ -353,6 +356,7 @@ void Model::encode_latent(const float *pixels, int H, int W, float *latent, cons
 }
 
 void Model::quantize(const float *latent, int n, int32_t *codes) const {
+    const Scratch scratch; // before any activation
     const int E = cfg_.num_vq_embeddings, D = cfg_.vq_embed_dim;
     // score_j = |e_j|^2 - 2 x.e_j ranks rows like |x - e_j|^2. Rows whose float
     // score is within the GEMM's rounding of the best are re-ranked by the exact
@@ -398,6 +402,7 @@ void Model::quantize(const float *latent, int n, int32_t *codes) const {
 }
 
 void Model::encode(const float *pixels, int H, int W, int32_t *codes, const std::atomic<bool> &cancel) const {
+    const Scratch scratch; // before any activation
     const int f = factor();
     const int n = (H / f) * (W / f);
     Buf z(activation(size_t(n) * cfg_.vq_embed_dim));
