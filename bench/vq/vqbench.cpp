@@ -6,6 +6,7 @@
 //                       [--threads N] [--channels 128,256,256,512,768]
 //                       [--layers-per-block 2] [--latent 64] [--codebook 8192]
 //                       [--groups 32] [--mid-attention 0|1] [--no-encode] [--json]
+//                       [--winograd-tile 0|2|4]
 //
 // Per grid side s (codes s x s, an image of 16s x 16s for five levels): one
 // untimed decode and encode, then --reps timed ones; the table gives the
@@ -43,7 +44,7 @@ struct Options {
     std::vector<int> sides{32};
     int reps = 3, threads = 0;
     std::vector<int> channels{128, 256, 256, 512, 768};
-    int layers_per_block = 2, latent = 64, codebook = 8192, groups = 32, mid_attention = 0;
+    int layers_per_block = 2, latent = 64, codebook = 8192, groups = 32, mid_attention = 0, winograd_tile = 0;
     bool encode = true, json = false;
 };
 
@@ -213,16 +214,20 @@ int main(int argc, char **argv) {
         else if (a == "--groups") o.groups = parse_int(a, next(), 1, 4096);
         else if (a == "--mid-attention") o.mid_attention = parse_int(a, next(), 0, 1);
         else if (a == "--no-encode") o.encode = false;
+        else if (a == "--winograd-tile") o.winograd_tile = parse_int(a, next(), 0, 4);
         else if (a == "--json") o.json = true;
         else if (a == "-h" || a == "--help") {
             std::printf("usage: dimoo_vqbench [--backend cpu|cuda] [--sides 32,64] [--reps 3] [--threads N]\n"
                         "  [--channels 128,256,256,512,768] [--layers-per-block 2] [--latent 64]\n"
-                        "  [--codebook 8192] [--groups 32] [--mid-attention 0|1] [--no-encode] [--json]\n");
+                        "  [--codebook 8192] [--groups 32] [--mid-attention 0|1] [--no-encode] [--json]\n"
+                        "  [--winograd-tile 0|2|4]\n");
             return 0;
         } else die("unknown flag " + a + " (--help lists them)");
     }
     if (o.backend != "cpu" && o.backend != "cuda") die("--backend: cpu or cuda");
     if (o.channels.size() > 8) die("--channels: at most 8 levels");
+    if (o.winograd_tile == 1 || o.winograd_tile == 3) die("--winograd-tile: 0 (by grid size), 2 or 4");
+    dimoo::vq::set_winograd_tile(o.winograd_tile); // the CPU's 3x3 convs
     const bool cuda = o.backend == "cuda";
 
     dimoo_vq_config c{};

@@ -160,8 +160,13 @@ TEST(VQOps, ConvMatchesNaive) {
     }
 }
 
-// Large enough that the GEMMs run in several blocks of rows.
+// Large enough that the GEMMs run in several blocks of rows. The 3x3 ones
+// with F(2x2, 3x3), which this grid would otherwise leave for F(4x4, 3x3).
 TEST(VQOps, ConvChunked) {
+    struct Reset {
+        ~Reset() { dimoo::vq::set_winograd_tile(0); }
+    } reset;
+    dimoo::vq::set_winograd_tile(2);
     auto c = random_conv(96, 64, 3, 7);
     const int H = 70, W = 90;
     auto x = randn(size_t(H) * W * c.cin, 8);
@@ -218,6 +223,36 @@ TEST(VQOps, ScratchReusesReleasedActivations) {
     EXPECT_EQ(outlives[499], 1.0f); // still valid; freed with its pool below
     outlives.reset();
     EXPECT_EQ(activation(16).get_deleter().pool, nullptr);
+}
+
+// F(4x4, 3x3), forced on for small grids too: partial tiles on every side,
+// accumulation, and (512 in, 16 out on 100x90) two chunks of tiles. Its
+// transforms round more than F(2x2, 3x3)'s: 1e-5 here, measured 1e-6 to 3e-6.
+TEST(VQOps, ConvWinograd4MatchesNaive) {
+    struct Reset {
+        ~Reset() { dimoo::vq::set_winograd_tile(0); }
+    } reset;
+    dimoo::vq::set_winograd_tile(4);
+    const ConvCase cases[] = {
+        {8, 8, 3, 1, 1, ConvMode::Same},    {16, 8, 3, 5, 6, ConvMode::Same},  {9, 11, 3, 4, 4, ConvMode::Same},
+        {64, 48, 3, 13, 10, ConvMode::Same}, {256, 32, 3, 9, 7, ConvMode::Same}, {512, 16, 3, 100, 90, ConvMode::Same},
+    };
+    uint32_t seed = 101;
+    for (const auto &cc : cases) {
+        auto c = random_conv(cc.cin, cc.cout, cc.k, seed++);
+        auto x = randn(size_t(cc.H) * cc.W * cc.cin, seed++);
+        int Ho = 0, Wo = 0;
+        auto want = naive_conv(c, x, cc.H, cc.W, cc.mode, &Ho, &Wo);
+        const auto got = run_conv(c, x, cc.H, cc.W, cc.mode, false);
+        EXPECT_LT(rel_err(got, want), 1e-5) << "cin " << cc.cin << " " << cc.H << "x" << cc.W;
+        dimoo::vq::set_winograd_tile(2); // the knob picks another path: other roundings
+        EXPECT_NE(run_conv(c, x, cc.H, cc.W, cc.mode, false), got);
+        dimoo::vq::set_winograd_tile(4);
+        auto acc = run_conv(c, x, cc.H, cc.W, cc.mode, true, 1.0f);
+        for (auto &v : want) v += 1.0;
+        EXPECT_LT(rel_err(acc, want), 1e-5);
+    }
+    EXPECT_THROW(dimoo::vq::set_winograd_tile(3), dimoo::Error);
 }
 
 TEST(VQOps, GroupNormMatchesNaive) {
@@ -527,6 +562,42 @@ TEST_F(VQFixture, PoisonedScratchLeavesResults) {
     for (float v : img1) ASSERT_TRUE(std::isfinite(v));
     EXPECT_EQ(std::memcmp(img0.data(), img1.data(), img0.size() * sizeof(float)), 0);
     EXPECT_EQ(enc0, enc1);
+}
+
+// A whole decode and encode whose full-size level (64x64 pixels, 256 tiles of
+// 4x4) takes F(4x4, 3x3) by default: within 1e-5 of the same with F(2x2, 3x3)
+// everywhere (each within 1e-6 of a float64 convolution, VQOps tests).
+TEST_F(VQFixture, Winograd4DecodeAgrees) {
+    struct Reset {
+        ~Reset() { dimoo::vq::set_winograd_tile(0); }
+    } reset;
+    load_all();
+    ASSERT_EQ(dimoo_vq_finalize(vq), DIMOO_OK) << dimoo_vq_error(vq);
+    const int h = 16, w = 16, f = 4;
+    std::vector<int32_t> codes(h * w);
+    for (int i = 0; i < h * w; i++) codes[size_t(i)] = (11 * i + 3) % 20;
+    auto pix = randn(size_t(h * f) * (w * f) * 3, 12, 0.3f);
+    std::vector<float> img[2], lat[2];
+    const int tiles[2] = {0, 2};
+    for (int t = 0; t < 2; t++) {
+        dimoo::vq::set_winograd_tile(tiles[t]);
+        img[t].assign(size_t(3) * h * f * w * f, 0.0f);
+        lat[t].assign(size_t(h) * w * 5, 0.0f);
+        ASSERT_EQ(dimoo_vq_decode(vq, codes.data(), h, w, img[t].data()), DIMOO_OK) << dimoo_vq_error(vq);
+        ASSERT_EQ(dimoo_vq_encode_latent(vq, pix.data(), h * f, w * f, lat[t].data()), DIMOO_OK) << dimoo_vq_error(vq);
+    }
+    auto rel = [](const std::vector<float> &a, const std::vector<float> &b) {
+        double num = 0, den = 0;
+        for (size_t i = 0; i < a.size(); i++) {
+            num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+            den += double(b[i]) * b[i];
+        }
+        return std::sqrt(num / den);
+    };
+    EXPECT_NE(img[0], img[1]); // the default took the other path somewhere
+    EXPECT_LT(rel(img[0], img[1]), 1e-5);
+    EXPECT_NE(lat[0], lat[1]);
+    EXPECT_LT(rel(lat[0], lat[1]), 1e-5);
 }
 
 TEST_F(VQFixture, HalfWeightsLoad) {

@@ -1,5 +1,5 @@
 // ops.cpp - the VQ-VAE's building blocks on the CPU, on zero-bordered
-// channels-last activations: convolutions as shifted GEMMs (nearest x2
+// channels-last activations: convolutions as Winograd or shifted GEMMs (nearest x2
 // upsampling folded into four 2x2 sub-pixel convolutions; diffusers'
 // asymmetric stride-2 convolution through gathered patches), GroupNorm
 // (+SiLU), and the single-head mid-block attention. fp32, OpenMP.
@@ -23,9 +23,15 @@ namespace dimoo::vq {
 
 namespace {
 std::atomic<bool> scratch_poison{false};
+std::atomic<int> winograd_tile{0};
 } // namespace
 
 void set_scratch_poison(bool on) { scratch_poison.store(on); }
+
+void set_winograd_tile(int tile) {
+    DIMOO_CHECK_ARG(tile == 0 || tile == 2 || tile == 4, "set_winograd_tile: 0, 2 or 4");
+    winograd_tile.store(tile);
+}
 
 // The blocks a Scratch keeps: released ones wait in `free` for a request
 // they can serve.
@@ -111,6 +117,12 @@ constexpr int64_t kPatchFloats = int64_t(1) << 22;
 // Convolutions with fewer channels in or out (the image ones) take the
 // shifted-GEMM path: Winograd's transforms would cost more than they save.
 constexpr int kWinogradMinChannels = 8;
+// F(4x4, 3x3) from this many output tiles of 4x4 up (a 64x64 grid): below
+// it, making its transformed kernel (36 cout x cin floats per call) costs more
+// than the GEMMs save. Measured on a 2-core AVX2 VM, decoder stacks of one
+// width: 0.65x at 64 tiles (768 channels), 1.09x at 256 (512), 1.4x at 1024
+// (256) and 1.3-1.5x at 4096 (128) against F(2x2, 3x3).
+constexpr int64_t kWinograd4MinTiles = 256;
 
 int64_t block_rows(int cout, int64_t total) {
     return std::min<int64_t>(total, std::max<int64_t>(256, kBlockFloats / std::max(cout, 1)));
@@ -135,6 +147,44 @@ void bias_rows(float *out, int64_t rows, int n, const std::vector<float> &b, boo
 
 void gemm(int64_t M, int N, int K, const float *A, int lda, const float *W, int ldw, float *C, int ldc) {
     cpu::gemm_nt(int(M), N, K, A, lda, W, DIMOO_F32, ldw, C, ldc, true);
+}
+
+// A^T M A + bias of one F(2x2, 3x3) tile: m is its value in the first of 16
+// planes (plane floats apart), y gets its 2x2 outputs, row by row, cout each.
+// Base pointers and fixed offsets, so the loop vectorises over channels.
+void wino2_output(const float *__restrict m, size_t plane, const float *__restrict bias, int cout,
+                  float *__restrict y) {
+#pragma omp simd
+    for (int j = 0; j < cout; j++) {
+        float v[16];
+        for (int e = 0; e < 16; e++) v[e] = m[size_t(e) * plane + size_t(j)];
+        float s[2][4];
+        for (int q = 0; q < 4; q++) {
+            s[0][q] = v[q] + v[4 + q] + v[8 + q];
+            s[1][q] = v[4 + q] - v[8 + q] - v[12 + q];
+        }
+        for (int r = 0; r < 2; r++) {
+            y[size_t(2 * r) * cout + j] = s[r][0] + s[r][1] + s[r][2] + bias[j];
+            y[size_t(2 * r + 1) * cout + j] = s[r][1] - s[r][2] - s[r][3] + bias[j];
+        }
+    }
+}
+
+// A tile's n x n outputs (y, row by row, cout each) into the output pixels
+// that exist, from (y0, x0) (unpadded coordinates), set or added.
+void put_tile(const float *y, int n, int y0, int x0, int H, int W, int cout, float *out, bool accumulate) {
+    const int Wp = W + 2;
+    for (int r = 0; r < n && y0 + r < H; r++)
+        for (int q = 0; q < n && x0 + q < W; q++) {
+            const float *__restrict src = y + size_t(r * n + q) * cout;
+            float *__restrict dst = out + (int64_t(y0 + r + 1) * Wp + x0 + q + 1) * cout;
+            if (accumulate) {
+#pragma omp simd
+                for (int j = 0; j < cout; j++) dst[j] += src[j];
+            } else {
+                std::memcpy(dst, src, sizeof(float) * size_t(cout));
+            }
+        }
 }
 
 // Winograd F(2x2, 3x3): the 3x3 stride-1 conv over 2x2 output tiles, each
@@ -208,49 +258,217 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
                          cin, M.get() + size_t(e) * T * cout, cout, false);
         // Y = A^T M A + bias into the output pixels that exist.
         const float *bias = c.b.data();
-#pragma omp parallel for schedule(static)
-        for (int64_t k = 0; k < nt; k++) {
-            const int y0 = int((t0 + k) / tx) * 2, x0 = int((t0 + k) % tx) * 2; // output coords
-            const float *m[16];
-            for (int e = 0; e < 16; e++) m[e] = M.get() + (size_t(e) * T + k) * cout;
-            float *o[2][2];
-            for (int r = 0; r < 2; r++)
-                for (int q = 0; q < 2; q++)
-                    o[r][q] = (y0 + r < H && x0 + q < W) ? out + (int64_t(y0 + r + 1) * Wp + x0 + q + 1) * cout : nullptr;
-            if (o[0][1] && o[1][0] && o[1][1]) {
+        const size_t plane = size_t(T) * cout;
+#pragma omp parallel
+        {
+            std::vector<float> ybuf(size_t(4) * cout); // the tile's 2x2 outputs, row by row
+            float *y = ybuf.data();
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < nt; k++) {
+                wino2_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
+                const int y0 = int((t0 + k) / tx) * 2, x0 = int((t0 + k) % tx) * 2; // output coords
+                put_tile(y, 2, y0, x0, H, W, cout, out, accumulate);
+            }
+        }
+    }
+}
+
+// Winograd F(4x4, 3x3) (Lavin and Gray's points 0, 1, -1, 2, -2): 4x4 output
+// tiles from 6x6 input patches (stride 4), 36 multiplies per 16 outputs
+// where F(2x2, 3x3) takes 64, so 36 GEMMs of a quarter the rows. Its larger
+// transform coefficients cost precision: about 2e-6 relative against a
+// float64 convolution, 5 to 7 times F(2x2, 3x3)'s. Same layout and chunking.
+namespace wino4 {
+
+// B^T x for one column of 6 (the input transform, applied to columns then rows).
+inline void bt(const float d[6], float b[6]) {
+    b[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    b[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
+    b[2] = d[4] - d[3] + 4.0f * (d[1] - d[2]);
+    b[3] = d[4] - d[2] + 2.0f * (d[3] - d[1]);
+    b[4] = d[4] - d[2] + 2.0f * (d[1] - d[3]);
+    b[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+// A^T m: 6 values to 4 (the output transform).
+inline void at(const float m[6], float y[4]) {
+    const float s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    y[0] = m[0] + s12 + s34;
+    y[1] = d12 + 2.0f * d34;
+    y[2] = s12 + 4.0f * s34;
+    y[3] = d12 + 8.0f * d34 + m[5];
+}
+
+// G g: 3 kernel taps to 6.
+inline void g(const float k[3], float u[6]) {
+    u[0] = 0.25f * k[0];
+    u[1] = -(k[0] + k[1] + k[2]) / 6.0f;
+    u[2] = -(k[0] - k[1] + k[2]) / 6.0f;
+    u[3] = k[0] / 24.0f + k[1] / 12.0f + k[2] / 6.0f;
+    u[4] = k[0] / 24.0f - k[1] / 12.0f + k[2] / 6.0f;
+    u[5] = k[2];
+}
+
+} // namespace wino4
+
+// B^T d B of one 6x6 patch: pixel (r, q)'s cin channels at p + r * row + q * cin;
+// v gets the 36 transformed values of each channel, plane floats apart.
+// Written out in scalars (no arrays): so GCC vectorises it over channels.
+#define DIMOO_WINO4_BT(d0, d1, d2, d3, d4, d5, b0, b1, b2, b3, b4, b5)                                            \
+    const float b0 = 4.0f * (d0) - 5.0f * (d2) + (d4);                                                        \
+    const float b1 = (d3) + (d4) - 4.0f * ((d1) + (d2));                                                      \
+    const float b2 = (d4) - (d3) + 4.0f * ((d1) - (d2));                                                      \
+    const float b3 = (d4) - (d2) + 2.0f * ((d3) - (d1));                                                      \
+    const float b4 = (d4) - (d2) + 2.0f * ((d1) - (d3));                                                      \
+    const float b5 = 4.0f * (d1) - 5.0f * (d3) + (d5);
+#define DIMOO_WINO4_AT(m0, m1, m2, m3, m4, m5, y0, y1, y2, y3)                                                    \
+    const float y0 = (m0) + ((m1) + (m2)) + ((m3) + (m4));                                                    \
+    const float y1 = ((m1) - (m2)) + 2.0f * ((m3) - (m4));                                                    \
+    const float y2 = ((m1) + (m2)) + 4.0f * ((m3) + (m4));                                                    \
+    const float y3 = ((m1) - (m2)) + 8.0f * ((m3) - (m4)) + (m5);
+
+void wino4_input(const float *__restrict p, size_t row, int cin, float *__restrict v, size_t plane) {
+    const float *__restrict p0 = p, *__restrict p1 = p + row, *__restrict p2 = p + 2 * row;
+    const float *__restrict p3 = p + 3 * row, *__restrict p4 = p + 4 * row, *__restrict p5 = p + 5 * row;
+    const size_t c1 = size_t(cin), c2 = 2 * c1, c3 = 3 * c1, c4 = 4 * c1, c5 = 5 * c1;
+#define DIMOO_COL(q, o)                                                                                             \
+    DIMOO_WINO4_BT(p0[(o) + i], p1[(o) + i], p2[(o) + i], p3[(o) + i], p4[(o) + i], p5[(o) + i], b0##q, b1##q, b2##q, \
+                   b3##q, b4##q, b5##q)
+#define DIMOO_ROW(r)                                                                                                \
+    {                                                                                                               \
+        DIMOO_WINO4_BT(b##r##0, b##r##1, b##r##2, b##r##3, b##r##4, b##r##5, t0, t1, t2, t3, t4, t5)                \
+        v[(6 * r + 0) * plane + i] = t0;                                                                            \
+        v[(6 * r + 1) * plane + i] = t1;                                                                            \
+        v[(6 * r + 2) * plane + i] = t2;                                                                            \
+        v[(6 * r + 3) * plane + i] = t3;                                                                            \
+        v[(6 * r + 4) * plane + i] = t4;                                                                            \
+        v[(6 * r + 5) * plane + i] = t5;                                                                            \
+    }
 #pragma omp simd
-                for (int j = 0; j < cout; j++) {
-                    float s[2][4];
-                    for (int q = 0; q < 4; q++) {
-                        s[0][q] = m[q][j] + m[4 + q][j] + m[8 + q][j];
-                        s[1][q] = m[4 + q][j] - m[8 + q][j] - m[12 + q][j];
-                    }
-                    for (int r = 0; r < 2; r++) {
-                        const float a = s[r][0] + s[r][1] + s[r][2] + bias[j];
-                        const float b = s[r][1] - s[r][2] - s[r][3] + bias[j];
-                        if (accumulate) {
-                            o[r][0][j] += a;
-                            o[r][1][j] += b;
-                        } else {
-                            o[r][0][j] = a;
-                            o[r][1][j] = b;
+    for (size_t i = 0; i < c1; i++) {
+        DIMOO_COL(0, 0)
+        DIMOO_COL(1, c1)
+        DIMOO_COL(2, c2)
+        DIMOO_COL(3, c3)
+        DIMOO_COL(4, c4)
+        DIMOO_COL(5, c5)
+        DIMOO_ROW(0)
+        DIMOO_ROW(1)
+        DIMOO_ROW(2)
+        DIMOO_ROW(3)
+        DIMOO_ROW(4)
+        DIMOO_ROW(5)
+    }
+#undef DIMOO_COL
+#undef DIMOO_ROW
+}
+
+// A^T M A + bias of one tile: m is its value in the first of 36 planes
+// (plane floats apart); y gets its 4x4 outputs, row by row, cout each.
+void wino4_output(const float *__restrict m, size_t plane, const float *__restrict bias, int cout,
+                  float *__restrict y) {
+    const size_t n = size_t(cout);
+#define DIMOO_M(r, q) m[(6 * (r) + (q)) * plane + j]
+#define DIMOO_COL(q) DIMOO_WINO4_AT(DIMOO_M(0, q), DIMOO_M(1, q), DIMOO_M(2, q), DIMOO_M(3, q), DIMOO_M(4, q), DIMOO_M(5, q), \
+                                    s0##q, s1##q, s2##q, s3##q)
+#define DIMOO_ROW(r)                                                                                                \
+    {                                                                                                               \
+        DIMOO_WINO4_AT(s##r##0, s##r##1, s##r##2, s##r##3, s##r##4, s##r##5, t0, t1, t2, t3)                        \
+        y[(4 * r + 0) * n + j] = t0 + bias[j];                                                                      \
+        y[(4 * r + 1) * n + j] = t1 + bias[j];                                                                      \
+        y[(4 * r + 2) * n + j] = t2 + bias[j];                                                                      \
+        y[(4 * r + 3) * n + j] = t3 + bias[j];                                                                      \
+    }
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) {
+        DIMOO_COL(0)
+        DIMOO_COL(1)
+        DIMOO_COL(2)
+        DIMOO_COL(3)
+        DIMOO_COL(4)
+        DIMOO_COL(5)
+        DIMOO_ROW(0)
+        DIMOO_ROW(1)
+        DIMOO_ROW(2)
+        DIMOO_ROW(3)
+    }
+#undef DIMOO_M
+#undef DIMOO_COL
+#undef DIMOO_ROW
+}
+#undef DIMOO_WINO4_BT
+#undef DIMOO_WINO4_AT
+
+void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, bool accumulate) {
+    const int cin = c.cin, cout = c.cout, Wp = W + 2;
+    const int tx = (W + 3) / 4, ty = (H + 3) / 4;
+    const int64_t tiles = int64_t(tx) * ty;
+    // U[xi][o][i], xi = 6 * row + col of the 6x6 transformed kernel.
+    Buf U(activation(size_t(36) * cout * cin));
+    const size_t oc = size_t(cout) * cin;
+#pragma omp parallel for schedule(static)
+    for (int o = 0; o < cout; o++)
+        for (int i = 0; i < cin; i++) {
+            float t[6][3]; // G g, column by column
+            for (int kx = 0; kx < 3; kx++) {
+                float k[3], u[6];
+                for (int ky = 0; ky < 3; ky++) k[ky] = c.w[((size_t(o) * 3 + ky) * 3 + kx) * cin + i];
+                wino4::g(k, u);
+                for (int r = 0; r < 6; r++) t[r][kx] = u[r];
+            }
+            const size_t at = size_t(o) * cin + i;
+            for (int r = 0; r < 6; r++) { // (G g) G^T, row by row
+                float u[6];
+                wino4::g(t[r], u);
+                for (int q = 0; q < 6; q++) U[(r * 6 + q) * oc + at] = u[q];
+            }
+        }
+    const int64_t T = std::min<int64_t>(tiles, std::max<int64_t>(64, (int64_t(1) << 18) / (cin + cout)));
+    Buf V(activation(size_t(36) * T * cin)), M(activation(size_t(36) * T * cout));
+    std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
+    for (int64_t t0 = 0; t0 < tiles; t0 += T) {
+        const int64_t nt = std::min(T, tiles - t0);
+        // V = B^T d B, per tile; tiles reaching past the border from a
+        // zero-filled copy of their patch.
+        const size_t vplane = size_t(T) * cin;
+#pragma omp parallel
+        {
+            std::vector<float> patch(size_t(36) * cin);
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < nt; k++) {
+                const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // padded coords of the patch
+                const float *p = x + (int64_t(y0) * Wp + x0) * cin;
+                size_t row = size_t(Wp) * cin;
+                if (y0 + 6 > H + 2 || x0 + 6 > Wp) {
+                    for (int r = 0; r < 6; r++)
+                        for (int q = 0; q < 6; q++) {
+                            float *dst = patch.data() + size_t(r * 6 + q) * cin;
+                            if (y0 + r < H + 2 && x0 + q < Wp)
+                                std::memcpy(dst, p + size_t(r) * row + size_t(q) * cin, sizeof(float) * size_t(cin));
+                            else
+                                std::fill(dst, dst + cin, 0.0f);
                         }
-                    }
+                    p = patch.data();
+                    row = size_t(6) * cin;
                 }
-            } else {
-                for (int j = 0; j < cout; j++) {
-                    float s[2][4];
-                    for (int q = 0; q < 4; q++) {
-                        s[0][q] = m[q][j] + m[4 + q][j] + m[8 + q][j];
-                        s[1][q] = m[4 + q][j] - m[8 + q][j] - m[12 + q][j];
-                    }
-                    for (int r = 0; r < 2; r++) {
-                        const float ab[2] = {s[r][0] + s[r][1] + s[r][2] + bias[j],
-                                             s[r][1] - s[r][2] - s[r][3] + bias[j]};
-                        for (int q = 0; q < 2; q++)
-                            if (o[r][q]) o[r][q][j] = accumulate ? o[r][q][j] + ab[q] : ab[q];
-                    }
-                }
+                wino4_input(p, row, cin, V.get() + size_t(k) * cin, vplane);
+            }
+        }
+        for (int e = 0; e < 36; e++)
+            cpu::gemm_nt(int(nt), cout, cin, V.get() + size_t(e) * T * cin, cin, U.get() + size_t(e) * oc, DIMOO_F32,
+                         cin, M.get() + size_t(e) * T * cout, cout, false);
+        // Y = A^T M A + bias into the output pixels that exist.
+        const float *bias = c.b.data();
+        const size_t plane = size_t(T) * cout;
+#pragma omp parallel
+        {
+            std::vector<float> ybuf(size_t(16) * cout); // the tile's 4x4 outputs, row by row
+            float *y = ybuf.data();
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < nt; k++) {
+                wino4_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
+                const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // output coords
+                put_tile(y, 4, y0, x0, H, W, cout, out, accumulate);
             }
         }
     }
@@ -268,8 +486,11 @@ void conv_same(const Conv2d &c, const float *x, int H, int W, float *out, bool a
         zero_border(out, H, W, cout);
         return;
     }
-    if (cin >= kWinogradMinChannels && cout >= kWinogradMinChannels) {
-        conv_winograd(c, x, H, W, out, accumulate); // writes interior pixels only
+    if (cin >= kWinogradMinChannels && cout >= kWinogradMinChannels) { // both write interior pixels only
+        const int tile = winograd_tile.load(std::memory_order_relaxed);
+        const bool four = tile == 4 || (tile == 0 && int64_t((H + 3) / 4) * ((W + 3) / 4) >= kWinograd4MinTiles);
+        if (four) conv_winograd4(c, x, H, W, out, accumulate);
+        else conv_winograd(c, x, H, W, out, accumulate);
         zero_border(out, H, W, cout);
         return;
     }
