@@ -222,6 +222,7 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
         }
     const int64_t T = std::min<int64_t>(tiles, std::max<int64_t>(64, (int64_t(1) << 19) / (cin + cout)));
     Buf V(activation(size_t(16) * T * cin)), M(activation(size_t(16) * T * cout));
+    Buf ybuf(activation(size_t(omp_get_max_threads()) * 4 * cout)); // per thread, made here: nothing throws inside OpenMP
     std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
     for (int64_t t0 = 0; t0 < tiles; t0 += T) {
         const int64_t nt = std::min(T, tiles - t0);
@@ -261,8 +262,7 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
         const size_t plane = size_t(T) * cout;
 #pragma omp parallel
         {
-            std::vector<float> ybuf(size_t(4) * cout); // the tile's 2x2 outputs, row by row
-            float *y = ybuf.data();
+            float *y = ybuf.get() + size_t(omp_get_thread_num()) * 4 * cout; // the tile's 2x2 outputs, row by row
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < nt; k++) {
                 wino2_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
@@ -279,25 +279,6 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
 // transform coefficients cost precision: about 2e-6 relative against a
 // float64 convolution, 5 to 7 times F(2x2, 3x3)'s. Same layout and chunking.
 namespace wino4 {
-
-// B^T x for one column of 6 (the input transform, applied to columns then rows).
-inline void bt(const float d[6], float b[6]) {
-    b[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
-    b[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
-    b[2] = d[4] - d[3] + 4.0f * (d[1] - d[2]);
-    b[3] = d[4] - d[2] + 2.0f * (d[3] - d[1]);
-    b[4] = d[4] - d[2] + 2.0f * (d[1] - d[3]);
-    b[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
-}
-
-// A^T m: 6 values to 4 (the output transform).
-inline void at(const float m[6], float y[4]) {
-    const float s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
-    y[0] = m[0] + s12 + s34;
-    y[1] = d12 + 2.0f * d34;
-    y[2] = s12 + 4.0f * s34;
-    y[3] = d12 + 8.0f * d34 + m[5];
-}
 
 // G g: 3 kernel taps to 6.
 inline void g(const float k[3], float u[6]) {
@@ -425,7 +406,9 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
         }
     const int64_t T = std::min<int64_t>(tiles, std::max<int64_t>(64, (int64_t(1) << 18) / (cin + cout)));
     Buf V(activation(size_t(36) * T * cin)), M(activation(size_t(36) * T * cout));
-    std::vector<float> zeros(static_cast<size_t>(cin), 0.0f);
+    // Per thread, made here (nothing may throw inside OpenMP): a patch, a tile's outputs.
+    const size_t nth = size_t(omp_get_max_threads());
+    Buf patches(activation(nth * 36 * cin)), ybuf(activation(nth * 16 * cout));
     for (int64_t t0 = 0; t0 < tiles; t0 += T) {
         const int64_t nt = std::min(T, tiles - t0);
         // V = B^T d B, per tile; tiles reaching past the border from a
@@ -433,7 +416,7 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
         const size_t vplane = size_t(T) * cin;
 #pragma omp parallel
         {
-            std::vector<float> patch(size_t(36) * cin);
+            float *patch = patches.get() + size_t(omp_get_thread_num()) * 36 * cin;
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < nt; k++) {
                 const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // padded coords of the patch
@@ -442,13 +425,13 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
                 if (y0 + 6 > H + 2 || x0 + 6 > Wp) {
                     for (int r = 0; r < 6; r++)
                         for (int q = 0; q < 6; q++) {
-                            float *dst = patch.data() + size_t(r * 6 + q) * cin;
+                            float *dst = patch + size_t(r * 6 + q) * cin;
                             if (y0 + r < H + 2 && x0 + q < Wp)
                                 std::memcpy(dst, p + size_t(r) * row + size_t(q) * cin, sizeof(float) * size_t(cin));
                             else
                                 std::fill(dst, dst + cin, 0.0f);
                         }
-                    p = patch.data();
+                    p = patch;
                     row = size_t(6) * cin;
                 }
                 wino4_input(p, row, cin, V.get() + size_t(k) * cin, vplane);
@@ -462,8 +445,7 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
         const size_t plane = size_t(T) * cout;
 #pragma omp parallel
         {
-            std::vector<float> ybuf(size_t(16) * cout); // the tile's 4x4 outputs, row by row
-            float *y = ybuf.data();
+            float *y = ybuf.get() + size_t(omp_get_thread_num()) * 16 * cout; // the tile's 4x4 outputs, row by row
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < nt; k++) {
                 wino4_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
