@@ -292,7 +292,7 @@ inline void g(const float k[3], float u[6]) {
 
 } // namespace wino4
 
-// B^T d B of one 6x6 patch: pixel (r, q)'s cin channels at p + r * row + q * cin;
+// B^T d B of one 6x6 patch: pixel (r, q)'s cin channels at p + ro[r] + co[q];
 // v gets the 36 transformed values of each channel, plane floats apart.
 // Written out in scalars (no arrays): so GCC vectorises it over channels.
 #define DIMOO_WINO4_BT(d0, d1, d2, d3, d4, d5, b0, b1, b2, b3, b4, b5)                                            \
@@ -308,10 +308,11 @@ inline void g(const float k[3], float u[6]) {
     const float y2 = ((m1) + (m2)) + 4.0f * ((m3) + (m4));                                                    \
     const float y3 = ((m1) - (m2)) + 8.0f * ((m3) - (m4)) + (m5);
 
-void wino4_input(const float *__restrict p, size_t row, int cin, float *__restrict v, size_t plane) {
-    const float *__restrict p0 = p, *__restrict p1 = p + row, *__restrict p2 = p + 2 * row;
-    const float *__restrict p3 = p + 3 * row, *__restrict p4 = p + 4 * row, *__restrict p5 = p + 5 * row;
-    const size_t c1 = size_t(cin), c2 = 2 * c1, c3 = 3 * c1, c4 = 4 * c1, c5 = 5 * c1;
+void wino4_input(const float *__restrict p, const size_t ro[6], const size_t co[6], int cin, float *__restrict v,
+                 size_t plane) {
+    const float *__restrict p0 = p + ro[0], *__restrict p1 = p + ro[1], *__restrict p2 = p + ro[2];
+    const float *__restrict p3 = p + ro[3], *__restrict p4 = p + ro[4], *__restrict p5 = p + ro[5];
+    const size_t c0 = co[0], c1 = co[1], c2 = co[2], c3 = co[3], c4 = co[4], c5 = co[5];
 #define DIMOO_COL(q, o)                                                                                             \
     DIMOO_WINO4_BT(p0[(o) + i], p1[(o) + i], p2[(o) + i], p3[(o) + i], p4[(o) + i], p5[(o) + i], b0##q, b1##q, b2##q, \
                    b3##q, b4##q, b5##q)
@@ -326,8 +327,8 @@ void wino4_input(const float *__restrict p, size_t row, int cin, float *__restri
         v[(6 * r + 5) * plane + i] = t5;                                                                            \
     }
 #pragma omp simd
-    for (size_t i = 0; i < c1; i++) {
-        DIMOO_COL(0, 0)
+    for (size_t i = 0; i < size_t(cin); i++) {
+        DIMOO_COL(0, c0)
         DIMOO_COL(1, c1)
         DIMOO_COL(2, c2)
         DIMOO_COL(3, c3)
@@ -380,9 +381,21 @@ void wino4_output(const float *__restrict m, size_t plane, const float *__restri
 #undef DIMOO_WINO4_BT
 #undef DIMOO_WINO4_AT
 
-void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, bool accumulate) {
+// With up, the input is H x W and the output (2H) x (2W): the conv of its
+// nearest x2 upsampling, read in place. A patch's padded rows 4t .. 4t + 5 of
+// the upsampled image are the input's padded rows 2t + {0, 1, 1, 2, 2, 3}
+// (likewise columns), so no upsampled copy is made.
+void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, bool accumulate, bool up) {
     const int cin = c.cin, cout = c.cout, Wp = W + 2;
-    const int tx = (W + 3) / 4, ty = (H + 3) / 4;
+    const int Ho = up ? 2 * H : H, Wo = up ? 2 * W : W;
+    const int tx = (Wo + 3) / 4, ty = (Ho + 3) / 4;
+    // Offsets of a patch's rows and columns from its first pixel, and the
+    // input's padded rows and columns that the patch of tile (i, j) starts at.
+    static constexpr int kSame[6] = {0, 1, 2, 3, 4, 5}, kUp[6] = {0, 1, 1, 2, 2, 3};
+    const int *step = up ? kUp : kSame;
+    const int stride = up ? 2 : 4;
+    size_t ro[6], co[6];
+    for (int r = 0; r < 6; r++) ro[r] = size_t(step[r]) * Wp * cin, co[r] = size_t(step[r]) * cin;
     const int64_t tiles = int64_t(tx) * ty;
     // U[xi][o][i], xi = 6 * row + col of the 6x6 transformed kernel.
     Buf U(activation(size_t(36) * cout * cin));
@@ -409,6 +422,8 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
     // Per thread, made here (nothing may throw inside OpenMP): a patch, a tile's outputs.
     const size_t nth = size_t(omp_get_max_threads());
     Buf patches(activation(nth * 36 * cin)), ybuf(activation(nth * 16 * cout));
+    size_t kPatchRows[6], kPatchCols[6]; // a copied patch: 6 x 6 pixels of cin
+    for (int r = 0; r < 6; r++) kPatchRows[r] = size_t(6 * r) * cin, kPatchCols[r] = size_t(r) * cin;
     for (int64_t t0 = 0; t0 < tiles; t0 += T) {
         const int64_t nt = std::min(T, tiles - t0);
         // V = B^T d B, per tile; tiles reaching past the border from a
@@ -419,22 +434,22 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
             float *patch = patches.get() + size_t(omp_get_thread_num()) * 36 * cin;
 #pragma omp for schedule(static)
             for (int64_t k = 0; k < nt; k++) {
-                const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // padded coords of the patch
+                // The input's padded coords of the patch's first pixel.
+                const int y0 = int((t0 + k) / tx) * stride, x0 = int((t0 + k) % tx) * stride;
                 const float *p = x + (int64_t(y0) * Wp + x0) * cin;
-                size_t row = size_t(Wp) * cin;
-                if (y0 + 6 > H + 2 || x0 + 6 > Wp) {
+                if (y0 + step[5] >= H + 2 || x0 + step[5] >= Wp) {
                     for (int r = 0; r < 6; r++)
                         for (int q = 0; q < 6; q++) {
                             float *dst = patch + size_t(r * 6 + q) * cin;
-                            if (y0 + r < H + 2 && x0 + q < Wp)
-                                std::memcpy(dst, p + size_t(r) * row + size_t(q) * cin, sizeof(float) * size_t(cin));
+                            if (y0 + step[r] < H + 2 && x0 + step[q] < Wp)
+                                std::memcpy(dst, p + ro[r] + co[q], sizeof(float) * size_t(cin));
                             else
                                 std::fill(dst, dst + cin, 0.0f);
                         }
-                    p = patch;
-                    row = size_t(6) * cin;
+                    wino4_input(patch, kPatchRows, kPatchCols, cin, V.get() + size_t(k) * cin, vplane);
+                } else {
+                    wino4_input(p, ro, co, cin, V.get() + size_t(k) * cin, vplane);
                 }
-                wino4_input(p, row, cin, V.get() + size_t(k) * cin, vplane);
             }
         }
         for (int e = 0; e < 36; e++)
@@ -450,10 +465,17 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
             for (int64_t k = 0; k < nt; k++) {
                 wino4_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
                 const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // output coords
-                put_tile(y, 4, y0, x0, H, W, cout, out, accumulate);
+                put_tile(y, 4, y0, x0, Ho, Wo, cout, out, accumulate);
             }
         }
     }
+}
+
+// Whether a 3x3 conv with an H x W output takes F(4x4, 3x3) (set_winograd_tile).
+bool use_winograd4(const Conv2d &c, int H, int W) {
+    if (c.k != 3 || c.cin < kWinogradMinChannels || c.cout < kWinogradMinChannels) return false;
+    const int tile = winograd_tile.load(std::memory_order_relaxed);
+    return tile == 4 || (tile == 0 && int64_t((H + 3) / 4) * ((W + 3) / 4) >= kWinograd4MinTiles);
 }
 
 // 3x3 stride 1 (or 1x1): nine (one) accumulating GEMMs per block of rows. The
@@ -469,9 +491,7 @@ void conv_same(const Conv2d &c, const float *x, int H, int W, float *out, bool a
         return;
     }
     if (cin >= kWinogradMinChannels && cout >= kWinogradMinChannels) { // both write interior pixels only
-        const int tile = winograd_tile.load(std::memory_order_relaxed);
-        const bool four = tile == 4 || (tile == 0 && int64_t((H + 3) / 4) * ((W + 3) / 4) >= kWinograd4MinTiles);
-        if (four) conv_winograd4(c, x, H, W, out, accumulate);
+        if (use_winograd4(c, H, W)) conv_winograd4(c, x, H, W, out, accumulate, false);
         else conv_winograd(c, x, H, W, out, accumulate);
         zero_border(out, H, W, cout);
         return;
@@ -622,7 +642,12 @@ void conv2d(const Conv2d &c, const float *x, int H, int W, float *out, ConvMode 
     case ConvMode::Same: conv_same(c, x, H, W, out, accumulate); return;
     case ConvMode::Up:
         DIMOO_CHECK_ARG(!accumulate, "conv2d Up: accumulate is not supported");
-        conv_up(c, x, H, W, out);
+        if (use_winograd4(c, 2 * H, 2 * W)) {
+            conv_winograd4(c, x, H, W, out, false, true);
+            zero_border(out, 2 * H, 2 * W, c.cout);
+        } else {
+            conv_up(c, x, H, W, out);
+        }
         return;
     case ConvMode::Down:
         DIMOO_CHECK_ARG(!accumulate && c.k == 3 && H >= 2 && W >= 2, "conv2d Down: needs a 3x3 conv, H, W >= 2");

@@ -4,10 +4,12 @@
 //
 // Activations are channels-last fp32 (pixel-major rows of C floats) with a
 // zero border, see below. Convolutions are GEMMs (cpu/gemm.h): 3x3 ones as
-// Winograd F(4x4, 3x3) on grids of 64x64 and more, F(2x2, 3x3) below (or,
-// with few channels, nine GEMMs over shifted views of the input), nearest x2 upsampling + 3x3 as four 2x2 sub-pixel convs,
-// and only the encoder's stride-2 convs gather patches. Weights are
-// converted to fp32 when set.
+// Winograd F(4x4, 3x3) on output grids of 64x64 and more, F(2x2, 3x3)
+// below (or, with few channels, nine GEMMs over shifted views of the input);
+// nearest x2 upsampling + 3x3 as F(4x4, 3x3) reading the input through the
+// upsampling on the same grids, else four 2x2 sub-pixel convs; only the
+// encoder's stride-2 convs gather patches. Weights are converted to fp32
+// when set.
 #pragma once
 
 #include <atomic>
@@ -70,9 +72,10 @@ private:
 // op that reads an activation before writing it shows.
 void set_scratch_poison(bool on);
 
-// Tests and benchmarks: the Winograd tile of the 3x3 stride-1 convs with 8
-// or more channels in and out: 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)), or 0, the
-// default (4 on large grids, else 2).
+// Tests and benchmarks: the Winograd tile of the 3x3 convs (stride 1, and
+// the upsampling ones) with 8 or more channels in and out: 2 (F(2x2, 3x3),
+// and sub-pixel convs for upsampling), 4 (F(4x4, 3x3)), or 0, the default
+// (4 on output grids of 64x64 and more, else 2).
 void set_winograd_tile(int tile);
 // Zero the border rows/columns of a padded H x W x C buffer.
 void zero_border(float *p, int H, int W, int C);
