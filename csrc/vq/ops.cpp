@@ -187,6 +187,32 @@ void put_tile(const float *y, int n, int y0, int x0, int H, int W, int cout, flo
         }
 }
 
+// The rest of a Winograd F(n x n, 3x3) conv for tiles [t0, t0 + nt) of its
+// H x W output, tx tiles a row, once V holds their transformed patches: the
+// (n + 2)^2 GEMMs V x U into M (planes of T tiles), then each tile's output
+// transform (y: n * n * cout floats per thread) into the pixels that exist.
+template <int n, void (*output)(const float *, size_t, const float *, int, float *)>
+void winograd_finish(const Conv2d &c, const float *U, const float *V, float *M, float *ybuf, int64_t t0, int64_t nt,
+                     int64_t T, int tx, int H, int W, float *out, bool accumulate) {
+    const int cin = c.cin, cout = c.cout;
+    const size_t oc = size_t(cout) * cin;
+    for (int e = 0; e < (n + 2) * (n + 2); e++)
+        cpu::gemm_nt(int(nt), cout, cin, V + size_t(e) * T * cin, cin, U + size_t(e) * oc, DIMOO_F32, cin,
+                     M + size_t(e) * T * cout, cout, false);
+    const float *bias = c.b.data();
+    const size_t plane = size_t(T) * cout;
+#pragma omp parallel
+    {
+        float *y = ybuf + size_t(omp_get_thread_num()) * n * n * cout;
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < nt; k++) {
+            output(M + size_t(k) * cout, plane, bias, cout, y);
+            const int y0 = int((t0 + k) / tx) * n, x0 = int((t0 + k) % tx) * n; // output coords
+            put_tile(y, n, y0, x0, H, W, cout, out, accumulate);
+        }
+    }
+}
+
 // Winograd F(2x2, 3x3): the 3x3 stride-1 conv over 2x2 output tiles, each
 // read as a 4x4 input patch (stride 2). With V = B^T d B per patch and
 // U = G g G^T per (cout, cin) kernel, the 16 elementwise products summed over
@@ -254,22 +280,8 @@ void conv_winograd(const Conv2d &c, const float *x, int H, int W, float *out, bo
                 }
             }
         }
-        for (int e = 0; e < 16; e++)
-            cpu::gemm_nt(int(nt), cout, cin, V.get() + size_t(e) * T * cin, cin, U.get() + size_t(e) * oc, DIMOO_F32,
-                         cin, M.get() + size_t(e) * T * cout, cout, false);
-        // Y = A^T M A + bias into the output pixels that exist.
-        const float *bias = c.b.data();
-        const size_t plane = size_t(T) * cout;
-#pragma omp parallel
-        {
-            float *y = ybuf.get() + size_t(omp_get_thread_num()) * 4 * cout; // the tile's 2x2 outputs, row by row
-#pragma omp for schedule(static)
-            for (int64_t k = 0; k < nt; k++) {
-                wino2_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
-                const int y0 = int((t0 + k) / tx) * 2, x0 = int((t0 + k) % tx) * 2; // output coords
-                put_tile(y, 2, y0, x0, H, W, cout, out, accumulate);
-            }
-        }
+        winograd_finish<2, wino2_output>(c, U.get(), V.get(), M.get(), ybuf.get(), t0, nt, T, tx, H, W, out,
+                                         accumulate);
     }
 }
 
@@ -452,22 +464,8 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
                 }
             }
         }
-        for (int e = 0; e < 36; e++)
-            cpu::gemm_nt(int(nt), cout, cin, V.get() + size_t(e) * T * cin, cin, U.get() + size_t(e) * oc, DIMOO_F32,
-                         cin, M.get() + size_t(e) * T * cout, cout, false);
-        // Y = A^T M A + bias into the output pixels that exist.
-        const float *bias = c.b.data();
-        const size_t plane = size_t(T) * cout;
-#pragma omp parallel
-        {
-            float *y = ybuf.get() + size_t(omp_get_thread_num()) * 16 * cout; // the tile's 4x4 outputs, row by row
-#pragma omp for schedule(static)
-            for (int64_t k = 0; k < nt; k++) {
-                wino4_output(M.get() + size_t(k) * cout, plane, bias, cout, y);
-                const int y0 = int((t0 + k) / tx) * 4, x0 = int((t0 + k) % tx) * 4; // output coords
-                put_tile(y, 4, y0, x0, Ho, Wo, cout, out, accumulate);
-            }
-        }
+        winograd_finish<4, wino4_output>(c, U.get(), V.get(), M.get(), ybuf.get(), t0, nt, T, tx, Ho, Wo, out,
+                                         accumulate);
     }
 }
 
