@@ -401,8 +401,8 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
     const int cin = c.cin, cout = c.cout, Wp = W + 2;
     const int Ho = up ? 2 * H : H, Wo = up ? 2 * W : W;
     const int tx = (Wo + 3) / 4, ty = (Ho + 3) / 4;
-    // Offsets of a patch's rows and columns from its first pixel, and the
-    // input's padded rows and columns that the patch of tile (i, j) starts at.
+    // A patch's rows (and columns) as the input's, counted from its first,
+    // and how far apart the first rows (columns) of neighbouring tiles are.
     static constexpr int kSame[6] = {0, 1, 2, 3, 4, 5}, kUp[6] = {0, 1, 1, 2, 2, 3};
     const int *step = up ? kUp : kSame;
     const int stride = up ? 2 : 4;
@@ -434,8 +434,8 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
     // Per thread, made here (nothing may throw inside OpenMP): a patch, a tile's outputs.
     const size_t nth = size_t(omp_get_max_threads());
     Buf patches(activation(nth * 36 * cin)), ybuf(activation(nth * 16 * cout));
-    size_t kPatchRows[6], kPatchCols[6]; // a copied patch: 6 x 6 pixels of cin
-    for (int r = 0; r < 6; r++) kPatchRows[r] = size_t(6 * r) * cin, kPatchCols[r] = size_t(r) * cin;
+    size_t patch_ro[6], patch_co[6]; // a copied patch: 6 x 6 pixels of cin
+    for (int r = 0; r < 6; r++) patch_ro[r] = size_t(6 * r) * cin, patch_co[r] = size_t(r) * cin;
     for (int64_t t0 = 0; t0 < tiles; t0 += T) {
         const int64_t nt = std::min(T, tiles - t0);
         // V = B^T d B, per tile; tiles reaching past the border from a
@@ -458,7 +458,7 @@ void conv_winograd4(const Conv2d &c, const float *x, int H, int W, float *out, b
                             else
                                 std::fill(dst, dst + cin, 0.0f);
                         }
-                    wino4_input(patch, kPatchRows, kPatchCols, cin, V.get() + size_t(k) * cin, vplane);
+                    wino4_input(patch, patch_ro, patch_co, cin, V.get() + size_t(k) * cin, vplane);
                 } else {
                     wino4_input(p, ro, co, cin, V.get() + size_t(k) * cin, vplane);
                 }

@@ -77,6 +77,7 @@ void set_scratch_poison(bool on);
 // and sub-pixel convs for upsampling), 4 (F(4x4, 3x3)), or 0, the default
 // (4 on output grids of 64x64 and more, else 2).
 void set_winograd_tile(int tile);
+
 // Zero the border rows/columns of a padded H x W x C buffer.
 void zero_border(float *p, int H, int W, int C);
 // Compact (H*W, C) -> padded, and back.
